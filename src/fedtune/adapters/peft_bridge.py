@@ -1,0 +1,89 @@
+"""One base model with one trainable PEFT adapter whose tensors can be read and swapped by name.
+
+Simulated clients share this single model: a client's turn is ``set_state(global)``, train,
+``get_state()``. Names are peft's saved-adapter keys (``...q_proj.lora_A.weight``), so a state
+is exactly what ``adapter_model.safetensors`` holds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from transformers import PreTrainedModel
+
+from fedtune.config import AdapterConfig
+from fedtune.errors import ConfigError
+from fedtune.types import Params
+
+ADAPTER = "default"
+
+
+class AdapterModel:
+    """A PEFT-wrapped causal LM plus a name -> Parameter map of its trainable tensors."""
+
+    def __init__(self, base: PreTrainedModel, cfg: AdapterConfig, seed: int, base_path: str | None = None):
+        peft_config = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        if base_path is not None:
+            base.config.name_or_path = base_path  # what the exported adapter_config.json points at
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the initial adapter is a pure function of the seed
+            try:
+                self.model: PeftModel = get_peft_model(base, peft_config)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"adapter.target_modules={cfg.target_modules} do not fit this model: {exc}. "
+                    f"Linear layers it has: {', '.join(linear_module_names(base))}"
+                ) from None
+        self.params: dict[str, torch.nn.Parameter] = {
+            _wire_name(name): p for name, p in self.model.named_parameters() if p.requires_grad
+        }
+        expected = set(get_peft_model_state_dict(self.model))
+        if set(self.params) != expected:  # our names must be peft's saved keys, or export breaks
+            raise RuntimeError(f"adapter key mismatch with peft: {sorted(set(self.params) ^ expected)[:4]}")
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @property
+    def num_total(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def get_state(self) -> Params:
+        """A detached copy of the adapter tensors."""
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def set_state(self, state: Params) -> None:
+        """Copy tensors into the adapter in place; keys and shapes must match exactly."""
+        if state.keys() != self.params.keys():
+            missing, extra = self.params.keys() - state.keys(), state.keys() - self.params.keys()
+            raise ValueError(f"adapter state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                if state[k].shape != p.shape:
+                    raise ValueError(f"adapter state {k}: shape {tuple(state[k].shape)} != {tuple(p.shape)}")
+                p.copy_(state[k])
+
+    def save(self, path: str | Path, state: Params) -> None:
+        """Write a Hugging Face adapter dir that ``PeftModel.from_pretrained(base, path)`` loads."""
+        self.set_state(state)
+        self.model.save_pretrained(str(path))
+
+
+def _wire_name(param_name: str) -> str:
+    return param_name.replace(f".{ADAPTER}.", ".")
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct leaf names of Linear layers (candidates for target_modules)."""
+    names = {re.sub(r".*\.", "", n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names)

@@ -1,0 +1,91 @@
+"""Aggregators are pure (init, aggregate) pairs with explicit NamedTuple state, as in optax.
+
+``init(params) -> state``; ``aggregate(params, contributions, state) -> (new_params, state)``.
+Nothing is hidden on ``self``: the state is what checkpoints save, and what tests compare.
+Call them directly on plain dicts of tensors, no federation needed:
+
+    agg = FedAvg()
+    state = agg.init(global_params)
+    new_params, state = agg.aggregate(global_params, [Contribution(0, delta0, 10.0), ...], state)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from fedtune.types import Params
+
+
+class Contribution(NamedTuple):
+    """One client's update for a round: delta = local params - global params."""
+
+    client_id: int
+    delta: Params
+    weight: float
+
+
+class Aggregator(Protocol):
+    name: str
+
+    def init(self, params: Params) -> NamedTuple: ...
+
+    def aggregate(
+        self, params: Params, contributions: Sequence[Contribution], state: NamedTuple
+    ) -> tuple[Params, NamedTuple]: ...
+
+
+def weighted_mean(contributions: Sequence[Contribution]) -> Params:
+    """sum_k w_k delta_k / sum_k w_k, accumulated in float32 in client-id order (deterministic)."""
+    if not contributions:
+        raise ValueError("cannot aggregate zero contributions")
+    total = float(sum(c.weight for c in contributions))
+    if not total > 0:
+        raise ValueError(f"aggregation weights must sum to a positive number, got {total}")
+    ordered = sorted(contributions, key=lambda c: c.client_id)
+    out: Params = {}
+    for key, first in ordered[0].delta.items():
+        acc = torch.zeros(first.shape, dtype=torch.float32)
+        for c in ordered:
+            acc.add_(c.delta[key].to(torch.float32), alpha=c.weight / total)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def state_to_tensors(state: NamedTuple, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten a NamedTuple state: tensors (and dicts of tensors) to a flat dict, scalars to JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for name, value in state._asdict().items():
+        key = f"{prefix}{name}"
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, dict):
+            tensors.update({f"{key}/{k}": v for k, v in value.items()})
+        elif hasattr(value, "_asdict"):
+            t, s = state_to_tensors(value, f"{key}.")
+            tensors.update(t)
+            scalars.update(s)
+        else:
+            scalars[key] = value
+    return tensors, scalars
+
+
+def state_from_tensors(
+    template: NamedTuple, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], prefix: str = ""
+) -> NamedTuple:
+    """Inverse of state_to_tensors, shaped by a template (``aggregator.init(params)``)."""
+    values = {}
+    for name, value in template._asdict().items():
+        key = f"{prefix}{name}"
+        if isinstance(value, torch.Tensor):
+            values[name] = tensors[key]
+        elif isinstance(value, dict):
+            values[name] = {k: tensors[f"{key}/{k}"] for k in value}
+        elif hasattr(value, "_asdict"):
+            values[name] = state_from_tensors(value, tensors, scalars, f"{key}.")
+        else:
+            values[name] = scalars[key]
+    return type(template)(**values)

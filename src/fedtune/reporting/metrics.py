@@ -1,0 +1,67 @@
+"""metrics.jsonl (one JSON object per round) and summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rewrite(self, history: list[dict[str, Any]]) -> None:
+        """Replace the file with exactly these records (on start and resume: the checkpoint is the truth)."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in history))
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """Start vs end of the run, totals, and the best round."""
+    evals = [r for r in history if r.get("eval_loss") is not None]
+    trained = [r for r in history if r["round"] > 0]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    keys = [k for k in ("eval_loss", "eval_ppl", "eval_accuracy") if k in last]
+    out: dict[str, Any] = {
+        **extra,
+        "rounds_completed": max((r["round"] for r in history), default=0),
+        "initial": {"round": first.get("round"), **{k: first.get(k) for k in keys}},
+        "final": {"round": last.get("round"), **{k: last.get(k) for k in keys}},
+        "total_bytes_up": sum(r["bytes_up"] for r in trained),
+        "total_bytes_down": sum(r["bytes_down"] for r in trained),
+        "total_local_train_s": sum(r["local_train_s"] for r in trained),
+        "total_wall_s": sum(r["wall_s"] for r in history),
+        "dropped_updates": sum(len(r.get("dropped", {})) for r in trained),
+    }
+    for k in ("eval_accuracy_by_task",):
+        if k in last:
+            out["initial"][k], out["final"][k] = first.get(k), last.get(k)
+    if evals and "eval_accuracy" in last:
+        best = max(evals, key=lambda r: r["eval_accuracy"])
+        out["best"] = {"round": best["round"], "eval_accuracy": best["eval_accuracy"]}
+    return _clean(out)

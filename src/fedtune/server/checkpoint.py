@@ -1,0 +1,132 @@
+"""Atomic per-round checkpoints of the whole server state.
+
+A checkpoint is a directory ``checkpoints/round_NNNN`` holding the global adapter, the
+aggregator state and ``state.json`` (round, metrics history, checksums). It is written in a
+temporary directory, fsynced, and renamed into place, so a kill at any moment leaves either
+the complete new checkpoint or none; loading picks the newest directory whose checksums verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from safetensors.torch import load_file, save_file
+
+from fedtune.aggregation.base import state_from_tensors, state_to_tensors
+from fedtune.types import Params
+
+log = logging.getLogger(__name__)
+
+_PARAMS, _AGG, _STATE = "params.safetensors", "aggregator.safetensors", "state.json"
+
+
+@dataclass
+class ServerState:
+    """Everything the server needs to continue: last complete round, global params, aggregator state."""
+
+    round: int
+    params: Params
+    aggregator: NamedTuple
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def checkpoint_dir(run_dir: Path, round_index: int) -> Path:
+    return run_dir / "checkpoints" / f"round_{round_index:04d}"
+
+
+def save_checkpoint(run_dir: Path, state: ServerState, keep: int | None = None) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(run_dir, state.round)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        agg_tensors, agg_scalars = state_to_tensors(state.aggregator)
+        save_file({k: v.contiguous() for k, v in state.params.items()}, tmp / _PARAMS)
+        save_file({k: v.contiguous() for k, v in agg_tensors.items()}, tmp / _AGG)
+        meta = {
+            "round": state.round,
+            "aggregator": type(state.aggregator).__name__,
+            "aggregator_scalars": agg_scalars,
+            "history": state.history,
+            "sha256": {name: _sha256(tmp / name) for name in (_PARAMS, _AGG)},
+        }
+        (tmp / _STATE).write_text(json.dumps(meta, indent=1))
+        for name in (_PARAMS, _AGG, _STATE):
+            _fsync(tmp / name)
+        if final.exists():  # a stale copy of this round (e.g. from an earlier attempt)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _write_atomic(root / "LATEST", final.name + "\n")
+    if keep is not None:
+        for old in _round_dirs(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest(run_dir: Path, aggregator_template: NamedTuple) -> ServerState | None:
+    """Newest checkpoint that verifies, or None; corrupt or partial ones are skipped with a warning."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # a write that was killed before its rename
+    for path in _round_dirs(root):
+        try:
+            return load_checkpoint(path, aggregator_template)
+        except Exception as exc:  # a damaged directory must not stop a resume from an older one
+            log.warning("skipping checkpoint %s: %s", path, exc)
+    return None
+
+
+def load_checkpoint(path: Path, aggregator_template: NamedTuple) -> ServerState:
+    meta = json.loads((path / _STATE).read_text())
+    for name, digest in meta["sha256"].items():
+        if _sha256(path / name) != digest:
+            raise ValueError(f"{path / name} does not match its checksum")
+    if meta["aggregator"] != type(aggregator_template).__name__:
+        raise ValueError(
+            f"checkpoint holds {meta['aggregator']} state but the config's aggregator uses "
+            f"{type(aggregator_template).__name__}; resume with the same aggregation.name"
+        )
+    agg = state_from_tensors(aggregator_template, load_file(path / _AGG), meta["aggregator_scalars"])
+    return ServerState(meta["round"], load_file(path / _PARAMS), agg, meta["history"])
+
+
+def _round_dirs(root: Path) -> list[Path]:
+    """round_NNNN directories, newest first."""
+    return sorted((p for p in root.glob("round_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)

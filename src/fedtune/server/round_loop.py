@@ -1,0 +1,143 @@
+"""The one round loop: sample, send, collect, validate, aggregate, evaluate, checkpoint.
+
+Every runtime, aggregator and (later) paradigm plugs into this loop rather than writing its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fedtune.aggregation.base import Aggregator, Contribution
+from fedtune.aggregation.weighting import client_weight
+from fedtune.errors import RunError
+from fedtune.reporting.console import bar_disabled
+from fedtune.runtime.base import Runtime
+from fedtune.server.checkpoint import ServerState, checkpoint_dir, save_checkpoint
+from fedtune.server.sampling import sample_clients
+from fedtune.server.validation import update_problem
+from fedtune.types import Envelope, EvalReply, EvalRequest, Params, TrainReply, TrainRequest
+from fedtune.wire.messages import decode_message, encode_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    rounds: int
+    num_clients: int
+    clients_per_round: int
+    min_clients: int
+    seed: int
+    weighting: str = "examples"
+    keep_checkpoints: int | None = None
+    progress: bool = True
+
+
+def run_rounds(
+    state: ServerState,
+    runtime: Runtime,
+    aggregator: Aggregator,
+    settings: LoopSettings,
+    run_dir: Path,
+    evaluate_global: Callable[[Params], dict[str, Any]] | None = None,
+    eval_due: Callable[[int], bool] = lambda r: False,
+    per_client_eval: bool = False,
+    on_record: Callable[[dict[str, Any]], None] = lambda rec: None,
+) -> ServerState:
+    """Run rounds state.round+1 .. settings.rounds; checkpoint after each; return the final state."""
+    bar = tqdm(
+        total=settings.rounds, initial=state.round, desc="rounds", unit="round", disable=bar_disabled(settings.progress)
+    )
+    for r in range(state.round + 1, settings.rounds + 1):
+        start = time.perf_counter()
+        clients = sample_clients(settings.num_clients, settings.clients_per_round, settings.seed, r)
+        down = encode_message(TrainRequest(round=r, params=state.params))
+        replies = runtime.send_and_receive([Envelope(c, down) for c in clients])
+        contributions, used, dropped, bytes_up = [], [], {}, 0
+        for env in sorted(replies, key=lambda e: e.client_id):
+            bytes_up += len(env.payload)
+            reply = decode_message(env.payload)
+            problem = _reply_problem(reply, r, state.params)
+            if problem:
+                dropped[env.client_id] = problem
+                log.warning("round %d: dropped client %d's update: %s", r, env.client_id, problem)
+                continue
+            contributions.append(Contribution(env.client_id, reply.delta, client_weight(reply, settings.weighting)))
+            used.append(reply)
+        for c in set(clients) - {e.client_id for e in replies}:
+            dropped[c] = "no reply"
+            log.warning("round %d: client %d did not reply", r, c)
+        if len(contributions) < settings.min_clients:
+            last = checkpoint_dir(run_dir, state.round) if state.round else "none (no round completed)"
+            raise RunError(
+                f"round {r}: only {len(contributions)} of {len(clients)} clients returned a usable update "
+                f"(federation.min_clients={settings.min_clients}): "
+                + "; ".join(f"client {c}: {why}" for c, why in dropped.items())
+                + f". The last good checkpoint is intact: {last}. Fix the cause, then rerun with --resume."
+            )
+        params, agg_state = aggregator.aggregate(state.params, contributions, state.aggregator)
+        record: dict[str, Any] = {
+            "round": r,
+            "clients": [c.client_id for c in contributions],
+            "dropped": {str(c): why for c, why in dropped.items()},
+            "train_loss": _weighted_loss(used, [c.weight for c in contributions]),
+            "bytes_down": len(down) * len(clients),
+            "bytes_up": bytes_up,
+            "local_train_s": sum(u.local_train_s for u in used),
+            "local_steps": sum(u.steps for u in used),
+        }
+        record["train_s"] = time.perf_counter() - start  # sampling .. aggregation, evaluation excluded
+        if eval_due(r):
+            t = time.perf_counter()
+            if evaluate_global is not None:
+                record.update(evaluate_global(params))
+            if per_client_eval:
+                record.update(_per_client_eval(runtime, params, r, settings.num_clients))
+            record["eval_s"] = time.perf_counter() - t
+        record["wall_s"] = time.perf_counter() - start
+        state = replace(state, round=r, params=params, aggregator=agg_state, history=[*state.history, record])
+        save_checkpoint(run_dir, state, settings.keep_checkpoints)
+        on_record(record)
+        bar.update(1)
+    bar.close()
+    return state
+
+
+def _reply_problem(reply: Any, round_index: int, params: Params) -> str | None:
+    if not isinstance(reply, TrainReply):
+        return f"expected a train reply, got {type(reply).__name__}"
+    if reply.round != round_index:
+        return f"stale reply for round {reply.round}"
+    if reply.status != "ok":
+        return f"{reply.status}: {reply.error}"
+    return update_problem(reply.delta, params)
+
+
+def _weighted_loss(replies: list[TrainReply], weights: list[float]) -> float:
+    total = sum(weights)
+    return sum(w * r.train_loss for r, w in zip(replies, weights, strict=True)) / total if total else float("nan")
+
+
+def _per_client_eval(runtime: Runtime, params: Params, r: int, num_clients: int) -> dict[str, Any]:
+    """Every client evaluates the global model on its own held-out share."""
+    down = encode_message(EvalRequest(round=r, params=params))
+    replies = runtime.send_and_receive([Envelope(c, down) for c in range(num_clients)])
+    per_client: dict[str, dict[str, float]] = {}
+    for env in sorted(replies, key=lambda e: e.client_id):
+        reply = decode_message(env.payload)
+        if isinstance(reply, EvalReply) and reply.metrics:
+            per_client[str(env.client_id)] = reply.metrics
+    out: dict[str, Any] = {"client_eval": per_client, "client_eval_bytes": len(down) * num_clients}
+    for key, worst in (("loss", max), ("accuracy", min)):  # worst: highest loss, lowest accuracy
+        values = [m[key] for m in per_client.values() if key in m]
+        if values:
+            out[f"client_eval_{key}_mean"] = sum(values) / len(values)
+            out[f"client_eval_{key}_worst"] = worst(values)
+    return out
