@@ -12,7 +12,12 @@ from rich.table import Table
 from fedtune.config import load_config
 from fedtune.errors import FedtuneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of LLMs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Federated fine-tuning of LLMs.",
+)
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides, e.g. federation.rounds=3")]
 

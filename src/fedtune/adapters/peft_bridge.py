@@ -8,6 +8,7 @@ is exactly what ``adapter_model.safetensors`` holds.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ class AdapterModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial adapter is a pure function of the seed
             try:
-                self.model: PeftModel = get_peft_model(base, peft_config)
+                with warnings.catch_warnings():  # transformers deprecation noise raised inside peft
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                    self.model: PeftModel = get_peft_model(base, peft_config)
             except ValueError as exc:
                 raise ConfigError(
                     f"adapter.target_modules={cfg.target_modules} do not fit this model: {exc}. "

@@ -29,14 +29,20 @@ class LocalResult:
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target positions, and how many there are."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    """Sum of next-token cross-entropy over target positions, and how many there are.
+
+    Only positions that predict a target token go through the LM head (``logits_to_keep``):
+    with response-only loss that is a few positions per sequence instead of all of them.
+    """
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    logits = out.logits.float()  # (B, K, V)
+    targets = targets[:, keep]  # (B, K)
     loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
-    return loss, int((labels != IGNORE).sum())
+    return loss, int((targets != IGNORE).sum())
 
 
 def train_locally(

@@ -14,9 +14,11 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -79,17 +81,21 @@ def load_model(
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
+    local = Path(where).is_dir()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype], **kwargs)
+        try:  # a local dir, or a hub id already in the HF cache: no network needed
+            tokenizer, model = _from_pretrained(where, dtype, local_files_only=True, **kwargs)
+        except OSError:
+            if local or not _hub_reachable():
+                raise
+            tokenizer, model = _from_pretrained(where, dtype, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
-        local = Path(where).is_dir()
         hint = (
             f"the directory {where!r} exists but does not hold a loadable causal LM "
             "(it needs config.json, weights and tokenizer files)"
             if local
-            else f"{where!r} is not a local directory, so it was treated as a Hugging Face hub id, "
-            "and loading it failed (no network to the hub, or no such model)"
+            else f"{where!r} is not a local directory, so it was treated as a Hugging Face hub id; it is not "
+            "in the local HF cache and the hub could not be reached (or has no such model)"
         )
         raise ModelLoadError(
             f"could not load model.name={name!r}: {hint}. Use a local model directory, a .gguf file, "
@@ -99,6 +105,24 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
     return LoadedModel(model=model, tokenizer=tokenizer, path=where, source=name)
+
+
+def _from_pretrained(where: str, dtype: str, **kwargs) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype], **kwargs)
+    return tokenizer, model
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect instead of huggingface_hub's minute of retries when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _bundled_gguf() -> Path:

@@ -75,7 +75,8 @@ def run_rounds(
             dropped[c] = "no reply"
             log.warning("round %d: client %d did not reply", r, c)
         if len(contributions) < settings.min_clients:
-            last = checkpoint_dir(run_dir, state.round) if state.round else "none (no round completed)"
+            last = checkpoint_dir(run_dir, state.round)
+            last = last if last.exists() else "none yet"
             raise RunError(
                 f"round {r}: only {len(contributions)} of {len(clients)} clients returned a usable update "
                 f"(federation.min_clients={settings.min_clients}): "

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 
 from fedtune.data.formats import Example, from_instruction
+from fedtune.errors import DataError
 
 DATA_SEED = 20241123
 TASKS = ("arithmetic", "unit_conversion", "string_transform", "max_of_list")
@@ -49,6 +50,8 @@ _STRING_OPS: list[tuple[str, Callable[[str], str]]] = [
     ("Write the word backwards.", lambda w: w[::-1]),
     ("Write the word twice, separated by a space.", lambda w: f"{w} {w}"),
     ("Write the first three letters of the word.", lambda w: w[:3]),
+    ("Write the last three letters of the word.", lambda w: w[-3:]),
+    ("Write the word with its first letter capitalized.", str.capitalize),
 ]
 
 _SUFFIX = " Reply with only the answer."
@@ -108,7 +111,10 @@ def generate_tasks(
                 if len(rows) == need:
                     break
         if len(rows) < need:
-            raise ValueError(f"task {task!r} has only {len(rows)} distinct problems; asked for {need}")
+            raise DataError(
+                f"built-in task {task!r} has only {len(rows)} distinct problems, but data.builtin asks for "
+                f"{train_per_task} + {eval_per_task}; lower data.builtin.train_per_task or eval_per_task"
+            )
         # eval comes first so that growing train_per_task never moves a problem into eval
         for i, (inst, inp, out) in enumerate(rows):
             ex = from_instruction(inst, out, inp, task=task)

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedtune.adapters.peft_bridge import AdapterModel
+from fedtune.config import AdapterConfig
+from fedtune.errors import ConfigError
+from fedtune.models.loading import load_model
+
+
+def test_state_names_are_peft_keys_and_swap_in_place(tiny_adapter):
+    state = tiny_adapter.get_state()
+    assert all(".lora_" in k and ".default." not in k for k in state)
+    assert tiny_adapter.num_trainable == sum(v.numel() for v in state.values())
+    new = {k: torch.randn_like(v) for k, v in state.items()}
+    ptrs = {k: p.data_ptr() for k, p in tiny_adapter.params.items()}
+    tiny_adapter.set_state(new)
+    assert all(torch.equal(tiny_adapter.params[k], new[k]) for k in new)
+    assert ptrs == {k: p.data_ptr() for k, p in tiny_adapter.params.items()}  # no new tensors: swapped in place
+
+
+def test_set_state_rejects_wrong_keys_and_shapes(tiny_adapter):
+    state = tiny_adapter.get_state()
+    k = next(iter(state))
+    with pytest.raises(ValueError, match="missing"):
+        tiny_adapter.set_state({kk: v for kk, v in state.items() if kk != k})
+    with pytest.raises(ValueError, match="shape"):
+        tiny_adapter.set_state({**state, k: torch.zeros(1)})
+
+
+def test_initial_adapter_is_a_function_of_the_seed():
+    a = AdapterModel(load_model("tiny-llama").model, AdapterConfig(r=4), seed=3).get_state()
+    b = AdapterModel(load_model("tiny-llama").model, AdapterConfig(r=4), seed=3).get_state()
+    c = AdapterModel(load_model("tiny-llama").model, AdapterConfig(r=4), seed=4).get_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_export_loads_with_plain_peft(tiny, tmp_path):
+    adapter = AdapterModel(tiny.model, AdapterConfig(r=4), seed=0, base_path=tiny.path)
+    trained = {k: torch.randn_like(v) * 0.1 for k, v in adapter.get_state().items()}
+    adapter.save(tmp_path / "ad", trained)
+    base = AutoModelForCausalLM.from_pretrained(tiny.path)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "ad")
+    sd = {n.replace(".default.", "."): p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert sd.keys() == trained.keys()
+    assert all(torch.equal(sd[k], trained[k]) for k in trained)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, adapter.model(ids).logits, atol=1e-6)
+
+
+def test_bad_target_modules_name_the_key_and_list_options(tiny):
+    with pytest.raises(ConfigError, match=r"adapter.target_modules=\['nope'\].*Linear layers it has: .*q_proj"):
+        AdapterModel(tiny.model, AdapterConfig(target_modules=["nope"]), seed=0)

@@ -1,0 +1,210 @@
+"""End-to-end: the real CLI on the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from fedtune.cli import app
+from tests.conftest import TINY_OVERRIDES
+
+REQUIRED = {
+    "round",
+    "clients",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "bytes_up",
+    "bytes_down",
+    "wall_s",
+    "local_train_s",
+}
+runner = CliRunner()
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output + (
+        str(result.exception) if result.exception and result.exit_code != 2 else ""
+    )
+
+
+def _run(tmp_path: Path, *extra: str, name: str = "tiny") -> tuple[int, str]:
+    return _cli("run", "examples/tiny.yaml", *TINY_OVERRIDES, f"output.dir={tmp_path}", f"output.name={name}", *extra)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_a_complete_run_directory(tmp_path):
+    code, out = _run(tmp_path)
+    assert code == 0, out
+    run_dir = tmp_path / "tiny"
+    metrics = _metrics(run_dir)
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+    for m in metrics[1:]:
+        assert REQUIRED <= m.keys()
+        assert m["clients"] == [0, 1, 2, 3] and m["bytes_up"] > 0 and m["bytes_down"] > 0
+    assert metrics[0]["eval_loss"] > 0 and "eval_accuracy_by_task" in metrics[-1]
+    assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]  # lr 5e-3 on a tiny model: loss must move down
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3 and summary["total_bytes_up"] == sum(m["bytes_up"] for m in metrics[1:])
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("round_*")) == [f"round_000{i}" for i in range(4)]
+    assert "rounds" in out and "summary" in out
+
+    # final_adapter loads with plain peft, onto the base model its config names, and equals the last global state
+    cfg = json.loads((run_dir / "final_adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+    peft_model = PeftModel.from_pretrained(base, run_dir / "final_adapter")
+    last = load_file(run_dir / "checkpoints" / "round_0003" / "params.safetensors")
+    loaded = {n.replace(".default.", "."): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert loaded.keys() == last.keys() and all(torch.equal(loaded[k], last[k]) for k in last)
+
+
+def test_bad_config_is_rejected_before_any_work(tmp_path):
+    code, out = _run(tmp_path, "training.lr_schedul=cosine")
+    assert code == 2
+    assert "unknown key 'training.lr_schedul'" in out and "Did you mean 'lr_schedule'" in out
+    assert not (tmp_path / "tiny").exists()
+    code, out = _run(tmp_path, "partition.method=by_feld")
+    assert code == 2 and "'iid', 'dirichlet', 'by_field' or 'quantity_skew'" in out
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path):
+    assert _run(tmp_path, "federation.rounds=1")[0] == 0
+    code, out = _run(tmp_path, "federation.rounds=1")
+    assert code == 2 and "--resume" in out
+    code, out = _run(tmp_path, "federation.rounds=1", "training.lr=0.1", "--resume")
+    assert code == 2 and "training.lr" in out
+    code, out = _run(tmp_path, "federation.rounds=2", "--resume")  # extending a run is allowed
+    assert code == 0, out
+    assert [m["round"] for m in _metrics(tmp_path / "tiny")] == [0, 1, 2]
+
+
+def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final_adapter" / "adapter_model.safetensors")
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    """Kill a real CLI process mid-run (SIGKILL), resume it, and compare with an uninterrupted run."""
+    args = [
+        "examples/tiny.yaml",
+        *TINY_OVERRIDES,
+        "federation.rounds=5",
+        "training.local_steps=6",
+        f"output.dir={tmp_path}",
+    ]
+    assert _cli("run", *args, "output.name=straight")[0] == 0
+
+    cmd = [sys.executable, "-m", "fedtune.cli", "run", *args, "output.name=killed"]
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd() / "src")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpt / "round_0002").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final_adapter").exists(), "run finished before the kill; make it longer"
+
+    code, out = _cli("resume", str(tmp_path / "killed"))
+    assert code == 0, out
+    a, b = _adapter_tensors(tmp_path / "straight"), _adapter_tensors(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rounds = [m["round"] for m in _metrics(tmp_path / "killed")]
+    assert rounds == [0, 1, 2, 3, 4, 5]  # every round exactly once
+    # timings differ, and so does the length of their decimal text in each reply header (bytes_up)
+    drop = ("wall_s", "train_s", "eval_s", "local_train_s", "bytes_up")
+    killed, straight = _metrics(tmp_path / "killed"), _metrics(tmp_path / "straight")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in killed] == [
+        {k: v for k, v in m.items() if k not in drop} for m in straight
+    ]
+    assert all(abs(a["bytes_up"] - b["bytes_up"]) < 100 for a, b in zip(killed[1:], straight[1:], strict=True))
+
+
+def test_diverged_client_is_dropped_and_too_few_stops(tmp_path, monkeypatch):
+    import fedtune.client.handler as handler
+    from fedtune.client.local_training import LocalResult
+
+    real, calls = handler.train_locally, []
+
+    def flaky(*a, **k):  # client 0 (first served each round) hits a NaN loss
+        calls.append(1)
+        if len(calls) % 4 == 1:
+            return LocalResult(0, float("nan"), 0, 0.0, True, "non-finite loss (nan) at local step 0")
+        return real(*a, **k)
+
+    monkeypatch.setattr(handler, "train_locally", flaky)
+    code, out = _run(tmp_path, "federation.rounds=2")
+    assert code == 0, out
+    metrics = _metrics(tmp_path / "tiny")
+    assert all(m["clients"] == [1, 2, 3] and "non-finite" in m["dropped"]["0"] for m in metrics[1:])
+
+    calls.clear()
+    code, out = _run(tmp_path, "federation.rounds=2", "federation.min_clients=4", name="strict")
+    assert code == 2 and "only 3 of 4 clients" in out and "round_0000" in out
+    assert (tmp_path / "strict" / "checkpoints" / "round_0000" / "state.json").is_file()
+    assert not (tmp_path / "strict" / "checkpoints" / "round_0001").exists()
+
+
+def test_user_data_dirichlet_epochs_and_per_client_eval(tmp_path):
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": str(i)}],
+            "topic": f"t{i % 3}",
+        }
+        for i in range(90)
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out = _run(
+        tmp_path,
+        f"data.dataset={data}",
+        "partition.method=dirichlet",
+        "partition.field=topic",
+        "partition.alpha=5",
+        "partition.num_clients=3",
+        "partition.holdout_fraction=0.2",
+        "evaluation.per_client=true",
+        "training.local_steps=null",
+        "training.local_epochs=0.5",
+        "aggregation.weighting=tokens",
+    )
+    assert code == 0, out
+    last = _metrics(tmp_path / "tiny")[-1]
+    assert "eval_accuracy" not in last  # user data: no exact-match unless asked
+    assert set(last["client_eval"]) == {"0", "1", "2"} and "client_eval_loss_mean" in last
+
+
+def test_data_and_report_commands(tmp_path):
+    code, out = _cli("data", "examples/tiny.yaml", *TINY_OVERRIDES)
+    assert code == 0 and "arithmetic: 24" in out and "by task" in out
+    assert _run(tmp_path, "federation.rounds=1")[0] == 0
+    code, out = _cli("report", str(tmp_path / "tiny"))
+    assert code == 0 and "exact-match" in out
+    code, out = _cli("report", str(tmp_path / "nothing"))
+    assert code == 2 and "metrics.jsonl does not exist" in out
+
+
+def test_missing_data_file_error(tmp_path):
+    code, out = _run(tmp_path, f"data.dataset={tmp_path}/nope.jsonl")
+    assert code == 2 and "nope.jsonl does not exist" in out
+
+
+@pytest.mark.parametrize("bad", ["partition.num_clients=9"])
+def test_partition_error_names_client(tmp_path, bad):
+    code, out = _run(tmp_path, bad)
+    assert code == 2 and "clients 4..8 would be empty" in out
