@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -13,7 +14,7 @@ def _run(schedule, scope, rounds=4, steps=5, warmup=0.0):
 
 def test_federation_scope_follows_global_step_across_rounds():
     lrs = _run("linear", "federation")
-    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))  # strictly decreasing over the whole run
+    assert all(a > b for a, b in itertools.pairwise(lrs))  # strictly decreasing over the whole run
     assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(1 / 20)
 
 

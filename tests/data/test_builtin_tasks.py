@@ -5,7 +5,7 @@ from fedtune.data.builtin.tasks import TASKS, generate_tasks
 
 def test_deterministic_disjoint_and_tagged():
     train, ev = generate_tasks(train_per_task=50, eval_per_task=10)
-    train2, ev2 = generate_tasks(train_per_task=50, eval_per_task=10)
+    train2, _ev2 = generate_tasks(train_per_task=50, eval_per_task=10)
     assert [e.messages for e in train] == [e.messages for e in train2]
     assert len(train) == 200 and len(ev) == 40
     assert {e.meta["task"] for e in train} == set(TASKS)
