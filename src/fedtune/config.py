@@ -24,20 +24,23 @@ class ModelConfig(_Strict):
     """Which base model to fine-tune."""
 
     name: str = Field("smollm2-135m", description="alias (smollm2-135m, tiny-llama), local dir, .gguf, or hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype of the base model")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) for hub ids")
     gguf_file: str | None = Field(None, description="GGUF file name inside model.name's directory/repo")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="allow model code from the hub repo (only for repos you trust)")
 
 
 class AdapterConfig(_Strict):
     """The parameter-efficient module clients train and share (LoRA)."""
 
-    method: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    method: Literal["lora"] = Field("lora", description="PEFT method")
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="names of the Linear layers that get LoRA (an error lists the model's own)",
+    )
     init_seed: int | None = Field(None, description="seed of the initial adapter; default: top-level seed")
 
 
@@ -45,10 +48,11 @@ class BuiltinTasksConfig(_Strict):
     """Size and mix of the generated built-in dataset (``data.dataset: builtin:tasks``)."""
 
     tasks: list[Literal["arithmetic", "unit_conversion", "string_transform", "max_of_list"]] = Field(
-        default_factory=lambda: ["arithmetic", "unit_conversion", "string_transform", "max_of_list"]
+        default_factory=lambda: ["arithmetic", "unit_conversion", "string_transform", "max_of_list"],
+        description="task families to generate (each example's task field names it)",
     )
-    train_per_task: int = Field(400, ge=1)
-    eval_per_task: int = Field(25, ge=1)
+    train_per_task: int = Field(400, ge=1, description="training examples per task")
+    eval_per_task: int = Field(25, ge=1, description="held-out examples per task (never in training)")
 
 
 class DataConfig(_Strict):
@@ -58,10 +62,10 @@ class DataConfig(_Strict):
         "builtin:tasks", description="builtin:tasks, or a .jsonl/.json/.parquet file or saved HF dataset"
     )
     eval_dataset: str | None = Field(None, description="held-out file; default: split eval_fraction off dataset")
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share of dataset when no eval_dataset")
     template: Literal["auto", "chat", "alpaca"] = Field("auto", description="auto: tokenizer's chat template if any")
-    system_prompt: str | None = None
-    max_seq_len: int = Field(256, ge=8)
+    system_prompt: str | None = Field(None, description="system turn added to every prompt (train and eval)")
+    max_seq_len: int = Field(256, ge=8, description="longer examples lose the start of the prompt")
     train_on_prompt: bool = Field(False, description="loss on prompt tokens too (default: response only)")
     builtin: BuiltinTasksConfig = Field(default_factory=BuiltinTasksConfig)
 
@@ -69,8 +73,8 @@ class DataConfig(_Strict):
 class PartitionConfig(_Strict):
     """How the training examples are split across clients (deterministic by seed)."""
 
-    method: Literal["iid", "dirichlet", "by_field", "quantity_skew"] = "iid"
-    num_clients: int = Field(4, ge=1)
+    method: Literal["iid", "dirichlet", "by_field", "quantity_skew"] = Field("iid", description="see docs/data.md")
+    num_clients: int = Field(4, ge=1, description="number of clients in the federation")
     field: str | None = Field(None, description="record field for dirichlet/by_field (e.g. task)")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity_skew)")
     min_examples: int = Field(1, ge=1, description="a client with fewer examples is an error")
@@ -86,7 +90,7 @@ class PartitionConfig(_Strict):
 class FederationConfig(_Strict):
     """Rounds and who takes part in each."""
 
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=1, description="communication rounds")
     clients_per_round: int | None = Field(None, ge=1, description="count sampled per round; default all")
     fraction: float | None = Field(None, gt=0, le=1, description="alternative to clients_per_round")
     min_clients: int = Field(1, ge=1, description="fewer good replies than this stops the run")
@@ -103,16 +107,16 @@ class TrainingConfig(_Strict):
 
     local_steps: int | None = Field(5, ge=1, description="optimizer steps per round (or use local_epochs)")
     local_epochs: float | None = Field(None, gt=0, description="passes over local data per round")
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the local AdamW")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the schedule spent warming up linearly")
     schedule_scope: Literal["federation", "round"] = Field(
         "federation", description="federation: schedule follows the run's global step; round: restarts each round"
     )
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the adapter gradient norm (null: off)")
 
     @model_validator(mode="before")
     @classmethod
@@ -131,8 +135,10 @@ class TrainingConfig(_Strict):
 class AggregationConfig(_Strict):
     """Server-side aggregation of client updates."""
 
-    name: Literal["fedavg"] = "fedavg"
-    weighting: Literal["examples", "tokens", "uniform"] = "examples"
+    name: Literal["fedavg"] = Field("fedavg", description="aggregation algorithm (docs/algorithms/)")
+    weighting: Literal["examples", "tokens", "uniform"] = Field(
+        "examples", description="client weight: training examples, target tokens, or equal"
+    )
 
 
 class EvaluationConfig(_Strict):
@@ -141,9 +147,9 @@ class EvaluationConfig(_Strict):
     every: int = Field(1, ge=0, description="evaluate every N rounds (0: only at the end)")
     at_start: bool = Field(True, description="evaluate the base model as round 0")
     max_samples: int | None = Field(None, ge=1, description="cap on held-out examples")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="sequences per evaluation batch")
     exact_match: Literal["auto", "on", "off"] = Field("auto", description="auto: on for builtin data")
-    max_new_tokens: int = Field(24, ge=1)
+    max_new_tokens: int = Field(24, ge=1, description="greedy generation length for exact-match")
     group_by: str | None = Field("task", description="report accuracy per value of this field, if present")
     per_client: bool = Field(False, description="also evaluate on each client's held-out share")
 
@@ -151,13 +157,13 @@ class EvaluationConfig(_Strict):
 class RuntimeConfig(_Strict):
     """How messages reach clients."""
 
-    name: Literal["in_process"] = "in_process"
+    name: Literal["in_process"] = Field("in_process", description="one process, one shared base model")
 
 
 class OutputConfig(_Strict):
     """Where the run directory goes."""
 
-    dir: str = "runs"
+    dir: str = Field("runs", description="parent directory of run directories")
     name: str | None = Field(None, description="run directory name; default: the config file's stem")
     keep_checkpoints: int | None = Field(None, ge=1, description="keep the last N round checkpoints (default all)")
     progress: bool = Field(True, description="progress bars")
@@ -166,7 +172,7 @@ class OutputConfig(_Strict):
 class ExperimentConfig(_Strict):
     """One federated fine-tuning experiment."""
 
-    seed: int = 0
+    seed: int = Field(0, description="seeds the initial adapter, partitions, client sampling and local batches")
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)

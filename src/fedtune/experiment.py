@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,13 @@ def resolve_run_dir(cfg: ExperimentConfig, config_path: Path | None) -> Path:
     return Path(cfg.output.dir) / name
 
 
-def run_experiment(cfg: ExperimentConfig, config_path: Path | None = None, resume: bool = False) -> RunResult:
+def run_experiment(
+    cfg: ExperimentConfig,
+    config_path: Path | None = None,
+    resume: bool = False,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run (or with resume=True continue) one experiment; on_record sees each round's metrics once written."""
     run_dir = resolve_run_dir(cfg, config_path)
     _check_run_dir(run_dir, cfg, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,9 +137,11 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path | None = None, resum
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     writer.rewrite(state.history)
 
-    def on_record(rec: dict[str, Any]) -> None:
+    def record_round(rec: dict[str, Any]) -> None:
         writer.append(rec)
         log.info(round_line(rec, cfg.federation.rounds))
+        if on_record is not None:
+            on_record(rec)
 
     if state.round == 0 and not state.history:
         t = time.perf_counter()
@@ -142,7 +151,7 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path | None = None, resum
         record["wall_s"] = time.perf_counter() - t
         state.history.append(record)
         save_checkpoint(run_dir, state, cfg.output.keep_checkpoints)
-        on_record(record)
+        record_round(record)
 
     rounds, every = cfg.federation.rounds, cfg.evaluation.every
     settings = LoopSettings(
@@ -165,7 +174,7 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path | None = None, resum
             evaluate_global,
             eval_due=lambda r: (every > 0 and r % every == 0) or r == rounds,
             per_client_eval=cfg.evaluation.per_client,
-            on_record=on_record,
+            on_record=record_round,
         )
     finally:
         runtime.close()
