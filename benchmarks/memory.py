@@ -33,7 +33,7 @@ def child(clients: int, model: str) -> None:
                 "training.local_steps=1",
                 "evaluation.at_start=false",
                 "evaluation.max_samples=4",
-                "evaluation.exact_match=off",
+                "evaluation.exact_match=false",
                 f"output.dir={tmp}",
                 "output.progress=false",
             ],

@@ -41,7 +41,7 @@ def main() -> None:
                 "evaluation.every=0",
                 "evaluation.at_start=false",
                 "evaluation.max_samples=4",
-                "evaluation.exact_match=off",
+                "evaluation.exact_match=false",
                 f"output.dir={tmp}",
                 "output.progress=false",
             ],

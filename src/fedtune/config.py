@@ -148,7 +148,9 @@ class EvaluationConfig(_Strict):
     at_start: bool = Field(True, description="evaluate the base model as round 0")
     max_samples: int | None = Field(None, ge=1, description="cap on held-out examples")
     batch_size: int = Field(16, ge=1, description="sequences per evaluation batch")
-    exact_match: Literal["auto", "on", "off"] = Field("auto", description="auto: on for builtin data")
+    exact_match: Literal["auto", True, False] = Field(
+        "auto", description="greedy-generation exact-match accuracy; auto: on for the built-in data"
+    )
     max_new_tokens: int = Field(24, ge=1, description="greedy generation length for exact-match")
     group_by: str | None = Field("task", description="report accuracy per value of this field, if present")
     per_client: bool = Field(False, description="also evaluate on each client's held-out share")

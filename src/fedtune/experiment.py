@@ -96,7 +96,7 @@ def run_experiment(
         cfg.data.max_seq_len,
         cfg.data.train_on_prompt,
     )
-    exact = cfg.evaluation.exact_match == "on" or (cfg.evaluation.exact_match == "auto" and data.builtin)
+    exact = data.builtin if cfg.evaluation.exact_match == "auto" else cfg.evaluation.exact_match
     eval_settings = EvalSettings(
         cfg.evaluation.batch_size, exact, cfg.evaluation.max_new_tokens, cfg.evaluation.group_by
     )
