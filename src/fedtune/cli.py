@@ -43,6 +43,8 @@ def run(
         run_experiment(cfg, config, resume=resume)
     except FedtuneError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -60,6 +62,8 @@ def resume(
         run_experiment(cfg, None, resume=True)
     except FedtuneError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command()

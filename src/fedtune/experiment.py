@@ -26,7 +26,7 @@ from fedtune.config import ExperimentConfig, config_diff, to_yaml, validate_conf
 from fedtune.data.prepare import FederatedData, holdout_split, prepare_federated_data
 from fedtune.data.templates import resolve_template
 from fedtune.data.tokenize import Encoder
-from fedtune.errors import ConfigError, RunError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.models.loading import load_model
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
@@ -63,12 +63,28 @@ def run_experiment(
     """Run (or with resume=True continue) one experiment; on_record sees each round's metrics once written."""
     run_dir = resolve_run_dir(cfg, config_path)
     _check_run_dir(run_dir, cfg, resume)
+    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)  # data errors leave no run dir behind
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     _setup_logging(run_dir)
     log.info("run directory: %s", run_dir)
+    try:
+        return _run(cfg, run_dir, data, resume, on_record)
+    except FedtuneError as exc:
+        log.error("%s", exc, extra={"file_only": True})  # the CLI prints it; run.log keeps it too
+        raise
+    except KeyboardInterrupt:
+        log.error("interrupted; the last complete round is checkpointed: continue with --resume")
+        raise
 
-    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
+
+def _run(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    data: FederatedData,
+    resume: bool,
+    on_record: Callable[[dict[str, Any]], None] | None,
+) -> RunResult:
     t = time.perf_counter()
     loaded = load_model(
         cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model.gguf_file, cfg.model.trust_remote_code
@@ -265,8 +281,6 @@ def _setup_logging(run_dir: Path) -> None:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console_handler = TqdmHandler()
     console_handler.setFormatter(logging.Formatter("%(message)s"))
+    console_handler.addFilter(lambda record: not getattr(record, "file_only", False))
     logger.addHandler(file_handler)
     logger.addHandler(console_handler)
-
-
-__all__ = ["RunError", "RunResult", "run_experiment"]
