@@ -208,3 +208,11 @@ def test_missing_data_file_error(tmp_path):
 def test_partition_error_names_client(tmp_path, bad):
     code, out = _run(tmp_path, bad)
     assert code == 2 and "clients 4..8 would be empty" in out
+
+
+def test_bf16_base_model_keeps_an_fp32_adapter(tmp_path):
+    code, out = _run(tmp_path, "model.dtype=bfloat16", "federation.rounds=1")
+    assert code == 0, out
+    tensors = _adapter_tensors(tmp_path / "tiny")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert _metrics(tmp_path / "tiny")[-1]["eval_loss"] > 0
