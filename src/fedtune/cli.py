@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from fedtune.config import load_config
+from fedtune.config import ExperimentConfig, load_config
 from fedtune.errors import FedtuneError
 
 app = typer.Typer(
@@ -23,9 +24,11 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="dotted key=value ov
 
 
 def _fail(exc: Exception) -> None:
+    from rich.markup import escape
+
     from fedtune.reporting.console import console
 
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
     raise typer.Exit(2)
 
 
@@ -36,15 +39,7 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its last complete round")] = False,
 ) -> None:
     """Run a federated fine-tuning experiment described by CONFIG."""
-    try:
-        cfg = load_config(config, overrides)
-        from fedtune.experiment import run_experiment  # heavy imports only once the config is valid
-
-        run_experiment(cfg, config, resume=resume)
-    except FedtuneError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    _run_guarded(lambda: load_config(config, overrides), config, resume)
 
 
 @app.command()
@@ -53,13 +48,17 @@ def resume(
     overrides: Overrides = None,
 ) -> None:
     """Continue a run from its directory, with the config it was started with."""
-    try:
-        cfg = load_config(
-            run_dir / "config.yaml", [f"output.dir={run_dir.parent}", f"output.name={run_dir.name}", *(overrides or [])]
-        )
-        from fedtune.experiment import run_experiment
+    keep_place = [f"output.dir={run_dir.parent}", f"output.name={run_dir.name}"]
+    _run_guarded(lambda: load_config(run_dir / "config.yaml", [*keep_place, *(overrides or [])]), None, True)
 
-        run_experiment(cfg, None, resume=True)
+
+def _run_guarded(make_config: Callable[[], ExperimentConfig], config_path: Path | None, resume: bool) -> None:
+    """Validate the config, then run; our errors print as one line (exit 2), Ctrl-C exits 130."""
+    try:
+        cfg = make_config()
+        from fedtune.experiment import run_experiment  # heavy imports only once the config is valid
+
+        run_experiment(cfg, config_path, resume=resume)
     except FedtuneError as exc:
         _fail(exc)
     except KeyboardInterrupt:

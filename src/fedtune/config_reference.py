@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import types
 import typing
 
 from pydantic import BaseModel
@@ -30,7 +31,7 @@ def _type_name(annotation: object) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is list:
         return f"list of {_type_name(typing.get_args(annotation)[0])}"

@@ -216,3 +216,8 @@ def test_bf16_base_model_keeps_an_fp32_adapter(tmp_path):
     tensors = _adapter_tensors(tmp_path / "tiny")
     assert {t.dtype for t in tensors.values()} == {torch.float32}
     assert _metrics(tmp_path / "tiny")[-1]["eval_loss"] > 0
+
+
+def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
+    code, out = _run(tmp_path, "adapter.target_modules=[nope]")
+    assert code == 2 and "adapter.target_modules=['nope']" in out and "q_proj" in out

@@ -79,9 +79,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row("eval loss (start -> end)", f"{_f(ini.get('eval_loss'))} -> {_f(fin['eval_loss'])}")
     if fin.get("eval_accuracy") is not None:
         table.add_row("exact-match (start -> end)", f"{ini['eval_accuracy']:.1%} -> {fin['eval_accuracy']:.1%}")
-        for task, acc in (fin.get("eval_accuracy_by_task") or {}).items():
-            start = (ini.get("eval_accuracy_by_task") or {}).get(task)
-            table.add_row(f"  {task}", f"{_f(start, '.0%')} -> {acc:.0%}")
+        for key in (k for k in fin if k.startswith("eval_accuracy_by_")):
+            for group, acc in fin[key].items():
+                start = (ini.get(key) or {}).get(group)
+                table.add_row(f"  {group}", f"{_f(start, '.0%')} -> {acc:.0%}")
     table.add_row("rounds", str(summary["rounds_completed"]))
     table.add_row("trainable params", f"{summary['trainable_params']:,} ({summary['trainable_fraction']:.3%})")
     table.add_row("bytes up / down", f"{_mb(summary['total_bytes_up'])} MB / {_mb(summary['total_bytes_down'])} MB")

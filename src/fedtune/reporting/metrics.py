@@ -58,9 +58,8 @@ def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         "total_wall_s": sum(r["wall_s"] for r in history),
         "dropped_updates": sum(len(r.get("dropped", {})) for r in trained),
     }
-    for k in ("eval_accuracy_by_task",):
-        if k in last:
-            out["initial"][k], out["final"][k] = first.get(k), last.get(k)
+    for k in (k for k in last if k.startswith("eval_accuracy_by_")):  # per task (or other group_by field)
+        out["initial"][k], out["final"][k] = first.get(k), last[k]
     if evals and "eval_accuracy" in last:
         best = max(evals, key=lambda r: r["eval_accuracy"])
         out["best"] = {"round": best["round"], "eval_accuracy": best["eval_accuracy"]}

@@ -71,7 +71,7 @@ def run_rounds(
                 continue
             contributions.append(Contribution(env.client_id, reply.delta, client_weight(reply, settings.weighting)))
             used.append(reply)
-        for c in set(clients) - {e.client_id for e in replies}:
+        for c in sorted(set(clients) - {e.client_id for e in replies}):
             dropped[c] = "no reply"
             log.warning("round %d: client %d did not reply", r, c)
         if len(contributions) < settings.min_clients:
