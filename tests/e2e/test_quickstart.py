@@ -32,9 +32,6 @@ def test_quickstart_learns_and_exports_a_loadable_adapter(tmp_path):
     # learning happened: held-out loss falls a lot, exact-match rises from (near) zero
     assert last["eval_loss"] < 0.6 * first["eval_loss"]
     assert first["eval_accuracy"] <= 0.05 and last["eval_accuracy"] >= first["eval_accuracy"] + 0.2
-    # framework overhead of the training part of each round stays small
-    for m in metrics[1:]:
-        assert m["train_s"] <= 1.05 * m["local_train_s"] + 0.5
 
     from fedtune.models.loading import load_model
 
