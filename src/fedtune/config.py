@@ -133,11 +133,31 @@ class TrainingConfig(_Strict):
 
 
 class AggregationConfig(_Strict):
-    """Server-side aggregation of client updates."""
+    """Server-side aggregation: clip -> combine -> server optimizer (docs/algorithms/)."""
 
-    name: Literal["fedavg"] = Field("fedavg", description="aggregation algorithm (docs/algorithms/)")
+    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedavg", description="server optimizer applied to the combined update (FedAvg, FedAvgM, FedOpt family)"
+    )
     weighting: Literal["examples", "tokens", "uniform"] = Field(
         "examples", description="client weight: training examples, target tokens, or equal"
+    )
+    server_lr: float | None = Field(
+        None, gt=0, description="server learning rate η; default 1 (fedavg/m), 0.01 (FedOpt)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum β")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt: first-moment decay β1")
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay β2")
+    tau: float = Field(1e-3, gt=0, description="FedOpt: adaptivity τ (second moments start at τ²)")
+    bias_correction: bool = Field(False, description="FedOpt: Adam-style bias correction (not in the paper)")
+    combine: Literal["mean", "median", "trimmed_mean", "krum"] = Field(
+        "mean", description="how client updates become one: weighted mean, or a robust combiner"
+    )
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end per coordinate")
+    byzantine: int = Field(0, ge=0, description="krum: number f of clients assumed malicious")
+    krum_select: int = Field(1, ge=1, description="krum: how many best-scored updates to average (1 = Krum)")
+    clip_norm: float | None = Field(None, gt=0, description="scale every update down to this L2 norm first")
+    max_update_norm: float | None = Field(
+        None, gt=0, description="reject (drop and log) any update whose L2 norm exceeds this"
     )
 
 

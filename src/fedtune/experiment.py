@@ -137,7 +137,7 @@ def _run(
         progress=cfg.output.progress,
     )
     runtime = InProcessRuntime(handler.handle)
-    aggregator = build_aggregator(cfg.aggregation.name)
+    aggregator = build_aggregator(cfg.aggregation)
 
     def evaluate_global(params: Params) -> dict[str, Any]:
         adapter.set_state(params)
@@ -179,6 +179,7 @@ def _run(
         cfg.aggregation.weighting,
         cfg.output.keep_checkpoints,
         cfg.output.progress,
+        cfg.aggregation.max_update_norm,
     )
     try:
         state = run_rounds(

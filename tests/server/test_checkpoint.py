@@ -3,14 +3,14 @@ import os
 import pytest
 import torch
 
-from fedtune.aggregation import FedAvg
+from fedtune.aggregation import fedavg
 from fedtune.server import checkpoint as ck
 from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
 
 
 def _state(r):
     params = {"w": torch.full((3, 3), float(r)), "b": torch.arange(4, dtype=torch.bfloat16) * r}
-    return ServerState(r, params, FedAvg().init(params)._replace(rounds=r), [{"round": i} for i in range(r + 1)])
+    return ServerState(r, params, fedavg().init(params)._replace(rounds=r), [{"round": i} for i in range(r + 1)])
 
 
 def _equal(a, b):
@@ -25,13 +25,13 @@ def _equal(a, b):
 def test_round_trip_and_latest(tmp_path):
     for r in range(3):
         save_checkpoint(tmp_path, _state(r))
-    loaded = load_latest(tmp_path, FedAvg().init(_state(0).params))
+    loaded = load_latest(tmp_path, fedavg().init(_state(0).params))
     assert _equal(loaded, _state(2))
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "round_0002"
 
 
 def test_nothing_to_resume(tmp_path):
-    assert load_latest(tmp_path, FedAvg().init({})) is None
+    assert load_latest(tmp_path, fedavg().init({})) is None
 
 
 def test_keep_prunes_old_rounds(tmp_path):
@@ -55,7 +55,7 @@ def test_kill_during_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, _state(2))
     monkeypatch.setattr(ck, "save_file", real)
-    assert _equal(load_latest(tmp_path, FedAvg().init(_state(0).params)), _state(1))
+    assert _equal(load_latest(tmp_path, fedavg().init(_state(0).params)), _state(1))
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
@@ -65,7 +65,7 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, caplog):
     with open(newest / "params.safetensors", "r+b") as f:  # flip bytes inside the tensor data
         f.seek(os.path.getsize(newest / "params.safetensors") - 4)
         f.write(b"\xff\xff\xff\xff")
-    loaded = load_latest(tmp_path, FedAvg().init(_state(0).params))
+    loaded = load_latest(tmp_path, fedavg().init(_state(0).params))
     assert _equal(loaded, _state(1))
     assert "does not match its checksum" in caplog.text
 
@@ -75,5 +75,5 @@ def test_leftover_temp_dir_from_a_killed_write_is_ignored(tmp_path):
     junk = tmp_path / "checkpoints" / ".tmp-round_0002-abc"
     junk.mkdir()
     (junk / "params.safetensors").write_bytes(b"partial")
-    assert load_latest(tmp_path, FedAvg().init(_state(0).params)).round == 1
+    assert load_latest(tmp_path, fedavg().init(_state(0).params)).round == 1
     assert not junk.exists()

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from fedtune.aggregation import FedAvg
+from fedtune.aggregation import fedavg
 from fedtune.errors import RunError
 from fedtune.runtime.in_process import InProcessRuntime
 from fedtune.server.checkpoint import ServerState, load_latest
@@ -30,9 +30,9 @@ def _client(bad=()):
 
 
 def _run(tmp_path, handler, rounds=2, min_clients=1, start=None):
-    state = start or ServerState(0, dict(PARAMS), FedAvg().init(PARAMS), [])
+    state = start or ServerState(0, dict(PARAMS), fedavg().init(PARAMS), [])
     s = LoopSettings(rounds, 3, 3, min_clients, seed=0, progress=False)
-    return run_rounds(state, InProcessRuntime(handler), FedAvg(), s, tmp_path)
+    return run_rounds(state, InProcessRuntime(handler), fedavg(), s, tmp_path)
 
 
 def test_fedavg_rounds_and_records(tmp_path):
@@ -42,7 +42,7 @@ def test_fedavg_rounds_and_records(tmp_path):
     rec = final.history[-1]
     assert rec["clients"] == [0, 1, 2] and rec["dropped"] == {}
     assert rec["bytes_up"] > 3 * 16 and rec["bytes_down"] > 3 * 16
-    assert load_latest(tmp_path, FedAvg().init(PARAMS)).round == 2
+    assert load_latest(tmp_path, fedavg().init(PARAMS)).round == 2
 
 
 def test_diverged_client_is_dropped_and_logged(tmp_path, caplog):
@@ -59,7 +59,7 @@ def test_too_few_clients_stops_with_checkpoint_intact(tmp_path):
     with pytest.raises(RunError) as err:
         _run(tmp_path, _client(bad={0, 1}), rounds=2, min_clients=2, start=first)
     assert "only 1 of 3 clients" in str(err.value) and "round_0001" in str(err.value)
-    kept = load_latest(tmp_path, FedAvg().init(PARAMS))
+    kept = load_latest(tmp_path, fedavg().init(PARAMS))
     assert kept.round == 1 and torch.equal(kept.params["w"], first.params["w"])
 
 
@@ -79,3 +79,12 @@ def test_malformed_update_never_reaches_the_model(tmp_path):
     assert final.history[-1]["clients"] == [2]
     assert "NaN or Inf" in final.history[-1]["dropped"]["0"] and "shape" in final.history[-1]["dropped"]["1"]
     assert torch.equal(final.params["w"], torch.ones(4))
+
+
+def test_update_over_the_norm_bound_is_rejected(tmp_path):
+    state = ServerState(0, dict(PARAMS), fedavg().init(PARAMS), [])
+    s = LoopSettings(1, 3, 3, 1, seed=0, progress=False, max_update_norm=5.0)
+    final = run_rounds(state, InProcessRuntime(_client()), fedavg(), s, tmp_path)
+    # client c sends c+1 in 4 coordinates: norms 2, 4, 6 -> client 2 is over the bound
+    assert final.history[-1]["clients"] == [0, 1]
+    assert "exceeds aggregation.max_update_norm=5" in final.history[-1]["dropped"]["2"]

@@ -1,15 +1,56 @@
-"""Server-side aggregation: pure (init, aggregate) pairs with explicit state."""
+"""Server-side aggregation: pure (init, aggregate) pairs with explicit state.
 
-from fedtune.aggregation.base import Aggregator, Contribution, weighted_mean
-from fedtune.aggregation.fedavg import FedAvg, FedAvgState
+``build_aggregator(AggregationConfig(...))`` assembles clip -> combine -> server optimizer.
+"""
 
-AGGREGATORS = {"fedavg": FedAvg}
+from __future__ import annotations
+
+from functools import partial
+
+from fedtune.aggregation.base import Aggregator, Contribution
+from fedtune.aggregation.combine import coordinate_median, krum, trimmed_mean, weighted_mean
+from fedtune.aggregation.pipeline import Pipeline, PipelineState
+from fedtune.aggregation.server_opt import Adaptive, Momentum, ServerOptimizer, Sgd
+from fedtune.config import AggregationConfig
+
+AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+COMBINERS = ("mean", "median", "trimmed_mean", "krum")
 
 
-def build_aggregator(name: str) -> Aggregator:
-    if name not in AGGREGATORS:
-        raise ValueError(f"aggregation.name={name!r}; allowed: {', '.join(AGGREGATORS)}")
-    return AGGREGATORS[name]()
+def server_optimizer(cfg: AggregationConfig) -> ServerOptimizer:
+    if cfg.name == "fedavg":
+        return Sgd(cfg.server_lr if cfg.server_lr is not None else 1.0)
+    if cfg.name == "fedavgm":
+        return Momentum(cfg.server_lr if cfg.server_lr is not None else 1.0, cfg.momentum)
+    rule = cfg.name.removeprefix("fed")  # adam, yogi, adagrad
+    lr = cfg.server_lr if cfg.server_lr is not None else 1e-2
+    return Adaptive(rule, lr, cfg.beta1, cfg.beta2, cfg.tau, cfg.bias_correction)
 
 
-__all__ = ["AGGREGATORS", "Aggregator", "Contribution", "FedAvg", "FedAvgState", "build_aggregator", "weighted_mean"]
+def build_aggregator(cfg: AggregationConfig | None = None, **fields) -> Pipeline:
+    """An aggregator from config (or keyword fields: ``build_aggregator(name="fedyogi", combine="median")``)."""
+    cfg = AggregationConfig(**fields) if cfg is None else cfg
+    combine = {
+        "mean": weighted_mean,
+        "median": coordinate_median,
+        "trimmed_mean": partial(trimmed_mean, beta=cfg.trim_fraction),
+        "krum": partial(krum, byzantine=cfg.byzantine, select=cfg.krum_select),
+    }[cfg.combine]
+    return Pipeline(cfg.name, combine, server_optimizer(cfg), cfg.clip_norm)
+
+
+def fedavg() -> Pipeline:
+    """Plain FedAvg (McMahan et al. 2017): weighted mean of deltas, applied with server lr 1."""
+    return build_aggregator(AggregationConfig())
+
+
+__all__ = [
+    "AGGREGATORS",
+    "COMBINERS",
+    "Aggregator",
+    "Contribution",
+    "Pipeline",
+    "PipelineState",
+    "build_aggregator",
+    "fedavg",
+]

@@ -4,7 +4,8 @@
 Nothing is hidden on ``self``: the state is what checkpoints save, and what tests compare.
 Call them directly on plain dicts of tensors, no federation needed:
 
-    agg = FedAvg()
+    from fedtune.aggregation import Contribution, build_aggregator
+    agg = build_aggregator(name="fedadam")
     state = agg.init(global_params)
     new_params, state = agg.aggregate(global_params, [Contribution(0, delta0, 10.0), ...], state)
 """
@@ -37,21 +38,10 @@ class Aggregator(Protocol):
     ) -> tuple[Params, NamedTuple]: ...
 
 
-def weighted_mean(contributions: Sequence[Contribution]) -> Params:
-    """sum_k w_k delta_k / sum_k w_k, accumulated in float32 in client-id order (deterministic)."""
-    if not contributions:
-        raise ValueError("cannot aggregate zero contributions")
-    total = float(sum(c.weight for c in contributions))
-    if not total > 0:
-        raise ValueError(f"aggregation weights must sum to a positive number, got {total}")
-    ordered = sorted(contributions, key=lambda c: c.client_id)
-    out: Params = {}
-    for key, first in ordered[0].delta.items():
-        acc = torch.zeros(first.shape, dtype=torch.float32)
-        for c in ordered:
-            acc.add_(c.delta[key].to(torch.float32), alpha=c.weight / total)
-        out[key] = acc.to(first.dtype)
-    return out
+def state_signature(state: NamedTuple) -> str:
+    """The nested state types, e.g. 'PipelineState(AdaptiveState)': what a checkpoint must match."""
+    inner = [state_signature(v) for v in state if hasattr(v, "_asdict")]
+    return type(state).__name__ + (f"({', '.join(inner)})" if inner else "")
 
 
 def state_to_tensors(state: NamedTuple, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

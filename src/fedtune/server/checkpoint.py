@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from safetensors.torch import load_file, save_file
 
-from fedtune.aggregation.base import state_from_tensors, state_to_tensors
+from fedtune.aggregation.base import state_from_tensors, state_signature, state_to_tensors
 from fedtune.types import Params
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int | None = None) 
         save_file({k: v.contiguous() for k, v in agg_tensors.items()}, tmp / _AGG)
         meta = {
             "round": state.round,
-            "aggregator": type(state.aggregator).__name__,
+            "aggregator": state_signature(state.aggregator),
             "aggregator_scalars": agg_scalars,
             "history": state.history,
             "sha256": {name: _sha256(tmp / name) for name in (_PARAMS, _AGG)},
@@ -95,10 +95,10 @@ def load_checkpoint(path: Path, aggregator_template: NamedTuple) -> ServerState:
     for name, digest in meta["sha256"].items():
         if _sha256(path / name) != digest:
             raise ValueError(f"{path / name} does not match its checksum")
-    if meta["aggregator"] != type(aggregator_template).__name__:
+    if meta["aggregator"] != state_signature(aggregator_template):
         raise ValueError(
             f"checkpoint holds {meta['aggregator']} state but the config's aggregator uses "
-            f"{type(aggregator_template).__name__}; resume with the same aggregation.name"
+            f"{state_signature(aggregator_template)}; resume with the same aggregation settings"
         )
     agg = state_from_tensors(aggregator_template, load_file(path / _AGG), meta["aggregator_scalars"])
     return ServerState(meta["round"], load_file(path / _PARAMS), agg, meta["history"])

@@ -38,6 +38,7 @@ class LoopSettings:
     weighting: str = "examples"
     keep_checkpoints: int | None = None
     progress: bool = True
+    max_update_norm: float | None = None
 
 
 def run_rounds(
@@ -64,7 +65,7 @@ def run_rounds(
         for env in sorted(replies, key=lambda e: e.client_id):
             bytes_up += len(env.payload)
             reply = decode_message(env.payload)
-            problem = _reply_problem(reply, r, state.params)
+            problem = _reply_problem(reply, r, state.params, settings.max_update_norm)
             if problem:
                 dropped[env.client_id] = problem
                 log.warning("round %d: dropped client %d's update: %s", r, env.client_id, problem)
@@ -111,14 +112,14 @@ def run_rounds(
     return state
 
 
-def _reply_problem(reply: Any, round_index: int, params: Params) -> str | None:
+def _reply_problem(reply: Any, round_index: int, params: Params, max_norm: float | None) -> str | None:
     if not isinstance(reply, TrainReply):
         return f"expected a train reply, got {type(reply).__name__}"
     if reply.round != round_index:
         return f"stale reply for round {reply.round}"
     if reply.status != "ok":
         return f"{reply.status}: {reply.error}"
-    return update_problem(reply.delta, params)
+    return update_problem(reply.delta, params, max_norm)
 
 
 def _weighted_loss(replies: list[TrainReply], weights: list[float]) -> float:

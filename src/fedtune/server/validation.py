@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from fedtune.aggregation.clipping import update_norm
 from fedtune.types import Params
 
 
-def update_problem(delta: Params, params: Params) -> str | None:
-    """None if the update fits the global params (keys, shapes, dtypes, finite), else the reason."""
+def update_problem(delta: Params, params: Params, max_norm: float | None = None) -> str | None:
+    """None if the update fits the global params (keys, shapes, dtypes, finite, norm bound), else the reason."""
     if delta.keys() != params.keys():
         missing, extra = sorted(params.keys() - delta.keys()), sorted(delta.keys() - params.keys())
         return f"keys differ from the global adapter (missing {missing[:2]}, unexpected {extra[:2]})"
@@ -19,4 +20,8 @@ def update_problem(delta: Params, params: Params) -> str | None:
             return f"{k}: dtype {v.dtype}, expected {params[k].dtype}"
         if not torch.isfinite(v).all():
             return f"{k}: contains NaN or Inf"
+    if max_norm is not None:
+        norm = update_norm(delta)
+        if norm > max_norm:
+            return f"update norm {norm:.4g} exceeds aggregation.max_update_norm={max_norm:g}"
     return None

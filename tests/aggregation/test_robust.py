@@ -1,0 +1,67 @@
+"""A minority of bad clients: robust combiners stay near the honest mean, FedAvg does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.aggregation import Contribution, build_aggregator
+from fedtune.aggregation.clipping import clip_update, update_norm
+
+HONEST, BAD = 7, 3
+
+
+def _federation(attack: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    center = {"a": torch.randn(8, 32, generator=g) * 0.05, "b": torch.randn(32, 8, generator=g) * 0.05}
+    honest = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in center.items()} for _ in range(HONEST)]
+    mean = {k: sum(h[k] for h in honest) / HONEST for k in center}
+    if attack == "scaled":
+        bad = [{k: 100.0 * v for k, v in honest[i].items()} for i in range(BAD)]
+    else:  # sign-flipped and amplified
+        bad = [{k: -10.0 * v for k, v in honest[i].items()} for i in range(BAD)]
+    contribs = [Contribution(i, d, 1.0) for i, d in enumerate(honest + bad)]
+    return contribs, mean
+
+
+def _distance(x, y):
+    return update_norm({k: x[k] - y[k] for k in x})
+
+
+@pytest.mark.parametrize("attack", ["scaled", "sign_flip"])
+@pytest.mark.parametrize(
+    "robust",
+    [
+        dict(combine="median"),
+        dict(combine="trimmed_mean", trim_fraction=0.3),
+        dict(combine="krum", byzantine=3),
+        dict(combine="krum", byzantine=3, krum_select=4),
+    ],
+    ids=["median", "trimmed_mean", "krum", "multi_krum"],
+)
+def test_robust_combiners_resist_a_bad_minority(attack, robust):
+    contribs, honest_mean = _federation(attack)
+    zero = {k: torch.zeros_like(v) for k, v in honest_mean.items()}
+    scale = update_norm(honest_mean)
+    plain = build_aggregator(name="fedavg")
+    naive, _ = plain.aggregate(zero, contribs, plain.init(zero))
+    agg = build_aggregator(name="fedavg", **robust)
+    got, _ = agg.aggregate(zero, contribs, agg.init(zero))
+    assert _distance(naive, honest_mean) > 2.0 * scale  # FedAvg is dragged far away
+    assert _distance(got, honest_mean) < 0.25 * scale
+
+
+def test_clipping_before_the_mean_bounds_scaled_attacks():
+    contribs, honest_mean = _federation("scaled")
+    zero = {k: torch.zeros_like(v) for k, v in honest_mean.items()}
+    scale = update_norm(honest_mean)
+    agg = build_aggregator(name="fedavg", clip_norm=1.5 * scale)  # above every honest norm
+    got, _ = agg.aggregate(zero, contribs, agg.init(zero))
+    assert _distance(got, honest_mean) < 0.25 * scale
+
+
+def test_clipping_scales_long_updates_only():
+    long, short = {"x": torch.full((4,), 3.0)}, {"x": torch.full((4,), 0.1)}
+    assert update_norm(clip_update(long, 1.0)) == pytest.approx(1.0)
+    assert clip_update(short, 1.0) is short
+    assert torch.allclose(clip_update(long, 1.0)["x"] / long["x"], torch.full((4,), 1 / 6))
