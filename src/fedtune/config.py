@@ -109,13 +109,17 @@ class TrainingConfig(_Strict):
     local_epochs: float | None = Field(None, gt=0, description="passes over local data per round")
     batch_size: int = Field(8, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate of the local AdamW")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the local optimizer")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the schedule spent warming up linearly")
     schedule_scope: Literal["federation", "round"] = Field(
         "federation", description="federation: schedule follows the run's global step; round: restarts each round"
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer (fresh state every round)")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay of the local optimizer")
+    proximal_mu: float = Field(
+        0.0, ge=0, description="FedProx: add mu/2 * ||w - w_global||^2 to the local loss (0: off)"
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the adapter gradient norm (null: off)")
 
     @model_validator(mode="before")
@@ -156,6 +160,7 @@ class AggregationConfig(_Strict):
     byzantine: int = Field(0, ge=0, description="krum: number f of clients assumed malicious")
     krum_select: int = Field(1, ge=1, description="krum: how many best-scored updates to average (1 = Krum)")
     clip_norm: float | None = Field(None, gt=0, description="scale every update down to this L2 norm first")
+    scaffold: bool = Field(False, description="SCAFFOLD control variates (server c, per-client c_i)")
     max_update_norm: float | None = Field(
         None, gt=0, description="reject (drop and log) any update whose L2 norm exceeds this"
     )

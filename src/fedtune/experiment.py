@@ -137,7 +137,7 @@ def _run(
         progress=cfg.output.progress,
     )
     runtime = InProcessRuntime(handler.handle)
-    aggregator = build_aggregator(cfg.aggregation)
+    aggregator = build_aggregator(cfg.aggregation, num_clients=cfg.partition.num_clients)
 
     def evaluate_global(params: Params) -> dict[str, Any]:
         adapter.set_state(params)
@@ -148,6 +148,7 @@ def _run(
     state = load_latest(run_dir, aggregator.init(initial)) if resume else None
     if state is not None:
         log.info("resuming after round %d from %s", state.round, run_dir / "checkpoints")
+        runtime.load_client_states(state.clients)
     else:
         state = ServerState(0, initial, aggregator.init(initial), [])
     writer = MetricsWriter(run_dir / "metrics.jsonl")

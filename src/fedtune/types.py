@@ -19,9 +19,10 @@ class TrainRequest:
     """Server -> client: train from these global adapter parameters in this round."""
 
     KIND: ClassVar[str] = "train"
-    TENSORS: ClassVar[str] = "params"
+    TENSORS: ClassVar[tuple[str, ...]] = ("params", "control")
     round: int
     params: Params
+    control: Params = field(default_factory=dict)  # SCAFFOLD: the server control variate c
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class TrainReply:
     """Client -> server: the update (local - global) and what it cost; no delta if diverged."""
 
     KIND: ClassVar[str] = "train_reply"
-    TENSORS: ClassVar[str] = "delta"
+    TENSORS: ClassVar[tuple[str, ...]] = ("delta", "control_delta")
     round: int
     delta: Params
     num_examples: int  # size of the client's training set (FedAvg weight)
@@ -39,6 +40,7 @@ class TrainReply:
     local_train_s: float  # pure local-training time (forward, backward, optimizer)
     status: str = "ok"  # "ok" | "diverged"
     error: str | None = None
+    control_delta: Params = field(default_factory=dict)  # SCAFFOLD: c_i(new) - c_i(old)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class EvalRequest:
     """Server -> client: evaluate these global parameters on your held-out share."""
 
     KIND: ClassVar[str] = "evaluate"
-    TENSORS: ClassVar[str] = "params"
+    TENSORS: ClassVar[tuple[str, ...]] = ("params",)
     round: int
     params: Params
 
@@ -56,7 +58,7 @@ class EvalReply:
     """Client -> server: metrics of the global model on the client's held-out share."""
 
     KIND: ClassVar[str] = "eval_reply"
-    TENSORS: ClassVar[str] = ""
+    TENSORS: ClassVar[tuple[str, ...]] = ()
     round: int
     metrics: dict[str, float] = field(default_factory=dict)
 

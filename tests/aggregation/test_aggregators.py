@@ -152,3 +152,20 @@ def test_krum_needs_enough_clients():
 def test_weighting(scheme, expected):
     reply = TrainReply(round=1, delta={}, num_examples=12, num_tokens=345, steps=1, train_loss=0.0, local_train_s=0.0)
     assert client_weight(reply, scheme) == expected
+
+
+def test_scaffold_server_control_update_and_broadcast():
+    agg = build_aggregator(name="fedavg", scaffold=True, num_clients=10)
+    glob = {"w": torch.zeros(2)}
+    state = agg.init(glob)
+    assert torch.equal(agg.broadcast(state)["w"], torch.zeros(2))
+    contribs = [Contribution(i, {"w": torch.ones(2)}, 1.0, {"w": torch.full((2,), float(i + 1))}) for i in range(4)]
+    new, state = agg.aggregate(glob, contribs, state)
+    # c <- c + (|S|/N) mean(dc) = (4/10) * 2.5 = 1.0; x follows the inner FedAvg
+    assert torch.allclose(agg.broadcast(state)["w"], torch.full((2,), 1.0))
+    assert torch.equal(new["w"], torch.ones(2)) and state.rounds == 1
+
+
+def test_scaffold_needs_the_federation_size():
+    with pytest.raises(ValueError, match="num_clients"):
+        build_aggregator(scaffold=True)

@@ -18,7 +18,7 @@ def _handler(adapter, tok, **training):
 
 
 def _train(handler, client, round_index, params):
-    blob = handler.handle(client, encode_message(TrainRequest(round=round_index, params=params)))
+    blob, _ = handler.handle(client, encode_message(TrainRequest(round=round_index, params=params)))
     reply = decode_message(blob)
     assert isinstance(reply, TrainReply)
     return reply

@@ -98,14 +98,32 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final_adapter" / "adapter_model.safetensors")
 
 
-def test_resume_after_kill_is_bit_identical(tmp_path):
-    """Kill a real CLI process mid-run (SIGKILL), resume it, and compare with an uninterrupted run."""
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        [],
+        [
+            "aggregation.name=fedadam",
+            "aggregation.scaffold=true",
+            "training.proximal_mu=0.01",
+            "federation.clients_per_round=3",
+        ],
+    ],
+    ids=["fedavg", "fedadam+scaffold+fedprox"],
+)
+def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
+    """Kill a real CLI process mid-run (SIGKILL), resume it, and compare with an uninterrupted run.
+
+    The second case carries server moments, the server control variate and per-client control
+    variates through the checkpoint, with partial participation.
+    """
     args = [
         "examples/tiny.yaml",
         *TINY_OVERRIDES,
         "federation.rounds=5",
         "training.local_steps=6",
         f"output.dir={tmp_path}",
+        *algorithm,
     ]
     assert _cli("run", *args, "output.name=straight")[0] == 0
 

@@ -19,12 +19,12 @@ PARAMS = {"w": torch.zeros(4)}
 def _client(bad=()):
     """Client c adds c+1 to every weight; clients in `bad` diverge."""
 
-    def handle(cid, blob):
+    def handle(cid, blob, state):
         req = decode_message(blob)
         common = dict(round=req.round, num_examples=cid + 1, num_tokens=10, steps=1, train_loss=1.0, local_train_s=0.01)
         if cid in bad:
-            return encode_message(TrainReply(delta={}, status="diverged", error="non-finite loss", **common))
-        return encode_message(TrainReply(delta={"w": torch.full((4,), float(cid + 1))}, **common))
+            return encode_message(TrainReply(delta={}, status="diverged", error="non-finite loss", **common)), state
+        return encode_message(TrainReply(delta={"w": torch.full((4,), float(cid + 1))}, **common)), state
 
     return handle
 
@@ -64,7 +64,7 @@ def test_too_few_clients_stops_with_checkpoint_intact(tmp_path):
 
 
 def test_malformed_update_never_reaches_the_model(tmp_path):
-    def handle(cid, blob):
+    def handle(cid, blob, state):
         req = decode_message(blob)
         delta = {"w": torch.full((4,), float("inf"))} if cid == 0 else {"w": torch.ones(4)}
         if cid == 1:
@@ -73,7 +73,7 @@ def test_malformed_update_never_reaches_the_model(tmp_path):
             TrainReply(
                 round=req.round, delta=delta, num_examples=1, num_tokens=1, steps=1, train_loss=0.0, local_train_s=0.0
             )
-        )
+        ), state
 
     final = _run(tmp_path, handle, rounds=1)
     assert final.history[-1]["clients"] == [2]

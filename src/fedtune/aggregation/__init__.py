@@ -10,6 +10,7 @@ from functools import partial
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.combine import coordinate_median, krum, trimmed_mean, weighted_mean
 from fedtune.aggregation.pipeline import Pipeline, PipelineState
+from fedtune.aggregation.scaffold import Scaffold, ScaffoldState
 from fedtune.aggregation.server_opt import Adaptive, Momentum, ServerOptimizer, Sgd
 from fedtune.config import AggregationConfig
 
@@ -27,8 +28,11 @@ def server_optimizer(cfg: AggregationConfig) -> ServerOptimizer:
     return Adaptive(rule, lr, cfg.beta1, cfg.beta2, cfg.tau, cfg.bias_correction)
 
 
-def build_aggregator(cfg: AggregationConfig | None = None, **fields) -> Pipeline:
-    """An aggregator from config (or keyword fields: ``build_aggregator(name="fedyogi", combine="median")``)."""
+def build_aggregator(cfg: AggregationConfig | None = None, num_clients: int | None = None, **fields) -> Aggregator:
+    """An aggregator from config (or keyword fields: ``build_aggregator(name="fedyogi", combine="median")``).
+
+    SCAFFOLD (``scaffold=True``) needs the federation size ``num_clients`` for its control update.
+    """
     cfg = AggregationConfig(**fields) if cfg is None else cfg
     combine = {
         "mean": weighted_mean,
@@ -36,7 +40,12 @@ def build_aggregator(cfg: AggregationConfig | None = None, **fields) -> Pipeline
         "trimmed_mean": partial(trimmed_mean, beta=cfg.trim_fraction),
         "krum": partial(krum, byzantine=cfg.byzantine, select=cfg.krum_select),
     }[cfg.combine]
-    return Pipeline(cfg.name, combine, server_optimizer(cfg), cfg.clip_norm)
+    pipeline = Pipeline(cfg.name, combine, server_optimizer(cfg), cfg.clip_norm)
+    if not cfg.scaffold:
+        return pipeline
+    if num_clients is None:
+        raise ValueError("SCAFFOLD needs num_clients (the federation size N) for c <- c + |S|/N mean(dc)")
+    return Scaffold(pipeline, num_clients)
 
 
 def fedavg() -> Pipeline:
@@ -51,6 +60,8 @@ __all__ = [
     "Contribution",
     "Pipeline",
     "PipelineState",
+    "Scaffold",
+    "ScaffoldState",
     "build_aggregator",
     "fedavg",
 ]

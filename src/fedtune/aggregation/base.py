@@ -26,6 +26,7 @@ class Contribution(NamedTuple):
     client_id: int
     delta: Params
     weight: float
+    extras: Params = {}  # algorithm-specific tensors, e.g. SCAFFOLD's control-variate delta  # noqa: RUF012
 
 
 class Aggregator(Protocol):
@@ -36,6 +37,10 @@ class Aggregator(Protocol):
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: NamedTuple
     ) -> tuple[Params, NamedTuple]: ...
+
+    def broadcast(self, state: NamedTuple) -> Params:
+        """Tensors every client receives with the params this round (e.g. SCAFFOLD's c); usually empty."""
+        ...
 
 
 def state_signature(state: NamedTuple) -> str:

@@ -29,6 +29,9 @@ class Pipeline:
     def init(self, params: Params) -> PipelineState:
         return PipelineState(self.optimizer.init(params))
 
+    def broadcast(self, state: PipelineState) -> Params:
+        return {}
+
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: PipelineState
     ) -> tuple[Params, PipelineState]:

@@ -1,7 +1,8 @@
 """Client side: decode a request, train or evaluate locally, encode the reply.
 
-Knows nothing of runtimes: it maps (client id, bytes) to bytes. In simulation one handler
-serves many virtual clients over one shared model; in deployment it serves just one.
+Knows nothing of runtimes: it maps (client id, bytes, client state) to (bytes, client state).
+In simulation one handler serves many virtual clients over one shared model, and the runtime
+keeps each client's state (e.g. SCAFFOLD's c_i); in deployment a client keeps its own.
 Every random choice of a client's round derives from (seed, round, client id), so a resumed
 run replays exactly what an uninterrupted one would have done.
 """
@@ -18,13 +19,14 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.peft_bridge import AdapterModel
 from fedtune.client.batching import micro_batches
+from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
 from fedtune.client.local_training import train_locally
 from fedtune.client.schedule import lr_at
 from fedtune.config import TrainingConfig
 from fedtune.data.tokenize import Encoded, collate
 from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.reporting.console import bar_disabled
-from fedtune.types import EvalReply, EvalRequest, TrainReply, TrainRequest
+from fedtune.types import EvalReply, EvalRequest, Params, TrainReply, TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
 
 
@@ -48,8 +50,14 @@ class EvalSettings:
     group_by: str | None = None
 
 
-def round_rng(seed: int, round_index: int, client_id: int) -> np.random.Generator:
-    return np.random.default_rng([seed, round_index, client_id])
+def round_plan(
+    seed: int, round_index: int, client_id: int, num_examples: int, cfg: TrainingConfig
+) -> tuple[int, list[np.ndarray]]:
+    """(torch seed, micro-batch index arrays) of one client's round: a pure function of its arguments."""
+    rng = np.random.default_rng([seed, round_index, client_id])
+    torch_seed = int(rng.integers(2**63 - 1))
+    plan = micro_batches(num_examples, cfg.batch_size, cfg.grad_accum, rng, cfg.local_steps, cfg.local_epochs)
+    return torch_seed, plan
 
 
 class ClientHandler:
@@ -69,23 +77,31 @@ class ClientHandler:
         self.eval_settings = eval_settings or EvalSettings()
         self.progress = progress
 
-    def handle(self, client_id: int, payload: bytes) -> bytes:
+    def handle(self, client_id: int, payload: bytes, state: Params | None = None) -> tuple[bytes, Params]:
+        """Serve one request; ``state`` is this client's persistent state, returned updated."""
         if client_id not in self.data:
             raise KeyError(f"this handler has no data for client {client_id}")
         msg = decode_message(payload)
+        state = state or {}
         if isinstance(msg, TrainRequest):
-            return encode_message(self.train(client_id, msg))
+            reply, state = self.train(client_id, msg, state)
+            return encode_message(reply), state
         if isinstance(msg, EvalRequest):
-            return encode_message(self.evaluate(client_id, msg))
+            return encode_message(self.evaluate(client_id, msg)), state
         raise TypeError(f"client {client_id} cannot handle a {type(msg).__name__}")
 
-    def train(self, client_id: int, req: TrainRequest) -> TrainReply:
+    def train(self, client_id: int, req: TrainRequest, state: Params) -> tuple[TrainReply, Params]:
         cfg, data = self.training, self.data[client_id]
         self.adapter.set_state(req.params)
-        rng = round_rng(self.seed, req.round, client_id)
-        torch_seed = int(rng.integers(2**63 - 1))
+        names = list(self.adapter.params)
+        corrections: list = []
+        if cfg.proximal_mu > 0:
+            corrections.append(FedProx([req.params[k] for k in names], cfg.proximal_mu))
+        if req.control:  # SCAFFOLD: c_i starts at zero the first time a client takes part
+            c_i = {k: state.get(f"control/{k}", torch.zeros_like(req.control[k])) for k in names}
+            corrections.append(Scaffold([req.control[k] for k in names], [c_i[k] for k in names]))
         start = time.perf_counter()
-        plan = micro_batches(len(data.train), cfg.batch_size, cfg.grad_accum, rng, cfg.local_steps, cfg.local_epochs)
+        torch_seed, plan = round_plan(self.seed, req.round, client_id, len(data.train), cfg)
         pad = self.tokenizer.pad_token_id
         batches = [collate([data.train[i] for i in idx], pad) for idx in plan]
         steps = -(-len(batches) // cfg.grad_accum)
@@ -109,6 +125,8 @@ class ClientHandler:
                 cfg.weight_decay,
                 cfg.max_grad_norm,
                 on_step=lambda _s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+                optimizer=cfg.optimizer,
+                corrections=corrections,
             )
         bar.close()
         elapsed = time.perf_counter() - start
@@ -121,10 +139,15 @@ class ClientHandler:
             local_train_s=elapsed,
         )
         if result.diverged:
-            return TrainReply(delta={}, status="diverged", error=result.error, **common)
+            return TrainReply(delta={}, status="diverged", error=result.error, **common), state
         local = self.adapter.get_state()
         delta = {k: local[k] - req.params[k] for k in local}
-        return TrainReply(delta=delta, **common)
+        if not req.control:
+            return TrainReply(delta=delta, **common), state
+        new_c = updated_client_control(c_i, req.control, req.params, local, result.lr_sum)
+        control_delta = {k: new_c[k] - c_i[k] for k in names}
+        state = {**state, **{f"control/{k}": v for k, v in new_c.items()}}
+        return TrainReply(delta=delta, control_delta=control_delta, **common), state
 
     def evaluate(self, client_id: int, req: EvalRequest) -> EvalReply:
         holdout = self.data[client_id].holdout

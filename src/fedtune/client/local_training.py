@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedtune.client.corrections import Correction
 from fedtune.data.tokenize import IGNORE
 
 
@@ -26,6 +27,7 @@ class LocalResult:
     train_s: float
     diverged: bool = False
     error: str | None = None
+    lr_sum: float = 0.0  # sum of the learning rates of the steps taken (SCAFFOLD's path length)
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -45,6 +47,14 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     return loss, int((targets != IGNORE).sum())
 
 
+def make_optimizer(name: str, params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"training.optimizer={name!r}; allowed: adamw, sgd")
+
+
 def train_locally(
     model: torch.nn.Module,
     params: Sequence[torch.nn.Parameter],
@@ -54,16 +64,19 @@ def train_locally(
     weight_decay: float = 0.0,
     max_grad_norm: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    optimizer: str = "adamw",
+    corrections: Sequence[Correction] = (),
 ) -> LocalResult:
     """Run ceil(len(micro_batches) / grad_accum) optimizer steps; return loss and timing."""
     start = time.perf_counter()
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=lr_at(0), weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, params, lr_at(0), weight_decay)
     groups = [micro_batches[i : i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
-    loss_total, tokens_total = 0.0, 0
+    loss_total, tokens_total, lr_sum = 0.0, 0, 0.0
     for step, group in enumerate(groups):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step)
+        lr = lr_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
         step_loss = 0.0
         for batch in group:
@@ -76,17 +89,24 @@ def train_locally(
                     time.perf_counter() - start,
                     True,
                     f"non-finite loss ({loss_sum.item()}) at local step {step}",
+                    lr_sum,
                 )
             (loss_sum / max(1, n_tokens)).backward()
             step_loss += loss_sum.item()
+        for corr in corrections:
+            extra = corr.extra_loss(params)
+            if extra is not None:
+                extra.backward()
+            corr.adjust_grads(params)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         loss_total += step_loss
         tokens_total += n_tokens
+        lr_sum += lr
         if on_step is not None:
             on_step(step, step_loss / max(1, n_tokens))
     model.eval()
     mean = loss_total / max(1, tokens_total)
-    return LocalResult(len(groups), mean, tokens_total, time.perf_counter() - start)
+    return LocalResult(len(groups), mean, tokens_total, time.perf_counter() - start, lr_sum=lr_sum)

@@ -1,24 +1,38 @@
 """The embedded default: clients are served in turn, in this process, by one shared handler.
 
 One base model in memory however many clients are simulated; messages still go through the
-real encoding, so byte counts are what a deployment would send.
+real encoding, so byte counts are what a deployment would send. The runtime keeps each
+simulated client's persistent state (e.g. SCAFFOLD's c_i) between rounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from fedtune.types import Envelope
+from fedtune.types import Envelope, Params
 
-Handler = Callable[[int, bytes], bytes]
+Handler = Callable[[int, bytes, Params], tuple[bytes, Params]]
 
 
 class InProcessRuntime:
     def __init__(self, handler: Handler):
         self.handler = handler
+        self.states: dict[int, Params] = {}
 
     def send_and_receive(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
-        return [Envelope(e.client_id, self.handler(e.client_id, e.payload)) for e in envelopes]
+        replies = []
+        for e in envelopes:
+            payload, state = self.handler(e.client_id, e.payload, self.states.get(e.client_id, {}))
+            if state:
+                self.states[e.client_id] = state
+            replies.append(Envelope(e.client_id, payload))
+        return replies
+
+    def client_states(self) -> dict[int, Params]:
+        return dict(self.states)
+
+    def load_client_states(self, states: dict[int, Params]) -> None:
+        self.states = dict(states)
 
     def close(self) -> None:
         pass

@@ -25,17 +25,19 @@ from fedtune.types import Params
 
 log = logging.getLogger(__name__)
 
-_PARAMS, _AGG, _STATE = "params.safetensors", "aggregator.safetensors", "state.json"
+_PARAMS, _AGG, _CLIENTS, _STATE = "params.safetensors", "aggregator.safetensors", "clients.safetensors", "state.json"
 
 
 @dataclass
 class ServerState:
-    """Everything the server needs to continue: last complete round, global params, aggregator state."""
+    """Everything needed to continue: last complete round, global params, aggregator state, metrics,
+    and the persistent state of simulated clients (e.g. SCAFFOLD's c_i, held by the runtime)."""
 
     round: int
     params: Params
     aggregator: NamedTuple
     history: list[dict[str, Any]] = field(default_factory=list)
+    clients: dict[int, Params] = field(default_factory=dict)
 
 
 def checkpoint_dir(run_dir: Path, round_index: int) -> Path:
@@ -51,15 +53,17 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int | None = None) 
         agg_tensors, agg_scalars = state_to_tensors(state.aggregator)
         save_file({k: v.contiguous() for k, v in state.params.items()}, tmp / _PARAMS)
         save_file({k: v.contiguous() for k, v in agg_tensors.items()}, tmp / _AGG)
+        clients = {f"{cid}|{k}": v.contiguous() for cid, st in state.clients.items() for k, v in st.items()}
+        save_file(clients, tmp / _CLIENTS)
         meta = {
             "round": state.round,
             "aggregator": state_signature(state.aggregator),
             "aggregator_scalars": agg_scalars,
             "history": state.history,
-            "sha256": {name: _sha256(tmp / name) for name in (_PARAMS, _AGG)},
+            "sha256": {name: _sha256(tmp / name) for name in (_PARAMS, _AGG, _CLIENTS)},
         }
         (tmp / _STATE).write_text(json.dumps(meta, indent=1))
-        for name in (_PARAMS, _AGG, _STATE):
+        for name in (_PARAMS, _AGG, _CLIENTS, _STATE):
             _fsync(tmp / name)
         if final.exists():  # a stale copy of this round (e.g. from an earlier attempt)
             shutil.rmtree(final)
@@ -101,7 +105,11 @@ def load_checkpoint(path: Path, aggregator_template: NamedTuple) -> ServerState:
             f"{state_signature(aggregator_template)}; resume with the same aggregation settings"
         )
     agg = state_from_tensors(aggregator_template, load_file(path / _AGG), meta["aggregator_scalars"])
-    return ServerState(meta["round"], load_file(path / _PARAMS), agg, meta["history"])
+    clients: dict[int, Params] = {}
+    for flat, t in load_file(path / _CLIENTS).items():
+        cid, _, key = flat.partition("|")
+        clients.setdefault(int(cid), {})[key] = t
+    return ServerState(meta["round"], load_file(path / _PARAMS), agg, meta["history"], clients)
 
 
 def _round_dirs(root: Path) -> list[Path]:

@@ -59,18 +59,20 @@ def run_rounds(
     for r in range(state.round + 1, settings.rounds + 1):
         start = time.perf_counter()
         clients = sample_clients(settings.num_clients, settings.clients_per_round, settings.seed, r)
-        down = encode_message(TrainRequest(round=r, params=state.params))
+        control = aggregator.broadcast(state.aggregator)  # {} unless the algorithm sends more (SCAFFOLD)
+        down = encode_message(TrainRequest(round=r, params=state.params, control=control))
         replies = runtime.send_and_receive([Envelope(c, down) for c in clients])
         contributions, used, dropped, bytes_up = [], [], {}, 0
         for env in sorted(replies, key=lambda e: e.client_id):
             bytes_up += len(env.payload)
             reply = decode_message(env.payload)
-            problem = _reply_problem(reply, r, state.params, settings.max_update_norm)
+            problem = _reply_problem(reply, r, state.params, settings.max_update_norm, control)
             if problem:
                 dropped[env.client_id] = problem
                 log.warning("round %d: dropped client %d's update: %s", r, env.client_id, problem)
                 continue
-            contributions.append(Contribution(env.client_id, reply.delta, client_weight(reply, settings.weighting)))
+            weight = client_weight(reply, settings.weighting)
+            contributions.append(Contribution(env.client_id, reply.delta, weight, reply.control_delta))
             used.append(reply)
         for c in sorted(set(clients) - {e.client_id for e in replies}):
             dropped[c] = "no reply"
@@ -104,7 +106,14 @@ def run_rounds(
                 record.update(_per_client_eval(runtime, params, r, settings.num_clients))
             record["eval_s"] = time.perf_counter() - t
         record["wall_s"] = time.perf_counter() - start
-        state = replace(state, round=r, params=params, aggregator=agg_state, history=[*state.history, record])
+        state = replace(
+            state,
+            round=r,
+            params=params,
+            aggregator=agg_state,
+            history=[*state.history, record],
+            clients=runtime.client_states(),
+        )
         save_checkpoint(run_dir, state, settings.keep_checkpoints)
         on_record(record)
         bar.update(1)
@@ -112,13 +121,17 @@ def run_rounds(
     return state
 
 
-def _reply_problem(reply: Any, round_index: int, params: Params, max_norm: float | None) -> str | None:
+def _reply_problem(reply: Any, round_index: int, params: Params, max_norm: float | None, control: Params) -> str | None:
     if not isinstance(reply, TrainReply):
         return f"expected a train reply, got {type(reply).__name__}"
     if reply.round != round_index:
         return f"stale reply for round {reply.round}"
     if reply.status != "ok":
         return f"{reply.status}: {reply.error}"
+    if control:
+        problem = update_problem(reply.control_delta, control)
+        if problem:
+            return f"control variate: {problem}"
     return update_problem(reply.delta, params, max_norm)
 
 

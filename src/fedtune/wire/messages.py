@@ -11,11 +11,12 @@ _KINDS: dict[str, type] = {cls.KIND: cls for cls in (TrainRequest, TrainReply, E
 
 
 def encode_message(msg: Message) -> bytes:
-    """Tensors go into the safetensors body, every other field into the JSON header."""
-    tensor_field = type(msg).TENSORS
-    header = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != tensor_field}
+    """Tensor fields go into the safetensors body as '<field>/<name>', every other field into the header."""
+    fields = type(msg).TENSORS
+    header = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name not in fields}
     header["kind"] = type(msg).KIND
-    return encode(getattr(msg, tensor_field) if tensor_field else {}, header)
+    tensors = {f"{name}/{key}": t for name in fields for key, t in getattr(msg, name).items()}
+    return encode(tensors, header)
 
 
 def decode_message(blob: bytes) -> Message:
@@ -24,6 +25,10 @@ def decode_message(blob: bytes) -> Message:
     if kind not in _KINDS:
         raise ValueError(f"not a fedtune message (kind={kind!r}); expected one of {sorted(_KINDS)}")
     cls = _KINDS[kind]
-    if cls.TENSORS:
-        header[cls.TENSORS] = tensors
-    return cls(**header)
+    groups: dict[str, dict] = {name: {} for name in cls.TENSORS}
+    for flat, t in tensors.items():
+        name, _, key = flat.partition("/")
+        if name not in groups:
+            raise ValueError(f"{kind} message carries tensor {flat!r} outside its fields {cls.TENSORS}")
+        groups[name][key] = t
+    return cls(**header, **groups)
