@@ -79,3 +79,12 @@ def test_missing_and_non_mapping_files(tmp_path):
 def test_config_diff_lists_changed_keys():
     a, b = load_config(None), load_config(None, ["training.lr=0.5", "seed=3"])
     assert set(config_diff(a, b)) == {"training.lr", "seed"}
+
+
+def test_lora_mode_resolution():
+    assert load_config(None).aggregation.lora_mode() == "exact"
+    assert load_config(None, ["aggregation.name=fedadam"]).aggregation.lora_mode() == "naive"
+    assert load_config(None, ["aggregation.combine=median"]).aggregation.lora_mode() == "naive"
+    assert load_config(None, ["aggregation.lora=ffa", "aggregation.name=fedyogi"]).aggregation.lora_mode() == "ffa"
+    with pytest.raises(ConfigError, match="aggregation.lora=exact aggregates LoRA products with FedAvg"):
+        load_config(None, ["aggregation.lora=exact", "aggregation.scaffold=true"])

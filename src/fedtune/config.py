@@ -161,9 +161,33 @@ class AggregationConfig(_Strict):
     krum_select: int = Field(1, ge=1, description="krum: how many best-scored updates to average (1 = Krum)")
     clip_norm: float | None = Field(None, gt=0, description="scale every update down to this L2 norm first")
     scaffold: bool = Field(False, description="SCAFFOLD control variates (server c, per-client c_i)")
+    lora: Literal["auto", "exact", "naive", "ffa"] = Field(
+        "auto",
+        description="LoRA aggregation: exact (mean of B·A, rank-r SVD), naive (A, B averaged apart, error "
+        "reported), ffa (A frozen, exact); auto: exact when name=fedavg, combine=mean, no scaffold, else naive",
+    )
     max_update_norm: float | None = Field(
         None, gt=0, description="reject (drop and log) any update whose L2 norm exceeds this"
     )
+
+    @model_validator(mode="after")
+    def _lora_exact_fits(self) -> AggregationConfig:
+        if self.lora == "exact" and not self.exact_lora_compatible():
+            raise ValueError(
+                "aggregation.lora=exact aggregates LoRA products with FedAvg (name=fedavg, server_lr 1, "
+                "combine=mean, no scaffold); for other settings use lora=naive (inexact, error reported) "
+                "or lora=ffa (exact, A frozen)"
+            )
+        return self
+
+    def exact_lora_compatible(self) -> bool:
+        return self.name == "fedavg" and self.combine == "mean" and not self.scaffold and self.server_lr in (None, 1.0)
+
+    def lora_mode(self) -> str:
+        """The LoRA aggregation actually used ('auto' resolved)."""
+        if self.lora != "auto":
+            return self.lora
+        return "exact" if self.exact_lora_compatible() else "naive"
 
 
 class EvaluationConfig(_Strict):

@@ -89,11 +89,13 @@ def _run(
     loaded = load_model(
         cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model.gguf_file, cfg.model.trust_remote_code
     )
+    lora_mode = cfg.aggregation.lora_mode()
     adapter = AdapterModel(
         loaded.model,
         cfg.adapter,
         cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed,
         base_path=os.path.abspath(loaded.path),
+        freeze_a=lora_mode == "ffa",
     )
     log.info(
         "model %s loaded in %.1fs: %s trainable of %s parameters (%.3f%%)",
@@ -137,7 +139,13 @@ def _run(
         progress=cfg.output.progress,
     )
     runtime = InProcessRuntime(handler.handle)
-    aggregator = build_aggregator(cfg.aggregation, num_clients=cfg.partition.num_clients)
+    aggregator = build_aggregator(cfg.aggregation, cfg.partition.num_clients, lora_alpha=cfg.adapter.alpha)
+    log.info("aggregation: %s, LoRA %s", aggregator.name, lora_mode)
+    if lora_mode == "naive":
+        log.warning(
+            "aggregation.lora=naive averages LoRA A and B separately, which is inexact; "
+            "metrics.jsonl reports the relative error per round as lora_factor_averaging_error"
+        )
 
     def evaluate_global(params: Params) -> dict[str, Any]:
         adapter.set_state(params)

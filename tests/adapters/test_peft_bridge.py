@@ -54,3 +54,15 @@ def test_export_loads_with_plain_peft(tiny, tmp_path):
 def test_bad_target_modules_name_the_key_and_list_options(tiny):
     with pytest.raises(ConfigError, match=r"adapter.target_modules=\['nope'\].*Linear layers it has: .*q_proj"):
         AdapterModel(tiny.model, AdapterConfig(target_modules=["nope"]), seed=0)
+
+
+def test_ffa_freezes_a_and_exports_it(tiny, tmp_path):
+    adapter = AdapterModel(tiny.model, AdapterConfig(r=4), seed=0, base_path=tiny.path, freeze_a=True)
+    assert adapter.params and all(".lora_B." in k for k in adapter.params)
+    a_init = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if ".lora_A." in n}
+    adapter.save(tmp_path / "ad", {k: torch.randn_like(v) for k, v in adapter.get_state().items()})
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert {k for k in saved if ".lora_A." in k} == {n.replace(".default.", ".") for n in a_init}
+    assert all(torch.equal(saved[n.replace(".default.", ".")], v) for n, v in a_init.items())

@@ -239,3 +239,19 @@ def test_bf16_base_model_keeps_an_fp32_adapter(tmp_path):
 def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
     code, out = _run(tmp_path, "adapter.target_modules=[nope]")
     assert code == 2 and "adapter.target_modules=['nope']" in out and "q_proj" in out
+
+
+def test_lora_aggregation_modes_report_and_cost(tmp_path):
+    for mode in ("exact", "naive", "ffa"):
+        code, out = _run(tmp_path, f"aggregation.lora={mode}", "federation.rounds=2", name=mode)
+        assert code == 0, out
+    exact, naive, ffa = (_metrics(tmp_path / m)[-1] for m in ("exact", "naive", "ffa"))
+    assert 0 < exact["lora_truncation_error"] < 1
+    assert 0 < naive["lora_factor_averaging_error"] < 1
+    assert "lora_truncation_error" not in ffa and "lora_factor_averaging_error" not in ffa
+    # FFA-LoRA sends only B: about half the bytes each way
+    assert 0.4 < ffa["bytes_up"] / exact["bytes_up"] < 0.6 and 0.4 < ffa["bytes_down"] / exact["bytes_down"] < 0.6
+    log = (tmp_path / "naive" / "run.log").read_text()
+    assert "inexact" in log and "lora_factor_averaging_error" in log
+    # the FFA export still carries A (frozen at its seeded init), so peft loads it as usual
+    assert any(".lora_A." in k for k in _adapter_tensors(tmp_path / "ffa"))

@@ -25,7 +25,15 @@ ADAPTER = "default"
 class AdapterModel:
     """A PEFT-wrapped causal LM plus a name -> Parameter map of its trainable tensors."""
 
-    def __init__(self, base: PreTrainedModel, cfg: AdapterConfig, seed: int, base_path: str | None = None):
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        cfg: AdapterConfig,
+        seed: int,
+        base_path: str | None = None,
+        freeze_a: bool = False,
+    ):
+        """``freeze_a`` keeps every lora_A at its seeded initialisation (FFA-LoRA): only B trains and travels."""
         peft_config = LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.alpha,
@@ -46,12 +54,16 @@ class AdapterModel:
                     f"adapter.target_modules={cfg.target_modules} do not fit this model: {exc}. "
                     f"Linear layers it has: {', '.join(linear_module_names(base))}"
                 ) from None
+        if freeze_a:
+            for name, p in self.model.named_parameters():
+                if ".lora_A." in name:
+                    p.requires_grad_(False)
         self.params: dict[str, torch.nn.Parameter] = {
             _wire_name(name): p for name, p in self.model.named_parameters() if p.requires_grad
         }
-        expected = set(get_peft_model_state_dict(self.model))
-        if set(self.params) != expected:  # our names must be peft's saved keys, or export breaks
-            raise RuntimeError(f"adapter key mismatch with peft: {sorted(set(self.params) ^ expected)[:4]}")
+        saved = set(get_peft_model_state_dict(self.model))
+        if not set(self.params) <= saved:  # our names must be peft's saved keys, or export breaks
+            raise RuntimeError(f"adapter key mismatch with peft: {sorted(set(self.params) - saved)[:4]}")
 
     @property
     def num_trainable(self) -> int:

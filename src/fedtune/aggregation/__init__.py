@@ -9,6 +9,7 @@ from functools import partial
 
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.combine import coordinate_median, krum, trimmed_mean, weighted_mean
+from fedtune.aggregation.lora import LoraExact, LoraNaive
 from fedtune.aggregation.pipeline import Pipeline, PipelineState
 from fedtune.aggregation.scaffold import Scaffold, ScaffoldState
 from fedtune.aggregation.server_opt import Adaptive, Momentum, ServerOptimizer, Sgd
@@ -28,24 +29,36 @@ def server_optimizer(cfg: AggregationConfig) -> ServerOptimizer:
     return Adaptive(rule, lr, cfg.beta1, cfg.beta2, cfg.tau, cfg.bias_correction)
 
 
-def build_aggregator(cfg: AggregationConfig | None = None, num_clients: int | None = None, **fields) -> Aggregator:
+def build_aggregator(
+    cfg: AggregationConfig | None = None,
+    num_clients: int | None = None,
+    lora_alpha: float | None = None,
+    **fields,
+) -> Aggregator:
     """An aggregator from config (or keyword fields: ``build_aggregator(name="fedyogi", combine="median")``).
 
     SCAFFOLD (``scaffold=True``) needs the federation size ``num_clients`` for its control update.
+    With ``lora_alpha`` (the adapter's LoRA alpha) the params are treated as LoRA pairs and
+    ``cfg.lora_mode()`` picks exact, naive (error reported) or ffa aggregation; without it, plain tensors.
     """
     cfg = AggregationConfig(**fields) if cfg is None else cfg
+    mode = cfg.lora_mode() if lora_alpha is not None else "plain"
+    if mode == "exact":
+        return LoraExact(lora_alpha, cfg.clip_norm)
     combine = {
         "mean": weighted_mean,
         "median": coordinate_median,
         "trimmed_mean": partial(trimmed_mean, beta=cfg.trim_fraction),
         "krum": partial(krum, byzantine=cfg.byzantine, select=cfg.krum_select),
     }[cfg.combine]
-    pipeline = Pipeline(cfg.name, combine, server_optimizer(cfg), cfg.clip_norm)
-    if not cfg.scaffold:
-        return pipeline
-    if num_clients is None:
-        raise ValueError("SCAFFOLD needs num_clients (the federation size N) for c <- c + |S|/N mean(dc)")
-    return Scaffold(pipeline, num_clients)
+    agg: Aggregator = Pipeline(cfg.name, combine, server_optimizer(cfg), cfg.clip_norm)
+    if cfg.scaffold:
+        if num_clients is None:
+            raise ValueError("SCAFFOLD needs num_clients (the federation size N) for c <- c + |S|/N mean(dc)")
+        agg = Scaffold(agg, num_clients)
+    if mode == "naive":
+        agg = LoraNaive(agg, lora_alpha)
+    return agg
 
 
 def fedavg() -> Pipeline:

@@ -42,6 +42,10 @@ class Aggregator(Protocol):
         """Tensors every client receives with the params this round (e.g. SCAFFOLD's c); usually empty."""
         ...
 
+    def metrics(self, state: NamedTuple) -> dict[str, float]:
+        """Per-round diagnostics kept in the state (e.g. LoRA aggregation error), for metrics.jsonl."""
+        ...
+
 
 def state_signature(state: NamedTuple) -> str:
     """The nested state types, e.g. 'PipelineState(AdaptiveState)': what a checkpoint must match."""

@@ -12,8 +12,8 @@ from fedtune.types import Params
 
 
 def update_norm(delta: Params) -> float:
-    """Global L2 norm over every tensor of an update."""
-    return math.sqrt(sum(float(t.to(torch.float32).pow(2).sum()) for t in delta.values()))
+    """Global L2 norm over every tensor of an update, summed in key order (dict order varies)."""
+    return math.sqrt(sum(float(delta[k].to(torch.float32).pow(2).sum()) for k in sorted(delta)))
 
 
 def clip_update(delta: Params, max_norm: float) -> Params:

@@ -86,7 +86,7 @@ def krum_scores(contributions: Sequence[Contribution], byzantine: int) -> list[f
             f"Krum needs K > f + 2 clients: K={k}, f={byzantine}; lower aggregation.byzantine or sample more clients"
         )
     dist = torch.zeros(k, k, dtype=torch.float64)  # (K, K) squared distances, summed over tensors
-    for key in ordered[0].delta:
+    for key in sorted(ordered[0].delta):  # fixed order: the float sum must not depend on dict order
         flat = _stacked(ordered, key).reshape(k, -1).double()  # (K, D)
         dist += torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
     scores = []

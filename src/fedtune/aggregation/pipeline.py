@@ -32,6 +32,9 @@ class Pipeline:
     def broadcast(self, state: PipelineState) -> Params:
         return {}
 
+    def metrics(self, state: PipelineState) -> dict[str, float]:
+        return {}
+
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: PipelineState
     ) -> tuple[Params, PipelineState]:

@@ -38,6 +38,9 @@ class Scaffold:
     def broadcast(self, state: ScaffoldState) -> Params:
         return state.control
 
+    def metrics(self, state: ScaffoldState) -> dict[str, float]:
+        return self.inner.metrics(state.inner)
+
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: ScaffoldState
     ) -> tuple[Params, ScaffoldState]:

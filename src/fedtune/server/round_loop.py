@@ -97,6 +97,7 @@ def run_rounds(
             "local_train_s": sum(u.local_train_s for u in used),
             "local_steps": sum(u.steps for u in used),
         }
+        record.update(aggregator.metrics(agg_state))
         record["train_s"] = time.perf_counter() - start  # sampling .. aggregation, evaluation excluded
         if eval_due(r):
             t = time.perf_counter()
