@@ -65,3 +65,12 @@ def test_clipping_scales_long_updates_only():
     assert update_norm(clip_update(long, 1.0)) == pytest.approx(1.0)
     assert clip_update(short, 1.0) is short
     assert torch.allclose(clip_update(long, 1.0)["x"] / long["x"], torch.full((4,), 1 / 6))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7, 10])
+def test_median_matches_the_sorted_definition(k):
+    x = torch.randn(k, 50, generator=torch.Generator().manual_seed(k))
+    got = build_aggregator(combine="median").combine([Contribution(i, {"w": x[i]}, 1.0) for i in range(k)])["w"]
+    s = x.sort(dim=0).values
+    ref = s[(k - 1) // 2] if k % 2 else 0.5 * (s[k // 2 - 1] + s[k // 2])
+    assert torch.equal(got, ref)

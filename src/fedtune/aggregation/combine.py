@@ -55,9 +55,9 @@ def coordinate_median(contributions: Sequence[Contribution]) -> Params:
     ordered = _ordered(contributions)
     out: Params = {}
     for key, first in ordered[0].delta.items():
-        sorted_vals = _stacked(ordered, key).sort(dim=0).values  # (K, *shape)
-        k = len(ordered)
-        mid = sorted_vals[(k - 1) // 2] if k % 2 else 0.5 * (sorted_vals[k // 2 - 1] + sorted_vals[k // 2])
+        vals = _stacked(ordered, key)  # (K, *shape)
+        lower = vals.median(dim=0).values  # selection, not a full sort: the lower median
+        mid = lower if len(ordered) % 2 else 0.5 * (lower - (-vals).median(dim=0).values)  # even: mean of the two
         out[key] = mid.to(first.dtype)
     return out
 
