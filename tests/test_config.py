@@ -88,3 +88,14 @@ def test_lora_mode_resolution():
     assert load_config(None, ["aggregation.lora=ffa", "aggregation.name=fedyogi"]).aggregation.lora_mode() == "ffa"
     with pytest.raises(ConfigError, match="aggregation.lora=exact aggregates LoRA products with FedAvg"):
         load_config(None, ["aggregation.lora=exact", "aggregation.scaffold=true"])
+
+
+def test_client_ranks_are_checked():
+    cfg = load_config(None, ["adapter.r=16", "adapter.client_ranks=[2,4,8,16]"])
+    assert [cfg.adapter.rank_of_client(c) for c in range(6)] == [2, 4, 8, 16, 2, 4]
+    with pytest.raises(ConfigError, match="exceed adapter.r=8"):
+        load_config(None, ["adapter.client_ranks=[4,16]"])
+    with pytest.raises(ConfigError, match="heterogeneous LoRA ranks"):
+        load_config(None, ["adapter.client_ranks=[2,8]", "aggregation.name=fedadam"])
+    with pytest.raises(ConfigError, match="heterogeneous LoRA ranks"):
+        load_config(None, ["adapter.client_ranks=[2,8]", "aggregation.lora=ffa"])

@@ -42,6 +42,25 @@ class AdapterConfig(_Strict):
         description="names of the Linear layers that get LoRA (an error lists the model's own)",
     )
     init_seed: int | None = Field(None, description="seed of the initial adapter; default: top-level seed")
+    client_ranks: list[int] | None = Field(
+        None,
+        description="heterogeneous ranks: client i trains rank client_ranks[i % len] (each <= r, the global rank)",
+    )
+
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> AdapterConfig:
+        if self.client_ranks is not None:
+            if not self.client_ranks or min(self.client_ranks) < 1:
+                raise ValueError("adapter.client_ranks must be a non-empty list of ranks >= 1")
+            if max(self.client_ranks) > self.r:
+                raise ValueError(
+                    f"adapter.client_ranks {self.client_ranks} exceed adapter.r={self.r}, the global rank; "
+                    f"set adapter.r={max(self.client_ranks)}"
+                )
+        return self
+
+    def rank_of_client(self, client_id: int) -> int:
+        return self.r if self.client_ranks is None else self.client_ranks[client_id % len(self.client_ranks)]
 
 
 class BuiltinTasksConfig(_Strict):
@@ -163,8 +182,9 @@ class AggregationConfig(_Strict):
     scaffold: bool = Field(False, description="SCAFFOLD control variates (server c, per-client c_i)")
     lora: Literal["auto", "exact", "naive", "ffa"] = Field(
         "auto",
-        description="LoRA aggregation: exact (mean of B·A, rank-r SVD), naive (A, B averaged apart, error "
-        "reported), ffa (A frozen, exact); auto: exact when name=fedavg, combine=mean, no scaffold, else naive",
+        description="LoRA aggregation: exact (mean of B·A, rank-r SVD; FlexLoRA with client_ranks), naive (A, B "
+        "averaged apart, error reported; HetLoRA zero-padding with client_ranks), ffa (A frozen, exact); auto: exact "
+        "when name=fedavg, combine=mean, no scaffold, else naive",
     )
     max_update_norm: float | None = Field(
         None, gt=0, description="reject (drop and log) any update whose L2 norm exceeds this"
@@ -244,6 +264,14 @@ class ExperimentConfig(_Strict):
             )
         if self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients={self.federation.min_clients} exceeds partition.num_clients={n}")
+        if self.adapter.client_ranks is not None:
+            agg = self.aggregation
+            if agg.lora_mode() == "ffa" or not agg.exact_lora_compatible():
+                raise ValueError(
+                    "adapter.client_ranks (heterogeneous LoRA ranks) works with FedAvg over LoRA products: "
+                    "aggregation.name=fedavg, combine=mean, no scaffold, and aggregation.lora exact (FlexLoRA "
+                    "SVD redistribution, the default) or naive (HetLoRA zero-padding)"
+                )
         if self.evaluation.per_client and self.partition.holdout_fraction == 0:
             raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")
         return self

@@ -96,6 +96,7 @@ def _run(
         cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed,
         base_path=os.path.abspath(loaded.path),
         freeze_a=lora_mode == "ffa",
+        extra_ranks=[cfg.adapter.rank_of_client(c) for c in range(cfg.partition.num_clients)],
     )
     log.info(
         "model %s loaded in %.1fs: %s trainable of %s parameters (%.3f%%)",
@@ -139,8 +140,9 @@ def _run(
         progress=cfg.output.progress,
     )
     runtime = InProcessRuntime(handler.handle)
-    aggregator = build_aggregator(cfg.aggregation, cfg.partition.num_clients, lora_alpha=cfg.adapter.alpha)
-    log.info("aggregation: %s, LoRA %s", aggregator.name, lora_mode)
+    lower = {c: r for c in range(cfg.partition.num_clients) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
+    aggregator = build_aggregator(cfg.aggregation, cfg.partition.num_clients, cfg.adapter.alpha, lower or None)
+    log.info("aggregation: %s, LoRA %s%s", aggregator.name, lora_mode, f", client ranks {lower}" if lower else "")
     if lora_mode == "naive":
         log.warning(
             "aggregation.lora=naive averages LoRA A and B separately, which is inexact; "
@@ -148,6 +150,7 @@ def _run(
         )
 
     def evaluate_global(params: Params) -> dict[str, Any]:
+        adapter.activate(adapter.global_rank)
         adapter.set_state(params)
         s = eval_settings
         return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact, s.max_new_tokens, s.group_by)

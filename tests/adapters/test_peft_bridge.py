@@ -66,3 +66,25 @@ def test_ffa_freezes_a_and_exports_it(tiny, tmp_path):
     saved = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     assert {k for k in saved if ".lora_A." in k} == {n.replace(".default.", ".") for n in a_init}
     assert all(torch.equal(saved[n.replace(".default.", ".")], v) for n, v in a_init.items())
+
+
+def test_one_model_holds_an_adapter_per_rank(tiny):
+    adapter = AdapterModel(tiny.model, AdapterConfig(r=8), seed=0, extra_ranks=[2, 4, 8])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    shapes = {}
+    for r in (2, 4, 8):
+        adapter.activate(r)
+        state = adapter.get_state()
+        shapes[r] = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+        assert all(p.requires_grad for p in adapter.params.values())
+        assert sum(p.requires_grad for p in adapter.model.parameters()) == len(adapter.params)
+    assert shapes == {2: {2}, 4: {4}, 8: {8}}
+    adapter.activate(2)
+    with torch.no_grad():
+        before = adapter.model(ids).logits
+        adapter.activate(8)  # writing the rank-8 adapter must not change what rank 2 computes
+        adapter.set_state({k: torch.randn_like(v) for k, v in adapter.get_state().items()})
+        adapter.activate(2)
+        assert torch.equal(adapter.model(ids).logits, before)
+    with pytest.raises(ValueError, match="no adapter of rank 3"):
+        adapter.activate(3)

@@ -108,8 +108,9 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
             "training.proximal_mu=0.01",
             "federation.clients_per_round=3",
         ],
+        ["adapter.client_ranks=[2,4,8]", "federation.clients_per_round=3"],
     ],
-    ids=["fedavg", "fedadam+scaffold+fedprox"],
+    ids=["fedavg", "fedadam+scaffold+fedprox", "flexlora_mixed_ranks"],
 )
 def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
     """Kill a real CLI process mid-run (SIGKILL), resume it, and compare with an uninterrupted run.
@@ -255,3 +256,32 @@ def test_lora_aggregation_modes_report_and_cost(tmp_path):
     assert "inexact" in log and "lora_factor_averaging_error" in log
     # the FFA export still carries A (frozen at its seeded init), so peft loads it as usual
     assert any(".lora_A." in k for k in _adapter_tensors(tmp_path / "ffa"))
+
+
+def test_mixed_ranks_each_client_trains_its_own_rank(tmp_path, monkeypatch):
+    import fedtune.client.handler as handler
+
+    seen: dict[int, set[int]] = {}
+    real = handler.ClientHandler.train
+
+    def spy(self, client_id, req, state):
+        seen.setdefault(client_id, set()).update(v.shape[0] for k, v in req.params.items() if ".lora_A." in k)
+        return real(self, client_id, req, state)
+
+    monkeypatch.setattr(handler.ClientHandler, "train", spy)
+    for mode in ("exact", "naive"):
+        seen.clear()
+        code, out = _run(
+            tmp_path,
+            "adapter.r=16",
+            "adapter.client_ranks=[2,4,8,16]",
+            f"aggregation.lora={mode}",
+            "federation.rounds=2",
+            name=mode,
+        )
+        assert code == 0, out
+        assert seen == {0: {2}, 1: {4}, 2: {8}, 3: {16}}
+        tensors = _adapter_tensors(tmp_path / mode)
+        assert {v.shape[0] for k, v in tensors.items() if ".lora_A." in k} == {16}  # the export has the global rank
+    exact, naive = _metrics(tmp_path / "exact")[-1], _metrics(tmp_path / "naive")[-1]
+    assert "lora_truncation_error" in exact and "lora_factor_averaging_error" in naive

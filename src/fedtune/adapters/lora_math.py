@@ -106,3 +106,44 @@ def factor_averaging_error(
 
 def relative(err_sq: float, total_sq: float) -> float:
     return math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0
+
+
+def rank_of(params: dict[str, torch.Tensor]) -> int | None:
+    """The LoRA rank of an adapter state (rows of its first A, or columns of its first B), or None."""
+    for key in sorted(params):
+        if _A in key:
+            return params[key].shape[0]
+    for key in sorted(params):
+        if _B in key:
+            return params[key].shape[1]
+    return None
+
+
+def rank_view(params: dict[str, torch.Tensor], rank: int, global_rank: int) -> dict[str, torch.Tensor]:
+    """A global-rank state as a rank-`rank` adapter computing the first `rank` components of the same ΔW.
+
+    peft scales by alpha / r, so the client's B absorbs s_global / s_client = rank / global_rank:
+    (alpha / rank) · (B[:, :rank] · rank / global_rank) · A[:rank] = (alpha / global_rank) · B[:, :rank] A[:rank].
+    """
+    if rank == global_rank:
+        return params
+    out = dict(params)
+    for p in lora_pairs(list(params)):
+        out[p.a_key] = params[p.a_key][:rank].clone()
+        out[p.b_key] = params[p.b_key][:, :rank] * (rank / global_rank)
+    return out
+
+
+def pad_to_rank(params: dict[str, torch.Tensor], global_rank: int) -> dict[str, torch.Tensor]:
+    """Inverse of rank_view: a rank-r client adapter zero-padded to global rank, same ΔW (HetLoRA)."""
+    out = dict(params)
+    for p in lora_pairs(list(params)):
+        a, b = params[p.a_key], params[p.b_key]
+        r = a.shape[0]
+        if r == global_rank:
+            continue
+        a_pad = torch.zeros(global_rank, a.shape[1], dtype=a.dtype)
+        b_pad = torch.zeros(b.shape[0], global_rank, dtype=b.dtype)
+        a_pad[:r], b_pad[:, :r] = a, b * (global_rank / r)
+        out[p.a_key], out[p.b_key] = a_pad, b_pad
+    return out

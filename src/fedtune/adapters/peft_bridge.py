@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,7 +24,13 @@ ADAPTER = "default"
 
 
 class AdapterModel:
-    """A PEFT-wrapped causal LM plus a name -> Parameter map of its trainable tensors."""
+    """A PEFT-wrapped causal LM plus a name -> Parameter map of the active adapter's trainable tensors.
+
+    With heterogeneous client ranks the model holds one LoRA adapter per rank (peft's named
+    adapters, all on the one base model); ``activate(rank)`` switches which one trains and which
+    tensors ``params`` / ``get_state`` / ``set_state`` see. The adapter of rank ``cfg.r`` (the
+    global rank) is peft's "default" adapter: evaluation and export use it.
+    """
 
     def __init__(
         self,
@@ -32,15 +39,11 @@ class AdapterModel:
         seed: int,
         base_path: str | None = None,
         freeze_a: bool = False,
+        extra_ranks: Sequence[int] = (),
     ):
         """``freeze_a`` keeps every lora_A at its seeded initialisation (FFA-LoRA): only B trains and travels."""
-        peft_config = LoraConfig(
-            r=cfg.r,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=list(cfg.target_modules),
-            task_type="CAUSAL_LM",
-        )
+        self.global_rank, self.freeze_a = cfg.r, freeze_a
+        self.adapter_names = {cfg.r: ADAPTER, **{r: f"rank{r}" for r in sorted(set(extra_ranks) - {cfg.r})}}
         if base_path is not None:
             base.config.name_or_path = base_path  # what the exported adapter_config.json points at
         with torch.random.fork_rng(devices=[]):
@@ -48,22 +51,42 @@ class AdapterModel:
             try:
                 with warnings.catch_warnings():  # transformers deprecation noise raised inside peft
                     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                    self.model: PeftModel = get_peft_model(base, peft_config)
+                    self.model: PeftModel = get_peft_model(base, _lora_config(cfg, cfg.r))
+                    for r, name in self.adapter_names.items():
+                        if name != ADAPTER:
+                            self.model.add_adapter(name, _lora_config(cfg, r))
             except ValueError as exc:
                 raise ConfigError(
                     f"adapter.target_modules={cfg.target_modules} do not fit this model: {exc}. "
                     f"Linear layers it has: {', '.join(linear_module_names(base))}"
                 ) from None
-        if freeze_a:
-            for name, p in self.model.named_parameters():
-                if ".lora_A." in name:
-                    p.requires_grad_(False)
-        self.params: dict[str, torch.nn.Parameter] = {
-            _wire_name(name): p for name, p in self.model.named_parameters() if p.requires_grad
-        }
-        saved = set(get_peft_model_state_dict(self.model))
-        if not set(self.params) <= saved:  # our names must be peft's saved keys, or export breaks
-            raise RuntimeError(f"adapter key mismatch with peft: {sorted(set(self.params) - saved)[:4]}")
+        self._by_adapter: dict[str, dict[str, torch.nn.Parameter]] = {}
+        for name in self.adapter_names.values():
+            marker = f".{name}."
+            self._by_adapter[name] = {
+                n.replace(marker, "."): p
+                for n, p in self.model.named_parameters()
+                if marker in n and not (freeze_a and ".lora_A." in n)
+            }
+            saved = set(get_peft_model_state_dict(self.model, adapter_name=name))
+            if not set(self._by_adapter[name]) <= saved:  # our names must be peft's saved keys, or export breaks
+                raise RuntimeError(f"adapter key mismatch with peft: {sorted(set(self._by_adapter[name]) - saved)[:4]}")
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.activate(cfg.r)
+
+    def activate(self, rank: int) -> None:
+        """Make the adapter of this rank the one that runs, trains and is read or written."""
+        if rank not in self.adapter_names:
+            raise ValueError(f"no adapter of rank {rank}; this model has ranks {sorted(self.adapter_names)}")
+        name = self.adapter_names[rank]
+        if self.params is self._by_adapter.get(name):
+            return
+        self.model.set_adapter(name)
+        for p in self.model.parameters():  # exactly the active adapter's trainable tensors
+            p.requires_grad_(False)
+        for p in self._by_adapter[name].values():
+            p.requires_grad_(True)
+        self.params = self._by_adapter[name]
 
     @property
     def num_trainable(self) -> int:
@@ -89,13 +112,20 @@ class AdapterModel:
                 p.copy_(state[k])
 
     def save(self, path: str | Path, state: Params) -> None:
-        """Write a Hugging Face adapter dir that ``PeftModel.from_pretrained(base, path)`` loads."""
+        """Write the global-rank adapter as a dir that ``PeftModel.from_pretrained(base, path)`` loads."""
+        self.activate(self.global_rank)
         self.set_state(state)
-        self.model.save_pretrained(str(path))
+        self.model.save_pretrained(str(path), selected_adapters=[ADAPTER])
 
 
-def _wire_name(param_name: str) -> str:
-    return param_name.replace(f".{ADAPTER}.", ".")
+def _lora_config(cfg: AdapterConfig, rank: int) -> LoraConfig:
+    return LoraConfig(
+        r=rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

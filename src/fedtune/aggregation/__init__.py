@@ -9,7 +9,7 @@ from functools import partial
 
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.combine import coordinate_median, krum, trimmed_mean, weighted_mean
-from fedtune.aggregation.lora import LoraExact, LoraNaive
+from fedtune.aggregation.lora import LoraExact, LoraNaive, LoraZeroPad
 from fedtune.aggregation.pipeline import Pipeline, PipelineState
 from fedtune.aggregation.scaffold import Scaffold, ScaffoldState
 from fedtune.aggregation.server_opt import Adaptive, Momentum, ServerOptimizer, Sgd
@@ -33,6 +33,7 @@ def build_aggregator(
     cfg: AggregationConfig | None = None,
     num_clients: int | None = None,
     lora_alpha: float | None = None,
+    client_ranks: dict[int, int] | None = None,
     **fields,
 ) -> Aggregator:
     """An aggregator from config (or keyword fields: ``build_aggregator(name="fedyogi", combine="median")``).
@@ -40,11 +41,17 @@ def build_aggregator(
     SCAFFOLD (``scaffold=True``) needs the federation size ``num_clients`` for its control update.
     With ``lora_alpha`` (the adapter's LoRA alpha) the params are treated as LoRA pairs and
     ``cfg.lora_mode()`` picks exact, naive (error reported) or ffa aggregation; without it, plain tensors.
+    ``client_ranks`` (client id -> LoRA rank, for clients below the global rank) selects FlexLoRA
+    (exact) or HetLoRA zero-padding (naive).
     """
     cfg = AggregationConfig(**fields) if cfg is None else cfg
     mode = cfg.lora_mode() if lora_alpha is not None else "plain"
     if mode == "exact":
-        return LoraExact(lora_alpha, cfg.clip_norm)
+        return LoraExact(lora_alpha, cfg.clip_norm, client_ranks)
+    if client_ranks and mode == "naive":
+        return LoraZeroPad(lora_alpha, client_ranks, cfg.clip_norm)
+    if client_ranks:
+        raise ValueError(f"heterogeneous client ranks need aggregation.lora exact or naive, not {mode}")
     combine = {
         "mean": weighted_mean,
         "median": coordinate_median,

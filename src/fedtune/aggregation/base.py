@@ -46,6 +46,10 @@ class Aggregator(Protocol):
         """Per-round diagnostics kept in the state (e.g. LoRA aggregation error), for metrics.jsonl."""
         ...
 
+    def client_view(self, params: Params, state: NamedTuple, client_id: int) -> Params:
+        """What this client receives (the global params, or e.g. a lower-rank view of them)."""
+        ...
+
 
 def state_signature(state: NamedTuple) -> str:
     """The nested state types, e.g. 'PipelineState(AdaptiveState)': what a checkpoint must match."""

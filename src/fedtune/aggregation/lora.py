@@ -8,7 +8,14 @@
   ffa    A frozen at its seeded initialisation (FFA-LoRA, Sun et al. 2024): only B travels and averaging
          is exact; no aggregator change is needed, the adapter simply has no trainable A.
 
-The scaling s = alpha / r is taken from `alpha` and each A's rank, identically to peft on the clients.
+Heterogeneous client ranks (client k trains rank r_k <= R, the global rank):
+  exact      FlexLoRA redistribution: the exact Σ_k p_k s_k B_k A_k is refactorised to rank R by SVD,
+             and client k receives its first r_k components (the best rank-r_k approximation).
+  zero_pad   HetLoRA: client k receives the first r_k components; its factors come back zero-padded
+             to rank R and are averaged (inexact, error reported).
+
+The scaling s_k = alpha / r_k is taken from `alpha` and each A's rank, identically to peft on the
+clients; a client's view carries the s_R / s_k factor in B so that its product is unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import torch
 from fedtune.adapters.lora_math import (
     factor_averaging_error,
     lora_pairs,
+    pad_to_rank,
+    rank_view,
     refactor,
     relative,
     stacked_factors,
@@ -48,12 +57,35 @@ class LoraExactState(NamedTuple):
     truncation_error: float = 0.0  # relative Frobenius error of the rank-r refactorisation, last round
 
 
-class LoraExact:
-    """Exact FedAvg of LoRA products, refactorised to rank r by truncated SVD."""
+class _RankViews:
+    """Per-client views of the global adapter for clients of lower rank (identity when all ranks agree)."""
+
+    def __init__(self, client_ranks: dict[int, int] | None):
+        self.client_ranks = client_ranks or {}
+
+    def client_view(self, params: Params, state: NamedTuple, client_id: int) -> Params:
+        rank = self.client_ranks.get(client_id)
+        if rank is None:
+            return params
+        global_rank = params[lora_pairs(list(params))[0].a_key].shape[0]
+        return rank_view(params, rank, global_rank)
+
+    def client_factors(self, params: Params, state: NamedTuple, contributions: Sequence[Contribution]) -> list[Params]:
+        """What each client ended the round with: its view of the global adapter plus its delta."""
+        out = []
+        for c in contributions:
+            view = self.client_view(params, state, c.client_id)
+            out.append({k: view[k] + c.delta[k] for k in view})
+        return out
+
+
+class LoraExact(_RankViews):
+    """Exact FedAvg of LoRA products, refactorised to rank R by truncated SVD (FlexLoRA for mixed ranks)."""
 
     name = "fedavg+lora_exact"
 
-    def __init__(self, alpha: float, clip_norm: float | None = None):
+    def __init__(self, alpha: float, clip_norm: float | None = None, client_ranks: dict[int, int] | None = None):
+        super().__init__(client_ranks)
         self.alpha, self.clip_norm = alpha, clip_norm
 
     def init(self, params: Params) -> LoraExactState:
@@ -75,22 +107,77 @@ class LoraExact:
             contributions = clip_contributions(contributions, self.clip_norm)
         ordered = sorted(contributions, key=lambda c: c.client_id)
         weights = _normalised_weights(ordered)
+        local = self.client_factors(params, state, ordered)
         pairs = lora_pairs(list(params))
         lora_keys = {k for p in pairs for k in (p.a_key, p.b_key)}
-        out = weighted_mean(
-            [c._replace(delta={k: v for k, v in c.delta.items() if k not in lora_keys}) for c in ordered]
-        )
-        out = {k: params[k] + v for k, v in out.items()}
+        out = {k: params[k] + v for k, v in _mean_of_others(ordered, lora_keys).items()}
         tail, total = 0.0, 0.0
         for pair in pairs:
-            a_k, b_k = _client_factors(params, ordered, pair.a_key), _client_factors(params, ordered, pair.b_key)
+            a_k, b_k = [f[pair.a_key] for f in local], [f[pair.b_key] for f in local]
+            coeffs = [w * self.alpha / a.shape[0] for w, a in zip(weights, a_k, strict=True)]  # p_k s_k
+            u, s, vh = svd_of_product(*stacked_factors(b_k, a_k, coeffs))  # of Σ p_k s_k B_k A_k
             rank = params[pair.a_key].shape[0]
-            scale = self.alpha / rank
-            b_stack, a_stack = stacked_factors(b_k, a_k, [w * scale for w in weights])  # mean of s B_k A_k
-            u, s, vh = svd_of_product(b_stack, a_stack)
-            out[pair.a_key], out[pair.b_key], lost = refactor(u, s, vh, rank, scale, params[pair.a_key].dtype)
+            out[pair.a_key], out[pair.b_key], lost = refactor(
+                u, s, vh, rank, self.alpha / rank, params[pair.a_key].dtype
+            )
             tail, total = tail + lost, total + float(s.pow(2).sum())
         return out, LoraExactState(state.rounds + 1, relative(tail, total))
+
+
+def _mean_of_others(ordered: Sequence[Contribution], lora_keys: set[str]) -> Params:
+    """Weighted mean delta of the tensors that are not LoRA factors (shared shapes across clients)."""
+    return weighted_mean([c._replace(delta={k: v for k, v in c.delta.items() if k not in lora_keys}) for c in ordered])
+
+
+class LoraZeroPadState(NamedTuple):
+    rounds: int = 0
+    factor_averaging_error: float = 0.0
+
+
+class LoraZeroPad(_RankViews):
+    """HetLoRA (Cho et al. 2024): mixed-rank factors zero-padded to rank R and averaged; error reported."""
+
+    name = "fedavg+lora_zero_pad"
+
+    def __init__(self, alpha: float, client_ranks: dict[int, int], clip_norm: float | None = None):
+        super().__init__(client_ranks)
+        self.alpha, self.clip_norm = alpha, clip_norm
+
+    def init(self, params: Params) -> LoraZeroPadState:
+        lora_pairs(list(params))
+        return LoraZeroPadState()
+
+    def broadcast(self, state: LoraZeroPadState) -> Params:
+        return {}
+
+    def metrics(self, state: LoraZeroPadState) -> dict[str, float]:
+        return {"lora_factor_averaging_error": state.factor_averaging_error}
+
+    def aggregate(
+        self, params: Params, contributions: Sequence[Contribution], state: LoraZeroPadState
+    ) -> tuple[Params, LoraZeroPadState]:
+        if not contributions:
+            raise ValueError("cannot aggregate zero contributions")
+        if self.clip_norm is not None:
+            contributions = clip_contributions(contributions, self.clip_norm)
+        ordered = sorted(contributions, key=lambda c: c.client_id)
+        weights = _normalised_weights(ordered)
+        global_rank = params[lora_pairs(list(params))[0].a_key].shape[0]
+        padded = [pad_to_rank(f, global_rank) for f in self.client_factors(params, state, ordered)]
+        new = weighted_mean(
+            [
+                Contribution(c.client_id, {k: f[k] - params[k] for k in params}, c.weight)
+                for c, f in zip(ordered, padded, strict=True)
+            ]
+        )
+        new = {k: params[k] + v for k, v in new.items()}
+        err, total = 0.0, 0.0
+        for pair in lora_pairs(list(params)):
+            e, t = factor_averaging_error(
+                [f[pair.b_key] for f in padded], [f[pair.a_key] for f in padded], weights, self.alpha / global_rank
+            )
+            err, total = err + e, total + t
+        return new, LoraZeroPadState(state.rounds + 1, relative(err, total))
 
 
 class LoraReportState(NamedTuple):
@@ -111,6 +198,9 @@ class LoraNaive:
 
     def broadcast(self, state: LoraReportState) -> Params:
         return self.inner.broadcast(state.inner)
+
+    def client_view(self, params: Params, state: LoraReportState, client_id: int) -> Params:
+        return self.inner.client_view(params, state.inner, client_id)
 
     def metrics(self, state: LoraReportState) -> dict[str, float]:
         return {**self.inner.metrics(state.inner), "lora_factor_averaging_error": state.factor_averaging_error}

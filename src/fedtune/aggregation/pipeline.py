@@ -35,6 +35,9 @@ class Pipeline:
     def metrics(self, state: PipelineState) -> dict[str, float]:
         return {}
 
+    def client_view(self, params: Params, state: PipelineState, client_id: int) -> Params:
+        return params
+
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: PipelineState
     ) -> tuple[Params, PipelineState]:

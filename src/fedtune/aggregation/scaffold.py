@@ -41,6 +41,9 @@ class Scaffold:
     def metrics(self, state: ScaffoldState) -> dict[str, float]:
         return self.inner.metrics(state.inner)
 
+    def client_view(self, params: Params, state: ScaffoldState, client_id: int) -> Params:
+        return self.inner.client_view(params, state.inner, client_id)
+
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: ScaffoldState
     ) -> tuple[Params, ScaffoldState]:

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from fedtune.adapters.lora_math import rank_of
 from fedtune.adapters.peft_bridge import AdapterModel
 from fedtune.client.batching import micro_batches
 from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
@@ -90,9 +91,16 @@ class ClientHandler:
             return encode_message(self.evaluate(client_id, msg)), state
         raise TypeError(f"client {client_id} cannot handle a {type(msg).__name__}")
 
+    def _load(self, params: Params) -> None:
+        """Activate the adapter of the rank these params have (heterogeneous ranks), then load them."""
+        rank = rank_of(params)
+        if rank is not None:
+            self.adapter.activate(rank)
+        self.adapter.set_state(params)
+
     def train(self, client_id: int, req: TrainRequest, state: Params) -> tuple[TrainReply, Params]:
         cfg, data = self.training, self.data[client_id]
-        self.adapter.set_state(req.params)
+        self._load(req.params)
         names = list(self.adapter.params)
         corrections: list = []
         if cfg.proximal_mu > 0:
@@ -153,7 +161,7 @@ class ClientHandler:
         holdout = self.data[client_id].holdout
         if holdout is None:
             return EvalReply(round=req.round, metrics={})
-        self.adapter.set_state(req.params)
+        self._load(req.params)
         s = self.eval_settings
         metrics = evaluate(
             self.adapter.model, self.tokenizer, holdout, s.batch_size, s.exact, s.max_new_tokens, None, prefix=""

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,14 @@ def run_rounds(
         start = time.perf_counter()
         clients = sample_clients(settings.num_clients, settings.clients_per_round, settings.seed, r)
         control = aggregator.broadcast(state.aggregator)  # {} unless the algorithm sends more (SCAFFOLD)
-        down = encode_message(TrainRequest(round=r, params=state.params, control=control))
-        replies = runtime.send_and_receive([Envelope(c, down) for c in clients])
+        views = {c: aggregator.client_view(state.params, state.aggregator, c) for c in clients}
+        downs = _encode_per_view(views, partial(TrainRequest, r, control=control))
+        replies = runtime.send_and_receive([Envelope(c, downs[c]) for c in clients])
         contributions, used, dropped, bytes_up = [], [], {}, 0
         for env in sorted(replies, key=lambda e: e.client_id):
             bytes_up += len(env.payload)
             reply = decode_message(env.payload)
-            problem = _reply_problem(reply, r, state.params, settings.max_update_norm, control)
+            problem = _reply_problem(reply, r, views[env.client_id], settings.max_update_norm, control)
             if problem:
                 dropped[env.client_id] = problem
                 log.warning("round %d: dropped client %d's update: %s", r, env.client_id, problem)
@@ -92,7 +94,7 @@ def run_rounds(
             "clients": [c.client_id for c in contributions],
             "dropped": {str(c): why for c, why in dropped.items()},
             "train_loss": _weighted_loss(used, [c.weight for c in contributions]),
-            "bytes_down": len(down) * len(clients),
+            "bytes_down": sum(len(downs[c]) for c in clients),
             "bytes_up": bytes_up,
             "local_train_s": sum(u.local_train_s for u in used),
             "local_steps": sum(u.steps for u in used),
@@ -104,7 +106,8 @@ def run_rounds(
             if evaluate_global is not None:
                 record.update(evaluate_global(params))
             if per_client_eval:
-                record.update(_per_client_eval(runtime, params, r, settings.num_clients))
+                views = {c: aggregator.client_view(params, agg_state, c) for c in range(settings.num_clients)}
+                record.update(_per_client_eval(runtime, views, r))
             record["eval_s"] = time.perf_counter() - t
         record["wall_s"] = time.perf_counter() - start
         state = replace(
@@ -141,16 +144,25 @@ def _weighted_loss(replies: list[TrainReply], weights: list[float]) -> float:
     return sum(w * r.train_loss for r, w in zip(replies, weights, strict=True)) / total if total else float("nan")
 
 
-def _per_client_eval(runtime: Runtime, params: Params, r: int, num_clients: int) -> dict[str, Any]:
-    """Every client evaluates the global model on its own held-out share."""
-    down = encode_message(EvalRequest(round=r, params=params))
-    replies = runtime.send_and_receive([Envelope(c, down) for c in range(num_clients)])
+def _encode_per_view(views: dict[int, Params], make: Callable[[Params], Any]) -> dict[int, bytes]:
+    """Encode each distinct view once (all clients share one payload unless views differ, e.g. by rank)."""
+    cache: dict[int, bytes] = {}
+    for v in views.values():
+        if id(v) not in cache:
+            cache[id(v)] = encode_message(make(v))
+    return {c: cache[id(v)] for c, v in views.items()}
+
+
+def _per_client_eval(runtime: Runtime, views: dict[int, Params], r: int) -> dict[str, Any]:
+    """Every client evaluates the global model, as it receives it, on its own held-out share."""
+    downs = _encode_per_view(views, partial(EvalRequest, r))
+    replies = runtime.send_and_receive([Envelope(c, downs[c]) for c in views])
     per_client: dict[str, dict[str, float]] = {}
     for env in sorted(replies, key=lambda e: e.client_id):
         reply = decode_message(env.payload)
         if isinstance(reply, EvalReply) and reply.metrics:
             per_client[str(env.client_id)] = reply.metrics
-    out: dict[str, Any] = {"client_eval": per_client, "client_eval_bytes": len(down) * num_clients}
+    out: dict[str, Any] = {"client_eval": per_client, "client_eval_bytes": sum(len(d) for d in downs.values())}
     for key, worst in (("loss", max), ("accuracy", min)):  # worst: highest loss, lowest accuracy
         values = [m[key] for m in per_client.values() if key in m]
         if values:
