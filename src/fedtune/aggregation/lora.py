@@ -57,11 +57,22 @@ class LoraExactState(NamedTuple):
     truncation_error: float = 0.0  # relative Frobenius error of the rank-r refactorisation, last round
 
 
-class _RankViews:
-    """Per-client views of the global adapter for clients of lower rank (identity when all ranks agree)."""
+class _LoraAggregator:
+    """What the FedAvg-over-products aggregators share: per-client rank views, clipping, weights.
 
-    def __init__(self, client_ranks: dict[int, int] | None):
-        self.client_ranks = client_ranks or {}
+    A client below the global rank receives a view of the global adapter at its own rank
+    (identity when all ranks agree) and its delta is relative to that view.
+    """
+
+    def __init__(self, alpha: float, clip_norm: float | None = None, client_ranks: dict[int, int] | None = None):
+        self.alpha, self.clip_norm, self.client_ranks = alpha, clip_norm, client_ranks or {}
+
+    def init(self, params: Params) -> NamedTuple:
+        lora_pairs(list(params))  # fail early on a malformed adapter
+        return self.state_type()
+
+    def broadcast(self, state: NamedTuple) -> Params:
+        return {}
 
     def client_view(self, params: Params, state: NamedTuple, client_id: int) -> Params:
         rank = self.client_ranks.get(client_id)
@@ -70,30 +81,27 @@ class _RankViews:
         global_rank = params[lora_pairs(list(params))[0].a_key].shape[0]
         return rank_view(params, rank, global_rank)
 
-    def client_factors(self, params: Params, state: NamedTuple, contributions: Sequence[Contribution]) -> list[Params]:
-        """What each client ended the round with: its view of the global adapter plus its delta."""
-        out = []
-        for c in contributions:
+    def _prepare(
+        self, params: Params, contributions: Sequence[Contribution], state: NamedTuple
+    ) -> tuple[list[Contribution], list[float], list[Params]]:
+        """(contributions in client-id order, normalised weights, each client's final adapter = view + delta)."""
+        if not contributions:
+            raise ValueError("cannot aggregate zero contributions")
+        if self.clip_norm is not None:
+            contributions = clip_contributions(contributions, self.clip_norm)
+        ordered = sorted(contributions, key=lambda c: c.client_id)
+        local = []
+        for c in ordered:
             view = self.client_view(params, state, c.client_id)
-            out.append({k: view[k] + c.delta[k] for k in view})
-        return out
+            local.append({k: view[k] + c.delta[k] for k in view})
+        return ordered, _normalised_weights(ordered), local
 
 
-class LoraExact(_RankViews):
+class LoraExact(_LoraAggregator):
     """Exact FedAvg of LoRA products, refactorised to rank R by truncated SVD (FlexLoRA for mixed ranks)."""
 
     name = "fedavg+lora_exact"
-
-    def __init__(self, alpha: float, clip_norm: float | None = None, client_ranks: dict[int, int] | None = None):
-        super().__init__(client_ranks)
-        self.alpha, self.clip_norm = alpha, clip_norm
-
-    def init(self, params: Params) -> LoraExactState:
-        lora_pairs(list(params))  # fail early on a malformed adapter
-        return LoraExactState()
-
-    def broadcast(self, state: LoraExactState) -> Params:
-        return {}
+    state_type = LoraExactState
 
     def metrics(self, state: LoraExactState) -> dict[str, float]:
         return {"lora_truncation_error": state.truncation_error}
@@ -101,13 +109,7 @@ class LoraExact(_RankViews):
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: LoraExactState
     ) -> tuple[Params, LoraExactState]:
-        if not contributions:
-            raise ValueError("cannot aggregate zero contributions")
-        if self.clip_norm is not None:
-            contributions = clip_contributions(contributions, self.clip_norm)
-        ordered = sorted(contributions, key=lambda c: c.client_id)
-        weights = _normalised_weights(ordered)
-        local = self.client_factors(params, state, ordered)
+        ordered, weights, local = self._prepare(params, contributions, state)
         pairs = lora_pairs(list(params))
         lora_keys = {k for p in pairs for k in (p.a_key, p.b_key)}
         out = {k: params[k] + v for k, v in _mean_of_others(ordered, lora_keys).items()}
@@ -134,21 +136,14 @@ class LoraZeroPadState(NamedTuple):
     factor_averaging_error: float = 0.0
 
 
-class LoraZeroPad(_RankViews):
+class LoraZeroPad(_LoraAggregator):
     """HetLoRA (Cho et al. 2024): mixed-rank factors zero-padded to rank R and averaged; error reported."""
 
     name = "fedavg+lora_zero_pad"
+    state_type = LoraZeroPadState
 
     def __init__(self, alpha: float, client_ranks: dict[int, int], clip_norm: float | None = None):
-        super().__init__(client_ranks)
-        self.alpha, self.clip_norm = alpha, clip_norm
-
-    def init(self, params: Params) -> LoraZeroPadState:
-        lora_pairs(list(params))
-        return LoraZeroPadState()
-
-    def broadcast(self, state: LoraZeroPadState) -> Params:
-        return {}
+        super().__init__(alpha, clip_norm, client_ranks)
 
     def metrics(self, state: LoraZeroPadState) -> dict[str, float]:
         return {"lora_factor_averaging_error": state.factor_averaging_error}
@@ -156,14 +151,9 @@ class LoraZeroPad(_RankViews):
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: LoraZeroPadState
     ) -> tuple[Params, LoraZeroPadState]:
-        if not contributions:
-            raise ValueError("cannot aggregate zero contributions")
-        if self.clip_norm is not None:
-            contributions = clip_contributions(contributions, self.clip_norm)
-        ordered = sorted(contributions, key=lambda c: c.client_id)
-        weights = _normalised_weights(ordered)
+        ordered, weights, local = self._prepare(params, contributions, state)
         global_rank = params[lora_pairs(list(params))[0].a_key].shape[0]
-        padded = [pad_to_rank(f, global_rank) for f in self.client_factors(params, state, ordered)]
+        padded = [pad_to_rank(f, global_rank) for f in local]
         new = weighted_mean(
             [
                 Contribution(c.client_id, {k: f[k] - params[k] for k in params}, c.weight)
