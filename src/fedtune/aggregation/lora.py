@@ -20,6 +20,7 @@ clients; a client's view carries the s_R / s_k factor in B so that its product i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -55,6 +56,7 @@ def _normalised_weights(contributions: Sequence[Contribution]) -> list[float]:
 class LoraExactState(NamedTuple):
     rounds: int = 0
     truncation_error: float = 0.0  # relative Frobenius error of the rank-r refactorisation, last round
+    truncation_error_abs: float = 0.0  # the same, absolute: ‖ΔW* − s B'A'‖_F over all modules jointly
 
 
 class _LoraAggregator:
@@ -104,7 +106,10 @@ class LoraExact(_LoraAggregator):
     state_type = LoraExactState
 
     def metrics(self, state: LoraExactState) -> dict[str, float]:
-        return {"lora_truncation_error": state.truncation_error}
+        return {
+            "lora_truncation_error": state.truncation_error,
+            "lora_truncation_error_abs": state.truncation_error_abs,
+        }
 
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: LoraExactState
@@ -123,7 +128,7 @@ class LoraExact(_LoraAggregator):
                 u, s, vh, rank, self.alpha / rank, params[pair.a_key].dtype
             )
             tail, total = tail + lost, total + float(s.pow(2).sum())
-        return out, LoraExactState(state.rounds + 1, relative(tail, total))
+        return out, LoraExactState(state.rounds + 1, relative(tail, total), math.sqrt(tail))
 
 
 def _mean_of_others(ordered: Sequence[Contribution], lora_keys: set[str]) -> Params:
@@ -133,7 +138,8 @@ def _mean_of_others(ordered: Sequence[Contribution], lora_keys: set[str]) -> Par
 
 class LoraZeroPadState(NamedTuple):
     rounds: int = 0
-    factor_averaging_error: float = 0.0
+    factor_averaging_error: float = 0.0  # relative error of averaging zero-padded factors, last round
+    factor_averaging_error_abs: float = 0.0
 
 
 class LoraZeroPad(_LoraAggregator):
@@ -146,7 +152,10 @@ class LoraZeroPad(_LoraAggregator):
         super().__init__(alpha, clip_norm, client_ranks)
 
     def metrics(self, state: LoraZeroPadState) -> dict[str, float]:
-        return {"lora_factor_averaging_error": state.factor_averaging_error}
+        return {
+            "lora_factor_averaging_error": state.factor_averaging_error,
+            "lora_factor_averaging_error_abs": state.factor_averaging_error_abs,
+        }
 
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: LoraZeroPadState
@@ -167,12 +176,13 @@ class LoraZeroPad(_LoraAggregator):
                 [f[pair.b_key] for f in padded], [f[pair.a_key] for f in padded], weights, self.alpha / global_rank
             )
             err, total = err + e, total + t
-        return new, LoraZeroPadState(state.rounds + 1, relative(err, total))
+        return new, LoraZeroPadState(state.rounds + 1, relative(err, total), math.sqrt(err))
 
 
 class LoraReportState(NamedTuple):
     inner: NamedTuple
     factor_averaging_error: float = 0.0  # relative error of averaging A and B separately, last round
+    factor_averaging_error_abs: float = 0.0  # ‖Σ p_k s B_k A_k − s B̄ Ā‖_F over all modules jointly
 
 
 class LoraNaive:
@@ -193,7 +203,11 @@ class LoraNaive:
         return self.inner.client_view(params, state.inner, client_id)
 
     def metrics(self, state: LoraReportState) -> dict[str, float]:
-        return {**self.inner.metrics(state.inner), "lora_factor_averaging_error": state.factor_averaging_error}
+        return {
+            **self.inner.metrics(state.inner),
+            "lora_factor_averaging_error": state.factor_averaging_error,
+            "lora_factor_averaging_error_abs": state.factor_averaging_error_abs,
+        }
 
     def aggregate(
         self, params: Params, contributions: Sequence[Contribution], state: LoraReportState
@@ -206,4 +220,4 @@ class LoraNaive:
             a_k, b_k = _client_factors(params, ordered, pair.a_key), _client_factors(params, ordered, pair.b_key)
             e, t = factor_averaging_error(b_k, a_k, weights, self.alpha / params[pair.a_key].shape[0])
             err, total = err + e, total + t
-        return new, LoraReportState(inner, relative(err, total))
+        return new, LoraReportState(inner, relative(err, total), math.sqrt(err))
