@@ -6,15 +6,18 @@ evaluation of the final global adapter on the 40 held-out problems. The base mod
 identical for every row) is evaluated once.
 
     python benchmarks/algorithms.py [--rounds 3] [--steps 4] [--only fedavg_exact,fedadam]
+
+With --only, the chosen rows replace their namesakes in results/algorithms.json and the rest are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 
-from common import write_result
+from common import RESULTS, write_result
 
 from fedtune.config import load_config
 from fedtune.experiment import run_experiment
@@ -24,8 +27,8 @@ ALGORITHMS: dict[str, list[str]] = {
     "fedavg_naive": ["aggregation.lora=naive"],
     "fedavg_ffa": ["aggregation.lora=ffa"],
     "fedavgm": ["aggregation.name=fedavgm", "aggregation.momentum=0.5"],
-    "fedadam": ["aggregation.name=fedadam", "aggregation.server_lr=1e-3"],
-    "fedyogi": ["aggregation.name=fedyogi", "aggregation.server_lr=1e-3"],
+    "fedadam": ["aggregation.name=fedadam"],
+    "fedyogi": ["aggregation.name=fedyogi"],
     "fedprox": ["training.proximal_mu=0.01"],
     "scaffold": ["aggregation.scaffold=true"],
     "median": ["aggregation.combine=median"],
@@ -78,6 +81,11 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
+    if args.only and (RESULTS / "algorithms.json").is_file():  # keep the rows that were not re-run
+        kept = json.loads((RESULTS / "algorithms.json").read_text())["rows"]
+        fresh = {r["algorithm"] for r in rows}
+        rows = [r for r in kept if r["algorithm"] not in fresh] + rows
+        rows.sort(key=lambda r: list(ALGORITHMS).index(r["algorithm"]))
     write_result(
         "algorithms",
         {

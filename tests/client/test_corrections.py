@@ -58,11 +58,10 @@ def test_fedprox_pulls_the_update_toward_the_global_model(tiny_adapter, tiny):
     assert _norm(decode_message(free.handle(0, req)[0]).delta) > 0
 
 
-def test_scaffold_correction_adds_c_minus_ci_to_gradients():
+def test_scaffold_correction_moves_params_by_minus_lr_c_minus_ci():
     p = torch.nn.Parameter(torch.zeros(3))
-    p.grad = torch.ones(3)
-    Scaffold([torch.full((3,), 0.5)], [torch.full((3,), 0.2)]).adjust_grads([p])
-    assert torch.allclose(p.grad, torch.full((3,), 1.3))
+    Scaffold([torch.full((3,), 0.5)], [torch.full((3,), 0.2)]).after_step([p], lr=0.1)
+    assert torch.allclose(p.detach(), torch.full((3,), -0.03))
 
 
 def test_client_control_update_formula():

@@ -1,7 +1,8 @@
 """Plug-ins that change local training: FedProx's proximal term, SCAFFOLD's gradient correction.
 
-A correction may add a loss term (``extra_loss``, back-propagated once per optimizer step) and
-adjust gradients after back-propagation (``adjust_grads``), before clipping and the step.
+A correction may add a loss term (``extra_loss``, back-propagated once per optimizer step),
+adjust gradients after back-propagation (``adjust_grads``, before clipping and the step), and move
+the parameters after the optimizer step (``after_step``, given that step's learning rate).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ class Correction(Protocol):
     def extra_loss(self, params: Sequence[torch.nn.Parameter]) -> torch.Tensor | None: ...
 
     def adjust_grads(self, params: Sequence[torch.nn.Parameter]) -> None: ...
+
+    def after_step(self, params: Sequence[torch.nn.Parameter], lr: float) -> None: ...
 
 
 class FedProx:
@@ -38,9 +41,18 @@ class FedProx:
     def adjust_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
         pass
 
+    def after_step(self, params: Sequence[torch.nn.Parameter], lr: float) -> None:
+        pass
+
 
 class Scaffold:
-    """Karimireddy et al. 2020: local gradients corrected by (c - c_i), the drift of this client."""
+    """Karimireddy et al. 2020: every local step also moves by -lr (c - c_i), this client's drift correction.
+
+    With SGD this is exactly the paper's corrected gradient g + c - c_i. With an adaptive optimizer
+    the correction is applied in the same units as the control variates, which are measured as
+    (x - y) / sum(lr), i.e. parameter movement per unit of learning rate; adding c - c_i to the raw
+    gradient before Adam's normalisation would mix those units with gradient units.
+    """
 
     def __init__(self, server_control: Sequence[torch.Tensor], client_control: Sequence[torch.Tensor]):
         self.correction = [(c - ci).detach() for c, ci in zip(server_control, client_control, strict=True)]
@@ -49,9 +61,12 @@ class Scaffold:
         return None
 
     def adjust_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
+        pass
+
+    @torch.no_grad()
+    def after_step(self, params: Sequence[torch.nn.Parameter], lr: float) -> None:
         for p, corr in zip(params, self.correction, strict=True):
-            if p.grad is not None:
-                p.grad.add_(corr.to(p.grad.dtype))
+            p.add_(corr.to(p.dtype), alpha=-lr)
 
 
 def updated_client_control(

@@ -102,6 +102,8 @@ def train_locally(
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for corr in corrections:
+            corr.after_step(params, lr)
         loss_total += step_loss
         tokens_total += n_tokens
         lr_sum += lr
