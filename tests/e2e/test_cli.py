@@ -285,3 +285,23 @@ def test_mixed_ranks_each_client_trains_its_own_rank(tmp_path, monkeypatch):
         assert {v.shape[0] for k, v in tensors.items() if ".lora_A." in k} == {16}  # the export has the global rank
     exact, naive = _metrics(tmp_path / "exact")[-1], _metrics(tmp_path / "naive")[-1]
     assert "lora_truncation_error" in exact and "lora_factor_averaging_error" in naive
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["aggregation.name=fedavgm"],
+        ["aggregation.name=fedyogi", "aggregation.combine=median", "aggregation.bias_correction=true"],
+        ["aggregation.name=fedadagrad", "aggregation.combine=trimmed_mean", "aggregation.clip_norm=1.0"],
+        ["aggregation.combine=krum", "aggregation.byzantine=1", "aggregation.max_update_norm=100"],
+        ["training.optimizer=sgd", "training.lr=0.5", "aggregation.weighting=uniform"],
+    ],
+    ids=["fedavgm", "fedyogi_median", "fedadagrad_trimmed_clip", "krum", "sgd_uniform"],
+)
+def test_every_aggregation_family_runs_from_the_cli(tmp_path, overrides):
+    code, out = _run(tmp_path, "federation.rounds=2", *overrides)
+    assert code == 0, out
+    metrics = _metrics(tmp_path / "tiny")
+    assert [m["round"] for m in metrics] == [0, 1, 2] and all(not m.get("dropped") for m in metrics[1:])
+    assert "lora_factor_averaging_error" in metrics[-1] or "lora_truncation_error" in metrics[-1]
+    assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]
