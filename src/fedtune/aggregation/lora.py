@@ -24,8 +24,6 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch
-
 from fedtune.adapters.lora_math import (
     factor_averaging_error,
     lora_pairs,
@@ -42,8 +40,19 @@ from fedtune.aggregation.combine import weighted_mean
 from fedtune.types import Params
 
 
-def _client_factors(params: Params, contributions: Sequence[Contribution], key: str) -> list[torch.Tensor]:
-    return [params[key] + c.delta[key] for c in contributions]
+def _averaging_error(local: Sequence[Params], weights: Sequence[float], alpha: float) -> tuple[float, float]:
+    """(relative, absolute) error of averaging each module's A and B apart instead of their products,
+    over all modules jointly; `local` holds each client's adapter, all of one rank."""
+    err, total = 0.0, 0.0
+    for pair in lora_pairs(list(local[0])):
+        e, t = factor_averaging_error(
+            [f[pair.b_key] for f in local],
+            [f[pair.a_key] for f in local],
+            weights,
+            alpha / local[0][pair.a_key].shape[0],
+        )
+        err, total = err + e, total + t
+    return relative(err, total), math.sqrt(err)
 
 
 def _normalised_weights(contributions: Sequence[Contribution]) -> list[float]:
@@ -170,13 +179,7 @@ class LoraZeroPad(_LoraAggregator):
             ]
         )
         new = {k: params[k] + v for k, v in new.items()}
-        err, total = 0.0, 0.0
-        for pair in lora_pairs(list(params)):
-            e, t = factor_averaging_error(
-                [f[pair.b_key] for f in padded], [f[pair.a_key] for f in padded], weights, self.alpha / global_rank
-            )
-            err, total = err + e, total + t
-        return new, LoraZeroPadState(state.rounds + 1, relative(err, total), math.sqrt(err))
+        return new, LoraZeroPadState(state.rounds + 1, *_averaging_error(padded, weights, self.alpha))
 
 
 class LoraReportState(NamedTuple):
@@ -214,10 +217,5 @@ class LoraNaive:
     ) -> tuple[Params, LoraReportState]:
         new, inner = self.inner.aggregate(params, contributions, state.inner)
         ordered = sorted(contributions, key=lambda c: c.client_id)
-        weights = _normalised_weights(ordered)
-        err, total = 0.0, 0.0
-        for pair in lora_pairs(list(params)):
-            a_k, b_k = _client_factors(params, ordered, pair.a_key), _client_factors(params, ordered, pair.b_key)
-            e, t = factor_averaging_error(b_k, a_k, weights, self.alpha / params[pair.a_key].shape[0])
-            err, total = err + e, total + t
-        return new, LoraReportState(inner, relative(err, total), math.sqrt(err))
+        local = [{k: params[k] + c.delta[k] for k in params} for c in ordered]
+        return new, LoraReportState(inner, *_averaging_error(local, _normalised_weights(ordered), self.alpha))
