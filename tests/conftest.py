@@ -40,7 +40,7 @@ def tiny():
 @pytest.fixture
 def tiny_adapter(tiny):
     """The tiny model with a LoRA adapter on q/v."""
-    from fedtune.adapters.peft_bridge import AdapterModel
+    from fedtune.adapters.adapter_model import AdapterModel
     from fedtune.config import AdapterConfig
 
     return AdapterModel(tiny.model, AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)

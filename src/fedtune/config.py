@@ -30,22 +30,65 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow model code from the hub repo (only for repos you trust)")
 
 
-class AdapterConfig(_Strict):
-    """The parameter-efficient module clients train and share (LoRA)."""
+ADAPTER_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck", "bitfit")
+DEFAULT_TARGETS = {
+    "lora": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "ia3": ["k_proj", "v_proj", "down_proj"],
+    "bottleneck": ["o_proj", "down_proj"],
+}
 
-    method: Literal["lora"] = Field("lora", description="PEFT method")
+
+class AdapterConfig(_Strict):
+    """The parameter-efficient module clients train and share (docs/algorithms/peft.md)."""
+
+    method: Literal["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck", "bitfit"] = Field(
+        "lora",
+        description="PEFT method: lora (dora: true for DoRA), ia3, prompt_tuning, prefix_tuning, p_tuning, "
+        "bottleneck (Houlsby adapters), bitfit (biases only)",
+    )
     r: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="names of the Linear layers that get LoRA (an error lists the model's own)",
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA / bottleneck dropout")
+    dora: bool = Field(False, description="lora: weight-decomposed LoRA (DoRA, Liu et al. 2024)")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Linear layers the method wraps (an error lists the model's own); default per method: "
+        "lora q/k/v/o_proj, ia3 k/v/down_proj, bottleneck o_proj + down_proj (after attention and MLP)",
     )
+    feedforward_modules: list[str] | None = Field(
+        None, description="ia3: which target_modules scale their input (MLP); default: down_proj among the targets"
+    )
+    num_virtual_tokens: int = Field(20, ge=1, description="prompt_tuning / prefix_tuning / p_tuning: virtual tokens")
+    encoder_hidden_size: int = Field(128, ge=1, description="p_tuning: hidden size of the prompt encoder MLP")
+    bottleneck_dim: int = Field(16, ge=1, description="bottleneck: width of the down/up projection")
     init_seed: int | None = Field(None, description="seed of the initial adapter; default: top-level seed")
     client_ranks: list[int] | None = Field(
         None,
         description="heterogeneous ranks: client i trains rank client_ranks[i % len] (each <= r, the global rank)",
     )
+
+    @model_validator(mode="after")
+    def _fits_method(self) -> AdapterConfig:
+        if self.method != "lora":
+            if self.dora:
+                raise ValueError(f"adapter.dora is a LoRA option; adapter.method is {self.method!r}")
+            if self.client_ranks is not None:
+                raise ValueError(f"adapter.client_ranks (heterogeneous LoRA ranks) needs method lora, not {self.method!r}")
+        if self.target_modules is not None and self.method not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"adapter.target_modules does not apply to method {self.method!r} "
+                f"(it applies to {', '.join(DEFAULT_TARGETS)}); remove it"
+            )
+        if self.feedforward_modules is not None and self.method != "ia3":
+            raise ValueError("adapter.feedforward_modules applies to method ia3 only; remove it")
+        return self
+
+    def targets(self) -> list[str]:
+        """target_modules, or the method's default ([] for methods that wrap no layers)."""
+        return list(self.target_modules if self.target_modules is not None else DEFAULT_TARGETS.get(self.method, []))
+
+    def is_lora(self) -> bool:
+        return self.method == "lora"
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> AdapterConfig:
@@ -272,6 +315,11 @@ class ExperimentConfig(_Strict):
                     "aggregation.name=fedavg, combine=mean, no scaffold, and aggregation.lora exact (FlexLoRA "
                     "SVD redistribution, the default) or naive (HetLoRA zero-padding)"
                 )
+        if not self.adapter.is_lora() and self.aggregation.lora != "auto":
+            raise ValueError(
+                f"aggregation.lora={self.aggregation.lora} is LoRA-aware aggregation, but adapter.method is "
+                f"{self.adapter.method!r}, whose tensors are aggregated as they are; remove aggregation.lora"
+            )
         if self.evaluation.per_client and self.partition.holdout_fraction == 0:
             raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")
         return self

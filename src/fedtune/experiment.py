@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedtune.adapters.peft_bridge import AdapterModel
+from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.aggregation import build_aggregator
 from fedtune.client.handler import ClientData, ClientHandler, EvalSettings
 from fedtune.config import ExperimentConfig, config_diff, to_yaml, validate_config
@@ -89,7 +89,7 @@ def _run(
     loaded = load_model(
         cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model.gguf_file, cfg.model.trust_remote_code
     )
-    lora_mode = cfg.aggregation.lora_mode()
+    lora_mode = cfg.aggregation.lora_mode() if cfg.adapter.is_lora() else None
     adapter = AdapterModel(
         loaded.model,
         cfg.adapter,
@@ -99,9 +99,10 @@ def _run(
         extra_ranks=[cfg.adapter.rank_of_client(c) for c in range(cfg.partition.num_clients)],
     )
     log.info(
-        "model %s loaded in %.1fs: %s trainable of %s parameters (%.3f%%)",
+        "model %s loaded in %.1fs; adapter %s: %s trainable of %s parameters (%.3f%%)",
         cfg.model.name,
         time.perf_counter() - t,
+        cfg.adapter.method + (" (DoRA)" if cfg.adapter.dora else ""),
         f"{adapter.num_trainable:,}",
         f"{adapter.num_total:,}",
         100 * adapter.num_trainable / adapter.num_total,
@@ -141,8 +142,14 @@ def _run(
     )
     runtime = InProcessRuntime(handler.handle)
     lower = {c: r for c in range(cfg.partition.num_clients) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
-    aggregator = build_aggregator(cfg.aggregation, cfg.partition.num_clients, cfg.adapter.alpha, lower or None)
-    log.info("aggregation: %s, LoRA %s%s", aggregator.name, lora_mode, f", client ranks {lower}" if lower else "")
+    lora_alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
+    aggregator = build_aggregator(cfg.aggregation, cfg.partition.num_clients, lora_alpha, lower or None)
+    log.info(
+        "aggregation: %s%s%s",
+        aggregator.name,
+        f", LoRA {lora_mode}" if lora_mode else f", {cfg.adapter.method} tensors as they are",
+        f", client ranks {lower}" if lower else "",
+    )
     if lora_mode == "naive":
         log.warning(
             "aggregation.lora=naive averages LoRA A and B separately, which is inexact; "
@@ -215,6 +222,7 @@ def _run(
         {
             "run_dir": str(run_dir),
             "model": cfg.model.name,
+            "adapter_method": cfg.adapter.method + ("+dora" if cfg.adapter.dora else ""),
             "num_clients": cfg.partition.num_clients,
             "trainable_params": adapter.num_trainable,
             "trainable_fraction": adapter.num_trainable / adapter.num_total,

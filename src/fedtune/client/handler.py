@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.lora_math import rank_of
-from fedtune.adapters.peft_bridge import AdapterModel
+from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.client.batching import micro_batches
 from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
 from fedtune.client.local_training import train_locally

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedtune.adapters.adapter_model import virtual_token_offset
 from fedtune.client.corrections import Correction
 from fedtune.data.tokenize import IGNORE
 
@@ -35,10 +36,12 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
     Only positions that predict a target token go through the LM head (``logits_to_keep``):
     with response-only loss that is a few positions per sequence instead of all of them.
+    Prompt and P-tuning prepend virtual tokens, which shifts every position by their number.
     """
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    offset = virtual_token_offset(model)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep + offset)
     logits = out.logits.float()  # (B, K, V)
     targets = targets[:, keep]  # (B, K)
     loss = F.cross_entropy(

