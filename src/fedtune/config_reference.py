@@ -34,7 +34,10 @@ def _type_name(annotation: object) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is list:
-        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+        item = typing.get_args(annotation)[0]
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return "list of entries (below)"
+        return f"list of {_type_name(item)}"
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation))
@@ -53,6 +56,12 @@ def _section(model: type[BaseModel], prefix: str, out: list[str]) -> None:
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             nested.append((name, ann))
+            continue
+        item = typing.get_args(ann)[0] if typing.get_origin(ann) is list else None
+        if isinstance(item, type) and issubclass(item, BaseModel):  # a list of entries: document one entry
+            nested.append((f"{name}[]", item))
+        if field.is_required():
+            rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | (required) | {field.description or ''} |")
             continue
         default = field.get_default(call_default_factory=True)
         rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | {_default(default)} | {field.description or ''} |")

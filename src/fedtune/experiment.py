@@ -35,6 +35,7 @@ from fedtune.runtime.in_process import InProcessRuntime
 from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
 from fedtune.server.round_loop import LoopSettings, run_rounds
 from fedtune.types import Params
+from fedtune.wire.link import Link
 
 log = logging.getLogger("fedtune")
 
@@ -130,6 +131,11 @@ def _run(
         encoder.template,
     )
 
+    comp = cfg.compression
+    uplink = Link.from_specs([c.spec() for c in comp.uplink], comp.error_feedback)
+    downlink = Link.from_specs([c.spec() for c in comp.downlink])
+    if comp.uplink or comp.downlink:
+        log.info("compression: uplink %s; downlink %s", uplink.describe(), downlink.describe())
     handler = ClientHandler(
         adapter,
         tokenizer,
@@ -139,6 +145,8 @@ def _run(
         cfg.seed,
         eval_settings,
         progress=cfg.output.progress,
+        uplink=uplink,
+        downlink=downlink,
     )
     runtime = InProcessRuntime(handler.handle)
     lower = {c: r for c in range(cfg.partition.num_clients) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
@@ -211,6 +219,8 @@ def _run(
             eval_due=lambda r: (every > 0 and r % every == 0) or r == rounds,
             per_client_eval=cfg.evaluation.per_client,
             on_record=record_round,
+            uplink=uplink,
+            downlink=downlink,
         )
     finally:
         runtime.close()

@@ -1,7 +1,9 @@
 """The messages that cross between server and clients, as frozen dataclasses.
 
 Runtimes move only ``Envelope``s (client id + bytes); ``fedtune.wire.messages`` turns these
-dataclasses into those bytes and back.
+dataclasses into those bytes and back. ``params`` and ``delta`` travel in wire form
+(``fedtune.wire.link``): passed through the direction's codec chain and packed, with the codec
+meta as one more tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class TrainRequest:
     KIND: ClassVar[str] = "train"
     TENSORS: ClassVar[tuple[str, ...]] = ("params", "control")
     round: int
-    params: Params
+    params: Params  # wire form of the global adapter (see module docstring)
     control: Params = field(default_factory=dict)  # SCAFFOLD: the server control variate c
 
 
@@ -32,7 +34,7 @@ class TrainReply:
     KIND: ClassVar[str] = "train_reply"
     TENSORS: ClassVar[tuple[str, ...]] = ("delta", "control_delta")
     round: int
-    delta: Params
+    delta: Params  # wire form of local - global (see module docstring)
     num_examples: int  # size of the client's training set (FedAvg weight)
     num_tokens: int  # target tokens in that set (token weighting)
     steps: int
@@ -50,7 +52,7 @@ class EvalRequest:
     KIND: ClassVar[str] = "evaluate"
     TENSORS: ClassVar[tuple[str, ...]] = ("params",)
     round: int
-    params: Params
+    params: Params  # wire form of the global adapter
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from fedtune.data.builtin.tasks import generate_tasks
 from fedtune.data.tokenize import Encoder, collate
 from fedtune.types import TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
+from tests.wire_helpers import to_wire
 
 
 def _encoded(tok):
@@ -51,7 +52,7 @@ def test_fedprox_pulls_the_update_toward_the_global_model(tiny_adapter, tiny):
     free, _ = _handler(tiny_adapter, tiny.tokenizer)
     prox, _ = _handler(tiny_adapter, tiny.tokenizer, proximal_mu=50.0, optimizer="sgd")
     free_sgd, _ = _handler(tiny_adapter, tiny.tokenizer, optimizer="sgd")
-    req = encode_message(TrainRequest(round=1, params=glob))
+    req = encode_message(TrainRequest(round=1, params=to_wire(glob)))
     d_free = decode_message(free_sgd.handle(0, req)[0]).delta
     d_prox = decode_message(prox.handle(0, req)[0]).delta
     assert 0 < _norm(d_prox) < _norm(d_free)
@@ -76,7 +77,7 @@ def test_scaffold_one_sgd_step_sets_ci_to_the_raw_gradient(tiny_adapter, tiny):
     handler, enc = _handler(tiny_adapter, tiny.tokenizer, optimizer="sgd", local_steps=1, max_grad_norm=None)
     glob = tiny_adapter.get_state()
     control = {k: 0.01 * torch.randn_like(v) for k, v in glob.items()}
-    blob, state = handler.handle(0, encode_message(TrainRequest(round=1, params=glob, control=control)))
+    blob, state = handler.handle(0, encode_message(TrainRequest(round=1, params=to_wire(glob), control=control)))
     reply = decode_message(blob)
     # the same batch the client used, and the raw gradient there
     _, plan = round_plan(3, 1, 0, 16, handler.training)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from fedtune.data.builtin.tasks import generate_tasks
 from fedtune.data.tokenize import Encoder
 from fedtune.types import TrainReply, TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
+from tests.wire_helpers import from_wire, to_wire
 
 
 def _handler(adapter, tok, **training):
@@ -18,10 +21,10 @@ def _handler(adapter, tok, **training):
 
 
 def _train(handler, client, round_index, params):
-    blob, _ = handler.handle(client, encode_message(TrainRequest(round=round_index, params=params)))
+    blob, _ = handler.handle(client, encode_message(TrainRequest(round=round_index, params=to_wire(params))))
     reply = decode_message(blob)
     assert isinstance(reply, TrainReply)
-    return reply
+    return replace(reply, delta=from_wire(reply.delta, params))
 
 
 def test_reply_is_delta_from_the_sent_params(tiny_adapter, tiny):
@@ -48,7 +51,7 @@ def test_same_round_and_client_replays_bit_identically(tiny_adapter, tiny):
 def test_unknown_client_is_an_error(tiny_adapter, tiny):
     h = _handler(tiny_adapter, tiny.tokenizer)
     with pytest.raises(KeyError, match="client 9"):
-        h.handle(9, encode_message(TrainRequest(round=1, params=tiny_adapter.get_state())))
+        h.handle(9, encode_message(TrainRequest(round=1, params=to_wire(tiny_adapter.get_state()))))
 
 
 def test_training_does_not_consume_the_callers_rng(tiny, tiny_adapter):

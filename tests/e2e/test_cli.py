@@ -109,14 +109,21 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
             "federation.clients_per_round=3",
         ],
         ["adapter.client_ranks=[2,4,8]", "federation.clients_per_round=3"],
+        [
+            "compression.uplink=[{name: randk, fraction: 0.2}, {name: int8, rounding: stochastic}]",
+            "compression.error_feedback=true",
+            "compression.downlink=[int8]",
+            "federation.clients_per_round=3",
+        ],
     ],
-    ids=["fedavg", "fedadam+scaffold+fedprox", "flexlora_mixed_ranks"],
+    ids=["fedavg", "fedadam+scaffold+fedprox", "flexlora_mixed_ranks", "compressed+error_feedback"],
 )
 def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
     """Kill a real CLI process mid-run (SIGKILL), resume it, and compare with an uninterrupted run.
 
     The second case carries server moments, the server control variate and per-client control
-    variates through the checkpoint, with partial participation.
+    variates through the checkpoint, with partial participation; the last, each client's
+    error-feedback residual and seeded random choices of the codecs.
     """
     args = [
         "examples/tiny.yaml",
@@ -265,7 +272,8 @@ def test_mixed_ranks_each_client_trains_its_own_rank(tmp_path, monkeypatch):
     real = handler.ClientHandler.train
 
     def spy(self, client_id, req, state):
-        seen.setdefault(client_id, set()).update(v.shape[0] for k, v in req.params.items() if ".lora_A." in k)
+        params = self.downlink.decode(req.params, self.adapter.params)
+        seen.setdefault(client_id, set()).update(v.shape[0] for k, v in params.items() if ".lora_A." in k)
         return real(self, client_id, req, state)
 
     monkeypatch.setattr(handler.ClientHandler, "train", spy)

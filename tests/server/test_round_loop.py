@@ -12,6 +12,7 @@ from fedtune.server.checkpoint import ServerState, load_latest
 from fedtune.server.round_loop import LoopSettings, run_rounds
 from fedtune.types import TrainReply
 from fedtune.wire.messages import decode_message, encode_message
+from tests.wire_helpers import to_wire
 
 PARAMS = {"w": torch.zeros(4)}
 
@@ -24,7 +25,7 @@ def _client(bad=()):
         common = dict(round=req.round, num_examples=cid + 1, num_tokens=10, steps=1, train_loss=1.0, local_train_s=0.01)
         if cid in bad:
             return encode_message(TrainReply(delta={}, status="diverged", error="non-finite loss", **common)), state
-        return encode_message(TrainReply(delta={"w": torch.full((4,), float(cid + 1))}, **common)), state
+        return encode_message(TrainReply(delta=to_wire({"w": torch.full((4,), float(cid + 1))}), **common)), state
 
     return handle
 
@@ -71,7 +72,13 @@ def test_malformed_update_never_reaches_the_model(tmp_path):
             delta = {"w": torch.ones(5)}
         return encode_message(
             TrainReply(
-                round=req.round, delta=delta, num_examples=1, num_tokens=1, steps=1, train_loss=0.0, local_train_s=0.0
+                round=req.round,
+                delta=to_wire(delta),
+                num_examples=1,
+                num_tokens=1,
+                steps=1,
+                train_loss=0.0,
+                local_train_s=0.0,
             )
         ), state
 

@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.adapters.lora_math import rank_of
 from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.adapters.lora_math import rank_of
 from fedtune.client.batching import micro_batches
 from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
 from fedtune.client.local_training import train_locally
@@ -28,6 +28,7 @@ from fedtune.data.tokenize import Encoded, collate
 from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.reporting.console import bar_disabled
 from fedtune.types import EvalReply, EvalRequest, Params, TrainReply, TrainRequest
+from fedtune.wire.link import Link, generator
 from fedtune.wire.messages import decode_message, encode_message
 
 
@@ -72,7 +73,12 @@ class ClientHandler:
         seed: int,
         eval_settings: EvalSettings | None = None,
         progress: bool = False,
+        uplink: Link | None = None,
+        downlink: Link | None = None,
     ):
+        """``uplink`` encodes each update (its error-feedback residual lives in the client state);
+        ``downlink`` decodes the global adapter as the server encoded it."""
+        self.uplink, self.downlink = uplink or Link(), downlink or Link()
         self.adapter, self.tokenizer, self.data = adapter, tokenizer, data
         self.training, self.total_rounds, self.seed = training, total_rounds, seed
         self.eval_settings = eval_settings or EvalSettings()
@@ -91,20 +97,22 @@ class ClientHandler:
             return encode_message(self.evaluate(client_id, msg)), state
         raise TypeError(f"client {client_id} cannot handle a {type(msg).__name__}")
 
-    def _load(self, params: Params) -> None:
-        """Activate the adapter of the rank these params have (heterogeneous ranks), then load them."""
+    def _load(self, wire: Params) -> Params:
+        """Decode the global adapter, activate the adapter of its rank (heterogeneous ranks), load it."""
+        params = self.downlink.decode(wire, self.adapter.params)
         rank = rank_of(params)
         if rank is not None:
             self.adapter.activate(rank)
         self.adapter.set_state(params)
+        return params
 
     def train(self, client_id: int, req: TrainRequest, state: Params) -> tuple[TrainReply, Params]:
         cfg, data = self.training, self.data[client_id]
-        self._load(req.params)
+        params = self._load(req.params)  # what training starts from (lossy if the downlink is)
         names = list(self.adapter.params)
         corrections: list = []
         if cfg.proximal_mu > 0:
-            corrections.append(FedProx([req.params[k] for k in names], cfg.proximal_mu))
+            corrections.append(FedProx([params[k] for k in names], cfg.proximal_mu))
         if req.control:  # SCAFFOLD: c_i starts at zero the first time a client takes part
             c_i = {k: state.get(f"control/{k}", torch.zeros_like(req.control[k])) for k in names}
             corrections.append(Scaffold([req.control[k] for k in names], [c_i[k] for k in names]))
@@ -149,13 +157,14 @@ class ClientHandler:
         if result.diverged:
             return TrainReply(delta={}, status="diverged", error=result.error, **common), state
         local = self.adapter.get_state()
-        delta = {k: local[k] - req.params[k] for k in local}
+        delta = {k: local[k] - params[k] for k in local}
+        wire, state = self.uplink.encode(delta, state, generator(self.seed, req.round, client_id, 1))
         if not req.control:
-            return TrainReply(delta=delta, **common), state
-        new_c = updated_client_control(c_i, req.control, req.params, local, result.lr_sum)
+            return TrainReply(delta=wire, **common), state
+        new_c = updated_client_control(c_i, req.control, params, local, result.lr_sum)
         control_delta = {k: new_c[k] - c_i[k] for k in names}
         state = {**state, **{f"control/{k}": v for k, v in new_c.items()}}
-        return TrainReply(delta=delta, control_delta=control_delta, **common), state
+        return TrainReply(delta=wire, control_delta=control_delta, **common), state
 
     def evaluate(self, client_id: int, req: EvalRequest) -> EvalReply:
         holdout = self.data[client_id].holdout

@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from fedtune.aggregation.base import Aggregator, Contribution
@@ -24,6 +25,7 @@ from fedtune.server.checkpoint import ServerState, checkpoint_dir, save_checkpoi
 from fedtune.server.sampling import sample_clients
 from fedtune.server.validation import update_problem
 from fedtune.types import Envelope, EvalReply, EvalRequest, Params, TrainReply, TrainRequest
+from fedtune.wire.link import Link, generator
 from fedtune.wire.messages import decode_message, encode_message
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,14 @@ def run_rounds(
     eval_due: Callable[[int], bool] = lambda r: False,
     per_client_eval: bool = False,
     on_record: Callable[[dict[str, Any]], None] = lambda rec: None,
+    uplink: Link | None = None,
+    downlink: Link | None = None,
 ) -> ServerState:
-    """Run rounds state.round+1 .. settings.rounds; checkpoint after each; return the final state."""
+    """Run rounds state.round+1 .. settings.rounds; checkpoint after each; return the final state.
+
+    ``downlink`` encodes the global adapter each client receives; ``uplink`` decodes their updates.
+    """
+    uplink, downlink = uplink or Link(), downlink or Link()
     bar = tqdm(
         total=settings.rounds, initial=state.round, desc="rounds", unit="round", disable=bar_disabled(settings.progress)
     )
@@ -62,19 +70,21 @@ def run_rounds(
         clients = sample_clients(settings.num_clients, settings.clients_per_round, settings.seed, r)
         control = aggregator.broadcast(state.aggregator)  # {} unless the algorithm sends more (SCAFFOLD)
         views = {c: aggregator.client_view(state.params, state.aggregator, c) for c in clients}
-        downs = _encode_per_view(views, partial(TrainRequest, r, control=control))
+        downs = _encode_per_view(
+            views, downlink, generator(settings.seed, r, 0), partial(TrainRequest, r, control=control)
+        )
         replies = runtime.send_and_receive([Envelope(c, downs[c]) for c in clients])
         contributions, used, dropped, bytes_up = [], [], {}, 0
         for env in sorted(replies, key=lambda e: e.client_id):
             bytes_up += len(env.payload)
             reply = decode_message(env.payload)
-            problem = _reply_problem(reply, r, views[env.client_id], settings.max_update_norm, control)
+            delta, problem = _reply_delta(reply, r, views[env.client_id], settings.max_update_norm, control, uplink)
             if problem:
                 dropped[env.client_id] = problem
                 log.warning("round %d: dropped client %d's update: %s", r, env.client_id, problem)
                 continue
             weight = client_weight(reply, settings.weighting)
-            contributions.append(Contribution(env.client_id, reply.delta, weight, reply.control_delta))
+            contributions.append(Contribution(env.client_id, delta, weight, reply.control_delta))
             used.append(reply)
         for c in sorted(set(clients) - {e.client_id for e in replies}):
             dropped[c] = "no reply"
@@ -107,7 +117,7 @@ def run_rounds(
                 record.update(evaluate_global(params))
             if per_client_eval:
                 views = {c: aggregator.client_view(params, agg_state, c) for c in range(settings.num_clients)}
-                record.update(_per_client_eval(runtime, views, r))
+                record.update(_per_client_eval(runtime, views, r, downlink, generator(settings.seed, r, 1)))
             record["eval_s"] = time.perf_counter() - t
         record["wall_s"] = time.perf_counter() - start
         state = replace(
@@ -125,18 +135,26 @@ def run_rounds(
     return state
 
 
-def _reply_problem(reply: Any, round_index: int, params: Params, max_norm: float | None, control: Params) -> str | None:
+def _reply_delta(
+    reply: Any, round_index: int, params: Params, max_norm: float | None, control: Params, uplink: Link
+) -> tuple[Params, str | None]:
+    """(the decoded update, None) or ({}, why the reply cannot be used)."""
     if not isinstance(reply, TrainReply):
-        return f"expected a train reply, got {type(reply).__name__}"
+        return {}, f"expected a train reply, got {type(reply).__name__}"
     if reply.round != round_index:
-        return f"stale reply for round {reply.round}"
+        return {}, f"stale reply for round {reply.round}"
     if reply.status != "ok":
-        return f"{reply.status}: {reply.error}"
+        return {}, f"{reply.status}: {reply.error}"
     if control:
         problem = update_problem(reply.control_delta, control)
         if problem:
-            return f"control variate: {problem}"
-    return update_problem(reply.delta, params, max_norm)
+            return {}, f"control variate: {problem}"
+    try:
+        delta = uplink.decode(reply.delta, params)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        return {}, f"cannot decode the update with uplink codecs {uplink.describe()!r}: {exc}"
+    problem = update_problem(delta, params, max_norm)
+    return ({}, problem) if problem else (delta, None)
 
 
 def _weighted_loss(replies: list[TrainReply], weights: list[float]) -> float:
@@ -144,18 +162,23 @@ def _weighted_loss(replies: list[TrainReply], weights: list[float]) -> float:
     return sum(w * r.train_loss for r, w in zip(replies, weights, strict=True)) / total if total else float("nan")
 
 
-def _encode_per_view(views: dict[int, Params], make: Callable[[Params], Any]) -> dict[int, bytes]:
+def _encode_per_view(
+    views: dict[int, Params], link: Link, gen: torch.Generator, make: Callable[..., Any]
+) -> dict[int, bytes]:
     """Encode each distinct view once (all clients share one payload unless views differ, e.g. by rank)."""
     cache: dict[int, bytes] = {}
     for v in views.values():
         if id(v) not in cache:
-            cache[id(v)] = encode_message(make(v))
+            wire, _ = link.encode(v, {}, gen)
+            cache[id(v)] = encode_message(make(params=wire))
     return {c: cache[id(v)] for c, v in views.items()}
 
 
-def _per_client_eval(runtime: Runtime, views: dict[int, Params], r: int) -> dict[str, Any]:
+def _per_client_eval(
+    runtime: Runtime, views: dict[int, Params], r: int, downlink: Link, gen: torch.Generator
+) -> dict[str, Any]:
     """Every client evaluates the global model, as it receives it, on its own held-out share."""
-    downs = _encode_per_view(views, partial(EvalRequest, r))
+    downs = _encode_per_view(views, downlink, gen, partial(EvalRequest, r))
     replies = runtime.send_and_receive([Envelope(c, downs[c]) for c in views])
     per_client: dict[str, dict[str, float]] = {}
     for env in sorted(replies, key=lambda e: e.client_id):

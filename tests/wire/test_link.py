@@ -1,0 +1,85 @@
+"""The wire link: names by index, packing by dtype, compressed meta; bytes at the bundled model's size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.types import TrainReply
+from fedtune.wire.link import META, Link, pack_by_dtype, unpack_by_dtype
+from fedtune.wire.messages import decode_message, encode_message
+
+
+def smollm2_lora_update(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Shapes of SmolLM2-135M's LoRA r=8 on q/k/v/o (30 layers, hidden 576, 3 KV heads of 64)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(30):
+        for mod, d_out in (("q_proj", 576), ("k_proj", 192), ("v_proj", 192), ("o_proj", 576)):
+            base = f"base_model.model.model.layers.{layer}.self_attn.{mod}"
+            out[f"{base}.lora_A.weight"] = 1e-3 * torch.randn(8, 576, generator=g)
+            out[f"{base}.lora_B.weight"] = 1e-3 * torch.randn(d_out, 8, generator=g)
+    return out
+
+
+def _reply_bytes(delta) -> int:
+    common = dict(round=1, num_examples=100, num_tokens=1000, steps=5, train_loss=1.0, local_train_s=1.0)
+    return len(encode_message(TrainReply(delta=delta, **common)))
+
+
+@pytest.fixture(scope="module")
+def update():
+    return smollm2_lora_update()
+
+
+def test_round_trip_restores_names_shapes_and_values(update):
+    wire, _ = Link().encode(update, {}, torch.Generator())
+    assert set(wire) == {"float32", META}  # one packed tensor, plus the meta
+    back = Link().decode(wire, update.keys())
+    assert back.keys() == update.keys() and all(torch.equal(back[k], update[k]) for k in update)
+
+
+@pytest.mark.parametrize(
+    ("specs", "min_ratio"),
+    [
+        ([], 1.0),
+        (["bf16"], 1.99),
+        (["int8"], 3.95),
+        (["int4"], 7.8),
+        ([{"name": "topk", "fraction": 0.02}, "int8"], 38),  # 1 byte value + 2 byte int16 index per kept entry
+        ([{"name": "randk", "fraction": 0.05}, "int8"], 70),  # indices regenerate from a seed
+    ],
+)
+def test_bytes_on_the_wire_at_the_bundled_models_size(update, specs, min_ratio):
+    """Whole serialised messages against fp32 with full parameter names (what a naive wire sends)."""
+    naive = _reply_bytes(update)
+    link = Link.from_specs([s if isinstance(s, dict) else {"name": s} for s in specs])
+    wire, _ = link.encode(update, {}, torch.Generator().manual_seed(0))
+    assert naive / _reply_bytes(wire) >= min_ratio
+    decoded = link.decode(decode_message(encode_message(TrainReply(1, wire, 1, 1, 1, 0.0, 0.0))).delta, update)
+    assert decoded.keys() == update.keys()
+
+
+def test_receiver_with_other_names_is_refused(update):
+    wire, _ = Link().encode(update, {}, torch.Generator())
+    fewer = sorted(update)[:-2]
+    with pytest.raises(ValueError, match="expected the 238 this receiver holds"):
+        Link().decode(wire, fewer)
+
+
+def test_missing_or_corrupt_meta_is_an_error(update):
+    wire, _ = Link().encode(update, {}, torch.Generator())
+    with pytest.raises(ValueError, match="no 'meta' tensor"):
+        Link().decode({k: v for k, v in wire.items() if k != META}, update)
+    with pytest.raises(ValueError, match="unreadable codec meta"):
+        Link().decode({**wire, META: torch.zeros(5, dtype=torch.uint8)}, update)
+
+
+def test_pack_by_dtype_round_trip_and_layout_check():
+    parts = {"0#q": torch.arange(6, dtype=torch.int8).reshape(2, 3), "0#scale": torch.ones(2), "1": torch.zeros(3)}
+    flat, layout = pack_by_dtype(parts)
+    assert set(flat) == {"int8", "float32"} and flat["float32"].numel() == 5
+    back = unpack_by_dtype(flat, layout)
+    assert all(torch.equal(back[k], parts[k]) for k in parts)
+    with pytest.raises(ValueError, match="has 4 values, its layout 5"):
+        unpack_by_dtype({**flat, "float32": torch.zeros(4)}, layout)
