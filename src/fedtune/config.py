@@ -320,14 +320,20 @@ class CompressionConfig(_Strict):
     error_feedback: bool = Field(
         False, description="uplink: each client adds what compression dropped last time to its next update (EF)"
     )
+    downlink_updates: bool = Field(
+        False,
+        description="send each client the change from the adapter it holds (server keeps a replica per client), "
+        "so the downlink chain may sparsify; what it drops is sent later",
+    )
 
     @model_validator(mode="after")
     def _directions_fit(self) -> CompressionConfig:
         bad = [c.name for c in self.downlink if c.name not in DOWNLINK_CODECS]
-        if bad:
+        if bad and not self.downlink_updates:
             raise ValueError(
                 f"compression.downlink cannot use {bad}: the downlink carries the global adapter itself, not an "
-                f"update, and sparsifying or truncating it would destroy weights. Use {', '.join(DOWNLINK_CODECS)}"
+                f"update, and sparsifying or truncating it would destroy weights. Use {', '.join(DOWNLINK_CODECS)}, "
+                "or set compression.downlink_updates: true to send each client the change to what it holds"
             )
         if self.error_feedback and not self.uplink:
             raise ValueError("compression.error_feedback needs a compression.uplink chain to correct")
@@ -401,6 +407,11 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"aggregation.lora={self.aggregation.lora} is LoRA-aware aggregation, but adapter.method is "
                 f"{self.adapter.method!r}, whose tensors are aggregated as they are; remove aggregation.lora"
+            )
+        if self.compression.downlink_updates and self.adapter.client_ranks is not None:
+            raise ValueError(
+                "compression.downlink_updates needs one adapter rank for all clients (adapter.client_ranks unset): "
+                "every client must start from the same initial adapter"
             )
         if self.evaluation.per_client and self.partition.holdout_fraction == 0:
             raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")

@@ -33,6 +33,7 @@ from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_t
 from fedtune.reporting.metrics import MetricsWriter, summarize
 from fedtune.runtime.in_process import InProcessRuntime
 from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
+from fedtune.server.downlink import ReplicaDownlink
 from fedtune.server.round_loop import LoopSettings, run_rounds
 from fedtune.types import Params
 from fedtune.wire.link import Link
@@ -135,7 +136,13 @@ def _run(
     uplink = Link.from_specs([c.spec() for c in comp.uplink], comp.error_feedback)
     downlink = Link.from_specs([c.spec() for c in comp.downlink])
     if comp.uplink or comp.downlink:
-        log.info("compression: uplink %s; downlink %s", uplink.describe(), downlink.describe())
+        log.info(
+            "compression: uplink %s; downlink %s%s",
+            uplink.describe(),
+            downlink.describe(),
+            " (updates to each client's replica)" if comp.downlink_updates else "",
+        )
+    initial = adapter.get_state()  # the seeded initial adapter: what every client holds before round 1
     handler = ClientHandler(
         adapter,
         tokenizer,
@@ -147,11 +154,14 @@ def _run(
         progress=cfg.output.progress,
         uplink=uplink,
         downlink=downlink,
+        initial=initial,
     )
     runtime = InProcessRuntime(handler.handle)
     lower = {c: r for c in range(cfg.partition.num_clients) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
     lora_alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
-    aggregator = build_aggregator(cfg.aggregation, cfg.partition.num_clients, lora_alpha, lower or None)
+    # with downlink updates clients hold the previous factors, so exact mode must not re-parametrise them
+    align = cfg.compression.downlink_updates
+    aggregator = build_aggregator(cfg.aggregation, cfg.partition.num_clients, lora_alpha, lower or None, align)
     log.info(
         "aggregation: %s%s%s",
         aggregator.name,
@@ -170,7 +180,6 @@ def _run(
         s = eval_settings
         return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact, s.max_new_tokens, s.group_by)
 
-    initial = adapter.get_state()
     state = load_latest(run_dir, aggregator.init(initial)) if resume else None
     if state is not None:
         log.info("resuming after round %d from %s", state.round, run_dir / "checkpoints")
@@ -221,6 +230,7 @@ def _run(
             on_record=record_round,
             uplink=uplink,
             downlink=downlink,
+            replicas=ReplicaDownlink(downlink, initial, state.replicas) if comp.downlink_updates else None,
         )
     finally:
         runtime.close()

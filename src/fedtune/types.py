@@ -25,6 +25,7 @@ class TrainRequest:
     round: int
     params: Params  # wire form of the global adapter (see module docstring)
     control: Params = field(default_factory=dict)  # SCAFFOLD: the server control variate c
+    downlink: str = "full"  # "full": params is the adapter; "update": the change to what the client holds
 
 
 @dataclass(frozen=True)

@@ -115,15 +115,30 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
             "compression.downlink=[int8]",
             "federation.clients_per_round=3",
         ],
+        [
+            "compression.uplink=[{name: topk, fraction: 0.1}]",
+            "compression.error_feedback=true",
+            "compression.downlink=[{name: topk, fraction: 0.2}, int4]",
+            "compression.downlink_updates=true",
+            "federation.clients_per_round=2",
+        ],
     ],
-    ids=["fedavg", "fedadam+scaffold+fedprox", "flexlora_mixed_ranks", "compressed+error_feedback"],
+    ids=[
+        "fedavg",
+        "fedadam+scaffold+fedprox",
+        "flexlora_mixed_ranks",
+        "compressed+error_feedback",
+        "downlink_updates+partial",
+    ],
 )
 def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
     """Kill a real CLI process mid-run (SIGKILL), resume it, and compare with an uninterrupted run.
 
     The second case carries server moments, the server control variate and per-client control
     variates through the checkpoint, with partial participation; the last, each client's
-    error-feedback residual and seeded random choices of the codecs.
+    error-feedback residual and seeded random choices of the codecs; with downlink updates and
+    partial participation, the server's per-client replicas (shared where equal) and the clients'
+    held adapters.
     """
     args = [
         "examples/tiny.yaml",

@@ -96,3 +96,49 @@ def test_a_client_with_other_codecs_is_dropped_not_misread(tmp_path, caplog):
         mp.setattr(handler.ClientHandler, "__init__", other_codecs)
         with pytest.raises(Exception, match="cannot decode the update with uplink codecs 'int8"):
             _run(tmp_path, "mismatch", "compression.uplink=[int8]")
+
+
+def test_downlink_updates_let_the_downlink_shrink_like_the_uplink(tmp_path):
+    """Clients receive the compressed change to the adapter they hold; server and client replicas
+    stay bit-identical, and the sparse downlink costs a fraction of sending the adapter."""
+    import fedtune.client.handler as handler
+
+    chain = "[{name: topk, fraction: 0.1}, int8]"
+    _, plain = _run(tmp_path, "plain")
+    held_by_client: dict[int, dict] = {}
+    real = handler.ClientHandler.train
+
+    def spy(self, client_id, req, state):
+        reply, state = real(self, client_id, req, state)
+        held_by_client[client_id] = {k[len(handler.HELD) :]: v for k, v in state.items() if k.startswith(handler.HELD)}
+        return reply, state
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(handler.ClientHandler, "train", spy)
+        result, rounds = _run(
+            tmp_path,
+            "updates",
+            f"compression.downlink={chain}",
+            "compression.downlink_updates=true",
+            "federation.rounds=3",
+        )
+    assert plain[0]["bytes_down"] / rounds[0]["bytes_down"] > 9
+    ckpt = load_latest(result.run_dir, result.state.aggregator)
+    assert sorted(ckpt.replicas) == [0, 1, 2, 3]
+    assert len({id(r) for r in ckpt.replicas.values()}) == 1  # full participation: one shared replica
+    for c, held in held_by_client.items():
+        assert held.keys() == ckpt.replicas[c].keys()
+        assert all(torch.equal(held[k], ckpt.replicas[c][k]) for k in held)  # both ends agree to the bit
+    # the replica trails the global adapter only by what the downlink has not delivered yet
+    replica, final = ckpt.replicas[0], result.state.params
+    gap = sum(float((final[k] - replica[k]).pow(2).sum()) for k in final) ** 0.5
+    norm = sum(float(v.pow(2).sum()) for v in final.values()) ** 0.5
+    assert 0 < gap < 0.5 * norm
+    assert result.summary["final"]["eval_loss"] < result.summary["initial"]["eval_loss"]
+
+
+def test_sparse_downlink_without_updates_is_refused_with_the_way_out():
+    with pytest.raises(ConfigError, match="set compression.downlink_updates: true"):
+        load_config(None, ["compression.downlink=[{name: topk, fraction: 0.1}]"])
+    with pytest.raises(ConfigError, match="downlink_updates needs one adapter rank"):
+        load_config(None, ["compression.downlink_updates=true", "adapter.r=8", "adapter.client_ranks=[2,4]"])

@@ -77,3 +77,20 @@ def test_leftover_temp_dir_from_a_killed_write_is_ignored(tmp_path):
     (junk / "params.safetensors").write_bytes(b"partial")
     assert load_latest(tmp_path, fedavg().init(_state(0).params)).round == 1
     assert not junk.exists()
+
+
+def test_replicas_are_stored_once_and_come_back_shared(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    shared, own = {"w": torch.ones(3)}, {"w": torch.zeros(3)}
+    state = replace(_state(1), replicas={0: shared, 1: shared, 2: own, 5: shared})
+    path = save_checkpoint(tmp_path, state)
+    assert len(load_file(path / "replicas.safetensors")) == 2  # two distinct replicas, not four
+    loaded = load_latest(tmp_path, fedavg().init(state.params))
+    assert sorted(loaded.replicas) == [0, 1, 2, 5]
+    assert (
+        loaded.replicas[0] is loaded.replicas[1] is loaded.replicas[5] and loaded.replicas[2] is not loaded.replicas[0]
+    )
+    assert torch.equal(loaded.replicas[5]["w"], shared["w"]) and torch.equal(loaded.replicas[2]["w"], own["w"])

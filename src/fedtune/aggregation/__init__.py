@@ -34,6 +34,7 @@ def build_aggregator(
     num_clients: int | None = None,
     lora_alpha: float | None = None,
     client_ranks: dict[int, int] | None = None,
+    align_lora: bool = False,
     **fields,
 ) -> Aggregator:
     """An aggregator from config (or keyword fields: ``build_aggregator(name="fedyogi", combine="median")``).
@@ -42,12 +43,13 @@ def build_aggregator(
     With ``lora_alpha`` (the adapter's LoRA alpha) the params are treated as LoRA pairs and
     ``cfg.lora_mode()`` picks exact, naive (error reported) or ffa aggregation; without it, plain tensors.
     ``client_ranks`` (client id -> LoRA rank, for clients below the global rank) selects FlexLoRA
-    (exact) or HetLoRA zero-padding (naive).
+    (exact) or HetLoRA zero-padding (naive). ``align_lora`` keeps exact-mode factors close to the
+    previous round's (same products; see ``refactor``).
     """
     cfg = AggregationConfig(**fields) if cfg is None else cfg
     mode = cfg.lora_mode() if lora_alpha is not None else "plain"
     if mode == "exact":
-        return LoraExact(lora_alpha, cfg.clip_norm, client_ranks)
+        return LoraExact(lora_alpha, cfg.clip_norm, client_ranks, align=align_lora)
     if client_ranks and mode == "naive":
         return LoraZeroPad(lora_alpha, client_ranks, cfg.clip_norm)
     if client_ranks:

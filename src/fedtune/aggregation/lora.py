@@ -109,10 +109,24 @@ class _LoraAggregator:
 
 
 class LoraExact(_LoraAggregator):
-    """Exact FedAvg of LoRA products, refactorised to rank R by truncated SVD (FlexLoRA for mixed ranks)."""
+    """Exact FedAvg of LoRA products, refactorised to rank R by truncated SVD (FlexLoRA for mixed ranks).
+
+    ``align=True`` rotates each new factor pair to the previous global one (same product): used
+    with downlink updates, where clients receive the change of the factors.
+    """
 
     name = "fedavg+lora_exact"
     state_type = LoraExactState
+
+    def __init__(
+        self,
+        alpha: float,
+        clip_norm: float | None = None,
+        client_ranks: dict[int, int] | None = None,
+        align: bool = False,
+    ):
+        super().__init__(alpha, clip_norm, client_ranks)
+        self.align = align
 
     def metrics(self, state: LoraExactState) -> dict[str, float]:
         return {
@@ -133,8 +147,9 @@ class LoraExact(_LoraAggregator):
             coeffs = [w * self.alpha / a.shape[0] for w, a in zip(weights, a_k, strict=True)]  # p_k s_k
             u, s, vh = svd_of_product(*stacked_factors(b_k, a_k, coeffs))  # of Σ p_k s_k B_k A_k
             rank = params[pair.a_key].shape[0]
+            near = (params[pair.a_key], params[pair.b_key]) if self.align else None
             out[pair.a_key], out[pair.b_key], lost = refactor(
-                u, s, vh, rank, self.alpha / rank, params[pair.a_key].dtype
+                u, s, vh, rank, self.alpha / rank, params[pair.a_key].dtype, near
             )
             tail, total = tail + lost, total + float(s.pow(2).sum())
         return out, LoraExactState(state.rounds + 1, relative(tail, total), math.sqrt(tail))

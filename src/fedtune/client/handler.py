@@ -28,8 +28,10 @@ from fedtune.data.tokenize import Encoded, collate
 from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.reporting.console import bar_disabled
 from fedtune.types import EvalReply, EvalRequest, Params, TrainReply, TrainRequest
-from fedtune.wire.link import Link, generator
+from fedtune.wire.link import Link, apply_change, generator
 from fedtune.wire.messages import decode_message, encode_message
+
+HELD = "held/"  # client-state prefix of the adapter a client holds (downlink updates)
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,13 @@ class ClientHandler:
         progress: bool = False,
         uplink: Link | None = None,
         downlink: Link | None = None,
+        initial: Params | None = None,
     ):
         """``uplink`` encodes each update (its error-feedback residual lives in the client state);
-        ``downlink`` decodes the global adapter as the server encoded it."""
+        ``downlink`` decodes the global adapter as the server encoded it. ``initial`` is the seeded
+        initial adapter, what every client holds before its first downlink update."""
         self.uplink, self.downlink = uplink or Link(), downlink or Link()
+        self.initial = initial
         self.adapter, self.tokenizer, self.data = adapter, tokenizer, data
         self.training, self.total_rounds, self.seed = training, total_rounds, seed
         self.eval_settings = eval_settings or EvalSettings()
@@ -97,18 +102,36 @@ class ClientHandler:
             return encode_message(self.evaluate(client_id, msg)), state
         raise TypeError(f"client {client_id} cannot handle a {type(msg).__name__}")
 
+    def _receive(self, req: TrainRequest, state: Params) -> tuple[Params, Params]:
+        """(the adapter to train from, client state): a full adapter, or a change to the one held."""
+        if req.downlink == "full":
+            return self._load(req.params), state
+        if req.downlink != "update":
+            raise ValueError(f"unknown downlink kind {req.downlink!r}")
+        if self.initial is None:
+            raise ValueError("a downlink update needs the initial adapter this client started from")
+        names = sorted(self.adapter.params)
+        held = {k: state[HELD + k] for k in names} if HELD + names[0] in state else self.initial
+        params = apply_change(held, self.downlink.decode(req.params, names))
+        self._set(params)
+        return params, {**state, **{HELD + k: v for k, v in params.items()}}
+
     def _load(self, wire: Params) -> Params:
-        """Decode the global adapter, activate the adapter of its rank (heterogeneous ranks), load it."""
+        """Decode the global adapter and load it."""
         params = self.downlink.decode(wire, self.adapter.params)
+        self._set(params)
+        return params
+
+    def _set(self, params: Params) -> None:
+        """Activate the adapter of the rank these params have (heterogeneous ranks), then load them."""
         rank = rank_of(params)
         if rank is not None:
             self.adapter.activate(rank)
         self.adapter.set_state(params)
-        return params
 
     def train(self, client_id: int, req: TrainRequest, state: Params) -> tuple[TrainReply, Params]:
         cfg, data = self.training, self.data[client_id]
-        params = self._load(req.params)  # what training starts from (lossy if the downlink is)
+        params, state = self._receive(req, state)  # what training starts from (lossy if the downlink is)
         names = list(self.adapter.params)
         corrections: list = []
         if cfg.proximal_mu > 0:

@@ -26,6 +26,7 @@ from fedtune.types import Params
 log = logging.getLogger(__name__)
 
 _PARAMS, _AGG, _CLIENTS, _STATE = "params.safetensors", "aggregator.safetensors", "clients.safetensors", "state.json"
+_REPLICAS = "replicas.safetensors"
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ServerState:
     aggregator: NamedTuple
     history: list[dict[str, Any]] = field(default_factory=list)
     clients: dict[int, Params] = field(default_factory=dict)
+    replicas: dict[int, Params] = field(default_factory=dict)  # downlink updates: what each client holds
 
 
 def checkpoint_dir(run_dir: Path, round_index: int) -> Path:
@@ -55,15 +57,18 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int | None = None) 
         save_file({k: v.contiguous() for k, v in agg_tensors.items()}, tmp / _AGG)
         clients = {f"{cid}|{k}": v.contiguous() for cid, st in state.clients.items() for k, v in st.items()}
         save_file(clients, tmp / _CLIENTS)
+        unique, replica_of = _dedupe(state.replicas)
+        save_file({f"{j}|{k}": v.contiguous() for j, r in enumerate(unique) for k, v in r.items()}, tmp / _REPLICAS)
         meta = {
             "round": state.round,
             "aggregator": state_signature(state.aggregator),
             "aggregator_scalars": agg_scalars,
             "history": state.history,
-            "sha256": {name: _sha256(tmp / name) for name in (_PARAMS, _AGG, _CLIENTS)},
+            "replica_of": replica_of,
+            "sha256": {name: _sha256(tmp / name) for name in (_PARAMS, _AGG, _CLIENTS, _REPLICAS)},
         }
         (tmp / _STATE).write_text(json.dumps(meta, indent=1))
-        for name in (_PARAMS, _AGG, _CLIENTS, _STATE):
+        for name in (_PARAMS, _AGG, _CLIENTS, _REPLICAS, _STATE):
             _fsync(tmp / name)
         if final.exists():  # a stale copy of this round (e.g. from an earlier attempt)
             shutil.rmtree(final)
@@ -109,7 +114,28 @@ def load_checkpoint(path: Path, aggregator_template: NamedTuple) -> ServerState:
     for flat, t in load_file(path / _CLIENTS).items():
         cid, _, key = flat.partition("|")
         clients.setdefault(int(cid), {})[key] = t
-    return ServerState(meta["round"], load_file(path / _PARAMS), agg, meta["history"], clients)
+    replicas: dict[int, Params] = {}
+    if "replica_of" in meta:  # checkpoints written before downlink updates existed have none
+        unique: dict[int, Params] = {}
+        for flat, t in load_file(path / _REPLICAS).items():
+            j, _, key = flat.partition("|")
+            unique.setdefault(int(j), {})[key] = t
+        replicas = {int(c): unique[j] for c, j in meta["replica_of"].items()}  # shared again, as saved
+    return ServerState(meta["round"], load_file(path / _PARAMS), agg, meta["history"], clients, replicas)
+
+
+def _dedupe(replicas: dict[int, Params]) -> tuple[list[Params], dict[str, int]]:
+    """Distinct replica objects (clients that took part in the same rounds share one) and client -> index."""
+    index: dict[int, int] = {}
+    unique: list[Params] = []
+    replica_of: dict[str, int] = {}
+    for c in sorted(replicas):
+        r = replicas[c]
+        if id(r) not in index:
+            index[id(r)] = len(unique)
+            unique.append(r)
+        replica_of[str(c)] = index[id(r)]
+    return unique, replica_of
 
 
 def _round_dirs(root: Path) -> list[Path]:

@@ -22,6 +22,7 @@ from fedtune.errors import RunError
 from fedtune.reporting.console import bar_disabled
 from fedtune.runtime.base import Runtime
 from fedtune.server.checkpoint import ServerState, checkpoint_dir, save_checkpoint
+from fedtune.server.downlink import ReplicaDownlink
 from fedtune.server.sampling import sample_clients
 from fedtune.server.validation import update_problem
 from fedtune.types import Envelope, EvalReply, EvalRequest, Params, TrainReply, TrainRequest
@@ -56,10 +57,13 @@ def run_rounds(
     on_record: Callable[[dict[str, Any]], None] = lambda rec: None,
     uplink: Link | None = None,
     downlink: Link | None = None,
+    replicas: ReplicaDownlink | None = None,
 ) -> ServerState:
     """Run rounds state.round+1 .. settings.rounds; checkpoint after each; return the final state.
 
     ``downlink`` encodes the global adapter each client receives; ``uplink`` decodes their updates.
+    With ``replicas``, clients receive the change to the adapter they hold instead (its link
+    compresses it), and per-client evaluation gets the plain adapter.
     """
     uplink, downlink = uplink or Link(), downlink or Link()
     bar = tqdm(
@@ -70,9 +74,14 @@ def run_rounds(
         clients = sample_clients(settings.num_clients, settings.clients_per_round, settings.seed, r)
         control = aggregator.broadcast(state.aggregator)  # {} unless the algorithm sends more (SCAFFOLD)
         views = {c: aggregator.client_view(state.params, state.aggregator, c) for c in clients}
-        downs = _encode_per_view(
-            views, downlink, generator(settings.seed, r, 0), partial(TrainRequest, r, control=control)
-        )
+        if replicas is None:
+            downs = _encode_per_view(
+                views, downlink, generator(settings.seed, r, 0), partial(TrainRequest, r, control=control)
+            )
+        else:
+            wires = replicas.encode(views, generator(settings.seed, r, 0))
+            make = partial(TrainRequest, r, control=control, downlink="update")
+            downs = _encode_shared(wires, lambda w, make=make: encode_message(make(params=w)))
         replies = runtime.send_and_receive([Envelope(c, downs[c]) for c in clients])
         contributions, used, dropped, bytes_up = [], [], {}, 0
         for env in sorted(replies, key=lambda e: e.client_id):
@@ -117,7 +126,8 @@ def run_rounds(
                 record.update(evaluate_global(params))
             if per_client_eval:
                 views = {c: aggregator.client_view(params, agg_state, c) for c in range(settings.num_clients)}
-                record.update(_per_client_eval(runtime, views, r, downlink, generator(settings.seed, r, 1)))
+                eval_link = downlink if replicas is None else Link()
+                record.update(_per_client_eval(runtime, views, r, eval_link, generator(settings.seed, r, 1)))
             record["eval_s"] = time.perf_counter() - t
         record["wall_s"] = time.perf_counter() - start
         state = replace(
@@ -127,6 +137,7 @@ def run_rounds(
             aggregator=agg_state,
             history=[*state.history, record],
             clients=runtime.client_states(),
+            replicas=dict(replicas.replicas) if replicas is not None else {},
         )
         save_checkpoint(run_dir, state, settings.keep_checkpoints)
         on_record(record)
@@ -166,12 +177,16 @@ def _encode_per_view(
     views: dict[int, Params], link: Link, gen: torch.Generator, make: Callable[..., Any]
 ) -> dict[int, bytes]:
     """Encode each distinct view once (all clients share one payload unless views differ, e.g. by rank)."""
+    return _encode_shared(views, lambda v: encode_message(make(params=link.encode(v, {}, gen)[0])))
+
+
+def _encode_shared(parts: dict[int, Params], encode: Callable[[Params], bytes]) -> dict[int, bytes]:
+    """Encode each distinct object once: clients sharing a view (or a downlink update) share a payload."""
     cache: dict[int, bytes] = {}
-    for v in views.values():
-        if id(v) not in cache:
-            wire, _ = link.encode(v, {}, gen)
-            cache[id(v)] = encode_message(make(params=wire))
-    return {c: cache[id(v)] for c, v in views.items()}
+    for p in parts.values():
+        if id(p) not in cache:
+            cache[id(p)] = encode(p)
+    return {c: cache[id(p)] for c, p in parts.items()}
 
 
 def _per_client_eval(

@@ -73,6 +73,12 @@ class Link:
         return {n: decoded[str(i)] for i, n in enumerate(names)}
 
 
+def apply_change(held: Params, change: Params) -> Params:
+    """held + change, key by key: the one formula a downlink update is applied with on both ends
+    (server replica and client), so they agree to the bit."""
+    return {k: held[k] + change[k] for k in held}
+
+
 def generator(*key: int) -> torch.Generator:
     """A torch generator seeded by a tuple of ints (e.g. seed, round, client): reproducible draws."""
     seed = int(np.random.default_rng(list(key)).integers(2**63 - 1))
