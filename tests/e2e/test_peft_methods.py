@@ -107,3 +107,26 @@ def test_lora_only_options_are_rejected_for_other_methods():
         load_config(None, ["adapter.method=bottleneck", "adapter.client_ranks=[2,4]"])
     with pytest.raises(ConfigError, match="target_modules does not apply to method 'prompt_tuning'"):
         load_config(None, ["adapter.method=prompt_tuning", "adapter.target_modules=[q_proj]"])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_resumes_bit_identically(tmp_path, method):
+    """Stop after round 1, resume to round 2: the same adapter as two rounds straight."""
+    _, straight = _run(tmp_path, method, "output.name=straight")
+    _run(tmp_path, method, "output.name=split", "federation.rounds=1")
+    overrides, _ = METHODS[method]
+    cfg = load_config(
+        "examples/tiny.yaml",
+        [
+            *TINY_OVERRIDES,
+            *overrides,
+            "federation.rounds=2",
+            "training.lr=2e-2",
+            "evaluation.exact_match=false",
+            f"output.dir={tmp_path}",
+            "output.name=split",
+        ],
+    )
+    resumed = run_experiment(cfg, resume=True).state.params
+    assert resumed.keys() == straight.state.params.keys()
+    assert all(torch.equal(resumed[k], straight.state.params[k]) for k in resumed)
