@@ -83,3 +83,16 @@ def test_pack_by_dtype_round_trip_and_layout_check():
     assert all(torch.equal(back[k], parts[k]) for k in parts)
     with pytest.raises(ValueError, match="has 4 values, its layout 5"):
         unpack_by_dtype({**flat, "float32": torch.zeros(4)}, layout)
+
+
+def test_block_dropout_through_the_link_still_drops_whole_layers(update):
+    """Short wire names keep the layer number, so FedOBD's blocks are transformer layers."""
+    link = Link.from_specs([{"name": "block_dropout", "keep_fraction": 0.1}])
+    scaled = {k: v * (10.0 if ".layers.7." in k or ".layers.21." in k else 1.0) for k, v in update.items()}
+    wire, _ = link.encode(scaled, {}, torch.Generator())
+    decoded = link.decode(wire, scaled)
+    sent = [k for k, v in decoded.items() if v.abs().sum() > 0]
+    layers = {k.split(".layers.")[1].split(".")[0] for k in sent}
+    assert len(layers) == 3 and {"7", "21"} <= layers  # ceil(0.1 * 30) = 3 layers, the most changed among them
+    assert len(sent) == 3 * 8  # whole layers: all 8 LoRA tensors of each
+    assert all(torch.equal(decoded[k], scaled[k]) for k in sent)

@@ -5,7 +5,8 @@ chain makes two or three parts of each; per-tensor safetensors entries and 60-ch
 would then be a large share of a compressed payload. So:
 
 - both ends already know the adapter's tensor names (the server from the view it sent, a client
-  from its own adapter): a tensor is named by its index in the sorted names ("17");
+  from its own adapter): a tensor is named by its index in the sorted names, behind its layer
+  number so that codecs that work by layer still see layers ("3.17": layer 3, tensor 17);
 - the encoded parts are concatenated into one flat tensor per dtype, and a compact layout
   (part name, shape) tells the receiver how to split them again;
 - the codec meta and the layout travel as one zlib-compressed JSON tensor ``meta`` (uint8), so
@@ -42,8 +43,8 @@ class Link:
 
     def encode(self, params: Params, state: Params, gen: torch.Generator) -> tuple[Params, Params]:
         """-> (wire tensors, new state); error-feedback residuals live in ``state``."""
-        names = sorted(params)
-        packed, state = self.chain.encode({str(i): params[n] for i, n in enumerate(names)}, state, gen)
+        short = short_names(params)
+        packed, state = self.chain.encode({short[n]: t for n, t in params.items()}, state, gen)
         tensors, layout = pack_by_dtype(packed.tensors)
         meta = json.dumps({**packed.meta, "layout": layout}, separators=(",", ":"), sort_keys=True)
         tensors[META] = torch.frombuffer(bytearray(zlib.compress(meta.encode(), 9)), dtype=torch.uint8)
@@ -51,7 +52,7 @@ class Link:
 
     def decode(self, tensors: Params, names: Iterable[str]) -> Params:
         """The update under its real names; ``names`` are the keys the receiver expects."""
-        names = sorted(names)
+        short = short_names(names)
         if not tensors:  # an empty message part (e.g. a diverged client's delta)
             return {}
         tensors = dict(tensors)
@@ -63,14 +64,14 @@ class Link:
             raise ValueError(f"unreadable codec meta: {exc}") from None
         tensors = unpack_by_dtype(tensors, meta.pop("layout"))
         decoded = self.chain.decode(Packed(tensors, meta))
-        expected = {str(i) for i in range(len(names))}
+        expected = set(short.values())
         if decoded.keys() != expected:
             raise ValueError(
-                f"decoded {len(decoded)} tensors, expected the {len(names)} this receiver holds "
+                f"decoded {len(decoded)} tensors, expected the {len(short)} this receiver holds "
                 f"(unexpected: {sorted(decoded.keys() - expected)[:3]}, "
                 f"missing: {sorted(expected - decoded.keys())[:3]})"
             )
-        return {n: decoded[str(i)] for i, n in enumerate(names)}
+        return {n: decoded[s] for n, s in short.items()}
 
 
 def apply_change(held: Params, change: Params) -> Params:
@@ -83,6 +84,16 @@ def generator(*key: int) -> torch.Generator:
     """A torch generator seeded by a tuple of ints (e.g. seed, round, client): reproducible draws."""
     seed = int(np.random.default_rng(list(key)).integers(2**63 - 1))
     return torch.Generator().manual_seed(seed)
+
+
+def short_names(names: Iterable[str]) -> dict[str, str]:
+    """name -> "<layer>.<index>" (index among the sorted names; layer = the first integer path
+    component, as ``codecs.block_dropout.block_id`` groups them), or "<index>" without a layer."""
+    out = {}
+    for i, name in enumerate(sorted(names)):
+        layer = next((part for part in name.split(".") if part.isdigit()), None)
+        out[name] = f"{layer}.{i}" if layer is not None else str(i)
+    return out
 
 
 def pack_by_dtype(tensors: Params) -> tuple[Params, dict[str, list]]:
