@@ -31,6 +31,7 @@ EF = "compression.error_feedback=true"
 
 
 UPDATES = "compression.downlink_updates=true"
+IA3 = ["adapter.method=ia3", "training.lr=1e-2"]
 
 
 def up(*chain: str) -> str:
@@ -45,7 +46,7 @@ def both(*chain: str) -> list[str]:
 ROWS: dict[str, tuple[str, list[str]]] = {  # name -> (group, overrides)
     "lora": ("peft", []),  # the reference: fp32 LoRA r=8 on q/k/v/o, FedAvg (exact)
     "dora": ("peft", ["adapter.dora=true"]),
-    "ia3": ("peft", ["adapter.method=ia3", "training.lr=1e-2"]),
+    "ia3": ("peft", IA3),
     "prompt_tuning": ("peft", ["adapter.method=prompt_tuning", "training.lr=3e-2"]),
     "prefix_tuning": ("peft", ["adapter.method=prefix_tuning", "training.lr=1e-2"]),
     "p_tuning": ("peft", ["adapter.method=p_tuning", "training.lr=1e-2"]),
@@ -68,6 +69,24 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # name -> (group, overrides)
         "chain",
         [up("{name: topk, fraction: 0.05}", "int4"), EF, "compression.downlink=[int8]"],
     ),
+    # a small adapter and quantisation both ways
+    "int4 both ways": ("combined", [up("int4"), "compression.downlink=[int4]"]),
+    "ia3 lr 2e-2": ("combined", ["adapter.method=ia3", "training.lr=2e-2"]),
+    "ia3 + int8 both ways": ("combined", [*IA3, up("int8"), "compression.downlink=[int8]"]),
+    "ia3 + int4 both ways": ("combined", [*IA3, up("int4"), "compression.downlink=[int4]"]),
+    "ia3 lr 2e-2 + int4 both ways": (
+        "combined",
+        ["adapter.method=ia3", "training.lr=2e-2", up("int4"), "compression.downlink=[int4]"],
+    ),
+    "lora r=2 + int4 both ways": (
+        "combined",
+        ["adapter.r=2", "adapter.alpha=4", up("int4"), "compression.downlink=[int4]"],
+    ),
+    # downlink updates: each client receives the compressed change to the adapter it holds
+    "fp32 downlink updates (aligned factors)": ("both ways", [UPDATES]),
+    "topk 5% > int4 both ways": ("both ways", [*both("{name: topk, fraction: 0.05}", "int4"), EF]),
+    "topk 2% > int8 both ways": ("both ways", [*both("{name: topk, fraction: 0.02}", "int8"), EF]),
+    "randk 5% > int8 both ways": ("both ways", [*both("{name: randk, fraction: 0.05}", "int8"), EF]),
 }
 
 
@@ -76,7 +95,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(ROWS))
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the saved results and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads((RESULTS / "communication.json").read_text())["rows"]))
+        return
     chosen = [r for r in ROWS if not args.only or r in args.only.split(",")]
     common = [
         f"federation.rounds={args.rounds}",
@@ -151,6 +174,25 @@ def add_ratios(rows: list[dict]) -> None:
         r["loss_change"] = r["final_eval_loss"] / ref["final_eval_loss"] - 1
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README table: bytes per client per round each way, reductions vs fp32 LoRA, quality."""
+    out = [
+        "| row | trainable | KB up / client / round | KB down | up reduction | total reduction "
+        "| final eval loss | vs fp32 LoRA | exact-match |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['name']} | - | - | - | - | - | - | - | skipped: {r['skipped'].split('. ')[0]} |")
+            continue
+        out.append(
+            f"| {r['name']} | {r['trainable_params']:,} | {r['up_bytes_per_client_round'] / 1e3:,.1f} "
+            f"| {r['down_bytes_per_client_round'] / 1e3:,.1f} | {r['up_reduction']:.1f}x | {r['total_reduction']:.1f}x "
+            f"| {r['final_eval_loss']:.3f} | {100 * r['loss_change']:+.1f}% | {100 * r['final_accuracy']:.1f}% |"
+        )
+    return "\n".join(out)
+
+
 def plot(rows: list[dict], path, title: str) -> None:
     import matplotlib
 
@@ -159,7 +201,13 @@ def plot(rows: list[dict], path, title: str) -> None:
 
     done = [r for r in rows if "skipped" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
-    colors = {"peft": "tab:blue", "codec": "tab:orange", "chain": "tab:green", "both ways": "tab:red"}
+    colors = {
+        "peft": "tab:blue",
+        "codec": "tab:orange",
+        "chain": "tab:green",
+        "both ways": "tab:red",
+        "combined": "tab:purple",
+    }
     for ax, key, label in ((axes[0], "final_eval_loss", "final eval loss"), (axes[1], "final_accuracy", "exact match")):
         for r in done:
             x = r["up_bytes_per_client_round"] + r["down_bytes_per_client_round"]
