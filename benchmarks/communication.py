@@ -32,6 +32,7 @@ EF = "compression.error_feedback=true"
 
 UPDATES = "compression.downlink_updates=true"
 IA3 = ["adapter.method=ia3", "training.lr=1e-2"]
+IA3_FAST = ["adapter.method=ia3", "training.lr=2e-2"]
 
 
 def up(*chain: str) -> str:
@@ -71,12 +72,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # name -> (group, overrides)
     ),
     # a small adapter and quantisation both ways
     "int4 both ways": ("combined", [up("int4"), "compression.downlink=[int4]"]),
-    "ia3 lr 2e-2": ("combined", ["adapter.method=ia3", "training.lr=2e-2"]),
+    "ia3 lr 2e-2": ("combined", IA3_FAST),
     "ia3 + int8 both ways": ("combined", [*IA3, up("int8"), "compression.downlink=[int8]"]),
     "ia3 + int4 both ways": ("combined", [*IA3, up("int4"), "compression.downlink=[int4]"]),
     "ia3 lr 2e-2 + int4 both ways": (
         "combined",
-        ["adapter.method=ia3", "training.lr=2e-2", up("int4"), "compression.downlink=[int4]"],
+        [*IA3_FAST, up("int4"), "compression.downlink=[int4]"],
     ),
     "lora r=2 + int4 both ways": (
         "combined",
@@ -85,8 +86,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # name -> (group, overrides)
     # downlink updates: each client receives the compressed change to the adapter it holds
     "fp32 downlink updates (aligned factors)": ("both ways", [UPDATES]),
     "topk 5% > int4 both ways": ("both ways", [*both("{name: topk, fraction: 0.05}", "int4"), EF]),
-    "topk 2% > int8 both ways": ("both ways", [*both("{name: topk, fraction: 0.02}", "int8"), EF]),
-    "randk 5% > int8 both ways": ("both ways", [*both("{name: randk, fraction: 0.05}", "int8"), EF]),
+    "int4 both ways (updates)": ("both ways", both("int4")),
+    "ia3 lr 2e-2 + int8 both ways (updates)": ("both ways", [*IA3_FAST, *both("int8")]),
+    "ia3 lr 2e-2 + int4 both ways (updates)": ("both ways", [*IA3_FAST, *both("int4")]),
 }
 
 

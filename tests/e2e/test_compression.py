@@ -121,6 +121,9 @@ def test_downlink_updates_let_the_downlink_shrink_like_the_uplink(tmp_path):
             f"compression.downlink={chain}",
             "compression.downlink_updates=true",
             "federation.rounds=3",
+            # exact mode's first round moves A from its seeded init to a balanced factorisation,
+            # a change as large as A that a sparse downlink delivers over several rounds
+            "aggregation.lora=naive",
         )
     assert plain[0]["bytes_down"] / rounds[0]["bytes_down"] > 9
     ckpt = load_latest(result.run_dir, result.state.aggregator)

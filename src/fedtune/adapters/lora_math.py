@@ -80,25 +80,22 @@ def refactor(
     The singular values are split evenly: B = U_r sqrt(S_r / scale), A = sqrt(S_r / scale) Vh_r.
     Tail energy is Σ_{i > rank} S_i², the squared Frobenius error of the truncation.
 
-    With ``near`` = (A_prev, B_prev) the same product is factorised close to the previous factors
-    instead: A = A_prev projected onto the new row space, A = C Vh_r with C = A_prev Vh_rᵀ (r, r),
-    and B = U_r S_r C⁻¹ / scale, so that scale · B A = U_r S_r Vh_r still. A stays where it was
-    up to the change of row space and B carries the update, which is what a client holding the
-    previous factors needs (downlink updates). Falls back to the even split when the truncated
-    product has fewer than `rank` directions or C is ill-conditioned.
+    With ``near`` = (A_prev, B_prev) the even split is rotated by the orthogonal Q that brings it
+    closest to the previous factors (orthogonal Procrustes: Q = W Zᵀ for Bᵀ B_prev + A A_prevᵀ =
+    W Σ Zᵀ). (B Q)(Qᵀ A) is the same product and the factors stay exactly as balanced as the even
+    split; only the arbitrary rotation between rounds is removed.
     """
     keep = min(rank, s.numel())
-    if near is not None and keep == rank and bool(s[keep - 1] > 0):
-        c = near[0].double() @ vh[:rank].T  # (r, r): A_prev in the new row basis
-        if float(torch.linalg.cond(c)) < 1e6:
-            a = c @ vh[:rank]  # (r, in)
-            b = torch.linalg.solve(c.T, (u[:, :rank] * s[:rank]).T).T / scale  # (out, r) = U S C⁻¹ / scale
-            return a.to(dtype), b.to(dtype), float(s[keep:].pow(2).sum())
     root = (s[:keep] / scale).sqrt()
     b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
     a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
     b[:, :keep] = u[:, :keep] * root
     a[:keep] = root[:, None] * vh[:keep]
+    if near is not None:
+        a_prev, b_prev = (t.double() for t in near)
+        w, _, zh = torch.linalg.svd(b.T @ b_prev + a @ a_prev.T)  # (rank, rank) each
+        q = w @ zh  # orthogonal
+        b, a = b @ q, q.T @ a
     return a.to(dtype), b.to(dtype), float(s[keep:].pow(2).sum())
 
 
