@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from fedtune.config import apply_override, config_diff, load_config
@@ -99,3 +101,8 @@ def test_client_ranks_are_checked():
         load_config(None, ["adapter.client_ranks=[2,8]", "aggregation.name=fedadam"])
     with pytest.raises(ConfigError, match="heterogeneous LoRA ranks"):
         load_config(None, ["adapter.client_ranks=[2,8]", "aggregation.lora=ffa"])
+
+
+@pytest.mark.parametrize("path", sorted(Path("examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    assert load_config(path).model.name
