@@ -13,11 +13,10 @@ With --only, the chosen rows replace their namesakes in results/algorithms.json 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
-from common import RESULTS, write_result
+from common import merge_rows, quickstart_setup, write_result
 
 from fedtune.config import load_config
 from fedtune.experiment import run_experiment
@@ -81,22 +80,12 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-    if args.only and (RESULTS / "algorithms.json").is_file():  # keep the rows that were not re-run
-        kept = json.loads((RESULTS / "algorithms.json").read_text())["rows"]
-        fresh = {r["algorithm"] for r in rows}
-        rows = [r for r in kept if r["algorithm"] not in fresh] + rows
-        rows.sort(key=lambda r: list(ALGORITHMS).index(r["algorithm"]))
+    if args.only:  # keep the rows that were not re-run
+        rows = merge_rows("algorithms", rows, "algorithm", list(ALGORITHMS))
     write_result(
         "algorithms",
         {
-            "setup": {
-                "config": "examples/quickstart.yaml",
-                "rounds": args.rounds,
-                "local_steps": args.steps,
-                "clients": 4,
-                "partition": "by_field task",
-                "eval_examples": 40,
-            },
+            "setup": quickstart_setup(args.rounds, args.steps),
             "base_model": {"eval_loss": start["eval_loss"], "accuracy": start["eval_accuracy"]},
             "rows": rows,
         },

@@ -44,3 +44,27 @@ def write_result(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return path
+
+
+def merge_rows(name: str, rows: list[dict], key: str, order: list[str]) -> list[dict]:
+    """Fresh rows plus the saved rows of results/<name>.json that were not re-run (``--only``),
+    in ``order`` of their ``key``; saved rows whose key is no longer in ``order`` are dropped."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return rows
+    fresh = {r[key] for r in rows}
+    kept = [r for r in json.loads(path.read_text())["rows"] if r[key] not in fresh and r[key] in order]
+    return sorted(kept + rows, key=lambda r: order.index(r[key]))
+
+
+def quickstart_setup(rounds: int, steps: int, **extra) -> dict:
+    """The setup block of a benchmark that runs the quickstart config shortened or as is."""
+    return {
+        "config": "examples/quickstart.yaml",
+        "rounds": rounds,
+        "local_steps": steps,
+        "clients": 4,
+        "partition": "by_field task",
+        "eval_examples": 40,
+        **extra,
+    }

@@ -21,7 +21,7 @@ import json
 import tempfile
 import time
 
-from common import RESULTS, write_result
+from common import RESULTS, merge_rows, quickstart_setup, write_result
 
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
@@ -139,24 +139,13 @@ def main() -> None:
             )
             rows.append(row)
             print(row, flush=True)
-    path = RESULTS / "communication.json"
-    if args.only and path.is_file():  # keep the rows that were not re-run
-        fresh = {r["name"] for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if r["name"] not in fresh and r["name"] in ROWS] + rows
-        rows.sort(key=lambda r: list(ROWS).index(r["name"]))
+    if args.only:  # keep the rows that were not re-run
+        rows = merge_rows("communication", rows, "name", list(ROWS))
     add_ratios(rows)
     write_result(
         "communication",
         {
-            "setup": {
-                "config": "examples/quickstart.yaml",
-                "rounds": args.rounds,
-                "local_steps": args.steps,
-                "clients": 4,
-                "partition": "by_field task",
-                "eval_examples": 40,
-                "reference": "lora (fp32 LoRA r=8 q/k/v/o, FedAvg exact)",
-            },
+            "setup": quickstart_setup(args.rounds, args.steps, reference="lora (fp32 LoRA r=8 q/k/v/o, FedAvg exact)"),
             "rows": rows,
         },
     )

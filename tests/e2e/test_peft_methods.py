@@ -33,7 +33,7 @@ METHODS = {
 }
 
 
-def _run(tmp_path, method: str, *extra: str):
+def _run(tmp_path, method: str, *extra: str, resume: bool = False):
     overrides, _ = METHODS[method]
     cfg = load_config(
         "examples/tiny.yaml",
@@ -48,7 +48,7 @@ def _run(tmp_path, method: str, *extra: str):
             *extra,
         ],
     )
-    return cfg, run_experiment(cfg)
+    return cfg, run_experiment(cfg, resume=resume)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -114,19 +114,6 @@ def test_method_resumes_bit_identically(tmp_path, method):
     """Stop after round 1, resume to round 2: the same adapter as two rounds straight."""
     _, straight = _run(tmp_path, method, "output.name=straight")
     _run(tmp_path, method, "output.name=split", "federation.rounds=1")
-    overrides, _ = METHODS[method]
-    cfg = load_config(
-        "examples/tiny.yaml",
-        [
-            *TINY_OVERRIDES,
-            *overrides,
-            "federation.rounds=2",
-            "training.lr=2e-2",
-            "evaluation.exact_match=false",
-            f"output.dir={tmp_path}",
-            "output.name=split",
-        ],
-    )
-    resumed = run_experiment(cfg, resume=True).state.params
+    resumed = _run(tmp_path, method, "output.name=split", resume=True)[1].state.params
     assert resumed.keys() == straight.state.params.keys()
     assert all(torch.equal(resumed[k], straight.state.params[k]) for k in resumed)
