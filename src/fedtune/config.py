@@ -28,7 +28,6 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow model code from the hub repo (only for repos you trust)")
 
 
-ADAPTER_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck", "bitfit")
 DEFAULT_TARGETS = {
     "lora": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "ia3": ["k_proj", "v_proj", "down_proj"],

@@ -8,7 +8,6 @@ from pydantic import Field, model_serializer, model_validator
 
 from fedtune.config_base import Strict as _Strict
 
-CODEC_NAMES = ("fp16", "bf16", "int8", "int4", "topk", "randk", "lowrank", "block_dropout")
 DOWNLINK_CODECS = ("fp16", "bf16", "int8", "int4")  # the downlink carries the adapter itself, not an update
 _CODEC_FIELDS = {  # which optional keys each codec takes
     "int8": {"per", "rounding"},

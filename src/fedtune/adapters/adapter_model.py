@@ -133,11 +133,6 @@ class AdapterModel:
         own = 0 if self.method == "bitfit" else self.num_trainable  # BitFit's biases are base parameters
         return base + own
 
-    @property
-    def position_offset(self) -> int:
-        """Positions prepended before the input (prompt and P-tuning's virtual tokens)."""
-        return virtual_token_offset(self.model)
-
     def get_state(self) -> Params:
         """A detached copy of the adapter tensors."""
         return {k: p.detach().clone() for k, p in self.params.items()}
