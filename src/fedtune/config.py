@@ -155,6 +155,9 @@ class FederationConfig(_Strict):
     clients_per_round: int | None = Field(None, ge=1, description="count sampled per round; default all")
     fraction: float | None = Field(None, gt=0, le=1, description="alternative to clients_per_round")
     min_clients: int = Field(1, ge=1, description="fewer good replies than this stops the run")
+    round_timeout_s: float | None = Field(
+        None, gt=0, description="deadline for replies in a round (ray, flower); late clients count as dropped"
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> FederationConfig:
@@ -267,10 +270,25 @@ class EvaluationConfig(_Strict):
     per_client: bool = Field(False, description="also evaluate on each client's held-out share")
 
 
+class RayConfig(_Strict):
+    """Scale-out simulation: a pool of Ray workers, each holding one base model."""
+
+    address: str | None = Field(
+        None, description="None: start a local Ray instance; 'auto' or ray://HOST:10001: join that cluster"
+    )
+    num_workers: int | None = Field(None, ge=1, description="workers (one model each); default: one per CPU")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs Ray reserves for each worker")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker; default cpus_per_worker")
+
+
 class RuntimeConfig(_Strict):
     """How messages reach clients."""
 
-    name: Literal["in_process"] = Field("in_process", description="one process, one shared base model")
+    name: Literal["in_process", "ray"] = Field(
+        "in_process", description="in_process: one process, one shared base model; ray: a worker pool"
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 class OutputConfig(_Strict):

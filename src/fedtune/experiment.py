@@ -21,22 +21,18 @@ import yaml
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.aggregation import build_aggregator
-from fedtune.client.handler import ClientData, ClientHandler, EvalSettings
+from fedtune.assembly import build_client_data, build_workbench, make_handler
 from fedtune.config import ExperimentConfig, config_diff, to_yaml, validate_config
-from fedtune.data.prepare import FederatedData, holdout_split, prepare_federated_data
-from fedtune.data.templates import resolve_template
-from fedtune.data.tokenize import Encoder
+from fedtune.data.prepare import FederatedData, prepare_federated_data
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.evaluation.harness import EvalSet, evaluate
-from fedtune.models.loading import load_model
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
 from fedtune.reporting.metrics import MetricsWriter, summarize
-from fedtune.runtime.in_process import InProcessRuntime
+from fedtune.runtime import build_runtime
 from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
 from fedtune.server.downlink import ReplicaDownlink
 from fedtune.server.round_loop import LoopSettings, run_rounds
 from fedtune.types import Params
-from fedtune.wire.link import Link
 
 log = logging.getLogger("fedtune")
 
@@ -87,54 +83,20 @@ def _run(
     resume: bool,
     on_record: Callable[[dict[str, Any]], None] | None,
 ) -> RunResult:
-    t = time.perf_counter()
-    loaded = load_model(
-        cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model.gguf_file, cfg.model.trust_remote_code
-    )
+    bench = build_workbench(cfg)
+    adapter, tokenizer, eval_settings = bench.adapter, bench.tokenizer, bench.eval_settings
     lora_mode = cfg.aggregation.lora_mode() if cfg.adapter.is_lora() else None
-    adapter = AdapterModel(
-        loaded.model,
-        cfg.adapter,
-        cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed,
-        base_path=os.path.abspath(loaded.path),
-        freeze_a=lora_mode == "ffa",
-        extra_ranks=[cfg.adapter.rank_of_client(c) for c in range(cfg.partition.num_clients)],
-    )
-    log.info(
-        "model %s loaded in %.1fs; adapter %s: %s trainable of %s parameters (%.3f%%)",
-        cfg.model.name,
-        time.perf_counter() - t,
-        cfg.adapter.method + (" (DoRA)" if cfg.adapter.dora else ""),
-        f"{adapter.num_trainable:,}",
-        f"{adapter.num_total:,}",
-        100 * adapter.num_trainable / adapter.num_total,
-    )
-
-    tokenizer = loaded.tokenizer
-    encoder = Encoder(
-        tokenizer,
-        resolve_template(cfg.data.template, tokenizer),
-        cfg.data.system_prompt,
-        cfg.data.max_seq_len,
-        cfg.data.train_on_prompt,
-    )
-    exact = data.builtin if cfg.evaluation.exact_match == "auto" else cfg.evaluation.exact_match
-    eval_settings = EvalSettings(
-        cfg.evaluation.batch_size, exact, cfg.evaluation.max_new_tokens, cfg.evaluation.group_by
-    )
-    clients = build_client_data(data, encoder, cfg)
-    eval_set = EvalSet.build(_eval_subset(data.eval, cfg.evaluation.max_samples), encoder)
+    clients = build_client_data(data, bench.encoder, cfg)
+    eval_set = EvalSet.build(_eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
     log.info(
         "%d clients, %s training examples; %d held-out examples; template %s",
         len(clients),
         "/".join(str(len(c.train)) for c in clients.values()),
         len(eval_set.examples),
-        encoder.template,
+        bench.encoder.template,
     )
-
     comp = cfg.compression
-    uplink = Link.from_specs([c.spec() for c in comp.uplink], comp.error_feedback)
-    downlink = Link.from_specs([c.spec() for c in comp.downlink])
+    uplink, downlink, initial = bench.uplink, bench.downlink, bench.initial
     if comp.uplink or comp.downlink:
         log.info(
             "compression: uplink %s; downlink %s%s",
@@ -142,21 +104,7 @@ def _run(
             downlink.describe(),
             " (updates to each client's replica)" if comp.downlink_updates else "",
         )
-    initial = adapter.get_state()  # the seeded initial adapter: what every client holds before round 1
-    handler = ClientHandler(
-        adapter,
-        tokenizer,
-        clients,
-        cfg.training,
-        cfg.federation.rounds,
-        cfg.seed,
-        eval_settings,
-        progress=cfg.output.progress,
-        uplink=uplink,
-        downlink=downlink,
-        initial=initial,
-    )
-    runtime = InProcessRuntime(handler.handle)
+    runtime = build_runtime(cfg, lambda: make_handler(cfg, bench, clients))
     lower = {c: r for c in range(cfg.partition.num_clients) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
     lora_alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
     # with downlink updates clients hold the previous factors, so exact mode must not re-parametrise them
@@ -253,23 +201,6 @@ def _run(
     console.print(rounds_table(state.history))
     console.print(summary_table(summary))
     return RunResult(run_dir, summary, state)
-
-
-def build_client_data(data: FederatedData, encoder: Encoder, cfg: ExperimentConfig) -> dict[int, ClientData]:
-    encoded, n_trunc = encoder.encode_all(data.train)
-    if n_trunc:
-        log.warning(
-            "%d of %d training examples exceed data.max_seq_len=%d and were truncated",
-            n_trunc,
-            len(encoded),
-            cfg.data.max_seq_len,
-        )
-    clients = {}
-    for cid, idx in enumerate(data.parts):
-        train_idx, hold_idx = holdout_split(idx, cfg.partition.holdout_fraction, cfg.seed, cid)
-        holdout = EvalSet.build([data.train[i] for i in hold_idx], encoder) if len(hold_idx) else None
-        clients[cid] = ClientData([encoded[i] for i in train_idx], holdout)
-    return clients
 
 
 def _eval_subset(examples: list, max_samples: int | None) -> list:

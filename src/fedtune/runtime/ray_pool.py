@@ -1,0 +1,130 @@
+"""Scale-out simulation: a pool of Ray workers, each loading the base model once.
+
+Client jobs are scheduled onto idle workers; each job carries the client's persistent state
+(SCAFFOLD's c_i, error-feedback residuals, a held adapter) in and out, and the driver keeps it,
+so worker memory stays flat however many clients are simulated and checkpoints hold every
+client's state exactly as in_process does. A worker that dies (killed, out of memory) or misses
+the round deadline costs its client that round's reply; it is replaced for the next job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from fedtune.config import ExperimentConfig
+from fedtune.errors import ConfigError
+from fedtune.runtime.worker import ClientWorker
+from fedtune.types import Envelope, Params
+
+log = logging.getLogger(__name__)
+
+FORWARDED_ENV = ("FEDTUNE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+class RayRuntime:
+    def __init__(self, cfg: ExperimentConfig, worker: type = ClientWorker):
+        """``worker``: the class each Ray actor runs, built with (cfg dict, cwd, torch threads)."""
+        rc = cfg.runtime.ray
+        self.timeout = cfg.federation.round_timeout_s
+        self.started = False
+        if not ray.is_initialized():
+            env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+            kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
+            if rc.address is None:
+                kwargs["num_cpus"] = os.cpu_count() or 1
+            try:
+                ray.init(address=rc.address, logging_level=logging.WARNING, **kwargs)
+            except ConnectionError as exc:
+                raise ConfigError(
+                    f"runtime.ray.address={rc.address!r}: no Ray cluster answered ({exc}). Start one with "
+                    "`ray start --head` and give its address, or leave runtime.ray.address unset for a local one"
+                ) from exc
+            self.started = True
+        cpus = ray.cluster_resources().get("CPU", 1)
+        fits = max(1, math.floor(cpus / rc.cpus_per_worker))
+        self.num_workers = rc.num_workers or min(fits, cfg.clients_per_round())
+        threads = rc.torch_threads or max(1, int(rc.cpus_per_worker))
+        self._actor = ray.remote(num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker)(worker)
+        self._args = (cfg.model_dump(mode="json"), os.getcwd(), threads)
+        t = time.perf_counter()
+        self.workers, self._starting = [], []
+        for _ in range(self.num_workers):
+            self._spawn()
+        self._ready()  # fail here, not mid-round, if workers cannot start
+        log.info(
+            "ray: %d workers (%.3g CPU, %d torch threads each) ready in %.1fs",
+            self.num_workers,
+            rc.cpus_per_worker,
+            threads,
+            time.perf_counter() - t,
+        )
+        self.states: dict[int, Params] = {}
+
+    def _spawn(self) -> None:
+        w = self._actor.remote(*self._args)
+        self.workers.append(w)
+        self._starting.append(w.pid.remote())
+
+    def _ready(self) -> None:
+        """Wait for started or replaced workers to load their model: start-up is not a round's time."""
+        ray.get(self._starting)
+        self._starting = []
+
+    def send_and_receive(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+        self._ready()
+        pending, idle = deque(envelopes), list(self.workers)
+        inflight: dict[Any, tuple[Envelope, Any]] = {}
+        deadline = time.monotonic() + self.timeout if self.timeout else None
+        replies: list[Envelope] = []
+        while pending or inflight:
+            while pending and idle:
+                e, w = pending.popleft(), idle.pop()
+                inflight[w.handle.remote(e.client_id, e.payload, self.states.get(e.client_id, {}))] = (e, w)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=left)
+            for ref in done:
+                e, w = inflight.pop(ref)
+                try:
+                    payload, state = ray.get(ref)
+                except RayActorError as exc:
+                    log.warning("client %d: its worker died (%s); replacing the worker", e.client_id, exc)
+                    self._replace(w)
+                    idle.append(self.workers[-1])
+                    continue
+                idle.append(w)
+                if state:
+                    self.states[e.client_id] = state
+                replies.append(Envelope(e.client_id, payload))
+        for e, w in inflight.values():  # missed the deadline: stop the straggler, free its slot
+            log.warning("client %d missed the %.0fs round deadline; restarting its worker", e.client_id, self.timeout)
+            ray.kill(w)
+            self._replace(w)
+        return replies
+
+    def _replace(self, dead: Any) -> None:
+        self.workers.remove(dead)
+        self._spawn()
+
+    def client_states(self) -> dict[int, Params]:
+        return dict(self.states)
+
+    def load_client_states(self, states: dict[int, Params]) -> None:
+        self.states = dict(states)
+
+    def close(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+        if self.started:
+            ray.shutdown()
