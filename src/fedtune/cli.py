@@ -66,6 +66,75 @@ def _run_guarded(make_config: Callable[[], ExperimentConfig], config_path: Path 
 
 
 @app.command()
+def server(
+    config: Annotated[Path, typer.Argument(help="experiment YAML with runtime.name=flower")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last complete round")] = False,
+) -> None:
+    """Coordinate a deployed federation: start Flower's SuperLink, enrol client keys, run CONFIG."""
+    try:
+        cfg = load_config(config, ["runtime.name=flower", *(overrides or [])])
+        from fedtune.runtime.flower.coordinator import run_coordinator
+
+        code = run_coordinator(cfg, config, resume)
+    except FedtuneError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@app.command()
+def client(
+    config: Annotated[Path, typer.Argument(help="the federation's experiment YAML")],
+    overrides: Overrides = None,
+    data: Annotated[Path, typer.Option("--data", help="this client's own training data (.jsonl/.json/.parquet)")] = ...,
+    key: Annotated[Path | None, typer.Option("--key", help="this client's enrolment key (NAME.key)")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="client name; default the key's (or data file's) stem")
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="where this client keeps its state")] = None,
+) -> None:
+    """Join a deployed federation with this machine's data; runs until the coordinator is done."""
+    try:
+        cfg = load_config(config, ["runtime.name=flower", *(overrides or [])])
+        from fedtune.runtime.flower.participant import run_participant
+
+        code = run_participant(cfg, data, key, name, state_dir)
+    except FedtuneError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Argument(help="folder to write the CA, server certificate and client keys into")],
+    clients: Annotated[int, typer.Option("--clients", help="client key pairs to create: client-0 ...")] = 0,
+    name: Annotated[list[str] | None, typer.Option("--name", help="a named client key pair (repeatable)")] = None,
+    host: Annotated[
+        list[str] | None, typer.Option("--host", help="a name or IP clients use to reach the coordinator (repeatable)")
+    ] = None,
+    add: Annotated[bool, typer.Option("--add", help="only add client key pairs to an existing folder")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing CA")] = False,
+) -> None:
+    """Create a test federation's credentials: CA, server TLS certificate, client enrolment keys."""
+    from fedtune.reporting.console import console
+    from fedtune.runtime.flower.certs import write_certs, write_client_key
+
+    names = [f"client-{i}" for i in range(clients)] + list(name or [])
+    try:
+        if add:
+            written = [p for n in names for p in write_client_key(out / "clients", n)]
+        else:
+            hosts = list(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
+            written = write_certs(out, hosts, names, overwrite=overwrite)
+    except FedtuneError as exc:
+        _fail(exc)
+    console.print(f"wrote {len(written)} files to {out}:")
+    for p in written:
+        console.print(f"  {p}")
+    console.print("give each client ca.crt and its own clients/NAME.key; keep ca.key and server.key on the coordinator")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Print the per-round table and summary of a run."""
     from fedtune.reporting.console import console, rounds_table, summary_table
@@ -81,8 +150,18 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 
 @app.command()
-def data(config: Annotated[Path, typer.Argument(help="experiment YAML")], overrides: Overrides = None) -> None:
-    """Show how CONFIG's data is split across clients (sizes and label mix), without training."""
+def data(
+    config: Annotated[Path, typer.Argument(help="experiment YAML")],
+    overrides: Overrides = None,
+    export: Annotated[
+        Path | None, typer.Option("--export", help="write each client's share to DIR/client-N.jsonl")
+    ] = None,
+) -> None:
+    """Show how CONFIG's data is split across clients (sizes and label mix), without training.
+
+    With --export, write each client's training share as its own JSONL file: what a deployed
+    client (`fedtune client CONFIG --data DIR/client-N.jsonl`) would hold.
+    """
     from fedtune.data.partitioners import label_histogram
     from fedtune.data.prepare import prepare_federated_data
     from fedtune.reporting.console import console
@@ -105,6 +184,12 @@ def data(config: Annotated[Path, typer.Argument(help="experiment YAML")], overri
         for cid, part in enumerate(fed.parts):
             table.add_row(str(cid), str(len(part)))
     console.print(table)
+    if export is not None:
+        from fedtune.data.formats import write_jsonl
+
+        for cid, part in enumerate(fed.parts):
+            write_jsonl((fed.train[i] for i in part), export / f"client-{cid}.jsonl")
+        console.print(f"wrote {len(fed.parts)} client files to {export}/client-N.jsonl")
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
 from fedtune.reporting.metrics import MetricsWriter, summarize
 from fedtune.runtime import build_runtime
+from fedtune.runtime.base import Runtime
 from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
 from fedtune.server.downlink import ReplicaDownlink
 from fedtune.server.round_loop import LoopSettings, run_rounds
@@ -57,17 +58,26 @@ def run_experiment(
     config_path: Path | None = None,
     resume: bool = False,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> RunResult:
-    """Run (or with resume=True continue) one experiment; on_record sees each round's metrics once written."""
+    """Run (or with resume=True continue) one experiment; on_record sees each round's metrics once written.
+
+    ``runtime``: where client messages go; default the one cfg.runtime names (deployment passes its own).
+    """
+    if runtime is None and cfg.runtime.name == "flower":
+        raise ConfigError(
+            "runtime.name=flower is a deployment: start the coordinator with `fedtune server CONFIG` and each "
+            "client with `fedtune client CONFIG --data PATH --key KEY` (see docs/deployment.md)"
+        )
     run_dir = resolve_run_dir(cfg, config_path)
-    _check_run_dir(run_dir, cfg, resume)
+    check_run_dir(run_dir, cfg, resume)
     data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)  # data errors leave no run dir behind
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     _setup_logging(run_dir)
     log.info("run directory: %s", run_dir)
     try:
-        return _run(cfg, run_dir, data, resume, on_record)
+        return _run(cfg, run_dir, data, resume, on_record, runtime)
     except FedtuneError as exc:
         log.error("%s", exc, extra={"file_only": True})  # the CLI prints it; run.log keeps it too
         raise
@@ -82,6 +92,7 @@ def _run(
     data: FederatedData,
     resume: bool,
     on_record: Callable[[dict[str, Any]], None] | None,
+    runtime: Runtime | None,
 ) -> RunResult:
     bench = build_workbench(cfg)
     adapter, tokenizer, eval_settings = bench.adapter, bench.tokenizer, bench.eval_settings
@@ -104,7 +115,7 @@ def _run(
             downlink.describe(),
             " (updates to each client's replica)" if comp.downlink_updates else "",
         )
-    runtime = build_runtime(cfg, lambda: make_handler(cfg, bench, clients))
+    runtime = runtime or build_runtime(cfg, lambda: make_handler(cfg, bench, clients))
     lower = {c: r for c in range(cfg.partition.num_clients) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
     lora_alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
     # with downlink updates clients hold the previous factors, so exact mode must not re-parametrise them
@@ -211,7 +222,7 @@ def _eval_subset(examples: list, max_samples: int | None) -> list:
     return [examples[i] for i in keep]
 
 
-def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
+def check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
     has_ckpt = any((run_dir / "checkpoints").glob("round_*"))
     if has_ckpt and not resume:
         raise ConfigError(

@@ -163,3 +163,15 @@ def _hf_rows(p: Path) -> Iterator[tuple[str, Any]]:
         ds = ds["train"]
     for i, rec in enumerate(ds):
         yield f"{p}: row {i}", rec
+
+
+def write_jsonl(examples: Iterable[Example], path: str | Path) -> int:
+    """Write examples as chat records (metadata kept) that ``load_examples`` reads back equal; returns the count."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with p.open("w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"messages": [dict(m) for m in ex.messages], **ex.meta}, ensure_ascii=False) + "\n")
+            n += 1
+    return n

@@ -1,0 +1,27 @@
+"""What runs inside Flower's ServerApp process: the ordinary experiment, with the Grid as runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+from flwr.serverapp import Grid
+
+from fedtune.config import validate_config
+from fedtune.runtime.flower.grid_runtime import FlowerRuntime
+
+
+def serve(grid: Grid, spec_path: str) -> None:
+    """Run the experiment that ``fedtune server`` described in spec_path."""
+    spec = json.loads(Path(spec_path).read_text())
+    os.chdir(spec["cwd"])  # relative paths in the config mean what they meant to `fedtune server`
+    cfg = validate_config(yaml.safe_load(spec["config"]), spec["config_path"] or "config")
+    from fedtune.experiment import run_experiment
+
+    fl = cfg.runtime.flower
+    runtime = FlowerRuntime(grid, spec["names"], cfg.federation.round_timeout_s, insecure=fl.insecure)
+    runtime.wait_for_clients(len(spec["names"]), cfg.federation.min_clients, fl.join_timeout_s)
+    config_path = Path(spec["config_path"]) if spec["config_path"] else None
+    run_experiment(cfg, config_path, resume=spec["resume"], runtime=runtime)

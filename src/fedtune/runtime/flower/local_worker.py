@@ -1,0 +1,130 @@
+"""The deployed client's worker: one long-lived process that keeps the model loaded between rounds.
+
+Flower starts a fresh ClientApp process for every message; that process only forwards the payload
+here over a local, key-protected socket (``ask_worker``). The worker serves it with the same
+``ClientHandler`` the simulations use and keeps the client's persistent state on disk, one file
+per round it trained in. A request for round r starts from the newest state saved before r, so a
+round the coordinator repeats after a crash replays exactly what it did the first time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Flower runs ask_worker in a fresh process per message: no torch import there
+    from fedtune.types import Params
+
+log = logging.getLogger("fedtune")
+
+KEEP_STATES = 3  # a repeated round needs the state before it; keep a margin
+
+
+def ask_worker(address: str, key: bytes, client_id: int, payload: bytes) -> bytes:
+    """Send one request to the worker at ``address``; its reply, or RuntimeError with the worker's error."""
+    with Client(address, family="AF_UNIX", authkey=key) as conn:
+        conn.send(("serve", client_id))
+        conn.send_bytes(payload)
+        status, detail = conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"fedtune client worker: {detail}")
+        return conn.recv_bytes()
+
+
+class StateStore:
+    """A client's persistent state, versioned by the round that produced it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _rounds(self) -> list[int]:
+        found = (re.fullmatch(r"round-(\d+)\.safetensors", p.name) for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def before(self, round_index: int) -> Params:
+        """The state saved by the newest round before ``round_index`` ({} if none)."""
+        from safetensors.torch import load_file
+
+        earlier = [r for r in self._rounds() if r < round_index]
+        return load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors") if earlier else {}
+
+    def save(self, round_index: int, state: Params) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.folder / f".round-{round_index:06d}.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, self.folder / f"round-{round_index:06d}.safetensors")
+        for old in self._rounds()[:-KEEP_STATES]:
+            (self.folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
+
+
+class LocalWorker:
+    """Serves requests for whatever client id the coordinator assigned this participant."""
+
+    def __init__(self, cfg, examples: list, state_dir: Path):
+        from fedtune.assembly import build_workbench, make_handler
+
+        self.cfg, self.examples, self.state_dir = cfg, examples, state_dir
+        self.bench = build_workbench(cfg)
+        self.handler = make_handler(cfg, self.bench, {})
+        self.lock = threading.Lock()
+
+    def serve_one(self, client_id: int, payload: bytes) -> bytes:
+        from fedtune.assembly import local_client_data
+        from fedtune.types import TrainReply
+        from fedtune.wire.messages import decode_message
+        from fedtune.wire.serialize import read_header
+
+        with self.lock:
+            if client_id not in self.handler.data:
+                self.handler.data[client_id] = local_client_data(self.examples, self.bench.encoder, self.cfg, client_id)
+            header = read_header(payload)
+            store = StateStore(self.state_dir / f"client-{client_id}")
+            round_index = int(header.get("round", 0))
+            reply, state = self.handler.handle(client_id, payload, store.before(round_index))
+            if header.get("kind") == "train":
+                if state:
+                    store.save(round_index, state)
+                msg = decode_message(reply)
+                if isinstance(msg, TrainReply):
+                    log.info(
+                        "round %d: trained as client %d: %d steps, loss %.4f, %.1fs, %d bytes up",
+                        round_index,
+                        client_id,
+                        msg.steps,
+                        msg.train_loss,
+                        msg.local_train_s,
+                        len(reply),
+                    )
+            else:
+                log.info("round %d: evaluated as client %d", round_index, client_id)
+            return reply
+
+    def serve_forever(self, listener: Listener, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                conn = listener.accept()
+            except OSError:
+                if stop.is_set():
+                    return
+                raise
+            except Exception as exc:  # a connection without the key: refuse it, keep serving
+                log.warning("refused a local connection: %s", exc)
+                continue
+            with conn:
+                try:
+                    _op, client_id = conn.recv()
+                    payload = conn.recv_bytes()
+                    reply = self.serve_one(int(client_id), payload)
+                except Exception as exc:
+                    log.exception("request failed")
+                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                    continue
+                conn.send(("ok", None))
+                conn.send_bytes(reply)

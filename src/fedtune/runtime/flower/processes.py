@@ -1,0 +1,77 @@
+"""Starting and stopping Flower's own processes (SuperLink, SuperNode) from fedtune's commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower processes: this Python's scripts first, a private FLWR_HOME, no telemetry."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def start(cmd: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
+    """Start a Flower executable from this environment, output appended to log_file.
+
+    It gets its own session (our Ctrl-C is ours to handle, then passed on as SIGTERM) and, on
+    Linux, SIGTERM when we die, even by SIGKILL: no SuperLink or SuperNode outlives its fedtune command.
+    """
+    exe = Path(sys.executable).parent / cmd[0]
+    with log_file.open("ab") as out:
+        return subprocess.Popen(
+            [str(exe) if exe.exists() else cmd[0], *cmd[1:]],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
+    """SIGTERM (a SuperNode then leaves the federation at once), SIGKILL if it does not exit."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def tail(path: Path, offset: int) -> tuple[list[str], int]:
+    """Complete new lines of a growing text file since byte offset; (lines, new offset)."""
+    if not path.is_file():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", "replace").splitlines(), offset + end
