@@ -92,13 +92,16 @@ def client(
         str | None, typer.Option("--name", help="client name; default the key's (or data file's) stem")
     ] = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="where this client keeps its state")] = None,
+    refused_retry_s: Annotated[
+        float, typer.Option("--refused-retry-s", help="keep retrying this long when the coordinator refuses the key")
+    ] = 120.0,
 ) -> None:
     """Join a deployed federation with this machine's data; runs until the coordinator is done."""
     try:
         cfg = load_config(config, ["runtime.name=flower", *(overrides or [])])
         from fedtune.runtime.flower.participant import run_participant
 
-        code = run_participant(cfg, data, key, name, state_dir)
+        code = run_participant(cfg, config, data, key, name, state_dir, refused_retry_s)
     except FedtuneError as exc:
         _fail(exc)
     raise typer.Exit(code)

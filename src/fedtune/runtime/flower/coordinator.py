@@ -26,6 +26,11 @@ from fedtune.runtime.flower.processes import flower_env, start, stop, tail
 
 log = logging.getLogger("fedtune")
 
+REFUSALS = {  # SuperLink log marks of a refused client, and what they mean
+    "ApiError:2004": "its key is not enrolled (enrol NAME.pub in runtime.flower.clients and restart the coordinator)",
+    "ApiError:2001": "it presented no enrolment key",
+}
+
 
 def enrolled_keys(cfg: ExperimentConfig) -> list[Path]:
     """The NAME.pub files of the enrolled clients, in natural name order (client-2 before client-10)."""
@@ -151,10 +156,16 @@ def _follow(control: Control, run_id: int, run_log: Path, offset: int, superlink
     """Print the run's log as it grows until the run finishes; its final (status, sub-status, details)."""
     from fedtune.reporting.console import console
 
+    link_offset = 0
     while True:
         lines, offset = tail(run_log, offset)
         for line in lines:
             console.print(_message(line), highlight=False, markup=False)
+        link_lines, link_offset = tail(flower_dir / "superlink.log", link_offset)
+        for line in link_lines:
+            for code, why in REFUSALS.items():
+                if code in line:
+                    console.print(f"WARNING: refused a client: {why}", highlight=False, markup=False)
         if superlink.poll() is not None:
             raise RunError(
                 f"Flower's SuperLink exited (code {superlink.returncode})" + _last_lines(flower_dir / "superlink.log")

@@ -87,6 +87,7 @@ class LocalWorker:
             header = read_header(payload)
             store = StateStore(self.state_dir / f"client-{client_id}")
             round_index = int(header.get("round", 0))
+            log.info("round %d: %s request for client %d", round_index, header.get("kind"), client_id)
             reply, state = self.handler.handle(client_id, payload, store.before(round_index))
             if header.get("kind") == "train":
                 if state:

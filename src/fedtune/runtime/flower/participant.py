@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import tempfile
 import threading
 import time
 from multiprocessing.connection import Listener
 from pathlib import Path
+
+import transformers
 
 from fedtune.config import ExperimentConfig
 from fedtune.errors import ConfigError
@@ -32,9 +35,19 @@ REFUSED = {
 
 
 def run_participant(
-    cfg: ExperimentConfig, data: Path, key: Path | None, name: str | None, state_dir: Path | None
+    cfg: ExperimentConfig,
+    config_path: Path | None,
+    data: Path,
+    key: Path | None,
+    name: str | None,
+    state_dir: Path | None,
+    refused_retry_s: float = 120.0,
 ) -> int:
-    """Serve the federation until the coordinator finishes, this client is stopped, or it is refused."""
+    """Serve the federation until this client is stopped or refused for longer than refused_retry_s.
+
+    A refusal is retried for a while: a coordinator may enrol keys after its clients start, and a
+    client restarted right after a crash is still listed as online for about a minute.
+    """
     from fedtune.data.formats import load_examples
     from fedtune.experiment import resolve_run_dir
     from fedtune.reporting.console import TqdmHandler, console
@@ -51,7 +64,7 @@ def run_participant(
             raise ConfigError(f"{ca} is missing (runtime.flower.certs): copy the federation's ca.crt there")
     name = name or (key.stem if key is not None else data.stem)
     examples = load_examples(data)
-    state_dir = (state_dir or Path(f"{resolve_run_dir(cfg, None)}.client-{name}")).resolve()
+    state_dir = (state_dir or Path(f"{resolve_run_dir(cfg, config_path)}.client-{name}")).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("fedtune")
     logger.setLevel(logging.INFO)
@@ -60,6 +73,7 @@ def run_participant(
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(h)
     log.info("client %s: %d examples from %s; state in %s", name, len(examples), data, state_dir)
+    transformers.utils.logging.disable_progress_bar()
     worker = LocalWorker(cfg, examples, state_dir)
 
     sock_dir = tempfile.mkdtemp(prefix="fedtune-client-")  # 0700: only this user reaches the socket
@@ -76,30 +90,52 @@ def run_participant(
         cmd.append("--insecure")
     else:
         cmd += ["--root-certificates", str(ca.resolve()), "--auth-supernode-private-key", str(key.resolve())]
-    supernode = start(cmd, flower_env(state_dir / "flower"), state_dir / "supernode.log")
+    env, node_log = flower_env(state_dir / "flower"), state_dir / "supernode.log"
     log.info("joining the federation at %s (%s) as %s", fl.address, "plain text" if fl.insecure else "TLS", name)
 
     def _terminate(signum, frame):  # SIGTERM: leave as cleanly as on Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    refused_since = None
     try:
-        while supernode.poll() is None:
-            time.sleep(0.5)
+        while True:
+            offset = node_log.stat().st_size if node_log.exists() else 0
+            supernode = start(cmd, env, node_log)
+            try:
+                while supernode.poll() is None:
+                    time.sleep(0.5)
+            finally:
+                stop(supernode)
+            code = _exit_code(supernode.returncode, node_log, offset)
+            if code != 305:
+                break
+            refused_since = refused_since or time.monotonic()
+            pub = key.with_suffix(".pub") if key is not None else "its public key"
+            if time.monotonic() - refused_since >= refused_retry_s:
+                log.error(REFUSED[code].format(pub=pub) + f" (SuperNode log: {node_log})")
+                return 2
+            log.warning("the coordinator refused this client (not enrolled yet, or still listed online); retrying")
+            time.sleep(5)
     except KeyboardInterrupt:
         log.info("stopping: leaving the federation")
         return 130
     finally:
         stopping.set()
-        stop(supernode)
         listener.close()
-    code = supernode.returncode
     if code in REFUSED:
-        pub = key.with_suffix(".pub") if key is not None else "its public key"
-        log.error(REFUSED[code].format(pub=pub) + f" (SuperNode log: {state_dir / 'supernode.log'})")
+        log.error(REFUSED[code].format(pub=key) + f" (SuperNode log: {node_log})")
         return 2
     if code != 0:
-        log.error("the SuperNode exited with code %s; its log: %s", code, state_dir / "supernode.log")
+        log.error("the SuperNode exited with code %s; its log: %s", code, node_log)
         return 1
     log.info("the federation is over")
     return 0
+
+
+def _exit_code(returncode: int, node_log: Path, offset: int) -> int:
+    """The SuperNode exits 1 but logs why ('Exit Code: 305'); the logged code when there is one."""
+    with node_log.open("rb") as f:
+        f.seek(offset)
+        found = re.findall(r"Exit Code: (\d+)", f.read().decode("utf-8", "replace"))
+    return int(found[-1]) if found and returncode != 0 else returncode
