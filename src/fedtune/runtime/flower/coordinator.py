@@ -22,7 +22,7 @@ import httpx
 from fedtune.config import ExperimentConfig, to_yaml
 from fedtune.errors import ConfigError, FedtuneError, RunError
 from fedtune.runtime.flower.control import Control
-from fedtune.runtime.flower.processes import flower_env, start, stop, tail
+from fedtune.runtime.flower.processes import flower_env, port_free, start, stop, tail
 
 log = logging.getLogger("fedtune")
 
@@ -87,6 +87,11 @@ def run_coordinator(cfg: ExperimentConfig, config_path: Path | None, resume: boo
     flower_dir = run_dir / "flower"
     flower_dir.mkdir(parents=True, exist_ok=True)
     host, port = fl.host_port(listen=True)
+    if not port_free(host, port, wait_s=30):
+        raise RunError(
+            f"{host}:{port} is in use (runtime.flower.listen/address): another coordinator may still be running "
+            "there; stop it or choose another port"
+        )
     cmd = ["flower-superlink", "--host", host, "--port", str(port), "--database", str(flower_dir / "superlink.db")]
     cmd.append("--disable-runtime-dependency-installation")  # the code is the installed fedtune package
     certs = Path(fl.certs).resolve()

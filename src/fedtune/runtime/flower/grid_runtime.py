@@ -83,8 +83,16 @@ class FlowerRuntime:
                 log.warning("client %d (%s) is offline; it misses this exchange", e.client_id, name)
                 continue
             content = pack(e.payload, {"client-id": e.client_id})
+            # a request that misses the deadline expires with it, so a client that reconnects later
+            # is not handed a stale round (Flower keeps undelivered messages for 12 h by default)
             messages.append(
-                Message(content=content, dst_node_id=online[name], message_type=MESSAGE_TYPE, group_id=str(self.sent))
+                Message(
+                    content=content,
+                    dst_node_id=online[name],
+                    message_type=MESSAGE_TYPE,
+                    group_id=str(self.sent),
+                    ttl=self.timeout,
+                )
             )
         replies, failed = self._exchange(messages, self.timeout)
         for msg, why in failed:

@@ -23,7 +23,7 @@ import transformers
 from fedtune.config import ExperimentConfig
 from fedtune.errors import ConfigError
 from fedtune.runtime.flower.local_worker import LocalWorker
-from fedtune.runtime.flower.processes import flower_env, free_port, start, stop
+from fedtune.runtime.flower.processes import flower_env, free_port, start, stop, tail
 
 log = logging.getLogger("fedtune")
 
@@ -102,9 +102,14 @@ def run_participant(
         while True:
             offset = node_log.stat().st_size if node_log.exists() else 0
             supernode = start(cmd, env, node_log)
+            seen = offset
             try:
                 while supernode.poll() is None:
                     time.sleep(0.5)
+                    lines, seen = tail(node_log, seen)
+                    for line in lines:
+                        if "SuperNode ID:" in line:
+                            log.info("connected to the coordinator as node %s", line.rsplit(":", 1)[1].strip())
             finally:
                 stop(supernode)
             code = _exit_code(supernode.returncode, node_log, offset)
@@ -116,7 +121,7 @@ def run_participant(
                 log.error(REFUSED[code].format(pub=pub) + f" (SuperNode log: {node_log})")
                 return 2
             log.warning("the coordinator refused this client (not enrolled yet, or still listed online); retrying")
-            time.sleep(5)
+            time.sleep(2)
     except KeyboardInterrupt:
         log.info("stopping: leaving the federation")
         return 130

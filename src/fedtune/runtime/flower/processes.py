@@ -44,6 +44,23 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def port_free(host: str, port: int, wait_s: float = 0.0) -> bool:
+    """Whether host:port can be bound (waiting up to wait_s, e.g. for a previous SuperLink to exit)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host or "0.0.0.0", port))
+                return True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return False
+        time.sleep(0.5)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     import socket
 
