@@ -27,6 +27,8 @@ from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
 from flwr.supercore.fab import Fab
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+SERVER_APP = "fedtune.runtime.flower.app:server_app"
+CLIENT_APP = "fedtune.runtime.flower.app:client_app"
 APP_TOML = """[build-system]
 requires = ["setuptools"]
 build-backend = "setuptools.build_meta"
@@ -42,12 +44,12 @@ dependencies = []
 publisher = "fedtune"
 
 [tool.flwr.app.components]
-serverapp = "fedtune.runtime.flower.app:server_app"
-clientapp = "fedtune.runtime.flower.app:client_app"
+serverapp = "{serverapp}"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 spec = ""
-"""
+"""  # the app's code is the installed package: the FAB carries only this file
 
 
 class Control:
@@ -87,9 +89,10 @@ class Control:
         res = self.client.RegisterNode(RegisterNodeRequest(public_key=raw, name=pub_file.stem))
         return pub_file.stem, res.node_id, True
 
-    def submit(self, app_dir: Path, spec: Path) -> int:
+    def submit(self, app_dir: Path, spec: Path, serverapp: str = SERVER_APP, clientapp: str = CLIENT_APP) -> int:
+        """Start a run of the given apps (importable where the SuperLink and SuperNodes run); its id."""
         app_dir.mkdir(parents=True, exist_ok=True)
-        (app_dir / "pyproject.toml").write_text(APP_TOML)
+        (app_dir / "pyproject.toml").write_text(APP_TOML.format(serverapp=serverapp, clientapp=clientapp))
         fab_bytes = build_fab_from_disk(app_dir)
         fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
         override = user_config_to_proto(parse_config_args([f"spec='{spec}'"]))
@@ -101,8 +104,19 @@ class Control:
         return res.run_id
 
     def status(self, run_id: int) -> tuple[str, str, str]:
-        """(status, sub-status, details): e.g. ('finished', 'failed', 'the exception text')."""
-        run = self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        """(status, sub-status, details): e.g. ('finished', 'failed', 'the exception text').
+
+        ('unknown', '', why) while the SuperLink is unreachable or busy (it answers 500 while
+        its database is locked by a large transfer): callers poll again.
+        """
+        try:
+            run = self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        except httpx.TransportError as exc:
+            return "unknown", "", str(exc)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code < 500:
+                raise
+            return "unknown", "", str(exc)
         return run.status.status, run.status.sub_status, run.status.details
 
     def stop(self, run_id: int) -> None:

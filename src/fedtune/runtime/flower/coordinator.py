@@ -22,7 +22,7 @@ import httpx
 from fedtune.config import ExperimentConfig, to_yaml
 from fedtune.errors import ConfigError, FedtuneError, RunError
 from fedtune.runtime.flower.control import Control
-from fedtune.runtime.flower.processes import flower_env, port_free, start, stop, tail
+from fedtune.runtime.flower.processes import flower_env, port_free, start, stop, superlink_cmd, tail
 
 log = logging.getLogger("fedtune")
 
@@ -92,18 +92,13 @@ def run_coordinator(cfg: ExperimentConfig, config_path: Path | None, resume: boo
             f"{host}:{port} is in use (runtime.flower.listen/address): another coordinator may still be running "
             "there; stop it or choose another port"
         )
-    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--database", str(flower_dir / "superlink.db")]
-    cmd.append("--disable-runtime-dependency-installation")  # the code is the installed fedtune package
     certs = Path(fl.certs).resolve()
     if fl.insecure:
         console.print(
             "[bold yellow]WARNING: runtime.flower.insecure=true: messages travel in plain text and any client can "
             "join. Use this only on one trusted machine.[/]"
         )
-        cmd.append("--insecure")
-    else:
-        cmd += ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem")]
-        cmd += ["--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"]
+    cmd = superlink_cmd(host, port, flower_dir / "superlink.db", None if fl.insecure else certs)
     superlink = start(cmd, flower_env(flower_dir / "home"), flower_dir / "superlink.log")
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     control = Control(f"{local}:{port}", None if fl.insecure else str(certs / "ca.crt"))
@@ -175,10 +170,7 @@ def _follow(control: Control, run_id: int, run_log: Path, offset: int, superlink
             raise RunError(
                 f"Flower's SuperLink exited (code {superlink.returncode})" + _last_lines(flower_dir / "superlink.log")
             )
-        try:
-            status = control.status(run_id)
-        except httpx.TransportError:
-            status = ("unknown", "", "")
+        status = control.status(run_id)
         if status[0] == "finished":
             lines, offset = tail(run_log, offset)
             for line in lines:

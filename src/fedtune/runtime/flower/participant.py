@@ -23,7 +23,7 @@ import transformers
 from fedtune.config import ExperimentConfig
 from fedtune.errors import ConfigError
 from fedtune.runtime.flower.local_worker import LocalWorker
-from fedtune.runtime.flower.processes import flower_env, free_port, start, stop, tail
+from fedtune.runtime.flower.processes import flower_env, start, stop, supernode_cmd, tail
 
 log = logging.getLogger("fedtune")
 
@@ -82,14 +82,11 @@ def run_participant(
     stopping = threading.Event()
     threading.Thread(target=worker.serve_forever, args=(listener, stopping), daemon=True).start()
 
-    node_config = f"worker='{address}' worker-key='{secret.hex()}' name='{name}'"
-    cmd = ["flower-supernode", "--superlink", fl.address, "--node-config", node_config]
-    cmd += ["--host", "127.0.0.1", "--port", str(free_port())]
+    node_config = {"worker": address, "worker-key": secret.hex(), "name": name}
     if fl.insecure:
         console.print("[bold yellow]WARNING: runtime.flower.insecure=true: plain text, no enrolment.[/]")
-        cmd.append("--insecure")
-    else:
-        cmd += ["--root-certificates", str(ca.resolve()), "--auth-supernode-private-key", str(key.resolve())]
+    ca_path, key_path = (None, None) if fl.insecure else (ca.resolve(), key.resolve())
+    cmd = supernode_cmd(fl.address, node_config, ca_path, key_path)
     env, node_log = flower_env(state_dir / "flower"), state_dir / "supernode.log"
     log.info("joining the federation at %s (%s) as %s", fl.address, "plain text" if fl.insecure else "TLS", name)
 

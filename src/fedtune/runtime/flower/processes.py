@@ -9,6 +9,26 @@ import sys
 from pathlib import Path
 
 
+def superlink_cmd(host: str, port: int, database: Path, certs: Path | None) -> list[str]:
+    """flower-superlink with TLS from certs/ (ca.crt, server.pem, server.key) and key enrolment; None: plain."""
+    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--database", str(database)]
+    cmd.append("--disable-runtime-dependency-installation")  # the code is the installed fedtune package
+    if certs is None:
+        return [*cmd, "--insecure"]
+    tls = ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem")]
+    return [*cmd, *tls, "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"]
+
+
+def supernode_cmd(superlink: str, node_config: dict[str, str], ca: Path | None, key: Path | None) -> list[str]:
+    """flower-supernode joining superlink over TLS (trusting ca) with enrolment key; ca None: plain text."""
+    config = " ".join(f"{k}='{v}'" for k, v in node_config.items())
+    cmd = ["flower-supernode", "--superlink", superlink, "--node-config", config]
+    cmd += ["--host", "127.0.0.1", "--port", str(free_port())]  # its local API for ClientApp processes
+    if ca is None:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+
+
 def flower_env(home: Path) -> dict[str, str]:
     """Environment for Flower processes: this Python's scripts first, a private FLWR_HOME, no telemetry."""
     env = dict(os.environ)
