@@ -1,0 +1,60 @@
+"""The runtime section: how messages reach clients (in_process, a Ray pool, a Flower deployment)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from fedtune.config_base import Strict as _Strict
+
+
+class RayConfig(_Strict):
+    """Scale-out simulation: a pool of Ray workers, each holding one base model."""
+
+    address: str | None = Field(
+        None, description="None: start a local Ray instance; 'auto' or ray://HOST:10001: join that cluster"
+    )
+    num_workers: int | None = Field(None, ge=1, description="workers (one model each); default: one per CPU")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs Ray reserves for each worker")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker; default cpus_per_worker")
+
+
+class FlowerConfig(_Strict):
+    """Deployment: `fedtune server CONFIG` coordinates, `fedtune client CONFIG --data PATH --key KEY` joins."""
+
+    address: str = Field("127.0.0.1:9092", description="HOST:PORT where clients reach the coordinator")
+    listen: str | None = Field(None, description="HOST:PORT the coordinator binds (e.g. 0.0.0.0:9092); default address")
+    certs: str = Field(
+        "certs", description="folder from `fedtune certs`: ca.crt (everyone), server.pem + server.key (coordinator)"
+    )
+    clients: str | None = Field(None, description="folder of enrolled client keys NAME.pub; default CERTS/clients")
+    insecure: bool = Field(False, description="plain text, no TLS and no enrolment: trials on one machine only")
+    join_timeout_s: float = Field(600.0, gt=0, description="how long the coordinator waits for clients to come online")
+
+    def host_port(self, listen: bool = False) -> tuple[str, int]:
+        where = (self.listen or self.address) if listen else self.address
+        host, _, port = where.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @field_validator("address", "listen")
+    @classmethod
+    def _has_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"{v!r} is not HOST:PORT (e.g. 127.0.0.1:9092)")
+        return v
+
+
+class RuntimeConfig(_Strict):
+    """How messages reach clients."""
+
+    name: Literal["in_process", "ray", "flower"] = Field(
+        "in_process",
+        description="in_process: one process, one shared base model; ray: a worker pool; "
+        "flower: deployment (fedtune server / fedtune client)",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)

@@ -1,0 +1,167 @@
+"""The deployment's parts without a network: config checks, enrolment, credentials, client state, worker socket."""
+
+from __future__ import annotations
+
+import os
+import threading
+from multiprocessing.connection import Listener
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+pytest.importorskip("flwr")
+
+from fedtune.config import ExperimentConfig, validate_config
+from fedtune.errors import ConfigError
+from fedtune.runtime.flower.certs import write_certs, write_client_key
+from fedtune.runtime.flower.coordinator import check_deployable, client_names
+from fedtune.runtime.flower.local_worker import StateStore, ask_worker
+
+
+def _cfg(tmp_path, **flower) -> ExperimentConfig:
+    flower = {"certs": str(tmp_path / "certs"), **flower}
+    return validate_config({"partition": {"num_clients": 3}, "runtime": {"name": "flower", "flower": flower}}, "t")
+
+
+def test_address_must_be_host_and_port():
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        validate_config({"runtime": {"flower": {"address": "coordinator"}}}, "t")
+    cfg = validate_config({"runtime": {"flower": {"address": "[::1]:9000", "listen": "0.0.0.0:9100"}}}, "t")
+    assert cfg.runtime.flower.host_port() == ("::1", 9000)
+    assert cfg.runtime.flower.host_port(listen=True) == ("0.0.0.0", 9100)
+
+
+def test_certificates_chain_to_the_ca_and_cover_the_hosts(tmp_path):
+    files = write_certs(tmp_path / "certs", ["coordinator.example.org", "10.1.2.3", "127.0.0.1"], ["a", "b"])
+    assert {p.name for p in files} >= {"ca.crt", "server.pem", "server.key", "a.key", "a.pub", "b.key", "b.pub"}
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "coordinator.example.org" in san.get_values_for_type(x509.DNSName)
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "127.0.0.1"}
+    for private in ("ca.key", "server.key", "clients/a.key"):
+        assert (tmp_path / "certs" / private).stat().st_mode & 0o077 == 0  # private files: owner only
+    key = serialization.load_ssh_private_key((tmp_path / "certs" / "clients" / "a.key").read_bytes(), None)
+    pub = serialization.load_ssh_public_key((tmp_path / "certs" / "clients" / "a.pub").read_bytes())
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.public_key().public_numbers() == pub.public_numbers()
+    with pytest.raises(ConfigError, match="already holds a CA"):
+        write_certs(tmp_path / "certs", ["127.0.0.1"], [])
+
+
+def test_client_ids_follow_enrolled_names_in_natural_order(tmp_path):
+    for name in ("client-10", "client-2", "client-1"):
+        write_client_key(tmp_path / "certs" / "clients", name)
+    assert client_names(_cfg(tmp_path)) == ["client-1", "client-2", "client-10"]
+    for name in ("x", "y"):
+        write_client_key(tmp_path / "certs" / "clients", name)
+    with pytest.raises(ConfigError, match="partition.num_clients=3 but 5 clients are enrolled"):
+        client_names(_cfg(tmp_path))
+
+
+def test_no_enrolled_keys_and_no_certificates_are_errors_that_say_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="fedtune certs"):
+        client_names(_cfg(tmp_path))
+    assert client_names(_cfg(tmp_path, insecure=True)) == ["client-0", "client-1", "client-2"]
+    with pytest.raises(ConfigError, match=r"ca.crt is missing.*insecure=true"):
+        check_deployable(_cfg(tmp_path))
+    cfg = validate_config(
+        {
+            "partition": {"num_clients": 3},
+            "compression": {"downlink": ["int8"], "downlink_updates": True},
+            "runtime": {"name": "flower"},
+        },
+        "t",
+    )
+    with pytest.raises(ConfigError, match="downlink_updates is simulation-only"):
+        check_deployable(cfg)
+
+
+def test_fedtune_run_points_a_deployment_config_at_server_and_client(tmp_path):
+    from fedtune.experiment import run_experiment
+
+    with pytest.raises(ConfigError, match="fedtune server CONFIG"):
+        run_experiment(_cfg(tmp_path))
+
+
+def test_state_store_replays_a_repeated_round_from_the_state_before_it(tmp_path):
+    store = StateStore(tmp_path / "client-0")
+    assert store.before(1) == {}
+    for r in (1, 2, 3, 5):
+        store.save(r, {"residual/x": torch.full((2,), float(r))})
+    assert store.before(5)["residual/x"].tolist() == [3.0, 3.0]  # round 5 again: from round 3's state
+    assert store.before(6)["residual/x"].tolist() == [5.0, 5.0]
+    assert sorted(p.name for p in (tmp_path / "client-0").iterdir()) == [
+        "round-000002.safetensors",
+        "round-000003.safetensors",
+        "round-000005.safetensors",
+    ]
+
+
+def test_worker_socket_needs_the_key_and_reports_errors(tmp_path):
+    secret = os.urandom(32)
+    address = str(tmp_path / "w.sock")
+    listener = Listener(address, family="AF_UNIX", authkey=secret)
+
+    def serve(n: int) -> None:
+        for _ in range(n):
+            try:
+                conn = listener.accept()
+            except Exception:
+                continue
+            with conn:
+                _op, cid = conn.recv()
+                payload = conn.recv_bytes()
+                if payload == b"bad":
+                    conn.send(("error", "ValueError: bad request"))
+                else:
+                    conn.send(("ok", None))
+                    conn.send_bytes(payload[::-1] + bytes([cid]))
+
+    t = threading.Thread(target=serve, args=(3,), daemon=True)
+    t.start()
+    assert ask_worker(address, secret, 7, b"abc") == b"cba\x07"
+    with pytest.raises(RuntimeError, match="ValueError: bad request"):
+        ask_worker(address, secret, 7, b"bad")
+    with pytest.raises(Exception):  # noqa: B017  (multiprocessing raises AuthenticationError)
+        ask_worker(address, os.urandom(32), 7, b"abc")
+    t.join(10)
+    listener.close()
+
+
+def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(tmp_path):
+    from fedtune.assembly import build_client_data, build_workbench, make_handler
+    from fedtune.config import load_config
+    from fedtune.data.prepare import prepare_federated_data
+    from fedtune.runtime.flower.local_worker import LocalWorker
+    from fedtune.types import TrainRequest
+    from fedtune.wire.link import Link, generator
+    from fedtune.wire.messages import decode_message, encode_message
+    from tests.conftest import TINY_OVERRIDES
+
+    cfg = load_config(
+        "examples/tiny.yaml", [*TINY_OVERRIDES, "compression.uplink=[int8]", "compression.error_feedback=true"]
+    )
+    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
+    cid = 2
+    worker = LocalWorker(cfg, [data.train[i] for i in data.parts[cid]], tmp_path)
+    bench = build_workbench(cfg, announce=False)
+    handler = make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg))
+
+    def request(r: int) -> bytes:
+        wire, _ = Link().encode(bench.initial, {}, generator(cfg.seed, r, 0))
+        return encode_message(TrainRequest(r, wire))
+
+    def essence(blob: bytes) -> tuple:
+        m = decode_message(blob)
+        return m.train_loss, m.steps, {k: v.tolist() for k, v in m.delta.items()}
+
+    state: dict = {}
+    for r in (1, 2):
+        expected, state = handler.handle(cid, request(r), state)
+        assert essence(worker.serve_one(cid, request(r))) == essence(expected)
+    again = worker.serve_one(cid, request(2))  # the coordinator crashed and repeats round 2
+    assert essence(again) == essence(expected)
