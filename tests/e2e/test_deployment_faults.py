@@ -90,6 +90,32 @@ def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run
     assert [h.get("train_loss") for h in history] == [h.get("train_loss") for h in _history(reference)]
 
 
+def test_too_few_replies_stop_the_run_cleanly_with_the_last_checkpoint_intact(tmp_path):
+    fed = Federation(
+        tmp_path,
+        {"partition": {"num_clients": 2}, "federation": {"rounds": 3, "min_clients": 2, "round_timeout_s": 20}},
+    )
+    try:
+        fed.server()
+        fed.client(0)
+        fed.client(1)
+        fed.wait_for("server", r"round 1/3", 180)
+        fed.kill("client-1")
+        code = fed.wait_exit("server", 180)
+    finally:
+        fed.close()
+    out = fed.output("server")
+    assert code == 2, out
+    assert "only 1 of 2 clients returned a usable update" in out and "min_clients=2" in out
+    assert "--resume" in out
+    assert [h["round"] for h in _history(fed.run_dir)] == [0, 1]
+    ckpts = sorted(p.name for p in (fed.run_dir / "checkpoints").iterdir())
+    assert (
+        ckpts[-1] == "round_0001"
+        and json.loads((fed.run_dir / "checkpoints" / "round_0001" / "state.json").read_text())["round"] == 1
+    )
+
+
 def test_insecure_mode_is_explicit_and_loud(tmp_path):
     fed = Federation(tmp_path, {"runtime": {"flower": {"insecure": True}}, "federation": {"rounds": 1}})
     try:

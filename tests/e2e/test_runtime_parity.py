@@ -16,7 +16,11 @@ from tests.e2e.federation import Federation
 pytest.importorskip("ray")
 pytest.importorskip("flwr")
 
-PARITY = {"compression": {"uplink": ["int8"], "error_feedback": True}, "federation": {"rounds": 2}}
+# int8 + error feedback up (client state), bf16 down (a dtype numpy would lose)
+PARITY = {
+    "compression": {"uplink": ["int8"], "error_feedback": True, "downlink": ["bf16"]},
+    "federation": {"rounds": 2},
+}
 SAME = ("train_loss", "eval_loss", "bytes_down", "clients")
 
 
