@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,7 @@ class RayRuntime:
             kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
             if rc.address is None:
                 kwargs["num_cpus"] = os.cpu_count() or 1
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
             try:
                 ray.init(address=rc.address, logging_level=logging.WARNING, **kwargs)
             except ConnectionError as exc:
