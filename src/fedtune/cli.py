@@ -96,7 +96,7 @@ def client(
         float, typer.Option("--refused-retry-s", help="keep retrying this long when the coordinator refuses the key")
     ] = 120.0,
 ) -> None:
-    """Join a deployed federation with this machine's data; runs until the coordinator is done."""
+    """Join a deployed federation with this machine's data; serves (across coordinator restarts) until Ctrl-C."""
     try:
         cfg = load_config(config, ["runtime.name=flower", *(overrides or [])])
         from fedtune.runtime.flower.participant import run_participant

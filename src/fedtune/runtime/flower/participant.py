@@ -131,7 +131,7 @@ def run_participant(
     if code != 0:
         log.error("the SuperNode exited with code %s; its log: %s", code, node_log)
         return 1
-    log.info("the federation is over")
+    log.info("the SuperNode exited")
     return 0
 
 
