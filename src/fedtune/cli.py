@@ -72,14 +72,13 @@ def server(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last complete round")] = False,
 ) -> None:
     """Coordinate a deployed federation: start Flower's SuperLink, enrol client keys, run CONFIG."""
-    try:
-        cfg = load_config(config, ["runtime.name=flower", *(overrides or [])])
+
+    def start(cfg: ExperimentConfig) -> int:
         from fedtune.runtime.flower.coordinator import run_coordinator
 
-        code = run_coordinator(cfg, config, resume)
-    except FedtuneError as exc:
-        _fail(exc)
-    raise typer.Exit(code)
+        return run_coordinator(cfg, config, resume)
+
+    _deployed(config, overrides, start)
 
 
 @app.command()
@@ -97,11 +96,19 @@ def client(
     ] = 120.0,
 ) -> None:
     """Join a deployed federation with this machine's data; serves (across coordinator restarts) until Ctrl-C."""
-    try:
-        cfg = load_config(config, ["runtime.name=flower", *(overrides or [])])
+
+    def start(cfg: ExperimentConfig) -> int:
         from fedtune.runtime.flower.participant import run_participant
 
-        code = run_participant(cfg, config, data, key, name, state_dir, refused_retry_s)
+        return run_participant(cfg, config, data, key, name, state_dir, refused_retry_s)
+
+    _deployed(config, overrides, start)
+
+
+def _deployed(config: Path, overrides: list[str] | None, start: Callable[[ExperimentConfig], int]) -> None:
+    """Load CONFIG as a deployment (runtime.name=flower), run a deployment command, exit with its code."""
+    try:
+        code = start(load_config(config, ["runtime.name=flower", *(overrides or [])]))
     except FedtuneError as exc:
         _fail(exc)
     raise typer.Exit(code)
