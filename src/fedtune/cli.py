@@ -94,13 +94,17 @@ def client(
     refused_retry_s: Annotated[
         float, typer.Option("--refused-retry-s", help="keep retrying this long when the coordinator refuses the key")
     ] = 120.0,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="torch threads (default: all cores; 1 for many clients per machine)"),
+    ] = None,
 ) -> None:
     """Join a deployed federation with this machine's data; serves (across coordinator restarts) until Ctrl-C."""
 
     def start(cfg: ExperimentConfig) -> int:
         from fedtune.runtime.flower.participant import run_participant
 
-        return run_participant(cfg, config, data, key, name, state_dir, refused_retry_s)
+        return run_participant(cfg, config, data, key, name, state_dir, refused_retry_s, threads)
 
     _deployed(config, overrides, start)
 

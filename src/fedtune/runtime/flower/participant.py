@@ -18,6 +18,7 @@ import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
+import torch
 import transformers
 
 from fedtune.config import ExperimentConfig
@@ -42,6 +43,7 @@ def run_participant(
     name: str | None,
     state_dir: Path | None,
     refused_retry_s: float = 120.0,
+    threads: int | None = None,
 ) -> int:
     """Serve the federation until this client is stopped or refused for longer than refused_retry_s.
 
@@ -74,6 +76,8 @@ def run_participant(
         logger.addHandler(h)
     log.info("client %s: %d examples from %s; state in %s", name, len(examples), data, state_dir)
     transformers.utils.logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)  # several clients on one machine: share its cores, do not fight
     worker = LocalWorker(cfg, examples, state_dir)
 
     sock_dir = tempfile.mkdtemp(prefix="fedtune-client-")  # 0700: only this user reaches the socket
