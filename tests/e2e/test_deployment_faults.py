@@ -24,8 +24,9 @@ def test_a_killed_client_is_dropped_for_its_round_rejoins_later_and_an_unknown_k
     fed = Federation(
         tmp_path,
         {
-            "federation": {"rounds": 10, "min_clients": 2, "round_timeout_s": 10},
-            "training": {"local_steps": 6, "batch_size": 8},  # a training window to kill a client in
+            # a deadline well above a round's ~6-10 s, even with three clients training on 2 busy cores
+            "federation": {"rounds": 10, "min_clients": 2, "round_timeout_s": 30},
+            "training": {"local_steps": 4, "batch_size": 8},  # a training window to kill a client in
         },
     )
     rogue = write_client_key(tmp_path / "rogue", "client-9")[0]
@@ -93,7 +94,7 @@ def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run
 def test_too_few_replies_stop_the_run_cleanly_with_the_last_checkpoint_intact(tmp_path):
     fed = Federation(
         tmp_path,
-        {"partition": {"num_clients": 2}, "federation": {"rounds": 3, "min_clients": 2, "round_timeout_s": 20}},
+        {"partition": {"num_clients": 2}, "federation": {"rounds": 3, "min_clients": 2, "round_timeout_s": 30}},
     )
     try:
         fed.server()
