@@ -78,7 +78,6 @@ class LocalWorker:
     def serve_one(self, client_id: int, payload: bytes) -> bytes:
         from fedtune.assembly import local_client_data
         from fedtune.types import TrainReply
-        from fedtune.wire.messages import decode_message
         from fedtune.wire.serialize import read_header
 
         with self.lock:
@@ -92,15 +91,15 @@ class LocalWorker:
             if header.get("kind") == "train":
                 if state:
                     store.save(round_index, state)
-                msg = decode_message(reply)
-                if isinstance(msg, TrainReply):
+                done = read_header(reply)  # the fields to log, without loading the update's tensors
+                if done.get("kind") == TrainReply.KIND:
                     log.info(
                         "round %d: trained as client %d: %d steps, loss %.4f, %.1fs, %d bytes up",
                         round_index,
                         client_id,
-                        msg.steps,
-                        msg.train_loss,
-                        msg.local_train_s,
+                        done["steps"],
+                        done["train_loss"],
+                        done["local_train_s"],
                         len(reply),
                     )
             else:
