@@ -17,6 +17,7 @@ from fedtune.config_base import Strict as _Strict
 from fedtune.config_compression import CompressionConfig
 from fedtune.config_runtime import RuntimeConfig
 from fedtune.errors import ConfigError
+from fedtune.registry import AGGREGATORS, COMBINERS, PEFT_METHODS
 
 
 class ModelConfig(_Strict):
@@ -29,21 +30,13 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow model code from the hub repo (only for repos you trust)")
 
 
-DEFAULT_TARGETS = {
-    "lora": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "ia3": ["k_proj", "v_proj", "down_proj"],
-    "bottleneck": ["o_proj", "down_proj"],
-}
+DEFAULT_TARGETS = {e.name: list(e.info["targets"]) for e in PEFT_METHODS if "targets" in e.info}
 
 
 class AdapterConfig(_Strict):
     """The parameter-efficient module clients train and share (docs/algorithms/peft.md)."""
 
-    method: Literal["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck", "bitfit"] = Field(
-        "lora",
-        description="PEFT method: lora (dora: true for DoRA), ia3, prompt_tuning, prefix_tuning, p_tuning, "
-        "bottleneck (Houlsby adapters), bitfit (biases only)",
-    )
+    method: PEFT_METHODS.literal() = Field("lora", description=PEFT_METHODS.describe("PEFT method: "))
     r: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA / bottleneck dropout")
@@ -51,7 +44,7 @@ class AdapterConfig(_Strict):
     target_modules: list[str] | None = Field(
         None,
         description="Linear layers the method wraps (an error lists the model's own); default per method: "
-        "lora q/k/v/o_proj, ia3 k/v/down_proj, bottleneck o_proj + down_proj (after attention and MLP)",
+        + "; ".join(f"{m} {', '.join(t)}" for m, t in DEFAULT_TARGETS.items()),
     )
     feedforward_modules: list[str] | None = Field(
         None, description="ia3: which target_modules scale their input (MLP); default: down_proj among the targets"
@@ -204,8 +197,8 @@ class TrainingConfig(_Strict):
 class AggregationConfig(_Strict):
     """Server-side aggregation: clip -> combine -> server optimizer (docs/algorithms/)."""
 
-    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
-        "fedavg", description="server optimizer applied to the combined update (FedAvg, FedAvgM, FedOpt family)"
+    name: AGGREGATORS.literal() = Field(
+        "fedavg", description=AGGREGATORS.describe("server optimizer applied to the combined update: ")
     )
     weighting: Literal["examples", "tokens", "uniform"] = Field(
         "examples", description="client weight: training examples, target tokens, or equal"
@@ -218,9 +211,7 @@ class AggregationConfig(_Strict):
     beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay β2")
     tau: float = Field(1e-3, gt=0, description="FedOpt: adaptivity τ (second moments start at τ²)")
     bias_correction: bool = Field(False, description="FedOpt: Adam-style bias correction (not in the paper)")
-    combine: Literal["mean", "median", "trimmed_mean", "krum"] = Field(
-        "mean", description="how client updates become one: weighted mean, or a robust combiner"
-    )
+    combine: COMBINERS.literal() = Field("mean", description=COMBINERS.describe("how client updates become one: "))
     trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end per coordinate")
     byzantine: int = Field(0, ge=0, description="krum: number f of clients assumed malicious")
     krum_select: int = Field(1, ge=1, description="krum: how many best-scored updates to average (1 = Krum)")

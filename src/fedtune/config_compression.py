@@ -7,25 +7,16 @@ from typing import Any, Literal
 from pydantic import Field, model_serializer, model_validator
 
 from fedtune.config_base import Strict as _Strict
+from fedtune.registry import CODECS, VALUE_CODECS
 
-DOWNLINK_CODECS = ("fp16", "bf16", "int8", "int4")  # the downlink carries the adapter itself, not an update
-_CODEC_FIELDS = {  # which optional keys each codec takes
-    "int8": {"per", "rounding"},
-    "int4": {"per", "rounding"},
-    "topk": {"fraction"},
-    "randk": {"fraction"},
-    "lowrank": {"rank"},
-    "block_dropout": {"keep_fraction"},
-}
+DOWNLINK_CODECS = VALUE_CODECS  # the downlink carries the adapter itself, not an update
+_CODEC_FIELDS = {e.name: set(e.options.values()) for e in CODECS}  # which optional keys each codec takes
 
 
 class CodecConfig(_Strict):
     """One compression stage; a bare name (``int8``) stands for ``{name: int8}`` with defaults."""
 
-    name: Literal["fp16", "bf16", "int8", "int4", "topk", "randk", "lowrank", "block_dropout"] = Field(
-        description="fp16/bf16 cast, int8/int4 quantisation, topk/randk sparsification, lowrank SVD, "
-        "block_dropout (FedOBD)"
-    )
+    name: CODECS.literal() = Field(description=CODECS.describe())
     per: Literal["tensor", "channel"] = Field(
         "channel", description="int8/int4: one scale per tensor, or per channel (rows or columns, whichever are fewer)"
     )

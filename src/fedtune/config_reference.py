@@ -12,6 +12,7 @@ import typing
 from pydantic import BaseModel
 
 from fedtune.config import ExperimentConfig
+from fedtune.registry import ALL
 
 HEADER = """# Configuration reference
 
@@ -76,9 +77,22 @@ def _section(model: type[BaseModel], prefix: str, out: list[str]) -> None:
         _section(sub, f"{prefix}{name}.", out)
 
 
+def _plugins(out: list[str]) -> None:
+    """One table per registry: what each name means and where its code lives."""
+    out.append("\n## Plug-ins\n")
+    out.append(
+        "Every name a plug-in key accepts, from `src/fedtune/registry.py` (the config's allowed values come from it)."
+    )
+    for reg in ALL:
+        out.append(f"\n### {reg.kind} (`{reg.key}`)\n")
+        out.append("| name | what | code |\n|---|---|---|")
+        out.extend(f"| `{e.name}` | {e.summary} | `{e.target}` |" for e in reg)
+
+
 def render_reference() -> str:
     out = [HEADER]
     _section(ExperimentConfig, "", out)
+    _plugins(out)
     return "\n".join(out) + "\n"
 
 

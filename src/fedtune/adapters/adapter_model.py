@@ -20,11 +20,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from fedtune.adapters.bitfit import bias_parameters
-from fedtune.adapters.bottleneck import bottleneck_parameters, inject_bottlenecks
-from fedtune.adapters.peft_configs import PEFT_METHODS, peft_config
+from fedtune.adapters.peft_configs import peft_config
 from fedtune.config import AdapterConfig
 from fedtune.errors import ConfigError
+from fedtune.registry import PEFT_METHODS
 from fedtune.types import Params
 
 ADAPTER = "default"
@@ -67,20 +66,11 @@ class AdapterModel:
         self.activate(cfg.r)
 
     def _wrap(self, base: PreTrainedModel, cfg: AdapterConfig) -> torch.nn.Module:
-        if cfg.method == "bottleneck":
-            wrapped = inject_bottlenecks(base, cfg.targets(), cfg.bottleneck_dim, cfg.dropout)
-            if not wrapped:
-                raise _bad_targets(cfg, base, "none of them is a Linear layer of this model")
-            return base
-        if cfg.method == "bitfit":
-            if not bias_parameters(base):
-                raise ConfigError(
-                    f"adapter.method=bitfit trains only bias terms, and this model ({type(base).__name__}) has none "
-                    "(Llama-family models such as SmolLM2 are bias-free). Pick another adapter.method (lora, ia3, "
-                    "bottleneck, ...) or a model with biases (e.g. GPT-2, Qwen2, or tiny-llama-bias)"
-                )
-            return base
+        tuner = _own_tuner(cfg.method)
         try:
+            if tuner is not None:
+                tuner.attach(base, cfg)
+                return base
             with warnings.catch_warnings():  # transformers deprecation noise raised inside peft
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 model = get_peft_model(base, peft_config(cfg))
@@ -93,10 +83,9 @@ class AdapterModel:
 
     def _collect(self, cfg: AdapterConfig) -> dict[str, dict[str, torch.nn.Parameter]]:
         """adapter name -> {state name: parameter} of the tensors that train (and travel)."""
-        if cfg.method == "bottleneck":
-            return {ADAPTER: bottleneck_parameters(self.model)}
-        if cfg.method == "bitfit":
-            return {ADAPTER: bias_parameters(self.model)}
+        tuner = _own_tuner(cfg.method)
+        if tuner is not None:
+            return {ADAPTER: tuner.parameters(self.model)}
         by_adapter = {}
         for name in self.adapter_names.values():
             by_adapter[name] = {
@@ -162,15 +151,7 @@ class AdapterModel:
         meta = {
             "method": self.method,
             "base_model_name_or_path": getattr(self.model.config, "name_or_path", None),
-            **(
-                {
-                    "target_modules": self.cfg.targets(),
-                    "bottleneck_dim": self.cfg.bottleneck_dim,
-                    "dropout": self.cfg.dropout,
-                }
-                if self.method == "bottleneck"
-                else {}
-            ),
+            **_own_tuner(self.method).export_meta(self.cfg),
         }
         (path / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -187,13 +168,10 @@ def load_adapter(base: PreTrainedModel, path: str | Path) -> torch.nn.Module:
         return PeftModel.from_pretrained(base, str(path))
     meta = json.loads(native.read_text())
     state = load_file(str(path / NATIVE_WEIGHTS))
-    if meta["method"] == "bottleneck":
-        inject_bottlenecks(base, meta["target_modules"], meta["bottleneck_dim"], meta.get("dropout", 0.0))
-        params = bottleneck_parameters(base)
-    elif meta["method"] == "bitfit":
-        params = bias_parameters(base)
-    else:
-        raise ValueError(f"{native}: unknown method {meta['method']!r}")
+    tuner = _own_tuner(meta["method"]) if meta.get("method") in PEFT_METHODS else None
+    if tuner is None:
+        raise ValueError(f"{native}: unknown method {meta.get('method')!r}")
+    params = tuner.restore(base, meta)
     if state.keys() != params.keys():
         raise ValueError(
             f"{path}: adapter tensors do not match this base model (e.g. {sorted(state.keys() ^ params.keys())[:2]})"
@@ -202,6 +180,11 @@ def load_adapter(base: PreTrainedModel, path: str | Path) -> torch.nn.Module:
         for k, p in params.items():
             p.copy_(state[k])
     return base.eval()
+
+
+def _own_tuner(method: str):
+    """The tuner object of a method fedtune implements itself (bottleneck, bitfit); None for peft's."""
+    return None if PEFT_METHODS.entry(method).info.get("peft") else PEFT_METHODS.load(method)
 
 
 def virtual_token_offset(model: torch.nn.Module) -> int:
@@ -228,4 +211,4 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-__all__ = ["PEFT_METHODS", "AdapterModel", "linear_module_names", "load_adapter", "virtual_token_offset"]
+__all__ = ["AdapterModel", "linear_module_names", "load_adapter", "virtual_token_offset"]

@@ -52,3 +52,24 @@ def inject_bottlenecks(model: nn.Module, targets: list[str], dim: int, dropout: 
 def bottleneck_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """name -> parameter of every adapter projection (the trainable tensors)."""
     return {n: p for n, p in model.named_parameters() if ".adapter_down." in n or ".adapter_up." in n}
+
+
+class BottleneckTuner:
+    """``adapter.method=bottleneck`` for AdapterModel: attach, trainable tensors, export and restore."""
+
+    def attach(self, base: nn.Module, cfg) -> None:
+        if not inject_bottlenecks(base, cfg.targets(), cfg.bottleneck_dim, cfg.dropout):
+            raise ValueError("none of them is a Linear layer of this model")
+
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return bottleneck_parameters(model)
+
+    def export_meta(self, cfg) -> dict:
+        return {"target_modules": cfg.targets(), "bottleneck_dim": cfg.bottleneck_dim, "dropout": cfg.dropout}
+
+    def restore(self, base: nn.Module, meta: dict) -> dict[str, nn.Parameter]:
+        inject_bottlenecks(base, meta["target_modules"], meta["bottleneck_dim"], meta.get("dropout", 0.0))
+        return bottleneck_parameters(base)
+
+
+TUNER = BottleneckTuner()

@@ -8,25 +8,29 @@ from __future__ import annotations
 from functools import partial
 
 from fedtune.aggregation.base import Aggregator, Contribution
-from fedtune.aggregation.combine import coordinate_median, krum, trimmed_mean, weighted_mean
+from fedtune.aggregation.combine import Combiner
 from fedtune.aggregation.lora import LoraExact, LoraNaive, LoraZeroPad
 from fedtune.aggregation.pipeline import Pipeline, PipelineState
 from fedtune.aggregation.scaffold import Scaffold, ScaffoldState
-from fedtune.aggregation.server_opt import Adaptive, Momentum, ServerOptimizer, Sgd
+from fedtune.aggregation.server_opt import ServerOptimizer
 from fedtune.config import AggregationConfig
+from fedtune.registry import AGGREGATORS as _AGGREGATORS
+from fedtune.registry import COMBINERS as _COMBINERS
 
-AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-COMBINERS = ("mean", "median", "trimmed_mean", "krum")
+AGGREGATORS = _AGGREGATORS.names()
+COMBINERS = _COMBINERS.names()
 
 
 def server_optimizer(cfg: AggregationConfig) -> ServerOptimizer:
-    if cfg.name == "fedavg":
-        return Sgd(cfg.server_lr if cfg.server_lr is not None else 1.0)
-    if cfg.name == "fedavgm":
-        return Momentum(cfg.server_lr if cfg.server_lr is not None else 1.0, cfg.momentum)
-    rule = cfg.name.removeprefix("fed")  # adam, yogi, adagrad
-    lr = cfg.server_lr if cfg.server_lr is not None else 1e-2
-    return Adaptive(rule, lr, cfg.beta1, cfg.beta2, cfg.tau, cfg.bias_correction)
+    """The server optimizer ``aggregation.name`` names, with its options from the config."""
+    return _AGGREGATORS.load(cfg.name)(**_AGGREGATORS.kwargs(cfg.name, cfg))
+
+
+def combiner(cfg: AggregationConfig) -> Combiner:
+    """The combiner ``aggregation.combine`` names, with its options from the config."""
+    kwargs = _COMBINERS.kwargs(cfg.combine, cfg)
+    fn = _COMBINERS.load(cfg.combine)
+    return partial(fn, **kwargs) if kwargs else fn
 
 
 def build_aggregator(
@@ -54,13 +58,7 @@ def build_aggregator(
         return LoraZeroPad(lora_alpha, client_ranks, cfg.clip_norm)
     if client_ranks:
         raise ValueError(f"heterogeneous client ranks need aggregation.lora exact or naive, not {mode}")
-    combine = {
-        "mean": weighted_mean,
-        "median": coordinate_median,
-        "trimmed_mean": partial(trimmed_mean, beta=cfg.trim_fraction),
-        "krum": partial(krum, byzantine=cfg.byzantine, select=cfg.krum_select),
-    }[cfg.combine]
-    agg: Aggregator = Pipeline(cfg.name, combine, server_optimizer(cfg), cfg.clip_norm)
+    agg: Aggregator = Pipeline(cfg.name, combiner(cfg), server_optimizer(cfg), cfg.clip_norm)
     if cfg.scaffold:
         if num_clients is None:
             raise ValueError("SCAFFOLD needs num_clients (the federation size N) for c <- c + |S|/N mean(dc)")

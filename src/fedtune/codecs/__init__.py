@@ -8,9 +8,7 @@ delta_hat = chain.decode(packed)  # server
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 from fedtune.codecs.base import Chain, Codec, Packed, payload_bytes
 from fedtune.codecs.block_dropout import BlockDropout
@@ -18,23 +16,9 @@ from fedtune.codecs.cast import Cast
 from fedtune.codecs.lowrank import LowRank
 from fedtune.codecs.quantize import Quantize
 from fedtune.codecs.sparsify import RandomK, TopK
+from fedtune.registry import CODECS as _REGISTRY
 
-CODECS: dict[str, type] = {
-    "fp16": Cast,
-    "bf16": Cast,
-    "int8": Quantize,
-    "int4": Quantize,
-    "topk": TopK,
-    "randk": RandomK,
-    "lowrank": LowRank,
-    "block_dropout": BlockDropout,
-}
-_FIXED: dict[str, dict[str, Any]] = {  # arguments implied by the name
-    "fp16": {"dtype": "float16"},
-    "bf16": {"dtype": "bfloat16"},
-    "int8": {"bits": 8},
-    "int4": {"bits": 4},
-}
+CODECS: dict[str, type] = {e.name: _REGISTRY.load(e.name) for e in _REGISTRY}  # name -> codec class
 
 
 def build_codec(spec: dict) -> Codec:
@@ -50,12 +34,12 @@ def build_codec(spec: dict) -> Codec:
     name = options.pop("name")
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; allowed: {sorted(CODECS)}")
-    fixed = _FIXED.get(name, {})
-    allowed = [f.name for f in dataclasses.fields(CODECS[name]) if f.name not in fixed]
+    entry = _REGISTRY.entry(name)
+    allowed = list(entry.options)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for codec {name!r}; allowed: {allowed}")
-    return CODECS[name](**options, **fixed)
+    return CODECS[name](**options, **entry.fixed)
 
 
 def build_chain(specs: Sequence[dict], error_feedback: bool = False) -> Chain:

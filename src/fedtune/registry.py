@@ -1,0 +1,192 @@
+"""One registry per plug-in kind: the names the config accepts, what each one is, where its code lives.
+
+The config's allowed values (``Registry.literal()``), its field descriptions and the generated
+configuration reference all derive from these tables, so a plug-in cannot be added in one place and
+forgotten in another. Targets are ``"module:attribute"`` strings imported on first use: reading a
+config never imports torch. ``tests/test_registry.py`` imports every target.
+
+Adding a plug-in: one ``Entry`` here, its code at the target, and a row in the kind's table tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One plug-in: its config name, a one-line summary, and where its code is.
+
+    ``fixed``: keyword arguments implied by the name (``int8`` -> ``bits=8``); ``options``: keyword
+    argument -> the config key that supplies it; ``defaults``: values for options whose config key
+    is null; ``info``: kind-specific static data (e.g. a PEFT method's default target modules).
+    """
+
+    name: str
+    summary: str
+    target: str
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, str] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Registry:
+    """The entries of one plug-in kind, keyed by name, in their documented order."""
+
+    def __init__(self, kind: str, key: str, entries: Sequence[Entry]):
+        self.kind, self.key = kind, key  # e.g. "codec", "compression.uplink[].name"
+        self._entries = {e.name: e for e in entries}
+        if len(self._entries) != len(entries):
+            raise ValueError(f"duplicate {kind} names in {[e.name for e in entries]}")
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries.values())
+
+    def entry(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} {name!r} ({self.key}); allowed: {', '.join(self._entries)}")
+        return self._entries[name]
+
+    def load(self, name: str) -> Any:
+        """The entry's code: the attribute its target names (a module when the target has no ``:``)."""
+        module, _, attr = self.entry(name).target.partition(":")
+        loaded = importlib.import_module(module)
+        return getattr(loaded, attr) if attr else loaded
+
+    def kwargs(self, name: str, section: Any) -> dict[str, Any]:
+        """Keyword arguments for the entry's target: its fixed ones plus its options read from a config section."""
+        e = self.entry(name)
+        out = dict(e.fixed)
+        for arg, key in e.options.items():
+            value = getattr(section, key)
+            out[arg] = e.defaults.get(arg) if value is None else value
+        return out
+
+    def literal(self) -> Any:
+        """``Literal[name, ...]`` for a pydantic field: the config accepts exactly these names."""
+        return Literal[self.names()]  # type: ignore[valid-type]
+
+    def describe(self, prefix: str = "") -> str:
+        """'name: summary; ...' for a config field's description."""
+        return prefix + "; ".join(f"{e.name}: {e.summary}" for e in self._entries.values())
+
+
+AGGREGATORS = Registry(
+    "server optimizer",
+    "aggregation.name",
+    [
+        Entry(
+            "fedavg",
+            "FedAvg, w + η·mean (McMahan et al. 2017)",
+            "fedtune.aggregation.server_opt:Sgd",
+            options={"lr": "server_lr"},
+            defaults={"lr": 1.0},
+        ),
+        Entry(
+            "fedavgm",
+            "FedAvgM, server momentum (Hsu et al. 2019)",
+            "fedtune.aggregation.server_opt:Momentum",
+            options={"lr": "server_lr", "beta": "momentum"},
+            defaults={"lr": 1.0},
+        ),
+        *(
+            Entry(
+                f"fed{rule}",
+                f"Fed{rule.capitalize()}, adaptive server optimizer (Reddi et al. 2021)",
+                "fedtune.aggregation.server_opt:Adaptive",
+                fixed={"rule": rule},
+                options={"lr": "server_lr", "beta1": "beta1", "beta2": "beta2", "tau": "tau"}
+                | {"bias_correction": "bias_correction"},
+                defaults={"lr": 1e-2},
+            )
+            for rule in ("adam", "yogi", "adagrad")
+        ),
+    ],
+)
+
+COMBINERS = Registry(
+    "combiner",
+    "aggregation.combine",
+    [
+        Entry("mean", "weighted mean", "fedtune.aggregation.combine:weighted_mean"),
+        Entry("median", "coordinate-wise median (Yin et al. 2018)", "fedtune.aggregation.combine:coordinate_median"),
+        Entry(
+            "trimmed_mean",
+            "coordinate-wise mean without the trim_fraction extremes (Yin et al. 2018)",
+            "fedtune.aggregation.combine:trimmed_mean",
+            options={"beta": "trim_fraction"},
+        ),
+        Entry(
+            "krum",
+            "the krum_select updates with the best Krum scores (Blanchard et al. 2017)",
+            "fedtune.aggregation.combine:krum",
+            options={"byzantine": "byzantine", "select": "krum_select"},
+        ),
+    ],
+)
+
+_QUANT = {"per": "per", "rounding": "rounding"}
+_VALUE = {"value": True}  # a value codec: keeps every entry (may carry an adapter, not only an update)
+_PEFT = {"peft": True}
+_PC = "fedtune.adapters.peft_configs:"
+CODECS = Registry(
+    "codec",
+    "compression.uplink[].name / compression.downlink[].name",
+    [
+        Entry("fp16", "cast to float16", "fedtune.codecs.cast:Cast", fixed={"dtype": "float16"}, info=_VALUE),
+        Entry("bf16", "cast to bfloat16", "fedtune.codecs.cast:Cast", fixed={"dtype": "bfloat16"}, info=_VALUE),
+        Entry("int8", "8-bit quantisation", "fedtune.codecs.quantize:Quantize", {"bits": 8}, _QUANT, info=_VALUE),
+        Entry("int4", "4-bit quantisation", "fedtune.codecs.quantize:Quantize", {"bits": 4}, _QUANT, info=_VALUE),
+        Entry("topk", "largest-magnitude entries", "fedtune.codecs.sparsify:TopK", options={"fraction": "fraction"}),
+        Entry("randk", "seeded random entries", "fedtune.codecs.sparsify:RandomK", options={"fraction": "fraction"}),
+        Entry("lowrank", "truncated SVD of each matrix", "fedtune.codecs.lowrank:LowRank", options={"rank": "rank"}),
+        Entry(
+            "block_dropout",
+            "whole layer blocks dropped (FedOBD)",
+            "fedtune.codecs.block_dropout:BlockDropout",
+            options={"keep_fraction": "keep_fraction"},
+        ),
+    ],
+)
+VALUE_CODECS = tuple(e.name for e in CODECS if e.info.get("value"))  # keep every value (no sparsifying)
+
+PEFT_METHODS = Registry(
+    "PEFT method",
+    "adapter.method",
+    [
+        Entry(
+            "lora",
+            "low-rank updates B·A (dora: true for DoRA)",
+            _PC + "lora",
+            info={"peft": True, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        ),
+        Entry(
+            "ia3",
+            "learned activation scales",
+            _PC + "ia3",
+            info={"peft": True, "targets": ["k_proj", "v_proj", "down_proj"]},
+        ),
+        Entry("prompt_tuning", "soft prompt", _PC + "prompt_tuning", info=_PEFT),
+        Entry("prefix_tuning", "per-layer prefixes", _PC + "prefix_tuning", info=_PEFT),
+        Entry("p_tuning", "soft prompt from an MLP encoder", _PC + "p_tuning", info=_PEFT),
+        Entry(
+            "bottleneck",
+            "Houlsby adapters",
+            "fedtune.adapters.bottleneck:TUNER",
+            info={"peft": False, "targets": ["o_proj", "down_proj"]},
+        ),
+        Entry("bitfit", "biases only", "fedtune.adapters.bitfit:TUNER", info={"peft": False}),
+    ],
+)
+
+ALL: tuple[Registry, ...] = (AGGREGATORS, COMBINERS, CODECS, PEFT_METHODS)
