@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedtune.assembly import build_workbench, local_client_data, make_handler
 from fedtune.config import ExperimentConfig
 from fedtune.data.prepare import prepare_federated_data
-from fedtune.types import TrainRequest
+from fedtune.paradigms.parameter_sharing.messages import TrainRequest
 from fedtune.wire.link import Link, generator
 
 server_app, client_app = ServerApp(), ClientApp()
@@ -40,7 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     params = {k: v.float() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
     rnd = int(msg.content["config"]["server-round"])
     wire, _ = Link().encode(params, {}, generator(cfg.seed, rnd, 0))
-    reply, _ = handler.train(pid, TrainRequest(rnd, wire), {})
+    reply, _ = handler.paradigm.train(pid, TrainRequest(rnd, wire), {})
     delta = Link().decode(reply.delta, params)
     new = {k: params[k] + delta[k] for k in params}
     metrics = MetricRecord({"num-examples": reply.num_examples, "train_loss": reply.train_loss})

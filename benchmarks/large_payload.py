@@ -43,10 +43,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.1)
     args = ap.parse_args()
-    from fedtune.runtime.flower.certs import write_certs
-    from fedtune.runtime.flower.control import Control
-    from fedtune.runtime.flower.processes import flower_env, free_port, start, stop, superlink_cmd, supernode_cmd
-    from fedtune.types import TrainRequest
+    from fedtune.deploy.certs import write_certs
+    from fedtune.deploy.control import Control
+    from fedtune.deploy.processes import flower_env, free_port, start, stop, superlink_cmd, supernode_cmd
+    from fedtune.paradigms.parameter_sharing.messages import TrainRequest
     from fedtune.wire.messages import encode_message
 
     with tempfile.TemporaryDirectory() as tmp:

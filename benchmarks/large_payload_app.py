@@ -10,7 +10,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.runtime.flower.grid_runtime import FlowerRuntime
+from fedtune.runtime.flower_grid import FlowerRuntime
 from fedtune.types import Envelope
 
 server_app = ServerApp()

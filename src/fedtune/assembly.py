@@ -2,6 +2,7 @@
 
 The server (experiment.py), every Ray worker and every deployed client call these same functions,
 so each process builds a bit-identical base model, initial adapter and codec chain from one config.
+The client handler serves the paradigm ``cfg.paradigm`` names (``registry.PARADIGMS``).
 """
 
 from __future__ import annotations
@@ -10,18 +11,23 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import AdapterModel
-from fedtune.client.handler import ClientData, ClientHandler, EvalSettings
+from fedtune.client.data import ClientData, EvalSettings
+from fedtune.client.handler import ClientHandler
 from fedtune.config import ExperimentConfig
-from fedtune.data.formats import Example
-from fedtune.data.prepare import BUILTIN, FederatedData, holdout_split
+from fedtune.data.formats import Example, load_examples
+from fedtune.data.prepare import BUILTIN, FederatedData, holdout_split, load_splits, prepare_federated_data
 from fedtune.data.templates import resolve_template
 from fedtune.data.tokenize import Encoder
+from fedtune.errors import DataError
 from fedtune.evaluation.harness import EvalSet
 from fedtune.models.loading import load_model
+from fedtune.registry import PARADIGMS
 from fedtune.types import Params
 from fedtune.wire.link import Link
 
@@ -84,21 +90,51 @@ def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
     )
 
 
-def make_handler(cfg: ExperimentConfig, bench: Workbench, clients: dict[int, ClientData]) -> ClientHandler:
-    """The client side of the protocol, serving these clients' data over the workbench's model."""
-    return ClientHandler(
-        bench.adapter,
-        bench.tokenizer,
-        clients,
-        cfg.training,
-        cfg.federation.rounds,
-        cfg.seed,
-        bench.eval_settings,
-        progress=cfg.output.progress,
-        uplink=bench.uplink,
-        downlink=bench.downlink,
-        initial=bench.initial,
-    )
+def make_handler(
+    cfg: ExperimentConfig, bench: Workbench, clients: dict[int, ClientData], eval_set: EvalSet | None = None
+) -> ClientHandler:
+    """The client side of ``cfg.paradigm``, serving these clients' data over the workbench's model.
+
+    ``eval_set``: the federation's evaluation set, for paradigms whose clients evaluate their own models.
+    """
+    paradigm = PARADIGMS.load(cfg.paradigm).client(cfg, bench, clients, eval_set)
+    return ClientHandler(paradigm, clients)
+
+
+def simulation_handler(cfg_json: dict[str, Any]) -> Any:
+    """A handler for every simulated client, built from scratch as the server builds it (a Ray worker's)."""
+    cfg = ExperimentConfig.model_validate(cfg_json)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"progress": False})})
+    bench = build_workbench(cfg, announce=False)
+    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
+    eval_set = EvalSet.build(eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
+    return make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg), eval_set).handle
+
+
+def federation_eval_set(cfg: ExperimentConfig, encoder: Encoder) -> EvalSet | None:
+    """The federation's evaluation set as the server builds it, if this machine has its data; else None.
+
+    For a deployed client: built-in data is generated; a file dataset needs ``data.eval_dataset`` (or
+    ``data.dataset``, which the eval share is split from) on this machine too.
+    """
+    d = cfg.data
+    try:
+        if d.dataset.startswith("builtin:") or d.eval_dataset is None:
+            examples = load_splits(d, cfg.seed)[1]
+        else:
+            examples = load_examples(d.eval_dataset)
+    except DataError as exc:
+        log.info("no federation evaluation set on this machine (%s)", exc)
+        return None
+    return EvalSet.build(eval_subset(examples, cfg.evaluation.max_samples), encoder)
+
+
+def eval_subset(examples: list, max_samples: int | None) -> list:
+    """A fixed (seed-independent) sample, so that runs with different seeds share one eval set."""
+    if max_samples is None or max_samples >= len(examples):
+        return examples
+    keep = sorted(np.random.default_rng(0).permutation(len(examples))[:max_samples])
+    return [examples[i] for i in keep]
 
 
 def build_client_data(data: FederatedData, encoder: Encoder, cfg: ExperimentConfig) -> dict[int, ClientData]:
@@ -116,8 +152,6 @@ def build_client_data(data: FederatedData, encoder: Encoder, cfg: ExperimentConf
 
 def local_client_data(examples: list[Example], encoder: Encoder, cfg: ExperimentConfig, cid: int) -> ClientData:
     """A deployed client's own examples, split exactly as the same shard would be in simulation."""
-    import numpy as np
-
     encoded, n_trunc = encoder.encode_all(examples)
     if n_trunc:
         log.warning("%d of %d local examples were truncated to data.max_seq_len", n_trunc, len(encoded))

@@ -74,7 +74,7 @@ def server(
     """Coordinate a deployed federation: start Flower's SuperLink, enrol client keys, run CONFIG."""
 
     def start(cfg: ExperimentConfig) -> int:
-        from fedtune.runtime.flower.coordinator import run_coordinator
+        from fedtune.deploy.coordinator import run_coordinator
 
         return run_coordinator(cfg, config, resume)
 
@@ -102,7 +102,7 @@ def client(
     """Join a deployed federation with this machine's data; serves (across coordinator restarts) until Ctrl-C."""
 
     def start(cfg: ExperimentConfig) -> int:
-        from fedtune.runtime.flower.participant import run_participant
+        from fedtune.deploy.participant import run_participant
 
         return run_participant(cfg, config, data, key, name, state_dir, refused_retry_s, threads)
 
@@ -130,8 +130,8 @@ def certs(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing CA")] = False,
 ) -> None:
     """Create a test federation's credentials: CA, server TLS certificate, client enrolment keys."""
+    from fedtune.deploy.certs import write_certs, write_client_key
     from fedtune.reporting.console import console
-    from fedtune.runtime.flower.certs import write_certs, write_client_key
 
     names = [f"client-{i}" for i in range(clients)] + list(name or [])
     try:

@@ -17,7 +17,7 @@ from fedtune.config_base import Strict as _Strict
 from fedtune.config_compression import CompressionConfig
 from fedtune.config_runtime import RuntimeConfig
 from fedtune.errors import ConfigError
-from fedtune.registry import AGGREGATORS, COMBINERS, PEFT_METHODS
+from fedtune.registry import AGGREGATORS, COMBINERS, PARADIGMS, PEFT_METHODS
 
 
 class ModelConfig(_Strict):
@@ -275,6 +275,7 @@ class ExperimentConfig(_Strict):
     """One federated fine-tuning experiment."""
 
     seed: int = Field(0, description="seeds the initial adapter, partitions, client sampling and local batches")
+    paradigm: PARADIGMS.literal() = Field("parameter_sharing", description=PARADIGMS.describe("how clients federate: "))
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -10,30 +10,28 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from fedtune.adapters.adapter_model import AdapterModel
-from fedtune.aggregation import build_aggregator
-from fedtune.assembly import build_client_data, build_workbench, make_handler
+from fedtune.assembly import build_client_data, build_workbench, eval_subset, make_handler, simulation_handler
 from fedtune.config import ExperimentConfig, config_diff, to_yaml, validate_config
 from fedtune.data.prepare import FederatedData, prepare_federated_data
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.evaluation.harness import EvalSet, evaluate
+from fedtune.registry import PARADIGMS
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
 from fedtune.reporting.metrics import MetricsWriter, summarize
 from fedtune.runtime import build_runtime
 from fedtune.runtime.base import Runtime
-from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
-from fedtune.server.downlink import ReplicaDownlink
+from fedtune.server.checkpoint import load_latest
 from fedtune.server.round_loop import LoopSettings, run_rounds
-from fedtune.types import Params
+from fedtune.types import Params, ServerState
 
 log = logging.getLogger("fedtune")
 
@@ -96,9 +94,8 @@ def _run(
 ) -> RunResult:
     bench = build_workbench(cfg)
     adapter, tokenizer, eval_settings = bench.adapter, bench.tokenizer, bench.eval_settings
-    lora_mode = cfg.aggregation.lora_mode() if cfg.adapter.is_lora() else None
     clients = build_client_data(data, bench.encoder, cfg)
-    eval_set = EvalSet.build(_eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
+    eval_set = EvalSet.build(eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
     log.info(
         "%d clients, %s training examples; %d held-out examples; template %s",
         len(clients),
@@ -107,44 +104,33 @@ def _run(
         bench.encoder.template,
     )
     comp = cfg.compression
-    uplink, downlink, initial = bench.uplink, bench.downlink, bench.initial
     if comp.uplink or comp.downlink:
         log.info(
             "compression: uplink %s; downlink %s%s",
-            uplink.describe(),
-            downlink.describe(),
+            bench.uplink.describe(),
+            bench.downlink.describe(),
             " (updates to each client's replica)" if comp.downlink_updates else "",
         )
-    runtime = runtime or build_runtime(cfg, lambda: make_handler(cfg, bench, clients))
-    lower = {c: r for c in range(cfg.partition.num_clients) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
-    lora_alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
-    # with downlink updates clients hold the previous factors, so exact mode must not re-parametrise them
-    align = cfg.compression.downlink_updates
-    aggregator = build_aggregator(cfg.aggregation, cfg.partition.num_clients, lora_alpha, lower or None, align)
-    log.info(
-        "aggregation: %s%s%s",
-        aggregator.name,
-        f", LoRA {lora_mode}" if lora_mode else f", {cfg.adapter.method} tensors as they are",
-        f", client ranks {lower}" if lower else "",
+    runtime = runtime or build_runtime(
+        cfg,
+        lambda: make_handler(cfg, bench, clients, eval_set).handle,
+        partial(simulation_handler, cfg.model_dump(mode="json")),
     )
-    if lora_mode == "naive":
-        log.warning(
-            "aggregation.lora=naive averages LoRA A and B separately, which is inexact; "
-            "metrics.jsonl reports the relative error per round as lora_factor_averaging_error"
-        )
 
-    def evaluate_global(params: Params) -> dict[str, Any]:
+    def evaluate_adapter(params: Params) -> dict[str, Any]:
         adapter.activate(adapter.global_rank)
         adapter.set_state(params)
         s = eval_settings
         return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact, s.max_new_tokens, s.group_by)
 
-    state = load_latest(run_dir, aggregator.init(initial)) if resume else None
+    paradigm = PARADIGMS.load(cfg.paradigm).server(cfg, bench, evaluate_adapter)
+    fresh = paradigm.initial_state()
+    state = load_latest(run_dir, fresh.algorithm) if resume else None
     if state is not None:
         log.info("resuming after round %d from %s", state.round, run_dir / "checkpoints")
         runtime.load_client_states(state.clients)
     else:
-        state = ServerState(0, initial, aggregator.init(initial), [])
+        state = fresh
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     writer.rewrite(state.history)
 
@@ -154,16 +140,6 @@ def _run(
         if on_record is not None:
             on_record(rec)
 
-    if state.round == 0 and not state.history:
-        t = time.perf_counter()
-        record: dict[str, Any] = {"round": 0}
-        if cfg.evaluation.at_start:
-            record.update(evaluate_global(state.params))
-        record["wall_s"] = time.perf_counter() - t
-        state.history.append(record)
-        save_checkpoint(run_dir, state, cfg.output.keep_checkpoints)
-        record_round(record)
-
     rounds, every = cfg.federation.rounds, cfg.evaluation.every
     settings = LoopSettings(
         rounds,
@@ -171,25 +147,20 @@ def _run(
         cfg.clients_per_round(),
         cfg.federation.min_clients,
         cfg.seed,
-        cfg.aggregation.weighting,
         cfg.output.keep_checkpoints,
         cfg.output.progress,
-        cfg.aggregation.max_update_norm,
+        cfg.evaluation.at_start,
+        cfg.evaluation.per_client,
     )
     try:
         state = run_rounds(
             state,
             runtime,
-            aggregator,
+            paradigm,
             settings,
             run_dir,
-            evaluate_global,
             eval_due=lambda r: (every > 0 and r % every == 0) or r == rounds,
-            per_client_eval=cfg.evaluation.per_client,
             on_record=record_round,
-            uplink=uplink,
-            downlink=downlink,
-            replicas=ReplicaDownlink(downlink, initial, state.replicas) if comp.downlink_updates else None,
         )
     finally:
         runtime.close()
@@ -201,6 +172,7 @@ def _run(
         {
             "run_dir": str(run_dir),
             "model": cfg.model.name,
+            "paradigm": cfg.paradigm,
             "adapter_method": cfg.adapter.method + ("+dora" if cfg.adapter.dora else ""),
             "num_clients": cfg.partition.num_clients,
             "trainable_params": adapter.num_trainable,
@@ -212,14 +184,6 @@ def _run(
     console.print(rounds_table(state.history))
     console.print(summary_table(summary))
     return RunResult(run_dir, summary, state)
-
-
-def _eval_subset(examples: list, max_samples: int | None) -> list:
-    """A fixed (seed-independent) sample, so that runs with different seeds share one eval set."""
-    if max_samples is None or max_samples >= len(examples):
-        return examples
-    keep = sorted(np.random.default_rng(0).permutation(len(examples))[:max_samples])
-    return [examples[i] for i in keep]
 
 
 def check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:

@@ -6,6 +6,8 @@ forgotten in another. Targets are ``"module:attribute"`` strings imported on fir
 config never imports torch. ``tests/test_registry.py`` imports every target.
 
 Adding a plug-in: one ``Entry`` here, its code at the target, and a row in the kind's table tests.
+A paradigm's target is a module with ``server(cfg, bench, evaluate_adapter)`` and
+``client(cfg, bench, data, eval_set)`` (docs/architecture.md, "Adding a paradigm").
 """
 
 from __future__ import annotations
@@ -80,6 +82,18 @@ class Registry:
         """'name: summary; ...' for a config field's description."""
         return prefix + "; ".join(f"{e.name}: {e.summary}" for e in self._entries.values())
 
+
+PARADIGMS = Registry(
+    "paradigm",
+    "paradigm",
+    [
+        Entry(
+            "parameter_sharing",
+            "clients train adapters and send their updates; the server aggregates them (FedAvg family)",
+            "fedtune.paradigms.parameter_sharing.setup",
+        ),
+    ],
+)
 
 AGGREGATORS = Registry(
     "server optimizer",
@@ -189,4 +203,4 @@ PEFT_METHODS = Registry(
     ],
 )
 
-ALL: tuple[Registry, ...] = (AGGREGATORS, COMBINERS, CODECS, PEFT_METHODS)
+ALL: tuple[Registry, ...] = (PARADIGMS, AGGREGATORS, COMBINERS, CODECS, PEFT_METHODS)

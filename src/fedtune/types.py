@@ -1,72 +1,43 @@
-"""The messages that cross between server and clients, as frozen dataclasses.
+"""Types every layer shares: named tensors, a client's namespaced state, and what a runtime carries.
 
-Runtimes move only ``Envelope``s (client id + bytes); ``fedtune.wire.messages`` turns these
-dataclasses into those bytes and back. ``params`` and ``delta`` travel in wire form
-(``fedtune.wire.link``): passed through the direction's codec chain and packed, with the codec
-meta as one more tensor.
+Runtimes move only ``Envelope``s (client id + bytes); each paradigm declares its own message
+dataclasses (``fedtune.paradigms.*.messages``) and ``fedtune.wire.messages`` turns them into bytes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, NamedTuple
 
 import torch
 
 Params = dict[str, torch.Tensor]  # parameter name -> tensor (an adapter state or a delta)
 
+# A client's persistent state: owner -> its tensors. Each piece has one owner and its own namespace:
+# "held" (the adapter a client holds, downlink updates), "residual" (uplink error feedback),
+# "scaffold" (SCAFFOLD's c_i), "kd" (KD: the adapter a client keeps as its own).
+ClientState = dict[str, Params]
 
-@dataclass(frozen=True)
-class TrainRequest:
-    """Server -> client: train from these global adapter parameters in this round."""
-
-    KIND: ClassVar[str] = "train"
-    TENSORS: ClassVar[tuple[str, ...]] = ("params", "control")
-    round: int
-    params: Params  # wire form of the global adapter (see module docstring)
-    control: Params = field(default_factory=dict)  # SCAFFOLD: the server control variate c
-    downlink: str = "full"  # "full": params is the adapter; "update": the change to what the client holds
+_LEGACY_OWNERS = {"control": "scaffold"}  # checkpoints written before owners had names of their own
 
 
-@dataclass(frozen=True)
-class TrainReply:
-    """Client -> server: the update (local - global) and what it cost; no delta if diverged."""
-
-    KIND: ClassVar[str] = "train_reply"
-    TENSORS: ClassVar[tuple[str, ...]] = ("delta", "control_delta")
-    round: int
-    delta: Params  # wire form of local - global (see module docstring)
-    num_examples: int  # size of the client's training set (FedAvg weight)
-    num_tokens: int  # target tokens in that set (token weighting)
-    steps: int
-    train_loss: float
-    local_train_s: float  # pure local-training time (forward, backward, optimizer)
-    status: str = "ok"  # "ok" | "diverged"
-    error: str | None = None
-    control_delta: Params = field(default_factory=dict)  # SCAFFOLD: c_i(new) - c_i(old)
+def flatten_state(state: ClientState) -> Params:
+    """``{"owner/key": tensor}``, for safetensors files (checkpoints, a deployed client's state store)."""
+    for owner in state:
+        if "/" in owner or not owner:
+            raise ValueError(f"client-state owner {owner!r} must be a non-empty name without '/'")
+    return {f"{owner}/{key}": t for owner, part in state.items() for key, t in part.items()}
 
 
-@dataclass(frozen=True)
-class EvalRequest:
-    """Server -> client: evaluate these global parameters on your held-out share."""
-
-    KIND: ClassVar[str] = "evaluate"
-    TENSORS: ClassVar[tuple[str, ...]] = ("params",)
-    round: int
-    params: Params  # wire form of the global adapter
-
-
-@dataclass(frozen=True)
-class EvalReply:
-    """Client -> server: metrics of the global model on the client's held-out share."""
-
-    KIND: ClassVar[str] = "eval_reply"
-    TENSORS: ClassVar[tuple[str, ...]] = ()
-    round: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-Message = TrainRequest | TrainReply | EvalRequest | EvalReply
+def unflatten_state(flat: Params) -> ClientState:
+    """Inverse of flatten_state; also reads the flat ``control/``, ``residual/``, ``held/`` keys of old checkpoints."""
+    state: ClientState = {}
+    for name, t in flat.items():
+        owner, sep, key = name.partition("/")
+        if not sep:
+            raise ValueError(f"client-state tensor {name!r} has no owner (expected 'owner/key')")
+        state.setdefault(_LEGACY_OWNERS.get(owner, owner), {})[key] = t
+    return state
 
 
 @dataclass(frozen=True)
@@ -75,3 +46,21 @@ class Envelope:
 
     client_id: int
     payload: bytes
+
+
+@dataclass
+class ServerState:
+    """Everything the server needs to continue after ``round``: what a checkpoint holds.
+
+    ``params``: the global adapter ({} when the paradigm has none, e.g. KD with logits on the
+    downlink); ``algorithm``: the paradigm's explicit algorithm state (parameter sharing: the
+    aggregator's; KD: the consensus it will send); ``clients``: simulated clients' persistent state,
+    held by the runtime; ``replicas``: with downlink updates, what each client holds.
+    """
+
+    round: int
+    params: Params
+    algorithm: NamedTuple
+    history: list[dict[str, Any]] = field(default_factory=list)
+    clients: dict[int, ClientState] = field(default_factory=dict)
+    replicas: dict[int, Params] = field(default_factory=dict)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from fedtune.aggregation import AGGREGATORS, COMBINERS, Contribution, build_aggregator, fedavg
-from fedtune.aggregation.base import state_from_tensors, state_to_tensors
 from fedtune.aggregation.weighting import client_weight
-from fedtune.types import TrainReply
+from fedtune.server.checkpoint import state_from_tensors, state_to_tensors
 
 ALL = [(n, c) for n in AGGREGATORS for c in COMBINERS]
 EXACT_ONE_ROUND = {"fedavg", "fedavgm"}  # η = 1 and zero initial momentum: round one returns the combined update
@@ -150,19 +149,27 @@ def test_krum_needs_enough_clients():
 
 @pytest.mark.parametrize("scheme, expected", [("examples", 12.0), ("tokens", 345.0), ("uniform", 1.0)])
 def test_weighting(scheme, expected):
-    reply = TrainReply(round=1, delta={}, num_examples=12, num_tokens=345, steps=1, train_loss=0.0, local_train_s=0.0)
-    assert client_weight(reply, scheme) == expected
+    assert client_weight(12, 345, scheme) == expected
+
+
+@pytest.mark.parametrize("examples", [0, -3, float("inf"), float("nan")])
+def test_a_weight_must_be_positive_and_finite(examples):
+    with pytest.raises(ValueError, match="positive number"):
+        client_weight(examples, 10, "examples")
 
 
 def test_scaffold_server_control_update_and_broadcast():
     agg = build_aggregator(name="fedavg", scaffold=True, num_clients=10)
     glob = {"w": torch.zeros(2)}
     state = agg.init(glob)
-    assert torch.equal(agg.broadcast(state)["w"], torch.zeros(2))
-    contribs = [Contribution(i, {"w": torch.ones(2)}, 1.0, {"w": torch.full((2,), float(i + 1))}) for i in range(4)]
+    assert torch.equal(agg.broadcast(state)["scaffold"]["w"], torch.zeros(2))
+    contribs = [
+        Contribution(i, {"w": torch.ones(2)}, 1.0, {"scaffold": {"w": torch.full((2,), float(i + 1))}})
+        for i in range(4)
+    ]
     new, state = agg.aggregate(glob, contribs, state)
     # c <- c + (|S|/N) mean(dc) = (4/10) * 2.5 = 1.0; x follows the inner FedAvg
-    assert torch.allclose(agg.broadcast(state)["w"], torch.full((2,), 1.0))
+    assert torch.allclose(agg.broadcast(state)["scaffold"]["w"], torch.full((2,), 1.0))
     assert torch.equal(new["w"], torch.ones(2)) and state.rounds == 1
 
 

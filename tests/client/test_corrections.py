@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
-from fedtune.client.handler import ClientData, ClientHandler, round_plan
-from fedtune.client.local_training import token_loss_sum, train_locally
+from fedtune.client.data import ClientData
+from fedtune.client.local_training import train_locally
+from fedtune.client.trainer import round_plan
 from fedtune.config import TrainingConfig
 from fedtune.data.builtin.tasks import generate_tasks
 from fedtune.data.tokenize import Encoder, collate
-from fedtune.types import TrainRequest
+from fedtune.losses import token_loss_sum
+from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
+from tests.client_helpers import ps_handler
 from tests.wire_helpers import to_wire
 
 
@@ -40,7 +43,7 @@ def test_fedprox_penalty_is_nonzero_after_one_step_and_has_the_right_gradient(ti
 def _handler(adapter, tok, **training):
     enc = _encoded(tok)
     cfg = TrainingConfig(**{"local_steps": 3, "batch_size": 4, "lr": 1e-2, **training})
-    return ClientHandler(adapter, tok, {0: ClientData(enc[:16])}, cfg, total_rounds=2, seed=3), enc[:16]
+    return ps_handler(adapter, tok, {0: ClientData(enc[:16])}, cfg, total_rounds=2, seed=3), enc[:16]
 
 
 def _norm(delta):
@@ -53,10 +56,10 @@ def test_fedprox_pulls_the_update_toward_the_global_model(tiny_adapter, tiny):
     prox, _ = _handler(tiny_adapter, tiny.tokenizer, proximal_mu=50.0, optimizer="sgd")
     free_sgd, _ = _handler(tiny_adapter, tiny.tokenizer, optimizer="sgd")
     req = encode_message(TrainRequest(round=1, params=to_wire(glob)))
-    d_free = decode_message(free_sgd.handle(0, req)[0]).delta
-    d_prox = decode_message(prox.handle(0, req)[0]).delta
+    d_free = decode_message(free_sgd.handle(0, req)[0], TrainReply).delta
+    d_prox = decode_message(prox.handle(0, req)[0], TrainReply).delta
     assert 0 < _norm(d_prox) < _norm(d_free)
-    assert _norm(decode_message(free.handle(0, req)[0]).delta) > 0
+    assert _norm(decode_message(free.handle(0, req)[0], TrainReply).delta) > 0
 
 
 def test_scaffold_correction_moves_params_by_minus_lr_c_minus_ci():
@@ -77,15 +80,15 @@ def test_scaffold_one_sgd_step_sets_ci_to_the_raw_gradient(tiny_adapter, tiny):
     handler, enc = _handler(tiny_adapter, tiny.tokenizer, optimizer="sgd", local_steps=1, max_grad_norm=None)
     glob = tiny_adapter.get_state()
     control = {k: 0.01 * torch.randn_like(v) for k, v in glob.items()}
-    blob, state = handler.handle(0, encode_message(TrainRequest(round=1, params=to_wire(glob), control=control)))
-    reply = decode_message(blob)
+    blob, state = handler.handle(0, encode_message(TrainRequest(round=1, params=to_wire(glob), scaffold_c=control)))
+    reply = decode_message(blob, TrainReply)
     # the same batch the client used, and the raw gradient there
-    _, plan = round_plan(3, 1, 0, 16, handler.training)
+    _, plan = round_plan(3, 1, 0, 16, handler.paradigm.trainer.cfg)
     tiny_adapter.set_state(glob)
     loss, n = token_loss_sum(tiny_adapter.model, collate([enc[i] for i in plan[0]], tiny.tokenizer.pad_token_id))
     tiny_adapter.model.zero_grad()
     (loss / n).backward()
     grads = {k: p.grad.detach().clone() for k, p in tiny_adapter.params.items()}
     for k in glob:
-        assert torch.allclose(state[f"control/{k}"], grads[k], atol=1e-5)
-        assert torch.allclose(reply.control_delta[k], grads[k], atol=1e-5)  # c_i was 0
+        assert torch.allclose(state["scaffold"][k], grads[k], atol=1e-5)
+        assert torch.allclose(reply.scaffold_delta_c[k], grads[k], atol=1e-5)  # c_i was 0

@@ -2,9 +2,10 @@ import math
 
 import torch
 
-from fedtune.client.local_training import token_loss_sum, train_locally
+from fedtune.client.local_training import train_locally
 from fedtune.data.builtin.tasks import generate_tasks
 from fedtune.data.tokenize import IGNORE, Encoder, collate
+from fedtune.losses import token_loss_sum
 
 
 def _batches(tok, n, bs):

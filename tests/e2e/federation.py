@@ -19,8 +19,8 @@ import yaml
 from fedtune.config import load_config
 from fedtune.data.formats import write_jsonl
 from fedtune.data.prepare import prepare_federated_data
-from fedtune.runtime.flower.certs import write_certs
-from fedtune.runtime.flower.processes import free_port
+from fedtune.deploy.certs import write_certs
+from fedtune.deploy.processes import free_port
 
 BASE = {
     "model": {"name": "tiny-llama"},

@@ -177,10 +177,10 @@ def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
 
 
 def test_diverged_client_is_dropped_and_too_few_stops(tmp_path, monkeypatch):
-    import fedtune.client.handler as handler
+    import fedtune.client.trainer as trainer
     from fedtune.client.local_training import LocalResult
 
-    real, calls = handler.train_locally, []
+    real, calls = trainer.train_locally, []
 
     def flaky(*a, **k):  # client 0 (first served each round) hits a NaN loss
         calls.append(1)
@@ -188,7 +188,7 @@ def test_diverged_client_is_dropped_and_too_few_stops(tmp_path, monkeypatch):
             return LocalResult(0, float("nan"), 0, 0.0, True, "non-finite loss (nan) at local step 0")
         return real(*a, **k)
 
-    monkeypatch.setattr(handler, "train_locally", flaky)
+    monkeypatch.setattr(trainer, "train_locally", flaky)
     code, out = _run(tmp_path, "federation.rounds=2")
     assert code == 0, out
     metrics = _metrics(tmp_path / "tiny")
@@ -281,17 +281,17 @@ def test_lora_aggregation_modes_report_and_cost(tmp_path):
 
 
 def test_mixed_ranks_each_client_trains_its_own_rank(tmp_path, monkeypatch):
-    import fedtune.client.handler as handler
+    from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
 
     seen: dict[int, set[int]] = {}
-    real = handler.ClientHandler.train
+    real = ParameterSharingClient.train
 
     def spy(self, client_id, req, state):
         params = self.downlink.decode(req.params, self.adapter.params)
         seen.setdefault(client_id, set()).update(v.shape[0] for k, v in params.items() if ".lora_A." in k)
         return real(self, client_id, req, state)
 
-    monkeypatch.setattr(handler.ClientHandler, "train", spy)
+    monkeypatch.setattr(ParameterSharingClient, "train", spy)
     for mode in ("exact", "naive"):
         seen.clear()
         code, out = _run(

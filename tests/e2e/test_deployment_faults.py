@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from fedtune.runtime.flower.certs import write_client_key
+from fedtune.deploy.certs import write_client_key
 from tests.e2e.federation import Federation
 
 pytest.importorskip("flwr")
@@ -107,7 +107,7 @@ def test_too_few_replies_stop_the_run_cleanly_with_the_last_checkpoint_intact(tm
         fed.close()
     out = fed.output("server")
     assert code == 2, out
-    assert "only 1 of 2 clients returned a usable update" in out and "min_clients=2" in out
+    assert "only 1 of 2 clients returned a usable reply" in out and "min_clients=2" in out
     assert "--resume" in out
     assert [h["round"] for h in _history(fed.run_dir)] == [0, 1]
     ckpts = sorted(p.name for p in (fed.run_dir / "checkpoints").iterdir())

@@ -68,7 +68,7 @@ def test_method_trains_federated_and_round_trips_through_export(tmp_path, method
         per_update = rec["bytes_up"] / len(rec["clients"])
         assert 4 * n <= per_update <= 4 * n + 64 * len(final) + 2048
     # resume state: the checkpoint holds exactly the final params
-    ckpt = load_latest(run_dir, result.state.aggregator)
+    ckpt = load_latest(run_dir, result.state.algorithm)
     assert all(torch.equal(ckpt.params[k], final[k]) for k in final)
     # export: a fresh base model with the exported adapter computes what the trained adapter model computes
     trained = AdapterModel(load_model(cfg.model.name).model, cfg.adapter, seed=cfg.seed)

@@ -21,7 +21,7 @@ class EchoWorker:
     Payload b"crash" kills the worker process; b"hang" sleeps past any test deadline.
     """
 
-    def __init__(self, cfg, cwd, threads):
+    def __init__(self, build, cwd, threads):
         self.threads = threads
 
     def handle(self, cid, payload, state):
@@ -29,8 +29,10 @@ class EchoWorker:
             os._exit(1)
         if payload == b"hang":
             time.sleep(60)
-        calls = int(state["calls"].item()) + 1 if "calls" in state else 1
-        return f"{cid}:{payload.decode()}:{os.getpid()}:{self.threads}".encode(), {"calls": torch.tensor(calls)}
+        calls = int(state["echo"]["calls"].item()) + 1 if "echo" in state else 1
+        return f"{cid}:{payload.decode()}:{os.getpid()}:{self.threads}".encode(), {
+            "echo": {"calls": torch.tensor(calls)}
+        }
 
     def pid(self):
         return os.getpid()
@@ -47,7 +49,7 @@ def _runtime(**federation) -> RayRuntime:
     cfg = ExperimentConfig.model_validate(
         {"partition": {"num_clients": 6}, "federation": federation, "runtime": {"name": "ray"}}
     )
-    return RayRuntime(cfg, worker=EchoWorker)
+    return RayRuntime(cfg, dict, worker=EchoWorker)
 
 
 def _replies(rt: RayRuntime, payloads: dict[int, bytes]) -> dict[int, list[str]]:
@@ -64,7 +66,7 @@ def test_pool_serves_every_client_on_few_workers_and_keeps_their_state(local_ray
             assert sorted(got) == list(range(6))
             assert all(v[1] == f"r{round_index}" and v[3] == "1" for v in got.values())
             assert len({v[2] for v in got.values()}) <= 2  # at most two worker processes did the work
-        assert {c: int(s["calls"]) for c, s in rt.client_states().items()} == dict.fromkeys(range(6), 3)
+        assert {c: int(s["echo"]["calls"]) for c, s in rt.client_states().items()} == dict.fromkeys(range(6), 3)
     finally:
         rt.close()
 

@@ -16,7 +16,7 @@ def _state(r):
 def _equal(a, b):
     return (
         a.round == b.round
-        and a.aggregator == b.aggregator
+        and a.algorithm == b.algorithm
         and a.history == b.history
         and all(torch.equal(a.params[k], b.params[k]) and a.params[k].dtype == b.params[k].dtype for k in a.params)
     )
@@ -94,3 +94,31 @@ def test_replicas_are_stored_once_and_come_back_shared(tmp_path):
         loaded.replicas[0] is loaded.replicas[1] is loaded.replicas[5] and loaded.replicas[2] is not loaded.replicas[0]
     )
     assert torch.equal(loaded.replicas[5]["w"], shared["w"]) and torch.equal(loaded.replicas[2]["w"], own["w"])
+
+
+def test_client_state_keeps_one_namespace_per_owner(tmp_path):
+    state = _state(1)
+    state.clients = {
+        0: {"scaffold": {"w": torch.ones(2)}, "residual": {"3.17": torch.zeros(3)}},
+        5: {"held": {"w": torch.full((2,), 2.0)}, "kd": {"w": torch.full((2,), 3.0)}},
+    }
+    save_checkpoint(tmp_path, state)
+    back = load_latest(tmp_path, state.algorithm).clients
+    assert {c: {o: set(p) for o, p in s.items()} for c, s in back.items()} == {
+        0: {"scaffold": {"w"}, "residual": {"3.17"}},
+        5: {"held": {"w"}, "kd": {"w"}},
+    }
+    assert torch.equal(back[5]["kd"]["w"], torch.full((2,), 3.0))
+
+
+def test_old_flat_client_state_loads_under_its_owners():
+    from fedtune.types import flatten_state, unflatten_state
+
+    old = {"control/w": torch.ones(1), "residual/3.1": torch.zeros(1), "held/w": torch.ones(1)}
+    assert {o: set(p) for o, p in unflatten_state(old).items()} == {
+        "scaffold": {"w"},
+        "residual": {"3.1"},
+        "held": {"w"},
+    }
+    with pytest.raises(ValueError, match="without '/'"):
+        flatten_state({"a/b": {"w": torch.ones(1)}})

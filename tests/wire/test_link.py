@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtune.types import TrainReply
+from fedtune.paradigms.parameter_sharing.messages import TrainReply
 from fedtune.wire.link import META, Link, pack_by_dtype, unpack_by_dtype
 from fedtune.wire.messages import decode_message, encode_message
 
@@ -56,7 +56,9 @@ def test_bytes_on_the_wire_at_the_bundled_models_size(update, specs, min_ratio):
     link = Link.from_specs([s if isinstance(s, dict) else {"name": s} for s in specs])
     wire, _ = link.encode(update, {}, torch.Generator().manual_seed(0))
     assert naive / _reply_bytes(wire) >= min_ratio
-    decoded = link.decode(decode_message(encode_message(TrainReply(1, wire, 1, 1, 1, 0.0, 0.0))).delta, update)
+    decoded = link.decode(
+        decode_message(encode_message(TrainReply(1, wire, 1, 1, 1, 0.0, 0.0)), TrainReply).delta, update
+    )
     assert decoded.keys() == update.keys()
 
 

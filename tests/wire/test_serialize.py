@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from fedtune.types import EvalReply, TrainReply, TrainRequest
+from fedtune.paradigms.evaluation import EvalReply, EvalRequest
+from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
 from fedtune.wire.serialize import decode, encode, read_header
 
@@ -31,7 +32,7 @@ def test_non_contiguous_tensors_are_fine():
 
 def test_messages_round_trip():
     req = TrainRequest(round=2, params={"a": torch.randn(3)})
-    back = decode_message(encode_message(req))
+    back = decode_message(encode_message(req), TrainRequest)
     assert isinstance(back, TrainRequest) and back.round == 2 and torch.equal(back.params["a"], req.params["a"])
     rep = TrainReply(
         round=2,
@@ -44,13 +45,52 @@ def test_messages_round_trip():
         status="diverged",
         error="boom",
     )
-    back = decode_message(encode_message(rep))
+    back = decode_message(encode_message(rep), TrainReply)
     assert back.status == "diverged" and back.error == "boom" and math.isnan(back.train_loss)
     ev = EvalReply(round=1, metrics={"loss": 1.5})
-    assert decode_message(encode_message(ev)) == ev
+    assert decode_message(encode_message(ev), EvalReply, TrainReply) == ev
     assert read_header(encode_message(ev))["kind"] == "eval_reply"
 
 
-def test_foreign_blob_is_rejected():
-    with pytest.raises(ValueError, match="not a fedtune message"):
-        decode_message(encode({"x": torch.ones(1)}, {"kind": "weird"}))
+def test_a_reader_gets_only_the_kinds_it_asked_for():
+    with pytest.raises(ValueError, match="not an expected fedtune message"):
+        decode_message(encode({"x": torch.ones(1)}, {"kind": "weird"}), TrainReply)
+    ev = encode_message(EvalReply(round=1, metrics={"loss": 1.5}))
+    with pytest.raises(ValueError, match="expected one of \\['train_reply'\\]"):
+        decode_message(ev, TrainReply)
+
+
+def _reply_header(**changes) -> bytes:
+    header = dict(kind="train_reply", round=1, num_examples=4, num_tokens=9, steps=1, train_loss=0.5, local_train_s=0.1)
+    return encode({"delta/0": torch.zeros(2)}, {**header, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"num_examples": "4"}, "field 'num_examples': str is not"),
+        ({"num_examples": 4.5}, "field 'num_examples': float is not"),
+        ({"steps": True}, "field 'steps': bool is not"),
+        ({"train_loss": [1]}, "field 'train_loss': list is not"),
+        ({"status": "great"}, "field 'status'"),
+        ({"error": {"a": 1}}, "field 'error'"),
+        ({"admin": 1}, "unknown header fields \\['admin'\\]"),
+        ({"round": None}, "field 'round'"),
+    ],
+)
+def test_a_header_that_does_not_fit_the_message_is_refused(changes, why):
+    assert decode_message(_reply_header(), TrainReply).num_examples == 4
+    with pytest.raises(ValueError, match=why):
+        decode_message(_reply_header(**changes), TrainReply)
+
+
+def test_a_missing_header_field_or_stray_tensor_is_refused():
+    blob = encode({"delta/0": torch.zeros(2)}, {"kind": "train_reply", "round": 1})
+    with pytest.raises(ValueError, match="lacks header field 'num_examples'"):
+        decode_message(blob, TrainReply)
+    blob = encode({"weights/0": torch.zeros(2)}, {"kind": "evaluate", "round": 1})
+    with pytest.raises(ValueError, match="outside its fields"):
+        decode_message(blob, EvalRequest)
+    blob = encode({"delta": torch.zeros(2)}, {"kind": "train_reply", "round": 1})
+    with pytest.raises(ValueError, match="does not fit its field 'delta'"):
+        decode_message(blob, TrainReply)

@@ -20,6 +20,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from fedtune.adapters.lora_math import rank_of
 from fedtune.adapters.peft_configs import peft_config
 from fedtune.config import AdapterConfig
 from fedtune.errors import ConfigError
@@ -136,6 +137,13 @@ class AdapterModel:
                 if state[k].shape != p.shape:
                     raise ValueError(f"adapter state {k}: shape {tuple(state[k].shape)} != {tuple(p.shape)}")
                 p.copy_(state[k])
+
+    def load(self, params: Params) -> None:
+        """Activate the adapter of the rank these params have (heterogeneous LoRA ranks), then load them."""
+        rank = rank_of(params)
+        if rank is not None:
+            self.activate(rank)
+        self.set_state(params)
 
     def save(self, path: str | Path, state: Params) -> None:
         """Write the global adapter as a directory ``load_adapter(base, path)`` reads; peft's methods

@@ -82,7 +82,7 @@ class _LoraAggregator:
         lora_pairs(list(params))  # fail early on a malformed adapter
         return self.state_type()
 
-    def broadcast(self, state: NamedTuple) -> Params:
+    def broadcast(self, state: NamedTuple) -> dict[str, Params]:
         return {}
 
     def client_view(self, params: Params, state: NamedTuple, client_id: int) -> Params:
@@ -214,7 +214,7 @@ class LoraNaive:
         lora_pairs(list(params))
         return LoraReportState(self.inner.init(params))
 
-    def broadcast(self, state: LoraReportState) -> Params:
+    def broadcast(self, state: LoraReportState) -> dict[str, Params]:
         return self.inner.broadcast(state.inner)
 
     def client_view(self, params: Params, state: LoraReportState, client_id: int) -> Params:

@@ -29,7 +29,7 @@ class Pipeline:
     def init(self, params: Params) -> PipelineState:
         return PipelineState(self.optimizer.init(params))
 
-    def broadcast(self, state: PipelineState) -> Params:
+    def broadcast(self, state: PipelineState) -> dict[str, Params]:
         return {}
 
     def metrics(self, state: PipelineState) -> dict[str, float]:

@@ -5,8 +5,9 @@ the server control variate c explicitly in the state:
 
     c <- c + (|S| / N) * mean_{i in S} Δc_i
 
-Every client receives c with the params (``broadcast``) and returns Δc_i = c_i(new) − c_i(old)
-in its reply; the client half lives in ``fedtune.client.corrections``.
+Every client receives c with the params (``broadcast()["scaffold"]``, the request's ``scaffold_c``)
+and returns Δc_i = c_i(new) − c_i(old) (``scaffold_delta_c``, the contribution's
+``extras["scaffold"]``); the client half lives in ``fedtune.client.corrections``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class Scaffold:
         zeros = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in params.items()}
         return ScaffoldState(self.inner.init(params), zeros)
 
-    def broadcast(self, state: ScaffoldState) -> Params:
-        return state.control
+    def broadcast(self, state: ScaffoldState) -> dict[str, Params]:
+        return {**self.inner.broadcast(state.inner), "scaffold": state.control}
 
     def metrics(self, state: ScaffoldState) -> dict[str, float]:
         return self.inner.metrics(state.inner)
@@ -54,6 +55,6 @@ class Scaffold:
         for k, c in state.control.items():
             acc = c.clone()
             for contrib in ordered:
-                acc.add_(contrib.extras[k].to(torch.float32), alpha=scale)
+                acc.add_(contrib.extras["scaffold"][k].to(torch.float32), alpha=scale)
             control[k] = acc
         return new, ScaffoldState(inner, control, state.rounds + 1)

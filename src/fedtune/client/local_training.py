@@ -1,4 +1,4 @@
-"""One readable local-training loop: AdamW on the adapter, gradient accumulation, token-mean loss.
+"""One readable local-training loop: AdamW on the adapter, gradient accumulation, a position-mean loss.
 
 The loss of an optimizer step is the mean over all target tokens of its micro-batches (not
 a mean of per-batch means), so accumulation gives the same gradient as one big batch.
@@ -13,11 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from fedtune.adapters.adapter_model import virtual_token_offset
 from fedtune.client.corrections import Correction
 from fedtune.data.tokenize import IGNORE
+from fedtune.losses import LossFn, token_loss_sum
 
 
 @dataclass(frozen=True)
@@ -29,25 +28,6 @@ class LocalResult:
     diverged: bool = False
     error: str | None = None
     lr_sum: float = 0.0  # sum of the learning rates of the steps taken (SCAFFOLD's path length)
-
-
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target positions, and how many there are.
-
-    Only positions that predict a target token go through the LM head (``logits_to_keep``):
-    with response-only loss that is a few positions per sequence instead of all of them.
-    Prompt and P-tuning prepend virtual tokens, which shifts every position by their number.
-    """
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
-    offset = virtual_token_offset(model)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep + offset)
-    logits = out.logits.float()  # (B, K, V)
-    targets = targets[:, keep]  # (B, K)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((targets != IGNORE).sum())
 
 
 def make_optimizer(name: str, params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float):
@@ -69,8 +49,14 @@ def train_locally(
     on_step: Callable[[int, float], None] | None = None,
     optimizer: str = "adamw",
     corrections: Sequence[Correction] = (),
+    loss: LossFn = token_loss_sum,
 ) -> LocalResult:
-    """Run ceil(len(micro_batches) / grad_accum) optimizer steps; return loss and timing."""
+    """Run ceil(len(micro_batches) / grad_accum) optimizer steps; return loss and timing.
+
+    ``loss(model, batch) -> (sum over target positions, their count)``: response-only cross-entropy
+    by default, KL to a teacher for distillation. Each step's loss is the sum over its micro-batches
+    divided by their target positions, so accumulation gives the gradient of one big batch.
+    """
     start = time.perf_counter()
     model.train()
     opt = make_optimizer(optimizer, params, lr_at(0), weight_decay)
@@ -83,7 +69,7 @@ def train_locally(
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
         step_loss = 0.0
         for batch in group:
-            loss_sum, _ = token_loss_sum(model, batch)
+            loss_sum, _ = loss(model, batch)
             if not torch.isfinite(loss_sum):
                 return LocalResult(
                     step,

@@ -18,7 +18,6 @@ import torch
 from fedtune.types import Params
 
 SEP = "#"
-RESIDUAL = "residual/"
 
 
 class Codec(Protocol):
@@ -137,7 +136,7 @@ class Chain:
     """Codec stages applied in order on encode and in reverse on decode, with optional error feedback.
 
     Error feedback (Seide et al. 2014; Karimireddy et al. 2019, EF-SGD): the client keeps the residual
-    ``e`` (float32, under ``"residual/" + name`` in its state), sends ``C(x + e)`` and keeps
+    ``e`` (float32, by tensor name in the residual state it passes in), sends ``C(x + e)`` and keeps
     ``e' = x + e - D(C(x + e))``, so what compression drops is sent later instead of lost.
     """
 
@@ -160,7 +159,7 @@ class Chain:
         return Packed(dict(tensors), {"codecs": [s.describe() for s in self.stages], "stages": metas})
 
     def encode(self, update: Params, state: Params, gen: torch.Generator) -> tuple[Packed, Params]:
-        """-> (packed update, new client state); the state is returned as is without error feedback."""
+        """-> (packed update, new residuals by name); the state is returned as is without error feedback."""
         if not self.error_feedback:
             return self._encode(update, gen), state
         corrected32: Params = {}  # float32 x + e, per float key
@@ -169,7 +168,7 @@ class Chain:
             if not x.is_floating_point():
                 to_send[k] = x
                 continue
-            e = state.get(RESIDUAL + k)  # missing = zeros
+            e = state.get(k)  # missing = zeros
             if e is not None and e.shape != x.shape:
                 raise ValueError(f"residual for {k!r} has shape {tuple(e.shape)}, update has {tuple(x.shape)}")
             c = x.float() if e is None else x.float() + e.to(device=x.device, dtype=torch.float32)
@@ -177,9 +176,9 @@ class Chain:
             to_send[k] = c.to(x.dtype)
         packed = self._encode(to_send, gen)
         decoded = self.decode(packed)
-        new_state = dict(state)  # other keys (and residuals of keys absent from this update) kept as is
+        new_state = dict(state)  # residuals of keys absent from this update kept as is
         for k, c in corrected32.items():
-            new_state[RESIDUAL + k] = c - decoded[k].float()  # float32
+            new_state[k] = c - decoded[k].float()  # float32
         return packed, new_state
 
     def decode(self, packed: Packed) -> Params:

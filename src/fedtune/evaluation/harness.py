@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.client.local_training import token_loss_sum
 from fedtune.data.formats import Example
 from fedtune.data.tokenize import Encoded, Encoder, collate
 from fedtune.evaluation.generation import greedy_generate
 from fedtune.evaluation.metrics import exact_match, grouped_accuracy
+from fedtune.losses import token_loss_sum
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
-"""Runtimes move messages between the round loop and clients; only their modules import Ray or Flower.
+"""Runtimes move messages between the round loop and clients; they are transports and nothing else.
 
-Nothing heavy is imported here: Flower imports ``fedtune.runtime.flower.app`` in a fresh process
-for every message a deployed client receives.
+in_process (one process, one shared model), ray_pool (a Ray worker pool) and flower_grid (a Flower
+deployment's Grid) know nothing of what the bytes mean and import nothing above them: a runtime is
+handed the client side as a function (``Handle``), or a picklable recipe that builds one in a worker
+process. Only ray_pool imports Ray, only flower_grid and flower_wire import Flower; the deployment
+commands that start Flower's processes live above, in ``fedtune.deploy``. Nothing heavy is imported
+here: Flower imports ``fedtune.runtime.flower_wire`` in a fresh process for every message.
 """
 
 from __future__ import annotations
@@ -10,17 +14,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedtune.client.handler import ClientHandler
     from fedtune.config import ExperimentConfig
-    from fedtune.runtime.base import Runtime
+    from fedtune.runtime.base import Handle, Runtime
 
 
-def build_runtime(cfg: ExperimentConfig, make_handler: Callable[[], ClientHandler]) -> Runtime:
-    """The runtime cfg.runtime.name names; ``make_handler`` serves clients in this process (in_process)."""
+def build_runtime(cfg: ExperimentConfig, handle: Callable[[], Handle], build_remote: Callable[[], Handle]) -> Runtime:
+    """The runtime cfg.runtime.name names.
+
+    ``handle()`` gives the client side built in this process (in_process); ``build_remote`` is a
+    picklable zero-argument recipe each Ray worker calls to build its own, bit-identical one.
+    """
     if cfg.runtime.name == "ray":
         from fedtune.runtime.ray_pool import RayRuntime  # Ray is imported only when asked for
 
-        return RayRuntime(cfg)
+        return RayRuntime(cfg, build_remote)
     from fedtune.runtime.in_process import InProcessRuntime
 
-    return InProcessRuntime(make_handler().handle)
+    return InProcessRuntime(handle())

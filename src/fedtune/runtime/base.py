@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from fedtune.types import Envelope, Params
+from fedtune.types import ClientState, Envelope
+
+# the client side, as a runtime sees it: (client id, request bytes, client state) -> (reply bytes, client state)
+Handle = Callable[[int, bytes, ClientState], tuple[bytes, ClientState]]
 
 
 class Runtime(Protocol):
@@ -13,10 +16,10 @@ class Runtime(Protocol):
         """Deliver each envelope to its client; return the replies (any order, missing = dropped)."""
         ...
 
-    def client_states(self) -> dict[int, Params]:
+    def client_states(self) -> dict[int, ClientState]:
         """Persistent per-client state held for simulated clients (for checkpoints); {} in deployment."""
         ...
 
-    def load_client_states(self, states: dict[int, Params]) -> None: ...
+    def load_client_states(self, states: dict[int, ClientState]) -> None: ...
 
     def close(self) -> None: ...

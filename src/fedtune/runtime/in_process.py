@@ -7,17 +7,16 @@ simulated client's persistent state (e.g. SCAFFOLD's c_i) between rounds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from fedtune.types import Envelope, Params
-
-Handler = Callable[[int, bytes, Params], tuple[bytes, Params]]
+from fedtune.runtime.base import Handle
+from fedtune.types import ClientState, Envelope
 
 
 class InProcessRuntime:
-    def __init__(self, handler: Handler):
+    def __init__(self, handler: Handle):
         self.handler = handler
-        self.states: dict[int, Params] = {}
+        self.states: dict[int, ClientState] = {}
 
     def send_and_receive(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
         replies = []
@@ -28,10 +27,10 @@ class InProcessRuntime:
             replies.append(Envelope(e.client_id, payload))
         return replies
 
-    def client_states(self) -> dict[int, Params]:
+    def client_states(self) -> dict[int, ClientState]:
         return dict(self.states)
 
-    def load_client_states(self, states: dict[int, Params]) -> None:
+    def load_client_states(self, states: dict[int, ClientState]) -> None:
         self.states = dict(states)
 
     def close(self) -> None:

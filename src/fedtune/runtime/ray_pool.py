@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -23,8 +23,9 @@ from ray.exceptions import RayActorError
 
 from fedtune.config import ExperimentConfig
 from fedtune.errors import ConfigError
+from fedtune.runtime.base import Handle
 from fedtune.runtime.worker import ClientWorker
-from fedtune.types import Envelope, Params
+from fedtune.types import ClientState, Envelope
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ FORWARDED_ENV = ("FEDTUNE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFF
 
 
 class RayRuntime:
-    def __init__(self, cfg: ExperimentConfig, worker: type = ClientWorker):
-        """``worker``: the class each Ray actor runs, built with (cfg dict, cwd, torch threads)."""
+    def __init__(self, cfg: ExperimentConfig, build: Callable[[], Handle], worker: type = ClientWorker):
+        """``build``: a picklable recipe each worker calls to build its client side;
+        ``worker``: the class each Ray actor runs, built with (build, cwd, torch threads)."""
         rc = cfg.runtime.ray
         self.timeout = cfg.federation.round_timeout_s
         self.started = False
@@ -56,7 +58,7 @@ class RayRuntime:
         self.num_workers = rc.num_workers or min(fits, cfg.clients_per_round())
         threads = rc.torch_threads or max(1, int(rc.cpus_per_worker))
         self._actor = ray.remote(num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker)(worker)
-        self._args = (cfg.model_dump(mode="json"), os.getcwd(), threads)
+        self._args = (build, os.getcwd(), threads)
         t = time.perf_counter()
         self.workers, self._starting = [], []
         for _ in range(self.num_workers):
@@ -69,7 +71,7 @@ class RayRuntime:
             threads,
             time.perf_counter() - t,
         )
-        self.states: dict[int, Params] = {}
+        self.states: dict[int, ClientState] = {}
 
     def _spawn(self) -> None:
         w = self._actor.remote(*self._args)
@@ -118,10 +120,10 @@ class RayRuntime:
         self.workers.remove(dead)
         self._spawn()
 
-    def client_states(self) -> dict[int, Params]:
+    def client_states(self) -> dict[int, ClientState]:
         return dict(self.states)
 
-    def load_client_states(self, states: dict[int, Params]) -> None:
+    def load_client_states(self, states: dict[int, ClientState]) -> None:
         self.states = dict(states)
 
     def close(self) -> None:

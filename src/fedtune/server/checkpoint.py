@@ -1,7 +1,8 @@
 """Atomic per-round checkpoints of the whole server state.
 
 A checkpoint is a directory ``checkpoints/round_NNNN`` holding the global adapter, the
-aggregator state and ``state.json`` (round, metrics history, checksums). It is written in a
+paradigm's algorithm state (e.g. the aggregator's), simulated clients' state, downlink replicas
+and ``state.json`` (round, metrics history, checksums). It is written in a
 temporary directory, fsynced, and renamed into place, so a kill at any moment leaves either
 the complete new checkpoint or none; loading picks the newest directory whose checksums verify.
 """
@@ -14,32 +15,18 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from safetensors.torch import load_file, save_file
 
-from fedtune.aggregation.base import state_from_tensors, state_signature, state_to_tensors
-from fedtune.types import Params
+from fedtune.types import ClientState, Params, ServerState, flatten_state, unflatten_state
 
 log = logging.getLogger(__name__)
 
 _PARAMS, _AGG, _CLIENTS, _STATE = "params.safetensors", "aggregator.safetensors", "clients.safetensors", "state.json"
 _REPLICAS = "replicas.safetensors"
-
-
-@dataclass
-class ServerState:
-    """Everything needed to continue: last complete round, global params, aggregator state, metrics,
-    and the persistent state of simulated clients (e.g. SCAFFOLD's c_i, held by the runtime)."""
-
-    round: int
-    params: Params
-    aggregator: NamedTuple
-    history: list[dict[str, Any]] = field(default_factory=list)
-    clients: dict[int, Params] = field(default_factory=dict)
-    replicas: dict[int, Params] = field(default_factory=dict)  # downlink updates: what each client holds
 
 
 def checkpoint_dir(run_dir: Path, round_index: int) -> Path:
@@ -52,16 +39,18 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int | None = None) 
     final = checkpoint_dir(run_dir, state.round)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        agg_tensors, agg_scalars = state_to_tensors(state.aggregator)
+        agg_tensors, agg_scalars = state_to_tensors(state.algorithm)
         save_file({k: v.contiguous() for k, v in state.params.items()}, tmp / _PARAMS)
         save_file({k: v.contiguous() for k, v in agg_tensors.items()}, tmp / _AGG)
-        clients = {f"{cid}|{k}": v.contiguous() for cid, st in state.clients.items() for k, v in st.items()}
+        clients = {
+            f"{cid}|{k}": v.contiguous() for cid, st in state.clients.items() for k, v in flatten_state(st).items()
+        }
         save_file(clients, tmp / _CLIENTS)
         unique, replica_of = _dedupe(state.replicas)
         save_file({f"{j}|{k}": v.contiguous() for j, r in enumerate(unique) for k, v in r.items()}, tmp / _REPLICAS)
         meta = {
             "round": state.round,
-            "aggregator": state_signature(state.aggregator),
+            "aggregator": state_signature(state.algorithm),
             "aggregator_scalars": agg_scalars,
             "history": state.history,
             "replica_of": replica_of,
@@ -84,7 +73,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int | None = None) 
     return final
 
 
-def load_latest(run_dir: Path, aggregator_template: NamedTuple) -> ServerState | None:
+def load_latest(run_dir: Path, algorithm_template: NamedTuple) -> ServerState | None:
     """Newest checkpoint that verifies, or None; corrupt or partial ones are skipped with a warning."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
@@ -93,27 +82,28 @@ def load_latest(run_dir: Path, aggregator_template: NamedTuple) -> ServerState |
         shutil.rmtree(stale, ignore_errors=True)  # a write that was killed before its rename
     for path in _round_dirs(root):
         try:
-            return load_checkpoint(path, aggregator_template)
+            return load_checkpoint(path, algorithm_template)
         except Exception as exc:  # a damaged directory must not stop a resume from an older one
             log.warning("skipping checkpoint %s: %s", path, exc)
     return None
 
 
-def load_checkpoint(path: Path, aggregator_template: NamedTuple) -> ServerState:
+def load_checkpoint(path: Path, algorithm_template: NamedTuple) -> ServerState:
     meta = json.loads((path / _STATE).read_text())
     for name, digest in meta["sha256"].items():
         if _sha256(path / name) != digest:
             raise ValueError(f"{path / name} does not match its checksum")
-    if meta["aggregator"] != state_signature(aggregator_template):
+    if meta["aggregator"] != state_signature(algorithm_template):
         raise ValueError(
-            f"checkpoint holds {meta['aggregator']} state but the config's aggregator uses "
-            f"{state_signature(aggregator_template)}; resume with the same aggregation settings"
+            f"checkpoint holds {meta['aggregator']} state but the config's algorithm uses "
+            f"{state_signature(algorithm_template)}; resume with the same paradigm and aggregation settings"
         )
-    agg = state_from_tensors(aggregator_template, load_file(path / _AGG), meta["aggregator_scalars"])
-    clients: dict[int, Params] = {}
-    for flat, t in load_file(path / _CLIENTS).items():
-        cid, _, key = flat.partition("|")
-        clients.setdefault(int(cid), {})[key] = t
+    agg = state_from_tensors(algorithm_template, load_file(path / _AGG), meta["aggregator_scalars"])
+    flat: dict[int, Params] = {}
+    for name, t in load_file(path / _CLIENTS).items():
+        cid, _, key = name.partition("|")
+        flat.setdefault(int(cid), {})[key] = t
+    clients: dict[int, ClientState] = {cid: unflatten_state(f) for cid, f in flat.items()}
     replicas: dict[int, Params] = {}
     if "replica_of" in meta:  # checkpoints written before downlink updates existed have none
         unique: dict[int, Params] = {}
@@ -164,3 +154,46 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.write_text(text)
     _fsync(tmp)
     os.replace(tmp, path)
+
+
+def state_signature(state: NamedTuple) -> str:
+    """The nested state types, e.g. 'PipelineState(AdaptiveState)': what a checkpoint must match."""
+    inner = [state_signature(v) for v in state if hasattr(v, "_asdict")]
+    return type(state).__name__ + (f"({', '.join(inner)})" if inner else "")
+
+
+def state_to_tensors(state: NamedTuple, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten a NamedTuple state: tensors (and dicts of tensors) to a flat dict, scalars to JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for name, value in state._asdict().items():
+        key = f"{prefix}{name}"
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, dict):
+            tensors.update({f"{key}/{k}": v for k, v in value.items()})
+        elif hasattr(value, "_asdict"):
+            t, s = state_to_tensors(value, f"{key}.")
+            tensors.update(t)
+            scalars.update(s)
+        else:
+            scalars[key] = value
+    return tensors, scalars
+
+
+def state_from_tensors(
+    template: NamedTuple, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], prefix: str = ""
+) -> NamedTuple:
+    """Inverse of state_to_tensors, shaped by a template (``aggregator.init(params)``)."""
+    values = {}
+    for name, value in template._asdict().items():
+        key = f"{prefix}{name}"
+        if isinstance(value, torch.Tensor):
+            values[name] = tensors[key]
+        elif isinstance(value, dict):
+            values[name] = {k: tensors[f"{key}/{k}"] for k in value}
+        elif hasattr(value, "_asdict"):
+            values[name] = state_from_tensors(value, tensors, scalars, f"{key}.")
+        else:
+            values[name] = scalars[key]
+    return type(template)(**values)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # Flower runs ask_worker in a fresh process per message: no torch import there
-    from fedtune.types import Params
+    from fedtune.types import ClientState
 
 log = logging.getLogger("fedtune")
 
@@ -47,18 +47,22 @@ class StateStore:
         found = (re.fullmatch(r"round-(\d+)\.safetensors", p.name) for p in self.folder.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
-    def before(self, round_index: int) -> Params:
+    def before(self, round_index: int) -> ClientState:
         """The state saved by the newest round before ``round_index`` ({} if none)."""
         from safetensors.torch import load_file
 
-        earlier = [r for r in self._rounds() if r < round_index]
-        return load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors") if earlier else {}
+        from fedtune.types import unflatten_state
 
-    def save(self, round_index: int, state: Params) -> None:
+        earlier = [r for r in self._rounds() if r < round_index]
+        return unflatten_state(load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors")) if earlier else {}
+
+    def save(self, round_index: int, state: ClientState) -> None:
         from safetensors.torch import save_file
 
+        from fedtune.types import flatten_state
+
         tmp = self.folder / f".round-{round_index:06d}.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        save_file({k: v.contiguous() for k, v in flatten_state(state).items()}, tmp)
         os.replace(tmp, self.folder / f"round-{round_index:06d}.safetensors")
         for old in self._rounds()[:-KEEP_STATES]:
             (self.folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
@@ -68,16 +72,16 @@ class LocalWorker:
     """Serves requests for whatever client id the coordinator assigned this participant."""
 
     def __init__(self, cfg, examples: list, state_dir: Path):
-        from fedtune.assembly import build_workbench, make_handler
+        from fedtune.assembly import build_workbench, federation_eval_set, make_handler
 
         self.cfg, self.examples, self.state_dir = cfg, examples, state_dir
         self.bench = build_workbench(cfg)
-        self.handler = make_handler(cfg, self.bench, {})
+        self.handler = make_handler(cfg, self.bench, {}, federation_eval_set(cfg, self.bench.encoder))
         self.lock = threading.Lock()
 
     def serve_one(self, client_id: int, payload: bytes) -> bytes:
         from fedtune.assembly import local_client_data
-        from fedtune.types import TrainReply
+        from fedtune.paradigms.evaluation import EvalRequest
         from fedtune.wire.serialize import read_header
 
         with self.lock:
@@ -88,22 +92,21 @@ class LocalWorker:
             round_index = int(header.get("round", 0))
             log.info("round %d: %s request for client %d", round_index, header.get("kind"), client_id)
             reply, state = self.handler.handle(client_id, payload, store.before(round_index))
-            if header.get("kind") == "train":
-                if state:
-                    store.save(round_index, state)
-                done = read_header(reply)  # the fields to log, without loading the update's tensors
-                if done.get("kind") == TrainReply.KIND:
-                    log.info(
-                        "round %d: trained as client %d: %d steps, loss %.4f, %.1fs, %d bytes up",
-                        round_index,
-                        client_id,
-                        done["steps"],
-                        done["train_loss"],
-                        done["local_train_s"],
-                        len(reply),
-                    )
+            if header.get("kind") != EvalRequest.KIND and state:
+                store.save(round_index, state)
+            done = read_header(reply)  # the fields to log, without loading the reply's tensors
+            if "steps" in done:
+                log.info(
+                    "round %d: trained as client %d: %d steps, loss %.4f, %.1fs, %d bytes up",
+                    round_index,
+                    client_id,
+                    done["steps"],
+                    done["train_loss"],
+                    done["local_train_s"],
+                    len(reply),
+                )
             else:
-                log.info("round %d: evaluated as client %d", round_index, client_id)
+                log.info("round %d: served a %s request as client %d", round_index, header.get("kind"), client_id)
             return reply
 
     def serve_forever(self, listener: Listener, stop: threading.Event) -> None:

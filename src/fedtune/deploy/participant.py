@@ -22,9 +22,9 @@ import torch
 import transformers
 
 from fedtune.config import ExperimentConfig
+from fedtune.deploy.local_worker import LocalWorker
+from fedtune.deploy.processes import flower_env, start, stop, supernode_cmd, tail
 from fedtune.errors import ConfigError
-from fedtune.runtime.flower.local_worker import LocalWorker
-from fedtune.runtime.flower.processes import flower_env, start, stop, supernode_cmd, tail
 
 log = logging.getLogger("fedtune")
 

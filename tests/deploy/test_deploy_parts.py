@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 pytest.importorskip("flwr")
 
 from fedtune.config import ExperimentConfig, validate_config
+from fedtune.deploy.certs import write_certs, write_client_key
+from fedtune.deploy.coordinator import check_deployable, client_names
+from fedtune.deploy.local_worker import StateStore, ask_worker
 from fedtune.errors import ConfigError
-from fedtune.runtime.flower.certs import write_certs, write_client_key
-from fedtune.runtime.flower.coordinator import check_deployable, client_names
-from fedtune.runtime.flower.local_worker import StateStore, ask_worker
 
 
 def _cfg(tmp_path, **flower) -> ExperimentConfig:
@@ -91,9 +91,9 @@ def test_state_store_replays_a_repeated_round_from_the_state_before_it(tmp_path)
     store = StateStore(tmp_path / "client-0")
     assert store.before(1) == {}
     for r in (1, 2, 3, 5):
-        store.save(r, {"residual/x": torch.full((2,), float(r))})
-    assert store.before(5)["residual/x"].tolist() == [3.0, 3.0]  # round 5 again: from round 3's state
-    assert store.before(6)["residual/x"].tolist() == [5.0, 5.0]
+        store.save(r, {"residual": {"x": torch.full((2,), float(r))}, "scaffold": {"x": torch.zeros(1)}})
+    assert store.before(5)["residual"]["x"].tolist() == [3.0, 3.0]  # round 5 again: from round 3's state
+    assert store.before(6)["residual"]["x"].tolist() == [5.0, 5.0] and set(store.before(6)) == {"residual", "scaffold"}
     assert sorted(p.name for p in (tmp_path / "client-0").iterdir()) == [
         "round-000002.safetensors",
         "round-000003.safetensors",
@@ -136,8 +136,8 @@ def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(
     from fedtune.assembly import build_client_data, build_workbench, make_handler
     from fedtune.config import load_config
     from fedtune.data.prepare import prepare_federated_data
-    from fedtune.runtime.flower.local_worker import LocalWorker
-    from fedtune.types import TrainRequest
+    from fedtune.deploy.local_worker import LocalWorker
+    from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
     from fedtune.wire.link import Link, generator
     from fedtune.wire.messages import decode_message, encode_message
     from tests.conftest import TINY_OVERRIDES
@@ -156,7 +156,7 @@ def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(
         return encode_message(TrainRequest(r, wire))
 
     def essence(blob: bytes) -> tuple:
-        m = decode_message(blob)
+        m = decode_message(blob, TrainReply)
         return m.train_loss, m.steps, {k: v.tolist() for k, v in m.delta.items()}
 
     state: dict = {}

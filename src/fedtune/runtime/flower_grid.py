@@ -16,8 +16,8 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtune.errors import RunError
-from fedtune.runtime.flower.app import MESSAGE_TYPE, pack, unpack
-from fedtune.types import Envelope, Params
+from fedtune.runtime.flower_wire import MESSAGE_TYPE, pack, unpack
+from fedtune.types import ClientState, Envelope
 
 log = logging.getLogger("fedtune")
 
@@ -51,7 +51,7 @@ class FlowerRuntime:
             Message(content=pack(b"", {"hello": 1}), dst_node_id=i, message_type=MESSAGE_TYPE, group_id="hello")
             for i in node_ids
         ]
-        return {r.metadata.src_node_id: str(unpack(r.content)[1]["name"]) for r in self._exchange(msgs, 60.0)[0]}
+        return {m.metadata.dst_node_id: str(unpack(r.content)[1]["name"]) for m, r in self._exchange(msgs, 60.0)[0]}
 
     def wait_for_clients(self, wanted: int, needed: int, timeout_s: float) -> dict[str, int]:
         """Wait until ``wanted`` clients are online; after timeout_s, go on with ``needed``, else RunError."""
@@ -99,15 +99,18 @@ class FlowerRuntime:
             cid = int(unpack(msg.content)[1]["client-id"])
             log.warning("client %d (%s): %s", cid, self.names[cid], why)
         out = []
-        for reply in replies:
-            payload, meta = unpack(reply.content)
-            out.append(Envelope(int(meta["client-id"]), payload))
+        for request, reply in replies:  # who replied is the client the request went to, not what the reply says
+            payload, _ = unpack(reply.content)
+            out.append(Envelope(int(unpack(request.content)[1]["client-id"]), payload))
         return out
 
     def _exchange(
         self, messages: list[Message], timeout: float | None
-    ) -> tuple[list[Message], list[tuple[Message, str]]]:
-        """(good replies, [(message, why it got none)]): push, then pull until all answered or timeout."""
+    ) -> tuple[list[tuple[Message, Message]], list[tuple[Message, str]]]:
+        """([(message, its reply)], [(message, why it got none)]): push, then pull until all answered or timeout.
+
+        A reply counts only if it comes from the node its message went to, and only once.
+        """
         if not messages:
             return [], []
         ids = list(self.grid.push_messages(messages))
@@ -118,11 +121,14 @@ class FlowerRuntime:
         while waiting:
             for reply in self.grid.pull_messages(list(waiting)):
                 msg_id = reply.metadata.reply_to_message_id
+                if msg_id not in waiting or reply.metadata.src_node_id != sent[msg_id].metadata.dst_node_id:
+                    log.warning("ignored a reply from node %s to a message it was not sent", reply.metadata.src_node_id)
+                    continue
                 waiting.discard(msg_id)
                 if reply.has_error():
                     failed.append((sent[msg_id], f"failed: {reply.error.reason} (Flower error {reply.error.code})"))
                 else:
-                    replies.append(reply)
+                    replies.append((sent[msg_id], reply))
             if waiting and deadline is not None and time.monotonic() > deadline:
                 failed += [(sent[i], f"missed the {timeout:.0f}s round deadline") for i in sorted(waiting)]
                 break
@@ -130,10 +136,10 @@ class FlowerRuntime:
                 time.sleep(self.poll)
         return replies, failed
 
-    def client_states(self) -> dict[int, Params]:
+    def client_states(self) -> dict[int, ClientState]:
         return {}  # deployed clients keep their own state
 
-    def load_client_states(self, states: dict[int, Params]) -> None:
+    def load_client_states(self, states: dict[int, ClientState]) -> None:
         pass
 
     def close(self) -> None:

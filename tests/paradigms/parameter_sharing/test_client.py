@@ -1,14 +1,18 @@
+"""Parameter sharing, client side: the reply is the update from what was sent, replayable, well-behaved."""
+
 from dataclasses import replace
 
 import pytest
 import torch
 
-from fedtune.client.handler import ClientData, ClientHandler
+from fedtune.client.data import ClientData
 from fedtune.config import TrainingConfig
 from fedtune.data.builtin.tasks import generate_tasks
 from fedtune.data.tokenize import Encoder
-from fedtune.types import TrainReply, TrainRequest
+from fedtune.paradigms.evaluation import EvalReply, EvalRequest
+from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
+from tests.client_helpers import ps_handler
 from tests.wire_helpers import from_wire, to_wire
 
 
@@ -17,13 +21,12 @@ def _handler(adapter, tok, **training):
     enc, _ = Encoder(tok, "chat", None, 96).encode_all(train)
     data = {0: ClientData(enc[:16]), 1: ClientData(enc[16:])}
     cfg = TrainingConfig(local_steps=2, batch_size=4, lr=1e-2, **training)
-    return ClientHandler(adapter, tok, data, cfg, total_rounds=3, seed=7)
+    return ps_handler(adapter, tok, data, cfg, total_rounds=3, seed=7)
 
 
 def _train(handler, client, round_index, params):
     blob, _ = handler.handle(client, encode_message(TrainRequest(round=round_index, params=to_wire(params))))
-    reply = decode_message(blob)
-    assert isinstance(reply, TrainReply)
+    reply = decode_message(blob, TrainReply)
     return replace(reply, delta=from_wire(reply.delta, params))
 
 
@@ -61,3 +64,15 @@ def test_training_does_not_consume_the_callers_rng(tiny, tiny_adapter):
     torch.manual_seed(0)
     _train(h, 0, 1, tiny_adapter.get_state())
     assert torch.equal(torch.rand(1), before)
+
+
+def test_a_request_of_another_kind_is_refused(tiny_adapter, tiny):
+    h = _handler(tiny_adapter, tiny.tokenizer)
+    with pytest.raises(ValueError, match="not an expected fedtune message"):
+        h.handle(0, encode_message(EvalReply(round=1)))
+
+
+def test_evaluation_without_a_holdout_replies_no_metrics(tiny_adapter, tiny):
+    h = _handler(tiny_adapter, tiny.tokenizer)
+    blob, state = h.handle(0, encode_message(EvalRequest(round=1, params=to_wire(tiny_adapter.get_state()))))
+    assert decode_message(blob, EvalReply).metrics == {} and state == {}

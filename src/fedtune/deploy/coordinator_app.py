@@ -10,7 +10,7 @@ import yaml
 from flwr.serverapp import Grid
 
 from fedtune.config import validate_config
-from fedtune.runtime.flower.grid_runtime import FlowerRuntime
+from fedtune.runtime.flower_grid import FlowerRuntime
 
 
 def serve(grid: Grid, spec_path: str) -> None:

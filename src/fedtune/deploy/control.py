@@ -27,8 +27,8 @@ from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
 from flwr.supercore.fab import Fab
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-SERVER_APP = "fedtune.runtime.flower.app:server_app"
-CLIENT_APP = "fedtune.runtime.flower.app:client_app"
+SERVER_APP = "fedtune.deploy.app:server_app"
+CLIENT_APP = "fedtune.deploy.app:client_app"
 APP_TOML = """[build-system]
 requires = ["setuptools"]
 build-backend = "setuptools.build_meta"

@@ -1,0 +1,43 @@
+"""Losses over the positions that predict target tokens: what training, distillation and evaluation share.
+
+Only positions that predict a target token go through the LM head (``logits_to_keep``): with
+response-only loss that is a few positions per sequence instead of all of them. Prompt and
+P-tuning prepend virtual tokens, which shifts every position by their number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fedtune.adapters.adapter_model import virtual_token_offset
+from fedtune.data.tokenize import IGNORE
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]  # -> (sum, positions)
+
+
+def _target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K, V) in float32, targets (B, K)) at the K positions that any row needs."""
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
+    offset = virtual_token_offset(model)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep + offset)
+    return out.logits.float(), targets[:, keep]
+
+
+def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K, V), mask (B, K)): ``logits[mask]`` is (P, V) for the batch's P target positions,
+    in row-major order (example, then position)."""
+    logits, targets = _target_logits(model, batch)
+    return logits, targets != IGNORE
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target positions, and how many there are."""
+    logits, targets = _target_logits(model, batch)  # (B, K, V), (B, K)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((targets != IGNORE).sum())

@@ -1,0 +1,88 @@
+"""The paradigm seam: what the server sends each round, how replies are read, what a client does.
+
+A paradigm is two halves. The server half drives each round as a short conversation: a generator
+that yields ``Exchange``s (one message to each of some clients, and how to read a reply) and gets
+``Replies`` back; when it returns, it hands back the new server state and the round's metrics.
+Parameter sharing and KD use one exchange per round; split learning uses several. In terms of the
+sketch this grew from: the messages of an exchange are ``requests``, ``Exchange.read`` is ``check``
+(it raises ``BadReply`` with the reason), and the code after the ``yield`` is ``absorb``.
+
+The client half serves the requests of its paradigm: ``serve(client, request, state) -> (reply,
+state)``, where ``state`` is the client's persistent state with one namespace per owner.
+
+The round loop (``server/round_loop.py``) owns everything the paradigms share: sampling, encoding
+and byte counts, transport through the runtime, deadlines, reply identity, turning any failure to
+read a reply into "client dropped for the round, with the reason", the quorum, evaluation
+scheduling, checkpoints and the metrics line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+from fedtune.client.handler import ClientParadigm
+from fedtune.types import ServerState
+from fedtune.wire.messages import Message
+
+T = TypeVar("T")
+__all__ = ["BadReply", "ClientParadigm", "Conversation", "Exchange", "Replies", "ServerParadigm", "converse"]
+
+
+class BadReply(Exception):
+    """A reply that cannot be used; the message is the reason logged for dropping its client."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One request to each of some clients, and how to read each reply.
+
+    ``purpose``: "train" replies count toward the round's quorum (``federation.min_clients``), its
+    dropped clients and its ``bytes_up``/``bytes_down``; "eval" replies are measured on their own and
+    a failed one costs only that client's metrics. Clients given the same message object share one
+    encoded payload. ``read(client, reply)`` returns what the paradigm needs from a reply, or raises
+    ``BadReply``; it runs only on replies of the expected message class from addressed clients.
+    """
+
+    purpose: Literal["train", "eval"]
+    messages: Mapping[int, Message]
+    reply: type
+    read: Callable[[int, Any], Any]
+
+
+@dataclass(frozen=True)
+class Replies:
+    """What came back from one exchange: read replies by client, and why the others were dropped."""
+
+    accepted: dict[int, Any]
+    dropped: dict[int, str]
+
+
+Conversation = Generator[Exchange, Replies, T]
+
+
+class ServerParadigm(Protocol):
+    name: str
+
+    def initial_state(self) -> ServerState:
+        """The state before round 1 (round 0): global adapter (if any) and algorithm state."""
+        ...
+
+    def round(self, r: int, state: ServerState, clients: list[int]) -> Conversation[tuple[ServerState, dict]]:
+        """Round ``r`` with the sampled ``clients``; returns the new state and the round's metrics."""
+        ...
+
+    def evaluate(self, r: int, state: ServerState, per_client: bool) -> Conversation[dict]:
+        """Held-out metrics of the federation's model(s) after round ``r`` (``eval_loss`` etc.)."""
+        ...
+
+
+def converse(conversation: Conversation[T], exchange: Callable[[Exchange], Replies]) -> T:
+    """Run a conversation to its end, carrying each exchange with ``exchange``; its return value."""
+    try:
+        step = next(conversation)
+        while True:
+            step = conversation.send(exchange(step))
+    except StopIteration as done:
+        return done.value

@@ -1,0 +1,1 @@
+"""Parameter sharing (FedLLM): clients send adapter updates, the server aggregates them."""

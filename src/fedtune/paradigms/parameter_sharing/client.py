@@ -1,0 +1,105 @@
+"""Parameter sharing, client side: load the global adapter, train on private data, send the update.
+
+The client's persistent state has one namespace per owner: ``held`` (the adapter it holds, with
+downlink updates), ``residual`` (the uplink's error-feedback residuals) and ``scaffold`` (its
+control variate c_i). Every random choice derives from (seed, round, client id), so a resumed run
+replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
+from fedtune.client.data import ClientData, EvalSettings
+from fedtune.client.trainer import LocalTrainer
+from fedtune.evaluation.harness import EvalSet
+from fedtune.paradigms.evaluation import EvalReply, EvalRequest, evaluate_on
+from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
+from fedtune.types import ClientState, Params
+from fedtune.wire.link import Link, apply_change, generator
+
+
+class ParameterSharingClient:
+    serves = (TrainRequest, EvalRequest)
+
+    def __init__(
+        self,
+        adapter: AdapterModel,
+        tokenizer: PreTrainedTokenizerBase,
+        data: dict[int, ClientData],
+        trainer: LocalTrainer,
+        seed: int,
+        eval_settings: EvalSettings,
+        uplink: Link,
+        downlink: Link,
+        initial: Params,
+        proximal_mu: float = 0.0,
+        eval_set: EvalSet | None = None,
+    ):
+        """``uplink`` encodes each update; ``downlink`` decodes the global adapter as the server encoded
+        it; ``initial`` is the seeded initial adapter, what every client holds before its first update."""
+        self.adapter, self.tokenizer, self.data, self.trainer = adapter, tokenizer, data, trainer
+        self.seed, self.eval_settings, self.proximal_mu, self.eval_set = seed, eval_settings, proximal_mu, eval_set
+        self.uplink, self.downlink, self.initial = uplink, downlink, initial
+        self._serve = {TrainRequest: self.train, EvalRequest: self.evaluate}
+
+    def serve(self, client_id: int, request, state: ClientState):
+        return self._serve[type(request)](client_id, request, state)
+
+    def _receive(self, req: TrainRequest, state: ClientState) -> tuple[Params, ClientState]:
+        """(the adapter to train from, client state): a full adapter, or a change to the one held."""
+        if req.downlink == "full":
+            params = self.downlink.decode(req.params, self.adapter.params)
+            self.adapter.load(params)
+            return params, state
+        held = state.get("held") or self.initial
+        params = apply_change(held, self.downlink.decode(req.params, sorted(self.adapter.params)))
+        self.adapter.load(params)
+        return params, {**state, "held": params}
+
+    def train(self, client_id: int, req: TrainRequest, state: ClientState) -> tuple[TrainReply, ClientState]:
+        data = self.data[client_id]
+        params, state = self._receive(req, state)  # what training starts from (lossy if the downlink is)
+        names = list(self.adapter.params)
+        corrections: list = []
+        if self.proximal_mu > 0:
+            corrections.append(FedProx([params[k] for k in names], self.proximal_mu))
+        if req.scaffold_c:  # c_i starts at zero the first time a client takes part
+            own = state.get("scaffold", {})
+            c_i = {k: own.get(k, torch.zeros_like(req.scaffold_c[k])) for k in names}
+            corrections.append(Scaffold([req.scaffold_c[k] for k in names], [c_i[k] for k in names]))
+        out = self.trainer.train(self.adapter, client_id, req.round, data, corrections)
+        result = out.result
+        common = dict(
+            round=req.round,
+            num_examples=len(data.train),
+            num_tokens=data.num_tokens,
+            steps=result.steps,
+            train_loss=result.mean_loss,
+            local_train_s=out.elapsed_s,
+        )
+        if result.diverged:
+            return TrainReply(delta={}, status="diverged", error=result.error, **common), state
+        local = self.adapter.get_state()
+        delta = {k: local[k] - params[k] for k in local}
+        residual = state.get("residual", {})
+        wire, residual = self.uplink.encode(delta, residual, generator(self.seed, req.round, client_id, 1))
+        if residual:
+            state = {**state, "residual": residual}
+        if not req.scaffold_c:
+            return TrainReply(delta=wire, **common), state
+        new_c = updated_client_control(c_i, req.scaffold_c, params, local, result.lr_sum)
+        delta_c = {k: new_c[k] - c_i[k] for k in names}
+        return TrainReply(delta=wire, scaffold_delta_c=delta_c, **common), {**state, "scaffold": new_c}
+
+    def evaluate(self, client_id: int, req: EvalRequest, state: ClientState) -> tuple[EvalReply, ClientState]:
+        data = self.data[client_id].holdout if req.split == "holdout" else self.eval_set
+        if data is None:
+            return EvalReply(round=req.round), state
+        self.adapter.load(self.downlink.decode(req.params, self.adapter.params))
+        return EvalReply(
+            round=req.round, metrics=evaluate_on(self.adapter, self.tokenizer, data, self.eval_settings)
+        ), state

@@ -1,0 +1,154 @@
+"""Parameter sharing, server side: send the global adapter, read updates, aggregate them.
+
+One exchange per round. Every aggregator (FedAvg, the FedOpt family, robust combiners, SCAFFOLD,
+LoRA-aware aggregation) sits behind ``absorb``, the code after the exchange. A reply is used only
+if it is a train reply for this round whose update decodes with the uplink codecs and fits the
+global adapter (keys, shapes, dtypes, finite, within ``aggregation.max_update_norm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+from fedtune.aggregation.base import Aggregator, Contribution
+from fedtune.aggregation.weighting import client_weight
+from fedtune.paradigms.base import BadReply, Conversation, Exchange
+from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
+from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
+from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
+from fedtune.paradigms.parameter_sharing.validation import update_problem
+from fedtune.types import Params, ServerState
+from fedtune.wire.link import Link, generator
+
+
+class Update(NamedTuple):
+    """A usable reply: the decoded update and what aggregation and the metrics need from it."""
+
+    contribution: Contribution
+    train_loss: float
+    local_train_s: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class SharingSettings:
+    num_clients: int
+    seed: int
+    weighting: str = "examples"
+    max_update_norm: float | None = None
+    downlink_updates: bool = False  # send each client the change to the adapter it holds
+
+
+class ParameterSharing:
+    name = "parameter_sharing"
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        settings: SharingSettings,
+        initial: Params,
+        uplink: Link | None = None,
+        downlink: Link | None = None,
+        evaluate_adapter: Callable[[Params], dict[str, Any]] | None = None,
+    ):
+        """``evaluate_adapter(params)``: held-out metrics of a global adapter on the server's eval set."""
+        self.aggregator, self.settings, self.initial = aggregator, settings, initial
+        self.uplink, self.downlink = uplink or Link(), downlink or Link()
+        self.evaluate_adapter = evaluate_adapter
+
+    def initial_state(self) -> ServerState:
+        return ServerState(0, self.initial, self.aggregator.init(self.initial))
+
+    def round(self, r: int, state: ServerState, clients: list[int]) -> Conversation[tuple[ServerState, dict]]:
+        s = self.settings
+        sent = dict(self.aggregator.broadcast(state.algorithm))
+        scaffold_c = sent.pop("scaffold", {})
+        if sent:
+            raise RuntimeError(f"aggregator {self.aggregator.name} broadcasts {sorted(sent)}, which no message carries")
+        views = {c: self.aggregator.client_view(state.params, state.algorithm, c) for c in clients}
+        gen = generator(s.seed, r, 0)
+        replicas = state.replicas
+        if s.downlink_updates:
+            downlink = ReplicaDownlink(self.downlink, self.initial, state.replicas)
+            wires, kind = downlink.encode(views, gen), "update"
+            replicas = downlink.replicas
+        else:
+            wires, kind = shared(views, lambda v: self.downlink.encode(v, {}, gen)[0]), "full"
+        messages = shared(wires, lambda w: TrainRequest(r, params=w, scaffold_c=scaffold_c, downlink=kind))
+
+        def read(client_id: int, reply: TrainReply) -> Update:
+            delta = self._read(r, reply, views[client_id], scaffold_c)
+            try:
+                weight = client_weight(reply.num_examples, reply.num_tokens, s.weighting)
+            except ValueError as exc:
+                raise BadReply(str(exc)) from None
+            extras = {"scaffold": reply.scaffold_delta_c} if scaffold_c else {}
+            return Update(
+                Contribution(client_id, delta, weight, extras), reply.train_loss, reply.local_train_s, reply.steps
+            )
+
+        replies = yield Exchange("train", messages, TrainReply, read)
+        used = [replies.accepted[c] for c in sorted(replies.accepted)]
+        params, agg_state = self.aggregator.aggregate(state.params, [u.contribution for u in used], state.algorithm)
+        weights = [u.contribution.weight for u in used]
+        metrics: dict[str, Any] = {
+            "train_loss": _weighted_loss([u.train_loss for u in used], weights),
+            "local_train_s": sum(u.local_train_s for u in used),
+            "local_steps": sum(u.steps for u in used),
+            **self.aggregator.metrics(agg_state),
+        }
+        return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
+
+    def _read(self, r: int, reply: TrainReply, view: Params, scaffold_c: Params) -> Params:
+        """The decoded update, or BadReply with why the reply cannot be used."""
+        if reply.round != r:
+            raise BadReply(f"stale reply for round {reply.round}")
+        if reply.status != "ok":
+            raise BadReply(f"{reply.status}: {reply.error}")
+        if scaffold_c:
+            problem = update_problem(reply.scaffold_delta_c, scaffold_c)
+            if problem:
+                raise BadReply(f"control variate: {problem}")
+        try:
+            delta = self.uplink.decode(reply.delta, view)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise BadReply(f"cannot decode the update with uplink codecs {self.uplink.describe()!r}: {exc}") from None
+        problem = update_problem(delta, view, self.settings.max_update_norm)
+        if problem:
+            raise BadReply(problem)
+        return delta
+
+    def evaluate(self, r: int, state: ServerState, per_client: bool) -> Conversation[dict]:
+        out: dict[str, Any] = {}
+        if self.evaluate_adapter is not None:
+            out.update(self.evaluate_adapter(state.params))
+        if per_client:  # every client evaluates the global model, as it receives it, on its own held-out share
+            n = self.settings.num_clients
+            views = {c: self.aggregator.client_view(state.params, state.algorithm, c) for c in range(n)}
+            link = self.downlink if not self.settings.downlink_updates else Link()
+            gen = generator(self.settings.seed, r, 1)
+            wires = shared(views, lambda v: link.encode(v, {}, gen)[0])
+            replies = yield eval_exchange(shared(wires, lambda w: EvalRequest(r, params=w)), r)
+            per = {c: m for c, m in sorted(replies.accepted.items()) if m}
+            out["client_eval"] = {str(c): m for c, m in per.items()}
+            out.update(summarise(per, "client_eval_"))
+        return out
+
+
+def shared(parts: dict[int, Any], make: Callable[[Any], Any]) -> dict[int, Any]:
+    """``make`` each distinct object once, in client order: clients that share a view share the result."""
+    cache: dict[int, Any] = {}
+    for c in sorted(parts):
+        if id(parts[c]) not in cache:
+            cache[id(parts[c])] = make(parts[c])
+    return {c: cache[id(parts[c])] for c in parts}
+
+
+def _weighted_loss(losses: list[float], weights: list[float]) -> float:
+    total = sum(weights)
+    return sum(w * x for x, w in zip(losses, weights, strict=True)) / total if total else float("nan")
+
+
+__all__ = ["ParameterSharing", "SharingSettings", "shared"]

@@ -1,0 +1,64 @@
+"""Parameter sharing from a config: the aggregator and links on the server, the training client."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from fedtune.aggregation import build_aggregator
+from fedtune.client.data import ClientData
+from fedtune.client.trainer import LocalTrainer
+from fedtune.evaluation.harness import EvalSet
+from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
+from fedtune.paradigms.parameter_sharing.server import ParameterSharing, SharingSettings
+
+if TYPE_CHECKING:
+    from fedtune.assembly import Workbench
+    from fedtune.config import ExperimentConfig
+
+log = logging.getLogger("fedtune")
+
+
+def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> ParameterSharing:
+    lora_mode = cfg.aggregation.lora_mode() if cfg.adapter.is_lora() else None
+    n = cfg.partition.num_clients
+    lower = {c: r for c in range(n) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
+    lora_alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
+    # with downlink updates clients hold the previous factors, so exact mode must not re-parametrise them
+    align = cfg.compression.downlink_updates
+    aggregator = build_aggregator(cfg.aggregation, n, lora_alpha, lower or None, align)
+    log.info(
+        "aggregation: %s%s%s",
+        aggregator.name,
+        f", LoRA {lora_mode}" if lora_mode else f", {cfg.adapter.method} tensors as they are",
+        f", client ranks {lower}" if lower else "",
+    )
+    if lora_mode == "naive":
+        log.warning(
+            "aggregation.lora=naive averages LoRA A and B separately, which is inexact; "
+            "metrics.jsonl reports the relative error per round as lora_factor_averaging_error"
+        )
+    agg = cfg.aggregation
+    settings = SharingSettings(n, cfg.seed, agg.weighting, agg.max_update_norm, cfg.compression.downlink_updates)
+    return ParameterSharing(aggregator, settings, bench.initial, bench.uplink, bench.downlink, evaluate_adapter)
+
+
+def client(
+    cfg: ExperimentConfig, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None
+) -> ParameterSharingClient:
+    trainer = LocalTrainer(
+        cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id, cfg.output.progress
+    )
+    return ParameterSharingClient(
+        bench.adapter,
+        bench.tokenizer,
+        data,
+        trainer,
+        cfg.seed,
+        bench.eval_settings,
+        bench.uplink,
+        bench.downlink,
+        bench.initial,
+        cfg.training.proximal_mu,
+        eval_set,
+    )

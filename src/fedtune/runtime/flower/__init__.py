@@ -1,1 +1,0 @@
-"""Deployment on Flower: the only package (with ray_pool) that imports Flower."""
