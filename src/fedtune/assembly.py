@@ -8,7 +8,6 @@ The client handler serves the paradigm ``cfg.paradigm`` names (``registry.PARADI
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.adapters.build import seeded_adapter
 from fedtune.client.data import ClientData, EvalSettings
 from fedtune.client.handler import ClientHandler
 from fedtune.config import ExperimentConfig
@@ -26,7 +26,6 @@ from fedtune.data.templates import resolve_template
 from fedtune.data.tokenize import Encoder
 from fedtune.errors import DataError
 from fedtune.evaluation.harness import EvalSet
-from fedtune.models.loading import load_model
 from fedtune.registry import PARADIGMS
 from fedtune.types import Params
 from fedtune.wire.link import Link
@@ -50,18 +49,7 @@ class Workbench:
 def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
     """Load the base model, attach the seeded adapter, and build the encoder and codec links."""
     t = time.perf_counter()
-    loaded = load_model(
-        cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model.gguf_file, cfg.model.trust_remote_code
-    )
-    lora_mode = cfg.aggregation.lora_mode() if cfg.adapter.is_lora() else None
-    adapter = AdapterModel(
-        loaded.model,
-        cfg.adapter,
-        cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed,
-        base_path=os.path.abspath(loaded.path),
-        freeze_a=lora_mode == "ffa",
-        extra_ranks=[cfg.adapter.rank_of_client(c) for c in range(cfg.partition.num_clients)],
-    )
+    adapter, tokenizer = seeded_adapter(cfg)
     if announce:
         log.info(
             "model %s loaded in %.1fs; adapter %s: %s trainable of %s parameters (%.3f%%)",
@@ -72,7 +60,6 @@ def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
             f"{adapter.num_total:,}",
             100 * adapter.num_trainable / adapter.num_total,
         )
-    tokenizer = loaded.tokenizer
     d = cfg.data
     template = resolve_template(d.template, tokenizer)
     encoder = Encoder(tokenizer, template, d.system_prompt, d.max_seq_len, d.train_on_prompt)

@@ -15,9 +15,10 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from fedtune.config_base import Strict as _Strict
 from fedtune.config_compression import CompressionConfig
+from fedtune.config_kd import KDConfig
 from fedtune.config_runtime import RuntimeConfig
 from fedtune.errors import ConfigError
-from fedtune.registry import AGGREGATORS, COMBINERS, PARADIGMS, PEFT_METHODS
+from fedtune.registry import AGGREGATORS, COMBINERS, PARADIGMS, PEFT_METHODS, VALUE_CODECS
 
 
 class ModelConfig(_Strict):
@@ -108,6 +109,9 @@ class BuiltinTasksConfig(_Strict):
     )
     train_per_task: int = Field(400, ge=1, description="training examples per task")
     eval_per_task: int = Field(25, ge=1, description="held-out examples per task (never in training)")
+    public_per_task: int = Field(
+        100, ge=1, description="paradigm kd: public examples per task (never in training or evaluation)"
+    )
 
 
 class DataConfig(_Strict):
@@ -118,6 +122,9 @@ class DataConfig(_Strict):
     )
     eval_dataset: str | None = Field(None, description="held-out file; default: split eval_fraction off dataset")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share of dataset when no eval_dataset")
+    public_dataset: str | None = Field(
+        None, description="paradigm kd: the public set every party may see (a local file); default built-in"
+    )
     template: Literal["auto", "chat", "alpaca"] = Field("auto", description="auto: tokenizer's chat template if any")
     system_prompt: str | None = Field(None, description="system turn added to every prompt (train and eval)")
     max_seq_len: int = Field(256, ge=8, description="longer examples lose the start of the prompt")
@@ -284,6 +291,7 @@ class ExperimentConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -317,7 +325,34 @@ class ExperimentConfig(_Strict):
             )
         if self.evaluation.per_client and self.partition.holdout_fraction == 0:
             raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")
+        self._paradigm_fits()
         return self
+
+    def _paradigm_fits(self) -> None:
+        """Settings of one paradigm are errors under another, rather than silently ignored."""
+        if self.paradigm != "kd":
+            if self.kd != KDConfig():
+                raise ValueError(f"the kd section applies to paradigm: kd (this config's paradigm is {self.paradigm})")
+            if self.data.public_dataset is not None:
+                raise ValueError("data.public_dataset is KD's public set; it applies to paradigm: kd")
+            return
+        unused = [f"aggregation.{k}" for k in _changed(self.aggregation, AggregationConfig())]
+        unused += ["training.proximal_mu (FedProx)"] if self.training.proximal_mu else []
+        unused += ["adapter.client_ranks"] if self.adapter.client_ranks is not None else []
+        c = self.compression
+        unused += ["compression.error_feedback"] if c.error_feedback else []
+        unused += ["compression.downlink_updates"] if c.downlink_updates else []
+        if unused:
+            raise ValueError(
+                f"paradigm kd does not use {', '.join(unused)}: those belong to parameter sharing (KD forms a "
+                "consensus of token distributions, weighted by kd.weighting); remove them"
+            )
+        bad = [s.name for s in [*c.uplink, *c.downlink] if s.name not in VALUE_CODECS]
+        if bad:
+            raise ValueError(
+                f"paradigm kd sends probabilities (and with kd.downlink=adapter the adapter itself), which must keep "
+                f"every value: compression.uplink/downlink may use {', '.join(VALUE_CODECS)}, not {bad}"
+            )
 
     def clients_per_round(self) -> int:
         n = self.partition.num_clients
@@ -326,6 +361,12 @@ class ExperimentConfig(_Strict):
         if self.federation.fraction is not None:
             return max(1, round(self.federation.fraction * n))
         return n
+
+
+def _changed(section: BaseModel, default: BaseModel) -> list[str]:
+    """Keys of a config section whose values differ from the section's defaults."""
+    a, b = section.model_dump(), default.model_dump()
+    return [k for k in a if a[k] != b[k]]
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -166,7 +166,7 @@ def _run(
         runtime.close()
 
     final_dir = run_dir / "final_adapter"
-    _export_adapter(adapter, state.params, final_dir)
+    exported = _export_adapters(adapter, paradigm.final_adapters(state), final_dir)
     summary = summarize(
         state.history,
         {
@@ -177,7 +177,8 @@ def _run(
             "num_clients": cfg.partition.num_clients,
             "trainable_params": adapter.num_trainable,
             "trainable_fraction": adapter.num_trainable / adapter.num_total,
-            "final_adapter": str(final_dir),
+            "final_adapter": str(final_dir) if exported else None,
+            **paradigm.info(),
         },
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -205,17 +206,32 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
             )
 
 
-def _export_adapter(adapter: AdapterModel, params: Params, final_dir: Path) -> None:
-    """Write final_adapter/ atomically (temp dir, then rename over any previous export)."""
+def _export_adapters(adapter: AdapterModel, adapters: dict[str, Params], final_dir: Path) -> bool:
+    """Write final_adapter/ atomically (temp dir, then rename over any previous export): the global
+    adapter itself (name ""), or one folder per named adapter (e.g. each KD client's own). Adapters
+    of another shape than the server's (another model) are left to their clients, with a log line."""
+    fits = {n: p for n, p in adapters.items() if _fits(adapter, p)}
+    for name in sorted(adapters.keys() - fits.keys()):
+        log.info("final adapter %s belongs to another model than model.name: its client keeps it", name)
+    if not fits:
+        return False
     tmp = Path(tempfile.mkdtemp(prefix=".final_adapter-", dir=final_dir.parent))
     try:
-        adapter.save(tmp, params)
+        for name, params in sorted(fits.items()):
+            adapter.save(tmp / name if name else tmp, params)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.rename(tmp, final_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def _fits(adapter: AdapterModel, params: Params) -> bool:
+    adapter.activate(adapter.global_rank)
+    mine = adapter.params
+    return params.keys() == mine.keys() and all(params[k].shape == mine[k].shape for k in mine)
 
 
 def _setup_logging(run_dir: Path) -> None:

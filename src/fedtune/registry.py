@@ -92,6 +92,11 @@ PARADIGMS = Registry(
             "clients train adapters and send their updates; the server aggregates them (FedAvg family)",
             "fedtune.paradigms.parameter_sharing.setup",
         ),
+        Entry(
+            "kd",
+            "clients send top-k token probabilities on a public set; the server forms their consensus (kd section)",
+            "fedtune.paradigms.kd.setup",
+        ),
     ],
 )
 

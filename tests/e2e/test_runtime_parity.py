@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.e2e.federation import Federation
 
@@ -58,3 +59,50 @@ def test_in_process_ray_and_flower_give_the_same_adapter(tmp_path):
             assert abs(got["bytes_up"] - ref["bytes_up"]) <= 3 * 8, name
     # each deployed client kept its own error-feedback residual on its own disk
     assert all(any((tmp_path / "runs" / f"fed.client-client-{c}").rglob("round-*.safetensors")) for c in range(3))
+
+
+# KD with logits on the downlink: no adapter crosses the wire, each client keeps its own (client state)
+KD_PARITY = {
+    "paradigm": "kd",
+    "kd": {"top_k": 4, "public_slice": 6, "distill_steps": 2, "distill_batch_size": 3},
+    "data": {"builtin": {"public_per_task": 8}},
+    "compression": {"uplink": ["fp16"], "downlink": ["bf16"]},
+    "evaluation": {"exact_match": False},
+    "federation": {"rounds": 2},
+}
+
+
+def test_kd_gives_the_same_consensus_and_client_adapters_on_every_runtime(tmp_path):
+    from safetensors.torch import load_file
+
+    from fedtune.config import load_config
+    from fedtune.experiment import run_experiment
+    from fedtune.paradigms.kd.server import KDState
+    from fedtune.server.checkpoint import load_latest
+    from fedtune.types import unflatten_state
+
+    fed = Federation(tmp_path, KD_PARITY)
+    try:
+        fed.server()
+        for cid in range(3):
+            fed.client(cid, None, None, "--threads", "1")
+        assert fed.wait_exit("server", 240) == 0, fed.output("server")
+    finally:
+        fed.close()
+    runs = {"flower": fed.run_dir}
+    for name in ("in_process", "ray"):
+        cfg = load_config(fed.config, [f"runtime.name={name}", f"output.name={name}"])
+        runs[name] = run_experiment(cfg).run_dir
+    template = KDState(torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, 4))
+    states = {name: load_latest(run, template) for name, run in runs.items()}
+    ref = states["in_process"]
+    for name in ("ray", "flower"):
+        assert all(torch.equal(a, b) for a, b in zip(states[name].algorithm[:3], ref.algorithm[:3], strict=True)), name
+        history = [{k: r.get(k) for k in (*SAME, "eval_loss")} for r in _history(runs[name])]
+        assert history == [{k: r.get(k) for k in (*SAME, "eval_loss")} for r in _history(runs["in_process"])], name
+    # every deployed client's own adapter, on its own disk, is the one the simulation kept for it
+    for c in range(3):
+        stored = sorted((tmp_path / "runs" / f"fed.client-client-{c}" / f"client-{c}").glob("round-*.safetensors"))
+        own = unflatten_state(load_file(stored[-1]))["kd"]
+        assert own.keys() == ref.clients[c]["kd"].keys()
+        assert all(torch.equal(own[k], ref.clients[c]["kd"][k]) for k in own), c

@@ -4,7 +4,8 @@ Flower starts a fresh ClientApp process for every message; that process only for
 here over a local, key-protected socket (``ask_worker``). The worker serves it with the same
 ``ClientHandler`` the simulations use and keeps the client's persistent state on disk, one file
 per round it trained in. A request for round r starts from the newest state saved before r, so a
-round the coordinator repeats after a crash replays exactly what it did the first time.
+round the coordinator repeats after a crash replays exactly what it did the first time; an
+evaluation in round r sees the state that round's training left.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ class LocalWorker:
             store = StateStore(self.state_dir / f"client-{client_id}")
             round_index = int(header.get("round", 0))
             log.info("round %d: %s request for client %d", round_index, header.get("kind"), client_id)
-            reply, state = self.handler.handle(client_id, payload, store.before(round_index))
-            if header.get("kind") != EvalRequest.KIND and state:
+            evaluating = header.get("kind") == EvalRequest.KIND  # reads the state after this round's training
+            reply, state = self.handler.handle(client_id, payload, store.before(round_index + evaluating))
+            if not evaluating and state:
                 store.save(round_index, state)
             done = read_header(reply)  # the fields to log, without loading the reply's tensors
             if "steps" in done:

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
 SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_ALIASES = ("tiny-llama", "tiny-llama-bias")  # the second has biases (for BitFit)
+# tiny random Llamas sharing one tokenizer: with biases (for BitFit), and twice as deep (for KD across models)
+TINY_VARIANTS = {"tiny-llama": {}, "tiny-llama-bias": {"bias": True}, "tiny-llama-deep": {"layers": 4}}
+TINY_ALIASES = tuple(TINY_VARIANTS)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,7 +59,7 @@ def resolve_model_dir(name: str, gguf_file: str | None = None) -> tuple[str, str
     if key in SMOLLM2_ALIASES:
         return str(ensure_smollm2()), None
     if key in TINY_ALIASES:
-        return str(ensure_tiny_llama(bias=key.endswith("-bias"))), None
+        return str(ensure_tiny_llama(key)), None
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
@@ -160,14 +162,14 @@ def ensure_smollm2() -> Path:
     return target
 
 
-def ensure_tiny_llama(bias: bool = False) -> Path:
-    """Materialise the deterministic tiny random Llama once, so adapters can point at a real path."""
-    target = cache_dir() / "models" / ("tiny-llama-bias" if bias else "tiny-llama")
+def ensure_tiny_llama(variant: str = "tiny-llama") -> Path:
+    """Materialise a deterministic tiny random Llama once, so adapters can point at a real path."""
+    target = cache_dir() / "models" / variant
     if (target / "config.json").is_file():
         return target
 
     def write(d: str) -> None:
-        model, tokenizer = build_tiny_llama(bias=bias)
+        model, tokenizer = build_tiny_llama(**TINY_VARIANTS[variant])
         model.save_pretrained(d)
         tokenizer.save_pretrained(d)
 

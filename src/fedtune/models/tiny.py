@@ -36,7 +36,9 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_tiny_llama(seed: int = 0, bias: bool = False) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+def build_tiny_llama(
+    seed: int = 0, bias: bool = False, layers: int = 2
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """2 layers, hidden 64: trains a step in milliseconds; deterministic for a given seed; ``bias``
     adds bias terms to attention and MLP projections (Llama has none by default)."""
     tokenizer = build_byte_tokenizer()
@@ -44,7 +46,7 @@ def build_tiny_llama(seed: int = 0, bias: bool = False) -> tuple[LlamaForCausalL
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,

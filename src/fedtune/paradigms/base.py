@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 from fedtune.client.handler import ClientParadigm
-from fedtune.types import ServerState
+from fedtune.types import Params, ServerState
 from fedtune.wire.messages import Message
 
 T = TypeVar("T")
@@ -75,6 +75,14 @@ class ServerParadigm(Protocol):
 
     def evaluate(self, r: int, state: ServerState, per_client: bool) -> Conversation[dict]:
         """Held-out metrics of the federation's model(s) after round ``r`` (``eval_loss`` etc.)."""
+        ...
+
+    def final_adapters(self, state: ServerState) -> dict[str, Params]:
+        """What a finished run exports: {"": the global adapter}, or one adapter per name (e.g. per client)."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the setup for summary.json (e.g. the public set's size and source)."""
         ...
 
 

@@ -90,6 +90,19 @@ _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
 }
 
 
+def _draw(task: str, rng: random.Random, need: int, seen: set[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """Up to ``need`` problems of ``task`` not in ``seen`` (which grows), from at most 50 draws each."""
+    rows: list[tuple[str, str, str]] = []
+    for _ in range(need * 50):
+        inst, inp, out = _GENERATORS[task](rng)
+        if (inst, inp) not in seen:
+            seen.add((inst, inp))
+            rows.append((inst, inp, out))
+            if len(rows) == need:
+                break
+    return rows
+
+
 def generate_tasks(
     tasks: list[str] | tuple[str, ...] = TASKS, train_per_task: int = 400, eval_per_task: int = 25
 ) -> tuple[list[Example], list[Example]]:
@@ -100,16 +113,8 @@ def generate_tasks(
         if task not in tasks:
             continue
         rng = random.Random(DATA_SEED + 7919 * t_index)
-        seen: set[tuple[str, str]] = set()
-        rows: list[tuple[str, str, str]] = []
         need = train_per_task + eval_per_task
-        for _ in range(need * 50):
-            inst, inp, out = _GENERATORS[task](rng)
-            if (inst, inp) not in seen:
-                seen.add((inst, inp))
-                rows.append((inst, inp, out))
-                if len(rows) == need:
-                    break
+        rows = _draw(task, rng, need, set())
         if len(rows) < need:
             raise DataError(
                 f"built-in task {task!r} has only {len(rows)} distinct problems, but data.builtin asks for "
@@ -120,3 +125,25 @@ def generate_tasks(
             ex = from_instruction(inst, out, inp, task=task)
             (evaluation if i < eval_per_task else train).append(ex)
     return train, evaluation
+
+
+def generate_public(
+    tasks: list[str] | tuple[str, ...], train_per_task: int, eval_per_task: int, public_per_task: int
+) -> list[Example]:
+    """A public set for KD: problems of the same families, disjoint from the training and evaluation
+    problems that ``generate_tasks`` makes with the same sizes (it continues each task's stream)."""
+    public: list[Example] = []
+    for t_index, task in enumerate(TASKS):
+        if task not in tasks:
+            continue
+        rng = random.Random(DATA_SEED + 7919 * t_index)
+        seen: set[tuple[str, str]] = set()
+        _draw(task, rng, train_per_task + eval_per_task, seen)  # exactly generate_tasks' draws
+        rows = _draw(task, rng, public_per_task, seen)
+        if len(rows) < public_per_task:
+            raise DataError(
+                f"built-in task {task!r} has only {len(rows)} distinct problems left beside {train_per_task} "
+                f"training and {eval_per_task} evaluation ones; lower data.builtin.public_per_task"
+            )
+        public.extend(from_instruction(inst, out, inp, task=task) for inst, inp, out in rows)
+    return public

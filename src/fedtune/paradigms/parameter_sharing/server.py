@@ -120,6 +120,12 @@ class ParameterSharing:
             raise BadReply(problem)
         return delta
 
+    def final_adapters(self, state: ServerState) -> dict[str, Params]:
+        return {"": state.params}
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
     def evaluate(self, r: int, state: ServerState, per_client: bool) -> Conversation[dict]:
         out: dict[str, Any] = {}
         if self.evaluate_adapter is not None:

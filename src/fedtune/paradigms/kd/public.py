@@ -1,0 +1,107 @@
+"""The public set every party may see: where it comes from, its response positions, each round's slice.
+
+By default the built-in generator makes it (prompts of the built-in task families, disjoint from
+training and evaluation problems); ``data.public_dataset`` names a local file in any supported
+format instead. Its responses are teacher-forcing context only: the loss is always the KL to the
+consensus, never cross-entropy on them. Server and clients encode it the same way (response-only
+positions), and the server sends a fingerprint with every request so that a client holding a
+different public set refuses rather than scores the wrong text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from fedtune.config import ExperimentConfig
+from fedtune.data.builtin.tasks import generate_public
+from fedtune.data.formats import Example, load_examples
+from fedtune.data.prepare import BUILTIN
+from fedtune.data.tokenize import Encoded, Encoder, collate
+from fedtune.errors import ConfigError
+
+log = logging.getLogger("fedtune")
+
+
+@dataclass(frozen=True)
+class PublicSet:
+    examples: list[Example]
+    encoded: list[Encoded]
+    source: str
+    digest: str  # sha256 of the token ids: both ends must hold the same set
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def positions(self, indices: torch.Tensor) -> int:
+        """Response positions (rows of a top-k message) of these examples."""
+        return sum(self.encoded[int(i)].num_target_tokens for i in indices)
+
+    def offsets(self, indices: torch.Tensor) -> list[int]:
+        """Row where each example's positions start in a message about ``indices``, plus the end."""
+        out = [0]
+        for i in indices:
+            out.append(out[-1] + self.encoded[int(i)].num_target_tokens)
+        return out
+
+    def batch(self, indices, pad_id: int) -> dict[str, torch.Tensor]:
+        return collate([self.encoded[int(i)] for i in indices], pad_id)
+
+    def check(self, indices: torch.Tensor) -> None:
+        """ValueError unless ``indices`` are distinct in-range public indices."""
+        if indices.ndim != 1 or indices.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"public indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
+            raise ValueError(f"public indices outside 0..{len(self) - 1}")
+        if len(set(indices.tolist())) != len(indices):
+            raise ValueError("repeated public indices")
+
+
+def public_examples(cfg: ExperimentConfig) -> tuple[list[Example], str]:
+    """(examples, where they came from): ``data.public_dataset``, or the built-in generator."""
+    d = cfg.data
+    if d.public_dataset:
+        return load_examples(d.public_dataset), d.public_dataset
+    if d.dataset != BUILTIN:
+        raise ConfigError(
+            f"paradigm kd needs a public set that every party may see: set data.public_dataset to a local file "
+            f"(.jsonl/.json/.parquet or a saved HF dataset); data.dataset={d.dataset!r} has no built-in one"
+        )
+    b = d.builtin
+    examples = generate_public(b.tasks, b.train_per_task, b.eval_per_task, b.public_per_task)
+    return examples, f"built-in tasks ({b.public_per_task} per task, disjoint from training and evaluation)"
+
+
+def build_public(cfg: ExperimentConfig, encoder: Encoder, announce: bool = False) -> PublicSet:
+    examples, source = public_examples(cfg)
+    encoded, n_trunc = replace(encoder, train_on_prompt=False).encode_all(examples)  # response positions only
+    h = hashlib.sha256()
+    for e in encoded:
+        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+        h.update(np.int64(e.prompt_len).tobytes())
+    public = PublicSet(examples, encoded, source, h.hexdigest()[:16])
+    if announce:
+        log.info(
+            "public set: %d examples, %d response positions, from %s%s",
+            len(public),
+            sum(e.num_target_tokens for e in encoded),
+            source,
+            f" ({n_trunc} truncated to data.max_seq_len)" if n_trunc else "",
+        )
+    return public
+
+
+def round_slice(seed: int, round_index: int, size: int, n: int) -> torch.Tensor:
+    """The public examples scored in a round: ``size`` distinct indices, seeded by (seed, round), sorted."""
+    rng = np.random.default_rng([seed, round_index, 0x9B1C])
+    return torch.from_numpy(np.sort(rng.choice(n, size=min(size, n), replace=False))).to(torch.int32)
+
+
+def overlap_with(public: PublicSet, others: list[Example]) -> int:
+    """How many public examples share their prompt with one of ``others`` (e.g. the evaluation set)."""
+    prompts = {tuple((m["role"], m["content"]) for m in ex.prompt_messages) for ex in others}
+    return sum(tuple((m["role"], m["content"]) for m in ex.prompt_messages) in prompts for ex in public.examples)

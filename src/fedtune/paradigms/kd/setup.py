@@ -1,0 +1,129 @@
+"""KD-FedLLM from a config: the public set, the consensus server, and clients that may run their own models."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from fedtune.adapters.build import seeded_adapter
+from fedtune.client.data import ClientData
+from fedtune.client.trainer import LocalTrainer
+from fedtune.errors import ConfigError, RunError
+from fedtune.evaluation.harness import EvalSet
+from fedtune.paradigms.kd.client import KDClient, KDClientSettings, Member
+from fedtune.paradigms.kd.distill import DistillSettings, distil
+from fedtune.paradigms.kd.distributions import TopK, id_dtype
+from fedtune.paradigms.kd.public import build_public
+from fedtune.paradigms.kd.server import KDSettings, KnowledgeDistillation
+from fedtune.types import Params
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedtune.adapters.adapter_model import AdapterModel
+    from fedtune.assembly import Workbench
+    from fedtune.config import ExperimentConfig
+
+log = logging.getLogger("fedtune")
+SERVER = 0x5E4  # the server's stream in (seed, round, stream) keys
+
+
+def vocab_size(adapter: AdapterModel) -> int:
+    """Rows of the LM head: the vocabulary top-k ids index."""
+    return int(adapter.model.get_output_embeddings().weight.shape[0])
+
+
+def distill_settings(cfg: ExperimentConfig) -> DistillSettings:
+    kd, t = cfg.kd, cfg.training
+    lr = kd.distill_lr if kd.distill_lr is not None else t.lr
+    return DistillSettings(
+        kd.distill_steps, kd.distill_batch_size, lr, kd.temperature, t.max_grad_norm, t.optimizer, t.weight_decay
+    )
+
+
+def _check_k(cfg: ExperimentConfig, vocab: int) -> int:
+    kd = cfg.kd
+    k_down = kd.downlink_top_k or kd.top_k
+    for key, k in (("kd.top_k", kd.top_k), ("kd.downlink_top_k", k_down)):
+        if k >= vocab:
+            raise ConfigError(f"{key}={k} must be below the vocabulary size {vocab} (the rest is the tail mass)")
+    return k_down
+
+
+def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> KnowledgeDistillation:
+    kd = cfg.kd
+    public = build_public(cfg, bench.encoder, announce=True)
+    vocab = vocab_size(bench.adapter)
+    k_down = _check_k(cfg, vocab)
+    settings = KDSettings(
+        kd.downlink, kd.top_k, k_down, kd.public_slice, kd.weighting, cfg.partition.num_clients, vocab, cfg.seed
+    )
+    log.info(
+        "KD: top-%d of %d tokens (ids as %s) at each response position of %d public examples per round, "
+        "weighting %s; down: %s%s",
+        kd.top_k,
+        vocab,
+        str(id_dtype(vocab)).removeprefix("torch."),
+        min(kd.public_slice, len(public)),
+        kd.weighting,
+        f"the consensus (top-{k_down}), distilled by each client into its own adapter"
+        if kd.downlink == "logits"
+        else "the global adapter, distilled from the consensus on the server",
+        f"; client models {kd.client_models}" if kd.client_models else "",
+    )
+    if kd.downlink == "logits":
+        return KnowledgeDistillation(settings, public, {}, bench.uplink, bench.downlink)
+    adapter, steps, pad = bench.adapter, distill_settings(cfg), bench.tokenizer.pad_token_id
+
+    def server_distil(params: Params, indices: torch.Tensor, teacher: TopK, r: int) -> tuple[Params, float]:
+        adapter.activate(adapter.global_rank)
+        adapter.load(params)
+        result = distil(adapter, public, indices, teacher, steps, vocab, pad, (cfg.seed, r, SERVER))
+        if result.diverged:
+            raise RunError(
+                f"round {r}: server-side distillation diverged ({result.error}); the last checkpoint is intact. "
+                "Lower kd.distill_lr and rerun with --resume"
+            )
+        return adapter.get_state(), result.mean_loss
+
+    return KnowledgeDistillation(
+        settings, public, bench.initial, bench.uplink, bench.downlink, evaluate_adapter, server_distil
+    )
+
+
+def client(
+    cfg: ExperimentConfig, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None
+) -> KDClient:
+    kd = cfg.kd
+    public = build_public(cfg, bench.encoder)
+    vocab = vocab_size(bench.adapter)
+    members = {cfg.model.name: Member(bench.adapter, bench.initial)}
+    names = list(kd.client_models or [cfg.model.name])
+    for name in dict.fromkeys(names):
+        if name in members:
+            continue
+        other, tokenizer = seeded_adapter(cfg, name)
+        if tokenizer.get_vocab() != bench.tokenizer.get_vocab() or vocab_size(other) != vocab:
+            raise ConfigError(
+                f"kd.client_models: {name!r} does not share {cfg.model.name!r}'s tokenizer and vocabulary; "
+                "KD exchanges token ids, so every client model needs the same tokenizer"
+            )
+        members[name] = Member(other, other.get_state())
+    trainer = LocalTrainer(
+        cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id, cfg.output.progress
+    )
+    settings = KDClientSettings(kd.downlink, kd.top_k, kd.score_batch_size, vocab, cfg.seed)
+    return KDClient(
+        members,
+        lambda c: names[c % len(names)],
+        bench.tokenizer,
+        data,
+        trainer,
+        public,
+        settings,
+        distill_settings(cfg),
+        bench.eval_settings,
+        bench.uplink,
+        bench.downlink,
+        eval_set,
+    )
