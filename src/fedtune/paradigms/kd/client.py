@@ -51,7 +51,7 @@ class KDClient:
 
     def __init__(
         self,
-        members: dict[str, Member],
+        members: Callable[[str], Member],
         model_of: Callable[[int], str],
         tokenizer: PreTrainedTokenizerBase,
         data: dict[int, ClientData],
@@ -64,7 +64,8 @@ class KDClient:
         downlink: Link,
         eval_set: EvalSet | None = None,
     ):
-        """``model_of(client id)`` names the member (model) that client runs."""
+        """``model_of(client id)`` names the model that client runs; ``members(name)`` gives it (built once,
+        when a client that runs it is first served)."""
         self.members, self.model_of, self.tokenizer, self.data = members, model_of, tokenizer, data
         self.trainer, self.public, self.settings, self.distill = trainer, public, settings, distill
         self.eval_settings, self.uplink, self.downlink, self.eval_set = eval_settings, uplink, downlink, eval_set
@@ -75,7 +76,7 @@ class KDClient:
 
     def _start(self, client_id: int, params_wire: Params, state: ClientState) -> AdapterModel:
         """Load what this round starts from: the global adapter, or the client's own."""
-        member = self.members[self.model_of(client_id)]
+        member = self.members(self.model_of(client_id))
         if params_wire:
             member.adapter.load(self.downlink.decode(params_wire, member.adapter.params))
         else:

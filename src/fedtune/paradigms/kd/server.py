@@ -19,12 +19,11 @@ from typing import Any, NamedTuple
 import torch
 
 from fedtune.aggregation.weighting import client_weight
-from fedtune.paradigms.base import BadReply, Conversation, Exchange
+from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbers, shared
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.kd.distributions import TopK, consensus, id_dtype
 from fedtune.paradigms.kd.messages import LOGP, KDReply, KDRequest
 from fedtune.paradigms.kd.public import PublicSet, round_slice
-from fedtune.paradigms.parameter_sharing.server import shared
 from fedtune.types import Params, ServerState
 from fedtune.wire.link import Link, generator
 
@@ -144,6 +143,12 @@ class KnowledgeDistillation:
             raise BadReply(f"stale reply for round {reply.round}")
         if reply.status != "ok":
             raise BadReply(f"{reply.status}: {reply.error}")
+        check_numbers(
+            train_loss=reply.train_loss,
+            distill_loss=reply.distill_loss,
+            local_train_s=reply.local_train_s,
+            steps=reply.steps,
+        )
         ids = reply.ids
         if ids.dtype != id_dtype(s.vocab) or tuple(ids.shape) != (rows, s.top_k):
             raise BadReply(

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING
 from fedtune.adapters.build import seeded_adapter
 from fedtune.client.data import ClientData
 from fedtune.client.trainer import LocalTrainer
+from fedtune.data.prepare import load_splits
 from fedtune.errors import ConfigError, RunError
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.kd.client import KDClient, KDClientSettings, Member
 from fedtune.paradigms.kd.distill import DistillSettings, distil
 from fedtune.paradigms.kd.distributions import TopK, id_dtype
-from fedtune.paradigms.kd.public import build_public
+from fedtune.paradigms.kd.public import build_public, overlap_with
 from fedtune.paradigms.kd.server import KDSettings, KnowledgeDistillation
 from fedtune.types import Params
 
@@ -53,6 +54,14 @@ def _check_k(cfg: ExperimentConfig, vocab: int) -> int:
 def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> KnowledgeDistillation:
     kd = cfg.kd
     public = build_public(cfg, bench.encoder, announce=True)
+    if cfg.data.public_dataset:  # the built-in public set is disjoint from evaluation by construction
+        shared = overlap_with(public, load_splits(cfg.data, cfg.seed)[1])
+        if shared:
+            log.warning(
+                "%d public examples have the prompt of an evaluation example: the eval loss then measures "
+                "what the consensus taught on those very prompts; remove them from data.public_dataset",
+                shared,
+            )
     vocab = vocab_size(bench.adapter)
     k_down = _check_k(cfg, vocab)
     settings = KDSettings(
@@ -97,24 +106,27 @@ def client(
     kd = cfg.kd
     public = build_public(cfg, bench.encoder)
     vocab = vocab_size(bench.adapter)
-    members = {cfg.model.name: Member(bench.adapter, bench.initial)}
+    built = {cfg.model.name: Member(bench.adapter, bench.initial)}
     names = list(kd.client_models or [cfg.model.name])
-    for name in dict.fromkeys(names):
-        if name in members:
-            continue
-        other, tokenizer = seeded_adapter(cfg, name)
-        if tokenizer.get_vocab() != bench.tokenizer.get_vocab() or vocab_size(other) != vocab:
-            raise ConfigError(
-                f"kd.client_models: {name!r} does not share {cfg.model.name!r}'s tokenizer and vocabulary; "
-                "KD exchanges token ids, so every client model needs the same tokenizer"
-            )
-        members[name] = Member(other, other.get_state())
+
+    def member(name: str) -> Member:
+        """The model ``name`` with its seeded adapter, loaded the first time a client that runs it is served."""
+        if name not in built:
+            other, tokenizer = seeded_adapter(cfg, name)
+            if tokenizer.get_vocab() != bench.tokenizer.get_vocab() or vocab_size(other) != vocab:
+                raise ConfigError(
+                    f"kd.client_models: {name!r} does not share {cfg.model.name!r}'s tokenizer and vocabulary; "
+                    "KD exchanges token ids, so every client model needs the same tokenizer"
+                )
+            built[name] = Member(other, other.get_state())
+        return built[name]
+
     trainer = LocalTrainer(
         cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id, cfg.output.progress
     )
     settings = KDClientSettings(kd.downlink, kd.top_k, kd.score_batch_size, vocab, cfg.seed)
     return KDClient(
-        members,
+        member,
         lambda c: names[c % len(names)],
         bench.tokenizer,
         data,

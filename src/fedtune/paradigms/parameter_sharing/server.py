@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.weighting import client_weight
-from fedtune.paradigms.base import BadReply, Conversation, Exchange
+from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbers, shared
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
@@ -107,6 +107,7 @@ class ParameterSharing:
             raise BadReply(f"stale reply for round {reply.round}")
         if reply.status != "ok":
             raise BadReply(f"{reply.status}: {reply.error}")
+        check_numbers(train_loss=reply.train_loss, local_train_s=reply.local_train_s, steps=reply.steps)
         if scaffold_c:
             problem = update_problem(reply.scaffold_delta_c, scaffold_c)
             if problem:
@@ -143,18 +144,9 @@ class ParameterSharing:
         return out
 
 
-def shared(parts: dict[int, Any], make: Callable[[Any], Any]) -> dict[int, Any]:
-    """``make`` each distinct object once, in client order: clients that share a view share the result."""
-    cache: dict[int, Any] = {}
-    for c in sorted(parts):
-        if id(parts[c]) not in cache:
-            cache[id(parts[c])] = make(parts[c])
-    return {c: cache[id(parts[c])] for c in parts}
-
-
 def _weighted_loss(losses: list[float], weights: list[float]) -> float:
     total = sum(weights)
     return sum(w * x for x, w in zip(losses, weights, strict=True)) / total if total else float("nan")
 
 
-__all__ = ["ParameterSharing", "SharingSettings", "shared"]
+__all__ = ["ParameterSharing", "SharingSettings"]
