@@ -12,7 +12,8 @@ the same), and the table gives their mean and a 95% t-interval.
 
     python benchmarks/kd.py [--only "lora,kd logits k=8 slice=64"] [--seeds 3] [--table]
 
-Writes results/kd.json; with --only, chosen rows replace their namesakes and the rest are kept.
+Writes results/kd.json after every row; rows that were not re-run (--only, or an interrupted run)
+are kept.
 """
 
 from __future__ import annotations
@@ -89,19 +90,22 @@ def main() -> None:
         print(markdown_table(json.loads((RESULTS / "kd.json").read_text())))
         return
     chosen = [r for r in ROWS if not args.only or r in args.only.split(",")]
-    rows = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
             seeds = range(args.seeds) if name in SEEDED else range(1)
             runs = [run_row(name, s, tmp, base=(name == "lora" and s == 0)) for s in seeds]
             rows.append({"name": name, "overrides": ROWS[name][1], "runs": runs})
-    if args.only:
-        rows = merge_rows("kd", rows, "name", list(ROWS))
+            save(rows)  # after every row: an interrupted benchmark keeps what it measured
+
+
+def save(rows: list[dict]) -> None:
+    """Fresh rows plus the saved ones that were not re-run, in the table's order."""
     write_result(
         "kd",
         {
             "setup": quickstart_setup(5, 5, eval_examples=100, kd_config=KD_BASE, reference="lora: fp32 LoRA r=8"),
-            "rows": rows,
+            "rows": merge_rows("kd", rows, "name", list(ROWS)),
         },
     )
 

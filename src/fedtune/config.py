@@ -333,8 +333,14 @@ class ExperimentConfig(_Strict):
         if self.paradigm != "kd":
             if self.kd != KDConfig():
                 raise ValueError(f"the kd section applies to paradigm: kd (this config's paradigm is {self.paradigm})")
-            if self.data.public_dataset is not None:
-                raise ValueError("data.public_dataset is KD's public set; it applies to paradigm: kd")
+            public = self.data.public_dataset is not None or "public_per_task" in _changed(
+                self.data.builtin, BuiltinTasksConfig()
+            )
+            if public:
+                raise ValueError(
+                    "data.public_dataset and data.builtin.public_per_task set KD's public set; "
+                    "they apply to paradigm: kd"
+                )
             return
         unused = [f"aggregation.{k}" for k in _changed(self.aggregation, AggregationConfig())]
         unused += ["training.proximal_mu (FedProx)"] if self.training.proximal_mu else []

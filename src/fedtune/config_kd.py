@@ -22,8 +22,11 @@ class KDConfig(_Strict):
         "and sends that (server-side distillation, FedDF style)",
     )
     top_k: int = Field(8, ge=1, description="token probabilities each client sends per public response position")
-    downlink_top_k: int | None = Field(
-        None, ge=1, description="logits downlink: consensus probabilities sent per position (default top_k)"
+    consensus_top_k: int | None = Field(
+        None,
+        ge=1,
+        description="consensus tokens kept per position: sent back with the logits downlink (default top_k); "
+        "distilled on the server with the adapter downlink (default all of them: clients per round x top_k)",
     )
     public_slice: int = Field(32, ge=1, description="public examples scored per round (a seeded sample each round)")
     temperature: float = Field(2.0, gt=0, description="distillation temperature T (the loss is scaled by T²)")
@@ -51,8 +54,6 @@ class KDConfig(_Strict):
                 "kd.client_models needs kd.downlink=logits: with the adapter on the downlink every client "
                 "trains the one global adapter, which fits one model"
             )
-        if self.downlink == "adapter" and self.downlink_top_k is not None:
-            raise ValueError("kd.downlink_top_k applies to kd.downlink=logits; remove it")
         if self.client_models is not None and not self.client_models:
             raise ValueError("kd.client_models must list at least one model, or be left out")
         return self

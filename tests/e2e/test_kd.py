@@ -134,6 +134,22 @@ def test_a_model_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
         _run(tmp_path, "bad", "kd.client_models=[tiny-llama,tiny-llama-deep]", "federation.rounds=1")
 
 
+def test_the_server_checks_client_tokenizers_before_the_first_round(tmp_path, monkeypatch):
+    from fedtune.paradigms.kd import setup
+
+    real = setup.load_tokenizer
+
+    def other(name, *a, **k):
+        tok = real(name, *a, **k)
+        tok.add_tokens(["<new>"])
+        return tok
+
+    monkeypatch.setattr(setup, "load_tokenizer", other)
+    with pytest.raises(ConfigError, match="'tiny-llama-deep' does not share"):
+        _run(tmp_path, "early", "kd.client_models=[tiny-llama,tiny-llama-deep]", "federation.rounds=1")
+    assert not (tmp_path / "early" / "checkpoints").exists()  # refused before round 0
+
+
 def test_parameter_sharing_settings_are_refused_under_kd():
     with pytest.raises(ConfigError, match="paradigm kd does not use aggregation.name, training.proximal_mu"):
         load_config(None, ["paradigm=kd", "aggregation.name=fedadam", "training.proximal_mu=0.1"])
@@ -141,7 +157,7 @@ def test_parameter_sharing_settings_are_refused_under_kd():
         load_config(None, ["paradigm=kd", "compression.uplink=[{name: topk, fraction: 0.1}]"])
     with pytest.raises(ConfigError, match="the kd section applies to paradigm: kd"):
         load_config(None, ["kd.top_k=3"])
-    with pytest.raises(ConfigError, match="data.public_dataset is KD's public set"):
+    with pytest.raises(ConfigError, match="data.public_dataset and data.builtin.public_per_task set KD.s public set"):
         load_config(None, ["data.public_dataset=pub.jsonl"])
     with pytest.raises(ConfigError, match="kd.client_models needs kd.downlink=logits"):
         load_config(None, ["paradigm=kd", "kd.downlink=adapter", "kd.client_models=[tiny-llama]"])

@@ -110,6 +110,18 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, path=where, source=name)
 
 
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A model's tokenizer alone, from the same places ``load_model`` looks (a cheap check before a model)."""
+    where, gguf = resolve_model_dir(name)
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer of {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
 def _from_pretrained(where: str, dtype: str, **kwargs) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype], **kwargs)

@@ -97,12 +97,15 @@ class ServerParadigm(Protocol):
         ...
 
 
+LARGEST_REPORTED = 1e12  # a loss, a number of seconds or of steps beyond this is not a measurement
+
+
 def check_numbers(**values: float | None) -> None:
-    """BadReply unless every reported number is finite and not negative (None allowed): a reply's losses,
-    times and counts reach the metrics, so they are checked like its tensors."""
+    """BadReply unless every reported number lies in [0, 1e12] (None allowed): a reply's losses, times
+    and counts reach the metrics and their sums, so they are checked like its tensors."""
     for name, v in values.items():
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            raise BadReply(f"{name}={v!r} must be a finite number >= 0")
+        if v is not None and not (math.isfinite(v) and 0 <= v <= LARGEST_REPORTED):
+            raise BadReply(f"{name}={v!r} must be a number in [0, {LARGEST_REPORTED:g}]")
 
 
 def shared(parts: dict[int, Any], make: Callable[[Any], Any]) -> dict[int, Any]:

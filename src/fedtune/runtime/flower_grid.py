@@ -51,7 +51,13 @@ class FlowerRuntime:
             Message(content=pack(b"", {"hello": 1}), dst_node_id=i, message_type=MESSAGE_TYPE, group_id="hello")
             for i in node_ids
         ]
-        return {m.metadata.dst_node_id: str(unpack(r.content)[1]["name"]) for m, r in self._exchange(msgs, 60.0)[0]}
+        names = {}
+        for m, r in self._exchange(msgs, 60.0)[0]:
+            try:
+                names[m.metadata.dst_node_id] = str(unpack(r.content)[1]["name"])[:200]
+            except Exception as exc:  # insecure mode: anyone may answer; a malformed answer names nobody
+                log.warning("node %s did not say its name (%s)", m.metadata.dst_node_id, exc)
+        return names
 
     def wait_for_clients(self, wanted: int, needed: int, timeout_s: float) -> dict[str, int]:
         """Wait until ``wanted`` clients are online; after timeout_s, go on with ``needed``, else RunError."""
@@ -100,8 +106,13 @@ class FlowerRuntime:
             log.warning("client %d (%s): %s", cid, self.names[cid], why)
         out = []
         for request, reply in replies:  # who replied is the client the request went to, not what the reply says
-            payload, _ = unpack(reply.content)
-            out.append(Envelope(int(unpack(request.content)[1]["client-id"]), payload))
+            cid = int(unpack(request.content)[1]["client-id"])
+            try:
+                payload, _ = unpack(reply.content)
+            except Exception as exc:  # a reply is untrusted: one that is not a fedtune message costs its client
+                log.warning("client %d (%s): its reply is not a fedtune message (%s)", cid, self.names[cid], exc)
+                continue
+            out.append(Envelope(cid, payload))
         return out
 
     def _exchange(

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fedtune.paradigms.kd.distributions import (
     TopK,
@@ -14,7 +13,7 @@ from fedtune.paradigms.kd.distributions import (
     distillation_loss_sum,
     id_dtype,
     kl_sum,
-    teacher_log_probs,
+    temper,
     top_k_of,
 )
 
@@ -24,22 +23,30 @@ def _top(ids, probs) -> TopK:
 
 
 def test_distillation_loss_matches_a_hand_computed_value():
-    """V = 4, one position; teacher top-2 = {2: 0.6, 0: 0.3}, tail 0.1 over the 2 other tokens; T = 2."""
-    p = [0.3, 0.05, 0.6, 0.05]
-    z = [1.0, 0.0, 2.0, -1.0]
-    t = 2.0
-    pt = [x ** (1 / t) for x in p]
-    pt = [x / sum(pt) for x in pt]
-    qt = [math.exp(x / t) for x in z]
-    qt = [x / sum(qt) for x in qt]
-    expected = t**2 * sum(a * math.log(a / b) for a, b in zip(pt, qt, strict=True))  # summed over V, times T²
-    teacher = teacher_log_probs(_top([[2, 0]], [[0.6, 0.3]]), 4, t)
-    assert torch.allclose(teacher.exp(), torch.tensor([pt]), atol=1e-6)
+    """V = 4, one position; teacher top-2 = {2: 0.6, 0: 0.3}, tail 0.1; T = 2. By hand: temper the three
+    outcomes, shape the teacher's tail like the student's, then the KL summed over the vocabulary, times T²."""
+    t, z = 2.0, [1.0, 0.0, 2.0, -1.0]
+    a = [0.6 ** (1 / t), 0.3 ** (1 / t), 0.1 ** (1 / t)]
+    p2, p0, tail = (x / sum(a) for x in a)
+    q = [math.exp(x / t) for x in z]
+    q = [x / sum(q) for x in q]
+    rest = q[1] + q[3]
+    pt = [p0, tail * q[1] / rest, p2, tail * q[3] / rest]  # over tokens 0..3
+    expected = t**2 * sum(a_ * math.log(a_ / b) for a_, b in zip(pt, q, strict=True))
+    teacher = temper(_top([[2, 0]], [[0.6, 0.3]]), t)
+    assert torch.allclose(teacher.log_p.exp(), torch.tensor([[p2, p0]]), atol=1e-6)
     got = kl_sum(teacher, torch.tensor([z]), t)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # the usual mistakes give other values: no T², or a mean over the vocabulary
     assert got.item() != pytest.approx(expected / t**2, rel=1e-3)
     assert got.item() != pytest.approx(expected / 4, rel=1e-3)
+
+
+def test_the_loss_is_zero_when_the_student_is_the_teacher_and_positive_otherwise():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(4))
+    teacher = temper(top_k_of(logits, 40 - 1), 1.0)  # all but one token: the tail is exactly that token
+    assert kl_sum(teacher, logits, 1.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert kl_sum(teacher, logits.flip(1), 1.0).item() > 0.1
 
 
 def test_distillation_loss_is_per_response_position_and_ignores_padding(tiny):
@@ -53,33 +60,35 @@ def test_distillation_loss_is_per_response_position_and_ignores_padding(tiny):
     assert len(enc[0].input_ids) != len(enc[1].input_ids)
     vocab = model.get_output_embeddings().weight.shape[0]
     positions = [e.num_target_tokens for e in enc]
-    gen = torch.Generator().manual_seed(0)
-    teacher = F.log_softmax(torch.randn(sum(positions), vocab, generator=gen), dim=-1)
-    both = collate(enc, tok.pad_token_id) | {"teacher_log_probs": teacher}
+    top = top_k_of(torch.randn(sum(positions), vocab, generator=torch.Generator().manual_seed(0)), 5)
+    both = collate(enc, tok.pad_token_id) | {"teacher_ids": top.ids, "teacher_logp": top.logp}
     total, n = distillation_loss_sum(model, both, 2.0)
     assert n == sum(positions)
     parts = [
-        distillation_loss_sum(model, collate([e], tok.pad_token_id) | {"teacher_log_probs": rows}, 2.0)[0]
-        for e, rows in zip(enc, teacher.split(positions), strict=True)
+        distillation_loss_sum(model, collate([e], tok.pad_token_id) | {"teacher_ids": i, "teacher_logp": lp}, 2.0)[0]
+        for e, i, lp in zip(enc, top.ids.split(positions), top.logp.split(positions), strict=True)
     ]
     assert torch.allclose(total, sum(parts), rtol=1e-5)
 
 
-def test_teacher_at_temperature_one_is_the_sent_distribution_with_a_uniform_tail():
+def test_teacher_at_temperature_one_is_the_sent_distribution_and_tempering_flattens_it():
     top = _top([[3, 1]], [[0.5, 0.2]])
-    p = teacher_log_probs(top, 6, 1.0).exp()[0]
-    assert torch.allclose(p, torch.tensor([0.075, 0.2, 0.075, 0.5, 0.075, 0.075]), atol=1e-6)
-    assert torch.allclose(teacher_log_probs(top, 6, 3.0).exp().sum(), torch.tensor(1.0))
+    t1 = temper(top, 1.0)
+    assert torch.allclose(t1.log_p.exp(), torch.tensor([[0.5, 0.2]])) and t1.log_tail.exp().item() == pytest.approx(0.3)
+    t3 = temper(top, 3.0)
+    assert t3.log_p.exp().sum() + t3.log_tail.exp() == pytest.approx(1.0)
+    assert t3.log_p.exp()[0, 0] < 0.5 and t3.log_tail.exp() > 0.3  # flatter, over k + 1 outcomes only
 
 
 def test_a_top_k_holding_all_the_mass_leaves_no_tail_and_no_nan():
-    top = _top([[0, 1]], [[0.75, 0.25]])
-    teacher = teacher_log_probs(top, 5, 2.0)
-    assert torch.isneginf(teacher[0, 2:]).all()
+    teacher = temper(_top([[0, 1]], [[0.75, 0.25]]), 2.0)
+    assert torch.isneginf(teacher.log_tail).all()
     student = torch.randn(1, 5, requires_grad=True)
     loss = kl_sum(teacher, student, 2.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    over = temper(_top([[0, 1]], [[0.9, 0.3]]), 2.0)  # quantised values summing over 1: still a distribution
+    assert over.log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_consensus_of_one_client_is_that_client():

@@ -98,7 +98,7 @@ class KDClient:
         if len(req.teach):
             teacher = self._teacher(req)
             result = distil(
-                adapter, self.public, req.teach, teacher, self.distill, s.vocab, pad, (s.seed, req.round, client_id, 2)
+                adapter, self.public, req.teach, teacher, self.distill, pad, (s.seed, req.round, client_id, 2)
             )
             if result.diverged:
                 return self._diverged(common, f"distillation: {result.error}", time.perf_counter() - start), state

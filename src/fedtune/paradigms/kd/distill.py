@@ -17,7 +17,7 @@ import torch
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.client.batching import micro_batches
 from fedtune.client.local_training import LocalResult, train_locally
-from fedtune.paradigms.kd.distributions import TopK, distillation_loss_sum, score, teacher_log_probs
+from fedtune.paradigms.kd.distributions import TopK, distillation_loss_sum, score
 from fedtune.paradigms.kd.public import PublicSet
 
 
@@ -35,9 +35,8 @@ class DistillSettings:
 class _TeacherBatches(Sequence):
     """Micro-batches of public examples with their teacher rows, built when training reaches them."""
 
-    def __init__(self, public: PublicSet, indices: torch.Tensor, teacher: TopK, plan, vocab: int, t: float, pad: int):
-        self.public, self.indices, self.teacher, self.plan = public, indices, teacher, plan
-        self.vocab, self.t, self.pad = vocab, t, pad
+    def __init__(self, public: PublicSet, indices: torch.Tensor, teacher: TopK, plan, pad: int):
+        self.public, self.indices, self.teacher, self.plan, self.pad = public, indices, teacher, plan, pad
         self.offsets = public.offsets(indices)
 
     def __len__(self) -> int:
@@ -49,8 +48,7 @@ class _TeacherBatches(Sequence):
         rows = [j for j in self.plan[i]]  # positions within the slice
         batch = self.public.batch([self.indices[j] for j in rows], self.pad)
         take = torch.cat([torch.arange(self.offsets[j], self.offsets[j + 1]) for j in rows])  # (P_b,)
-        rows_top = TopK(self.teacher.ids[take], self.teacher.logp[take])
-        batch["teacher_log_probs"] = teacher_log_probs(rows_top, self.vocab, self.t)  # (P_b, V)
+        batch["teacher_ids"], batch["teacher_logp"] = self.teacher.ids[take], self.teacher.logp[take]  # (P_b, k)
         return batch
 
 
@@ -60,7 +58,6 @@ def distil(
     indices: torch.Tensor,
     teacher: TopK,
     settings: DistillSettings,
-    vocab: int,
     pad_id: int,
     key: Sequence[int],
 ) -> LocalResult:
@@ -68,7 +65,7 @@ def distil(
     rng = np.random.default_rng(list(key))
     torch_seed = int(rng.integers(2**63 - 1))
     plan = micro_batches(len(indices), settings.batch_size, 1, rng, local_steps=settings.steps)
-    batches = _TeacherBatches(public, indices, teacher, plan, vocab, settings.temperature, pad_id)
+    batches = _TeacherBatches(public, indices, teacher, plan, pad_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)
         return train_locally(

@@ -2,15 +2,20 @@
 
 A client sends, for each response position of the public slice, its k most likely tokens and their
 log-probabilities. Outside its top-k, the client's distribution is unknown except for its total,
-the tail mass tau = 1 - sum(top-k probabilities); we spread it uniformly over the V - k other
-tokens. That makes every client's message a full distribution over the vocabulary V, so:
+the tail mass tau = 1 - sum(top-k probabilities).
 
-  consensus  c(v) = sum_i w_i p_i(v) / sum_i w_i,  with p_i(v) = its top-k probability, else tau_i / (V - k)
-             (exact: c sums to 1), and the top-k of c with its own tail is what the server sends back;
-  teacher    p(v) = the received probability for the k ids, tau / (V - k) for the rest, then
-             tempered: p_T(v) ∝ p(v)^(1/T);
-  loss       T^2 · mean over response positions of KL(p_T || softmax(z / T)), summed over the vocabulary
-             (Hinton et al. 2015), where z are the student's logits.
+  consensus  c(v) = sum_i w_i p_i(v) / sum_i w_i, where client i's unknown tail is spread uniformly:
+             p_i(v) = its top-k probability, else tau_i / (V - k). Exact (c sums to 1); the server
+             keeps the top k' of c, whose own tail is the rest of its mass.
+  teacher    the received top-k and its tail as k + 1 outcomes, tempered: p_T(v) ∝ p(v)^(1/T) for
+             the k tokens and tau^(1/T) for the tail.
+  loss       T^2 · mean over response positions of KL(p_T || q_T), q_T = softmax(z / T) of the
+             student's logits z, summed over the vocabulary with the teacher's tail shaped like the
+             student's own (the one choice that adds nothing the teacher did not say). The tail's
+             terms then sum to p_T(tail) · log(p_T(tail) / q_T(tail)), so
+             KL = sum_{v in top-k} p_T(v) log(p_T(v) / q_T(v)) + p_T(tail) log(p_T(tail) / q_T(tail)).
+             (Spreading the tail uniformly instead would smooth the student's labels over the whole
+             vocabulary, and tempering a uniform tail over 49k tokens would hand it most of the mass.)
 
 All functions are pure tensor code; docs/algorithms/kd.md has the formulas and their sources.
 """
@@ -64,8 +69,8 @@ def consensus(
     position (confidence weighting). Clients are summed in the order given.
     """
     n, positions = len(tops), tops[0].ids.shape[0]
-    w = weights.float().reshape(n, -1).expand(n, positions)  # (n, P)
-    total = w.sum(dim=0)  # (P,)
+    w = weights.double().reshape(n, -1).expand(n, positions)  # (n, P), float64: no overflow from huge weights
+    share = (w / w.sum(dim=0)).float()  # (n, P) each client's share at each position
     out_ids, out_logp = [], []
     for start in range(0, positions, chunk):
         rows = slice(start, min(start + chunk, positions))
@@ -73,7 +78,7 @@ def consensus(
         base = torch.zeros(m)  # (m,) each client's uniform tail, weighted: the consensus off every top-k
         dense = torch.zeros(m, vocab_size)  # (m, V) what each client adds on its own top-k, above its tail
         for i, top in enumerate(tops):
-            wi = w[i, rows] / total[rows]  # (m,)
+            wi = share[i, rows]  # (m,)
             probs = top.logp[rows].exp()  # (m, k)
             uniform = tail_mass(top.logp[rows]) / (vocab_size - probs.shape[1])  # (m,)
             base += wi * uniform
@@ -85,34 +90,45 @@ def consensus(
     return TopK(torch.cat(out_ids), torch.cat(out_logp))
 
 
-def teacher_log_probs(top: TopK, vocab_size: int, temperature: float) -> torch.Tensor:
-    """(P, V) log p_T: the received top-k with the tail spread uniformly, tempered by 1/T and renormalised."""
-    positions, k = top.ids.shape
-    fill = (tail_mass(top.logp) / (vocab_size - k)).log()  # (P,) -inf where the top-k holds all the mass
-    dense = fill[:, None].expand(positions, vocab_size).clone()  # (P, V)
-    dense.scatter_(1, top.ids.long(), top.logp.float())
-    return F.log_softmax(dense / temperature, dim=-1)
+class Teacher(NamedTuple):
+    """A tempered teacher at each position: its top-k tokens and, as one outcome, the rest."""
+
+    ids: torch.Tensor  # (P, k) int64
+    log_p: torch.Tensor  # (P, k) log p_T of the top-k tokens
+    log_tail: torch.Tensor  # (P,) log p_T of everything else (-inf when the top-k holds all the mass)
 
 
-def kl_sum(log_p_teacher: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 · sum over positions of KL(p_T || softmax(z / T)), each KL summed over the vocabulary."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (P, V)
-    p = log_p_teacher.exp()
-    log_p = torch.where(p > 0, log_p_teacher, torch.zeros_like(log_p_teacher))  # 0 · log 0 = 0
-    return temperature**2 * (p * (log_p - log_q)).sum()
+def temper(top: TopK, temperature: float) -> Teacher:
+    """p_T over the k tokens and the tail, each probability raised to 1/T and renormalised."""
+    tail = tail_mass(top.logp).log()  # (P,) -inf if none
+    scaled = torch.cat([top.logp.float(), tail[:, None]], dim=1) / temperature  # (P, k + 1)
+    log_p = scaled - scaled.logsumexp(dim=1, keepdim=True)  # rows sum to 1 even if the top-k's mass exceeds 1
+    return Teacher(top.ids.long(), log_p[:, :-1], log_p[:, -1])
+
+
+def kl_sum(teacher: Teacher, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 · sum over positions of KL(p_T || softmax(z / T)), summed over the vocabulary (module docstring)."""
+    z = student_logits.float() / temperature  # (P, V)
+    log_norm = z.logsumexp(dim=1)  # (P,)
+    log_q_top = z.gather(1, teacher.ids) - log_norm[:, None]  # (P, k)
+    log_q_tail = z.scatter(1, teacher.ids, float("-inf")).logsumexp(dim=1) - log_norm  # (P,)
+    top = (teacher.log_p.exp() * (teacher.log_p - log_q_top)).sum()
+    p_tail = teacher.log_tail.exp()
+    tail = torch.where(p_tail > 0, p_tail * (teacher.log_tail - log_q_tail), torch.zeros_like(p_tail)).sum()
+    return temperature**2 * (top + tail)
 
 
 def distillation_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float):
     """(T^2 · sum of KL over the batch's response positions, their number), for ``train_locally``.
 
-    ``batch["teacher_log_probs"]`` is (P, V) for the batch's response positions in row-major order
-    (example, then position), as ``target_logits`` lays out the student's.
+    ``batch["teacher_ids"]`` and ``batch["teacher_logp"]`` are (P, k) for the batch's response
+    positions in row-major order (example, then position), as ``target_logits`` lays out the student's.
     """
     logits, mask = target_logits(model, batch)  # (B, K, V), (B, K)
     student = logits[mask]  # (P, V)
-    teacher = batch["teacher_log_probs"]
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher is {tuple(teacher.shape)} for {tuple(student.shape)} student positions")
+    teacher = temper(TopK(batch["teacher_ids"], batch["teacher_logp"]), temperature)
+    if teacher.ids.shape[0] != student.shape[0]:
+        raise ValueError(f"{teacher.ids.shape[0]} teacher positions for {student.shape[0]} student positions")
     return kl_sum(teacher, student, temperature), int(mask.sum())
 
 

@@ -22,7 +22,7 @@ from fedtune.data.builtin.tasks import generate_public
 from fedtune.data.formats import Example, load_examples
 from fedtune.data.prepare import BUILTIN
 from fedtune.data.tokenize import Encoded, Encoder, collate
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, DataError
 
 log = logging.getLogger("fedtune")
 
@@ -79,6 +79,9 @@ def public_examples(cfg: ExperimentConfig) -> tuple[list[Example], str]:
 def build_public(cfg: ExperimentConfig, encoder: Encoder, announce: bool = False) -> PublicSet:
     examples, source = public_examples(cfg)
     encoded, n_trunc = replace(encoder, train_on_prompt=False).encode_all(examples)  # response positions only
+    empty = [i for i, e in enumerate(encoded) if e.prompt_len < 1]
+    if empty:  # position t predicts token t+1: a response needs a prompt token before it
+        raise DataError(f"{source}: public examples {empty[:5]} render to an empty prompt; give each a prompt")
     h = hashlib.sha256()
     for e in encoded:
         h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())

@@ -11,6 +11,7 @@ from fedtune.client.trainer import LocalTrainer
 from fedtune.data.prepare import load_splits
 from fedtune.errors import ConfigError, RunError
 from fedtune.evaluation.harness import EvalSet
+from fedtune.models.loading import load_tokenizer
 from fedtune.paradigms.kd.client import KDClient, KDClientSettings, Member
 from fedtune.paradigms.kd.distill import DistillSettings, distil
 from fedtune.paradigms.kd.distributions import TopK, id_dtype
@@ -43,16 +44,32 @@ def distill_settings(cfg: ExperimentConfig) -> DistillSettings:
 
 
 def _check_k(cfg: ExperimentConfig, vocab: int) -> int:
+    """The consensus's k' (checked, like top_k, to leave a tail in the vocabulary)."""
     kd = cfg.kd
-    k_down = kd.downlink_top_k or kd.top_k
-    for key, k in (("kd.top_k", kd.top_k), ("kd.downlink_top_k", k_down)):
+    union = min(cfg.clients_per_round() * kd.top_k, vocab - 1)  # every token some client sent
+    k_out = kd.consensus_top_k or (kd.top_k if kd.downlink == "logits" else union)
+    for key, k in (("kd.top_k", kd.top_k), ("kd.consensus_top_k", k_out)):
         if k >= vocab:
             raise ConfigError(f"{key}={k} must be below the vocabulary size {vocab} (the rest is the tail mass)")
-    return k_down
+    return k_out
+
+
+def _check_tokenizers(cfg: ExperimentConfig, bench: Workbench) -> None:
+    """Before any round: every client model must tokenize exactly as model.name does."""
+    for name in dict.fromkeys(cfg.kd.client_models or []):
+        if name != cfg.model.name and load_tokenizer(name).get_vocab() != bench.tokenizer.get_vocab():
+            raise ConfigError(_OTHER_TOKENIZER.format(name=name, model=cfg.model.name))
+
+
+_OTHER_TOKENIZER = (
+    "kd.client_models: {name!r} does not share {model!r}'s tokenizer and vocabulary; "
+    "KD exchanges token ids, so every client model needs the same tokenizer"
+)
 
 
 def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> KnowledgeDistillation:
     kd = cfg.kd
+    _check_tokenizers(cfg, bench)
     public = build_public(cfg, bench.encoder, announce=True)
     if cfg.data.public_dataset:  # the built-in public set is disjoint from evaluation by construction
         shared = overlap_with(public, load_splits(cfg.data, cfg.seed)[1])
@@ -77,7 +94,7 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> Knowled
         kd.weighting,
         f"the consensus (top-{k_down}), distilled by each client into its own adapter"
         if kd.downlink == "logits"
-        else "the global adapter, distilled from the consensus on the server",
+        else f"the global adapter, distilled on the server from the consensus (top-{k_down})",
         f"; client models {kd.client_models}" if kd.client_models else "",
     )
     if kd.downlink == "logits":
@@ -87,7 +104,7 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> Knowled
     def server_distil(params: Params, indices: torch.Tensor, teacher: TopK, r: int) -> tuple[Params, float]:
         adapter.activate(adapter.global_rank)
         adapter.load(params)
-        result = distil(adapter, public, indices, teacher, steps, vocab, pad, (cfg.seed, r, SERVER))
+        result = distil(adapter, public, indices, teacher, steps, pad, (cfg.seed, r, SERVER))
         if result.diverged:
             raise RunError(
                 f"round {r}: server-side distillation diverged ({result.error}); the last checkpoint is intact. "
@@ -114,10 +131,7 @@ def client(
         if name not in built:
             other, tokenizer = seeded_adapter(cfg, name)
             if tokenizer.get_vocab() != bench.tokenizer.get_vocab() or vocab_size(other) != vocab:
-                raise ConfigError(
-                    f"kd.client_models: {name!r} does not share {cfg.model.name!r}'s tokenizer and vocabulary; "
-                    "KD exchanges token ids, so every client model needs the same tokenizer"
-                )
+                raise ConfigError(_OTHER_TOKENIZER.format(name=name, model=cfg.model.name))
             built[name] = Member(other, other.get_state())
         return built[name]
 
