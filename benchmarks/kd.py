@@ -4,13 +4,15 @@ Each row is one federated run of examples/kd.yaml's setup (bundled SmolLM2-135M-
 built-in tasks split by task over 4 clients, 5 rounds x 5 local steps, every client every round):
 parameter sharing with fp32 LoRA (examples/quickstart.yaml), or KD-FedLLM with the consensus or
 the adapter on the downlink, for k in {1, 8, 64} token probabilities per position and two public
-slice sizes. KD rows send fp32 log-probabilities and uint16 token ids (no value codec), as the
-LoRA row sends fp32 weights. All rows are evaluated on all 100 held-out problems after the last
-round; with logits on the downlink the eval loss is the mean over the clients' own adapters.
+slice sizes; then a few variations (confidence weighting, 15 distillation steps) and one row with
+long public answers, where KD's bytes pass LoRA's. KD rows send fp32 log-probabilities and uint16
+token ids (no value codec), as the LoRA row sends fp32 weights. All rows are evaluated on all 100
+held-out problems after the last round; with logits on the downlink the eval loss is the mean over
+the clients' own adapters.
 Some rows run several seeds (client batches, adapter init, public slices; the evaluation set is
 the same), and the table gives their mean and a 95% t-interval.
 
-    python benchmarks/kd.py [--only "lora,kd logits k=8 slice=64"] [--seeds 3] [--table]
+    python benchmarks/kd.py [--only "lora;kd logits k=8 slice=64"] [--seeds 3] [--table]
 
 Writes results/kd.json after every row; rows that were not re-run (--only, or an interrupted run)
 are kept.
@@ -24,10 +26,12 @@ import math
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from common import RESULTS, merge_rows, quickstart_setup, write_result
 
 from fedtune.config import load_config
+from fedtune.data.builtin.tasks import TASKS, generate_public
 from fedtune.experiment import run_experiment
 
 KD_BASE = "examples/kd.yaml"
@@ -43,13 +47,36 @@ for downlink in ("logits", "adapter"):
                 KD_BASE,
                 [*FP32, f"kd.downlink={downlink}", f"kd.top_k={k}", f"kd.public_slice={size}"],
             )
-SEEDED = ("lora", "kd logits k=8 slice=64", "kd adapter k=8 slice=64")  # rows run with --seeds seeds
+# beyond the grid: what helps KD on this by-task split (each client an expert in one task family)
+BASE_KD = ROWS["kd logits k=8 slice=64"][1]
+ROWS["kd logits k=8 slice=64, confidence weighting"] = (KD_BASE, [*BASE_KD, "kd.weighting=confidence"])
+ROWS["kd logits k=8 slice=64, 15 distillation steps"] = (KD_BASE, [*BASE_KD, "kd.distill_steps=15"])
+ROWS["kd adapter k=8 slice=64, confidence weighting"] = (
+    KD_BASE,
+    [*ROWS["kd adapter k=8 slice=64"][1], "kd.weighting=confidence"],
+)
+ROWS["kd adapter k=8 slice=64, 15 distillation steps"] = (
+    KD_BASE,
+    [*ROWS["kd adapter k=8 slice=64"][1], "kd.distill_steps=15"],
+)
+# where KD costs more bytes than LoRA: public answers of ~150 tokens instead of ~3.5
+LONG = "kd logits k=64 slice=64, long public answers"
+ROWS[LONG] = (KD_BASE, [*ROWS["kd logits k=64 slice=64"][1], "data.public_dataset={public}", "data.max_seq_len=256"])
+SEEDED = (  # rows run with --seeds seeds
+    "lora",
+    "kd logits k=8 slice=64",
+    "kd adapter k=8 slice=64",
+    "kd logits k=8 slice=64, confidence weighting",
+    "kd adapter k=8 slice=64, confidence weighting",
+)
 
 
 def run_row(name: str, seed: int, tmp: str, base: bool) -> dict:
     config, overrides = ROWS[name]
+    overrides = [o.format(public=long_public_file(tmp)) for o in overrides]
     start = [] if base else ["evaluation.at_start=false"]
-    cfg = load_config(config, [*COMMON, *overrides, *start, f"seed={seed}", f"output.dir={tmp}", "output.name=run"])
+    out = [f"output.dir={tmp}", f"output.name={name.replace(' ', '_')}-seed{seed}"]
+    cfg = load_config(config, [*COMMON, *overrides, *start, f"seed={seed}", *out])
     t = time.perf_counter()
     result = run_experiment(cfg)
     hist = [h for h in result.state.history if h["round"] > 0]
@@ -71,6 +98,23 @@ def run_row(name: str, seed: int, tmp: str, base: bool) -> dict:
     return out
 
 
+def long_public_file(tmp: str) -> str:
+    """The built-in public problems, each answer followed by five other public problems worked the
+    same way (~150 response tokens each): only the response length differs from the default set."""
+    path = Path(tmp) / "long_public.jsonl"
+    if not path.exists():
+        public = generate_public(list(TASKS), 400, 25, 100)
+        with path.open("w") as f:
+            for i, ex in enumerate(public):
+                others = [public[(i + 37 * j) % len(public)] for j in range(1, 6)]
+                worked = " ".join(
+                    f"({o.messages[0]['content'].replace(chr(10), ' ')} Answer: {o.target})" for o in others
+                )
+                answer = f"{ex.target}. Similar problems: {worked}"
+                f.write(json.dumps({"messages": [*ex.messages[:-1], {"role": "assistant", "content": answer}]}) + "\n")
+    return str(path)
+
+
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of a 95% t-interval (0 for one value)."""
     mean = statistics.fmean(values)
@@ -83,13 +127,13 @@ def interval(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3, help=f"seeds for the rows {', '.join(SEEDED)}")
-    ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(ROWS))
+    ap.add_argument("--only", default="", help="';'-separated subset of: " + "; ".join(ROWS))
     ap.add_argument("--table", action="store_true", help="print the markdown table of the saved results and exit")
     args = ap.parse_args()
     if args.table:
         print(markdown_table(json.loads((RESULTS / "kd.json").read_text())))
         return
-    chosen = [r for r in ROWS if not args.only or r in args.only.split(",")]
+    chosen = [r for r in ROWS if not args.only or r in args.only.split(";")]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
@@ -110,6 +154,12 @@ def save(rows: list[dict]) -> None:
     )
 
 
+def _vs(ref: float, bytes_: float) -> str:
+    """'1,233x fewer' or '1.02x more': total bytes against the reference's."""
+    ratio, word = (ref / bytes_, "fewer") if bytes_ <= ref else (bytes_ / ref, "more")
+    return f"{ratio:,.0f}x {word}" if ratio >= 10 else f"{ratio:.2f}x {word}"
+
+
 def markdown_table(result: dict) -> str:
     rows = result["rows"]
     ref = next(r for r in rows if r["name"] == "lora")
@@ -119,7 +169,7 @@ def markdown_table(result: dict) -> str:
     out = [
         f"Base model (no training): eval loss {base['base_eval_loss']:.3f}, exact-match {acc0:.0f}%.",
         "",
-        "| row | seeds | final eval loss | exact-match | KB up / client / round | KB down | bytes vs LoRA "
+        "| row | seeds | final eval loss | exact-match | KB up / client / round | KB down | bytes up + down vs LoRA "
         "| client s / round |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -133,7 +183,7 @@ def markdown_table(result: dict) -> str:
         pm = lambda v, d, f: f"{v:{f}} ± {d:{f}}" if d else f"{v:{f}}"  # noqa: E731
         out.append(
             f"| {r['name']} | {len(runs)} | {pm(loss, dl, '.3f')} | {pm(acc, da, '.1f')}% | {up / 1e3:,.1f} "
-            f"| {down / 1e3:,.1f} | {(up + down) / ref_bytes:.3g}x | {secs:.1f} |"
+            f"| {down / 1e3:,.1f} | {'reference' if r is ref else _vs(ref_bytes, up + down)} | {secs:.1f} |"
         )
     return "\n".join(out)
 
