@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -9,6 +12,7 @@ from safetensors.torch import load_file
 from tests.conftest import BUNDLED_MODEL, run_example
 
 pytestmark = BUNDLED_MODEL
+README = Path(__file__).parents[2] / "README.md"
 
 
 def test_quickstart_learns_and_exports_a_loadable_adapter(tmp_path):
@@ -20,6 +24,11 @@ def test_quickstart_learns_and_exports_a_loadable_adapter(tmp_path):
     # learning happened: held-out loss falls a lot, exact-match rises from (near) zero
     assert last["eval_loss"] < 0.6 * first["eval_loss"]
     assert first["eval_accuracy"] <= 0.05 and last["eval_accuracy"] >= first["eval_accuracy"] + 0.2
+    # the README's table is what this code computes (to its 3 decimals; another CPU's kernels may
+    # round the last one the other way)
+    for m, (train, evaluated) in zip(metrics, readme_losses(), strict=True):
+        assert train is None or abs(m["train_loss"] - train) <= 1.5e-3, (m["round"], m["train_loss"], train)
+        assert abs(m["eval_loss"] - evaluated) <= 1.5e-3, (m["round"], m["eval_loss"], evaluated)
 
     from fedtune.models.loading import load_model
 
@@ -28,3 +37,9 @@ def test_quickstart_learns_and_exports_a_loadable_adapter(tmp_path):
     final = load_file(run_dir / "checkpoints" / "round_0005" / "params.safetensors")
     got = {n.replace(".default.", "."): p for n, p in model.named_parameters() if "lora_" in n}
     assert all(torch.equal(got[k], final[k]) for k in final)
+
+
+def readme_losses() -> list[tuple[float | None, float]]:
+    """(train loss, eval loss) per round from the README's quickstart table."""
+    rows = [line.split("|")[1:4] for line in README.read_text().splitlines() if re.match(r"\| \d \| ", line)]
+    return [(None if t.strip() == "-" else float(t), float(e)) for _, t, e in rows]
