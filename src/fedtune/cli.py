@@ -127,16 +127,18 @@ def certs(
         list[str] | None, typer.Option("--host", help="a name or IP clients use to reach the coordinator (repeatable)")
     ] = None,
     add: Annotated[bool, typer.Option("--add", help="only add client key pairs to an existing folder")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing CA")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an existing CA, or with --add existing client keys")
+    ] = False,
 ) -> None:
     """Create a test federation's credentials: CA, server TLS certificate, client enrolment keys."""
-    from fedtune.deploy.certs import write_certs, write_client_key
+    from fedtune.deploy.certs import add_client_keys, write_certs
     from fedtune.reporting.console import console
 
     names = [f"client-{i}" for i in range(clients)] + list(name or [])
     try:
         if add:
-            written = [p for n in names for p in write_client_key(out / "clients", n)]
+            written = add_client_keys(out / "clients", names, overwrite)
         else:
             hosts = list(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
             written = write_certs(out, hosts, names, overwrite=overwrite)

@@ -23,3 +23,10 @@ class ModelLoadError(FedtuneError):
 
 class RunError(FedtuneError):
     """A run cannot go on (e.g. too few clients replied); the last good checkpoint is intact."""
+
+
+def untrusted_text(text: object, limit: int = 300) -> str:
+    """Text a client sent (an error, a reason), fit for one log line: control characters escaped (no
+    forged lines in run.log), at most ``limit`` characters."""
+    s = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text)[: limit + 1])
+    return s if len(s) <= limit else s[:limit] + f"... ({len(str(text)):,} characters)"

@@ -28,6 +28,7 @@ def test_chat_record():
         ({"instruction": "a", "output": "  "}, "'output' is empty"),
         ({"messages": []}, "non-empty list"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "role is 'bot'"),
+        ({"messages": [{"role": "user", "x": 1}, {"role": "assistant", "content": "a"}]}, r"messages\[0\] must be"),
         ({"messages": [{"role": "user", "content": "x"}]}, "last message must be the assistant"),
         ({"messages": [{"role": "assistant", "content": "x"}]}, "at least one prompt turn"),
         ([1, 2], "record is a list"),
@@ -82,3 +83,23 @@ def test_missing_file_and_unknown_suffix(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unknown data format '.csv'"):
         load_examples(tmp_path / "d.csv")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_invalid_utf8_names_file_line_and_column(tmp_path, suffix):
+    p = tmp_path / f"d{suffix}"
+    good = json.dumps(INSTR).encode()
+    body = good + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}' + b"\n"
+    p.write_bytes(body if suffix == ".jsonl" else b"[" + good + b",\n" + body.split(b"\n")[1] + b"]")
+    with pytest.raises(DataError, match=rf"{p}:2: not valid UTF-8 \(byte b'\\xe9' at column \d+\)"):
+        load_examples(p)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_deeply_nested_json_names_the_file_not_a_recursion_error(tmp_path, suffix):
+    p = tmp_path / f"d{suffix}"
+    deep = "[" * 100_000 + "]" * 100_000
+    p.write_text(json.dumps(INSTR) + "\n" + deep + "\n" if suffix == ".jsonl" else deep)
+    with pytest.raises(DataError, match="nested too deeply") as err:
+        load_examples(p)
+    assert str(err.value).startswith(f"{p}:2:" if suffix == ".jsonl" else str(p))

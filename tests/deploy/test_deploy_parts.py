@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 pytest.importorskip("flwr")
 
 from fedtune.config import ExperimentConfig, validate_config
-from fedtune.deploy.certs import write_certs, write_client_key
+from fedtune.deploy.certs import add_client_keys, write_certs, write_client_key
 from fedtune.deploy.coordinator import check_deployable, client_names
 from fedtune.deploy.local_worker import StateStore, ask_worker
 from fedtune.errors import ConfigError
@@ -165,3 +165,40 @@ def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(
         assert essence(worker.serve_one(cid, request(r))) == essence(expected)
     again = worker.serve_one(cid, request(2))  # the coordinator crashed and repeats round 2
     assert essence(again) == essence(expected)
+
+
+def test_a_private_key_is_never_readable_by_others_even_while_written(tmp_path, monkeypatch):
+    modes = []
+    real_fdopen = os.fdopen
+
+    def watching_fdopen(fd, *args, **kwargs):
+        modes.append(os.fstat(fd).st_mode & 0o777)  # the file as it is before a byte is written
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", watching_fdopen)
+    key, pub = write_client_key(tmp_path, "alice")
+    assert modes and all(m == 0o600 for m in modes)
+    assert key.stat().st_mode & 0o777 == 0o600 and pub.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.key", "alice.pub"]  # no temporary files left
+
+
+def test_adding_a_key_never_silently_replaces_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+
+    folder = tmp_path / "clients"
+    old = write_client_key(folder, "carol")[0].read_bytes()
+    result = CliRunner().invoke(app, ["certs", str(tmp_path), "--add", "--name", "dave", "--name", "carol"])
+    assert result.exit_code != 0 and "carol.key already exist" in result.output and "--overwrite" in result.output
+    assert (folder / "carol.key").read_bytes() == old and not (folder / "dave.key").exists()  # nothing written
+    result = CliRunner().invoke(app, ["certs", str(tmp_path), "--add", "--name", "carol", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "carol.key").read_bytes() != old
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "", "x" * 200])
+def test_a_client_name_must_be_a_plain_file_name(tmp_path, name):
+    with pytest.raises(ConfigError, match="not a plain file name"):
+        add_client_keys(tmp_path / "clients", [name])
+    assert not (tmp_path / "clients").exists() and not (tmp_path / "escape.key").exists()

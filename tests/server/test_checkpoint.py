@@ -3,7 +3,9 @@ import os
 import pytest
 import torch
 
-from fedtune.aggregation import fedavg
+from fedtune.aggregation import build_aggregator, fedavg
+from fedtune.config import AggregationConfig
+from fedtune.errors import RunError
 from fedtune.server import checkpoint as ck
 from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
 
@@ -122,3 +124,27 @@ def test_old_flat_client_state_loads_under_its_owners():
     }
     with pytest.raises(ValueError, match="without '/'"):
         flatten_state({"a/b": {"w": torch.ones(1)}})
+
+
+def test_rounds_sort_by_number_not_name_so_pruning_keeps_the_newest(tmp_path):
+    for r in (9998, 9999, 10000, 10001):
+        save_checkpoint(tmp_path, _state(r), keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("round_*")) == ["round_10000", "round_10001"]
+    assert load_latest(tmp_path, fedavg().init(_state(0).params)).round == 10001
+
+
+def test_round_directories_none_of_which_loads_stop_the_resume_and_touch_nothing(tmp_path):
+    for r in (1, 2):
+        newest = save_checkpoint(tmp_path, _state(r))
+        (newest / "state.json").write_text("{")  # truncated
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(RunError, match="none of its 2 checkpoints loads") as err:
+        load_latest(tmp_path, fedavg().init(_state(0).params))
+    assert "round_0002" in str(err.value) and "output.name" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_a_checkpoint_of_another_algorithm_is_refused_not_restarted(tmp_path):
+    save_checkpoint(tmp_path, _state(1))
+    with pytest.raises(RunError, match="resume with the same paradigm and aggregation settings"):
+        load_latest(tmp_path, build_aggregator(AggregationConfig(name="fedadam")).init(_state(0).params))

@@ -122,6 +122,25 @@ def test_any_unusable_reply_drops_only_its_client(tmp_path, reply, why):
     assert why in final.history[-1]["dropped"]["1"]
 
 
+def test_a_client_error_text_cannot_forge_log_lines_or_flood_the_log(tmp_path, caplog):
+    forged = "ok\n2026-11-30 12:00:00 INFO round 1: client 0 accepted\r\x1b[2J" + "A" * 100_000
+
+    def handle(cid, blob, state):
+        req = decode_message(blob, TrainRequest)
+        if cid != 1:
+            return _reply(req, cid), state
+        common = dict(round=req.round, num_examples=1, num_tokens=1, steps=1, train_loss=1.0, local_train_s=0.0)
+        return encode_message(TrainReply(delta={}, status="diverged", error=forged, **common)), state
+
+    with caplog.at_level(logging.WARNING):
+        final = _run(tmp_path, handle, rounds=1)
+    why = final.history[-1]["dropped"]["1"]
+    assert "\n" not in why and "\r" not in why and "\x1b" not in why and len(why) < 400
+    assert "ok\\n2026-11-30" in why and "100,0" in why  # escaped, and says how long the text was
+    lines = [r.getMessage() for r in caplog.records if "dropped client 1" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+
+
 class _Impostor:
     """A runtime whose replies also claim clients that were not asked, or answer twice."""
 

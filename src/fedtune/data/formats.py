@@ -73,7 +73,7 @@ def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) < {"role", "content"}:
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
             raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {m!r:.80}")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: messages[{i}].role is {m['role']!r}; allowed: {', '.join(ROLES)}")
@@ -111,22 +111,23 @@ def load_examples(path: str | Path) -> list[Example]:
 
 
 def _jsonl_rows(p: Path) -> Iterator[tuple[str, Any]]:
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{p}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, f"{p}:{lineno}")
+            if line.strip():
+                yield f"{p}:{lineno}", _parse_json(line, p, lineno)
 
 
 def _json_rows(p: Path) -> Iterator[tuple[str, Any]]:
-    text = p.read_text(encoding="utf-8")
+    raw = p.read_bytes()
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # name the line and column, as for JSONL
+        line, start = raw.count(b"\n", 0, exc.start) + 1, raw.rfind(b"\n", 0, exc.start) + 1
+        end = raw.find(b"\n", exc.start)
+        _utf8(raw[start : end if end >= 0 else len(raw)], f"{p}:{line}")
+        raise  # not reached: that line does not decode either
+    data = _parse_json(text, p, None)
     if not isinstance(data, list):
         raise DataError(f"{p}: a .json data file must hold a list of records, got {type(data).__name__}")
     # parsed arrays keep no line numbers: walk the text once to find where each record starts
@@ -137,6 +138,28 @@ def _json_rows(p: Path) -> Iterator[tuple[str, Any]]:
         line = text.count("\n", 0, pos) + 1
         _, pos = decoder.raw_decode(text, pos)
         yield f"{p}:{line} (record {i})", rec
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{where}: not valid UTF-8 (byte {raw[exc.start : exc.start + 1]!r} at column {exc.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _parse_json(text: str, p: Path, lineno: int | None) -> Any:
+    """json.loads with errors that name the file and line (``lineno`` None: a whole .json file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        line = exc.lineno if lineno is None else lineno
+        raise DataError(f"{p}:{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        where = p if lineno is None else f"{p}:{lineno}"
+        raise DataError(f"{where}: JSON nested too deeply to be a data record") from None
 
 
 def _parquet_rows(p: Path) -> Iterator[tuple[str, Any]]:

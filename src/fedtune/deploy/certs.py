@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedtune.errors import ConfigError
 
 CURVE = ec.SECP384R1
+_KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def write_certs(
@@ -32,6 +35,7 @@ def write_certs(
     """Create the CA, a server certificate for ``hosts`` and a key pair per client name; return the files."""
     if (out / "ca.crt").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a CA (ca.crt); pass --overwrite to replace it, or choose another DIR")
+    check_new_keys(out / "clients", clients, overwrite)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(CURVE())
@@ -61,12 +65,37 @@ def write_certs(
         _write(out / "server.pem", server.public_bytes(serialization.Encoding.PEM)),
     ]
     for name in clients:
-        written += write_client_key(out / "clients", name)
+        written += write_client_key(out / "clients", name, overwrite)
     return written
 
 
-def write_client_key(folder: Path, name: str) -> list[Path]:
+def add_client_keys(folder: Path, names: Sequence[str], overwrite: bool = False) -> list[Path]:
+    """Key pairs for ``names`` in ``folder``, all checked (valid, new unless ``overwrite``) before any is written."""
+    check_new_keys(folder, names, overwrite)
+    return [p for name in names for p in write_client_key(folder, name, overwrite)]
+
+
+def check_new_keys(folder: Path, names: Sequence[str], overwrite: bool) -> None:
+    """Refuse names that are not plain file names, repeats, and (unless ``overwrite``) existing keys."""
+    for name in names:
+        if not _KEY_NAME.fullmatch(name):
+            raise ConfigError(
+                f"client name {name!r} is not a plain file name: use letters, digits, '.', '_' and '-' "
+                "(not starting with '.')"
+            )
+    if len(set(names)) < len(names):
+        raise ConfigError(f"client names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    taken = [f"{folder / n}.key" for n in names if (folder / f"{n}.key").exists() or (folder / f"{n}.pub").exists()]
+    if taken and not overwrite:
+        raise ConfigError(
+            f"{', '.join(taken)} already exist(s): a client key is never replaced silently (its public key may be "
+            "enrolled). Choose another --name, or pass --overwrite and enrol the new public key instead of the old"
+        )
+
+
+def write_client_key(folder: Path, name: str, overwrite: bool = False) -> list[Path]:
     """One client's enrolment key pair: folder/NAME.key (private) and folder/NAME.pub (to enrol)."""
+    check_new_keys(folder, [name], overwrite)
     key = ec.generate_private_key(CURVE())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
@@ -116,7 +145,16 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Write ``data`` to ``path`` through a fresh temporary file created with its final mode (0600 for
+    a private key: never readable by others, not even for a moment), then renamed over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if not private:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.errors import RunError
+from fedtune.errors import RunError, untrusted_text
 from fedtune.runtime.flower_wire import MESSAGE_TYPE, pack, unpack
 from fedtune.types import ClientState, Envelope
 
@@ -103,7 +103,7 @@ class FlowerRuntime:
         replies, failed = self._exchange(messages, self.timeout)
         for msg, why in failed:
             cid = int(unpack(msg.content)[1]["client-id"])
-            log.warning("client %d (%s): %s", cid, self.names[cid], why)
+            log.warning("client %d (%s): %s", cid, self.names[cid], untrusted_text(why))
         out = []
         for request, reply in replies:  # who replied is the client the request went to, not what the reply says
             cid = int(unpack(request.content)[1]["client-id"])

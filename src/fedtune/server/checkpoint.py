@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,9 +22,11 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedtune.errors import RunError
 from fedtune.types import ClientState, Params, ServerState, flatten_state, unflatten_state
 
 log = logging.getLogger(__name__)
+_ROUND_DIR = re.compile(r"round_(\d+)")
 
 _PARAMS, _AGG, _CLIENTS, _STATE = "params.safetensors", "aggregator.safetensors", "clients.safetensors", "state.json"
 _REPLICAS = "replicas.safetensors"
@@ -74,17 +77,26 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int | None = None) 
 
 
 def load_latest(run_dir: Path, algorithm_template: NamedTuple) -> ServerState | None:
-    """Newest checkpoint that verifies, or None; corrupt or partial ones are skipped with a warning."""
+    """Newest checkpoint that verifies, or None when there is none; corrupt or partial ones are
+    skipped with a warning. Round directories none of which loads raise ``RunError``: starting over
+    would overwrite the run's metrics with nothing."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # a write that was killed before its rename
+    failures: list[str] = []
     for path in _round_dirs(root):
         try:
             return load_checkpoint(path, algorithm_template)
         except Exception as exc:  # a damaged directory must not stop a resume from an older one
             log.warning("skipping checkpoint %s: %s", path, exc)
+            failures.append(f"{path.name}: {exc}")
+    if failures:
+        raise RunError(
+            f"cannot resume {run_dir}: none of its {len(failures)} checkpoints loads ({'; '.join(failures)}). "
+            "Nothing was changed; repair or remove them, or start a new run with output.name=<new name>"
+        )
     return None
 
 
@@ -129,8 +141,9 @@ def _dedupe(replicas: dict[int, Params]) -> tuple[list[Params], dict[str, int]]:
 
 
 def _round_dirs(root: Path) -> list[Path]:
-    """round_NNNN directories, newest first."""
-    return sorted((p for p in root.glob("round_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    """round_N directories, newest first by round number (round_10000 is newer than round_9999)."""
+    rounds = {p: _ROUND_DIR.fullmatch(p.name) for p in root.glob("round_*") if p.is_dir()}
+    return sorted((p for p, m in rounds.items() if m), key=lambda p: int(rounds[p][1]), reverse=True)
 
 
 def _sha256(path: Path) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedtune.errors import RunError
+from fedtune.errors import RunError, untrusted_text
 from fedtune.paradigms.base import BadReply, Exchange, Replies, ServerParadigm, converse
 from fedtune.reporting.console import bar_disabled
 from fedtune.runtime.base import Runtime
@@ -78,10 +78,10 @@ class Network:
             counts[1] += len(env.payload)
             try:
                 accepted[c] = ex.read(c, decode_message(env.payload, ex.reply))
-            except BadReply as exc:
-                dropped[c] = str(exc)
+            except BadReply as exc:  # its text may quote the client: kept to one short line
+                dropped[c] = untrusted_text(exc)
             except Exception as exc:  # a reply is untrusted input: any failure to read it drops only its client
-                dropped[c] = f"unreadable reply ({type(exc).__name__}: {exc})"[:500]
+                dropped[c] = untrusted_text(f"unreadable reply ({type(exc).__name__}: {exc})")
         for c in sorted(set(ex.messages) - seen):
             dropped[c] = "no reply"
         for c, why in dropped.items():
