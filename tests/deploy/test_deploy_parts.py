@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from multiprocessing.connection import Listener
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ pytest.importorskip("flwr")
 from fedtune.config import ExperimentConfig, validate_config
 from fedtune.deploy.certs import add_client_keys, write_certs, write_client_key
 from fedtune.deploy.coordinator import check_deployable, client_names
-from fedtune.deploy.local_worker import StateStore, ask_worker
+from fedtune.deploy.local_worker import StateStore, ask_worker, worker_secret
 from fedtune.errors import ConfigError
 
 
@@ -202,3 +203,13 @@ def test_a_client_name_must_be_a_plain_file_name(tmp_path, name):
     with pytest.raises(ConfigError, match="not a plain file name"):
         add_client_keys(tmp_path / "clients", [name])
     assert not (tmp_path / "clients").exists() and not (tmp_path / "escape.key").exists()
+
+
+def test_the_worker_key_is_a_fresh_owner_only_file(tmp_path):
+    path, secret = worker_secret(str(tmp_path))
+    assert Path(path).read_bytes() == secret and len(secret) == 32
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    (tmp_path / "other").mkdir()
+    assert worker_secret(str(tmp_path / "other"))[1] != secret
+    with pytest.raises(FileExistsError):  # never reuses or overwrites a key file
+        worker_secret(str(tmp_path))

@@ -9,6 +9,8 @@ state. This module is imported in every such process, so it imports nothing heav
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -34,5 +36,6 @@ def _client_query(msg: Message, context: Context) -> Message:
     cfg = context.node_config
     if "hello" in meta:  # insecure mode: the coordinator asks who this is
         return Message(pack(b"", {"name": str(cfg["name"])}), reply_to=msg)
-    reply = ask_worker(str(cfg["worker"]), bytes.fromhex(str(cfg["worker-key"])), int(meta["client-id"]), payload)
+    key = Path(str(cfg["worker-key-file"])).read_bytes()
+    reply = ask_worker(str(cfg["worker"]), key, int(meta["client-id"]), payload)
     return Message(pack(reply, {"client-id": int(meta["client-id"])}), reply_to=msg)

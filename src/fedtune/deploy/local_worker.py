@@ -26,6 +26,16 @@ log = logging.getLogger("fedtune")
 KEEP_STATES = 3  # a repeated round needs the state before it; keep a margin
 
 
+def worker_secret(folder: str) -> tuple[str, bytes]:
+    """A fresh key for the worker's socket, written to folder/worker.key created owner-only (0600):
+    the ClientApp reads it there, so it never appears on a command line (visible to every user in ps)."""
+    path, secret = os.path.join(folder, "worker.key"), os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return path, secret
+
+
 def ask_worker(address: str, key: bytes, client_id: int, payload: bytes) -> bytes:
     """Send one request to the worker at ``address``; its reply, or RuntimeError with the worker's error."""
     with Client(address, family="AF_UNIX", authkey=key) as conn:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -22,7 +23,7 @@ import torch
 import transformers
 
 from fedtune.config import ExperimentConfig
-from fedtune.deploy.local_worker import LocalWorker
+from fedtune.deploy.local_worker import LocalWorker, worker_secret
 from fedtune.deploy.processes import flower_env, start, stop, supernode_cmd, tail
 from fedtune.errors import ConfigError
 
@@ -81,12 +82,13 @@ def run_participant(
     worker = LocalWorker(cfg, examples, state_dir)
 
     sock_dir = tempfile.mkdtemp(prefix="fedtune-client-")  # 0700: only this user reaches the socket
-    address, secret = os.path.join(sock_dir, "worker.sock"), os.urandom(32)
+    key_file, secret = worker_secret(sock_dir)
+    address = os.path.join(sock_dir, "worker.sock")
     listener = Listener(address, family="AF_UNIX", authkey=secret)
     stopping = threading.Event()
     threading.Thread(target=worker.serve_forever, args=(listener, stopping), daemon=True).start()
 
-    node_config = {"worker": address, "worker-key": secret.hex(), "name": name}
+    node_config = {"worker": address, "worker-key-file": key_file, "name": name}
     if fl.insecure:
         console.print("[bold yellow]WARNING: runtime.flower.insecure=true: plain text, no enrolment.[/]")
     ca_path, key_path = (None, None) if fl.insecure else (ca.resolve(), key.resolve())
@@ -128,6 +130,8 @@ def run_participant(
         return 130
     finally:
         stopping.set()
+        listener.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)  # the socket and its key go with this client
         listener.close()
     if code in REFUSED:
         log.error(REFUSED[code].format(pub=key) + f" (SuperNode log: {node_log})")
