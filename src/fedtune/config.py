@@ -157,7 +157,10 @@ class FederationConfig(_Strict):
     fraction: float | None = Field(None, gt=0, le=1, description="alternative to clients_per_round")
     min_clients: int = Field(1, ge=1, description="fewer good replies than this stops the run")
     round_timeout_s: float | None = Field(
-        None, gt=0, description="deadline for replies in a round (ray, flower); late clients count as dropped"
+        None,
+        gt=0,
+        description="deadline for replies in a round (ray, flower); late clients count as dropped; "
+        "unset: none with ray, 3600 s in a deployment",
     )
 
     @model_validator(mode="after")

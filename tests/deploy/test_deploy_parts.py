@@ -213,3 +213,11 @@ def test_the_worker_key_is_a_fresh_owner_only_file(tmp_path):
     assert worker_secret(str(tmp_path / "other"))[1] != secret
     with pytest.raises(FileExistsError):  # never reuses or overwrites a key file
         worker_secret(str(tmp_path))
+
+
+def test_a_deployment_always_has_a_reply_deadline(tmp_path):
+    from fedtune.deploy.coordinator_app import DEFAULT_DEADLINE_S, reply_deadline
+
+    assert reply_deadline(_cfg(tmp_path)) == DEFAULT_DEADLINE_S == 3600
+    cfg = validate_config({"federation": {"round_timeout_s": 90}, "runtime": {"name": "flower"}}, "t")
+    assert reply_deadline(cfg) == 90
