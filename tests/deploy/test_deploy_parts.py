@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from multiprocessing.connection import Listener
 from pathlib import Path
@@ -18,7 +19,7 @@ pytest.importorskip("flwr")
 from fedtune.config import ExperimentConfig, validate_config
 from fedtune.deploy.certs import add_client_keys, write_certs, write_client_key
 from fedtune.deploy.coordinator import check_deployable, client_names
-from fedtune.deploy.local_worker import StateStore, ask_worker, worker_secret
+from fedtune.deploy.local_worker import StateStore, ask_worker, serve_socket, worker_secret
 from fedtune.errors import ConfigError
 
 
@@ -102,35 +103,49 @@ def test_state_store_replays_a_repeated_round_from_the_state_before_it(tmp_path)
     ]
 
 
+def _serving(tmp_path, secret, idle_timeout_s=30.0):
+    """The worker's real socket loop around a toy handler (reverse the payload, append the id)."""
+    address = str(tmp_path / "w.sock")
+    listener, stop = Listener(address, family="AF_UNIX"), threading.Event()
+
+    def handle(cid: int, payload: bytes) -> bytes:
+        if payload == b"bad":
+            raise ValueError("bad request")
+        return payload[::-1] + bytes([cid])
+
+    args = (listener, secret, handle, stop, idle_timeout_s)
+    threading.Thread(target=serve_socket, args=args, daemon=True).start()
+    return address, lambda: (stop.set(), listener.close())
+
+
 def test_worker_socket_needs_the_key_and_reports_errors(tmp_path):
     secret = os.urandom(32)
-    address = str(tmp_path / "w.sock")
-    listener = Listener(address, family="AF_UNIX", authkey=secret)
+    address, close = _serving(tmp_path, secret)
+    try:
+        assert ask_worker(address, secret, 7, b"abc") == b"cba\x07"
+        with pytest.raises(RuntimeError, match="ValueError: bad request"):
+            ask_worker(address, secret, 7, b"bad")
+        with pytest.raises(Exception):  # noqa: B017  (multiprocessing raises AuthenticationError)
+            ask_worker(address, os.urandom(32), 7, b"abc")
+        assert ask_worker(address, secret, 3, b"xy") == b"yx\x03"  # still serving after a refusal
+    finally:
+        close()
 
-    def serve(n: int) -> None:
-        for _ in range(n):
-            try:
-                conn = listener.accept()
-            except Exception:
-                continue
-            with conn:
-                _op, cid = conn.recv()
-                payload = conn.recv_bytes()
-                if payload == b"bad":
-                    conn.send(("error", "ValueError: bad request"))
-                else:
-                    conn.send(("ok", None))
-                    conn.send_bytes(payload[::-1] + bytes([cid]))
 
-    t = threading.Thread(target=serve, args=(3,), daemon=True)
-    t.start()
-    assert ask_worker(address, secret, 7, b"abc") == b"cba\x07"
-    with pytest.raises(RuntimeError, match="ValueError: bad request"):
-        ask_worker(address, secret, 7, b"bad")
-    with pytest.raises(Exception):  # noqa: B017  (multiprocessing raises AuthenticationError)
-        ask_worker(address, os.urandom(32), 7, b"abc")
-    t.join(10)
-    listener.close()
+def test_a_silent_local_peer_cannot_stall_the_worker(tmp_path):
+    secret = os.urandom(32)
+    address, close = _serving(tmp_path, secret, idle_timeout_s=0.5)
+    silent = socket.socket(socket.AF_UNIX)
+    silent.connect(address)  # connects, then never answers the key challenge
+    try:
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(ask_worker(address, secret, 1, b"ab")), daemon=True)
+        t.start()
+        t.join(20)
+        assert got == [b"ba\x01"]
+    finally:
+        silent.close()
+        close()
 
 
 def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(tmp_path):

@@ -13,10 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import struct
 import threading
-from multiprocessing.connection import Client, Listener
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fedtune.errors import untrusted_text
 
 if TYPE_CHECKING:  # Flower runs ask_worker in a fresh process per message: no torch import there
     from fedtune.types import ClientState
@@ -24,6 +29,7 @@ if TYPE_CHECKING:  # Flower runs ask_worker in a fresh process per message: no t
 log = logging.getLogger("fedtune")
 
 KEEP_STATES = 3  # a repeated round needs the state before it; keep a margin
+IDLE_TIMEOUT_S = 30.0  # a local peer that stops sending or reading mid-exchange is cut off after this
 
 
 def worker_secret(folder: str) -> tuple[str, bytes]:
@@ -45,6 +51,60 @@ def ask_worker(address: str, key: bytes, client_id: int, payload: bytes) -> byte
         if status != "ok":
             raise RuntimeError(f"fedtune client worker: {detail}")
         return conn.recv_bytes()
+
+
+def serve_socket(
+    listener: Listener,
+    key: bytes,
+    handle: Callable[[int, bytes], bytes],
+    stop: threading.Event,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
+) -> None:
+    """Serve ``ask_worker`` requests one at a time until ``stop``: authenticate each connection with
+    ``key`` (``listener`` is made without an authkey, so the handshake runs here), read (client id,
+    payload), reply with ``handle``'s bytes or its error. A peer silent for ``idle_timeout_s`` while
+    it should be sending (or reading) is cut off, so no connection can stall the worker."""
+    while not stop.is_set():
+        try:
+            conn = listener.accept()
+        except OSError:
+            if stop.is_set():
+                return
+            raise
+        with conn:
+            try:
+                _limit_idle(conn, idle_timeout_s)
+                deliver_challenge(conn, key)
+                answer_challenge(conn, key)
+                _op, client_id = conn.recv()  # unpickled only after the peer proved it holds the key
+                payload = conn.recv_bytes()
+            except Exception as exc:  # no key, wrong key, stalled, malformed: refuse it, keep serving
+                log.warning("refused a local connection: %s", untrusted_text(repr(exc)))
+                continue
+            try:
+                reply = handle(int(client_id), payload)
+            except Exception as exc:
+                log.exception("request failed")
+                out: tuple = ("error", f"{type(exc).__name__}: {exc}")
+            else:
+                out = ("ok", None)
+            try:
+                conn.send(out)
+                if out[0] == "ok":
+                    conn.send_bytes(reply)
+            except OSError as exc:
+                log.warning("could not send the reply to the local ClientApp: %s", exc)
+
+
+def _limit_idle(conn: Connection, seconds: float) -> None:
+    """Make every blocking read and write on ``conn`` fail after ``seconds`` without progress."""
+    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    sock = socket.socket(fileno=os.dup(conn.fileno()))  # a second handle on the same socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    finally:
+        sock.close()
 
 
 class StateStore:
@@ -121,25 +181,5 @@ class LocalWorker:
                 log.info("round %d: served a %s request as client %d", round_index, header.get("kind"), client_id)
             return reply
 
-    def serve_forever(self, listener: Listener, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                conn = listener.accept()
-            except OSError:
-                if stop.is_set():
-                    return
-                raise
-            except Exception as exc:  # a connection without the key: refuse it, keep serving
-                log.warning("refused a local connection: %s", exc)
-                continue
-            with conn:
-                try:
-                    _op, client_id = conn.recv()
-                    payload = conn.recv_bytes()
-                    reply = self.serve_one(int(client_id), payload)
-                except Exception as exc:
-                    log.exception("request failed")
-                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
-                    continue
-                conn.send(("ok", None))
-                conn.send_bytes(reply)
+    def serve_forever(self, listener: Listener, key: bytes, stop: threading.Event) -> None:
+        serve_socket(listener, key, self.serve_one, stop)

@@ -84,9 +84,9 @@ def run_participant(
     sock_dir = tempfile.mkdtemp(prefix="fedtune-client-")  # 0700: only this user reaches the socket
     key_file, secret = worker_secret(sock_dir)
     address = os.path.join(sock_dir, "worker.sock")
-    listener = Listener(address, family="AF_UNIX", authkey=secret)
+    listener = Listener(address, family="AF_UNIX")  # the worker authenticates each connection itself
     stopping = threading.Event()
-    threading.Thread(target=worker.serve_forever, args=(listener, stopping), daemon=True).start()
+    threading.Thread(target=worker.serve_forever, args=(listener, secret, stopping), daemon=True).start()
 
     node_config = {"worker": address, "worker-key-file": key_file, "name": name}
     if fl.insecure:
