@@ -94,6 +94,18 @@ def test_malformed_update_never_reaches_the_model(tmp_path):
     assert torch.equal(final.params["w"], torch.ones(4))
 
 
+def test_finite_updates_that_sum_past_the_float_range_are_never_applied_or_checkpointed(tmp_path):
+    def handle(cid, blob, state):  # every update finite (float32 max is 3.4e38), two rounds of them are not
+        req = decode_message(blob, TrainRequest)
+        return _reply(req, cid, {"w": torch.full((4,), 3e38)}), state
+
+    with pytest.raises(RunError, match=r"round 2: the new global adapter is not finite.*round 1's checkpoint"):
+        _run(tmp_path, handle, rounds=2)
+    kept = load_latest(tmp_path, fedavg().init(PARAMS))
+    assert kept.round == 1 and torch.equal(kept.params["w"], torch.full((4,), 3e38))
+    assert not (tmp_path / "checkpoints" / "round_0002").exists()
+
+
 def test_update_over_the_norm_bound_is_rejected(tmp_path):
     final = _run(tmp_path, _client(), rounds=1, max_update_norm=5.0)
     # client c sends c+1 in 4 coordinates: norms 2, 4, 6 -> client 2 is over the bound

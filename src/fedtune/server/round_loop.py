@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from fedtune.errors import RunError, untrusted_text
@@ -136,6 +137,7 @@ def run_rounds(
         clients = sample_clients(settings.num_clients, settings.clients_per_round, settings.seed, r)
         net = Network(runtime, r, clients, settings.min_clients, run_dir)
         new_state, metrics = converse(paradigm.round(r, state, clients), net.exchange)
+        _check_finite(r, new_state, state.round)
         record = {
             "round": r,
             "clients": [c for c in clients if c not in net.dropped],
@@ -156,6 +158,18 @@ def run_rounds(
         bar.update(1)
     bar.close()
     return state
+
+
+def _check_finite(r: int, new: ServerState, last: int) -> None:
+    """RunError unless every tensor of the new global parameters is finite: finite, bounded updates can
+    still sum past the float range, and a NaN model must never be applied or checkpointed."""
+    bad = [k for k, t in new.params.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise RunError(
+            f"round {r}: the new global adapter is not finite in {len(bad)} tensor(s) (e.g. {bad[0]}); it was not "
+            f"applied or checkpointed, and round {last}'s checkpoint is intact. Bound the updates "
+            "(aggregation.clip_norm, aggregation.max_update_norm) or lower the learning rates, then --resume"
+        )
 
 
 def _evaluate(paradigm: ServerParadigm, r: int, state: ServerState, net: Network, per_client: bool) -> dict[str, Any]:
