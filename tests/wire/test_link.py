@@ -98,3 +98,29 @@ def test_block_dropout_through_the_link_still_drops_whole_layers(update):
     assert len(layers) == 3 and {"7", "21"} <= layers  # ceil(0.1 * 30) = 3 layers, the most changed among them
     assert len(sent) == 3 * 8  # whole layers: all 8 LoRA tensors of each
     assert all(torch.equal(decoded[k], scaled[k]) for k in sent)
+
+
+@pytest.mark.parametrize(
+    "meta, why",
+    [
+        (b"[" + b" " * 50_000_000 + b"]", "limit"),  # 50 MB of JSON from ~50 KB on the wire
+        (b'"just a string"', "not an object"),
+        (b'{"layout": [1, 2]}', "not an object"),
+        (b"[" * 100_000 + b"]" * 100_000, "limit|unreadable"),
+    ],
+)
+def test_a_crafted_meta_is_refused_before_it_is_inflated_or_trusted(update, meta, why):
+    import zlib
+
+    wire, _ = Link().encode(update, {}, torch.Generator())
+    wire[META] = torch.frombuffer(bytearray(zlib.compress(meta, 9)), dtype=torch.uint8)
+    assert wire[META].numel() < 100_000
+    with pytest.raises(ValueError, match=why):
+        Link().decode(wire, update.keys())
+
+
+def test_a_truncated_meta_is_refused(update):
+    wire, _ = Link().encode(update, {}, torch.Generator())
+    wire[META] = wire[META][:-4].clone()
+    with pytest.raises(ValueError, match="unreadable codec meta"):
+        Link().decode(wire, update.keys())

@@ -26,6 +26,9 @@ from fedtune.codecs import Chain, Packed, build_chain
 from fedtune.types import Params
 
 META = "meta"  # dtype names key the packed tensors, so this cannot collide
+# an honest meta holds a layout line per part and a few numbers per tensor: ~20-170 bytes a tensor
+# for the chains tried (plain, top-k + int4, random-k + int8, low-rank); 2 KiB a tensor is ample
+META_BYTES_BASE, META_BYTES_PER_TENSOR = 65_536, 2_048
 
 
 class Link:
@@ -58,10 +61,13 @@ class Link:
         tensors = dict(tensors)
         if META not in tensors:
             raise ValueError(f"no {META!r} tensor: not an update encoded by fedtune.wire.link")
+        cap = META_BYTES_BASE + META_BYTES_PER_TENSOR * len(short)
         try:
-            meta = json.loads(zlib.decompress(tensors.pop(META).numpy().tobytes()))
-        except (zlib.error, ValueError) as exc:
+            meta = json.loads(inflate(tensors.pop(META).numpy().tobytes(), cap))
+        except (zlib.error, ValueError, RecursionError) as exc:
             raise ValueError(f"unreadable codec meta: {exc}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
+            raise ValueError("unreadable codec meta: not an object with a layout")
         tensors = unpack_by_dtype(tensors, meta.pop("layout"))
         decoded = self.chain.decode(Packed(tensors, meta))
         expected = set(short.values())
@@ -72,6 +78,16 @@ class Link:
                 f"missing: {sorted(expected - decoded.keys())[:3]})"
             )
         return {n: decoded[s] for n, s in short.items()}
+
+
+def inflate(data: bytes, cap: int) -> bytes:
+    """zlib-decompress ``data``, refusing (ValueError) to produce more than ``cap`` bytes: a few KB
+    of crafted input can otherwise inflate to gigabytes before anything is checked."""
+    d = zlib.decompressobj()
+    out = d.decompress(data, cap)
+    if d.unconsumed_tail or not d.eof:
+        raise ValueError(f"compressed meta inflates past its {cap:,}-byte limit, or is truncated")
+    return out
 
 
 def apply_change(held: Params, change: Params) -> Params:
