@@ -124,3 +124,60 @@ def test_a_truncated_meta_is_refused(update):
     wire[META] = wire[META][:-4].clone()
     with pytest.raises(ValueError, match="unreadable codec meta"):
         Link().decode(wire, update.keys())
+
+
+def _tampered(wire: dict, change) -> dict:
+    import json
+    import zlib
+
+    meta = json.loads(zlib.decompress(wire[META].numpy().tobytes()))
+    change(meta)
+    packed = zlib.compress(json.dumps(meta).encode(), 9)
+    return {**wire, META: torch.frombuffer(bytearray(packed), dtype=torch.uint8)}
+
+
+def _declare_everywhere(node, shape) -> None:
+    if isinstance(node, dict):
+        if "shape" in node:
+            node["shape"] = shape
+        for v in node.values():
+            _declare_everywhere(v, shape)
+    elif isinstance(node, list):
+        for v in node:
+            _declare_everywhere(v, shape)
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [{"name": "topk", "fraction": 0.05}],
+        [{"name": "randk", "fraction": 0.05}, {"name": "int8"}],
+        [{"name": "block_dropout", "keep_fraction": 0.5}],
+        [{"name": "lowrank", "rank": 2}],
+    ],
+    ids=lambda specs: "+".join(s["name"] for s in specs),
+)
+@pytest.mark.parametrize("shape", [[100_000, 100_000], [-1, 8], [8.5, 2], "big"])
+def test_declared_shapes_are_bounded_by_what_the_receiver_holds_before_anything_is_allocated(update, specs, shape):
+    link = Link.from_specs(specs)
+    wire, _ = link.encode(update, {}, torch.Generator().manual_seed(0))
+    assert link.decode(wire, update).keys() == update.keys()  # the honest message decodes
+    crafted = _tampered(wire, lambda meta: _declare_everywhere(meta, shape))
+    with pytest.raises(ValueError, match="codec meta declares"):
+        link.decode(crafted, update)  # 10^10 values declared: refused, not allocated
+
+
+def test_low_rank_factors_must_make_the_declared_shape(update):
+    link = Link.from_specs([{"name": "lowrank", "rank": 2}])
+    wire, _ = link.encode(update, {}, torch.Generator().manual_seed(0))
+
+    def tall_u(meta):  # split the values differently: u (4608, 1) @ v (1, 576) instead of (8, 2) @ (2, 576)
+        for entries in meta["layout"].values():
+            for entry in entries:
+                if entry[0].endswith("#u") and entry[1] == [8, 2]:
+                    entry[1] = [16, 1]
+                if entry[0].endswith("#v") and entry[1] == [2, 576]:
+                    entry[1] = [1, 1152]
+
+    with pytest.raises(ValueError, match="do not make"):
+        link.decode(_tampered(wire, tall_u), update)

@@ -40,6 +40,29 @@ def payload_bytes(tensors: Params) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def check_declared_shapes(meta: object, max_numel: int) -> None:
+    """ValueError unless every ``"shape"`` the meta declares (tensors a codec will allocate on decode:
+    top-k and block-dropout zeros, random-k permutations, low-rank products) is a list of
+    non-negative ints holding at most ``max_numel`` values: the receiver's largest expected tensor.
+    Checked before any allocation, so a few bytes of meta cannot ask for gigabytes."""
+    stack = [meta]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "shape" in node:
+                shape = node["shape"]
+                if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+                    raise ValueError(f"codec meta declares shape {str(shape)[:60]}: not a list of sizes")
+                if math.prod(shape) > max_numel:
+                    raise ValueError(
+                        f"codec meta declares a {shape} tensor ({math.prod(shape):,} values); "
+                        f"the largest this receiver expects has {max_numel:,}"
+                    )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -181,7 +204,8 @@ class Chain:
             new_state[k] = c - decoded[k].float()  # float32
         return packed, new_state
 
-    def decode(self, packed: Packed) -> Params:
+    def decode(self, packed: Packed, max_numel: int | None = None) -> Params:
+        """The decoded tensors; with ``max_numel``, a meta that declares a larger tensor is refused first."""
         codecs = packed.meta.get("codecs", [])
         stages = packed.meta.get("stages", [])
         if len(stages) != len(self.stages) or len(codecs) != len(self.stages):
@@ -192,6 +216,8 @@ class Chain:
         for i, (got, stage) in enumerate(zip(codecs, self.stages, strict=True)):
             if got != stage.describe():
                 raise ValueError(f"codec stage {i} mismatch: packed with {got!r}, this chain has {stage.describe()!r}")
+        if max_numel is not None:
+            check_declared_shapes(stages, max_numel)
         tensors = dict(packed.tensors)
         for stage, meta in zip(reversed(self.stages), reversed(stages), strict=True):
             tensors = stage.decode(tensors, meta)

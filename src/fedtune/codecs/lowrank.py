@@ -42,4 +42,7 @@ class LowRank(PerTensorCodec):
         return {"u": (u[:, :r] * s[:r]).to(t.dtype).contiguous(), "v": vh[:r].to(t.dtype).contiguous()}, {}
 
     def decode_one(self, parts: Params, info: dict) -> torch.Tensor:
-        return (parts["u"].float() @ parts["v"].float()).to(dtype_from_name(info["dtype"]))  # (m, n)
+        u, v = parts["u"], parts["v"]  # (m, r), (r, n)
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0] or [u.shape[0], v.shape[1]] != info["shape"]:
+            raise ValueError(f"lowrank: factors {tuple(u.shape)} and {tuple(v.shape)} do not make {info['shape']}")
+        return (u.float() @ v.float()).to(dtype_from_name(info["dtype"]))  # (m, n)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -53,8 +53,12 @@ class Link:
         tensors[META] = torch.frombuffer(bytearray(zlib.compress(meta.encode(), 9)), dtype=torch.uint8)
         return tensors, state
 
-    def decode(self, tensors: Params, names: Iterable[str]) -> Params:
-        """The update under its real names; ``names`` are the keys the receiver expects."""
+    def decode(self, tensors: Params, names: Iterable[str], max_numel: int | None = None) -> Params:
+        """The update under its real names; ``names`` are the keys the receiver expects. Given as the
+        receiver's own tensors (a dict), they also bound what the meta may declare (``max_numel``:
+        the most values of one tensor; else no bound beyond the meta's size cap)."""
+        if max_numel is None and isinstance(names, Mapping) and names:
+            max_numel = max(t.numel() for t in names.values())
         short = short_names(names)
         if not tensors:  # an empty message part (e.g. a diverged client's delta)
             return {}
@@ -69,7 +73,7 @@ class Link:
         if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
             raise ValueError("unreadable codec meta: not an object with a layout")
         tensors = unpack_by_dtype(tensors, meta.pop("layout"))
-        decoded = self.chain.decode(Packed(tensors, meta))
+        decoded = self.chain.decode(Packed(tensors, meta), max_numel)
         expected = set(short.values())
         if decoded.keys() != expected:
             raise ValueError(

@@ -159,7 +159,7 @@ class KnowledgeDistillation:
         if rows and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
             raise BadReply("a token id repeats within a position's top-k")
         try:
-            logp = self.uplink.decode(reply.logp, [LOGP])[LOGP]
+            logp = self.uplink.decode(reply.logp, [LOGP], max_numel=rows * s.top_k)[LOGP]
         except (ValueError, KeyError, RuntimeError) as exc:
             codecs = self.uplink.describe()
             raise BadReply(f"cannot decode the log-probabilities with codecs {codecs!r}: {exc}") from None
