@@ -113,20 +113,13 @@ def load_examples(path: str | Path) -> list[Example]:
 def _jsonl_rows(p: Path) -> Iterator[tuple[str, Any]]:
     with p.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = _utf8(raw, f"{p}:{lineno}")
+            line = _utf8(raw, p, lineno)
             if line.strip():
                 yield f"{p}:{lineno}", _parse_json(line, p, lineno)
 
 
 def _json_rows(p: Path) -> Iterator[tuple[str, Any]]:
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:  # name the line and column, as for JSONL
-        line, start = raw.count(b"\n", 0, exc.start) + 1, raw.rfind(b"\n", 0, exc.start) + 1
-        end = raw.find(b"\n", exc.start)
-        _utf8(raw[start : end if end >= 0 else len(raw)], f"{p}:{line}")
-        raise  # not reached: that line does not decode either
+    text = _utf8(p.read_bytes(), p, None)
     data = _parse_json(text, p, None)
     if not isinstance(data, list):
         raise DataError(f"{p}: a .json data file must hold a list of records, got {type(data).__name__}")
@@ -140,12 +133,16 @@ def _json_rows(p: Path) -> Iterator[tuple[str, Any]]:
         yield f"{p}:{line} (record {i})", rec
 
 
-def _utf8(raw: bytes, where: str) -> str:
+def _utf8(raw: bytes, p: Path, lineno: int | None) -> str:
+    """``raw`` decoded, or DataError naming the file, line and column of the first bad byte
+    (``lineno`` None: ``raw`` is the whole file, and the line is counted)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        line = lineno if lineno is not None else raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise DataError(
-            f"{where}: not valid UTF-8 (byte {raw[exc.start : exc.start + 1]!r} at column {exc.start + 1}); "
+            f"{p}:{line}: not valid UTF-8 (byte {raw[exc.start : exc.start + 1]!r} at column {column}); "
             "save the file as UTF-8"
         ) from None
 

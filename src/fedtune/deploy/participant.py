@@ -132,7 +132,6 @@ def run_participant(
         stopping.set()
         listener.close()
         shutil.rmtree(sock_dir, ignore_errors=True)  # the socket and its key go with this client
-        listener.close()
     if code in REFUSED:
         log.error(REFUSED[code].format(pub=key) + f" (SuperNode log: {node_log})")
         return 2
