@@ -134,6 +134,20 @@ def test_any_unusable_reply_drops_only_its_client(tmp_path, reply, why):
     assert why in final.history[-1]["dropped"]["1"]
 
 
+def test_a_reply_larger_than_any_honest_one_is_dropped_before_it_is_parsed(tmp_path, monkeypatch):
+    parsed = []
+    monkeypatch.setattr("fedtune.server.round_loop.decode_message", lambda *a: parsed.append(1) or decode_message(*a))
+
+    def handle(cid, blob, state):  # a 4-value update needs ~135 KB at most (headers included); 1 is sent 1 MB
+        req = decode_message(blob, TrainRequest)
+        return (b"\x00" * 1_000_000 if cid == 1 else _reply(req, cid)), state
+
+    final = _run(tmp_path, handle, rounds=1)
+    assert final.history[-1]["clients"] == [0, 2] and len(parsed) == 2
+    assert "a reply of 1,000,000 bytes, more than the 135,232 it can need" in final.history[-1]["dropped"]["1"]
+    assert final.history[-1]["bytes_up"] > 1_000_000  # it crossed the wire: counted
+
+
 def test_a_client_error_text_cannot_forge_log_lines_or_flood_the_log(tmp_path, caplog):
     forged = "ok\n2026-11-30 12:00:00 INFO round 1: client 0 accepted\r\x1b[2J" + "A" * 100_000
 
@@ -220,8 +234,8 @@ class TwoStep:
                 raise BadReply("negative")
             return reply.value
 
-        first = yield Exchange("train", {c: Ping(r, 0) for c in clients}, Pong, read)
-        second = yield Exchange("train", {c: Ping(r, 1) for c in first.accepted}, Pong, read)
+        first = yield Exchange("train", {c: Ping(r, 0) for c in clients}, Pong, read, 4096)
+        second = yield Exchange("train", {c: Ping(r, 1) for c in first.accepted}, Pong, read, 4096)
         total = state.algorithm.total + sum(second.accepted.values())
         return replace(state, algorithm=Count(total)), {"answered": sorted(second.accepted)}
 

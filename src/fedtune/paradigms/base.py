@@ -54,12 +54,15 @@ class Exchange:
     a failed one costs only that client's metrics. Clients given the same message object share one
     encoded payload. ``read(client, reply)`` returns what the paradigm needs from a reply, or raises
     ``BadReply``; it runs only on replies of the expected message class from addressed clients.
+    ``max_reply_bytes``: the largest reply an honest client can send (``wire.link.max_wire_bytes`` of
+    what it carries); a larger one is dropped before it is parsed.
     """
 
     purpose: Literal["train", "eval"]
     messages: Mapping[int, Message]
     reply: type
     read: Callable[[int, Any], Any]
+    max_reply_bytes: int
 
 
 @dataclass(frozen=True)

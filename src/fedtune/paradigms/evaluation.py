@@ -18,6 +18,7 @@ from fedtune.client.data import EvalSettings
 from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.paradigms.base import BadReply, Exchange
 from fedtune.types import Params
+from fedtune.wire.link import max_wire_bytes
 
 METRICS = ("loss", "ppl", "accuracy")  # what a client may report; anything else drops its reply
 
@@ -72,7 +73,7 @@ def read_eval_reply(round_index: int) -> Callable[[int, EvalReply], dict[str, fl
 
 
 def eval_exchange(messages: dict[int, EvalRequest], round_index: int) -> Exchange:
-    return Exchange("eval", messages, EvalReply, read_eval_reply(round_index))
+    return Exchange("eval", messages, EvalReply, read_eval_reply(round_index), max_wire_bytes(0, 0))
 
 
 def summarise(per_client: dict[int, dict[str, float]], prefix: str) -> dict[str, Any]:

@@ -77,6 +77,9 @@ class Network:
                 continue
             seen.add(c)
             counts[1] += len(env.payload)
+            if len(env.payload) > ex.max_reply_bytes:
+                dropped[c] = f"a reply of {len(env.payload):,} bytes, more than the {ex.max_reply_bytes:,} it can need"
+                continue
             try:
                 accepted[c] = ex.read(c, decode_message(env.payload, ex.reply))
             except BadReply as exc:  # its text may quote the client: kept to one short line

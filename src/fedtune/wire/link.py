@@ -29,6 +29,10 @@ META = "meta"  # dtype names key the packed tensors, so this cannot collide
 # an honest meta holds a layout line per part and a few numbers per tensor: ~20-170 bytes a tensor
 # for the chains tried (plain, top-k + int4, random-k + int8, low-rank); 2 KiB a tensor is ample
 META_BYTES_BASE, META_BYTES_PER_TENSOR = 65_536, 2_048
+# the most bytes one value takes on the wire through any chain: an 8-byte value with an int64 index
+# (top-k at full density); a message's headers (names, shapes, JSON fields, the meta) take at most
+# WIRE_BYTES_BASE plus WIRE_BYTES_PER_TENSOR per tensor on top
+WIRE_BYTES_PER_VALUE, WIRE_BYTES_BASE, WIRE_BYTES_PER_TENSOR = 16, 131_072, 4_096
 
 
 class Link:
@@ -82,6 +86,12 @@ class Link:
                 f"missing: {sorted(expected - decoded.keys())[:3]})"
             )
         return {n: decoded[s] for n, s in short.items()}
+
+
+def max_wire_bytes(numel: int, tensors: int) -> int:
+    """The largest message an honest sender can make to carry ``tensors`` tensors of ``numel`` values in
+    all (with any codec chain, plus headers): a receiver refuses a bigger reply before parsing it."""
+    return WIRE_BYTES_BASE + WIRE_BYTES_PER_TENSOR * tensors + WIRE_BYTES_PER_VALUE * numel
 
 
 def inflate(data: bytes, cap: int) -> bytes:

@@ -25,7 +25,7 @@ from fedtune.paradigms.kd.distributions import TopK, consensus, id_dtype
 from fedtune.paradigms.kd.messages import LOGP, KDReply, KDRequest
 from fedtune.paradigms.kd.public import PublicSet, round_slice
 from fedtune.types import Params, ServerState
-from fedtune.wire.link import Link, generator
+from fedtune.wire.link import Link, generator, max_wire_bytes
 
 
 class KDState(NamedTuple):
@@ -118,7 +118,8 @@ class KnowledgeDistillation:
             weight = 1.0 if s.weighting in ("uniform", "confidence") else _weight(reply.num_examples)
             return Scores(top, weight, reply.train_loss, reply.distill_loss, reply.local_train_s, reply.steps)
 
-        replies = yield Exchange("train", dict.fromkeys(clients, msg), KDReply, read)
+        cap = max_wire_bytes(2 * rows * s.top_k, 2)  # ids and log-probabilities, (rows, k) each
+        replies = yield Exchange("train", dict.fromkeys(clients, msg), KDReply, read, cap)
         used = [replies.accepted[c] for c in sorted(replies.accepted)]
         tops = [u.top for u in used]
         weights = torch.tensor([u.weight for u in used])  # (n,)

@@ -20,7 +20,7 @@ from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.paradigms.parameter_sharing.validation import update_problem
 from fedtune.types import Params, ServerState
-from fedtune.wire.link import Link, generator
+from fedtune.wire.link import Link, generator, max_wire_bytes
 
 
 class Update(NamedTuple):
@@ -89,7 +89,10 @@ class ParameterSharing:
                 Contribution(client_id, delta, weight, extras), reply.train_loss, reply.local_train_s, reply.steps
             )
 
-        replies = yield Exchange("train", messages, TrainReply, read)
+        largest = max((_size(v) for v in views.values()), default=(0, 0))
+        control = _size(scaffold_c)  # SCAFFOLD's control delta travels beside the update
+        cap = max_wire_bytes(largest[0] + control[0], largest[1] + control[1])
+        replies = yield Exchange("train", messages, TrainReply, read, cap)
         used = [replies.accepted[c] for c in sorted(replies.accepted)]
         params, agg_state = self.aggregator.aggregate(state.params, [u.contribution for u in used], state.algorithm)
         weights = [u.contribution.weight for u in used]
@@ -142,6 +145,11 @@ class ParameterSharing:
             out["client_eval"] = {str(c): m for c, m in per.items()}
             out.update(summarise(per, "client_eval_"))
         return out
+
+
+def _size(params: Params) -> tuple[int, int]:
+    """(values, tensors) in ``params``."""
+    return sum(t.numel() for t in params.values()), len(params)
 
 
 def _weighted_loss(losses: list[float], weights: list[float]) -> float:
