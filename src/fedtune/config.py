@@ -162,6 +162,13 @@ class FederationConfig(_Strict):
         description="deadline for replies in a round (ray, flower); late clients count as dropped; "
         "unset: none with ray, 3600 s in a deployment",
     )
+    max_client_examples: int | None = Field(
+        None,
+        ge=1,
+        description="the most training examples one client can count for in aggregation (tokens weighting: this "
+        "× data.max_seq_len tokens); a larger report counts as the cap. unset: the largest partition in "
+        "simulation, 1,000,000 in a deployment, where the server cannot see the clients' data",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> FederationConfig:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.aggregation.weighting import WeightCap
 from fedtune.assembly import build_client_data, build_workbench, eval_subset, make_handler, simulation_handler
 from fedtune.config import ExperimentConfig, config_diff, to_yaml, validate_config
 from fedtune.data.prepare import FederatedData, prepare_federated_data
@@ -37,6 +38,7 @@ log = logging.getLogger("fedtune")
 
 # keys that may change when resuming; anything else would make the resumed run a different experiment
 RESUMABLE_CHANGES = ("federation.rounds", "evaluation.", "output.progress", "output.keep_checkpoints")
+DEPLOYED_MAX_EXAMPLES = 1_000_000  # federation.max_client_examples unset in a deployment
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def _run(
         s = eval_settings
         return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact, s.max_new_tokens, s.group_by)
 
-    paradigm = PARADIGMS.load(cfg.paradigm).server(cfg, bench, evaluate_adapter)
+    paradigm = PARADIGMS.load(cfg.paradigm).server(cfg, bench, evaluate_adapter, weight_cap(cfg, data))
     fresh = paradigm.initial_state()
     state = load_latest(run_dir, fresh.algorithm) if resume else None
     if state is not None:
@@ -185,6 +187,15 @@ def _run(
     console.print(rounds_table(state.history))
     console.print(summary_table(summary))
     return RunResult(run_dir, summary, state)
+
+
+def weight_cap(cfg: ExperimentConfig, data: FederatedData) -> WeightCap:
+    """What one client's reported counts may weigh at most: federation.max_client_examples, else the largest
+    partition (simulation: the server built it) or DEPLOYED_MAX_EXAMPLES (a deployment's clients bring their own)."""
+    most = cfg.federation.max_client_examples
+    if most is None:
+        most = DEPLOYED_MAX_EXAMPLES if cfg.runtime.name == "flower" else max(len(p) for p in data.parts)
+    return WeightCap(most, cfg.data.max_seq_len)
 
 
 def check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:

@@ -6,7 +6,7 @@ forgotten in another. Targets are ``"module:attribute"`` strings imported on fir
 config never imports torch. ``tests/test_registry.py`` imports every target.
 
 Adding a plug-in: one ``Entry`` here, its code at the target, and a row in the kind's table tests.
-A paradigm's target is a module with ``server(cfg, bench, evaluate_adapter)`` and
+A paradigm's target is a module with ``server(cfg, bench, evaluate_adapter, weight_cap)`` and
 ``client(cfg, bench, data, eval_set)`` (docs/architecture.md, "Adding a paradigm").
 """
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedtune.aggregation import AGGREGATORS, COMBINERS, Contribution, build_aggregator, fedavg
-from fedtune.aggregation.weighting import client_weight
+from fedtune.aggregation.weighting import WeightCap, client_weight
 from fedtune.server.checkpoint import state_from_tensors, state_to_tensors
 
 ALL = [(n, c) for n in AGGREGATORS for c in COMBINERS]
@@ -156,6 +156,24 @@ def test_weighting(scheme, expected):
 def test_a_weight_must_be_positive_and_finite(examples):
     with pytest.raises(ValueError, match="positive number"):
         client_weight(examples, 10, "examples")
+
+
+@pytest.mark.parametrize(
+    ("examples", "tokens", "scheme", "expected"),
+    [
+        (50, 900, "examples", 50.0),
+        (51, 900, "examples", 50.0),
+        (1e30, 900, "examples", 50.0),
+        (50, 6400, "tokens", 6400.0),
+        (1, 6401, "tokens", 6400.0),
+        (1e30, 1e30, "uniform", 1.0),
+    ],
+)
+def test_a_weight_counts_at_most_what_a_clients_data_could_give(examples, tokens, scheme, expected, caplog):
+    cap = WeightCap(max_examples=50, max_seq_len=128)  # tokens: at most 50 * 128 = 6400
+    assert client_weight(examples, tokens, scheme, cap, "client 3") == expected
+    reported = {"examples": examples, "tokens": tokens, "uniform": 1.0}[scheme]
+    assert ("client 3 reported" in caplog.text) == (expected < reported)
 
 
 def test_scaffold_server_control_update_and_broadcast():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedtune.aggregation import fedavg
+from fedtune.aggregation.weighting import WeightCap
 from fedtune.errors import RunError
 from fedtune.paradigms.base import BadReply, Exchange
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
@@ -132,6 +133,16 @@ def test_any_unusable_reply_drops_only_its_client(tmp_path, reply, why):
     final = _run(tmp_path, handle, rounds=1)
     assert final.history[-1]["clients"] == [0, 2]
     assert why in final.history[-1]["dropped"]["1"]
+
+
+def test_a_claimed_weight_counts_at_most_the_cap(tmp_path):
+    def handle(cid, blob, state):  # client 2 claims 10**30 examples to replace the average with its update
+        req = decode_message(blob, TrainRequest)
+        return _reply(req, cid, num_examples=10**30 if cid == 2 else 1), state
+
+    final = _run(tmp_path, handle, rounds=1, weight_cap=WeightCap(max_examples=2, max_seq_len=8))
+    assert final.history[-1]["clients"] == [0, 1, 2]
+    assert torch.allclose(final.params["w"], torch.full((4,), (1 + 2 + 2 * 3) / 4))  # weights 1, 1, 2
 
 
 def test_a_reply_larger_than_any_honest_one_is_dropped_before_it_is_parsed(tmp_path, monkeypatch):

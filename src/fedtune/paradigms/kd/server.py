@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fedtune.aggregation.weighting import client_weight
+from fedtune.aggregation.weighting import WeightCap, client_weight
 from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbers, shared
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.kd.distributions import TopK, consensus, id_dtype
@@ -58,6 +58,7 @@ class KDSettings:
     num_clients: int
     vocab: int
     seed: int
+    weight_cap: WeightCap | None = None  # the most a client's reported examples may weigh
 
 
 # (global params, public indices, consensus, round) -> (new params, server distillation loss)
@@ -115,7 +116,9 @@ class KnowledgeDistillation:
 
         def read(client_id: int, reply: KDReply) -> Scores:
             top = self._read(r, reply, rows)
-            weight = 1.0 if s.weighting in ("uniform", "confidence") else _weight(reply.num_examples)
+            weight = 1.0
+            if s.weighting == "examples":
+                weight = _weight(reply.num_examples, s.weight_cap, f"round {r}: client {client_id}")
             return Scores(top, weight, reply.train_loss, reply.distill_loss, reply.local_train_s, reply.steps)
 
         cap = max_wire_bytes(2 * rows * s.top_k, 2)  # ids and log-probabilities, (rows, k) each
@@ -215,9 +218,9 @@ class KnowledgeDistillation:
         return out
 
 
-def _weight(num_examples: int) -> float:
+def _weight(num_examples: int, cap: WeightCap | None, who: str) -> float:
     try:
-        return client_weight(num_examples, 0, "examples")
+        return client_weight(num_examples, 0, "examples", cap, who)
     except ValueError as exc:
         raise BadReply(str(exc)) from None
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedtune.adapters.adapter_model import AdapterModel
+    from fedtune.aggregation.weighting import WeightCap
     from fedtune.assembly import Workbench
     from fedtune.config import ExperimentConfig
 
@@ -67,7 +68,7 @@ _OTHER_TOKENIZER = (
 )
 
 
-def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> KnowledgeDistillation:
+def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap: WeightCap) -> KnowledgeDistillation:
     kd = cfg.kd
     _check_tokenizers(cfg, bench)
     public = build_public(cfg, bench.encoder, announce=True)
@@ -82,7 +83,15 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> Knowled
     vocab = vocab_size(bench.adapter)
     k_down = _check_k(cfg, vocab)
     settings = KDSettings(
-        kd.downlink, kd.top_k, k_down, kd.public_slice, kd.weighting, cfg.partition.num_clients, vocab, cfg.seed
+        kd.downlink,
+        kd.top_k,
+        k_down,
+        kd.public_slice,
+        kd.weighting,
+        cfg.partition.num_clients,
+        vocab,
+        cfg.seed,
+        weight_cap,
     )
     log.info(
         "KD: top-%d of %d tokens (ids as %s) at each response position of %d public examples per round, "
