@@ -9,6 +9,7 @@ exactly the client's own global step. scope='round' restarts each round, on requ
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def lr_at(
@@ -39,3 +40,35 @@ def lr_at(
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"training.lr_schedule={schedule!r}; allowed: constant, linear, cosine")
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    """A client's local steps and learning rates per round, as the server can work them out from the config."""
+
+    lr: float
+    schedule: str
+    warmup_ratio: float
+    scope: str
+    total_rounds: int
+    batch_size: int
+    grad_accum: int
+    local_steps: int | None  # steps mode: every client takes exactly this many
+    local_epochs: float | None  # epochs mode: the steps follow the client's example count
+
+    def steps(self, num_examples: int) -> int:
+        """Optimizer steps of a round for a client with ``num_examples`` examples (``batching.micro_batches``)."""
+        if self.local_steps is not None:
+            return self.local_steps
+        batches = max(1, math.ceil((self.local_epochs or 0.0) * num_examples / self.batch_size))
+        return -(-batches // self.grad_accum)
+
+    def lr_sum(self, round_index: int, steps: int) -> float:
+        """The learning rates of a round's ``steps`` local steps, summed in step order as a client sums them
+        (SCAFFOLD's local path length)."""
+        total = 0.0
+        for step in range(steps):
+            total += lr_at(
+                self.lr, self.schedule, self.warmup_ratio, step, steps, round_index, self.total_rounds, self.scope
+            )
+        return total

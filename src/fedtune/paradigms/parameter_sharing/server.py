@@ -13,7 +13,9 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from fedtune.aggregation.base import Aggregator, Contribution
-from fedtune.aggregation.weighting import client_weight
+from fedtune.aggregation.clipping import update_norm
+from fedtune.aggregation.weighting import WeightCap, client_weight
+from fedtune.client.schedule import RoundSchedule
 from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbers, shared
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
@@ -21,6 +23,8 @@ from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainReques
 from fedtune.paradigms.parameter_sharing.validation import update_problem
 from fedtune.types import Params, ServerState
 from fedtune.wire.link import Link, generator, max_wire_bytes
+
+MAX_STEPS = 10_000_000  # a round's local steps beyond this are not a client's report but an attack
 
 
 class Update(NamedTuple):
@@ -39,6 +43,8 @@ class SharingSettings:
     weighting: str = "examples"
     max_update_norm: float | None = None
     downlink_updates: bool = False  # send each client the change to the adapter it holds
+    weight_cap: WeightCap | None = None  # the most a client's reported examples/tokens may weigh
+    schedule: RoundSchedule | None = None  # clients' local steps and learning rates (bounds SCAFFOLD's Δc)
 
 
 class ParameterSharing:
@@ -81,7 +87,9 @@ class ParameterSharing:
         def read(client_id: int, reply: TrainReply) -> Update:
             delta = self._read(r, reply, views[client_id], scaffold_c)
             try:
-                weight = client_weight(reply.num_examples, reply.num_tokens, s.weighting)
+                weight = client_weight(
+                    reply.num_examples, reply.num_tokens, s.weighting, s.weight_cap, f"round {r}: client {client_id}"
+                )
             except ValueError as exc:
                 raise BadReply(str(exc)) from None
             extras = {"scaffold": reply.scaffold_delta_c} if scaffold_c else {}
@@ -115,6 +123,7 @@ class ParameterSharing:
             problem = update_problem(reply.scaffold_delta_c, scaffold_c)
             if problem:
                 raise BadReply(f"control variate: {problem}")
+            self._check_control(r, reply, scaffold_c)
         try:
             delta = self.uplink.decode(reply.delta, view)
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -123,6 +132,32 @@ class ParameterSharing:
         if problem:
             raise BadReply(problem)
         return delta
+
+    def _check_control(self, r: int, reply: TrainReply, c: Params) -> None:
+        """BadReply unless the control variate's change stays within ``aggregation.max_update_norm``.
+
+        Δc_i = c_i+ − c_i = (x − y_i) / Σlr − c (SCAFFOLD option II), so ‖Δc_i + c‖ · Σlr is the norm of the
+        client's own local update, bounded as every update is (1% slack for float rounding); Σlr follows
+        from the schedule and the client's step count, itself checked against its example count.
+        """
+        s = self.settings
+        if s.max_update_norm is None or s.schedule is None:
+            return
+        n = reply.num_examples
+        if s.weight_cap is not None and n > s.weight_cap.max_examples:
+            raise BadReply(
+                f"{n} examples, more than federation.max_client_examples={s.weight_cap.max_examples} allows: "
+                "its control variate cannot be bounded"
+            )
+        if reply.steps != s.schedule.steps(n) or reply.steps > MAX_STEPS:
+            raise BadReply(f"{reply.steps} local steps do not follow from {n} examples and the training config")
+        lr_sum = s.schedule.lr_sum(r, reply.steps)
+        moved = update_norm({k: reply.scaffold_delta_c[k].float() + c[k].float() for k in c}) * lr_sum
+        if not moved <= s.max_update_norm * 1.01:
+            raise BadReply(
+                f"control variate: its change means a local update of norm {moved:.4g}, over "
+                f"aggregation.max_update_norm={s.max_update_norm:g}"
+            )
 
     def final_adapters(self, state: ServerState) -> dict[str, Params]:
         return {"": state.params}

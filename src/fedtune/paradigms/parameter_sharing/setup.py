@@ -6,7 +6,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from fedtune.aggregation import build_aggregator
+from fedtune.aggregation.weighting import WeightCap
 from fedtune.client.data import ClientData
+from fedtune.client.schedule import RoundSchedule
 from fedtune.client.trainer import LocalTrainer
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedtune")
 
 
-def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> ParameterSharing:
+def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap: WeightCap) -> ParameterSharing:
     lora_mode = cfg.aggregation.lora_mode() if cfg.adapter.is_lora() else None
     n = cfg.partition.num_clients
     lower = {c: r for c in range(n) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
@@ -39,7 +41,21 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter) -> Paramet
             "metrics.jsonl reports the relative error per round as lora_factor_averaging_error"
         )
     agg = cfg.aggregation
-    settings = SharingSettings(n, cfg.seed, agg.weighting, agg.max_update_norm, cfg.compression.downlink_updates)
+    t = cfg.training
+    schedule = RoundSchedule(
+        t.lr,
+        t.lr_schedule,
+        t.warmup_ratio,
+        t.schedule_scope,
+        cfg.federation.rounds,
+        t.batch_size,
+        t.grad_accum,
+        t.local_steps,
+        t.local_epochs,
+    )
+    settings = SharingSettings(
+        n, cfg.seed, agg.weighting, agg.max_update_norm, cfg.compression.downlink_updates, weight_cap, schedule
+    )
     return ParameterSharing(aggregator, settings, bench.initial, bench.uplink, bench.downlink, evaluate_adapter)
 
 
