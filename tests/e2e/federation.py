@@ -41,20 +41,27 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 class Federation:
-    def __init__(self, root: Path, settings: dict | None = None, enrolled: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        settings: dict | None = None,
+        enrolled: int | None = None,
+        host: str = "127.0.0.1",
+        listen: str | None = None,
+    ):
+        """host: where clients reach the coordinator (its certificate covers it); listen: its listen host."""
         self.root = root
         spec = _merge(BASE, settings or {})
         n = spec["partition"]["num_clients"]
-        spec = _merge(
-            spec,
-            {
-                "output": {"dir": str(root / "runs")},
-                "runtime": {"flower": {"address": f"127.0.0.1:{free_port()}", "certs": str(root / "certs")}},
-            },
-        )
+        self.port = free_port(listen or host)
+        flower = {"address": f"{host}:{self.port}", "certs": str(root / "certs")}
+        if listen is not None:
+            flower["listen"] = f"{listen}:{self.port}"
+        spec = _merge(spec, {"output": {"dir": str(root / "runs")}, "runtime": {"flower": flower}})
         self.config = root / "fed.yaml"
         self.config.write_text(yaml.safe_dump(spec))
-        write_certs(root / "certs", ["127.0.0.1", "localhost"], [f"client-{i}" for i in range(enrolled or n)])
+        hosts = list(dict.fromkeys([host, "127.0.0.1", "localhost"]))
+        write_certs(root / "certs", hosts, [f"client-{i}" for i in range(enrolled or n)])
         cfg = load_config(self.config)
         data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
         for cid, part in enumerate(data.parts):

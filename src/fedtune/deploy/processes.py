@@ -10,8 +10,12 @@ from pathlib import Path
 
 
 def superlink_cmd(host: str, port: int, database: Path, certs: Path | None) -> list[str]:
-    """flower-superlink with TLS from certs/ (ca.crt, server.pem, server.key) and key enrolment; None: plain."""
-    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--database", str(database)]
+    """flower-superlink with TLS from certs/ (ca.crt, server.pem, server.key) and key enrolment; None: plain.
+
+    It runs behind fedtune's guard (deploy/superlink.py): over the network it serves only the fleet API.
+    """
+    cmd = [sys.executable, "-m", "fedtune.deploy.superlink", "--host", host, "--port", str(port)]
+    cmd += ["--database", str(database)]
     cmd.append("--disable-runtime-dependency-installation")  # the code is the installed fedtune package
     if certs is None:
         return [*cmd, "--insecure"]
@@ -41,12 +45,12 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 def start(cmd: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
-    """Start a Flower executable from this environment, output appended to log_file.
+    """Start a Flower command (cmd[0]: a path, or a script of this environment), output appended to log_file.
 
     It gets its own session (our Ctrl-C is ours to handle, then passed on as SIGTERM) and, on
     Linux, SIGTERM when we die, even by SIGKILL: no SuperLink or SuperNode outlives its fedtune command.
     """
-    exe = Path(sys.executable).parent / cmd[0]
+    exe = Path(cmd[0]) if Path(cmd[0]).is_absolute() else Path(sys.executable).parent / cmd[0]
     with log_file.open("ab") as out:
         return subprocess.Popen(
             [str(exe) if exe.exists() else cmd[0], *cmd[1:]],
