@@ -49,7 +49,7 @@ def decode_message(blob: bytes, *kinds: type) -> Any:
         raise ValueError(f"message header is a {type(header).__name__}, not an object")
     kind = header.pop("kind", None)
     by_kind = {k.KIND: k for k in kinds}
-    if kind not in by_kind:
+    if not isinstance(kind, str) or kind not in by_kind:
         raise ValueError(f"not an expected fedtune message (kind={kind!r:.40}); expected one of {sorted(by_kind)}")
     cls = by_kind[kind]
     hints = _hints(cls)

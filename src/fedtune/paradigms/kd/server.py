@@ -164,7 +164,7 @@ class KnowledgeDistillation:
             raise BadReply("a token id repeats within a position's top-k")
         try:
             logp = self.uplink.decode(reply.logp, [LOGP], max_numel=rows * s.top_k)[LOGP]
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:  # a crafted meta or part
             codecs = self.uplink.describe()
             raise BadReply(f"cannot decode the log-probabilities with codecs {codecs!r}: {exc}") from None
         if tuple(logp.shape) != (rows, s.top_k) or not logp.is_floating_point():

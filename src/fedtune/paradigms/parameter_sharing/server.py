@@ -126,7 +126,7 @@ class ParameterSharing:
             self._check_control(r, reply, scaffold_c)
         try:
             delta = self.uplink.decode(reply.delta, view)
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:  # a crafted meta or part
             raise BadReply(f"cannot decode the update with uplink codecs {self.uplink.describe()!r}: {exc}") from None
         problem = update_problem(delta, view, self.settings.max_update_norm)
         if problem:
