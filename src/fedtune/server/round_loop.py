@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
+from fedtune.aggregation.clipping import not_finite
 from fedtune.errors import RunError, untrusted_text
 from fedtune.paradigms.base import BadReply, Exchange, Replies, ServerParadigm, converse
 from fedtune.reporting.console import bar_disabled
@@ -166,7 +166,7 @@ def run_rounds(
 def _check_finite(r: int, new: ServerState, last: int) -> None:
     """RunError unless every tensor of the new global parameters is finite: finite, bounded updates can
     still sum past the float range, and a NaN model must never be applied or checkpointed."""
-    bad = [k for k, t in new.params.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = not_finite(new.params)
     if bad:
         raise RunError(
             f"round {r}: the new global adapter is not finite in {len(bad)} tensor(s) (e.g. {bad[0]}); it was not "

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+import math
 
-from fedtune.aggregation.clipping import update_norm
+from fedtune.aggregation.clipping import fused_norm, nonfinite_tensors
 from fedtune.types import Params
 
 
@@ -18,10 +18,12 @@ def update_problem(delta: Params, params: Params, max_norm: float | None = None)
             return f"{k}: shape {tuple(v.shape)}, expected {tuple(params[k].shape)}"
         if v.dtype != params[k].dtype:
             return f"{k}: dtype {v.dtype}, expected {params[k].dtype}"
-        if not torch.isfinite(v).all():
-            return f"{k}: contains NaN or Inf"
-    if max_norm is not None:
-        norm = update_norm(delta)
-        if norm > max_norm:
-            return f"update norm {norm:.4g} exceeds aggregation.max_update_norm={max_norm:g}"
+    norm = fused_norm(delta)  # one pass gives both: a NaN or Inf anywhere makes it non-finite
+    if not math.isfinite(norm):
+        bad = nonfinite_tensors(delta)
+        if bad:
+            return f"{bad[0]}: contains NaN or Inf"
+        norm = math.inf  # finite values whose squares overflow float32
+    if max_norm is not None and norm > max_norm:
+        return f"update norm {norm:.4g} exceeds aggregation.max_update_norm={max_norm:g}"
     return None
