@@ -5,20 +5,59 @@ A round's wall time runs from one round's metrics record to the next, so it incl
 encoding, decoding, validation, aggregation, the atomic checkpoint and the metrics write.
 Evaluation runs only after the last round, which is left out. Target: at most 1.05.
 
+The guards a reply passes on the server (the header's types, the codec meta's declared shapes,
+the finite and norm checks of each update, the reported numbers and weight, the aggregate's
+finite check; ``aggregation.max_update_norm`` is set, far above any update, so that its check
+runs) are timed in place; their share of the round's framework overhead (wall time minus local
+training) is reported. Target: under 1%.
+
     python benchmarks/overhead.py [--rounds 5] [--clients 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import itertools
 import tempfile
 import time
+from collections.abc import Callable
 
 from common import write_result
 
 from fedtune.config import load_config
 from fedtune.experiment import run_experiment
+
+GUARDS = [  # (module, function) as the code that runs them looks them up
+    ("fedtune.wire.messages", "_check_header"),
+    ("fedtune.codecs.base", "check_declared_shapes"),
+    ("fedtune.paradigms.parameter_sharing.server", "update_problem"),
+    ("fedtune.paradigms.parameter_sharing.server", "check_numbers"),
+    ("fedtune.paradigms.parameter_sharing.server", "client_weight"),
+    ("fedtune.server.round_loop", "_check_finite"),
+]
+
+
+def time_guards() -> dict[str, float]:
+    """Wrap every guard with a timer; the returned dict accumulates seconds per guard."""
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+
+        return run
+
+    for module, name in GUARDS:
+        mod = importlib.import_module(module)
+        setattr(mod, name, timed(name, getattr(mod, name)))
+    return spent
 
 
 def main() -> None:
@@ -28,7 +67,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
-    stamps: list[tuple[float, dict]] = []
+    stamps: list[tuple[float, dict, float]] = []  # (time, record, guard seconds so far)
+    guards = time_guards()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
             "examples/quickstart.yaml",
@@ -44,11 +84,12 @@ def main() -> None:
                 "evaluation.exact_match=false",
                 f"output.dir={tmp}",
                 "output.progress=false",
+                "aggregation.max_update_norm=1000",
             ],
         )
-        run_experiment(cfg, on_record=lambda rec: stamps.append((time.perf_counter(), rec)))
+        run_experiment(cfg, on_record=lambda rec: stamps.append((time.perf_counter(), rec, sum(guards.values()))))
     rows = []
-    for (t0, _), (t1, rec) in itertools.pairwise(stamps):
+    for (t0, _, g0), (t1, rec, g1) in itertools.pairwise(stamps):
         if rec["round"] == args.rounds:  # the last round also evaluates; not framework overhead
             continue
         rows.append(
@@ -57,9 +98,12 @@ def main() -> None:
                 "round_wall_s": t1 - t0,
                 "local_train_s": rec["local_train_s"],
                 "ratio": (t1 - t0) / rec["local_train_s"],
+                "guards_s": g1 - g0,
+                "guards_share_of_overhead": (g1 - g0) / (t1 - t0 - rec["local_train_s"]),
             }
         )
     wall, local = sum(r["round_wall_s"] for r in rows), sum(r["local_train_s"] for r in rows)
+    guard_s = sum(r["guards_s"] for r in rows)
     write_result(
         "overhead",
         {
@@ -75,6 +119,11 @@ def main() -> None:
             "overhead_s_per_round": (wall - local) / len(rows),
             "target": 1.05,
             "pass": wall / local <= 1.05,
+            "guards_s_per_round": guard_s / len(rows),
+            "guards_share_of_overhead": guard_s / (wall - local),
+            "guards_by_name_s": guards,
+            "guards_target": 0.01,
+            "guards_pass": guard_s / (wall - local) < 0.01,
         },
     )
 
