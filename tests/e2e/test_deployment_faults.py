@@ -85,7 +85,7 @@ def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run
         for cid in range(3):
             fed.client(cid)
         fed.wait_for("client-0", r"round 2: train request", 180)
-        flower = [c for c in _command_lines() if "--node-config" in c]
+        flower = [c for c in _command_lines() if "--node-config" in c and str(tmp_path) in c]  # this test's
         assert len(flower) == 3 and all("worker-key-file=" in c for c in flower), flower
         assert not any(re.search(r"[0-9a-f]{64}", c) for c in flower)  # no worker key visible in ps
         fed.kill("server")  # mid-round 2: round 1 is checkpointed, round 2 is not
