@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -255,3 +256,23 @@ def test_the_fused_finite_check_tells_overflow_from_nan():
     assert update_problem({"a": torch.ones(4)}, {"a": torch.ones(4)}, 1.9) == (
         "update norm 2 exceeds aggregation.max_update_norm=1.9"
     )
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        lambda flat: dict(zip("abc", torch.split(flat, [3, 5, 4]), strict=True)),  # tiles: one kernel
+        lambda flat: {"a": flat[:3], "c": flat[8:]},  # a gap: per tensor
+        lambda flat: {"a": flat[:6], "b": flat[3:9]},  # an overlap: per tensor
+        lambda flat: {"a": flat[:8].reshape(2, 4).t(), "b": flat[8:]},  # not contiguous: per tensor
+        lambda flat: {"a": flat[:6].clone(), "b": flat[6:]},  # two storages: per tensor
+    ],
+)
+def test_the_fused_norm_is_the_norm_of_exactly_the_given_tensors(split):
+    from fedtune.aggregation.clipping import fused_norm, update_norm
+
+    flat = torch.arange(1.0, 13.0)
+    parts = split(flat)
+    assert fused_norm(parts) == pytest.approx(update_norm(parts), rel=1e-6)
+    flat[-1] = float("nan")  # a NaN where a part reaches it makes the norm NaN, elsewhere not
+    assert math.isfinite(fused_norm(parts)) == all(bool(torch.isfinite(t).all()) for t in parts.values())
