@@ -104,6 +104,7 @@ def main() -> None:
         )
     wall, local = sum(r["round_wall_s"] for r in rows), sum(r["local_train_s"] for r in rows)
     guard_s = sum(r["guards_s"] for r in rows)
+    shares = [r["guards_share_of_overhead"] for r in rows]
     write_result(
         "overhead",
         {
@@ -121,9 +122,10 @@ def main() -> None:
             "pass": wall / local <= 1.05,
             "guards_s_per_round": guard_s / len(rows),
             "guards_share_of_overhead": guard_s / (wall - local),
+            "guards_share_of_overhead_max": max(shares),  # per round: a noisy round inflates only its own
             "guards_by_name_s": guards,
             "guards_target": 0.01,
-            "guards_pass": guard_s / (wall - local) < 0.01,
+            "guards_pass": max(shares) < 0.01,
         },
     )
 
