@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -20,10 +20,17 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     spec = json.loads(Path(str(context.run_config["spec"])).read_text())
     payload = Path(spec["payload"]).read_bytes()
-    runtime = FlowerRuntime(grid, spec["names"], poll_s=0.1)
+    piece = int(spec["piece_mb"] * 2**20) if spec.get("piece_mb") else None
+    runtime = FlowerRuntime(grid, spec["names"], spec["deadline_s"], poll_s=0.1, piece_bytes=piece)
     runtime.wait_for_clients(1, 1, 120)
     t = time.perf_counter()
     replies = runtime.send_and_receive([Envelope(0, payload)])
     wall = time.perf_counter() - t
-    ok = len(replies) == 1 and hashlib.sha256(replies[0].payload).digest() == hashlib.sha256(payload).digest()
-    Path(spec["out"]).write_text(json.dumps({"round_trip_s": wall, "echo_identical": ok, "bytes": len(payload)}))
+    out = {
+        "round_trip_s": wall,
+        "echo_identical": len(replies) == 1 and replies[0].payload == payload,
+        "bytes": len(payload),
+        "piece_bytes": runtime.piece_bytes,
+        "serverapp_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    Path(spec["out"]).write_text(json.dumps(out))

@@ -6,10 +6,15 @@ here over a local, key-protected socket (``ask_worker``). The worker serves it w
 per round it trained in. A request for round r starts from the newest state saved before r, so a
 round the coordinator repeats after a crash replays exactly what it did the first time; an
 evaluation in round r sees the state that round's training left.
+
+A payload larger than one Flower message (``fedtune.runtime.flower_wire``) reaches the worker piece by
+piece (``ask_worker_op`` "piece"), each into its place in the request; the piece that completes it
+runs the request, and a large reply is handed out piece by piece ("fetch") in the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedtune.errors import untrusted_text
+from fedtune.runtime import flower_wire as wire
 
 if TYPE_CHECKING:  # Flower runs ask_worker in a fresh process per message: no torch import there
     from fedtune.types import ClientState
@@ -30,6 +36,8 @@ log = logging.getLogger("fedtune")
 
 KEEP_STATES = 3  # a repeated round needs the state before it; keep a margin
 IDLE_TIMEOUT_S = 30.0  # a local peer that stops sending or reading mid-exchange is cut off after this
+MAX_REQUEST_BYTES = 2**40  # a pieced request may declare at most this (its pages are taken as pieces arrive)
+MAX_OPEN_EXCHANGES = 4  # pieced exchanges held at once; the oldest goes first (one per client id)
 
 
 def worker_secret(folder: str) -> tuple[str, bytes]:
@@ -53,6 +61,115 @@ def ask_worker(address: str, key: bytes, client_id: int, payload: bytes) -> byte
         return conn.recv_bytes()
 
 
+def ask_worker_op(address: str, key: bytes, op: str, client_id: int, info: dict, data: bytes) -> tuple[dict, bytes]:
+    """One pieced-exchange step at the worker (op "piece" or "fetch", ``info`` the Flower message's meta):
+    (the meta to answer with, the bytes to answer with), or RuntimeError with the worker's error."""
+    with Client(address, family="AF_UNIX", authkey=key) as conn:
+        conn.send((op, client_id, info))
+        conn.send_bytes(data)
+        status, detail = conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"fedtune client worker: {detail}")
+        return detail, conn.recv_bytes()
+
+
+class _Exchange:
+    """One pieced exchange at the worker: its request being put together, then its reply being fetched."""
+
+    def __init__(self, client_id: int, piece_bytes: int, request: wire.Assembly | None):
+        self.client_id, self.piece_bytes, self.request = client_id, piece_bytes, request
+        self.reply: bytes | None = None
+        self.answer: dict = {}  # the meta the reply's first piece goes with
+        self.fetched: set[int] = set()
+
+
+class PieceExchanges:
+    """The worker's side of pieced exchanges (ops "piece" and "fetch"); ``handle`` serves a whole request.
+
+    Whatever a message says is checked: sizes, indices and the request's sha256 (``wire.Assembly``).
+    A piece sent again after its request was answered gets the same answer; a finished reply is
+    dropped once its last piece is fetched, an unfinished exchange when its client starts another.
+    """
+
+    def __init__(self, handle: Callable[[int, bytes], bytes], max_request_bytes: int = MAX_REQUEST_BYTES):
+        self.handle, self.max_request_bytes = handle, max_request_bytes
+        self.open: dict[str, _Exchange] = {}  # exchange id -> exchange, oldest first
+
+    def piece(self, client_id: int, info: dict, data: bytes) -> tuple[dict, bytes | memoryview]:
+        """Take request piece info[PIECE] (the whole request if info has no TOTAL): (answer meta, answer bytes)."""
+        eid, size = self._id(info), wire.checked_piece_bytes(info.get(wire.PIECE_SIZE))
+        x = self.open.get(eid)
+        if x is not None:
+            if x.client_id != client_id or x.piece_bytes != size:
+                raise ValueError(f"exchange {eid} is client {x.client_id}'s, with {x.piece_bytes}-byte pieces")
+            if x.reply is not None:  # answered already: this piece came twice
+                return x.answer, memoryview(x.reply)[:size]
+        if wire.TOTAL not in info:  # the whole request in one message
+            if len(data) > size:
+                raise ValueError(f"a single-message request of {len(data):,} bytes exceeds its {size:,}-byte pieces")
+            return self._answer(eid, client_id, size, data)
+        if x is None:
+            request = wire.Assembly(info[wire.TOTAL], size, info.get(wire.SHA256), self.max_request_bytes)
+            x = self._begin(eid, _Exchange(client_id, size, request))
+        if x.request is None or (info[wire.TOTAL], info.get(wire.SHA256)) != (x.request.total, x.request.sha256):
+            raise ValueError(f"exchange {eid}: the piece does not belong to the request being put together")
+        x.request.add(info.get(wire.PIECE), data)
+        if not x.request.complete:
+            return {wire.HAVE: len(x.request.have)}, b""
+        try:
+            request = x.request.result()
+        except ValueError:  # the pieces do not make the declared request: the exchange is over
+            del self.open[eid]
+            raise
+        return self._answer(eid, client_id, size, request)
+
+    def _answer(self, eid: str, client_id: int, size: int, request: bytes) -> tuple[dict, bytes | memoryview]:
+        """Serve a whole request: the reply whole if it fits in a piece, else its first piece (the rest kept)."""
+        try:
+            reply = self.handle(client_id, request)
+        except Exception:
+            self.open.pop(eid, None)
+            raise
+        if len(reply) <= size:
+            self.open.pop(eid, None)
+            return {}, reply
+        x = self.open.get(eid) or self._begin(eid, _Exchange(client_id, size, None))
+        x.request, x.reply = None, reply
+        x.answer = {wire.REPLY_TOTAL: len(reply), wire.REPLY_SHA256: hashlib.sha256(reply).hexdigest()}
+        return x.answer, memoryview(reply)[:size]
+
+    def fetch(self, client_id: int, info: dict) -> tuple[dict, memoryview]:
+        """Reply piece info[FETCH] of a request this worker answered: (answer meta, the piece)."""
+        eid = self._id(info)
+        x = self.open.get(eid)
+        if x is None or x.reply is None or x.client_id != client_id:
+            raise ValueError(f"no reply of client {client_id} waits under exchange {eid}")
+        count = wire.piece_count(len(x.reply), x.piece_bytes)
+        index = wire.checked_int(info.get(wire.FETCH), 1, count - 1, "a reply piece index")
+        start, end = wire.piece_span(index, len(x.reply), x.piece_bytes)
+        piece = memoryview(x.reply)[start:end]
+        x.fetched.add(index)
+        if len(x.fetched) == count - 1:  # every piece handed out: the reply goes
+            del self.open[eid]
+        return {wire.PIECE: index}, piece
+
+    def _begin(self, eid: str, x: _Exchange) -> _Exchange:
+        for old in [k for k, o in self.open.items() if o.client_id == x.client_id]:
+            log.info("client %d started another exchange: dropped unfinished exchange %s", x.client_id, old)
+            del self.open[old]
+        while len(self.open) >= MAX_OPEN_EXCHANGES:
+            del self.open[next(iter(self.open))]
+        self.open[eid] = x
+        return x
+
+    @staticmethod
+    def _id(info: dict) -> str:
+        eid = info.get(wire.EXCHANGE)
+        if not isinstance(eid, str) or not 0 < len(eid) <= 100:
+            raise ValueError(f"not an exchange id: {str(eid)[:40]!r}")
+        return eid
+
+
 def serve_socket(
     listener: Listener,
     key: bytes,
@@ -62,8 +179,10 @@ def serve_socket(
 ) -> None:
     """Serve ``ask_worker`` requests one at a time until ``stop``: authenticate each connection with
     ``key`` (``listener`` is made without an authkey, so the handshake runs here), read (client id,
-    payload), reply with ``handle``'s bytes or its error. A peer silent for ``idle_timeout_s`` while
-    it should be sending (or reading) is cut off, so no connection can stall the worker."""
+    payload), reply with ``handle``'s bytes or its error; ``ask_worker_op`` steps of pieced exchanges
+    likewise. A peer silent for ``idle_timeout_s`` while it should be sending (or reading) is cut off,
+    so no connection can stall the worker."""
+    pieces = PieceExchanges(handle)
     while not stop.is_set():
         try:
             conn = listener.accept()
@@ -72,28 +191,50 @@ def serve_socket(
                 return
             raise
         with conn:
-            try:
-                _limit_idle(conn, idle_timeout_s)
-                deliver_challenge(conn, key)
-                answer_challenge(conn, key)
-                _op, client_id = conn.recv()  # unpickled only after the peer proved it holds the key
-                payload = conn.recv_bytes()
-            except Exception as exc:  # no key, wrong key, stalled, malformed: refuse it, keep serving
-                log.warning("refused a local connection: %s", untrusted_text(repr(exc)))
-                continue
-            try:
-                reply = handle(int(client_id), payload)
-            except Exception as exc:
-                log.exception("request failed")
-                out: tuple = ("error", f"{type(exc).__name__}: {exc}")
-            else:
-                out = ("ok", None)
-            try:
-                conn.send(out)
-                if out[0] == "ok":
-                    conn.send_bytes(reply)
-            except OSError as exc:
-                log.warning("could not send the reply to the local ClientApp: %s", exc)
+            _serve_connection(conn, key, handle, pieces, idle_timeout_s)
+
+
+def _serve_connection(
+    conn: Connection,
+    key: bytes,
+    handle: Callable[[int, bytes], bytes],
+    pieces: PieceExchanges,
+    idle_timeout_s: float,
+) -> None:
+    """One request on one connection (its bytes are let go on return, not kept until the next one)."""
+    try:
+        _limit_idle(conn, idle_timeout_s)
+        deliver_challenge(conn, key)
+        answer_challenge(conn, key)
+        head = conn.recv()  # unpickled only after the peer proved it holds the key
+        op, client_id = head[0], int(head[1])
+        info = dict(head[2]) if op in ("piece", "fetch") else {}
+        payload = conn.recv_bytes()
+    except Exception as exc:  # no key, wrong key, stalled, malformed: refuse it, keep serving
+        log.warning("refused a local connection: %s", untrusted_text(repr(exc)))
+        return
+    reply: bytes | memoryview = b""
+    try:
+        if op == "piece":
+            answer, reply = pieces.piece(client_id, info, payload)
+        elif op == "fetch":
+            answer, reply = pieces.fetch(client_id, info)
+        elif op == "serve":
+            answer, reply = None, handle(client_id, payload)
+        else:
+            raise ValueError(f"unknown operation {untrusted_text(repr(op))}")
+    except Exception as exc:
+        log.exception("request failed")
+        out: tuple = ("error", f"{type(exc).__name__}: {exc}")
+    else:
+        out = ("ok", answer)
+    del payload
+    try:
+        conn.send(out)
+        if out[0] == "ok":
+            conn.send_bytes(reply)
+    except OSError as exc:
+        log.warning("could not send the reply to the local ClientApp: %s", exc)
 
 
 def _limit_idle(conn: Connection, seconds: float) -> None:
