@@ -7,6 +7,17 @@ import math
 import numpy as np
 
 
+def batch_count(
+    num_examples: int, batch_size: int, grad_accum: int, local_steps: int | None, local_epochs: float | None
+) -> int:
+    """How many micro-batches a round has: steps * grad_accum, or ceil(epochs * n / batch_size) (at least 1)."""
+    if local_steps is not None:
+        return local_steps * grad_accum
+    if local_epochs is not None:
+        return max(1, math.ceil(local_epochs * num_examples / batch_size))
+    raise ValueError("give local_steps or local_epochs")
+
+
 def micro_batches(
     num_examples: int,
     batch_size: int,
@@ -20,12 +31,7 @@ def micro_batches(
     Steps mode draws steps * grad_accum batches from back-to-back shuffled passes over the data.
     Epochs mode covers ceil(epochs * n / batch_size) batches the same way.
     """
-    if local_steps is not None:
-        n_batches = local_steps * grad_accum
-    elif local_epochs is not None:
-        n_batches = max(1, math.ceil(local_epochs * num_examples / batch_size))
-    else:
-        raise ValueError("give local_steps or local_epochs")
+    n_batches = batch_count(num_examples, batch_size, grad_accum, local_steps, local_epochs)
     need = n_batches * batch_size
     order = np.concatenate([rng.permutation(num_examples) for _ in range(math.ceil(need / num_examples))])
     batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]

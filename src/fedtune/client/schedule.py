@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedtune.client.batching import batch_count
+
+if TYPE_CHECKING:
+    from fedtune.config import TrainingConfig
 
 
 def lr_at(
@@ -56,19 +62,33 @@ class RoundSchedule:
     local_steps: int | None  # steps mode: every client takes exactly this many
     local_epochs: float | None  # epochs mode: the steps follow the client's example count
 
+    @classmethod
+    def of(cls, t: TrainingConfig, total_rounds: int) -> RoundSchedule:
+        return cls(
+            t.lr,
+            t.lr_schedule,
+            t.warmup_ratio,
+            t.schedule_scope,
+            total_rounds,
+            t.batch_size,
+            t.grad_accum,
+            t.local_steps,
+            t.local_epochs,
+        )
+
     def steps(self, num_examples: int) -> int:
         """Optimizer steps of a round for a client with ``num_examples`` examples (``batching.micro_batches``)."""
-        if self.local_steps is not None:
-            return self.local_steps
-        batches = max(1, math.ceil((self.local_epochs or 0.0) * num_examples / self.batch_size))
+        batches = batch_count(num_examples, self.batch_size, self.grad_accum, self.local_steps, self.local_epochs)
         return -(-batches // self.grad_accum)
+
+    def lr_at(self, round_index: int, step: int, steps: int) -> float:
+        """The learning rate of 0-based local ``step`` of ``steps`` in 1-based round ``round_index``."""
+        return lr_at(self.lr, self.schedule, self.warmup_ratio, step, steps, round_index, self.total_rounds, self.scope)
 
     def lr_sum(self, round_index: int, steps: int) -> float:
         """The learning rates of a round's ``steps`` local steps, summed in step order as a client sums them
         (SCAFFOLD's local path length)."""
         total = 0.0
         for step in range(steps):
-            total += lr_at(
-                self.lr, self.schedule, self.warmup_ratio, step, steps, round_index, self.total_rounds, self.scope
-            )
+            total += self.lr_at(round_index, step, steps)
         return total

@@ -19,7 +19,7 @@ from fedtune.client.batching import micro_batches
 from fedtune.client.corrections import Correction
 from fedtune.client.data import ClientData
 from fedtune.client.local_training import LocalResult, train_locally
-from fedtune.client.schedule import lr_at
+from fedtune.client.schedule import RoundSchedule
 from fedtune.config import TrainingConfig
 from fedtune.data.tokenize import collate
 from fedtune.losses import LossFn, token_loss_sum
@@ -63,18 +63,10 @@ class LocalTrainer:
         torch_seed, plan = round_plan(self.seed, round_index, client_id, len(data.train), cfg)
         batches = [collate([data.train[i] for i in idx], self.pad_id) for idx in plan]
         steps = -(-len(batches) // cfg.grad_accum)
+        schedule = RoundSchedule.of(cfg, self.total_rounds)
 
         def lr(step: int) -> float:
-            return lr_at(
-                cfg.lr,
-                cfg.lr_schedule,
-                cfg.warmup_ratio,
-                step,
-                steps,
-                round_index,
-                self.total_rounds,
-                cfg.schedule_scope,
-            )
+            return schedule.lr_at(round_index, step, steps)
 
         bar = tqdm(
             total=steps, desc=f"  client {client_id}", leave=False, disable=bar_disabled(self.progress), unit="step"

@@ -41,18 +41,7 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
             "metrics.jsonl reports the relative error per round as lora_factor_averaging_error"
         )
     agg = cfg.aggregation
-    t = cfg.training
-    schedule = RoundSchedule(
-        t.lr,
-        t.lr_schedule,
-        t.warmup_ratio,
-        t.schedule_scope,
-        cfg.federation.rounds,
-        t.batch_size,
-        t.grad_accum,
-        t.local_steps,
-        t.local_epochs,
-    )
+    schedule = RoundSchedule.of(cfg.training, cfg.federation.rounds)
     settings = SharingSettings(
         n, cfg.seed, agg.weighting, agg.max_update_norm, cfg.compression.downlink_updates, weight_cap, schedule
     )
