@@ -13,6 +13,26 @@ import torch
 
 Params = dict[str, torch.Tensor]  # parameter name -> tensor (an adapter state or a delta)
 
+
+class Tiled(dict):
+    """Named tensors known, by how they were made, to be contiguous views tiling ``buffer`` (Σ numel,) back
+    to back in this order, all of its dtype: whole-adapter arithmetic and checks then run on the buffer in
+    one kernel (``aggregation.flat``). Read-only, so the buffer cannot go stale; ``dict(t)`` is a plain,
+    mutable copy. Made only by ``wire.link.Link.decode`` (no codecs) and ``aggregation.flat.unflatten``."""
+
+    def __init__(self, items: Any, buffer: torch.Tensor):
+        super().__init__(items)
+        self.buffer = buffer
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a Tiled dict of tensors is read-only; copy it with dict(...) to change it")
+
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        return dict, (dict(self),)  # pickles as a plain dict
+
+
 # A client's persistent state: owner -> its tensors. Each piece has one owner and its own namespace:
 # "held" (the adapter a client holds, downlink updates), "residual" (uplink error feedback),
 # "scaffold" (SCAFFOLD's c_i), "kd" (KD: the adapter a client keeps as its own).

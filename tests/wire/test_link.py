@@ -181,3 +181,47 @@ def test_low_rank_factors_must_make_the_declared_shape(update):
 
     with pytest.raises(ValueError, match="do not make"):
         link.decode(_tampered(wire, tall_u), update)
+
+
+def test_an_update_decoded_without_codecs_is_tiled_over_its_packed_tensor(update):
+    from fedtune.aggregation.flat import flat_of
+    from fedtune.types import Tiled
+
+    wire, _ = Link().encode(update, {}, torch.Generator())
+    decoded = Link().decode(wire, update)
+    assert type(decoded) is Tiled and decoded.keys() == update.keys()
+    assert all(torch.equal(decoded[k], update[k]) for k in update)
+    assert torch.equal(decoded.buffer, torch.cat([t.reshape(-1) for t in decoded.values()]))
+    assert flat_of(dict(decoded)) is not None  # what the buffer claims, the tensors confirm
+
+    def twice(meta):  # one part named twice: the dict keeps one, the buffer would carry both
+        (entries,) = meta["layout"].values()
+        entries[1][0] = entries[0][0]
+
+    with pytest.raises(ValueError, match="expected the"):
+        Link().decode(_tampered(wire, twice), update)
+    lossy = Link.from_specs([{"name": "int8"}])
+    assert type(lossy.decode(lossy.encode(update, {}, torch.Generator())[0], update)) is dict
+
+
+def test_a_tiled_dict_is_read_only_and_pickles_as_a_plain_dict():
+    import pickle
+
+    from fedtune.types import Tiled
+
+    buffer = torch.arange(6.0)
+    tiled = Tiled({"a": buffer[:2], "b": buffer[2:]}, buffer)
+    for change in (
+        lambda t: t.__setitem__("a", torch.zeros(2)),
+        lambda t: t.update(a=torch.zeros(2)),
+        lambda t: t.pop("a"),
+        lambda t: t.__delitem__("a"),
+        lambda t: t.setdefault("c", torch.zeros(1)),
+        lambda t: t.clear(),
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            change(tiled)
+    back = pickle.loads(pickle.dumps(tiled))
+    assert type(back) is dict and all(torch.equal(back[k], tiled[k]) for k in tiled)
+    copy = dict(tiled)
+    copy["a"] = torch.zeros(2)  # a plain copy can change

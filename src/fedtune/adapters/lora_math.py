@@ -74,8 +74,10 @@ def refactor(
     scale: float,
     dtype: torch.dtype,
     near: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A, B, tail energy) with scale · B A the best rank-`rank` approximation of U diag(S) Vh.
+    """(A, B, tail energy) with scale · B A the best rank-`rank` approximation of U diag(S) Vh; A and B
+    are written into ``out`` = (A, B) when given (views of a packed buffer, ``aggregation.flat``).
 
     The singular values are split evenly: B = U_r sqrt(S_r / scale), A = sqrt(S_r / scale) Vh_r.
     Tail energy is Σ_{i > rank} S_i², the squared Frobenius error of the truncation.
@@ -96,7 +98,10 @@ def refactor(
         w, _, zh = torch.linalg.svd(b.T @ b_prev + a @ a_prev.T)  # (rank, rank) each
         q = w @ zh  # orthogonal
         b, a = b @ q, q.T @ a
-    return a.to(dtype), b.to(dtype), float(s[keep:].pow(2).sum())
+    tail = float(s[keep:].pow(2).sum())
+    if out is None:
+        return a.to(dtype), b.to(dtype), tail
+    return out[0].copy_(a), out[1].copy_(b), tail  # the cast on the copy rounds as .to(dtype) does
 
 
 def product_inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:

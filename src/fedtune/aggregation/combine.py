@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fedtune.aggregation.base import Contribution
+from fedtune.aggregation.flat import flats, unflatten
 from fedtune.types import Params
 
 Combiner = Callable[[Sequence[Contribution]], Params]
@@ -37,6 +38,12 @@ def weighted_mean(contributions: Sequence[Contribution]) -> Params:
     total = float(sum(c.weight for c in ordered))
     if not total > 0:
         raise ValueError(f"aggregation weights must sum to a positive number, got {total}")
+    buffers = flats([c.delta for c in ordered])
+    if buffers is not None:  # every delta tiles one buffer in one layout: K kernels, not K per tensor
+        acc = torch.zeros(buffers[0].shape, dtype=torch.float32)  # (Σ numel,)
+        for c, flat in zip(ordered, buffers, strict=True):
+            acc.add_(flat.to(torch.float32), alpha=c.weight / total)
+        return unflatten(acc.to(buffers[0].dtype), ordered[0].delta)
     out: Params = {}
     for key, first in ordered[0].delta.items():
         acc = torch.zeros(first.shape, dtype=torch.float32)

@@ -24,6 +24,8 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
+
 from fedtune.adapters.lora_math import (
     factor_averaging_error,
     lora_pairs,
@@ -37,6 +39,7 @@ from fedtune.adapters.lora_math import (
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import clip_contributions
 from fedtune.aggregation.combine import weighted_mean
+from fedtune.aggregation.flat import packed_like
 from fedtune.types import Params
 
 
@@ -140,7 +143,9 @@ class LoraExact(_LoraAggregator):
         ordered, weights, local = self._prepare(params, contributions, state)
         pairs = lora_pairs(list(params))
         lora_keys = {k for p in pairs for k in (p.a_key, p.b_key)}
-        out = {k: params[k] + v for k, v in _mean_of_others(ordered, lora_keys).items()}
+        out = packed_like(params, params)  # one buffer: the round loop's finite check is then one kernel
+        for k, v in _mean_of_others(ordered, lora_keys).items():
+            torch.add(params[k], v, out=out[k])
         tail, total = 0.0, 0.0
         for pair in pairs:
             a_k, b_k = [f[pair.a_key] for f in local], [f[pair.b_key] for f in local]
@@ -148,8 +153,8 @@ class LoraExact(_LoraAggregator):
             u, s, vh = svd_of_product(*stacked_factors(b_k, a_k, coeffs))  # of Σ p_k s_k B_k A_k
             rank = params[pair.a_key].shape[0]
             near = (params[pair.a_key], params[pair.b_key]) if self.align else None
-            out[pair.a_key], out[pair.b_key], lost = refactor(
-                u, s, vh, rank, self.alpha / rank, params[pair.a_key].dtype, near
+            _, _, lost = refactor(
+                u, s, vh, rank, self.alpha / rank, params[pair.a_key].dtype, near, (out[pair.a_key], out[pair.b_key])
             )
             tail, total = tail + lost, total + float(s.pow(2).sum())
         return out, LoraExactState(state.rounds + 1, relative(tail, total), math.sqrt(tail))

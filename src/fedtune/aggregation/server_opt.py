@@ -21,6 +21,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from fedtune.aggregation.flat import flats, packed_like, unflatten
 from fedtune.types import Params
 
 
@@ -35,8 +36,27 @@ def _zeros(params: Params, fill: float = 0.0) -> Params:
 
 
 def _apply(params: Params, step: Params, lr: float) -> Params:
-    """w + lr * step, computed in float32 and cast back to each param's dtype."""
-    return {k: (params[k].float() + lr * step[k]).to(params[k].dtype) for k in params}
+    """w + lr * step, computed in float32 and cast back to each param's dtype (on the store). The result
+    tiles one buffer in the step's order (``flat.packed_like``); when both sides already do, one kernel."""
+    pair = flats([params, step])
+    if pair is not None:
+        return unflatten((pair[0].float() + lr * pair[1]).to(pair[0].dtype), params)
+    out = packed_like(params, step)
+    for k in out:
+        torch.add(params[k].float(), lr * step[k], out=out[k])
+    return out
+
+
+def _plus(params: Params, step: Params) -> Params:
+    """w + step, step cast to each param's dtype first (exact for lr = 1: one client's update comes back
+    as it was sent); flat like ``_apply``."""
+    pair = flats([params, step])
+    if pair is not None:
+        return unflatten(pair[0] + pair[1].to(pair[0].dtype), params)
+    out = packed_like(params, step)
+    for k in out:
+        torch.add(params[k], step[k].to(params[k].dtype), out=out[k])
+    return out
 
 
 class SgdState(NamedTuple):
@@ -52,7 +72,7 @@ class Sgd:
 
     def update(self, params: Params, pseudo_grad: Params, state: SgdState) -> tuple[Params, SgdState]:
         if self.lr == 1.0:  # plain FedAvg: no multiply, so one client's update comes back exactly
-            return {k: params[k] + pseudo_grad[k].to(params[k].dtype) for k in params}, SgdState(state.step + 1)
+            return _plus(params, pseudo_grad), SgdState(state.step + 1)
         return _apply(params, {k: v.float() for k, v in pseudo_grad.items()}, self.lr), SgdState(state.step + 1)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fedtune.codecs import Chain, Packed, build_chain
-from fedtune.types import Params
+from fedtune.types import Params, Tiled
 
 META = "meta"  # dtype names key the packed tensors, so this cannot collide
 # an honest meta holds a layout line per part and a few numbers per tensor: ~20-170 bytes a tensor
@@ -76,8 +76,9 @@ class Link:
             raise ValueError(f"unreadable codec meta: {exc}") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
             raise ValueError("unreadable codec meta: not an object with a layout")
-        tensors = unpack_by_dtype(tensors, meta.pop("layout"))
-        decoded = self.chain.decode(Packed(tensors, meta), max_numel)
+        layout = meta.pop("layout")
+        unpacked = unpack_by_dtype(tensors, layout)
+        decoded = self.chain.decode(Packed(unpacked, meta), max_numel)
         expected = set(short.values())
         if decoded.keys() != expected:
             raise ValueError(
@@ -85,7 +86,13 @@ class Link:
                 f"(unexpected: {sorted(decoded.keys() - expected)[:3]}, "
                 f"missing: {sorted(expected - decoded.keys())[:3]})"
             )
-        return {n: decoded[s] for n, s in short.items()}
+        name = {s: n for n, s in short.items()}
+        out = {name[s]: t for s, t in decoded.items()}  # in the packed order: the views tile one buffer
+        if not self.chain.stages and len(tensors) == 1 and len(out) == sum(len(e) for e in layout.values()):
+            (flat,) = tensors.values()  # split in layout order, every part kept (no name twice): tiled
+            if flat.dim() == 1:
+                return Tiled(out, flat)
+        return out
 
 
 def max_wire_bytes(numel: int, tensors: int) -> int:

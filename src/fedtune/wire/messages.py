@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -70,18 +71,29 @@ def decode_message(blob: bytes, *kinds: type) -> Any:
 
 
 def _check_header(cls: type, header: dict[str, Any]) -> None:
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in cls.TENSORS}
-    unknown = sorted(set(header) - set(fields))
+    spec = _header_spec(cls)
+    unknown = sorted(set(header) - spec.keys())
     if unknown:
         raise ValueError(f"{cls.KIND} message has unknown header fields {unknown[:3]}")
-    for name, field in fields.items():
+    for name, (required, fits) in spec.items():
         if name not in header:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if required:
                 raise ValueError(f"{cls.KIND} message lacks header field {name!r}")
             continue
-        if not _fits(header[name], hints[name]):
-            raise ValueError(f"{cls.KIND} message field {name!r}: {type(header[name]).__name__} is not {hints[name]}")
+        if not fits(header[name]):
+            hint = _hints(cls)[name]
+            raise ValueError(f"{cls.KIND} message field {name!r}: {type(header[name]).__name__} is not {hint}")
+
+
+@functools.cache
+def _header_spec(cls: type) -> dict[str, tuple[bool, Callable[[Any], bool]]]:
+    """Header field -> (required, its type check), worked out once a message class."""
+    hints = _hints(cls)
+    return {
+        f.name: (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, _checker(hints[f.name]))
+        for f in dataclasses.fields(cls)
+        if f.name not in cls.TENSORS
+    }
 
 
 @functools.cache
@@ -89,24 +101,23 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value has the declared type (ints are accepted as floats, bools never as numbers)."""
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """Whether a JSON value has the declared type (ints are accepted as floats, bools never as numbers).
+    JSON gives exact built-in types, so ``type(v) is`` is the test; the hint is taken apart once."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
+        options = [_checker(h) for h in typing.get_args(hint)]
+        return lambda v: any(fits(v) for fits in options)
     if origin is typing.Literal:
-        return value in typing.get_args(hint)
+        allowed = {(type(a), a) for a in typing.get_args(hint)}
+        return lambda v: (type(v), v) in allowed if isinstance(v, (str, int, float, bool, type(None))) else False
     if origin is dict:
-        key_t, value_t = typing.get_args(hint)
-        return isinstance(value, dict) and all(_fits(k, key_t) and _fits(v, value_t) for k, v in value.items())
+        key_fits, value_fits = (_checker(h) for h in typing.get_args(hint))
+        return lambda v: type(v) is dict and all(key_fits(k) and value_fits(x) for k, x in v.items())
     if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return lambda v: v is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return True  # tensor fields and anything richer are checked by the reader
+        return lambda v: type(v) is float or type(v) is int
+    if hint in (bool, int, str):
+        return lambda v: type(v) is hint
+    return lambda v: True  # tensor fields and anything richer are checked by the reader

@@ -20,7 +20,7 @@ from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbe
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
-from fedtune.paradigms.parameter_sharing.validation import update_problem
+from fedtune.paradigms.parameter_sharing.validation import Signature, signature, update_problem
 from fedtune.types import Params, ServerState
 from fedtune.wire.link import Link, generator, max_wire_bytes
 
@@ -84,8 +84,12 @@ class ParameterSharing:
             wires, kind = shared(views, lambda v: self.downlink.encode(v, {}, gen)[0]), "full"
         messages = shared(wires, lambda w: TrainRequest(r, params=w, scaffold_c=scaffold_c, downlink=kind))
 
+        signatures: dict[int, Signature] = {}  # by view: clients at one rank share one (views holds them)
+
         def read(client_id: int, reply: TrainReply) -> Update:
-            delta = self._read(r, reply, views[client_id], scaffold_c)
+            view = views[client_id]
+            expected = signatures.get(id(view)) or signatures.setdefault(id(view), signature(view))
+            delta = self._read(r, reply, view, scaffold_c, expected)
             try:
                 weight = client_weight(
                     reply.num_examples, reply.num_tokens, s.weighting, s.weight_cap, f"round {r}: client {client_id}"
@@ -112,7 +116,7 @@ class ParameterSharing:
         }
         return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
 
-    def _read(self, r: int, reply: TrainReply, view: Params, scaffold_c: Params) -> Params:
+    def _read(self, r: int, reply: TrainReply, view: Params, scaffold_c: Params, expected: Signature) -> Params:
         """The decoded update, or BadReply with why the reply cannot be used."""
         if reply.round != r:
             raise BadReply(f"stale reply for round {reply.round}")
@@ -128,7 +132,7 @@ class ParameterSharing:
             delta = self.uplink.decode(reply.delta, view)
         except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:  # a crafted meta or part
             raise BadReply(f"cannot decode the update with uplink codecs {self.uplink.describe()!r}: {exc}") from None
-        problem = update_problem(delta, view, self.settings.max_update_norm)
+        problem = update_problem(delta, view, self.settings.max_update_norm, expected)
         if problem:
             raise BadReply(problem)
         return delta
