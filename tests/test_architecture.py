@@ -22,6 +22,7 @@ LAYERS = [
     "config_runtime",
     "config_compression",
     "config_kd",
+    "config_split",
     "config",
     "config_reference",
     "codecs",

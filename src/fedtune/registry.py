@@ -97,6 +97,12 @@ PARADIGMS = Registry(
             "clients send top-k token probabilities on a public set; the server forms their consensus (kd section)",
             "fedtune.paradigms.kd.setup",
         ),
+        Entry(
+            "split",
+            "the model is cut between client and server; hidden states and their gradients cross at every local "
+            "step, and each side trains its own adapter (split section)",
+            "fedtune.paradigms.split.setup",
+        ),
     ],
 )
 
@@ -187,13 +193,13 @@ PEFT_METHODS = Registry(
             "lora",
             "low-rank updates B·A (dora: true for DoRA)",
             _PC + "lora",
-            info={"peft": True, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            info={"peft": True, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "in_blocks": True},
         ),
         Entry(
             "ia3",
             "learned activation scales",
             _PC + "ia3",
-            info={"peft": True, "targets": ["k_proj", "v_proj", "down_proj"]},
+            info={"peft": True, "targets": ["k_proj", "v_proj", "down_proj"], "in_blocks": True},
         ),
         Entry("prompt_tuning", "soft prompt", _PC + "prompt_tuning", info=_PEFT),
         Entry("prefix_tuning", "per-layer prefixes", _PC + "prefix_tuning", info=_PEFT),
@@ -202,10 +208,11 @@ PEFT_METHODS = Registry(
             "bottleneck",
             "Houlsby adapters",
             "fedtune.adapters.bottleneck:TUNER",
-            info={"peft": False, "targets": ["o_proj", "down_proj"]},
+            info={"peft": False, "targets": ["o_proj", "down_proj"], "in_blocks": True},
         ),
         Entry("bitfit", "biases only", "fedtune.adapters.bitfit:TUNER", info={"peft": False}),
     ],
 )
+SPLIT_METHODS = tuple(e.name for e in PEFT_METHODS if e.info.get("in_blocks"))  # every tensor inside a block
 
 ALL: tuple[Registry, ...] = (PARADIGMS, AGGREGATORS, COMBINERS, CODECS, PEFT_METHODS)

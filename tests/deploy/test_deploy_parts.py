@@ -96,6 +96,11 @@ def test_state_store_replays_a_repeated_round_from_the_state_before_it(tmp_path)
         store.save(r, {"residual": {"x": torch.full((2,), float(r))}, "scaffold": {"x": torch.zeros(1)}})
     assert store.before(5)["residual"]["x"].tolist() == [3.0, 3.0]  # round 5 again: from round 3's state
     assert store.before(6)["residual"]["x"].tolist() == [5.0, 5.0] and set(store.before(6)) == {"residual", "scaffold"}
+    # a request that continues round 5 (split learning's later exchanges) goes on from what round 5 saved
+    assert (
+        store.within(5)["residual"]["x"].tolist() == [5.0, 5.0]
+        and store.within(4)["residual"]["x"].tolist() == [3.0] * 2
+    )
     assert sorted(p.name for p in (tmp_path / "client-0").iterdir()) == [
         "round-000002.safetensors",
         "round-000003.safetensors",

@@ -106,3 +106,38 @@ def test_kd_gives_the_same_consensus_and_client_adapters_on_every_runtime(tmp_pa
         own = unflatten_state(load_file(stored[-1]))["kd"]
         assert own.keys() == ref.clients[c]["kd"].keys()
         assert all(torch.equal(own[k], ref.clients[c]["kd"][k]) for k in own), c
+
+
+# split learning: five exchanges per client per round (U shape, 2 micro-batches), the client's round state
+# travelling with each (Ray) or kept by the deployed client; per-client server parts, so that the clients'
+# exchanges go in lockstep (the shared part's client-after-client turns are the same code, one client a time)
+SPLIT_PARITY = {
+    "paradigm": "split",
+    "model": {"name": "tiny-llama-deep"},
+    "split": {"shape": "u", "server_part": "per_client", "activation_codecs": [{"name": "bf16"}]},
+    "evaluation": {"exact_match": False},
+    "federation": {"rounds": 2},
+}
+
+
+def test_split_gives_the_same_adapter_on_every_runtime(tmp_path):
+    from fedtune.config import load_config
+    from fedtune.experiment import run_experiment
+
+    fed = Federation(tmp_path, SPLIT_PARITY)
+    try:
+        fed.server()
+        for cid in range(3):
+            fed.client(cid, None, None, "--threads", "1")
+        assert fed.wait_exit("server", 300) == 0, fed.output("server")
+    finally:
+        fed.close()
+    runs = {"flower": fed.run_dir}
+    for name in ("in_process", "ray"):
+        cfg = load_config(fed.config, [f"runtime.name={name}", f"output.name={name}"])
+        runs[name] = run_experiment(cfg).run_dir
+    reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
+    expected = [{k: r.get(k) for k in SAME} for r in _history(runs["in_process"])]
+    for name in ("ray", "flower"):
+        assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
+        assert [{k: r.get(k) for k in SAME} for r in _history(runs[name])] == expected, name

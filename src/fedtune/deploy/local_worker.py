@@ -268,6 +268,11 @@ class StateStore:
         earlier = [r for r in self._rounds() if r < round_index]
         return unflatten_state(load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors")) if earlier else {}
 
+    def within(self, round_index: int) -> ClientState:
+        """The state saved by round ``round_index`` so far, else by the newest round before it ({} if none):
+        what a request that continues its round (split learning's later exchanges) goes on from."""
+        return self.before(round_index + 1)
+
     def save(self, round_index: int, state: ClientState) -> None:
         from safetensors.torch import save_file
 
@@ -304,17 +309,23 @@ class LocalWorker:
             round_index = int(header.get("round", 0))
             log.info("round %d: %s request for client %d", round_index, header.get("kind"), client_id)
             evaluating = header.get("kind") == EvalRequest.KIND  # reads the state after this round's training
-            reply, state = self.handler.handle(client_id, payload, store.before(round_index + evaluating))
-            if not evaluating and state:
+            # a request that continues its round (split learning) goes on from what that round saved; any other
+            # starts from the state before its round, so that a round the coordinator repeats replays exactly
+            within = evaluating or header.get("continues") is True
+            reply, state = self.handler.handle(
+                client_id, payload, store.within(round_index) if within else store.before(round_index)
+            )
+            if not evaluating and (state or within):  # a round may also give up what it kept (state {})
                 store.save(round_index, state)
             done = read_header(reply)  # the fields to log, without loading the reply's tensors
             if "steps" in done:
+                loss = done.get("train_loss")
                 log.info(
-                    "round %d: trained as client %d: %d steps, loss %.4f, %.1fs, %d bytes up",
+                    "round %d: trained as client %d: %d steps%s, %.1fs, %d bytes up",
                     round_index,
                     client_id,
                     done["steps"],
-                    done["train_loss"],
+                    f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "",
                     done["local_train_s"],
                     len(reply),
                 )

@@ -53,14 +53,15 @@ class Exchange:
     dropped clients and its ``bytes_up``/``bytes_down``; "eval" replies are measured on their own and
     a failed one costs only that client's metrics. Clients given the same message object share one
     encoded payload. ``read(client, reply)`` returns what the paradigm needs from a reply, or raises
-    ``BadReply``; it runs only on replies of the expected message class from addressed clients.
+    ``BadReply``; it runs only on replies of the expected message class (``reply``: one class, or a
+    tuple of the classes that may come back, e.g. split learning's) from addressed clients.
     ``max_reply_bytes``: the largest reply an honest client can send (``wire.link.max_wire_bytes`` of
     what it carries); a larger one is dropped before it is parsed.
     """
 
     purpose: Literal["train", "eval"]
     messages: Mapping[int, Message]
-    reply: type
+    reply: type | tuple[type, ...]
     read: Callable[[int, Any], Any]
     max_reply_bytes: int
 

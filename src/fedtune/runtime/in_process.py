@@ -24,6 +24,8 @@ class InProcessRuntime:
             payload, state = self.handler(e.client_id, e.payload, self.states.get(e.client_id, {}))
             if state:
                 self.states[e.client_id] = state
+            else:  # a client may give up all it kept (split learning's round state at the round's end)
+                self.states.pop(e.client_id, None)
             replies.append(Envelope(e.client_id, payload))
         return replies
 

@@ -109,6 +109,8 @@ class RayRuntime:
                 idle.append(w)
                 if state:
                     self.states[e.client_id] = state
+                else:
+                    self.states.pop(e.client_id, None)
                 replies.append(Envelope(e.client_id, payload))
         for e, w in inflight.values():  # missed the deadline: stop the straggler, free its slot
             log.warning("client %d missed the %.0fs round deadline; restarting its worker", e.client_id, self.timeout)

@@ -67,6 +67,7 @@ class Network:
         accepted: dict[int, Any] = {}
         dropped: dict[int, str] = {}
         seen: set[int] = set()
+        kinds = ex.reply if isinstance(ex.reply, tuple) else (ex.reply,)
         for env in sorted(envelopes, key=lambda e: e.client_id):
             c = env.client_id
             if c not in ex.messages or c in seen:
@@ -81,7 +82,7 @@ class Network:
                 dropped[c] = f"a reply of {len(env.payload):,} bytes, more than the {ex.max_reply_bytes:,} it can need"
                 continue
             try:
-                accepted[c] = ex.read(c, decode_message(env.payload, ex.reply))
+                accepted[c] = ex.read(c, decode_message(env.payload, *kinds))
             except BadReply as exc:  # its text may quote the client: kept to one short line
                 dropped[c] = untrusted_text(exc)
             except Exception as exc:  # a reply is untrusted input: any failure to read it drops only its client

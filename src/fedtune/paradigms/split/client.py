@@ -1,0 +1,243 @@
+"""Split learning, client side: the client's part of the model, one exchange at a time.
+
+Between exchanges the client keeps nothing in memory: its round so far lives in its state under the
+owner ``split`` (its part's tensors, their gradients since the last optimizer step, the optimizer's
+state, the tensors it started from), so the state can travel with each message (Ray) or stay with a
+deployed client, and any process can serve the next exchange. The front's autograd graph is not
+kept: when the gradient at the cut comes back, the front is run again on the same micro-batch with
+the same tensors and random state, which gives the same graph (one more forward of the client's
+few blocks, in exchange for no state outside the message).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.adapters.split import SplitModel
+from fedtune.client.data import ClientData
+from fedtune.client.local_training import make_optimizer
+from fedtune.client.trainer import round_plan
+from fedtune.config import TrainingConfig
+from fedtune.data.tokenize import IGNORE, collate
+from fedtune.paradigms.evaluation import EvalReply, EvalRequest
+from fedtune.paradigms.split.messages import EMPTY, Activations, Back, BackReply, Done, Forward
+from fedtune.paradigms.split.steps import StepPlan, clip, sq_norm
+from fedtune.types import ClientState, Params
+from fedtune.wire.link import Link, generator
+
+OWNER = "split"
+
+
+@dataclass(frozen=True)
+class SplitClientSettings:
+    training: TrainingConfig
+    rounds: int
+    seed: int
+    pad_id: int
+
+
+def relative_error(sent: torch.Tensor, received: torch.Tensor) -> float:
+    """‖received − sent‖ / ‖sent‖ of a tensor through a codec chain (0 without loss)."""
+    scale = float(torch.linalg.vector_norm(sent.float()))
+    return float(torch.linalg.vector_norm(received.float() - sent.float())) / scale if scale > 0 else 0.0
+
+
+class SplitClient:
+    serves = (Forward, Back, EvalRequest)
+
+    def __init__(
+        self,
+        split: SplitModel,
+        names: dict[str, str],
+        like: Params,
+        data: dict[int, ClientData],
+        settings: SplitClientSettings,
+        uplink: Link,
+        downlink: Link,
+        activations: Link,
+    ):
+        """``names``: the client part's adapter tensor names -> full parameter names in the model; ``like``:
+        the part's tensors as this client's model holds them (what a received part must look like)."""
+        self.split, self.names, self.like, self.data, self.s = split, names, like, data, settings
+        self.uplink, self.downlink, self.activations = uplink, downlink, activations
+
+    def serve(self, client_id: int, request, state: ClientState):
+        if isinstance(request, Forward):
+            return self.forward(client_id, request, state)
+        if isinstance(request, Back):
+            return self.back(client_id, request, state)
+        return EvalReply(round=request.round), state  # the client's part alone cannot evaluate
+
+    # ---- one round, as kept in the state
+
+    def _plan(self, client_id: int, r: int) -> tuple[int, list, StepPlan]:
+        data = self.data[client_id]
+        seed, batches = round_plan(self.s.seed, r, client_id, len(data.train), self.s.training)
+        return seed, batches, StepPlan.of(self.s.training, self.s.rounds, r, len(data.train))
+
+    def _batch(self, client_id: int, indices) -> dict[str, torch.Tensor]:
+        return collate([self.data[client_id].train[i] for i in indices], self.s.pad_id)
+
+    def _step_tokens(self, client_id: int, batches: list, plan: StepPlan, t: int) -> int:
+        """Target positions of micro-batch ``t``'s optimizer step: the divisor of each of its losses."""
+        return sum(int((self._batch(client_id, batches[i])["labels"][:, 1:] != IGNORE).sum()) for i in plan.group(t))
+
+    def _load(self, own: Params) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+        """The part's tensors (leaves with their accumulated gradients) and its optimizer, from the state."""
+        params = {k: own[f"p/{k}"].clone().requires_grad_(True) for k in self.names}
+        for k, p in params.items():
+            grad = own.get(f"g/{k}")
+            p.grad = grad.clone() if grad is not None else None
+        t = self.s.training
+        opt = make_optimizer(t.optimizer, list(params.values()), t.lr, t.weight_decay)
+        saved = {}
+        for i, k in enumerate(self.names):
+            entries = {key.split("/")[2]: v for key, v in own.items() if key.startswith(f"opt/{k}/")}
+            if entries:
+                saved[i] = {n: v.clone() for n, v in entries.items()}
+        if saved:
+            opt.load_state_dict({"state": saved, "param_groups": opt.state_dict()["param_groups"]})
+        return params, opt
+
+    def _save(self, own: Params, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, **extra) -> Params:
+        out = {k: v for k, v in own.items() if not k.startswith(("p/", "g/", "opt/"))}
+        for k in self.names:
+            p = params[k]
+            out[f"p/{k}"] = p.detach().clone()
+            if p.grad is not None:
+                out[f"g/{k}"] = p.grad.detach().clone()
+            for n, v in opt.state.get(p, {}).items():
+                out[f"opt/{k}/{n}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+        out.update(extra)
+        return out
+
+    def _full(self, params: dict[str, torch.Tensor]) -> Params:
+        return {self.names[k]: v for k, v in params.items()}
+
+    def forward(self, client_id: int, req: Forward, state: ClientState) -> tuple[Activations | Done, ClientState]:
+        start = time.perf_counter()
+        t = req.step
+        if t == 0:
+            received = self.downlink.decode(req.params, self.like)
+            seed, _, _ = self._plan(client_id, req.round)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # dropout and any other torch randomness of this round
+                rng = torch.random.get_rng_state()
+            own: Params = {f"start/{k}": v.detach().clone() for k, v in received.items()}
+            own.update({f"p/{k}": v.detach().clone() for k, v in received.items()})
+            own["rng"], own["meta"] = rng, torch.zeros(3, dtype=torch.float64)  # [loss, tokens, client seconds]
+        else:
+            own = dict(state.get(OWNER, {}))
+            if not own:
+                raise ValueError(f"round {req.round} step {t}: this client has no split round in progress")
+        _, batches, plan = self._plan(client_id, req.round)
+        params, opt = self._load(own)
+        client_sq = None
+        if t > 0:  # finish micro-batch t - 1: the front again, then its backward with the cut's gradient
+            batch = self._batch(client_id, batches[t - 1])
+            with torch.random.fork_rng(devices=[]):
+                torch.random.set_rng_state(own["rng_prev"])
+                hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
+            grad = self.activations.decode(req.grad, {"h": hidden})["h"]
+            if grad.shape != hidden.shape:
+                raise ValueError(f"the gradient at the cut is {tuple(grad.shape)}, not {tuple(hidden.shape)}")
+            hidden.backward(grad.to(hidden.dtype))
+            if plan.ends_step(t - 1):
+                client_sq = sq_norm(params.values())
+                clip(params.values(), client_sq + float(req.server_sq_norm or 0.0), self.s.training.max_grad_norm)
+                for g in opt.param_groups:
+                    g["lr"] = plan.lr(t - 1)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        meta = own["meta"].clone()
+        if t == plan.count:
+            meta[2] += time.perf_counter() - start
+            return self._done(client_id, req, own, params, meta, plan, client_sq), {
+                k: v for k, v in state.items() if k != OWNER
+            }
+        batch = self._batch(client_id, batches[t])
+        rng_before = own["rng"]
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.random.set_rng_state(rng_before)
+            hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
+            rng_after = torch.random.get_rng_state()
+        wire = self.activations.encode({"h": hidden}, {}, generator(self.s.seed, req.round, client_id, 2 + t))[0]
+        error = relative_error(hidden, self.activations.decode(wire, {"h": hidden})["h"])
+        data = self.data[client_id]
+        step_tokens = self._step_tokens(client_id, batches, plan, t)
+        meta[2] += time.perf_counter() - start
+        own = self._save(own, params, opt, rng=rng_after, rng_prev=rng_before, meta=meta)
+        reply = Activations(
+            round=req.round,
+            step=t,
+            hidden=wire,
+            attention_mask=batch["attention_mask"].to(torch.uint8),
+            labels=batch["labels"] if self.split.cut.shape == "vanilla" else EMPTY,
+            step_tokens=step_tokens,
+            num_examples=len(data.train) if t == 0 else 0,
+            num_tokens=data.num_tokens if t == 0 else 0,
+            client_sq_norm=client_sq,
+            codec_error=error,
+        )
+        return reply, {**state, OWNER: own}
+
+    def back(self, client_id: int, req: Back, state: ClientState) -> tuple[BackReply, ClientState]:
+        """Shape u: the client's last blocks, head and loss on micro-batch ``req.step``; dL/dh at the cut."""
+        start = time.perf_counter()
+        own = dict(state.get(OWNER, {}))
+        if not own:
+            raise ValueError(f"round {req.round} step {req.step}: this client has no split round in progress")
+        _, batches, plan = self._plan(client_id, req.round)
+        if not 0 <= req.step < plan.count:
+            raise ValueError(f"round {req.round}: no micro-batch {req.step} (this round has {plan.count})")
+        params, opt = self._load(own)
+        batch = self._batch(client_id, batches[req.step])
+        n_tokens = self._step_tokens(client_id, batches, plan, req.step)
+        b, t = batch["input_ids"].shape
+        like = torch.empty(b, t, self.split.lm.config.hidden_size, device="meta")
+        received = self.activations.decode(req.hidden, {"h": like})["h"]
+        if received.shape != like.shape:
+            raise ValueError(f"hidden states of shape {tuple(received.shape)}, expected {tuple(like.shape)}")
+        hidden = received.detach().requires_grad_(True)
+        layers = self.split.layers
+        with torch.random.fork_rng(devices=[]):
+            torch.random.set_rng_state(own["rng"])
+            loss_sum, positions = self.split.back_loss(
+                self._full(params), hidden, batch["attention_mask"], batch["labels"], layers - self.split.cut.back
+            )
+            rng = torch.random.get_rng_state()
+        value = float(loss_sum.detach())
+        if math.isfinite(value):
+            (loss_sum / max(1, n_tokens)).backward()
+            grad = hidden.grad
+        else:
+            grad = torch.zeros_like(hidden)
+        wire = self.activations.encode(
+            {"h": grad}, {}, generator(self.s.seed, req.round, client_id, 1 << 20 | req.step)
+        )[0]
+        error = relative_error(grad, self.activations.decode(wire, {"h": grad})["h"])
+        meta = own["meta"].clone()
+        meta[0] += value if math.isfinite(value) else 0.0
+        meta[1] += positions
+        meta[2] += time.perf_counter() - start
+        own = self._save(own, params, opt, rng=rng, meta=meta)
+        reply = BackReply(req.round, req.step, wire, value, positions, error)
+        return reply, {**state, OWNER: own}
+
+    def _done(
+        self, client_id: int, req: Forward, own: Params, params: dict, meta: torch.Tensor, plan: StepPlan, sq
+    ) -> Done:
+        local = {k: p.detach() for k, p in params.items()}
+        delta = {k: local[k] - own[f"start/{k}"] for k in self.names}
+        wire, _ = self.uplink.encode(delta, {}, generator(self.s.seed, req.round, client_id, 1))
+        return Done(
+            round=req.round,
+            delta=wire,
+            steps=plan.steps,
+            local_train_s=float(meta[2]),
+            client_sq_norm=sq,
+        )

@@ -1,0 +1,407 @@
+"""Split learning, server side: the server's part of the model, driven one micro-batch at a time.
+
+Each sampled client has a session: a generator that yields the next message for that client and
+is sent its reply (``_session``). ``per_client`` (SplitFed v1) runs every client's session in
+lockstep, each with its own copy of the server part, and averages the copies at the round's end
+with the configured aggregator. ``shared`` (SplitFed v2) runs the sessions one client after
+another on the one server part; a client that drops mid-turn has its turn undone, so the part
+never keeps half a client's steps. The client parts are aggregated like parameter sharing's
+updates. Every reply is checked before it is used: a wrong round or step, a shape the cut does not
+have, a mask or label outside its range, a non-finite value or a count beyond the caps drops the
+client for the round with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import torch
+
+from fedtune.adapters.split import SplitModel
+from fedtune.aggregation.base import Aggregator, Contribution
+from fedtune.aggregation.clipping import fused_norm
+from fedtune.aggregation.weighting import WeightCap, client_weight
+from fedtune.client.local_training import make_optimizer
+from fedtune.config import TrainingConfig
+from fedtune.data.tokenize import IGNORE
+from fedtune.errors import RunError
+from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbers
+from fedtune.paradigms.parameter_sharing.validation import update_problem
+from fedtune.paradigms.split.messages import Activations, Back, BackReply, Done, Forward
+from fedtune.paradigms.split.steps import StepPlan, clip, sq_norm
+from fedtune.types import Params, ServerState
+from fedtune.wire.link import Link, generator, max_wire_bytes
+
+MAX_MICRO_BATCHES = 10**6  # a client whose reported size implies more is refused
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    shape: str  # "u" or "vanilla"
+    server_part: str  # "shared" or "per_client"
+    num_clients: int
+    seed: int
+    weighting: str
+    weight_cap: WeightCap | None
+    training: TrainingConfig
+    rounds: int
+    max_seq_len: int
+
+
+class SplitState(NamedTuple):
+    client: NamedTuple  # the client part aggregator's state
+    server: NamedTuple  # per_client: the server part aggregator's state (shared: unused, empty)
+
+
+class _Part:
+    """A server part being trained: its tensors (leaves), an optimizer, the squared norm of a finished step."""
+
+    def __init__(self, params: Params, training: TrainingConfig):
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.opt = make_optimizer(training.optimizer, list(self.params.values()), training.lr, training.weight_decay)
+        self.sq = 0.0
+        self.max_norm = training.max_grad_norm
+
+    def step(self, client_sq: float, lr: float) -> None:
+        clip(self.params.values(), self.sq + client_sq, self.max_norm)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def values(self) -> Params:
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+
+@dataclass
+class _Outcome:
+    """What one client's finished session leaves: its client-part update and what the round cost."""
+
+    contribution: Contribution
+    server_delta: Params  # per_client: its copy of the server part minus the round's start
+    loss: float
+    tokens: int
+    local_train_s: float
+    micro_batches: int
+    steps: int
+    codec_error: float  # the largest relative error of hidden states or gradients through the codecs
+
+
+class SplitLearning:
+    name = "split"
+
+    def __init__(
+        self,
+        split: SplitModel,
+        names: dict[str, str],
+        client_names: list[str],
+        server_names: list[str],
+        aggregator: Aggregator,
+        server_aggregator: Aggregator | None,
+        settings: SplitSettings,
+        initial: Params,
+        uplink: Link,
+        downlink: Link,
+        activations: Link,
+        evaluate_adapter: Callable[[Params], dict[str, Any]] | None = None,
+    ):
+        """``names``: every adapter tensor name -> its full parameter name in the model."""
+        self.split, self.names, self.s = split, names, settings
+        self.client_names, self.server_names = client_names, server_names
+        self.aggregator, self.server_aggregator = aggregator, server_aggregator
+        self.initial, self.evaluate_adapter = initial, evaluate_adapter
+        self.uplink, self.downlink, self.activations = uplink, downlink, activations
+        config = split.lm.config
+        self.hidden, self.vocab = int(config.hidden_size), int(split.lm.get_output_embeddings().weight.shape[0])
+        b, t = settings.training.batch_size, settings.max_seq_len
+        n_client = sum(initial[k].numel() for k in client_names)
+        self.reply_cap = max(
+            max_wire_bytes(b * t * self.hidden + 2 * b * t, 8),  # activations with mask and labels
+            max_wire_bytes(n_client, len(client_names)),  # the client part's update
+        )
+
+    # ---- the paradigm seam
+
+    def initial_state(self) -> ServerState:
+        client = {k: self.initial[k] for k in self.client_names}
+        server = {k: self.initial[k] for k in self.server_names}
+        server_agg = self.server_aggregator.init(server) if self.server_aggregator is not None else ()
+        return ServerState(0, dict(self.initial), SplitState(self.aggregator.init(client), server_agg))
+
+    def round(self, r: int, state: ServerState, clients: list[int]) -> Conversation[tuple[ServerState, dict]]:
+        start = time.perf_counter()
+        client_part = {k: state.params[k] for k in self.client_names}
+        server_part = {k: state.params[k] for k in self.server_names}
+        wire = self.downlink.encode(client_part, {}, generator(self.s.seed, r, 0))[0]
+        outcomes: dict[int, _Outcome] = {}
+        if self.s.server_part == "per_client":
+            parts = {c: _Part(server_part, self.s.training) for c in clients}
+            sessions = {c: self._session(r, c, wire, client_part, parts[c], server_part) for c in clients}
+            outcomes = yield from self._drive(sessions)
+            new_server = server_part
+        else:
+            shared = _Part(server_part, self.s.training)
+            for c in sorted(clients):  # client after client, each from the part as the previous left it
+                before = shared.values()
+                shared.opt = make_optimizer(
+                    self.s.training.optimizer,
+                    list(shared.params.values()),
+                    self.s.training.lr,
+                    self.s.training.weight_decay,
+                )  # a fresh optimizer a turn, as every client's local training starts one
+                shared.sq = 0.0
+                done = yield from self._drive({c: self._session(r, c, wire, client_part, shared, server_part)})
+                if c in done:
+                    outcomes.update(done)
+                else:  # its turn is undone: the part goes on from where it was before this client
+                    with torch.no_grad():
+                        for k, v in shared.params.items():
+                            v.copy_(before[k])
+                            v.grad = None
+            new_server = shared.values()
+        used = [outcomes[c] for c in sorted(outcomes)]
+        if not used:  # the loop's quorum check stops a round before this with federation.min_clients >= 1
+            raise RunError(f"round {r}: no client finished its split session")
+        new_client, client_agg = self.aggregator.aggregate(
+            client_part, [o.contribution for o in used], state.algorithm.client
+        )
+        server_agg = state.algorithm.server
+        if self.s.server_part == "per_client":
+            assert self.server_aggregator is not None
+            copies = [o.contribution._replace(delta=o.server_delta) for o in used]
+            new_server, server_agg = self.server_aggregator.aggregate(server_part, copies, server_agg)
+        tokens = sum(o.tokens for o in used)
+        metrics: dict[str, Any] = {
+            "train_loss": sum(o.loss for o in used) / tokens if tokens else float("nan"),
+            "local_train_s": sum(o.local_train_s for o in used),
+            "local_steps": sum(o.steps for o in used),
+            "local_micro_batches": sum(o.micro_batches for o in used),
+            "server_part_s": time.perf_counter() - start,
+            "activation_codec_error": max(o.codec_error for o in used),
+            **self.aggregator.metrics(client_agg),
+        }
+        params = {**{k: new_client[k] for k in self.client_names}, **{k: new_server[k] for k in self.server_names}}
+        return replace(state, params=params, algorithm=SplitState(client_agg, server_agg)), metrics
+
+    def evaluate(self, r: int, state: ServerState, per_client: bool) -> Conversation[dict]:
+        out: dict[str, Any] = {}
+        if self.evaluate_adapter is not None:
+            out.update(self.evaluate_adapter(state.params))
+        return out
+        yield  # a conversation without exchanges: the server holds both parts of the model
+
+    def final_adapters(self, state: ServerState) -> dict[str, Params]:
+        return {"": state.params}
+
+    def info(self) -> dict[str, Any]:
+        cut = self.split.cut
+        return {
+            "split": {
+                "shape": cut.shape,
+                "client_blocks": [*range(cut.front), *range(self.split.layers - cut.back, self.split.layers)],
+                "server_blocks": list(range(cut.front, self.split.layers - cut.back)),
+                "server_part": self.s.server_part,
+                "client_adapter_values": sum(self.initial[k].numel() for k in self.client_names),
+                "server_adapter_values": sum(self.initial[k].numel() for k in self.server_names),
+            }
+        }
+
+    # ---- sessions
+
+    def _drive(self, sessions: dict[int, Generator]) -> Conversation[dict[int, _Outcome]]:
+        """Run sessions in lockstep: one exchange carries each running session's next message."""
+        pending: dict[int, Any] = {c: next(s) for c, s in sessions.items()}
+        outcomes: dict[int, _Outcome] = {}
+
+        def read(client: int, reply) -> tuple[str, Any]:
+            try:
+                return "next", sessions[client].send(reply)
+            except StopIteration as done:
+                return "done", done.value
+
+        while pending:
+            replies = yield Exchange("train", pending, (Activations, BackReply, Done), read, self.reply_cap)
+            for c in replies.dropped:
+                sessions[c].close()
+            pending = {}
+            for c, (kind, value) in replies.accepted.items():
+                if kind == "next":
+                    pending[c] = value
+                else:
+                    outcomes[c] = value
+        return outcomes
+
+    def _session(
+        self, r: int, c: int, wire: Params, client_part: Params, part: _Part, server_start: Params
+    ) -> Generator[Any, Any, _Outcome]:
+        """One client's round: yields each message for it, is sent each reply; returns its outcome."""
+        full = self._full
+        act = _expect(Activations, (yield Forward(r, 0, params=wire)), r, 0)
+        check_numbers(num_examples=act.num_examples, num_tokens=act.num_tokens)
+        cap = self.s.weight_cap.max_examples if self.s.weight_cap is not None else None
+        if act.num_examples < 1 or (cap is not None and act.num_examples > cap):
+            raise BadReply(f"reports {act.num_examples} training examples (allowed 1..{cap})")
+        weight = _weight(act, self.s, c, r)
+        plan = StepPlan.of(self.s.training, self.s.rounds, r, act.num_examples)
+        if plan.count > MAX_MICRO_BATCHES:
+            raise BadReply(f"{act.num_examples} examples would make {plan.count} micro-batches")
+        loss = tokens = 0.0
+        error = act.codec_error
+        declared = 0
+        counted = 0
+        grad_wire: Params = {}
+        for t in range(plan.count):
+            if t > 0:
+                finished = plan.ends_step(t - 1)
+                act = _expect(
+                    Activations,
+                    (yield Forward(r, t, grad=grad_wire, server_sq_norm=part.sq if finished else None, continues=True)),
+                    r,
+                    t,
+                )
+                if finished:
+                    part.step(_client_sq(act.client_sq_norm), plan.lr(t - 1))
+            check_numbers(codec_error=act.codec_error, step_tokens=act.step_tokens)
+            error = max(error, act.codec_error)
+            hidden, mask = self._activations(act)
+            x = hidden.detach().requires_grad_(True)
+            if self.s.shape == "u":
+                out = self.split.middle(full(part.params), x, mask)  # (B, T, H)
+                sent = self.activations.encode({"h": out.detach()}, {}, generator(self.s.seed, r, c, 3 + t))[0]
+                back = _expect(BackReply, (yield Back(r, t, sent)), r, t)
+                check_numbers(tokens=back.tokens, codec_error=back.codec_error)
+                if not math.isfinite(back.loss_sum):
+                    raise BadReply(f"diverged: non-finite loss at micro-batch {t}")
+                check_numbers(loss_sum=back.loss_sum)
+                if back.tokens > mask.numel():
+                    raise BadReply(f"{back.tokens} target positions in a micro-batch of {mask.numel()} tokens")
+                grad = self._tensor(back.grad, out.shape, "the gradient at the second cut")
+                out.backward(grad.to(out.dtype))
+                loss, tokens, error = loss + back.loss_sum, tokens + back.tokens, max(error, back.codec_error)
+            else:
+                labels = self._labels(act, mask)
+                if t == plan.group(t)[0]:
+                    declared, counted = act.step_tokens, 0
+                elif act.step_tokens != declared:
+                    raise BadReply(f"micro-batch {t} declares {act.step_tokens} step tokens, its step {declared}")
+                if declared < 1:
+                    raise BadReply(f"micro-batch {t}'s optimizer step declares {declared} target tokens")
+                value, positions = self.split.back_loss(full(part.params), x, mask, labels, self.split.cut.front)
+                if not torch.isfinite(value):
+                    raise BadReply(f"diverged: non-finite loss at micro-batch {t}")
+                (value / declared).backward()
+                counted += positions
+                if plan.ends_step(t) and counted != declared:
+                    raise BadReply(f"its step declared {declared} target tokens, its labels hold {counted}")
+                loss, tokens = loss + float(value.detach()), tokens + positions
+            g = x.grad
+            grad_wire = self.activations.encode({"h": g}, {}, generator(self.s.seed, r, c, 1 << 20 | t))[0]
+            if plan.ends_step(t):
+                part.sq = sq_norm(part.params.values())
+        finish = Forward(r, plan.count, grad=grad_wire, server_sq_norm=part.sq, continues=True)
+        done = _expect(Done, (yield finish), r, None)
+        check_numbers(steps=done.steps, local_train_s=done.local_train_s)
+        if done.steps != plan.steps:
+            raise BadReply(f"reports {done.steps} optimizer steps; its round has {plan.steps}")
+        part.step(_client_sq(done.client_sq_norm), plan.lr(plan.count - 1))
+        try:
+            delta = self.uplink.decode(done.delta, client_part)
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
+            raise BadReply(f"cannot decode the client part's update: {exc}") from None
+        problem = update_problem(delta, client_part)
+        if problem:
+            raise BadReply(problem)
+        copy = part.values()
+        server_delta = {k: copy[k] - server_start[k] for k in copy} if self.s.server_part == "per_client" else {}
+        return _Outcome(
+            Contribution(c, delta, weight),
+            server_delta,
+            loss,
+            int(tokens),
+            done.local_train_s,
+            plan.count,
+            plan.steps,
+            error,
+        )
+
+    def _full(self, params: Params) -> Params:
+        return {self.names[k]: v for k, v in params.items()}
+
+    def _activations(self, act: Activations) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states (B, T, H) and mask (B, T) of a reply, checked against what the cut can carry."""
+        b, t = self.s.training.batch_size, self.s.max_seq_len
+        like = torch.empty(b * t * self.hidden, device="meta")
+        try:
+            hidden = self.activations.decode(act.hidden, {"h": like})["h"]
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
+            raise BadReply(f"cannot decode the hidden states: {exc}") from None
+        if hidden.ndim != 3 or not (1 <= hidden.shape[0] <= b and 1 <= hidden.shape[1] <= t):
+            raise BadReply(
+                f"hidden states of shape {tuple(hidden.shape)}; the cut carries (<= {b}, <= {t}, {self.hidden})"
+            )
+        if hidden.shape[2] != self.hidden or not hidden.is_floating_point():
+            raise BadReply(f"hidden states of shape {tuple(hidden.shape)} and dtype {hidden.dtype}")
+        if not math.isfinite(fused_norm({"h": hidden})):
+            raise BadReply("hidden states hold NaN or Inf")
+        mask = act.attention_mask
+        if mask.shape != hidden.shape[:2] or mask.dtype != torch.uint8 or bool((mask > 1).any()):
+            raise BadReply(f"attention mask of shape {tuple(mask.shape)} and dtype {mask.dtype}: not 0/1 uint8 (B, T)")
+        if bool((mask.sum(dim=1) == 0).any()):
+            raise BadReply("an attention mask row without any token")
+        dtype = next(iter(self.split.model.parameters())).dtype
+        return hidden.to(dtype), mask.long()
+
+    def _labels(self, act: Activations, mask: torch.Tensor) -> torch.Tensor:
+        labels = act.labels
+        if labels.shape != mask.shape or labels.dtype != torch.int64:
+            raise BadReply(
+                f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype}, expected {tuple(mask.shape)} int64"
+            )
+        if bool(((labels != IGNORE) & ((labels < 0) | (labels >= self.vocab))).any()):
+            raise BadReply(f"labels outside the vocabulary (0..{self.vocab - 1}, or {IGNORE})")
+        return labels
+
+    def _tensor(self, wire: Params, shape: torch.Size, what: str) -> torch.Tensor:
+        like = torch.empty(shape, device="meta")
+        try:
+            value = self.activations.decode(wire, {"h": like})["h"]
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
+            raise BadReply(f"cannot decode {what}: {exc}") from None
+        if value.shape != shape or not value.is_floating_point():
+            raise BadReply(f"{what} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        if not math.isfinite(fused_norm({"h": value})):
+            raise BadReply(f"{what} holds NaN or Inf")
+        return value
+
+
+def _expect(kind: type, reply: Any, r: int, step: int | None):
+    """``reply`` if it is a ``kind`` for round ``r`` (and micro-batch ``step``), else BadReply."""
+    if not isinstance(reply, kind):
+        raise BadReply(f"sent a {type(reply).__name__} where a {kind.__name__} was due")
+    if reply.round != r or (step is not None and reply.step != step):
+        got = f"round {reply.round}" + (f" micro-batch {reply.step}" if step is not None else "")
+        want = f"round {r}" + (f" micro-batch {step}" if step is not None else "")
+        raise BadReply(f"answered {got}, expected {want}")
+    return reply
+
+
+def _client_sq(value: float | None) -> float:
+    """The client's squared gradient norm at the end of an optimizer step: required, finite, >= 0."""
+    if value is None:
+        raise BadReply("did not send its squared gradient norm at the end of an optimizer step")
+    check_numbers(client_sq_norm=value)
+    return float(value)
+
+
+def _weight(act: Activations, s: SplitSettings, c: int, r: int) -> float:
+    try:
+        return client_weight(act.num_examples, act.num_tokens, s.weighting, s.weight_cap, f"round {r}: client {c}")
+    except ValueError as exc:
+        raise BadReply(str(exc)) from None
+
+
+__all__ = ["SplitLearning", "SplitSettings", "SplitState"]

@@ -1,0 +1,155 @@
+"""The split server reads every reply as untrusted: a bad one drops its client, and leaves no trace."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fedtune.assembly import build_client_data, build_workbench, make_handler
+from fedtune.config import load_config
+from fedtune.data.prepare import prepare_federated_data
+from fedtune.experiment import weight_cap
+from fedtune.paradigms.base import converse
+from fedtune.paradigms.split.messages import Activations, BackReply, Done
+from fedtune.registry import PARADIGMS
+from fedtune.runtime.in_process import InProcessRuntime
+from fedtune.server.round_loop import Network
+from fedtune.wire.messages import decode_message, encode_message
+from tests.conftest import TINY_OVERRIDES
+
+TWO_CLIENTS = [
+    *TINY_OVERRIDES,
+    "model.name=tiny-llama-deep",
+    "partition.method=iid",
+    "partition.num_clients=2",
+    "training.local_steps=2",
+    "training.grad_accum=2",
+    "evaluation.every=0",
+    "evaluation.exact_match=false",
+    "paradigm=split",
+]
+KINDS = (Activations, BackReply, Done)
+ALONE: dict[str, tuple] = {}  # server_part -> the round with client 0 alone (what every bad case must equal)
+
+
+def _round(tmp_path, overrides, clients, tamper=None):
+    """One round with these clients; ``tamper(message) -> message`` rewrites client 1's replies."""
+    cfg = load_config("examples/quickstart.yaml", [*TWO_CLIENTS, *overrides, f"output.dir={tmp_path}"])
+    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
+    bench = build_workbench(cfg, announce=False)
+    handler = make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg)).handle
+    paradigm = PARADIGMS.load("split").server(cfg, bench, None, weight_cap(cfg, data))
+
+    def handle(client, payload, state):
+        reply, state = handler(client, payload, state)
+        if client == 1 and tamper is not None:
+            reply = encode_message(tamper(decode_message(reply, *KINDS)))
+        return reply, state
+
+    net = Network(InProcessRuntime(handle), 1, clients, 1, tmp_path)
+    state, metrics = converse(paradigm.round(1, paradigm.initial_state(), clients), net.exchange)
+    return state.params, net.dropped, metrics
+
+
+def _hidden(msg, change):
+    """``msg`` with its wire tensor ``h`` (plain float32: no codecs) changed by ``change(tensor)``."""
+    field = "hidden" if isinstance(msg, Activations) else "grad"
+    wire = dict(getattr(msg, field))
+    (key,) = [k for k in wire if k != "meta"]
+    import json
+    import zlib
+
+    meta = json.loads(zlib.decompress(wire["meta"].numpy().tobytes()))
+    ((name, shape),) = meta["layout"][key]
+    value = change(wire[key].reshape(shape).clone())
+    meta["layout"][key] = [[name, list(value.shape)]]
+    packed = zlib.compress(json.dumps(meta).encode())
+    wire.update({key: value.reshape(-1), "meta": torch.frombuffer(bytearray(packed), dtype=torch.uint8)})
+    return dataclasses.replace(msg, **{field: wire})
+
+
+def _at(kind, step, change):
+    def tamper(msg):
+        if isinstance(msg, kind) and (step is None or msg.step == step):
+            return change(msg)
+        return msg
+
+    return tamper
+
+
+def _nan(t):
+    t[0, 0, 0] = math.nan
+    return t
+
+
+CASES = {
+    "wider hidden states": (
+        _at(Activations, 1, lambda m: _hidden(m, lambda t: torch.cat([t, t[..., :1]], -1))),
+        "hidden states of shape",
+    ),
+    "NaN in hidden states": (_at(Activations, 0, lambda m: _hidden(m, _nan)), "NaN or Inf"),
+    "a step out of turn": (
+        _at(Activations, 1, lambda m: dataclasses.replace(m, step=3)),
+        "micro-batch 3, expected round 1 micro-batch 1",
+    ),
+    "a mask of 2s": (
+        _at(Activations, 0, lambda m: dataclasses.replace(m, attention_mask=m.attention_mask * 2)),
+        "not 0/1",
+    ),
+    "more examples than any client": (
+        _at(Activations, 0, lambda m: dataclasses.replace(m, num_examples=10**9)),
+        "training examples",
+    ),
+    "a gradient of the wrong shape": (
+        _at(BackReply, 2, lambda m: _hidden(m, lambda t: t[:, :-1])),
+        "gradient at the second cut",
+    ),
+    "an infinite loss": (_at(BackReply, 1, lambda m: dataclasses.replace(m, loss_sum=math.inf)), "diverged"),
+    "no norm for clipping": (
+        _at(Done, None, lambda m: dataclasses.replace(m, client_sq_norm=None)),
+        "squared gradient norm",
+    ),
+    "a negative norm": (_at(Activations, 2, lambda m: dataclasses.replace(m, client_sq_norm=-1.0)), "client_sq_norm"),
+    "the wrong round": (_at(Done, None, lambda m: dataclasses.replace(m, round=7)), "answered round 7"),
+    "a reply of another kind": (_at(BackReply, 0, lambda m: Done(1, {}, 1, 0.0, 0.0)), "where a BackReply was due"),
+}
+
+
+@pytest.mark.parametrize("server_part", ["shared", "per_client"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_bad_reply_drops_its_client_and_the_round_is_what_the_others_made(tmp_path, case, server_part):
+    tamper, why = CASES[case]
+    overrides = [f"split.server_part={server_part}"]
+    params, dropped, _ = _round(tmp_path / "bad", overrides, [0, 1], tamper)
+    assert set(dropped) == {1} and why in dropped[1], dropped
+    if server_part not in ALONE:
+        ALONE[server_part] = _round(tmp_path / "alone", overrides, [0])
+    alone, dropped_alone, _ = ALONE[server_part]
+    assert not dropped_alone
+    assert all(torch.equal(params[k], alone[k]) for k in alone)  # client 1 left no trace, server part included
+
+
+def test_vanilla_labels_outside_the_vocabulary_drop_the_client(tmp_path):
+    def bad_labels(msg):
+        labels = msg.labels.clone()
+        labels[0, -1] = 10**6
+        return dataclasses.replace(msg, labels=labels)
+
+    overrides = ["split.shape=vanilla", "split.client_front=2"]
+    _, dropped, _ = _round(tmp_path, overrides, [0, 1], _at(Activations, 1, bad_labels))
+    assert "labels outside the vocabulary" in dropped[1]
+    fewer = _at(Activations, 0, lambda m: dataclasses.replace(m, step_tokens=m.step_tokens + 1))
+    _, dropped, _ = _round(tmp_path / "tokens", overrides, [0, 1], fewer)
+    assert "step tokens" in dropped[1] or "labels hold" in dropped[1]
+
+
+def test_an_honest_round_reports_its_costs(tmp_path):
+    _, dropped, metrics = _round(tmp_path, [], [0, 1])
+    assert not dropped
+    assert metrics["local_micro_batches"] == 2 * 4 and metrics["local_steps"] == 2 * 2
+    assert metrics["activation_codec_error"] == 0.0 and math.isfinite(metrics["train_loss"])
+    _, _, compressed = _round(tmp_path / "bf16", ["split.activation_codecs=[{name: bf16}]"], [0, 1])
+    assert 0 < compressed["activation_codec_error"] < 1e-2  # bf16 keeps about 3 significant digits
