@@ -97,3 +97,18 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
         {k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()
     ]
     assert strip(tmp_path / "killed" / "metrics.jsonl") == strip(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_every_paradigm_reports_the_clients_cost_and_split_clients_pay_less(tmp_path):
+    """client_s, client_peak_bytes and client_flops for parameter sharing and split alike (client.cost)."""
+    costs = {}
+    for name, extra in [("ps", ["paradigm=parameter_sharing"]), ("split", []), ("kd", ["paradigm=kd"])]:
+        kd = ["kd.public_slice=6", "data.builtin.public_per_task=8", "kd.distill_batch_size=3"] if name == "kd" else []
+        _, metrics = _cli(tmp_path, name, *extra, *kd, "federation.rounds=1", "evaluation.every=0")
+        costs[name] = metrics[-1]
+        assert costs[name]["client_peak_bytes"] > 0 and costs[name]["client_flops"] > 0
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["client_peak_bytes"] == costs[name]["client_peak_bytes"]
+    # the U-shaped client holds 2 of the 4 blocks with the embeddings and head, and runs only those
+    assert costs["split"]["client_peak_bytes"] < 0.5 * costs["ps"]["client_peak_bytes"]
+    assert costs["split"]["client_flops"] < costs["ps"]["client_flops"]

@@ -35,6 +35,7 @@ class BlockLayout:
     blocks: str  # attribute of ``inner``: the ModuleList of decoder blocks
     norm: str  # attribute of ``inner``: the final norm
     block_name: re.Pattern  # a parameter name's block index (group 1)
+    embeddings: tuple[str, ...]  # attributes of ``inner``: the embedding modules (with the first part)
     embed: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (inner, ids, positions) -> (B, T, H)
     rotary: bool  # blocks take (cos, sin) position embeddings computed by ``inner.rotary_emb``
 
@@ -47,10 +48,10 @@ def _gpt2_embed(inner: nn.Module, ids: torch.Tensor, positions: torch.Tensor) ->
     return inner.drop(inner.wte(ids) + inner.wpe(positions))
 
 
-_LLAMA = BlockLayout("model", "layers", "norm", re.compile(r"\.layers\.(\d+)\."), _llama_embed, True)
+_LLAMA = BlockLayout("model", "layers", "norm", re.compile(r"\.layers\.(\d+)\."), ("embed_tokens",), _llama_embed, True)
 LAYOUTS: dict[str, BlockLayout] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), _LLAMA),
-    "gpt2": BlockLayout("transformer", "h", "ln_f", re.compile(r"\.h\.(\d+)\."), _gpt2_embed, False),
+    "gpt2": BlockLayout("transformer", "h", "ln_f", re.compile(r"\.h\.(\d+)\."), ("wte", "wpe"), _gpt2_embed, False),
 }
 
 
@@ -63,6 +64,15 @@ def layout_of(model: nn.Module) -> BlockLayout:
             f"{', '.join(sorted(LAYOUTS))} (Llama-family models such as SmolLM2, and GPT-2)"
         )
     return LAYOUTS[kind]
+
+
+def blocks_of(model: nn.Module) -> tuple[nn.ModuleList, nn.Module] | None:
+    """(decoder blocks, the causal LM) of a model of a known layout; None for any other."""
+    lm = _causal_lm(model)
+    layout = LAYOUTS.get(getattr(getattr(lm, "config", None), "model_type", None))
+    if layout is None:
+        return None
+    return getattr(getattr(lm, layout.inner), layout.blocks), lm
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -127,6 +137,18 @@ class SplitModel:
                 )
             (client if self.cut.side(block, self.layers) == "client" else server).append(name)
         return client, server
+
+    def client_parameters(self) -> list[torch.Tensor]:
+        """The base model's tensors the client holds: embeddings, its blocks and (shape u) norm and head."""
+        modules = [getattr(self.inner, name) for name in self.layout.embeddings]
+        modules += [b for i, b in enumerate(self.blocks) if self.cut.side(i, self.layers) == "client"]
+        if self.cut.shape == "u":
+            modules += [getattr(self.inner, self.layout.norm), self.lm.get_output_embeddings()]
+        return [p for m in modules for p in m.parameters()]
+
+    def client_blocks(self) -> tuple[range, range]:
+        """(front, back) block ranges the client runs (back empty for vanilla)."""
+        return range(self.cut.front), range(self.layers - self.cut.back, self.layers)
 
     # ---- the parts; ``params`` maps full parameter names (``named_parameters``) to the tensors to use
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.client.corrections import Correction
+from fedtune.client.cost import ActivationMeter, FlopModel
 from fedtune.data.tokenize import IGNORE
 from fedtune.losses import LossFn, token_loss_sum
 
@@ -28,6 +29,8 @@ class LocalResult:
     diverged: bool = False
     error: str | None = None
     lr_sum: float = 0.0  # sum of the learning rates of the steps taken (SCAFFOLD's path length)
+    flops: float = 0.0  # analytic training FLOPs of the micro-batches run (client.cost); 0 if unknown
+    peak_activation_bytes: int = 0  # the most bytes autograd kept for backward at once (client.cost)
 
 
 def make_optimizer(name: str, params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float):
@@ -50,18 +53,21 @@ def train_locally(
     optimizer: str = "adamw",
     corrections: Sequence[Correction] = (),
     loss: LossFn = token_loss_sum,
+    cost: FlopModel | None = None,
 ) -> LocalResult:
     """Run ceil(len(micro_batches) / grad_accum) optimizer steps; return loss and timing.
 
     ``loss(model, batch) -> (sum over target positions, their count)``: response-only cross-entropy
     by default, KL to a teacher for distillation. Each step's loss is the sum over its micro-batches
     divided by their target positions, so accumulation gives the gradient of one big batch.
+    ``cost``: the model's FLOP model, to count the FLOPs run (client.cost); activations are always measured.
     """
     start = time.perf_counter()
     model.train()
     opt = make_optimizer(optimizer, params, lr_at(0), weight_decay)
     groups = [micro_batches[i : i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
-    loss_total, tokens_total, lr_sum = 0.0, 0, 0.0
+    loss_total, tokens_total, lr_sum, flops = 0.0, 0, 0.0, 0.0
+    meter = ActivationMeter(model.parameters())
     for step, group in enumerate(groups):
         lr = lr_at(step)
         for g in opt.param_groups:
@@ -69,7 +75,9 @@ def train_locally(
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
         step_loss = 0.0
         for batch in group:
-            loss_sum, _ = loss(model, batch)
+            with meter.measure():
+                loss_sum, _ = loss(model, batch)
+            flops += cost.training(batch) if cost is not None else 0.0
             if not torch.isfinite(loss_sum):
                 return LocalResult(
                     step,
@@ -79,6 +87,8 @@ def train_locally(
                     True,
                     f"non-finite loss ({loss_sum.item()}) at local step {step}",
                     lr_sum,
+                    flops,
+                    meter.peak,
                 )
             (loss_sum / max(1, n_tokens)).backward()
             step_loss += loss_sum.item()
@@ -100,4 +110,12 @@ def train_locally(
             on_step(step, step_loss / max(1, n_tokens))
     model.eval()
     mean = loss_total / max(1, tokens_total)
-    return LocalResult(len(groups), mean, tokens_total, time.perf_counter() - start, lr_sum=lr_sum)
+    return LocalResult(
+        len(groups),
+        mean,
+        tokens_total,
+        time.perf_counter() - start,
+        lr_sum=lr_sum,
+        flops=flops,
+        peak_activation_bytes=meter.peak,
+    )

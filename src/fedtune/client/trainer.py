@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.client.batching import micro_batches
 from fedtune.client.corrections import Correction
+from fedtune.client.cost import FlopModel
 from fedtune.client.data import ClientData
 from fedtune.client.local_training import LocalResult, train_locally
 from fedtune.client.schedule import RoundSchedule
@@ -48,6 +49,12 @@ class LocalTrainer:
     def __init__(self, training: TrainingConfig, total_rounds: int, seed: int, pad_id: int, progress: bool = False):
         self.cfg, self.total_rounds, self.seed, self.pad_id = training, total_rounds, seed, pad_id
         self.progress = progress
+        self._cost_of: tuple = (None, None)
+
+    def _cost(self, adapter: AdapterModel) -> FlopModel | None:
+        if self._cost_of[0] is not adapter.model:  # the FLOP model of the model last trained
+            self._cost_of = (adapter.model, FlopModel.of_model(adapter.model))
+        return self._cost_of[1]
 
     def train(
         self,
@@ -85,6 +92,7 @@ class LocalTrainer:
                 optimizer=cfg.optimizer,
                 corrections=corrections,
                 loss=loss,
+                cost=self._cost(adapter),
             )
         bar.close()
         return TrainOutcome(result, time.perf_counter() - start)

@@ -35,8 +35,10 @@ __all__ = [
     "Exchange",
     "Replies",
     "ServerParadigm",
+    "check_cost",
     "check_numbers",
     "converse",
+    "cost_metrics",
     "shared",
 ]
 
@@ -110,6 +112,22 @@ def check_numbers(**values: float | None) -> None:
     for name, v in values.items():
         if v is not None and not (math.isfinite(v) and 0 <= v <= LARGEST_REPORTED):
             raise BadReply(f"{name}={v!r} must be a number in [0, {LARGEST_REPORTED:g}]")
+
+
+MOST_BYTES, MOST_FLOPS = 2**50, 1e24  # a client's reported peak memory and round FLOPs beyond these are not real
+
+
+def check_cost(peak_bytes: int, flops: float) -> None:
+    """BadReply unless a reply's cost (``client.cost``: peak bytes, FLOPs) is a plausible measurement."""
+    if isinstance(peak_bytes, bool) or not isinstance(peak_bytes, int) or not 0 <= peak_bytes <= MOST_BYTES:
+        raise BadReply(f"peak_bytes={peak_bytes!r} must be an integer in [0, 2^50]")
+    if not (math.isfinite(flops) and 0 <= flops <= MOST_FLOPS):
+        raise BadReply(f"flops={flops!r} must be a number in [0, {MOST_FLOPS:g}]")
+
+
+def cost_metrics(peak_bytes: list[int], flops: list[float]) -> dict[str, float]:
+    """A round's client cost for metrics.jsonl: the largest client's peak memory, and FLOPs summed over clients."""
+    return {"client_peak_bytes": max(peak_bytes, default=0), "client_flops": float(sum(flops))}
 
 
 def shared(parts: dict[int, Any], make: Callable[[Any], Any]) -> dict[int, Any]:

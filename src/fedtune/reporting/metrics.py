@@ -58,6 +58,11 @@ def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         "total_wall_s": sum(r["wall_s"] for r in history),
         "dropped_updates": sum(len(r.get("dropped", {})) for r in trained),
     }
+    costs = [r for r in trained if "client_flops" in r]
+    if costs:  # client.cost: what the clients' side of a round took, for comparing paradigms
+        out["client_peak_bytes"] = max(r["client_peak_bytes"] for r in costs)
+        out["client_flops_per_round"] = sum(r["client_flops"] for r in costs) / len(costs)
+        out["client_s_per_round"] = sum(r["local_train_s"] for r in costs) / len(costs)
     for k in (k for k in last if k.startswith("eval_accuracy_by_")):  # per task (or other group_by field)
         out["initial"][k], out["final"][k] = first.get(k), last[k]
     if evals and "eval_accuracy" in last:

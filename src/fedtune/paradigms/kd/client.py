@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.client.cost import parameter_bytes
 from fedtune.client.data import ClientData, EvalSettings
 from fedtune.client.trainer import LocalTrainer
 from fedtune.evaluation.harness import EvalSet
@@ -94,7 +95,7 @@ class KDClient:
         adapter = self._start(client_id, req.params if s.downlink == "adapter" else {}, state)
         data = self.data[client_id]
         common = dict(round=req.round, num_examples=len(data.train))
-        steps, distill_loss = 0, None
+        steps, distill_loss, flops, activations = 0, None, 0.0, 0
         if len(req.teach):
             teacher = self._teacher(req)
             result = distil(
@@ -103,6 +104,7 @@ class KDClient:
             if result.diverged:
                 return self._diverged(common, f"distillation: {result.error}", time.perf_counter() - start), state
             steps, distill_loss = result.steps, result.mean_loss
+            flops, activations = result.flops, result.peak_activation_bytes
         out = self.trainer.train(adapter, client_id, req.round, data)
         if out.result.diverged:
             return self._diverged(common, out.result.error, time.perf_counter() - start), state
@@ -118,6 +120,8 @@ class KDClient:
             train_loss=out.result.mean_loss,
             distill_loss=distill_loss,
             local_train_s=time.perf_counter() - start,
+            peak_bytes=parameter_bytes(adapter.model.parameters()) + max(activations, out.result.peak_activation_bytes),
+            flops=flops + out.result.flops,
             **common,
         )
         return reply, state

@@ -16,6 +16,7 @@ import torch
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.client.batching import micro_batches
+from fedtune.client.cost import FlopModel
 from fedtune.client.local_training import LocalResult, train_locally
 from fedtune.paradigms.kd.distributions import TopK, distillation_loss_sum, score
 from fedtune.paradigms.kd.public import PublicSet
@@ -78,6 +79,7 @@ def distil(
             settings.max_grad_norm,
             optimizer=settings.optimizer,
             loss=partial(distillation_loss_sum, temperature=settings.temperature),
+            cost=FlopModel.of_model(adapter.model),
         )
 
 

@@ -54,3 +54,5 @@ class KDReply:
     logp: Params = field(default_factory=dict)  # wire form of {"logp": (P, k)}
     status: Literal["ok", "diverged"] = "ok"
     error: str | None = None
+    peak_bytes: int = 0  # the model it holds plus its peak activations for backward (client.cost)
+    flops: float = 0.0  # analytic FLOPs of its distillation and private training this round (client.cost)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fedtune.aggregation.weighting import WeightCap, client_weight
-from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbers, shared
+from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_cost, check_numbers, cost_metrics, shared
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.kd.distributions import TopK, consensus, id_dtype
 from fedtune.paradigms.kd.messages import LOGP, KDReply, KDRequest
@@ -46,6 +46,8 @@ class Scores(NamedTuple):
     distill_loss: float | None
     local_train_s: float
     steps: int
+    peak_bytes: int = 0
+    flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,16 @@ class KnowledgeDistillation:
             weight = 1.0
             if s.weighting == "examples":
                 weight = _weight(reply.num_examples, s.weight_cap, f"round {r}: client {client_id}")
-            return Scores(top, weight, reply.train_loss, reply.distill_loss, reply.local_train_s, reply.steps)
+            return Scores(
+                top,
+                weight,
+                reply.train_loss,
+                reply.distill_loss,
+                reply.local_train_s,
+                reply.steps,
+                reply.peak_bytes,
+                reply.flops,
+            )
 
         cap = max_wire_bytes(2 * rows * s.top_k, 2)  # ids and log-probabilities, (rows, k) each
         replies = yield Exchange("train", dict.fromkeys(clients, msg), KDReply, read, cap)
@@ -151,6 +162,7 @@ class KnowledgeDistillation:
             local_train_s=reply.local_train_s,
             steps=reply.steps,
         )
+        check_cost(reply.peak_bytes, reply.flops)
         ids = reply.ids
         if ids.dtype != id_dtype(s.vocab) or tuple(ids.shape) != (rows, s.top_k):
             raise BadReply(
@@ -233,6 +245,7 @@ def _round_metrics(used: list[Scores], agreed: TopK) -> dict[str, Any]:
         "distill_loss": sum(distill) / len(distill) if distill else None,
         "local_train_s": sum(u.local_train_s for u in used),
         "local_steps": sum(u.steps for u in used),
+        **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
         "kd_positions": int(agreed.ids.shape[0]),
         "kd_top1_agreement": float((top1 == top1[0]).all(dim=0).float().mean()) if top1.shape[1] else None,
         "kd_consensus_top1": float(agreed.logp[:, 0].exp().mean()) if agreed.ids.shape[0] else None,

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
+from fedtune.client.cost import parameter_bytes
 from fedtune.client.data import ClientData, EvalSettings
 from fedtune.client.trainer import LocalTrainer
 from fedtune.evaluation.harness import EvalSet
@@ -80,6 +81,8 @@ class ParameterSharingClient:
             steps=result.steps,
             train_loss=result.mean_loss,
             local_train_s=out.elapsed_s,
+            peak_bytes=parameter_bytes(self.adapter.model.parameters()) + result.peak_activation_bytes,
+            flops=result.flops,
         )
         if result.diverged:
             return TrainReply(delta={}, status="diverged", error=result.error, **common), state

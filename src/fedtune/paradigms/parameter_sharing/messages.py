@@ -41,3 +41,5 @@ class TrainReply:
     status: Literal["ok", "diverged"] = "ok"
     error: str | None = None
     scaffold_delta_c: Params = field(default_factory=dict)  # SCAFFOLD: c_i(new) - c_i(old)
+    peak_bytes: int = 0  # the model it holds plus its peak activations for backward (client.cost)
+    flops: float = 0.0  # analytic FLOPs of its training this round (client.cost)

@@ -16,7 +16,7 @@ from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import update_norm
 from fedtune.aggregation.weighting import WeightCap, client_weight
 from fedtune.client.schedule import RoundSchedule
-from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbers, shared
+from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_cost, check_numbers, cost_metrics, shared
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
@@ -34,6 +34,8 @@ class Update(NamedTuple):
     train_loss: float
     local_train_s: float
     steps: int
+    peak_bytes: int = 0
+    flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,12 @@ class ParameterSharing:
                 raise BadReply(str(exc)) from None
             extras = {"scaffold": reply.scaffold_delta_c} if scaffold_c else {}
             return Update(
-                Contribution(client_id, delta, weight, extras), reply.train_loss, reply.local_train_s, reply.steps
+                Contribution(client_id, delta, weight, extras),
+                reply.train_loss,
+                reply.local_train_s,
+                reply.steps,
+                reply.peak_bytes,
+                reply.flops,
             )
 
         largest = max((_size(v) for v in views.values()), default=(0, 0))
@@ -112,6 +119,7 @@ class ParameterSharing:
             "train_loss": _weighted_loss([u.train_loss for u in used], weights),
             "local_train_s": sum(u.local_train_s for u in used),
             "local_steps": sum(u.steps for u in used),
+            **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
             **self.aggregator.metrics(agg_state),
         }
         return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
@@ -123,6 +131,7 @@ class ParameterSharing:
         if reply.status != "ok":
             raise BadReply(f"{reply.status}: {reply.error}")
         check_numbers(train_loss=reply.train_loss, local_train_s=reply.local_train_s, steps=reply.steps)
+        check_cost(reply.peak_bytes, reply.flops)
         if scaffold_c:
             problem = update_problem(reply.scaffold_delta_c, scaffold_c)
             if problem:

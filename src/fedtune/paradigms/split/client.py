@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.adapters.split import SplitModel
+from fedtune.client.cost import TRAINING, ActivationMeter, FlopModel, parameter_bytes
 from fedtune.client.data import ClientData
 from fedtune.client.local_training import make_optimizer
 from fedtune.client.trainer import round_plan
@@ -64,6 +65,12 @@ class SplitClient:
         the part's tensors as this client's model holds them (what a received part must look like)."""
         self.split, self.names, self.like, self.data, self.s = split, names, like, data, settings
         self.uplink, self.downlink, self.activations = uplink, downlink, activations
+        self.meter = ActivationMeter(split.model.parameters())
+        self.part_bytes = parameter_bytes(split.client_parameters())
+        lm = split.lm
+        self.cost = FlopModel.of(
+            split.blocks, int(lm.config.hidden_size), int(lm.get_output_embeddings().weight.shape[0])
+        )
 
     def serve(self, client_id: int, request, state: ClientState):
         if isinstance(request, Forward):
@@ -129,7 +136,8 @@ class SplitClient:
                 rng = torch.random.get_rng_state()
             own: Params = {f"start/{k}": v.detach().clone() for k, v in received.items()}
             own.update({f"p/{k}": v.detach().clone() for k, v in received.items()})
-            own["rng"], own["meta"] = rng, torch.zeros(3, dtype=torch.float64)  # [loss, tokens, client seconds]
+            own["rng"] = rng
+            own["meta"] = torch.zeros(5, dtype=torch.float64)  # [loss, tokens, client seconds, FLOPs, peak activations]
         else:
             own = dict(state.get(OWNER, {}))
             if not own:
@@ -137,11 +145,17 @@ class SplitClient:
         _, batches, plan = self._plan(client_id, req.round)
         params, opt = self._load(own)
         client_sq = None
+        meta = own["meta"].clone()
+        front, _ = self.split.client_blocks()
         if t > 0:  # finish micro-batch t - 1: the front again, then its backward with the cut's gradient
             batch = self._batch(client_id, batches[t - 1])
-            with torch.random.fork_rng(devices=[]):
+            self.meter.peak = 0
+            with torch.random.fork_rng(devices=[]), self.meter.measure():
                 torch.random.set_rng_state(own["rng_prev"])
                 hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
+            b, n = batch["input_ids"].shape
+            meta[3] += TRAINING * self.cost.forward(front, b, n)  # forward again + backward
+            meta[4] = max(float(meta[4]), self.meter.peak)
             grad = self.activations.decode(req.grad, {"h": hidden})["h"]
             if grad.shape != hidden.shape:
                 raise ValueError(f"the gradient at the cut is {tuple(grad.shape)}, not {tuple(hidden.shape)}")
@@ -153,7 +167,6 @@ class SplitClient:
                     g["lr"] = plan.lr(t - 1)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        meta = own["meta"].clone()
         if t == plan.count:
             meta[2] += time.perf_counter() - start
             return self._done(client_id, req, own, params, meta, plan, client_sq), {
@@ -165,6 +178,8 @@ class SplitClient:
             torch.random.set_rng_state(rng_before)
             hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
             rng_after = torch.random.get_rng_state()
+        b, n = batch["input_ids"].shape
+        meta[3] += self.cost.forward(front, b, n)  # the first forward, whose graph is not kept
         wire = self.activations.encode({"h": hidden}, {}, generator(self.s.seed, req.round, client_id, 2 + t))[0]
         error = relative_error(hidden, self.activations.decode(wire, {"h": hidden})["h"])
         data = self.data[client_id]
@@ -204,12 +219,15 @@ class SplitClient:
             raise ValueError(f"hidden states of shape {tuple(received.shape)}, expected {tuple(like.shape)}")
         hidden = received.detach().requires_grad_(True)
         layers = self.split.layers
-        with torch.random.fork_rng(devices=[]):
+        self.meter.peak = 0
+        with torch.random.fork_rng(devices=[]), self.meter.measure():
             torch.random.set_rng_state(own["rng"])
             loss_sum, positions = self.split.back_loss(
                 self._full(params), hidden, batch["attention_mask"], batch["labels"], layers - self.split.cut.back
             )
             rng = torch.random.get_rng_state()
+        _, back = self.split.client_blocks()
+        scored = b * int((batch["labels"][:, 1:] != IGNORE).any(dim=0).sum())
         value = float(loss_sum.detach())
         if math.isfinite(value):
             (loss_sum / max(1, n_tokens)).backward()
@@ -224,6 +242,8 @@ class SplitClient:
         meta[0] += value if math.isfinite(value) else 0.0
         meta[1] += positions
         meta[2] += time.perf_counter() - start
+        meta[3] += TRAINING * self.cost.forward(back, b, t, scored)
+        meta[4] = max(float(meta[4]), self.meter.peak)
         own = self._save(own, params, opt, rng=rng, meta=meta)
         reply = BackReply(req.round, req.step, wire, value, positions, error)
         return reply, {**state, OWNER: own}
@@ -240,4 +260,6 @@ class SplitClient:
             steps=plan.steps,
             local_train_s=float(meta[2]),
             client_sq_norm=sq,
+            peak_bytes=self.part_bytes + int(meta[4]),
+            flops=float(meta[3]),
         )

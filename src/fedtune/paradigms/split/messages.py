@@ -98,3 +98,5 @@ class Done:
     steps: int
     local_train_s: float  # the client's compute this round (forward, backward, optimizer), summed
     client_sq_norm: float | None = None  # ‖client grads‖² of the last optimizer step (server-side clipping)
+    peak_bytes: int = 0  # its part of the model plus its peak activations for backward (client.cost)
+    flops: float = 0.0  # analytic FLOPs of its part this round, the front's second forward included

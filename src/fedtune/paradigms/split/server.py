@@ -29,7 +29,7 @@ from fedtune.client.local_training import make_optimizer
 from fedtune.config import TrainingConfig
 from fedtune.data.tokenize import IGNORE
 from fedtune.errors import RunError
-from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_numbers
+from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_cost, check_numbers, cost_metrics
 from fedtune.paradigms.parameter_sharing.validation import update_problem
 from fedtune.paradigms.split.messages import Activations, Back, BackReply, Done, Forward
 from fedtune.paradigms.split.steps import StepPlan, clip, sq_norm
@@ -89,6 +89,8 @@ class _Outcome:
     micro_batches: int
     steps: int
     codec_error: float  # the largest relative error of hidden states or gradients through the codecs
+    peak_bytes: int = 0
+    flops: float = 0.0
 
 
 class SplitLearning:
@@ -180,6 +182,7 @@ class SplitLearning:
             "local_train_s": sum(o.local_train_s for o in used),
             "local_steps": sum(o.steps for o in used),
             "local_micro_batches": sum(o.micro_batches for o in used),
+            **cost_metrics([o.peak_bytes for o in used], [o.flops for o in used]),
             "server_part_s": time.perf_counter() - start,
             "activation_codec_error": max(o.codec_error for o in used),
             **self.aggregator.metrics(client_agg),
@@ -305,6 +308,7 @@ class SplitLearning:
         finish = Forward(r, plan.count, grad=grad_wire, server_sq_norm=part.sq, continues=True)
         done = _expect(Done, (yield finish), r, None)
         check_numbers(steps=done.steps, local_train_s=done.local_train_s)
+        check_cost(done.peak_bytes, done.flops)
         if done.steps != plan.steps:
             raise BadReply(f"reports {done.steps} optimizer steps; its round has {plan.steps}")
         part.step(_client_sq(done.client_sq_norm), plan.lr(plan.count - 1))
@@ -326,6 +330,8 @@ class SplitLearning:
             plan.count,
             plan.steps,
             error,
+            done.peak_bytes,
+            done.flops,
         )
 
     def _full(self, params: Params) -> Params:

@@ -1,0 +1,105 @@
+"""What a client's round costs it: memory for its part of the model, and floating-point operations.
+
+Every paradigm reports the same three numbers per round (``metrics.jsonl``: ``client_s``,
+``client_peak_bytes``, ``client_flops``), so paradigms can be compared on the client's side:
+
+- **peak bytes** = the bytes of the parameters the client holds (the whole model in parameter
+  sharing and KD; the embeddings, its blocks and, U-shaped, the head in split learning), plus the
+  most activation bytes autograd kept for the backward pass at once during a micro-batch. The
+  activations are measured, not estimated: every tensor autograd saves is counted once by its
+  storage (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded. Memory an operator
+  allocates only while it runs is not counted.
+- **FLOPs** are analytic: a forward pass costs 2 FLOPs per multiply-accumulate of each block's
+  matrices for every token, plus causal attention (2·d·(T+1) per token and block, for T keys on
+  average (T+1)/2), plus the LM head at the positions that are scored; training counts
+  forward + backward as 3 forward passes (the usual convention; with a frozen base the weight
+  gradients are skipped, so this is an upper bound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedtune.data.tokenize import IGNORE
+
+
+def parameter_bytes(params: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages of ``params`` (tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for p in params:
+        storage = p.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+class ActivationMeter:
+    """The most bytes autograd holds for backward at once, over the forward passes run in ``measure()``."""
+
+    def __init__(self, params: Iterable[torch.Tensor]):
+        self._params = {p.untyped_storage().data_ptr() for p in params}
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        """Count what the forward passes inside keep for backward (one micro-batch, or one part of it)."""
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self._params:
+                kept[ptr] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        self.peak = max(self.peak, sum(kept.values()))
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """A causal LM's forward cost, from its own modules: matrix sizes per block, width, vocabulary."""
+
+    block_macs: tuple[int, ...]  # multiply-accumulates per token of each block's matrices (weights of ndim 2)
+    hidden: int
+    head_macs: int  # per scored position: hidden x vocabulary
+
+    @classmethod
+    def of(cls, blocks: nn.ModuleList, hidden: int, vocab: int) -> FlopModel:
+        macs = tuple(
+            sum(p.numel() for n, p in b.named_parameters() if p.ndim == 2 and "lora_" not in n) for b in blocks
+        )
+        return cls(macs, hidden, hidden * vocab)
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> FlopModel | None:
+        """From a (peft-wrapped) causal LM of a known block layout (``adapters.split.LAYOUTS``); None otherwise."""
+        from fedtune.adapters.split import blocks_of
+
+        found = blocks_of(model)
+        if found is None:
+            return None
+        blocks, lm = found
+        return cls.of(blocks, int(lm.config.hidden_size), int(lm.get_output_embeddings().weight.shape[0]))
+
+    def training(self, batch: dict[str, torch.Tensor]) -> float:
+        """FLOPs of one training micro-batch through the whole model (the head where any row has a target)."""
+        b, t = batch["input_ids"].shape
+        labels = batch.get("labels")
+        scored = b * int((labels[:, 1:] != IGNORE).any(dim=0).sum()) if labels is not None else b * t
+        return TRAINING * self.forward(range(len(self.block_macs)), b, t, scored)
+
+    def forward(self, blocks: Iterable[int], batch: int, seq: int, scored: int = 0) -> float:
+        """FLOPs of a forward pass through ``blocks`` for ``batch`` sequences of ``seq`` tokens, and the head
+        at ``scored`` positions."""
+        tokens = batch * seq
+        per_token = sum(2 * self.block_macs[i] + 2 * self.hidden * (seq + 1) for i in blocks)
+        return float(tokens * per_token + 2 * self.head_macs * scored)
+
+
+TRAINING = 3.0  # forward + backward, in forward passes

@@ -1,0 +1,59 @@
+"""What a client's round costs: activations measured through autograd, FLOPs from the model's own matrices."""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.client.cost import TRAINING, ActivationMeter, FlopModel, parameter_bytes
+from fedtune.data.tokenize import IGNORE
+from fedtune.losses import token_loss_sum
+
+
+def _batch(b: int, t: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 200, (b, t), generator=torch.Generator().manual_seed(b * t))
+    labels = ids.clone()
+    labels[:, : t // 2] = IGNORE
+    return {"input_ids": ids, "attention_mask": torch.ones(b, t, dtype=torch.long), "labels": labels}
+
+
+def test_activation_bytes_are_what_autograd_keeps_and_grow_with_the_batch(tiny_adapter):
+    model = tiny_adapter.model
+    model.train()
+    meter = ActivationMeter(model.parameters())
+    with torch.no_grad(), meter.measure():
+        token_loss_sum(model, _batch(2, 16))
+    assert meter.peak == 0  # nothing is kept without a backward to come
+    sizes = []
+    for b in (1, 2, 4):
+        meter = ActivationMeter(model.parameters())
+        with meter.measure():
+            loss, _ = token_loss_sum(model, _batch(b, 16))
+        loss.backward()
+        sizes.append(meter.peak)
+    assert 0 < sizes[0] < sizes[1] < sizes[2] and sizes[2] > 3 * sizes[0]
+    counting_weights = ActivationMeter([])  # the weights autograd keeps too, if they were not excluded
+    with counting_weights.measure():
+        token_loss_sum(model, _batch(4, 16))[0].backward()
+    assert counting_weights.peak > sizes[2]
+
+
+def test_tied_weights_count_once():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    assert parameter_bytes([emb.weight, head.weight]) == 10 * 4 * 4
+
+
+def test_flops_come_from_each_blocks_matrices_and_scale_with_tokens(tiny_adapter):
+    model = FlopModel.of_model(tiny_adapter.model)
+    blocks = tiny_adapter.model.get_base_model().model.layers
+    hidden, vocab = 64, tiny_adapter.model.get_base_model().config.vocab_size
+    dense = sum(p.numel() for n, p in blocks[0].named_parameters() if p.ndim == 2 and "lora_" not in n)
+    assert model.block_macs[0] == dense and model.head_macs == hidden * vocab
+    one = model.forward([0], 1, 8)
+    assert one == 8 * (2 * dense + 2 * hidden * 9)
+    assert model.forward([0, 1], 2, 8) == 2 * 2 * one  # two blocks, twice the sequences
+    batch = _batch(2, 8)
+    scored = 2 * int((batch["labels"][:, 1:] != IGNORE).any(dim=0).sum())
+    assert model.training(batch) == TRAINING * model.forward(range(2), 2, 8, scored)
+    assert FlopModel.of_model(torch.nn.Linear(2, 2)) is None  # no known block layout: no count
