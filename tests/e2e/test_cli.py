@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ from typer.testing import CliRunner
 
 from fedtune.cli import app
 from tests.conftest import TINY_OVERRIDES
+from tests.e2e.kill import kill_after_round
 
 REQUIRED = {
     "round",
@@ -150,16 +146,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
     ]
     assert _cli("run", *args, "output.name=straight")[0] == 0
 
-    cmd = [sys.executable, "-m", "fedtune.cli", "run", *args, "output.name=killed"]
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd() / "src")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 120
-    while not (ckpt / "round_0002").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "final_adapter").exists(), "run finished before the kill; make it longer"
+    kill_after_round([*args, "output.name=killed"], tmp_path / "killed")
 
     code, out = _cli("resume", str(tmp_path / "killed"))
     assert code == 0, out

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +17,7 @@ from fedtune.experiment import run_experiment
 from fedtune.paradigms.kd.server import KDState
 from fedtune.server.checkpoint import load_latest
 from tests.conftest import TINY_OVERRIDES
+from tests.e2e.kill import kill_after_round
 from tests.e2e.test_peft_methods import METHODS
 
 KD = [
@@ -195,17 +191,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, downlink):
     args = ["examples/tiny.yaml", *TINY_OVERRIDES, *KD, "federation.rounds=5", "training.local_steps=6"]
     args += [f"kd.downlink={downlink}", f"output.dir={tmp_path}"]
     assert CliRunner().invoke(app, ["run", *args, "output.name=straight"]).exit_code == 0
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd() / "src")}
-    cmd = [sys.executable, "-m", "fedtune.cli", "run", *args, "output.name=killed"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "killed" / "checkpoints" / "round_0002").exists() and time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists(), "run finished before the kill; make it longer"
+    kill_after_round([*args, "output.name=killed"], tmp_path / "killed")
     result = CliRunner().invoke(app, ["resume", str(tmp_path / "killed")])
     assert result.exit_code == 0, result.output
     a, b = load_latest(tmp_path / "straight", _TEMPLATE), load_latest(tmp_path / "killed", _TEMPLATE)

@@ -29,23 +29,30 @@ def _history(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_in_process_ray_and_flower_give_the_same_adapter(tmp_path):
+def _on_every_runtime(tmp_path, settings: dict, deadline_s: float = 240) -> tuple[dict, Federation]:
+    """One config run by a Flower deployment of 3 clients (1 torch thread each), in process and on Ray:
+    run directories by runtime name, and the federation (for its output)."""
     from fedtune.config import load_config
     from fedtune.experiment import run_experiment
 
-    fed = Federation(tmp_path, PARITY)
+    fed = Federation(tmp_path, settings)
     try:
         fed.server()
         for cid in range(3):
             fed.client(cid, None, None, "--threads", "1")  # 1 thread here, 2 in-process: sums still agree
-        assert fed.wait_exit("server", 240) == 0, fed.output("server")
+        assert fed.wait_exit("server", deadline_s) == 0, fed.output("server")
     finally:
         fed.close()
-    assert "refused" not in fed.output("server")
     runs = {"flower": fed.run_dir}
     for name in ("in_process", "ray"):
         cfg = load_config(fed.config, [f"runtime.name={name}", f"output.name={name}"])
         runs[name] = run_experiment(cfg).run_dir
+    return runs, fed
+
+
+def test_in_process_ray_and_flower_give_the_same_adapter(tmp_path):
+    runs, fed = _on_every_runtime(tmp_path, PARITY)
+    assert "refused" not in fed.output("server")
 
     reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
     for name in ("ray", "flower"):
@@ -75,24 +82,11 @@ KD_PARITY = {
 def test_kd_gives_the_same_consensus_and_client_adapters_on_every_runtime(tmp_path):
     from safetensors.torch import load_file
 
-    from fedtune.config import load_config
-    from fedtune.experiment import run_experiment
     from fedtune.paradigms.kd.server import KDState
     from fedtune.server.checkpoint import load_latest
     from fedtune.types import unflatten_state
 
-    fed = Federation(tmp_path, KD_PARITY)
-    try:
-        fed.server()
-        for cid in range(3):
-            fed.client(cid, None, None, "--threads", "1")
-        assert fed.wait_exit("server", 240) == 0, fed.output("server")
-    finally:
-        fed.close()
-    runs = {"flower": fed.run_dir}
-    for name in ("in_process", "ray"):
-        cfg = load_config(fed.config, [f"runtime.name={name}", f"output.name={name}"])
-        runs[name] = run_experiment(cfg).run_dir
+    runs, _ = _on_every_runtime(tmp_path, KD_PARITY)
     template = KDState(torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, 4))
     states = {name: load_latest(run, template) for name, run in runs.items()}
     ref = states["in_process"]
@@ -121,21 +115,7 @@ SPLIT_PARITY = {
 
 
 def test_split_gives_the_same_adapter_on_every_runtime(tmp_path):
-    from fedtune.config import load_config
-    from fedtune.experiment import run_experiment
-
-    fed = Federation(tmp_path, SPLIT_PARITY)
-    try:
-        fed.server()
-        for cid in range(3):
-            fed.client(cid, None, None, "--threads", "1")
-        assert fed.wait_exit("server", 300) == 0, fed.output("server")
-    finally:
-        fed.close()
-    runs = {"flower": fed.run_dir}
-    for name in ("in_process", "ray"):
-        cfg = load_config(fed.config, [f"runtime.name={name}", f"output.name={name}"])
-        runs[name] = run_experiment(cfg).run_dir
+    runs, _ = _on_every_runtime(tmp_path, SPLIT_PARITY, deadline_s=300)
     reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
     expected = [{k: r.get(k) for k in SAME} for r in _history(runs["in_process"])]
     for name in ("ray", "flower"):

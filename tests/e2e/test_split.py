@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ from fedtune.cli import app
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
 from tests.conftest import TINY_OVERRIDES
+from tests.e2e.kill import kill_after_round
 
 SPLIT = [*TINY_OVERRIDES, "model.name=tiny-llama-deep", "paradigm=split", "evaluation.exact_match=false"]
 
@@ -77,17 +73,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
     """SIGKILL a real CLI process mid-run and resume: the same adapter and metrics as an uninterrupted run."""
     args = ["examples/tiny.yaml", *SPLIT, "federation.rounds=5", "training.local_steps=6", f"output.dir={tmp_path}"]
     assert CliRunner().invoke(app, ["run", *args, "output.name=straight"]).exit_code == 0
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd() / "src")}
-    cmd = [sys.executable, "-m", "fedtune.cli", "run", *args, "output.name=killed"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "killed" / "checkpoints" / "round_0002").exists() and time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists(), "run finished before the kill; make it longer"
+    kill_after_round([*args, "output.name=killed"], tmp_path / "killed")
     result = CliRunner().invoke(app, ["resume", str(tmp_path / "killed")])
     assert result.exit_code == 0, result.output
     adapter = "final_adapter/adapter_model.safetensors"
@@ -112,3 +98,13 @@ def test_every_paradigm_reports_the_clients_cost_and_split_clients_pay_less(tmp_
     # the U-shaped client holds 2 of the 4 blocks with the embeddings and head, and runs only those
     assert costs["split"]["client_peak_bytes"] < 0.5 * costs["ps"]["client_peak_bytes"]
     assert costs["split"]["client_flops"] < costs["ps"]["client_flops"]
+
+
+def test_every_command_the_split_example_shows_is_a_valid_config():
+    import shlex
+
+    lines = [ln for ln in Path("examples/split.yaml").read_text().splitlines() if "fedtune run examples/split" in ln]
+    assert len(lines) >= 3
+    for line in lines:
+        words = shlex.split(line.lstrip("# ").split("#")[0])
+        load_config("examples/split.yaml", words[3:])  # after `fedtune run examples/split.yaml`
