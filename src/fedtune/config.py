@@ -17,9 +17,9 @@ from fedtune.config_base import Strict as _Strict
 from fedtune.config_compression import CompressionConfig
 from fedtune.config_kd import KDConfig
 from fedtune.config_runtime import RuntimeConfig
-from fedtune.config_split import SplitConfig
+from fedtune.config_split import SplitConfig, check_split_fits
 from fedtune.errors import ConfigError
-from fedtune.registry import AGGREGATORS, COMBINERS, PARADIGMS, PEFT_METHODS, SPLIT_METHODS, VALUE_CODECS
+from fedtune.registry import AGGREGATORS, COMBINERS, PARADIGMS, PEFT_METHODS, VALUE_CODECS
 
 
 class ModelConfig(_Strict):
@@ -347,7 +347,7 @@ class ExperimentConfig(_Strict):
                 f"the split section applies to paradigm: split (this config's paradigm is {self.paradigm})"
             )
         if self.paradigm == "split":
-            self._split_fits()
+            check_split_fits(self)
         if self.paradigm != "kd":
             if self.kd != KDConfig():
                 raise ValueError(f"the kd section applies to paradigm: kd (this config's paradigm is {self.paradigm})")
@@ -376,29 +376,6 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"paradigm kd sends probabilities (and with kd.downlink=adapter the adapter itself), which must keep "
                 f"every value: compression.uplink/downlink may use {', '.join(VALUE_CODECS)}, not {bad}"
-            )
-
-    def _split_fits(self) -> None:
-        """What split learning does not do (yet), said before a model is loaded."""
-        c = self.compression
-        unused = ["training.proximal_mu (FedProx)"] if self.training.proximal_mu else []
-        unused += ["aggregation.scaffold"] if self.aggregation.scaffold else []
-        unused += ["adapter.client_ranks"] if self.adapter.client_ranks is not None else []
-        unused += ["compression.error_feedback"] if c.error_feedback else []
-        unused += ["compression.downlink_updates"] if c.downlink_updates else []
-        unused += ["evaluation.per_client (the clients hold only their part)"] if self.evaluation.per_client else []
-        if unused:
-            raise ValueError(f"paradigm split does not support {', '.join(unused)}; remove them")
-        bad = [s.get("name") for s in self.split.activation_codecs if s.get("name") not in VALUE_CODECS]
-        if bad:
-            raise ValueError(
-                f"split.activation_codecs may use the value codecs {', '.join(VALUE_CODECS)} (every hidden state and "
-                f"gradient is needed), not {bad}"
-            )
-        if self.adapter.method not in SPLIT_METHODS:
-            raise ValueError(
-                f"adapter.method={self.adapter.method} has tensors outside the decoder blocks, which split learning "
-                f"cannot place on a side; use one of {', '.join(SPLIT_METHODS)}"
             )
 
     def clients_per_round(self) -> int:

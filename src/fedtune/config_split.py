@@ -5,11 +5,15 @@ docs/algorithms/split.md has the protocol and its costs; ``paradigm: split`` tur
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from fedtune.config_base import Strict as _Strict
+from fedtune.registry import SPLIT_METHODS, VALUE_CODECS
+
+if TYPE_CHECKING:
+    from fedtune.config import ExperimentConfig
 
 
 class SplitConfig(_Strict):
@@ -48,3 +52,28 @@ class SplitConfig(_Strict):
         if self.shape == "vanilla":
             return 0
         return 1 if self.client_back is None else self.client_back
+
+
+def check_split_fits(cfg: ExperimentConfig) -> None:
+    """ValueError naming what split learning does not do (yet) in the rest of ``cfg``, said before a model
+    is loaded."""
+    c = cfg.compression
+    unused = ["training.proximal_mu (FedProx)"] if cfg.training.proximal_mu else []
+    unused += ["aggregation.scaffold"] if cfg.aggregation.scaffold else []
+    unused += ["adapter.client_ranks"] if cfg.adapter.client_ranks is not None else []
+    unused += ["compression.error_feedback"] if c.error_feedback else []
+    unused += ["compression.downlink_updates"] if c.downlink_updates else []
+    unused += ["evaluation.per_client (the clients hold only their part)"] if cfg.evaluation.per_client else []
+    if unused:
+        raise ValueError(f"paradigm split does not support {', '.join(unused)}; remove them")
+    bad = [s.get("name") for s in cfg.split.activation_codecs if s.get("name") not in VALUE_CODECS]
+    if bad:
+        raise ValueError(
+            f"split.activation_codecs may use the value codecs {', '.join(VALUE_CODECS)} (every hidden state and "
+            f"gradient is needed), not {bad}"
+        )
+    if cfg.adapter.method not in SPLIT_METHODS:
+        raise ValueError(
+            f"adapter.method={cfg.adapter.method} has tensors outside the decoder blocks, which split learning "
+            f"cannot place on a side; use one of {', '.join(SPLIT_METHODS)}"
+        )

@@ -91,7 +91,7 @@ class FlopModel:
         """FLOPs of one training micro-batch through the whole model (the head where any row has a target)."""
         b, t = batch["input_ids"].shape
         labels = batch.get("labels")
-        scored = b * int((labels[:, 1:] != IGNORE).any(dim=0).sum()) if labels is not None else b * t
+        scored = scored_positions(labels) if labels is not None else b * t
         return TRAINING * self.forward(range(len(self.block_macs)), b, t, scored)
 
     def forward(self, blocks: Iterable[int], batch: int, seq: int, scored: int = 0) -> float:
@@ -103,3 +103,9 @@ class FlopModel:
 
 
 TRAINING = 3.0  # forward + backward, in forward passes
+
+
+def scored_positions(labels: torch.Tensor) -> int:
+    """Positions the LM head runs at for labels (B, T): every row's, at each position any row has a target
+    (``losses``' ``logits_to_keep``)."""
+    return labels.shape[0] * int((labels[:, 1:] != IGNORE).any(dim=0).sum())

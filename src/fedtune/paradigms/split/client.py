@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.adapters.split import SplitModel
-from fedtune.client.cost import TRAINING, ActivationMeter, FlopModel, parameter_bytes
+from fedtune.client.cost import TRAINING, ActivationMeter, FlopModel, parameter_bytes, scored_positions
 from fedtune.client.data import ClientData
 from fedtune.client.local_training import make_optimizer
 from fedtune.client.trainer import round_plan
@@ -128,21 +128,20 @@ class SplitClient:
     def forward(self, client_id: int, req: Forward, state: ClientState) -> tuple[Activations | Done, ClientState]:
         start = time.perf_counter()
         t = req.step
+        seed, batches, plan = self._plan(client_id, req.round)
         if t == 0:
             received = self.downlink.decode(req.params, self.like)
-            seed, _, _ = self._plan(client_id, req.round)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # dropout and any other torch randomness of this round
                 rng = torch.random.get_rng_state()
             own: Params = {f"start/{k}": v.detach().clone() for k, v in received.items()}
             own.update({f"p/{k}": v.detach().clone() for k, v in received.items()})
             own["rng"] = rng
-            own["meta"] = torch.zeros(5, dtype=torch.float64)  # [loss, tokens, client seconds, FLOPs, peak activations]
+            own["meta"] = torch.zeros(3, dtype=torch.float64)  # [client seconds, FLOPs, peak activation bytes]
         else:
             own = dict(state.get(OWNER, {}))
             if not own:
                 raise ValueError(f"round {req.round} step {t}: this client has no split round in progress")
-        _, batches, plan = self._plan(client_id, req.round)
         params, opt = self._load(own)
         client_sq = None
         meta = own["meta"].clone()
@@ -154,8 +153,8 @@ class SplitClient:
                 torch.random.set_rng_state(own["rng_prev"])
                 hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
             b, n = batch["input_ids"].shape
-            meta[3] += TRAINING * self.cost.forward(front, b, n)  # forward again + backward
-            meta[4] = max(float(meta[4]), self.meter.peak)
+            meta[1] += TRAINING * self.cost.forward(front, b, n)  # forward again + backward
+            meta[2] = max(float(meta[2]), self.meter.peak)
             grad = self.activations.decode(req.grad, {"h": hidden})["h"]
             if grad.shape != hidden.shape:
                 raise ValueError(f"the gradient at the cut is {tuple(grad.shape)}, not {tuple(hidden.shape)}")
@@ -168,7 +167,7 @@ class SplitClient:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         if t == plan.count:
-            meta[2] += time.perf_counter() - start
+            meta[0] += time.perf_counter() - start
             return self._done(client_id, req, own, params, meta, plan, client_sq), {
                 k: v for k, v in state.items() if k != OWNER
             }
@@ -179,12 +178,12 @@ class SplitClient:
             hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
             rng_after = torch.random.get_rng_state()
         b, n = batch["input_ids"].shape
-        meta[3] += self.cost.forward(front, b, n)  # the first forward, whose graph is not kept
+        meta[1] += self.cost.forward(front, b, n)  # the first forward, whose graph is not kept
         wire = self.activations.encode({"h": hidden}, {}, generator(self.s.seed, req.round, client_id, 2 + t))[0]
         error = relative_error(hidden, self.activations.decode(wire, {"h": hidden})["h"])
         data = self.data[client_id]
         step_tokens = self._step_tokens(client_id, batches, plan, t)
-        meta[2] += time.perf_counter() - start
+        meta[0] += time.perf_counter() - start
         own = self._save(own, params, opt, rng=rng_after, rng_prev=rng_before, meta=meta)
         reply = Activations(
             round=req.round,
@@ -227,7 +226,6 @@ class SplitClient:
             )
             rng = torch.random.get_rng_state()
         _, back = self.split.client_blocks()
-        scored = b * int((batch["labels"][:, 1:] != IGNORE).any(dim=0).sum())
         value = float(loss_sum.detach())
         if math.isfinite(value):
             (loss_sum / max(1, n_tokens)).backward()
@@ -239,11 +237,9 @@ class SplitClient:
         )[0]
         error = relative_error(grad, self.activations.decode(wire, {"h": grad})["h"])
         meta = own["meta"].clone()
-        meta[0] += value if math.isfinite(value) else 0.0
-        meta[1] += positions
-        meta[2] += time.perf_counter() - start
-        meta[3] += TRAINING * self.cost.forward(back, b, t, scored)
-        meta[4] = max(float(meta[4]), self.meter.peak)
+        meta[0] += time.perf_counter() - start
+        meta[1] += TRAINING * self.cost.forward(back, b, t, scored_positions(batch["labels"]))
+        meta[2] = max(float(meta[2]), self.meter.peak)
         own = self._save(own, params, opt, rng=rng, meta=meta)
         reply = BackReply(req.round, req.step, wire, value, positions, error)
         return reply, {**state, OWNER: own}
@@ -258,8 +254,8 @@ class SplitClient:
             round=req.round,
             delta=wire,
             steps=plan.steps,
-            local_train_s=float(meta[2]),
+            local_train_s=float(meta[0]),
             client_sq_norm=sq,
-            peak_bytes=self.part_bytes + int(meta[4]),
-            flops=float(meta[3]),
+            peak_bytes=self.part_bytes + int(meta[2]),
+            flops=float(meta[1]),
         )

@@ -146,25 +146,14 @@ class SplitLearning:
             outcomes = yield from self._drive(sessions)
             new_server = server_part
         else:
-            shared = _Part(server_part, self.s.training)
+            current = server_part
             for c in sorted(clients):  # client after client, each from the part as the previous left it
-                before = shared.values()
-                shared.opt = make_optimizer(
-                    self.s.training.optimizer,
-                    list(shared.params.values()),
-                    self.s.training.lr,
-                    self.s.training.weight_decay,
-                )  # a fresh optimizer a turn, as every client's local training starts one
-                shared.sq = 0.0
-                done = yield from self._drive({c: self._session(r, c, wire, client_part, shared, server_part)})
-                if c in done:
+                part = _Part(current, self.s.training)  # a fresh optimizer a turn, as each client's training starts one
+                done = yield from self._drive({c: self._session(r, c, wire, client_part, part, server_part)})
+                if c in done:  # a client that drops mid-turn leaves the part as it was before its turn
                     outcomes.update(done)
-                else:  # its turn is undone: the part goes on from where it was before this client
-                    with torch.no_grad():
-                        for k, v in shared.params.items():
-                            v.copy_(before[k])
-                            v.grad = None
-            new_server = shared.values()
+                    current = part.values()
+            new_server = current
         used = [outcomes[c] for c in sorted(outcomes)]
         if not used:  # the loop's quorum check stops a round before this with federation.min_clients >= 1
             raise RunError(f"round {r}: no client finished its split session")
@@ -202,10 +191,11 @@ class SplitLearning:
 
     def info(self) -> dict[str, Any]:
         cut = self.split.cut
+        front, back = self.split.client_blocks()
         return {
             "split": {
                 "shape": cut.shape,
-                "client_blocks": [*range(cut.front), *range(self.split.layers - cut.back, self.split.layers)],
+                "client_blocks": [*front, *back],
                 "server_blocks": list(range(cut.front, self.split.layers - cut.back)),
                 "server_part": self.s.server_part,
                 "client_adapter_values": sum(self.initial[k].numel() for k in self.client_names),
