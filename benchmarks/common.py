@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -68,3 +70,17 @@ def quickstart_setup(rounds: int, steps: int, **extra) -> dict:
         "eval_examples": 40,
         **extra,
     }
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of a 95% t-interval (0 for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 2.0)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def plus_minus(value: float, half: float, fmt: str) -> str:
+    """'1.234 ± 0.056', or the value alone when there is no interval."""
+    return f"{value:{fmt}} ± {half:{fmt}}" if half else f"{value:{fmt}}"

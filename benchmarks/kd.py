@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, merge_rows, quickstart_setup, write_result
+from common import RESULTS, interval, merge_rows, plus_minus, quickstart_setup, write_result
 
 from fedtune.config import load_config
 from fedtune.data.builtin.tasks import TASKS, generate_public
@@ -115,15 +114,6 @@ def long_public_file(tmp: str) -> str:
     return str(path)
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95% t-interval (0 for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 2.0)
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3, help=f"seeds for the rows {', '.join(SEEDED)}")
@@ -180,10 +170,10 @@ def markdown_table(result: dict) -> str:
         up = statistics.fmean(x["up_bytes_per_client_round"] for x in runs)
         down = statistics.fmean(x["down_bytes_per_client_round"] for x in runs)
         secs = statistics.fmean(x["client_s_per_round"] for x in runs)
-        pm = lambda v, d, f: f"{v:{f}} ± {d:{f}}" if d else f"{v:{f}}"  # noqa: E731
         out.append(
-            f"| {r['name']} | {len(runs)} | {pm(loss, dl, '.3f')} | {pm(acc, da, '.1f')}% | {up / 1e3:,.1f} "
-            f"| {down / 1e3:,.1f} | {'reference' if r is ref else _vs(ref_bytes, up + down)} | {secs:.1f} |"
+            f"| {r['name']} | {len(runs)} | {plus_minus(loss, dl, '.3f')} | {plus_minus(acc, da, '.1f')}% "
+            f"| {up / 1e3:,.1f} | {down / 1e3:,.1f} "
+            f"| {'reference' if r is ref else _vs(ref_bytes, up + down)} | {secs:.1f} |"
         )
     return "\n".join(out)
 

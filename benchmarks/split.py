@@ -9,7 +9,7 @@ round. The client's cost is what every paradigm reports (fedtune.client.cost): i
 its peak memory (the model part it holds plus the most activation bytes autograd kept at once), and
 analytic FLOPs; per client and round.
 
-    python benchmarks/split.py [--only "split u 1+1;parameter sharing"] [--seeds 1] [--table]
+    python benchmarks/split.py [--only "split u 1+1;parameter sharing"] [--seeds 3] [--table]
 
 Writes results/split.json after every row.
 """
@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 
-from common import RESULTS, merge_rows, quickstart_setup, write_result
+from common import RESULTS, interval, merge_rows, plus_minus, quickstart_setup, write_result
 
 from fedtune.config import load_config
 from fedtune.experiment import run_experiment
 
+COSTS = (
+    "up_bytes_per_client_round",
+    "down_bytes_per_client_round",
+    "client_s_per_round",
+    "client_peak_bytes",
+    "client_flops_per_round",
+)
 COMMON = ["evaluation.every=0", "evaluation.max_samples=null", "output.progress=false"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "parameter sharing": ("examples/quickstart.yaml", []),
@@ -61,7 +69,7 @@ def run_row(name: str, seed: int, tmp: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", default="", help="';'-separated subset of: " + "; ".join(ROWS))
     ap.add_argument("--table", action="store_true", help="print the markdown table of the saved results and exit")
     args = ap.parse_args()
@@ -85,22 +93,27 @@ def main() -> None:
 
 
 def markdown_table(result: dict) -> str:
-    ref = next(r for r in result["rows"] if r["name"] == "parameter sharing")["runs"][0]
+    """Quality as the mean ± a 95% t-interval over seeds; costs as the mean, and their ratio to parameter
+    sharing's (bytes, peak memory and FLOPs do not depend on the seed; seconds are timings)."""
+    means = {r["name"]: {k: statistics.fmean(x[k] for x in r["runs"]) for k in COSTS} for r in result["rows"]}
+    ref = means["parameter sharing"]
     lines = [
-        "| row | final eval loss | exact-match | MB up+down / client / round | client s / round | client peak MB | "
-        "client GFLOP / round |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| row | seeds | final eval loss | exact-match | MB up+down / client / round | client s / round | "
+        "client peak MB | client GFLOP / round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
-        run = row["runs"][0]
-        mb = (run["up_bytes_per_client_round"] + run["down_bytes_per_client_round"]) / 1e6
-        ref_mb = (ref["up_bytes_per_client_round"] + ref["down_bytes_per_client_round"]) / 1e6
+        runs, m = row["runs"], means[row["name"]]
+        loss, dl = interval([x["final_eval_loss"] for x in runs])
+        acc, da = interval([100 * x["final_accuracy"] for x in runs])
+        mb = m["up_bytes_per_client_round"] + m["down_bytes_per_client_round"]
+        ref_mb = ref["up_bytes_per_client_round"] + ref["down_bytes_per_client_round"]
         lines.append(
-            f"| {row['name']} | {run['final_eval_loss']:.3f} | {100 * run['final_accuracy']:.0f}% | {mb:.1f} "
-            f"({mb / ref_mb:.1f}x) | {run['client_s_per_round']:.1f} "
-            f"({run['client_s_per_round'] / ref['client_s_per_round']:.2f}x) | {run['client_peak_bytes'] / 1e6:.0f} "
-            f"({run['client_peak_bytes'] / ref['client_peak_bytes']:.2f}x) | {run['client_flops_per_round'] / 1e9:.0f} "
-            f"({run['client_flops_per_round'] / ref['client_flops_per_round']:.3f}x) |"
+            f"| {row['name']} | {len(runs)} | {plus_minus(loss, dl, '.3f')} | {plus_minus(acc, da, '.1f')}% "
+            f"| {mb / 1e6:.1f} ({mb / ref_mb:.1f}x) | {m['client_s_per_round']:.1f} "
+            f"({m['client_s_per_round'] / ref['client_s_per_round']:.2f}x) | {m['client_peak_bytes'] / 1e6:.0f} "
+            f"({m['client_peak_bytes'] / ref['client_peak_bytes']:.2f}x) | {m['client_flops_per_round'] / 1e9:.0f} "
+            f"({m['client_flops_per_round'] / ref['client_flops_per_round']:.3f}x) |"
         )
     return "\n".join(lines)
 
