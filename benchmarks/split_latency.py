@@ -1,11 +1,12 @@
 """Split learning's latency per exchange over a Flower deployment on loopback (TLS), against in-process.
 
 One client (a real `fedtune client` process) and a `fedtune server` on 127.0.0.1, the tiny 4-block
-model, 4 micro-batches a round; the same config in one process. A round of the U shape is
-2 x 4 + 1 = 9 exchanges (Forward and Back per micro-batch, then the last gradient), of vanilla
-4 + 1 = 5 (each gradient rides in the next request). The deployment's extra time per round, divided
-by the round's exchanges, is what one exchange costs over Flower: what one micro-batch costs in
-latency is that times 2 (U) or 1 (vanilla).
+model, 4 micro-batches a round; the same config in one process. A round of n micro-batches in s
+optimizer steps is n + s + 1 exchanges in the U shape (a Forward opens each step, a Back per
+micro-batch, then the last gradient) and n + 1 in vanilla (each gradient rides in the next request).
+So U with 4 steps of 1 micro-batch is 9 exchanges, U with 1 step of 4 (grad_accum 4) 6, vanilla 5.
+The deployment's extra time per round, divided by the round's exchanges, is what one exchange costs
+over Flower; times exchanges per micro-batch, what a micro-batch costs in latency.
 
     python benchmarks/split_latency.py [--rounds 4]
 """
@@ -28,14 +29,23 @@ from deployment import rounds_of  # noqa: E402
 from tests.e2e.federation import Federation  # noqa: E402  (the tests' real-process federation)
 
 MICRO_BATCHES = 4
-EXCHANGES = {"u": 2 * MICRO_BATCHES + 1, "vanilla": MICRO_BATCHES + 1}
+ROWS = {  # name -> (shape, grad_accum)
+    "u": ("u", 1),
+    "u, grad_accum 4": ("u", 4),
+    "vanilla": ("vanilla", 1),
+}
+
+
+def exchanges(shape: str, grad_accum: int) -> int:
+    steps = MICRO_BATCHES // grad_accum
+    return MICRO_BATCHES + (steps if shape == "u" else 0) + 1
 
 
 def median_round_s(run_dir: Path) -> float:
     return statistics.median(h["train_s"] for h in rounds_of(run_dir)[1:])  # round 1 has the warm-ups
 
 
-def measure(shape: str, rounds: int, tmp: Path) -> dict:
+def measure(shape: str, grad_accum: int, rounds: int, tmp: Path) -> dict:
     from fedtune.config import load_config
     from fedtune.experiment import run_experiment
 
@@ -46,7 +56,7 @@ def measure(shape: str, rounds: int, tmp: Path) -> dict:
         "model": {"name": "tiny-llama-deep"},
         "partition": {"method": "iid", "num_clients": 1},
         "federation": {"rounds": rounds},
-        "training": {"local_steps": MICRO_BATCHES, "batch_size": 4},
+        "training": {"local_steps": MICRO_BATCHES // grad_accum, "grad_accum": grad_accum, "batch_size": 4},
         "evaluation": {"every": 0, "at_start": False, "max_samples": 4, "exact_match": False},
     }
     fed = Federation(tmp, settings)
@@ -61,13 +71,15 @@ def measure(shape: str, rounds: int, tmp: Path) -> dict:
     deployed = median_round_s(fed.run_dir)
     cfg = load_config(fed.config, ["runtime.name=in_process", "output.name=in_process"])
     local = median_round_s(run_experiment(cfg).run_dir)
-    per_exchange = (deployed - local) / EXCHANGES[shape]
+    n = exchanges(shape, grad_accum)
+    per_exchange = (deployed - local) / n
     return {
-        "exchanges_per_round": EXCHANGES[shape],
+        "grad_accum": grad_accum,
+        "exchanges_per_round": n,
         "median_round_s_flower": round(deployed, 3),
         "median_round_s_in_process": round(local, 3),
         "extra_s_per_exchange": round(per_exchange, 3),
-        "extra_s_per_micro_batch": round(per_exchange * (2 if shape == "u" else 1), 3),
+        "extra_s_per_micro_batch": round((deployed - local) / MICRO_BATCHES, 3),
     }
 
 
@@ -76,10 +88,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     out = {}
-    for shape in ("u", "vanilla"):
+    for name, (shape, grad_accum) in ROWS.items():
         with tempfile.TemporaryDirectory() as tmp:
-            out[shape] = measure(shape, args.rounds, Path(tmp))
-            print(shape, out[shape], flush=True)
+            out[name] = measure(shape, grad_accum, args.rounds, Path(tmp))
+            print(name, out[name], flush=True)
     write_result("split_latency", {"model": "tiny-llama-deep", "clients": 1, "micro_batches": MICRO_BATCHES, **out})
 
 

@@ -54,9 +54,9 @@ def _round(tmp_path, overrides, clients, tamper=None):
     return state.params, net.dropped, metrics
 
 
-def _hidden(msg, change):
+def _hidden(msg, change, field=None):
     """``msg`` with its wire tensor ``h`` (plain float32: no codecs) changed by ``change(tensor)``."""
-    field = "hidden" if isinstance(msg, Activations) else "grad"
+    field = field or ("hidden" if isinstance(msg, Activations) else "grad")
     wire = dict(getattr(msg, field))
     (key,) = [k for k in wire if k != "meta"]
     import json
@@ -87,13 +87,27 @@ def _nan(t):
 
 CASES = {
     "wider hidden states": (
-        _at(Activations, 1, lambda m: _hidden(m, lambda t: torch.cat([t, t[..., :1]], -1))),
+        _at(Activations, 2, lambda m: _hidden(m, lambda t: torch.cat([t, t[..., :1]], -1))),
         "hidden states of shape",
+    ),
+    "wider hidden states carried with a gradient": (
+        _at(BackReply, 0, lambda m: _hidden(m, lambda t: torch.cat([t, t[..., :1]], -1), "next_hidden")),
+        "hidden states of shape",
+    ),
+    "no activations where the step goes on": (
+        _at(
+            BackReply, 2, lambda m: dataclasses.replace(m, next_hidden={}, next_mask=torch.zeros(0, dtype=torch.uint8))
+        ),
+        "sent no activations for micro-batch 3",
+    ),
+    "activations after the step's end": (
+        _at(BackReply, 1, lambda m: dataclasses.replace(m, next_mask=torch.ones(1, 1, dtype=torch.uint8))),
+        "sent activations for micro-batch 2",
     ),
     "NaN in hidden states": (_at(Activations, 0, lambda m: _hidden(m, _nan)), "NaN or Inf"),
     "a step out of turn": (
-        _at(Activations, 1, lambda m: dataclasses.replace(m, step=3)),
-        "micro-batch 3, expected round 1 micro-batch 1",
+        _at(Activations, 2, lambda m: dataclasses.replace(m, step=3)),
+        "micro-batch 3, expected round 1 micro-batch 2",
     ),
     "a mask of 2s": (
         _at(Activations, 0, lambda m: dataclasses.replace(m, attention_mask=m.attention_mask * 2)),
@@ -153,3 +167,16 @@ def test_an_honest_round_reports_its_costs(tmp_path):
     assert metrics["activation_codec_error"] == 0.0 and math.isfinite(metrics["train_loss"])
     _, _, compressed = _round(tmp_path / "bf16", ["split.activation_codecs=[{name: bf16}]"], [0, 1])
     assert 0 < compressed["activation_codec_error"] < 1e-2  # bf16 keeps about 3 significant digits
+
+
+@pytest.mark.parametrize(("shape", "trips"), [("u", 2 * (2 + 1) + 1), ("vanilla", 4 + 1)])
+def test_a_step_of_a_micro_batches_costs_a_plus_one_round_trips_in_u_and_a_in_vanilla(tmp_path, shape, trips):
+    """2 optimizer steps of 2 micro-batches: u pipelines within a step (the next activations ride with a
+    gradient), so A + 1 round trips a step, not 2A; vanilla carries each gradient in the next request. The
+    last one is the round's Done."""
+    kinds = []
+    overrides = [f"split.shape={shape}", *(["split.client_front=2"] if shape == "vanilla" else [])]
+    _, dropped, _ = _round(tmp_path, overrides, [0, 1], lambda m: kinds.append(type(m).__name__) or m)
+    assert not dropped and len(kinds) == trips, kinds
+    if shape == "u":
+        assert kinds == ["Activations", "BackReply", "BackReply"] * 2 + ["Done"]

@@ -41,6 +41,12 @@ class SplitClientSettings:
     pad_id: int
 
 
+def _front_rng(t: int) -> str:
+    """Where the random state micro-batch ``t``'s front started from is kept until its gradient comes:
+    at most two fronts await theirs (with ``u``, micro-batch t's while t + 1's is computed)."""
+    return f"rng_front{t % 2}"
+
+
 def relative_error(sent: torch.Tensor, received: torch.Tensor) -> float:
     """‖received − sent‖ / ‖sent‖ of a tensor through a codec chain (0 without loss)."""
     scale = float(torch.linalg.vector_norm(sent.float()))
@@ -139,59 +145,30 @@ class SplitClient:
             own["rng"] = rng
             own["meta"] = torch.zeros(3, dtype=torch.float64)  # [client seconds, FLOPs, peak activation bytes]
         else:
-            own = dict(state.get(OWNER, {}))
-            if not own:
-                raise ValueError(f"round {req.round} step {t}: this client has no split round in progress")
+            own = self._own(state, req.round, t)
         params, opt = self._load(own)
         client_sq = None
         meta = own["meta"].clone()
-        front, _ = self.split.client_blocks()
-        if t > 0:  # finish micro-batch t - 1: the front again, then its backward with the cut's gradient
-            batch = self._batch(client_id, batches[t - 1])
-            self.meter.peak = 0
-            with torch.random.fork_rng(devices=[]), self.meter.measure():
-                torch.random.set_rng_state(own["rng_prev"])
-                hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
-            b, n = batch["input_ids"].shape
-            meta[1] += TRAINING * self.cost.forward(front, b, n)  # forward again + backward
-            meta[2] = max(float(meta[2]), self.meter.peak)
-            grad = self.activations.decode(req.grad, {"h": hidden})["h"]
-            if grad.shape != hidden.shape:
-                raise ValueError(f"the gradient at the cut is {tuple(grad.shape)}, not {tuple(hidden.shape)}")
-            hidden.backward(grad.to(hidden.dtype))
-            if plan.ends_step(t - 1):
-                client_sq = sq_norm(params.values())
-                clip(params.values(), client_sq + float(req.server_sq_norm or 0.0), self.s.training.max_grad_norm)
-                for g in opt.param_groups:
-                    g["lr"] = plan.lr(t - 1)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        if t > 0:
+            client_sq = self._finish(
+                client_id, own, params, opt, batches, plan, t - 1, req.grad, req.server_sq_norm, meta
+            )
         if t == plan.count:
             meta[0] += time.perf_counter() - start
             return self._done(client_id, req, own, params, meta, plan, client_sq), {
                 k: v for k, v in state.items() if k != OWNER
             }
-        batch = self._batch(client_id, batches[t])
-        rng_before = own["rng"]
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.random.set_rng_state(rng_before)
-            hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
-            rng_after = torch.random.get_rng_state()
-        b, n = batch["input_ids"].shape
-        meta[1] += self.cost.forward(front, b, n)  # the first forward, whose graph is not kept
-        wire = self.activations.encode({"h": hidden}, {}, generator(self.s.seed, req.round, client_id, 2 + t))[0]
-        error = relative_error(hidden, self.activations.decode(wire, {"h": hidden})["h"])
+        wire, error, batch, rng = self._front(client_id, own["rng"], params, batches[t], req.round, t, meta)
         data = self.data[client_id]
-        step_tokens = self._step_tokens(client_id, batches, plan, t)
         meta[0] += time.perf_counter() - start
-        own = self._save(own, params, opt, rng=rng_after, rng_prev=rng_before, meta=meta)
+        own = self._save(own, params, opt, rng=rng, meta=meta, **{_front_rng(t): own["rng"]})
         reply = Activations(
             round=req.round,
             step=t,
             hidden=wire,
             attention_mask=batch["attention_mask"].to(torch.uint8),
             labels=batch["labels"] if self.split.cut.shape == "vanilla" else EMPTY,
-            step_tokens=step_tokens,
+            step_tokens=self._step_tokens(client_id, batches, plan, t),
             num_examples=len(data.train) if t == 0 else 0,
             num_tokens=data.num_tokens if t == 0 else 0,
             client_sq_norm=client_sq,
@@ -200,19 +177,25 @@ class SplitClient:
         return reply, {**state, OWNER: own}
 
     def back(self, client_id: int, req: Back, state: ClientState) -> tuple[BackReply, ClientState]:
-        """Shape u: the client's last blocks, head and loss on micro-batch ``req.step``; dL/dh at the cut."""
+        """Shape u: the client's last blocks, head and loss on micro-batch ``req.step``; dL/dh at the cut.
+        Within an optimizer step it also finishes micro-batch ``step - 1``'s front with the gradient the
+        request carries, and runs micro-batch ``step + 1``'s front for the reply."""
         start = time.perf_counter()
-        own = dict(state.get(OWNER, {}))
-        if not own:
-            raise ValueError(f"round {req.round} step {req.step}: this client has no split round in progress")
+        t = req.step
+        own = self._own(state, req.round, t)
         _, batches, plan = self._plan(client_id, req.round)
-        if not 0 <= req.step < plan.count:
-            raise ValueError(f"round {req.round}: no micro-batch {req.step} (this round has {plan.count})")
+        if not 0 <= t < plan.count:
+            raise ValueError(f"round {req.round}: no micro-batch {t} (this round has {plan.count})")
         params, opt = self._load(own)
-        batch = self._batch(client_id, batches[req.step])
-        n_tokens = self._step_tokens(client_id, batches, plan, req.step)
-        b, t = batch["input_ids"].shape
-        like = torch.empty(b, t, self.split.lm.config.hidden_size, device="meta")
+        meta = own["meta"].clone()
+        if req.grad:
+            if t == 0 or plan.ends_step(t - 1):
+                raise ValueError(f"round {req.round}: micro-batch {t - 1}'s gradient may not come with Back({t})")
+            self._finish(client_id, own, params, opt, batches, plan, t - 1, req.grad, None, meta)
+        batch = self._batch(client_id, batches[t])
+        n_tokens = self._step_tokens(client_id, batches, plan, t)
+        b, n = batch["input_ids"].shape
+        like = torch.empty(b, n, self.split.lm.config.hidden_size, device="meta")
         received = self.activations.decode(req.hidden, {"h": like})["h"]
         if received.shape != like.shape:
             raise ValueError(f"hidden states of shape {tuple(received.shape)}, expected {tuple(like.shape)}")
@@ -232,17 +215,83 @@ class SplitClient:
             grad = hidden.grad
         else:
             grad = torch.zeros_like(hidden)
-        wire = self.activations.encode(
-            {"h": grad}, {}, generator(self.s.seed, req.round, client_id, 1 << 20 | req.step)
-        )[0]
+        wire = self.activations.encode({"h": grad}, {}, generator(self.s.seed, req.round, client_id, 1 << 20 | t))[0]
         error = relative_error(grad, self.activations.decode(wire, {"h": grad})["h"])
-        meta = own["meta"].clone()
-        meta[0] += time.perf_counter() - start
-        meta[1] += TRAINING * self.cost.forward(back, b, t, scored_positions(batch["labels"]))
+        meta[1] += TRAINING * self.cost.forward(back, b, n, scored_positions(batch["labels"]))
         meta[2] = max(float(meta[2]), self.meter.peak)
-        own = self._save(own, params, opt, rng=rng, meta=meta)
-        reply = BackReply(req.round, req.step, wire, value, positions, error)
+        carried: dict = {}
+        saved = {"rng": rng}
+        if t + 1 < plan.count and not plan.ends_step(t):  # the next micro-batch's front: same step, same weights
+            next_wire, next_error, next_batch, after = self._front(
+                client_id, rng, params, batches[t + 1], req.round, t + 1, meta
+            )
+            carried = dict(next_hidden=next_wire, next_mask=next_batch["attention_mask"].to(torch.uint8))
+            carried["next_codec_error"] = next_error
+            saved = {"rng": after, _front_rng(t + 1): rng}
+        meta[0] += time.perf_counter() - start
+        own = self._save(own, params, opt, meta=meta, **saved)
+        reply = BackReply(req.round, t, wire, value, positions, error, **carried)
         return reply, {**state, OWNER: own}
+
+    # ---- the front: its forward for the server, and its backward when the gradient comes back
+
+    def _own(self, state: ClientState, r: int, t: int) -> Params:
+        own = dict(state.get(OWNER, {}))
+        if not own:
+            raise ValueError(f"round {r} step {t}: this client has no split round in progress")
+        return own
+
+    def _front(
+        self, client_id: int, rng: torch.Tensor, params: dict, indices, r: int, t: int, meta: torch.Tensor
+    ) -> tuple[Params, float, dict[str, torch.Tensor], torch.Tensor]:
+        """Micro-batch ``t``'s front from random state ``rng``, without a graph: (wire form of the hidden
+        states, their relative error through the codecs, the batch, the random state after)."""
+        batch = self._batch(client_id, indices)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.random.set_rng_state(rng)
+            hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
+            after = torch.random.get_rng_state()
+        b, n = batch["input_ids"].shape
+        meta[1] += self.cost.forward(self.split.client_blocks()[0], b, n)  # the first forward, graph not kept
+        wire = self.activations.encode({"h": hidden}, {}, generator(self.s.seed, r, client_id, 2 + t))[0]
+        return wire, relative_error(hidden, self.activations.decode(wire, {"h": hidden})["h"]), batch, after
+
+    def _finish(
+        self,
+        client_id: int,
+        own: Params,
+        params: dict,
+        opt: torch.optim.Optimizer,
+        batches: list,
+        plan: StepPlan,
+        t: int,
+        grad_wire: Params,
+        server_sq: float | None,
+        meta: torch.Tensor,
+    ) -> float | None:
+        """Micro-batch ``t``'s front again, then its backward with the cut's gradient; at the end of its
+        optimizer step, global clipping and the step. Returns ‖client grads‖² when a step was taken."""
+        batch = self._batch(client_id, batches[t])
+        self.meter.peak = 0
+        with torch.random.fork_rng(devices=[]), self.meter.measure():
+            torch.random.set_rng_state(own[_front_rng(t)])
+            hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
+        b, n = batch["input_ids"].shape
+        meta[1] += TRAINING * self.cost.forward(self.split.client_blocks()[0], b, n)  # forward again + backward
+        meta[2] = max(float(meta[2]), self.meter.peak)
+        grad = self.activations.decode(grad_wire, {"h": hidden})["h"]
+        if grad.shape != hidden.shape:
+            raise ValueError(f"the gradient at the cut is {tuple(grad.shape)}, not {tuple(hidden.shape)}")
+        hidden.backward(grad.to(hidden.dtype))
+        if not plan.ends_step(t):
+            return None
+        client_sq = sq_norm(params.values())
+        clip(params.values(), client_sq + float(server_sq or 0.0), self.s.training.max_grad_norm)
+        for g in opt.param_groups:
+            g["lr"] = plan.lr(t)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return client_sq
 
     def _done(
         self, client_id: int, req: Forward, own: Params, params: dict, meta: torch.Tensor, plan: StepPlan, sq

@@ -4,11 +4,16 @@ Per micro-batch t of a client's round (docs/algorithms/split.md):
 
   ``Forward``      server -> client: the gradient at the first cut for micro-batch t-1 (none for t = 0;
                    the client part's adapter with t = 0), and at the end of an optimizer step the server
-                   part's squared gradient norm (global clipping, as one model would clip)
+                   part's squared gradient norm (global clipping, as one model would clip). With ``u``
+                   it opens each optimizer step only: within a step the next activations ride in
+                   ``BackReply`` and the last gradient in ``Back``, so a step of A micro-batches costs
+                   A + 1 round trips, not 2A
   ``Activations``  client -> server: the hidden states at the first cut for micro-batch t, its 2-D
                    attention mask, and with ``vanilla`` its labels
-  ``Back``         server -> client (``u`` only): the hidden states at the second cut
-  ``BackReply``    client -> server (``u`` only): their gradient and the micro-batch's loss
+  ``Back``         server -> client (``u`` only): the hidden states at the second cut, and the gradient
+                   at the first cut for micro-batch t-1 when it is in the same optimizer step
+  ``BackReply``    client -> server (``u`` only): their gradient and the micro-batch's loss, and the
+                   activations of micro-batch t+1 when it is in the same optimizer step
   ``Forward`` with t = the number of micro-batches: the last gradient; the reply is ``Done``
   ``Done``         client -> server: the client part's update and what the round cost
 
@@ -66,25 +71,41 @@ class Back:
     """Server -> client (shape u): the hidden states at the second cut of micro-batch ``step``."""
 
     KIND: ClassVar[str] = "split_back"
-    TENSORS: ClassVar[tuple[str, ...]] = ("hidden",)
+    TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "grad")
     round: int
     step: int
     hidden: Params  # wire form {"h": (B, T, H)}
+    grad: Params = field(default_factory=dict)  # wire form {"h": dL/dh} at the first cut of micro-batch step - 1,
+    # when it is in the same optimizer step (otherwise that gradient opened this step, in a Forward)
     continues: bool = True  # always within a round (see Forward)
 
 
 @dataclass(frozen=True)
 class BackReply:
-    """Client -> server (shape u): dL/dh at the second cut, and the micro-batch's summed loss."""
+    """Client -> server (shape u): dL/dh at the second cut, the micro-batch's summed loss, and the
+    activations of micro-batch ``step + 1`` when it is in the same optimizer step."""
 
     KIND: ClassVar[str] = "split_back_reply"
-    TENSORS: ClassVar[tuple[str, ...]] = ("grad",)
+    TENSORS: ClassVar[tuple[str, ...]] = ("grad", "next_hidden", "next_mask")
     round: int
     step: int
     grad: Params  # wire form {"h": (B, T, H)}
     loss_sum: float
     tokens: int
     codec_error: float = 0.0
+    next_hidden: Params = field(default_factory=dict)  # wire form {"h": (B, T, H)} of micro-batch step + 1
+    next_mask: torch.Tensor = field(default_factory=lambda: EMPTY)  # its (B, T) uint8 attention mask
+    next_codec_error: float = 0.0
+
+    def carried(self) -> Activations:
+        """The activations of micro-batch ``step + 1`` this reply carries, as their own message would."""
+        return Activations(
+            self.round, self.step + 1, self.next_hidden, self.next_mask, codec_error=self.next_codec_error
+        )
+
+    @property
+    def carries(self) -> bool:
+        return bool(self.next_hidden) or self.next_mask.numel() > 0
 
 
 @dataclass(frozen=True)

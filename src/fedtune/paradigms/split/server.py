@@ -246,9 +246,9 @@ class SplitLearning:
         error = act.codec_error
         declared = 0
         counted = 0
-        grad_wire: Params = {}
+        grad_wire: Params = {}  # dL/dh₁ of the last micro-batch, not yet sent
         for t in range(plan.count):
-            if t > 0:
+            if t > 0 and (self.s.shape == "vanilla" or plan.group(t)[0] == t):  # u: a step's first micro-batch
                 finished = plan.ends_step(t - 1)
                 act = _expect(
                     Activations,
@@ -256,8 +256,10 @@ class SplitLearning:
                     r,
                     t,
                 )
+                grad_wire = {}
                 if finished:
                     part.step(_client_sq(act.client_sq_norm), plan.lr(t - 1))
+            # else (u, within a step): ``act`` came with the last BackReply
             check_numbers(codec_error=act.codec_error, step_tokens=act.step_tokens)
             error = max(error, act.codec_error)
             hidden, mask = self._activations(act)
@@ -265,8 +267,13 @@ class SplitLearning:
             if self.s.shape == "u":
                 out = self.split.middle(full(part.params), x, mask)  # (B, T, H)
                 sent = self.activations.encode({"h": out.detach()}, {}, generator(self.s.seed, r, c, 3 + t))[0]
-                back = _expect(BackReply, (yield Back(r, t, sent)), r, t)
+                back = _expect(BackReply, (yield Back(r, t, sent, grad=grad_wire)), r, t)
+                grad_wire = {}
                 check_numbers(tokens=back.tokens, codec_error=back.codec_error)
+                due = t + 1 < plan.count and not plan.ends_step(t)  # the next micro-batch's activations
+                if back.carries != due:
+                    what = "no activations" if due else "activations"
+                    raise BadReply(f"sent {what} for micro-batch {t + 1} with micro-batch {t}'s gradient")
                 if not math.isfinite(back.loss_sum):
                     raise BadReply(f"diverged: non-finite loss at micro-batch {t}")
                 check_numbers(loss_sum=back.loss_sum)
@@ -275,6 +282,8 @@ class SplitLearning:
                 grad = self._tensor(back.grad, out.shape, "the gradient at the second cut")
                 out.backward(grad.to(out.dtype))
                 loss, tokens, error = loss + back.loss_sum, tokens + back.tokens, max(error, back.codec_error)
+                if due:
+                    act = back.carried()
             else:
                 labels = self._labels(act, mask)
                 if t == plan.group(t)[0]:
