@@ -105,12 +105,15 @@ def test_kd_gives_the_same_consensus_and_client_adapters_on_every_runtime(tmp_pa
 # split learning: five exchanges per client per round (U shape, 2 micro-batches), the client's round state
 # travelling with each (Ray) or kept by the deployed client; per-client server parts, so that the clients'
 # exchanges go in lockstep (the shared part's client-after-client turns are the same code, one client a time)
+# the default server part (shared: the sampled clients take turns), 2 micro-batches in one optimizer
+# step (the pipelined exchanges: activations ride with a gradient), bf16 activations
 SPLIT_PARITY = {
     "paradigm": "split",
     "model": {"name": "tiny-llama-deep"},
-    "split": {"shape": "u", "server_part": "per_client", "activation_codecs": [{"name": "bf16"}]},
+    "split": {"shape": "u", "server_part": "shared", "activation_codecs": [{"name": "bf16"}]},
+    "training": {"local_steps": 1, "grad_accum": 2},
     "evaluation": {"exact_match": False},
-    "federation": {"rounds": 2},
+    "federation": {"rounds": 2, "clients_per_round": 2},
 }
 
 
