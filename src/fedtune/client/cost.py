@@ -89,10 +89,14 @@ class FlopModel:
 
     def training(self, batch: dict[str, torch.Tensor]) -> float:
         """FLOPs of one training micro-batch through the whole model (the head where any row has a target)."""
+        return TRAINING * self.inference(batch)
+
+    def inference(self, batch: dict[str, torch.Tensor]) -> float:
+        """FLOPs of one forward pass of a batch through the whole model (the head where any row has a target)."""
         b, t = batch["input_ids"].shape
         labels = batch.get("labels")
         scored = scored_positions(labels) if labels is not None else b * t
-        return TRAINING * self.forward(range(len(self.block_macs)), b, t, scored)
+        return self.forward(range(len(self.block_macs)), b, t, scored)
 
     def forward(self, blocks: Iterable[int], batch: int, seq: int, scored: int = 0) -> float:
         """FLOPs of a forward pass through ``blocks`` for ``batch`` sequences of ``seq`` tokens, and the head

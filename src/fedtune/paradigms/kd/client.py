@@ -109,7 +109,7 @@ class KDClient:
         if out.result.diverged:
             return self._diverged(common, out.result.error, time.perf_counter() - start), state
         self.public.check(req.score)
-        top = score_public(adapter, self.public, req.score, s.top_k, s.score_batch_size, pad)  # (P, k)
+        top, scoring = score_public(adapter, self.public, req.score, s.top_k, s.score_batch_size, pad)  # (P, k)
         wire, _ = self.uplink.encode({LOGP: top.logp}, {}, generator(s.seed, req.round, client_id, 1))
         if s.downlink == "logits":
             state = {**state, "kd": adapter.get_state()}
@@ -121,7 +121,7 @@ class KDClient:
             distill_loss=distill_loss,
             local_train_s=time.perf_counter() - start,
             peak_bytes=parameter_bytes(adapter.model.parameters()) + max(activations, out.result.peak_activation_bytes),
-            flops=flops + out.result.flops,
+            flops=flops + out.result.flops + scoring,
             **common,
         )
         return reply, state

@@ -83,14 +83,20 @@ def distil(
         )
 
 
-def score_public(adapter: AdapterModel, public: PublicSet, indices: torch.Tensor, k: int, batch_size: int, pad_id: int):
-    """The adapter's top-k at every response position of the public examples ``indices``, in their order."""
+def score_public(
+    adapter: AdapterModel, public: PublicSet, indices: torch.Tensor, k: int, batch_size: int, pad_id: int
+) -> tuple[TopK, float]:
+    """The adapter's top-k at every response position of the public examples ``indices``, in their order,
+    and the analytic FLOPs of those forward passes (0 for a model of unknown block layout)."""
     adapter.model.eval()
-    ids, logp = [], []
+    cost = FlopModel.of_model(adapter.model)
+    ids, logp, flops = [], [], 0.0
     for start in range(0, len(indices), batch_size):
-        top = score(adapter.model, public.batch(indices[start : start + batch_size], pad_id), k)
+        batch = public.batch(indices[start : start + batch_size], pad_id)
+        top = score(adapter.model, batch, k)
         ids.append(top.ids)
         logp.append(top.logp)
+        flops += cost.inference(batch) if cost is not None else 0.0
     if not ids:
-        return TopK(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
-    return TopK(torch.cat(ids), torch.cat(logp))
+        return TopK(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)), 0.0
+    return TopK(torch.cat(ids), torch.cat(logp)), flops

@@ -55,4 +55,4 @@ class KDReply:
     status: Literal["ok", "diverged"] = "ok"
     error: str | None = None
     peak_bytes: int = 0  # the model it holds plus its peak activations for backward (client.cost)
-    flops: float = 0.0  # analytic FLOPs of its distillation and private training this round (client.cost)
+    flops: float = 0.0  # analytic FLOPs of its distillation, private training and scoring this round (client.cost)
