@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -73,12 +71,11 @@ def quickstart_setup(rounds: int, steps: int, **extra) -> dict:
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95% t-interval (0 for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 2.0)
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+    """Mean and the half-width of a 95% t-interval (0 for one value): fedtune.reporting.stats's."""
+    from fedtune.reporting.stats import interval as t_interval
+
+    found = t_interval(values)
+    return found.mean, found.half
 
 
 def plus_minus(value: float, half: float, fmt: str) -> str:

@@ -23,6 +23,7 @@ LAYERS = [
     "config_compression",
     "config_kd",
     "config_split",
+    "config_compare",
     "config",
     "config_reference",
     "codecs",
@@ -40,6 +41,7 @@ LAYERS = [
     "assembly",
     "server",
     "experiment",
+    "compare",
     "deploy",
     "cli",
 ]

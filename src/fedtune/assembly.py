@@ -64,7 +64,8 @@ def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
     template = resolve_template(d.template, tokenizer)
     encoder = Encoder(tokenizer, template, d.system_prompt, d.max_seq_len, d.train_on_prompt)
     e = cfg.evaluation
-    exact = d.dataset == BUILTIN if e.exact_match == "auto" else e.exact_match
+    exact = d.dataset == BUILTIN if e.exact_match == "auto" else bool(e.exact_match)
+    final = cfg.federation.rounds if e.exact_match == "final" else None
     comp = cfg.compression
     return Workbench(
         adapter,
@@ -73,7 +74,7 @@ def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
         adapter.get_state(),
         Link.from_specs([c.spec() for c in comp.uplink], comp.error_feedback),
         Link.from_specs([c.spec() for c in comp.downlink]),
-        EvalSettings(e.batch_size, exact, e.max_new_tokens, e.group_by),
+        EvalSettings(e.batch_size, exact, e.max_new_tokens, e.group_by, final),
     )
 
 
@@ -93,7 +94,7 @@ def simulation_handler(cfg_json: dict[str, Any]) -> Any:
     cfg = ExperimentConfig.model_validate(cfg_json)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"progress": False})})
     bench = build_workbench(cfg, announce=False)
-    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
+    data = prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed())
     eval_set = EvalSet.build(eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
     return make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg), eval_set).handle
 
@@ -107,7 +108,7 @@ def federation_eval_set(cfg: ExperimentConfig, encoder: Encoder) -> EvalSet | No
     d = cfg.data
     try:
         if d.dataset.startswith("builtin:") or d.eval_dataset is None:
-            examples = load_splits(d, cfg.seed)[1]
+            examples = load_splits(d, cfg.split_seed())[1]
         else:
             examples = load_examples(d.eval_dataset)
     except DataError as exc:
@@ -146,6 +147,6 @@ def local_client_data(examples: list[Example], encoder: Encoder, cfg: Experiment
 
 
 def _client_data(examples, encoded, idx, encoder: Encoder, cfg: ExperimentConfig, cid: int) -> ClientData:
-    train_idx, hold_idx = holdout_split(idx, cfg.partition.holdout_fraction, cfg.seed, cid)
+    train_idx, hold_idx = holdout_split(idx, cfg.partition.holdout_fraction, cfg.split_seed(), cid)
     holdout = EvalSet.build([examples[i] for i in hold_idx], encoder) if len(hold_idx) else None
     return ClientData([encoded[i] for i in train_idx], holdout)

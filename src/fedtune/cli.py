@@ -66,6 +66,30 @@ def _run_guarded(make_config: Callable[[], ExperimentConfig], config_path: Path 
 
 
 @app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="experiment YAML with a compare section")],
+    overrides: Overrides = None,
+) -> None:
+    """Run CONFIG's compare.variants for compare.seeds seeds each, side by side: a comparison directory
+    with every run, comparison.json, comparison.md and plots. Re-running continues a killed comparison
+    without repeating finished runs."""
+    import shlex
+
+    try:
+        cfg = load_config(config, overrides)
+        from fedtune.compare.plan import plan
+        from fedtune.compare.runner import run_comparison
+        from fedtune.experiment import resolve_run_dir
+
+        command = shlex.join(["fedtune", "compare", str(config), *(overrides or [])])
+        run_comparison(plan(cfg, resolve_run_dir(cfg, config)), command)
+    except FedtuneError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
 def server(
     config: Annotated[Path, typer.Argument(help="experiment YAML with runtime.name=flower")],
     overrides: Overrides = None,
@@ -184,7 +208,7 @@ def data(
 
     try:
         cfg = load_config(config, overrides)
-        fed = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
+        fed = prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed())
     except FedtuneError as exc:
         _fail(exc)
     field = cfg.partition.field or ("task" if fed.train and "task" in fed.train[0].meta else None)

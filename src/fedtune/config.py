@@ -14,12 +14,13 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from fedtune.config_base import Strict as _Strict
+from fedtune.config_compare import CompareConfig
 from fedtune.config_compression import CompressionConfig
-from fedtune.config_kd import KDConfig
+from fedtune.config_kd import KDConfig, check_kd_fits
 from fedtune.config_runtime import RuntimeConfig
 from fedtune.config_split import SplitConfig, check_split_fits
 from fedtune.errors import ConfigError
-from fedtune.registry import AGGREGATORS, COMBINERS, PARADIGMS, PEFT_METHODS, VALUE_CODECS
+from fedtune.registry import AGGREGATORS, COMBINERS, PARADIGMS, PEFT_METHODS
 
 
 class ModelConfig(_Strict):
@@ -131,6 +132,9 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(256, ge=8, description="longer examples lose the start of the prompt")
     train_on_prompt: bool = Field(False, description="loss on prompt tokens too (default: response only)")
     builtin: BuiltinTasksConfig = Field(default_factory=BuiltinTasksConfig)
+    split_seed: int | None = Field(
+        None, description="seeds the held-out split and the partition across clients; default: the top-level seed"
+    )
 
 
 class PartitionConfig(_Strict):
@@ -272,8 +276,10 @@ class EvaluationConfig(_Strict):
     at_start: bool = Field(True, description="evaluate the base model as round 0")
     max_samples: int | None = Field(None, ge=1, description="cap on held-out examples")
     batch_size: int = Field(16, ge=1, description="sequences per evaluation batch")
-    exact_match: Literal["auto", True, False] = Field(
-        "auto", description="greedy-generation exact-match accuracy; auto: on for the built-in data"
+    exact_match: Literal["auto", True, False, "final"] = Field(
+        "auto",
+        description="greedy-generation exact-match accuracy; auto: on for the built-in data; final: only after "
+        "the last round (the loss is still evaluated every time: generation is most of an evaluation's cost)",
     )
     max_new_tokens: int = Field(24, ge=1, description="greedy generation length for exact-match")
     group_by: str | None = Field("task", description="report accuracy per value of this field, if present")
@@ -307,6 +313,7 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -348,35 +355,11 @@ class ExperimentConfig(_Strict):
             )
         if self.paradigm == "split":
             check_split_fits(self)
-        if self.paradigm != "kd":
-            if self.kd != KDConfig():
-                raise ValueError(f"the kd section applies to paradigm: kd (this config's paradigm is {self.paradigm})")
-            public = self.data.public_dataset is not None or "public_per_task" in _changed(
-                self.data.builtin, BuiltinTasksConfig()
-            )
-            if public:
-                raise ValueError(
-                    "data.public_dataset and data.builtin.public_per_task set KD's public set; "
-                    "they apply to paradigm: kd"
-                )
-            return
-        unused = [f"aggregation.{k}" for k in _changed(self.aggregation, AggregationConfig())]
-        unused += ["training.proximal_mu (FedProx)"] if self.training.proximal_mu else []
-        unused += ["adapter.client_ranks"] if self.adapter.client_ranks is not None else []
-        c = self.compression
-        unused += ["compression.error_feedback"] if c.error_feedback else []
-        unused += ["compression.downlink_updates"] if c.downlink_updates else []
-        if unused:
-            raise ValueError(
-                f"paradigm kd does not use {', '.join(unused)}: those belong to parameter sharing (KD forms a "
-                "consensus of token distributions, weighted by kd.weighting); remove them"
-            )
-        bad = [s.name for s in [*c.uplink, *c.downlink] if s.name not in VALUE_CODECS]
-        if bad:
-            raise ValueError(
-                f"paradigm kd sends probabilities (and with kd.downlink=adapter the adapter itself), which must keep "
-                f"every value: compression.uplink/downlink may use {', '.join(VALUE_CODECS)}, not {bad}"
-            )
+        check_kd_fits(self)
+
+    def split_seed(self) -> int:
+        """The seed of the data's held-out split and partition (fedtune compare keeps it across seeds)."""
+        return self.data.split_seed if self.data.split_seed is not None else self.seed
 
     def clients_per_round(self) -> int:
         n = self.partition.num_clients
@@ -385,12 +368,6 @@ class ExperimentConfig(_Strict):
         if self.federation.fraction is not None:
             return max(1, round(self.federation.fraction * n))
         return n
-
-
-def _changed(section: BaseModel, default: BaseModel) -> list[str]:
-    """Keys of a config section whose values differ from the section's defaults."""
-    a, b = section.model_dump(), default.model_dump()
-    return [k for k in a if a[k] != b[k]]
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -422,19 +399,29 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value (e.g. federation.rounds=5)")
     key, _, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    set_dotted(raw, key, value, f"override {item!r}")
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, what: str, merge: bool = False) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key`` "a.b.c"; with ``merge``, a mapping value is set key by key
+    into an existing section instead of replacing it. ``what`` names the setting in errors."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{what}: empty key segment in {key!r}")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            raise ConfigError(f"{what}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
+    if merge and isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for k, v in value.items():
+            set_dotted(node[parts[-1]], str(k), v, what, merge)
+        return
     node[parts[-1]] = value
 
 

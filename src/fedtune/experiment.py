@@ -69,9 +69,14 @@ def run_experiment(
             "runtime.name=flower is a deployment: start the coordinator with `fedtune server CONFIG` and each "
             "client with `fedtune client CONFIG --data PATH --key KEY` (see docs/deployment.md)"
         )
+    if cfg.compare.variants:
+        raise ConfigError(
+            f"this config compares {len(cfg.compare.variants)} variants: run it with `fedtune compare CONFIG`, or "
+            "run its base alone with compare.variants={}"
+        )
     run_dir = resolve_run_dir(cfg, config_path)
     check_run_dir(run_dir, cfg, resume)
-    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)  # data errors leave no run dir behind
+    data = prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed())  # data errors leave no run dir behind
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     _setup_logging(run_dir)
@@ -119,11 +124,11 @@ def _run(
         partial(simulation_handler, cfg.model_dump(mode="json")),
     )
 
-    def evaluate_adapter(params: Params) -> dict[str, Any]:
+    def evaluate_adapter(params: Params, r: int) -> dict[str, Any]:
         adapter.activate(adapter.global_rank)
         adapter.set_state(params)
         s = eval_settings
-        return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact, s.max_new_tokens, s.group_by)
+        return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact_at(r), s.max_new_tokens, s.group_by)
 
     paradigm = PARADIGMS.load(cfg.paradigm).server(cfg, bench, evaluate_adapter, weight_cap(cfg, data))
     fresh = paradigm.initial_state()

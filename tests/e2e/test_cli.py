@@ -217,6 +217,18 @@ def test_user_data_dirichlet_epochs_and_per_client_eval(tmp_path):
     assert set(last["client_eval"]) == {"0", "1", "2"} and "client_eval_loss_mean" in last
 
 
+def test_exact_match_final_generates_only_after_the_last_round(tmp_path):
+    """The loss every round, exact-match (generation, most of an evaluation's cost) once, server and clients."""
+    extra = ["evaluation.exact_match=final", "partition.holdout_fraction=0.2", "evaluation.per_client=true"]
+    code, out = _run(tmp_path, *extra)
+    assert code == 0, out
+    rows = _metrics(tmp_path / "tiny")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and all("eval_loss" in r for r in rows)
+    for r in rows[:-1]:
+        assert "eval_accuracy" not in r and all("accuracy" not in m for m in r.get("client_eval", {}).values())
+    assert "eval_accuracy" in rows[-1] and all("accuracy" in m for m in rows[-1]["client_eval"].values())
+
+
 def test_data_and_report_commands(tmp_path):
     code, out = _cli("data", "examples/tiny.yaml", *TINY_OVERRIDES)
     assert code == 0 and "arithmetic: 24" in out and "by task" in out

@@ -26,3 +26,8 @@ class EvalSettings:
     exact: bool = False
     max_new_tokens: int = 24
     group_by: str | None = None
+    exact_only_at: int | None = None  # evaluation.exact_match=final: the last round, the only one with exact-match
+
+    def exact_at(self, r: int) -> bool:
+        """Whether an evaluation after round ``r`` computes exact-match."""
+        return self.exact and (self.exact_only_at is None or r == self.exact_only_at)

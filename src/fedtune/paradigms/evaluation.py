@@ -45,13 +45,13 @@ class EvalReply:
 
 
 def evaluate_on(
-    adapter: AdapterModel, tokenizer: Any, data: EvalSet | None, settings: EvalSettings
+    adapter: AdapterModel, tokenizer: Any, data: EvalSet | None, settings: EvalSettings, r: int
 ) -> dict[str, float]:
-    """Loss, perplexity and (if configured) exact-match of the adapter's current state on ``data``."""
+    """Loss, perplexity and (if configured for round ``r``) exact-match of the adapter's current state on ``data``."""
     if data is None:
         return {}
     s = settings
-    metrics = evaluate(adapter.model, tokenizer, data, s.batch_size, s.exact, s.max_new_tokens, None, prefix="")
+    metrics = evaluate(adapter.model, tokenizer, data, s.batch_size, s.exact_at(r), s.max_new_tokens, None, prefix="")
     return {k: float(v) for k, v in metrics.items()}
 
 

@@ -78,7 +78,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if fin.get("eval_loss") is not None:
         table.add_row("eval loss (start -> end)", f"{_f(ini.get('eval_loss'))} -> {_f(fin['eval_loss'])}")
     if fin.get("eval_accuracy") is not None:
-        table.add_row("exact-match (start -> end)", f"{ini['eval_accuracy']:.1%} -> {fin['eval_accuracy']:.1%}")
+        start = _f(ini.get("eval_accuracy"), ".1%")  # none at the start with evaluation.exact_match=final
+        table.add_row("exact-match (start -> end)", f"{start} -> {fin['eval_accuracy']:.1%}")
         for key in (k for k in fin if k.startswith("eval_accuracy_by_")):
             for group, acc in fin[key].items():
                 start = (ini.get(key) or {}).get(group)

@@ -65,7 +65,8 @@ def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         out["client_s_per_round"] = sum(r["local_train_s"] for r in costs) / len(costs)
     for k in (k for k in last if k.startswith("eval_accuracy_by_")):  # per task (or other group_by field)
         out["initial"][k], out["final"][k] = first.get(k), last[k]
-    if evals and "eval_accuracy" in last:
-        best = max(evals, key=lambda r: r["eval_accuracy"])
+    scored = [r for r in evals if r.get("eval_accuracy") is not None]  # exact_match=final: the last one only
+    if scored and "eval_accuracy" in last:
+        best = max(scored, key=lambda r: r["eval_accuracy"])
         out["best"] = {"round": best["round"], "eval_accuracy": best["eval_accuracy"]}
     return _clean(out)

@@ -156,4 +156,5 @@ class KDClient:
         if data is None:
             return EvalReply(round=req.round), state
         adapter = self._start(client_id, req.params, state)
-        return EvalReply(round=req.round, metrics=evaluate_on(adapter, self.tokenizer, data, self.eval_settings)), state
+        metrics = evaluate_on(adapter, self.tokenizer, data, self.eval_settings, req.round)
+        return EvalReply(round=req.round, metrics=metrics), state

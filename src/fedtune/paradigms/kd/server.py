@@ -77,7 +77,7 @@ class KnowledgeDistillation:
         initial: Params,
         uplink: Link,
         downlink: Link,
-        evaluate_adapter: Callable[[Params], dict[str, Any]] | None = None,
+        evaluate_adapter: Callable[[Params, int], dict[str, Any]] | None = None,
         server_distil: ServerDistil | None = None,
     ):
         """``initial``: the global adapter (downlink=adapter) or {}; ``server_distil`` for downlink=adapter."""
@@ -207,7 +207,7 @@ class KnowledgeDistillation:
         clients = range(s.num_clients)
         if s.downlink == "adapter":
             if self.evaluate_adapter is not None:
-                out.update(self.evaluate_adapter(state.params))
+                out.update(self.evaluate_adapter(state.params, r))
             wire = self.downlink.encode(state.params, {}, generator(s.seed, r, 1))[0] if per_client else {}
         else:  # no global model: every client evaluates its own adapter on the federation's eval set
             replies = yield eval_exchange(dict.fromkeys(clients, EvalRequest(r, split="eval")), r)

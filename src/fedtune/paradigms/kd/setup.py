@@ -73,7 +73,7 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
     _check_tokenizers(cfg, bench)
     public = build_public(cfg, bench.encoder, announce=True)
     if cfg.data.public_dataset:  # the built-in public set is disjoint from evaluation by construction
-        shared = overlap_with(public, load_splits(cfg.data, cfg.seed)[1])
+        shared = overlap_with(public, load_splits(cfg.data, cfg.split_seed())[1])
         if shared:
             log.warning(
                 "%d public examples have the prompt of an evaluation example: the eval loss then measures "

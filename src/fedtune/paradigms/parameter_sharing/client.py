@@ -104,5 +104,5 @@ class ParameterSharingClient:
             return EvalReply(round=req.round), state
         self.adapter.load(self.downlink.decode(req.params, self.adapter.params))
         return EvalReply(
-            round=req.round, metrics=evaluate_on(self.adapter, self.tokenizer, data, self.eval_settings)
+            round=req.round, metrics=evaluate_on(self.adapter, self.tokenizer, data, self.eval_settings, req.round)
         ), state

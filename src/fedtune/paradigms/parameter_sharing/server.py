@@ -59,9 +59,10 @@ class ParameterSharing:
         initial: Params,
         uplink: Link | None = None,
         downlink: Link | None = None,
-        evaluate_adapter: Callable[[Params], dict[str, Any]] | None = None,
+        evaluate_adapter: Callable[[Params, int], dict[str, Any]] | None = None,
     ):
-        """``evaluate_adapter(params)``: held-out metrics of a global adapter on the server's eval set."""
+        """``evaluate_adapter(params, r)``: held-out metrics of a global adapter after round ``r`` on the
+        server's eval set."""
         self.aggregator, self.settings, self.initial = aggregator, settings, initial
         self.uplink, self.downlink = uplink or Link(), downlink or Link()
         self.evaluate_adapter = evaluate_adapter
@@ -181,7 +182,7 @@ class ParameterSharing:
     def evaluate(self, r: int, state: ServerState, per_client: bool) -> Conversation[dict]:
         out: dict[str, Any] = {}
         if self.evaluate_adapter is not None:
-            out.update(self.evaluate_adapter(state.params))
+            out.update(self.evaluate_adapter(state.params, r))
         if per_client:  # every client evaluates the global model, as it receives it, on its own held-out share
             n = self.settings.num_clients
             views = {c: self.aggregator.client_view(state.params, state.algorithm, c) for c in range(n)}

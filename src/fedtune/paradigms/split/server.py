@@ -109,7 +109,7 @@ class SplitLearning:
         uplink: Link,
         downlink: Link,
         activations: Link,
-        evaluate_adapter: Callable[[Params], dict[str, Any]] | None = None,
+        evaluate_adapter: Callable[[Params, int], dict[str, Any]] | None = None,
     ):
         """``names``: every adapter tensor name -> its full parameter name in the model."""
         self.split, self.names, self.s = split, names, settings
@@ -182,7 +182,7 @@ class SplitLearning:
     def evaluate(self, r: int, state: ServerState, per_client: bool) -> Conversation[dict]:
         out: dict[str, Any] = {}
         if self.evaluate_adapter is not None:
-            out.update(self.evaluate_adapter(state.params))
+            out.update(self.evaluate_adapter(state.params, r))
         return out
         yield  # a conversation without exchanges: the server holds both parts of the model
 

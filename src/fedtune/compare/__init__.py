@@ -1,0 +1,1 @@
+"""fedtune compare: variants of one config over several seeds, side by side (docs/compare.md)."""

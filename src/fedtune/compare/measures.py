@@ -1,0 +1,78 @@
+"""What one run of a comparison measured, read back from its metrics.jsonl.
+
+Per client means divided by the clients a round sampled (bytes: by the federation's clients, since
+every client holds its share of the run's traffic over the rounds). ``server_s_per_round`` is a
+round's time outside the clients' compute (train_s − local_train_s): with the in-process runtime,
+where clients run one after another, that is the server's and the framework's share.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+MEASURES: dict[str, str] = {  # name -> what it is (comparison.json and the table use these names)
+    "final_eval_loss": "eval loss after the last round",
+    "final_accuracy": "exact-match (or the task's metric) after the last round",
+    "rounds_to_target": "first round whose eval loss is at most compare.target_loss",
+    "bytes_up_per_client": "bytes a client sent over the run, on average",
+    "bytes_down_per_client": "bytes a client received over the run, on average",
+    "client_s_per_round": "a sampled client's compute seconds in a round",
+    "client_peak_bytes": "the largest client peak memory of any round (its model part + activations)",
+    "client_flops_per_round": "a sampled client's analytic FLOPs in a round",
+    "server_s_per_round": "a round's seconds outside the clients' compute",
+}
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: float | None) -> dict[str, Any]:
+    """The run's MEASURES (None where it did not measure one) and its curves by evaluated round."""
+    trained = [r for r in history if r["round"] > 0]
+    evals = [r for r in history if r.get("eval_loss") is not None]
+    if not trained or not evals:
+        raise ValueError("the run has no trained and evaluated round")
+    sampled = [max(1, len(r["clients"])) for r in trained]
+
+    def per_client_round(key: str) -> float | None:
+        if not all(key in r for r in trained):
+            return None
+        return statistics.fmean(r[key] / k for r, k in zip(trained, sampled, strict=True))
+
+    last = evals[-1]
+    reached = [r["round"] for r in evals if target_loss is not None and r["eval_loss"] <= target_loss]
+    measures = {
+        "final_eval_loss": last["eval_loss"],
+        "final_accuracy": last.get("eval_accuracy"),
+        "rounds_to_target": reached[0] if reached else None,
+        "bytes_up_per_client": sum(r["bytes_up"] for r in trained) / num_clients,
+        "bytes_down_per_client": sum(r["bytes_down"] for r in trained) / num_clients,
+        "client_s_per_round": per_client_round("local_train_s"),
+        "client_peak_bytes": max(r["client_peak_bytes"] for r in trained)
+        if all("client_peak_bytes" in r for r in trained)
+        else None,
+        "client_flops_per_round": per_client_round("client_flops"),
+        "server_s_per_round": statistics.fmean(max(0.0, r["train_s"] - r["local_train_s"]) for r in trained),
+    }
+    return {"measures": measures, "curves": curves(history, num_clients)}
+
+
+def curves(history: list[dict[str, Any]], num_clients: int) -> dict[str, list[float]]:
+    """At each evaluated round: eval loss, and the bytes (up + down) and client FLOPs per client so far."""
+    out: dict[str, list[float]] = {"round": [], "eval_loss": [], "bytes_per_client": [], "client_flops": []}
+    traffic = flops = 0.0
+    for r in history:
+        if r["round"] > 0:
+            traffic += (r["bytes_up"] + r["bytes_down"]) / num_clients
+            flops += r.get("client_flops", 0.0) / num_clients
+        if r.get("eval_loss") is not None:
+            out["round"].append(r["round"])
+            out["eval_loss"].append(r["eval_loss"])
+            out["bytes_per_client"].append(traffic)
+            out["client_flops"].append(flops)
+    return out

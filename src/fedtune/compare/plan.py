@@ -1,0 +1,72 @@
+"""A comparison as runs: one config per variant and seed, each with its own run directory.
+
+Every run starts from the whole base config (with its command-line overrides), takes its variant's
+overrides (dotted keys; a mapping value merges into its section), the seed ``seed + i``, and the
+data split seed of the base, so all seeds see the same clients' data and the same evaluation set.
+Run directories live under ``<comparison>/runs/<variant>-seed<k>``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.config import ExperimentConfig, set_dotted, validate_config
+from fedtune.config_compare import CompareConfig, slug
+from fedtune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    variant: str
+    seed: int
+    config: ExperimentConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output.dir) / str(self.config.output.name)
+
+
+@dataclass(frozen=True)
+class Plan:
+    base: ExperimentConfig
+    directory: Path  # the comparison's directory
+    runs: list[PlannedRun]
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.base.compare.variants)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.base.seed + i for i in range(self.base.compare.seeds)]
+
+    def of(self, variant: str) -> list[PlannedRun]:
+        return [r for r in self.runs if r.variant == variant]
+
+
+def plan(base: ExperimentConfig, directory: Path) -> Plan:
+    """Every (variant, seed) run of ``base``'s compare section, validated: a bad variant is a ConfigError
+    naming it and the key."""
+    if not base.compare.variants:
+        raise ConfigError(
+            "nothing to compare: add a compare section with variants, e.g.\n"
+            "compare:\n  seeds: 3\n  variants:\n    lora: {}\n    int4: {compression.uplink: [int4]}"
+        )
+    raw = base.model_dump(mode="json")
+    raw["compare"] = CompareConfig().model_dump(mode="json")
+    raw["data"]["split_seed"] = base.split_seed()
+    runs = []
+    for name, overrides in base.compare.variants.items():
+        for i in range(base.compare.seeds):
+            seed = base.seed + i
+            child = copy.deepcopy(raw)
+            where = f"compare.variants[{name!r}]"
+            for key, value in overrides.items():
+                set_dotted(child, key, copy.deepcopy(value), f"{where} {key}", merge=True)
+            child["seed"] = seed
+            child["output"]["dir"] = str(directory / "runs")
+            child["output"]["name"] = f"{slug(name)}-seed{seed}"
+            runs.append(PlannedRun(name, seed, validate_config(child, where)))
+    return Plan(base, directory, runs)
