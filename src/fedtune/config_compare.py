@@ -6,6 +6,7 @@ so a comparison is never run as one experiment by mistake.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -52,6 +53,5 @@ class CompareConfig(_Strict):
 
 
 def slug(name: str) -> str:
-    """A variant's name as a directory name: letters, digits, '.', '-' and '_' kept, the rest '_'."""
-    out = "".join(c if c.isalnum() or c in ".-_" else "_" for c in name.strip())
-    return out.strip("._") or "variant"
+    """A variant's name as a directory name: letters, digits, '.' and '-' kept, each run of others one '_'."""
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", name).strip("._-") or "variant"

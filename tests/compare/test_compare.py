@@ -169,3 +169,15 @@ def test_a_failed_run_is_reported_and_does_not_stop_the_others(tmp_path):
     report = json.loads((out / "comparison.json").read_text())
     assert list(report["failed"]) == ["no_data-seed0"] and report["variants"]["lora"]["seeds_done"] == 1
     assert "## Failed runs" in (out / "comparison.md").read_text()
+
+
+def test_the_paradigm_example_plans_five_valid_variants_of_three_seeds(tmp_path):
+    from fedtune.compare.plan import plan
+    from fedtune.config import load_config
+
+    planned = plan(load_config("examples/compare_paradigms.yaml"), tmp_path)
+    assert len(planned.runs) == 15 and planned.seeds == [0, 1, 2]
+    kinds = {r.variant: (r.config.paradigm, r.config.kd.downlink, r.config.adapter.method) for r in planned.runs}
+    assert kinds["kd logits"] == ("kd", "logits", "lora") and kinds["kd adapter"] == ("kd", "adapter", "lora")
+    assert kinds["ia3 + int4"][2] == "ia3" and kinds["split u 1+1"][0] == "split"
+    assert {r.config.data.split_seed for r in planned.runs} == {0}  # one evaluation set for every seed
