@@ -90,20 +90,20 @@ def test_a_killed_comparison_continues_without_repeating_finished_runs(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path.cwd() / "src")}
     cmd = [sys.executable, "-m", "fedtune.cli", "compare", str(path), f"output.dir={tmp_path / 'out'}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = out / "runs" / "lora-seed1" / "checkpoints" / "round_0001"
+    second = out / "runs" / "lora_int8-seed0" / "checkpoints" / "round_0001"
     deadline = time.time() + 300
     while not second.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = out / "runs" / "lora-seed0"
-    assert (first / "summary.json").is_file() and not (out / "runs" / "lora-seed1" / "summary.json").exists()
+    assert (first / "summary.json").is_file() and not (out / "runs" / "lora_int8-seed0" / "summary.json").exists()
     before = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
 
     result = _compare(path, tmp_path)
     assert result.exit_code == 0, result.output
     assert "[1/4] lora seed 0: finished before, kept" in result.text
-    assert "[2/4] lora seed 1: continuing" in result.text
+    assert "[2/4] lora int8 seed 0: continuing" in result.text  # seed by seed: every variant of seed 0 first
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == before  # not run again
     report = json.loads((out / "comparison.json").read_text())
     assert all(v["seeds_done"] == 2 for v in report["variants"].values())

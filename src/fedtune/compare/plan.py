@@ -3,7 +3,8 @@
 Every run starts from the whole base config (with its command-line overrides), takes its variant's
 overrides (dotted keys; a mapping value merges into its section), the seed ``seed + i``, and the
 data split seed of the base, so all seeds see the same clients' data and the same evaluation set.
-Run directories live under ``<comparison>/runs/<variant>-seed<k>``.
+Run directories live under ``<comparison>/runs/<variant>-seed<k>``. Runs go seed by seed, every
+variant within a seed, so a comparison stopped early already holds every variant.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def plan(base: ExperimentConfig, directory: Path) -> Plan:
     raw["compare"] = CompareConfig().model_dump(mode="json")
     raw["data"]["split_seed"] = base.split_seed()
     runs = []
-    for name, overrides in base.compare.variants.items():
-        for i in range(base.compare.seeds):
-            seed = base.seed + i
+    for i in range(base.compare.seeds):  # seed after seed: a partial comparison already has every variant
+        seed = base.seed + i
+        for name, overrides in base.compare.variants.items():
             child = copy.deepcopy(raw)
             where = f"compare.variants[{name!r}]"
             for key, value in overrides.items():
