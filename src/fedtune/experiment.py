@@ -203,6 +203,17 @@ def weight_cap(cfg: ExperimentConfig, data: FederatedData) -> WeightCap:
     return WeightCap(most, cfg.data.max_seq_len)
 
 
+def saved_config_changes(run_dir: Path, cfg: ExperimentConfig, free: tuple[str, ...]) -> str:
+    """'key: old -> new; ...' for the keys (other than those starting with ``free``) where ``cfg`` differs
+    from the config saved in ``run_dir``; '' when none do or nothing was saved."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return ""
+    old = validate_config(yaml.safe_load(saved.read_text()), str(saved))
+    diff = {k: v for k, v in config_diff(old, cfg).items() if not k.startswith(free)}
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+
+
 def check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
     has_ckpt = any((run_dir / "checkpoints").glob("round_*"))
     if has_ckpt and not resume:
@@ -210,12 +221,9 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
             f"{run_dir} already holds a run (checkpoints present). Continue it with --resume, or start a "
             "new one with output.name=<new name> (or delete the directory)"
         )
-    saved = run_dir / "config.yaml"
-    if resume and has_ckpt and saved.is_file():
-        old = validate_config(yaml.safe_load(saved.read_text()), str(saved))
-        diff = {k: v for k, v in config_diff(old, cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
-        if diff:
-            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    if resume and has_ckpt:
+        lines = saved_config_changes(run_dir, cfg, RESUMABLE_CHANGES)
+        if lines:
             raise ConfigError(
                 f"cannot resume {run_dir}: the config differs from the one it was started with ({lines}). "
                 f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume; use a new output.name otherwise"

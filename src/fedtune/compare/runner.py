@@ -14,13 +14,12 @@ from pathlib import Path
 
 from fedtune.compare.plan import Plan, PlannedRun
 from fedtune.compare.report import write_report
-from fedtune.config import config_diff, validate_config
 from fedtune.errors import ConfigError, FedtuneError, RunError
-from fedtune.experiment import run_experiment
+from fedtune.experiment import run_experiment, saved_config_changes
 from fedtune.reporting.console import console
 
 log = logging.getLogger(__name__)
-FREE_TO_DIFFER = ("output.progress",)  # may change between a run and its re-planning
+FREE_TO_DIFFER = ("output.progress", "federation.rounds")  # may change between a run and its re-planning
 
 
 def status(run: PlannedRun) -> str:
@@ -35,16 +34,8 @@ def status(run: PlannedRun) -> str:
 
 
 def _check_same_config(run: PlannedRun) -> None:
-    import yaml
-
-    saved = run.run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    old = validate_config(yaml.safe_load(saved.read_text()), str(saved))
-    diff = {k: v for k, v in config_diff(old, run.config).items() if not k.startswith(FREE_TO_DIFFER)}
-    diff.pop("federation.rounds", None)  # more rounds: the run continues
-    if diff:
-        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+    lines = saved_config_changes(run.run_dir, run.config, FREE_TO_DIFFER)
+    if lines:
         raise ConfigError(
             f"{run.run_dir} was run with a different config than variant {run.variant!r} seed {run.seed} now has "
             f"({lines}). Delete that directory to rerun it, or give the comparison a new output.name"
