@@ -306,15 +306,12 @@ def _encode_parts(tensors: dict[str, torch.Tensor], header: dict) -> bytes:
     return encode(tensors, header)
 
 
-def _meta_field(tensors: dict[str, torch.Tensor]) -> str:
-    return next(k for k in tensors if k.endswith("/" + META))
-
-
 @st.composite
 def meta_mutations(draw, blob: bytes) -> bytes:
     """Rewrite the codec meta (zlib'd JSON inside the message) or the packed tensors it describes."""
     tensors, header = _decode_parts(blob)
-    name = _meta_field(tensors)
+    # sorted: safetensors returns tensors in no fixed order, and a split reply can hold two metas
+    name = draw(st.sampled_from(sorted(k for k in tensors if k.endswith("/" + META))))
     meta = json.loads(zlib.decompress(tensors[name].numpy().tobytes()))
     kind = draw(st.sampled_from(["shape", "layout", "value", "replace", "bomb", "tensor", "garbage"]))
     if kind in ("shape", "layout", "value"):
