@@ -24,6 +24,12 @@ def test_bytes_are_exact_and_no_pickle():
     assert b"pickle" not in blob and not blob.startswith(b"\x80")  # safetensors: u64 header length + JSON
 
 
+def test_decoded_tensors_come_in_name_order_every_time():
+    names = [f"t{i:02d}/{kind}" for i in range(12) for kind in ("meta", "packed")]
+    blob = encode({k: torch.zeros(1) for k in reversed(names)})
+    assert all(list(decode(blob)[0]) == names for _ in range(20))  # safetensors alone: hash-map order
+
+
 def test_non_contiguous_tensors_are_fine():
     t = {"x": torch.randn(4, 6).t()}
     out, _ = decode(encode(t))

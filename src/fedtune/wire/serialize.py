@@ -24,8 +24,12 @@ def encode(tensors: dict[str, torch.Tensor], header: dict[str, Any] | None = Non
 
 
 def decode(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Inverse of encode: (tensors, header)."""
-    return st_load(blob), read_header(blob)
+    """Inverse of encode: (tensors, header), the tensors in name order.
+
+    safetensors hands them back in hash-map order, which changes from call to call; anything that
+    iterates a decoded message (a float sum, a check that reports the first bad tensor) must not.
+    """
+    return dict(sorted(st_load(blob).items())), read_header(blob)
 
 
 def read_header(blob: bytes) -> dict[str, Any]:
