@@ -1,4 +1,9 @@
-"""Which clients take part in a round: seeded by (seed, round) alone, so resume replays it."""
+"""Which clients take part in a round: seeded by (seed, round) alone, so resume replays it.
+
+Fixed-size: ``per_round`` clients drawn without replacement. Poisson: each client independently with
+probability ``rate``, so a round may hold any number of clients, none included (what client-level DP's
+Poisson-sampled accounting assumes).
+"""
 
 from __future__ import annotations
 
@@ -10,3 +15,10 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_index: int
         return list(range(num_clients))
     rng = np.random.default_rng([seed, round_index, 0x5A3])
     return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+
+
+def poisson_sample(num_clients: int, rate: float, seed: int, round_index: int) -> list[int]:
+    if not 0 < rate <= 1:
+        raise ValueError(f"a Poisson sampling rate must be in (0, 1], got {rate}")
+    rng = np.random.default_rng([seed, round_index, 0x9015])
+    return np.flatnonzero(rng.random(num_clients) < rate).tolist()
