@@ -26,6 +26,7 @@ from fedtune.data.templates import resolve_template
 from fedtune.data.tokenize import Encoder
 from fedtune.errors import DataError
 from fedtune.evaluation.harness import EvalSet
+from fedtune.privacy.plan import rounds_to_run
 from fedtune.registry import PARADIGMS
 from fedtune.types import Params
 from fedtune.wire.link import Link
@@ -65,7 +66,7 @@ def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
     encoder = Encoder(tokenizer, template, d.system_prompt, d.max_seq_len, d.train_on_prompt)
     e = cfg.evaluation
     exact = d.dataset == BUILTIN if e.exact_match == "auto" else bool(e.exact_match)
-    final = cfg.federation.rounds if e.exact_match == "final" else None
+    final = rounds_to_run(cfg) if e.exact_match == "final" else None
     comp = cfg.compression
     return Workbench(
         adapter,

@@ -17,6 +17,7 @@ from fedtune.config_base import Strict as _Strict
 from fedtune.config_compare import CompareConfig
 from fedtune.config_compression import CompressionConfig
 from fedtune.config_kd import KDConfig, check_kd_fits
+from fedtune.config_privacy import PrivacyConfig, check_privacy_fits
 from fedtune.config_runtime import RuntimeConfig
 from fedtune.config_split import SplitConfig, check_split_fits
 from fedtune.errors import ConfigError
@@ -308,6 +309,7 @@ class ExperimentConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -356,6 +358,7 @@ class ExperimentConfig(_Strict):
         if self.paradigm == "split":
             check_split_fits(self)
         check_kd_fits(self)
+        check_privacy_fits(self)
 
     def split_seed(self) -> int:
         """The seed of the data's held-out split and partition (fedtune compare keeps it across seeds)."""

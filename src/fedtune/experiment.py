@@ -25,6 +25,7 @@ from fedtune.config import ExperimentConfig, config_diff, to_yaml, validate_conf
 from fedtune.data.prepare import FederatedData, prepare_federated_data
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.evaluation.harness import EvalSet, evaluate
+from fedtune.privacy.plan import PrivacyPlan, plan_privacy, rounds_to_run
 from fedtune.registry import PARADIGMS
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
 from fedtune.reporting.metrics import MetricsWriter, summarize
@@ -143,11 +144,14 @@ def _run(
 
     def record_round(rec: dict[str, Any]) -> None:
         writer.append(rec)
-        log.info(round_line(rec, cfg.federation.rounds))
+        log.info(round_line(rec, rounds))
         if on_record is not None:
             on_record(rec)
 
-    rounds, every = cfg.federation.rounds, cfg.evaluation.every
+    privacy = plan_privacy(cfg)
+    if privacy is not None:
+        _announce_privacy(privacy)
+    rounds, every = rounds_to_run(cfg), cfg.evaluation.every
     settings = LoopSettings(
         rounds,
         cfg.partition.num_clients,
@@ -158,6 +162,7 @@ def _run(
         cfg.output.progress,
         cfg.evaluation.at_start,
         cfg.evaluation.per_client,
+        poisson=privacy is not None and privacy.sampling == "poisson",
     )
     try:
         state = run_rounds(
@@ -186,12 +191,29 @@ def _run(
             "trainable_fraction": adapter.num_trainable / adapter.num_total,
             "final_adapter": str(final_dir) if exported else None,
             **paradigm.info(),
+            **({"privacy": privacy.summary(state.history)} if privacy is not None else {}),
         },
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(rounds_table(state.history))
     console.print(summary_table(summary))
     return RunResult(run_dir, summary, state)
+
+
+def _announce_privacy(plan: PrivacyPlan) -> None:
+    told = plan.describe()
+    log.info("client-level DP: %s", ", ".join(f"{k} {v}" for k, v in told.items()))
+    if plan.rounds < plan.planned_rounds:
+        log.warning(
+            "privacy.target_epsilon=%s is spent after round %d (epsilon %.4g; round %d would reach %.4g): the run "
+            "stops there instead of at federation.rounds=%d",
+            plan.target_epsilon,
+            plan.rounds,
+            plan.epsilon(plan.rounds),
+            plan.rounds + 1,
+            plan.epsilon(plan.rounds + 1),
+            plan.planned_rounds,
+        )
 
 
 def weight_cap(cfg: ExperimentConfig, data: FederatedData) -> WeightCap:

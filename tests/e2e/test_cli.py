@@ -118,6 +118,14 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
             "compression.downlink_updates=true",
             "federation.clients_per_round=2",
         ],
+        [
+            "privacy.client_dp=central",
+            "privacy.noise_multiplier=0.8",
+            "privacy.clip_norm=0.05",
+            "privacy.adaptive_clip={lr: 0.3}",
+            "privacy.noise_seed=3",  # the two runs compared must draw the same noise; resume reads the checkpoint's
+            "federation.clients_per_round=2",
+        ],
     ],
     ids=[
         "fedavg",
@@ -125,6 +133,7 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
         "flexlora_mixed_ranks",
         "compressed+error_feedback",
         "downlink_updates+partial",
+        "dp_fedavg+adaptive_clip+poisson",
     ],
 )
 def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
@@ -134,7 +143,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
     variates through the checkpoint, with partial participation; the last, each client's
     error-feedback residual and seeded random choices of the codecs; with downlink updates and
     partial participation, the server's per-client replicas (shared where equal) and the clients'
-    held adapters.
+    held adapters; with client-level DP, the noise stream, the adaptive clipping norm and Poisson sampling.
     """
     args = [
         "examples/tiny.yaml",

@@ -163,3 +163,9 @@ def adaptive_noise_split(noise_multiplier: float, count_noise: float) -> float:
             f"it needs more than z/2 = {noise_multiplier / 2:.4g}"
         )
     return rest**-0.5
+
+
+def default_count_noise(expected_clients: float, noise_multiplier: float) -> float:
+    """σ_b when unset: Andrew et al.'s expected clients / 20, but at least z, so the update's noise grows by at
+    most 1/√(3/4) ≈ 1.15x (a small federation's m/20 would be below the z/2 that the split needs)."""
+    return max(expected_clients / 20, noise_multiplier)

@@ -22,7 +22,7 @@ replays it bit for bit and no two rounds draw the same noise. Only noised quanti
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,7 +31,7 @@ import torch
 from fedtune.aggregation.base import Contribution
 from fedtune.aggregation.clipping import update_norm
 from fedtune.aggregation.server_opt import ServerOptimizer
-from fedtune.privacy.accounting import adaptive_noise_split
+from fedtune.privacy.accounting import adaptive_noise_split, default_count_noise
 from fedtune.types import Params
 from fedtune.wire.link import generator
 
@@ -44,7 +44,7 @@ class AdaptiveClip:
 
     target_quantile: float = 0.5  # γ: the share of updates that should end up unclipped
     lr: float = 0.2  # η_C: geometric step
-    count_noise: float | None = None  # σ_b; default D/20, the paper's suggestion of expected clients / 20
+    count_noise: float | None = None  # σ_b; default ``accounting.default_count_noise``
 
 
 class DpState(NamedTuple):
@@ -72,7 +72,7 @@ class GaussianMean:
         self.count_noise = None
         self.update_z = noise_multiplier
         if adaptive is not None:
-            self.count_noise = adaptive.count_noise if adaptive.count_noise is not None else denominator / 20
+            self.count_noise = adaptive.count_noise or default_count_noise(denominator, noise_multiplier)
             self.update_z = adaptive_noise_split(noise_multiplier, self.count_noise) if noise_multiplier > 0 else 0.0
 
     def init(self) -> DpState:
@@ -122,8 +122,11 @@ class DpFedAvgState(NamedTuple):
 class DpFedAvg:
     """An aggregator: GaussianMean, then a server optimizer (sgd η=1 is DP-FedAvg; others are DP-FedOpt)."""
 
-    def __init__(self, name: str, mean: GaussianMean, optimizer: ServerOptimizer):
-        self.name, self.mean, self.optimizer = name, mean, optimizer
+    def __init__(
+        self, name: str, mean: GaussianMean, optimizer: ServerOptimizer, epsilon: Callable[[int], float] | None = None
+    ):
+        """``epsilon(rounds)``: the accountant's epsilon after that many noised rounds, reported each round."""
+        self.name, self.mean, self.optimizer, self.epsilon = name, mean, optimizer, epsilon
 
     def init(self, params: Params) -> DpFedAvgState:
         return DpFedAvgState(self.optimizer.init(params), self.mean.init())
@@ -141,7 +144,10 @@ class DpFedAvg:
     def metrics(self, state: DpFedAvgState) -> dict[str, float]:
         if state.dp.rounds == 0:
             return {}
-        return self.mean.metrics(state.dp._replace(clip_norm=state.last_clip_norm), state.dp)
+        out = self.mean.metrics(state.dp._replace(clip_norm=state.last_clip_norm), state.dp)
+        if self.epsilon is not None:
+            out["dp_epsilon"] = self.epsilon(state.dp.rounds)
+        return out
 
     def client_view(self, params: Params, state: DpFedAvgState, client_id: int) -> Params:
         return params

@@ -46,6 +46,8 @@ def round_line(rec: dict[str, Any], rounds: int) -> str:
         parts.append(f"accuracy {rec['eval_accuracy']:.1%}")
     if rec["round"] > 0:
         parts += [f"up {_mb(rec['bytes_up'])} MB", f"down {_mb(rec['bytes_down'])} MB"]
+    if rec.get("dp_epsilon") is not None:
+        parts.append(f"epsilon {rec['dp_epsilon']:.3g}")
     parts.append(f"{rec['wall_s']:.1f}s")
     return " | ".join(parts)
 
@@ -85,6 +87,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
                 start = (ini.get(key) or {}).get(group)
                 table.add_row(f"  {group}", f"{_f(start, '.0%')} -> {acc:.0%}")
     table.add_row("rounds", str(summary["rounds_completed"]))
+    privacy = summary.get("privacy")
+    if privacy:
+        table.add_row(
+            "client-level DP",
+            f"epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (z {privacy['noise_multiplier']:.3g}, "
+            f"C {privacy['clip_norm']:g}, {privacy['sampling']} q {privacy['sample_rate']:.3g})",
+        )
     table.add_row("trainable params", f"{summary['trainable_params']:,} ({summary['trainable_fraction']:.3%})")
     table.add_row("bytes up / down", f"{_mb(summary['total_bytes_up'])} MB / {_mb(summary['total_bytes_down'])} MB")
     table.add_row("local training / wall", f"{summary['total_local_train_s']:.1f}s / {summary['total_wall_s']:.1f}s")

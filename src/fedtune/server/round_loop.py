@@ -24,7 +24,7 @@ from fedtune.paradigms.base import BadReply, Exchange, Replies, ServerParadigm, 
 from fedtune.reporting.console import bar_disabled
 from fedtune.runtime.base import Runtime
 from fedtune.server.checkpoint import checkpoint_dir, save_checkpoint
-from fedtune.server.sampling import sample_clients
+from fedtune.server.sampling import poisson_sample, sample_clients
 from fedtune.types import Envelope, ServerState
 from fedtune.wire.messages import decode_message, encode_message
 
@@ -42,6 +42,7 @@ class LoopSettings:
     progress: bool = True
     evaluate_at_start: bool = False
     per_client_eval: bool = False
+    poisson: bool = False  # each client independently with probability clients_per_round / num_clients (DP)
 
 
 class Network:
@@ -138,8 +139,15 @@ def run_rounds(
     )
     for r in range(state.round + 1, settings.rounds + 1):
         start = time.perf_counter()
-        clients = sample_clients(settings.num_clients, settings.clients_per_round, settings.seed, r)
-        net = Network(runtime, r, clients, settings.min_clients, run_dir)
+        if settings.poisson:  # a round may sample fewer clients than the quorum, or none: they all must reply
+            clients = poisson_sample(
+                settings.num_clients, settings.clients_per_round / settings.num_clients, settings.seed, r
+            )
+            quorum = min(settings.min_clients, len(clients))
+        else:
+            clients = sample_clients(settings.num_clients, settings.clients_per_round, settings.seed, r)
+            quorum = settings.min_clients
+        net = Network(runtime, r, clients, quorum, run_dir)
         new_state, metrics = converse(paradigm.round(r, state, clients), net.exchange)
         _check_finite(r, new_state, state.round)
         record = {

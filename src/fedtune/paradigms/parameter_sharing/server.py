@@ -112,8 +112,10 @@ class ParameterSharing:
         largest = max((_size(v) for v in views.values()), default=(0, 0))
         control = _size(scaffold_c)  # SCAFFOLD's control delta travels beside the update
         cap = max_wire_bytes(largest[0] + control[0], largest[1] + control[1])
-        replies = yield Exchange("train", messages, TrainReply, read, cap)
-        used = [replies.accepted[c] for c in sorted(replies.accepted)]
+        used: list[Update] = []
+        if messages:  # Poisson sampling (client-level DP) can sample nobody: the round is then the noise alone
+            replies = yield Exchange("train", messages, TrainReply, read, cap)
+            used = [replies.accepted[c] for c in sorted(replies.accepted)]
         params, agg_state = self.aggregator.aggregate(state.params, [u.contribution for u in used], state.algorithm)
         weights = [u.contribution.weight for u in used]
         metrics: dict[str, Any] = {

@@ -13,6 +13,7 @@ from fedtune.client.trainer import LocalTrainer
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
 from fedtune.paradigms.parameter_sharing.server import ParameterSharing, SharingSettings
+from fedtune.privacy.plan import plan_privacy
 
 if TYPE_CHECKING:
     from fedtune.assembly import Workbench
@@ -28,7 +29,11 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
     lora_alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
     # with downlink updates clients hold the previous factors, so exact mode must not re-parametrise them
     align = cfg.compression.downlink_updates
-    aggregator = build_aggregator(cfg.aggregation, n, lora_alpha, lower or None, align)
+    plan = plan_privacy(cfg)
+    if plan is not None:
+        aggregator = plan.aggregator(cfg.aggregation, lora_alpha, cfg.privacy.noise_seed)
+    else:
+        aggregator = build_aggregator(cfg.aggregation, n, lora_alpha, lower or None, align)
     log.info(
         "aggregation: %s%s%s",
         aggregator.name,

@@ -1,0 +1,135 @@
+"""The ``privacy`` config section: client-level differential privacy (DP-FedAvg) with an accountant.
+
+docs/privacy.md has the threat model, the formulas and what each setting protects.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from fedtune.config_base import Strict as _Strict
+
+if TYPE_CHECKING:
+    from fedtune.config import ExperimentConfig
+
+
+class AdaptiveClipConfig(_Strict):
+    """Adaptive clipping (Andrew et al. 2021): the clipping norm follows a quantile of the update norms."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="γ: the share of updates meant to be unclipped")
+    lr: float = Field(0.2, gt=0, description="η_C: C ← C·exp(−η_C (noised unclipped share − γ)) each round")
+    count_noise: float | None = Field(
+        None,
+        gt=0,
+        description="σ_b: noise std of the count of unclipped updates (default: expected clients per round / 20, at "
+        "least noise_multiplier); must exceed noise_multiplier / 2, and the update's noise grows to keep the total "
+        "at noise_multiplier",
+    )
+
+
+class PrivacyConfig(_Strict):
+    """Client-level DP: each client's update clipped to clip_norm, Gaussian noise on the sum, epsilon reported."""
+
+    client_dp: Literal["off", "central"] = Field(
+        "off",
+        description="off, or central: DP-FedAvg (McMahan et al. 2018) with the noise added by the (trusted) server "
+        "to the sum of clipped updates; parameter sharing only",
+    )
+    clip_norm: float = Field(1.0, gt=0, description="C: every client update is scaled down to this L2 norm")
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="z: noise std z·C on the sum; unset with target_epsilon: calibrated for the rounds"
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="epsilon budget at delta: with noise_multiplier, the run stops before the round that would "
+        "exceed it; without, noise_multiplier is calibrated so federation.rounds rounds spend it",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of (ε, δ)-DP; must be below 1 / partition.num_clients")
+    accountant: Literal["rdp", "pld"] = Field(
+        "rdp", description="dp-accounting's Rényi DP or privacy-loss-distribution accountant (pld: Poisson only)"
+    )
+    sampling: Literal["poisson", "fixed"] = Field(
+        "poisson",
+        description="poisson: each client takes part in a round with probability q = clients_per_round / num_clients, "
+        "accounted under add-or-remove of one client; fixed: exactly clients_per_round, accounted as sampling "
+        "without replacement under replace-one (rdp only)",
+    )
+    noise_seed: int | None = Field(
+        None,
+        ge=0,
+        description="seed of the noise; unset (the default): drawn from the OS's entropy at the run's start and kept "
+        "in its checkpoints, so resume replays it and nobody else can; set it only for experiments, since anyone who "
+        "knows it can subtract the noise",
+    )
+    adaptive_clip: AdaptiveClipConfig | None = Field(
+        None, description="adaptive clipping; clip_norm is then the starting norm"
+    )
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> PrivacyConfig:
+        if self.client_dp == "off":
+            changed = [k for k in self.model_fields_set if k != "client_dp"]
+            if changed:
+                raise ValueError(
+                    f"privacy.{', privacy.'.join(sorted(changed))} apply with privacy.client_dp: central; "
+                    "set it, or remove them"
+                )
+            return self
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(
+                "privacy.client_dp=central needs privacy.noise_multiplier (z; epsilon is then reported every round) "
+                "or privacy.target_epsilon (z is then calibrated for federation.rounds), or both"
+            )
+        if self.sampling == "fixed" and self.accountant == "pld":
+            raise ValueError(
+                "privacy.accountant=pld cannot account fixed-size sampling (dp-accounting's PLD accountant does not "
+                "support sampling without replacement): use accountant rdp, or sampling poisson"
+            )
+        return self
+
+    def on(self) -> bool:
+        return self.client_dp != "off"
+
+
+def check_privacy_fits(cfg: ExperimentConfig) -> None:
+    """ValueError naming what client-level DP cannot be combined with in ``cfg``; resolves aggregation.lora
+    auto to ffa (FFA-LoRA: only B is averaged, so the noised sum stays exact) and the weighting to uniform."""
+    p = cfg.privacy
+    if not p.on():
+        return
+    if cfg.paradigm != "parameter_sharing":
+        raise ValueError(
+            f"privacy.client_dp applies to paradigm parameter_sharing (this config's is {cfg.paradigm}); "
+            "docs/privacy.md says what KD and split learning reveal"
+        )
+    n = cfg.partition.num_clients
+    if p.delta >= 1 / n:
+        raise ValueError(
+            f"privacy.delta={p.delta} is not below 1 / partition.num_clients = {1 / n:.4g}: a guarantee with "
+            "such a delta allows revealing a whole client's data; use a smaller delta (e.g. 1e-5)"
+        )
+    agg = cfg.aggregation
+    problems = []
+    if agg.combine != "mean":
+        problems.append(f"aggregation.combine={agg.combine} (robust combiners are not a sum the noise can protect)")
+    if agg.scaffold:
+        problems.append("aggregation.scaffold (control variates are per-client values sent in the clear)")
+    if agg.clip_norm is not None:
+        problems.append("aggregation.clip_norm (privacy.clip_norm is the clipping norm)")
+    if "weighting" in agg.model_fields_set and agg.weighting != "uniform":
+        problems.append(f"aggregation.weighting={agg.weighting} (DP-FedAvg counts every client once: uniform)")
+    if cfg.adapter.client_ranks is not None:
+        problems.append("adapter.client_ranks (heterogeneous ranks need factor-wise aggregation)")
+    if cfg.adapter.is_lora() and agg.lora == "exact":
+        problems.append(
+            "aggregation.lora=exact (it factorises the mean of B·A, which is not a sum of clipped updates): "
+            "use ffa (exact under a sum, the default with privacy) or naive"
+        )
+    if problems:
+        raise ValueError("privacy.client_dp=central cannot be combined with " + "; ".join(problems))
+    if cfg.adapter.is_lora() and agg.lora == "auto":
+        agg.lora = "ffa"
+    agg.weighting = "uniform"  # what DP-FedAvg does; said in the saved config, so a resumed run reads the same
