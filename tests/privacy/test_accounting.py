@@ -27,8 +27,10 @@ def test_poisson_epsilon_is_the_librarys_for_what_the_run_logs(accountant):
 
 def test_fixed_size_sampling_is_accounted_without_replacement_under_replace_one():
     m = Mechanism(1.1, "fixed", 100, 10, 1e-5)
-    event = dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(100, 10, dpa.GaussianDpEvent(1.1)), 30)
-    assert m.describe()["neighbouring"] == "replace_one"
+    # replacing a client moves the clipped sum by up to 2C: the library is told the std over 2C
+    event = dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(100, 10, dpa.GaussianDpEvent(0.55)), 30)
+    told = m.describe()
+    assert told["neighbouring"] == "replace_one" and told["accountant_noise_multiplier"] == 0.55
     assert m.epsilon(30) == pytest.approx(_direct(event, dpa.NeighboringRelation.REPLACE_ONE, 1e-5), rel=1e-9)
     # replacing a client is two add/removes: it costs more than Poisson at the same rate
     assert m.epsilon(30) > Mechanism(1.1, "poisson", 100, 10, 1e-5).epsilon(30)

@@ -7,8 +7,10 @@ multiplier ``z``, how clients were sampled and the neighbouring relation:
 - Poisson sampling (each client in a round with probability ``q``, independently) under add-or-remove
   of one client: ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, RDP or PLD accounting;
 - fixed-size sampling (``m`` of ``N`` without replacement) under replace-one of a client:
-  ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z))``, RDP accounting only (the PLD
-  accountant of dp-accounting does not support it).
+  ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2))``, RDP accounting only (the PLD
+  accountant of dp-accounting does not support it). Replacing a client moves the sum of clipped
+  updates by up to 2C (‖a − b‖ ≤ ‖a‖ + ‖b‖), and dp-accounting's multiplier is the noise std over the
+  sensitivity under the relation used (Wang, Balle and Kasiviswanathan 2019), so it is told z / 2.
 
 Rounds compose: ``SelfComposedDpEvent(event, rounds)``. ``Mechanism.describe()`` is what a run logs,
 so anyone can recompute its epsilon with the library directly.
@@ -67,10 +69,15 @@ class Mechanism:
     def neighbouring(self) -> str:
         return "add_or_remove_one" if self.sampling == "poisson" else "replace_one"
 
+    @property
+    def sensitivity(self) -> float:
+        """How far one neighbouring change moves the sum of updates clipped to C, in units of C."""
+        return 1.0 if self.sampling == "poisson" else 2.0
+
     def event(self, rounds: int):
         """The dp-accounting event of ``rounds`` rounds."""
         dpa = _dpa()
-        gaussian = dpa.GaussianDpEvent(self.noise_multiplier)
+        gaussian = dpa.GaussianDpEvent(self.noise_multiplier / self.sensitivity)
         if self.sampling == "poisson":
             one = dpa.PoissonSampledDpEvent(self.sample_rate, gaussian)
         else:
@@ -104,6 +111,8 @@ class Mechanism:
             "accountant": f"dp-accounting {self.accountant.upper()}",
             "mechanism": "sampled Gaussian on the sum of client updates clipped to L2 norm C, noise std z*C",
             "noise_multiplier": self.noise_multiplier,
+            "sensitivity": f"{self.sensitivity:g}C",
+            "accountant_noise_multiplier": self.noise_multiplier / self.sensitivity,
             "sampling": self.sampling,
             "sample_rate": self.sample_rate,
             "population": self.population,
