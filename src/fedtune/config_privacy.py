@@ -70,8 +70,9 @@ class PrivacyConfig(_Strict):
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> PrivacyConfig:
-        if self.client_dp == "off":
-            changed = [k for k in self.model_fields_set if k != "client_dp"]
+        if self.client_dp == "off":  # (a saved config lists every key: compare values with the defaults)
+            fields = type(self).model_fields
+            changed = [k for k, f in fields.items() if getattr(self, k) != f.get_default(call_default_factory=True)]
             if changed:
                 raise ValueError(
                     f"privacy.{', privacy.'.join(sorted(changed))} apply with privacy.client_dp: central; "

@@ -1,6 +1,7 @@
 import pytest
+import yaml
 
-from fedtune.config import load_config
+from fedtune.config import load_config, to_yaml, validate_config
 from fedtune.errors import ConfigError
 from fedtune.privacy.plan import plan_privacy, rounds_to_run
 from tests.conftest import TINY_OVERRIDES
@@ -62,3 +63,11 @@ def test_a_budget_alone_calibrates_the_noise_for_the_planned_rounds():
 def test_adaptive_clipping_with_too_little_count_noise_is_refused():
     with pytest.raises(ConfigError, match="count_noise"):
         plan_privacy(_cfg(*DP, "privacy.adaptive_clip={count_noise: 0.3}"))
+
+
+def test_a_saved_config_validates_again_with_privacy_off_or_on():
+    """A run directory's config.yaml lists every key, defaults included; resume and compare read it back."""
+    for extra in [(), DP]:
+        cfg = _cfg(*extra)
+        again = validate_config(yaml.safe_load(to_yaml(cfg)), "saved")
+        assert again == cfg
