@@ -29,13 +29,33 @@ class AdaptiveClipConfig(_Strict):
     )
 
 
+class SecureAggregationConfig(_Strict):
+    """Secure aggregation (Bonawitz et al. 2017): the server learns only the sum of the round's updates."""
+
+    threshold: float = Field(
+        0.67,
+        gt=0.5,
+        le=1,
+        description="share of a round's sampled clients (at least 2) that must remain at every step of the protocol; "
+        "fewer and the round fails rather than reveal anything. Above 1/2, so no two disjoint groups can unmask",
+    )
+    range: float | None = Field(
+        None,
+        gt=0,
+        description="every value of an update is clipped to [-range, range] before fixed-point encoding (the count "
+        "clipped is reported). Default: privacy.clip_norm x (1 + 8 x noise multiplier) with client-level DP, else 1",
+    )
+    precision_bits: int = Field(16, ge=1, le=40, description="fractional bits of the fixed-point encoding")
+
+
 class PrivacyConfig(_Strict):
     """Client-level DP: each client's update clipped to clip_norm, Gaussian noise on the sum, epsilon reported."""
 
-    client_dp: Literal["off", "central"] = Field(
+    client_dp: Literal["off", "central", "distributed"] = Field(
         "off",
-        description="off, or central: DP-FedAvg (McMahan et al. 2018) with the noise added by the (trusted) server "
-        "to the sum of clipped updates; parameter sharing only",
+        description="DP-FedAvg (McMahan et al. 2018), parameter sharing only. central: the (trusted) server clips "
+        "each update and adds the noise to the sum; distributed: each client clips its own update and adds a "
+        "share of the noise, so it is there before the server sees anything (needs secure_aggregation)",
     )
     clip_norm: float = Field(1.0, gt=0, description="C: every client update is scaled down to this L2 norm")
     noise_multiplier: float | None = Field(
@@ -67,11 +87,14 @@ class PrivacyConfig(_Strict):
     adaptive_clip: AdaptiveClipConfig | None = Field(
         None, description="adaptive clipping; clip_norm is then the starting norm"
     )
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None, description="secure aggregation of the updates ({} for the defaults); parameter sharing only"
+    )
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> PrivacyConfig:
         if self.client_dp == "off":  # (a saved config lists every key: compare values with the defaults)
-            fields = type(self).model_fields
+            fields = {k: f for k, f in type(self).model_fields.items() if k != "secure_aggregation"}
             changed = [k for k, f in fields.items() if getattr(self, k) != f.get_default(call_default_factory=True)]
             if changed:
                 raise ValueError(
@@ -79,6 +102,16 @@ class PrivacyConfig(_Strict):
                     "set it, or remove them"
                 )
             return self
+        if self.client_dp == "distributed" and self.secure_aggregation is None:
+            raise ValueError(
+                "privacy.client_dp=distributed needs privacy.secure_aggregation: without it the server sees each "
+                "update with only its share of the noise (use central, or add secure_aggregation: {})"
+            )
+        if self.secure_aggregation is not None and self.adaptive_clip is not None:
+            raise ValueError(
+                "privacy.adaptive_clip does not work with secure_aggregation yet (the unclipped count would have to "
+                "be summed securely too); use a fixed privacy.clip_norm"
+            )
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError(
                 "privacy.client_dp=central needs privacy.noise_multiplier (z; epsilon is then reported every round) "
@@ -92,22 +125,28 @@ class PrivacyConfig(_Strict):
         return self
 
     def on(self) -> bool:
+        """Client-level DP is on."""
         return self.client_dp != "off"
+
+    def any(self) -> bool:
+        """Client-level DP or secure aggregation is on."""
+        return self.on() or self.secure_aggregation is not None
 
 
 def check_privacy_fits(cfg: ExperimentConfig) -> None:
     """ValueError naming what client-level DP cannot be combined with in ``cfg``; resolves aggregation.lora
     auto to ffa (FFA-LoRA: only B is averaged, so the noised sum stays exact) and the weighting to uniform."""
     p = cfg.privacy
-    if not p.on():
+    if not p.any():
         return
+    what = "privacy.client_dp" if p.on() else "privacy.secure_aggregation"
     if cfg.paradigm != "parameter_sharing":
         raise ValueError(
-            f"privacy.client_dp applies to paradigm parameter_sharing (this config's is {cfg.paradigm}); "
+            f"{what} applies to paradigm parameter_sharing (this config's is {cfg.paradigm}); "
             "docs/privacy.md says what KD and split learning reveal"
         )
     n = cfg.partition.num_clients
-    if p.delta >= 1 / n:
+    if p.on() and p.delta >= 1 / n:
         raise ValueError(
             f"privacy.delta={p.delta} is not below 1 / partition.num_clients = {1 / n:.4g}: a guarantee with "
             "such a delta allows revealing a whole client's data; use a smaller delta (e.g. 1e-5)"
@@ -118,10 +157,20 @@ def check_privacy_fits(cfg: ExperimentConfig) -> None:
         problems.append(f"aggregation.combine={agg.combine} (robust combiners are not a sum the noise can protect)")
     if agg.scaffold:
         problems.append("aggregation.scaffold (control variates are per-client values sent in the clear)")
-    if agg.clip_norm is not None:
+    if agg.clip_norm is not None and p.on():
         problems.append("aggregation.clip_norm (privacy.clip_norm is the clipping norm)")
+    if p.secure_aggregation is not None:
+        c = cfg.compression
+        if c.uplink or c.error_feedback:
+            problems.append("compression.uplink (secure aggregation encodes updates as fixed-point sums itself)")
+        if agg.clip_norm is not None:
+            problems.append("aggregation.clip_norm (the server cannot clip what it cannot see)")
+        if agg.max_update_norm is not None:
+            problems.append("aggregation.max_update_norm (the server cannot see an update's norm)")
+        if cfg.compression.downlink_updates:
+            problems.append("compression.downlink_updates")
     if "weighting" in agg.model_fields_set and agg.weighting != "uniform":
-        problems.append(f"aggregation.weighting={agg.weighting} (DP-FedAvg counts every client once: uniform)")
+        problems.append(f"aggregation.weighting={agg.weighting} (every client counts once here: uniform)")
     if cfg.adapter.client_ranks is not None:
         problems.append("adapter.client_ranks (heterogeneous ranks need factor-wise aggregation)")
     if cfg.adapter.is_lora() and agg.lora == "exact":
@@ -129,8 +178,11 @@ def check_privacy_fits(cfg: ExperimentConfig) -> None:
             "aggregation.lora=exact (it factorises the mean of B·A, which is not a sum of clipped updates): "
             "use ffa (exact under a sum, the default with privacy) or naive"
         )
+    if cfg.adapter.is_lora() and agg.lora == "naive" and p.secure_aggregation is not None:
+        problems.append("aggregation.lora=naive (its error needs each client's factors): use ffa, the default")
     if problems:
-        raise ValueError("privacy.client_dp=central cannot be combined with " + "; ".join(problems))
+        setting = f"privacy.client_dp={p.client_dp}" if p.on() else "privacy.secure_aggregation"
+        raise ValueError(f"{setting} cannot be combined with " + "; ".join(problems))
     if cfg.adapter.is_lora() and agg.lora == "auto":
         agg.lora = "ffa"
     agg.weighting = "uniform"  # what DP-FedAvg does; said in the saved config, so a resumed run reads the same

@@ -126,6 +126,14 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
             "privacy.noise_seed=3",  # the two runs compared must draw the same noise; resume reads the checkpoint's
             "federation.clients_per_round=2",
         ],
+        [
+            "privacy.client_dp=distributed",
+            "privacy.noise_multiplier=0.8",
+            "privacy.clip_norm=0.05",
+            "privacy.secure_aggregation={threshold: 0.6}",
+            "privacy.noise_seed=3",
+            "federation.clients_per_round=3",
+        ],
     ],
     ids=[
         "fedavg",
@@ -134,6 +142,7 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
         "compressed+error_feedback",
         "downlink_updates+partial",
         "dp_fedavg+adaptive_clip+poisson",
+        "distributed_dp+secure_aggregation",
     ],
 )
 def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):

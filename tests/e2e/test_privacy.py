@@ -87,3 +87,21 @@ def test_a_resumed_private_run_keeps_its_secret_noise_seed(tmp_path):
     code, out = _run(tmp_path, *DP, "federation.rounds=2", "--resume")
     assert code == 0, out
     assert noise_seed(1) == noise_seed(2) != 0
+
+
+def test_the_private_example_runs_distributed_dp_under_secure_aggregation(tmp_path):
+    """examples/private.yaml as shipped, on the tiny model: epsilon every round, only sums reach the server."""
+    from tests.conftest import TINY_OVERRIDES
+    from tests.e2e.test_cli import _cli
+
+    small = [o for o in TINY_OVERRIDES if not o.startswith(("partition.", "federation.rounds"))]
+    code, out = _cli("run", "examples/private.yaml", *small, "federation.rounds=2", f"output.dir={tmp_path}")
+    assert code == 0, out
+    run_dir = tmp_path / "private"
+    metrics = _metrics(run_dir)
+    told = _summary(run_dir)["privacy"]
+    assert (told["noise_multiplier"], told["sample_rate"], told["population"]) == (1.0, 0.25, 16)
+    for m in metrics[1:]:  # a round that sampled too few to hide anyone applies the noise alone
+        assert m["dp_epsilon"] > 0
+        assert m["secagg_summed"] == len(m["clients"]) or m.get("secagg_skipped") == 1
+    assert metrics[2]["dp_epsilon"] > metrics[1]["dp_epsilon"]

@@ -80,7 +80,6 @@ class GaussianMean:
 
     def __call__(self, params: Params, contributions: Sequence[Contribution], state: DpState) -> tuple[Params, DpState]:
         """(Δ, new state): the noised mean of ``contributions`` (shaped like ``params``) for round state.rounds+1."""
-        r = state.rounds + 1
         c_norm = state.clip_norm
         total = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in params.items()}
         unclipped = 0
@@ -90,18 +89,30 @@ class GaussianMean:
             unclipped += norm <= c_norm
             for k in total:
                 total[k].add_(contribution.delta[k].to(torch.float32), alpha=scale)
+        return self.of_sum(params, total, state, unclipped)
+
+    def of_sum(
+        self, params: Params, total: Params, state: DpState, unclipped: int | None = None, add_noise: bool = True
+    ) -> tuple[Params, DpState]:
+        """(Δ, new state) from a sum of updates already clipped to state.clip_norm (by the clients, under
+        secure aggregation); ``add_noise`` False when the clients added their shares of it (distributed DP)."""
+        r = state.rounds + 1
         g = generator(state.noise_seed, _NOISE_STREAM, r)
-        std = self.update_z * c_norm
+        std = self.update_z * state.clip_norm if add_noise else 0.0
         mean = {}
         for k in sorted(total):  # (shape of params[k]) — one draw per coordinate, in key order
-            noise = torch.randn(total[k].shape, generator=g, dtype=torch.float32)
-            mean[k] = (total[k] + std * noise) / self.denominator
+            value = total[k].to(torch.float32)
+            if std:
+                value = value + std * torch.randn(value.shape, generator=g, dtype=torch.float32)
+            mean[k] = value / self.denominator
         new = state._replace(rounds=r)
         if self.adaptive is not None:
+            if unclipped is None:
+                raise ValueError("adaptive clipping needs the count of unclipped updates")
             assert self.count_noise is not None
             count = unclipped + self.count_noise * float(torch.randn((), generator=g, dtype=torch.float64))
             share = count / self.denominator
-            c_next = c_norm * math.exp(-self.adaptive.lr * (share - self.adaptive.target_quantile))
+            c_next = state.clip_norm * math.exp(-self.adaptive.lr * (share - self.adaptive.target_quantile))
             new = new._replace(clip_norm=c_next, unclipped=share)
         return {k: mean[k] for k in params}, new
 
@@ -135,6 +146,14 @@ class DpFedAvg:
         self, params: Params, contributions: Sequence[Contribution], state: DpFedAvgState
     ) -> tuple[Params, DpFedAvgState]:
         delta, dp = self.mean(params, contributions, state.dp)
+        new, opt = self.optimizer.update(params, delta, state.optimizer)
+        return new, DpFedAvgState(opt, dp, state.dp.clip_norm)
+
+    def aggregate_sum(
+        self, params: Params, total: Params, state: DpFedAvgState, add_noise: bool
+    ) -> tuple[Params, DpFedAvgState]:
+        """``aggregate`` for a sum of client-clipped updates (secure aggregation), noised here or by the clients."""
+        delta, dp = self.mean.of_sum(params, total, state.dp, add_noise=add_noise)
         new, opt = self.optimizer.update(params, delta, state.optimizer)
         return new, DpFedAvgState(opt, dp, state.dp.clip_norm)
 

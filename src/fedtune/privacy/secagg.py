@@ -314,19 +314,18 @@ def _aad(sender: int, to: int, r: int) -> bytes:
     return struct.pack("<qqq", sender, to, r)
 
 
-_SHARE_BYTES = 66  # a field element of 2^521 − 1 fits 66 bytes
+SHARE_BYTES = 66  # a field element of 2^521 − 1 fits 66 bytes
+CIPHERTEXT_BYTES = 12 + (16 + 2 * SHARE_BYTES) + 16  # nonce, (sender, recipient, two shares), Poly1305 tag
 
 
 def _pack_shares(sender: int, to: int, s_share: int, b_share: int) -> bytes:
-    return (
-        struct.pack("<qq", sender, to) + s_share.to_bytes(_SHARE_BYTES, "big") + b_share.to_bytes(_SHARE_BYTES, "big")
-    )
+    return struct.pack("<qq", sender, to) + s_share.to_bytes(SHARE_BYTES, "big") + b_share.to_bytes(SHARE_BYTES, "big")
 
 
 def _unpack_shares(plain: bytes) -> tuple[int, int, int, int]:
-    if len(plain) != 16 + 2 * _SHARE_BYTES:
+    if len(plain) != 16 + 2 * SHARE_BYTES:
         raise SecAggError("a share message has the wrong length")
     sender, to = struct.unpack("<qq", plain[:16])
-    s = int.from_bytes(plain[16 : 16 + _SHARE_BYTES], "big")
-    b = int.from_bytes(plain[16 + _SHARE_BYTES :], "big")
+    s = int.from_bytes(plain[16 : 16 + SHARE_BYTES], "big")
+    b = int.from_bytes(plain[16 + SHARE_BYTES :], "big")
     return sender, to, s, b

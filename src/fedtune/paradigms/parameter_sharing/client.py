@@ -1,9 +1,10 @@
 """Parameter sharing, client side: load the global adapter, train on private data, send the update.
 
 The client's persistent state has one namespace per owner: ``held`` (the adapter it holds, with
-downlink updates), ``residual`` (the uplink's error-feedback residuals) and ``scaffold`` (its
-control variate c_i). Every random choice derives from (seed, round, client id), so a resumed run
-replays exactly what an uninterrupted one would have done.
+downlink updates), ``residual`` (the uplink's error-feedback residuals), ``scaffold`` (its
+control variate c_i) and ``secagg`` (a secure round's secrets, ``secure_client``). Every random
+choice derives from (seed, round, client id), so a resumed run replays exactly what an
+uninterrupted one would have done.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from fedtune.client.data import ClientData, EvalSettings
 from fedtune.client.trainer import LocalTrainer
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.evaluation import EvalReply, EvalRequest, evaluate_on
+from fedtune.paradigms.parameter_sharing import secure_client as secure
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
+from fedtune.paradigms.parameter_sharing.secure_messages import MaskedInputRequest, ShareKeysRequest, UnmaskRequest
 from fedtune.types import ClientState, Params
 from fedtune.wire.link import Link, apply_change, generator
 
 
 class ParameterSharingClient:
-    serves = (TrainRequest, EvalRequest)
+    serves = (TrainRequest, EvalRequest, ShareKeysRequest, MaskedInputRequest, UnmaskRequest)
 
     def __init__(
         self,
@@ -45,7 +48,13 @@ class ParameterSharingClient:
         self.adapter, self.tokenizer, self.data, self.trainer = adapter, tokenizer, data, trainer
         self.seed, self.eval_settings, self.proximal_mu, self.eval_set = seed, eval_settings, proximal_mu, eval_set
         self.uplink, self.downlink, self.initial = uplink, downlink, initial
-        self._serve = {TrainRequest: self.train, EvalRequest: self.evaluate}
+        self._serve = {
+            TrainRequest: self.train,
+            EvalRequest: self.evaluate,
+            ShareKeysRequest: lambda client_id, req, state: secure.share_keys(req, state),
+            MaskedInputRequest: lambda client_id, req, state: secure.masked_input(req, state),
+            UnmaskRequest: lambda client_id, req, state: secure.unmask(req, state),
+        }
 
     def serve(self, client_id: int, request, state: ClientState):
         return self._serve[type(request)](client_id, request, state)
@@ -88,6 +97,9 @@ class ParameterSharingClient:
             return TrainReply(delta={}, status="diverged", error=result.error, **common), state
         local = self.adapter.get_state()
         delta = {k: local[k] - params[k] for k in local}
+        if req.secagg:  # the update leaves only masked, in the secure exchanges that follow
+            keys, state = secure.prepare(delta, req.secagg, client_id, req.round, state)
+            return TrainReply(delta={}, secagg_keys=keys, **common), state
         residual = state.get("residual", {})
         wire, residual = self.uplink.encode(delta, residual, generator(self.seed, req.round, client_id, 1))
         if residual:

@@ -23,6 +23,7 @@ class TrainRequest:
     params: Params  # wire form of the global adapter, or of the change to the one the client holds
     scaffold_c: Params = field(default_factory=dict)  # SCAFFOLD: the server control variate c; {}: off
     downlink: Literal["full", "update"] = "full"  # "update": params is the change to what the client holds
+    secagg: dict[str, float] = field(default_factory=dict)  # secure aggregation's settings ({}: off; secure_client)
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class TrainReply:
     """Client -> server: the update (local - global) and what it cost; no delta if diverged."""
 
     KIND: ClassVar[str] = "train_reply"
-    TENSORS: ClassVar[tuple[str, ...]] = ("delta", "scaffold_delta_c")
+    TENSORS: ClassVar[tuple[str, ...]] = ("delta", "scaffold_delta_c", "secagg_keys")
     round: int
     delta: Params  # wire form of local - global
     num_examples: int  # size of the client's training set (FedAvg weight)
@@ -43,3 +44,4 @@ class TrainReply:
     scaffold_delta_c: Params = field(default_factory=dict)  # SCAFFOLD: c_i(new) - c_i(old)
     peak_bytes: int = 0  # the model it holds plus its peak activations for backward (client.cost)
     flops: float = 0.0  # analytic FLOPs of its training this round (client.cost)
+    secagg_keys: Params = field(default_factory=dict)  # secure aggregation: "c_pk", "s_pk" (uint8, 32); delta is {}

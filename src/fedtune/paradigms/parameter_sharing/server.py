@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+import torch
+
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import update_norm
 from fedtune.aggregation.weighting import WeightCap, client_weight
@@ -20,6 +22,7 @@ from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_cost,
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
+from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation, read_keys, secure_sum
 from fedtune.paradigms.parameter_sharing.validation import Signature, signature, update_problem
 from fedtune.types import Params, ServerState
 from fedtune.wire.link import Link, generator, max_wire_bytes
@@ -60,12 +63,13 @@ class ParameterSharing:
         uplink: Link | None = None,
         downlink: Link | None = None,
         evaluate_adapter: Callable[[Params, int], dict[str, Any]] | None = None,
+        secure: SecureAggregation | None = None,
     ):
         """``evaluate_adapter(params, r)``: held-out metrics of a global adapter after round ``r`` on the
-        server's eval set."""
+        server's eval set. ``secure``: updates reach the server only as a sum (secure_server.py)."""
         self.aggregator, self.settings, self.initial = aggregator, settings, initial
         self.uplink, self.downlink = uplink or Link(), downlink or Link()
-        self.evaluate_adapter = evaluate_adapter
+        self.evaluate_adapter, self.secure = evaluate_adapter, secure
 
     def initial_state(self) -> ServerState:
         return ServerState(0, self.initial, self.aggregator.init(self.initial))
@@ -85,7 +89,10 @@ class ParameterSharing:
             replicas = downlink.replicas
         else:
             wires, kind = shared(views, lambda v: self.downlink.encode(v, {}, gen)[0]), "full"
-        messages = shared(wires, lambda w: TrainRequest(r, params=w, scaffold_c=scaffold_c, downlink=kind))
+        spec = self.secure.spec(len(clients)) if self.secure is not None else {}
+        messages = shared(wires, lambda w: TrainRequest(r, params=w, scaffold_c=scaffold_c, downlink=kind, secagg=spec))
+        if self.secure is not None:
+            return (yield from self._secure_round(r, state, clients, views, messages, replicas))
 
         signatures: dict[int, Signature] = {}  # by view: clients at one rank share one (views holds them)
 
@@ -127,14 +134,58 @@ class ParameterSharing:
         }
         return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
 
-    def _read(self, r: int, reply: TrainReply, view: Params, scaffold_c: Params, expected: Signature) -> Params:
-        """The decoded update, or BadReply with why the reply cannot be used."""
+    def _secure_round(
+        self, r: int, state: ServerState, clients: list[int], views: dict[int, Params], messages: dict, replicas
+    ) -> Conversation[tuple[ServerState, dict]]:
+        """A round whose updates reach the server only as their sum (privacy.secure_aggregation)."""
+        sec = self.secure
+        assert sec is not None
+        template = self.initial  # secure aggregation runs without client ranks: every view is the adapter
+        n_values = sum(t.numel() for t in template.values())
+        keyed: dict[int, tuple[Update, tuple[bytes, bytes]]] = {}
+        if len(clients) >= sec.needed(len(clients)):
+
+            def read(client_id: int, reply: TrainReply) -> tuple[Update, tuple[bytes, bytes]]:
+                if reply.delta:
+                    raise BadReply("sent its update in the clear under secure aggregation; it was not read")
+                self._check_meta(r, reply)
+                meta = Update(Contribution(client_id, {}, 1.0), reply.train_loss, reply.local_train_s, reply.steps)
+                return meta._replace(peak_bytes=reply.peak_bytes, flops=reply.flops), read_keys(reply.secagg_keys)
+
+            replies = yield Exchange("train", messages, TrainReply, read, max_wire_bytes(64, 2))
+            keyed = dict(replies.accepted)
+            roster = {c: keys for c, (_, keys) in keyed.items()}
+            flat, summed, sec_metrics = yield from secure_sum(sec, r, roster, len(clients), n_values)
+        else:  # too few sampled to hide anyone (Poisson sampling): no client update this round
+            flat, summed, sec_metrics = torch.zeros(n_values), [], {"secagg_summed": 0, "secagg_skipped": 1}
+        total, offset = {}, 0
+        for k in sorted(template):  # the clients flattened their updates in name order
+            n = template[k].numel()
+            total[k] = flat[offset : offset + n].reshape(template[k].shape)
+            offset += n
+        params, agg_state = sec.absorb(state.params, total, len(summed), state.algorithm)
+        used = [keyed[c][0] for c in summed]
+        metrics: dict[str, Any] = {
+            "train_loss": _weighted_loss([u.train_loss for u in used], [1.0] * len(used)),
+            "local_train_s": sum(u.local_train_s for u in used),
+            "local_steps": sum(u.steps for u in used),
+            **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
+            **sec_metrics,
+            **self.aggregator.metrics(agg_state),
+        }
+        return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
+
+    def _check_meta(self, r: int, reply: TrainReply) -> None:
         if reply.round != r:
             raise BadReply(f"stale reply for round {reply.round}")
         if reply.status != "ok":
             raise BadReply(f"{reply.status}: {reply.error}")
         check_numbers(train_loss=reply.train_loss, local_train_s=reply.local_train_s, steps=reply.steps)
         check_cost(reply.peak_bytes, reply.flops)
+
+    def _read(self, r: int, reply: TrainReply, view: Params, scaffold_c: Params, expected: Signature) -> Params:
+        """The decoded update, or BadReply with why the reply cannot be used."""
+        self._check_meta(r, reply)
         if scaffold_c:
             problem = update_problem(reply.scaffold_delta_c, scaffold_c)
             if problem:

@@ -6,14 +6,19 @@ import logging
 from typing import TYPE_CHECKING
 
 from fedtune.aggregation import build_aggregator
+from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.weighting import WeightCap
 from fedtune.client.data import ClientData
 from fedtune.client.schedule import RoundSchedule
 from fedtune.client.trainer import LocalTrainer
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
+from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation
 from fedtune.paradigms.parameter_sharing.server import ParameterSharing, SharingSettings
-from fedtune.privacy.plan import plan_privacy
+from fedtune.privacy.dp import DpFedAvg
+from fedtune.privacy.plan import PrivacyPlan, plan_privacy
+from fedtune.privacy.secagg import FixedPoint
+from fedtune.types import Params
 
 if TYPE_CHECKING:
     from fedtune.assembly import Workbench
@@ -34,6 +39,7 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
         aggregator = plan.aggregator(cfg.aggregation, lora_alpha, cfg.privacy.noise_seed)
     else:
         aggregator = build_aggregator(cfg.aggregation, n, lora_alpha, lower or None, align)
+    secure = _secure_aggregation(cfg, plan, aggregator)
     log.info(
         "aggregation: %s%s%s",
         aggregator.name,
@@ -50,7 +56,46 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
     settings = SharingSettings(
         n, cfg.seed, agg.weighting, agg.max_update_norm, cfg.compression.downlink_updates, weight_cap, schedule
     )
-    return ParameterSharing(aggregator, settings, bench.initial, bench.uplink, bench.downlink, evaluate_adapter)
+    return ParameterSharing(aggregator, settings, bench.initial, bench.uplink, bench.downlink, evaluate_adapter, secure)
+
+
+def _secure_aggregation(
+    cfg: ExperimentConfig, plan: PrivacyPlan | None, aggregator: Aggregator
+) -> SecureAggregation | None:
+    """Secure aggregation's settings, and how ``aggregator`` takes the round's sum (None when off)."""
+    sec = cfg.privacy.secure_aggregation
+    if sec is None:
+        return None
+    z = plan.mechanism.noise_multiplier if plan is not None else 0.0
+    c = plan.clip_norm if plan is not None else 0.0
+    value_range = sec.range if sec.range is not None else (c * (1 + 8 * z) if plan is not None else 1.0)
+    fp = FixedPoint.fit(value_range, sec.precision_bits, cfg.partition.num_clients)
+    distributed = cfg.privacy.client_dp == "distributed"
+    if isinstance(aggregator, DpFedAvg):
+        dp = aggregator
+
+        def absorb(params: Params, total: Params, count: int, state):
+            return dp.aggregate_sum(params, total, state, add_noise=not distributed)
+    else:
+
+        def absorb(params: Params, total: Params, count: int, state):
+            if count == 0:
+                return params, state
+            mean = {k: v / count for k, v in total.items()}
+            return aggregator.aggregate(params, [Contribution(-1, mean, 1.0)], state)
+
+    log.info(
+        "secure aggregation: threshold %.2f of each round's clients (at least 2), values in +-%g at %d fractional "
+        "bits mod 2^%d%s",
+        sec.threshold,
+        fp.range,
+        fp.bits,
+        fp.modulus_bits,
+        ", DP noise added by the clients in shares" if distributed else "",
+    )
+    seed = cfg.privacy.noise_seed
+    noise_seed = -1 if seed is None else seed % 2**52  # a float in the request keeps 52 bits exactly
+    return SecureAggregation(sec.threshold, fp, c, z * c if distributed else 0.0, noise_seed, absorb)
 
 
 def client(

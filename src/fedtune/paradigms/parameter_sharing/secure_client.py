@@ -1,0 +1,127 @@
+"""Secure aggregation, client side: turn the update into a masked vector and take part in the unmasking.
+
+The client's round secrets (its X25519 keys, self-mask seed, encoded update, the ciphertexts it
+received) live in its state under the owner ``secagg`` from the train request to the unmask request,
+and are deleted after it; only the seed of its DP noise share stays (drawn from the OS the first time,
+so replays after a resume draw the same noise and nobody else can).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import torch
+
+from fedtune.paradigms.parameter_sharing.secure_messages import (
+    MaskedInputReply,
+    MaskedInputRequest,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+    as_bytes,
+    as_tensor,
+    read_ids,
+    read_roster,
+)
+from fedtune.privacy.secagg import ClientRound, FixedPoint
+from fedtune.types import ClientState, Params
+from fedtune.wire.link import generator
+
+OWNER = "secagg"
+SPEC_KEYS = ("threshold", "range", "bits", "modulus_bits", "clip_norm", "noise_std", "noise_seed")
+
+
+def flat_update(delta: Params) -> torch.Tensor:
+    """(N,) float32: the update's tensors in name order, one after another."""
+    return torch.cat([delta[k].detach().to(torch.float32).reshape(-1) for k in sorted(delta)])
+
+
+def prepare(
+    delta: Params, spec: dict[str, float], client: int, r: int, state: ClientState
+) -> tuple[Params, ClientState]:
+    """After training: clip, add this client's noise share, encode, make the round's keys. (public keys, state)"""
+    if sorted(spec) != sorted(SPEC_KEYS):
+        raise ValueError(f"secure aggregation settings must name {SPEC_KEYS}, got {sorted(spec)}")
+    t = int(spec["threshold"])
+    fp = FixedPoint(float(spec["range"]), int(spec["bits"]), int(spec["modulus_bits"]))
+    x = flat_update(delta)  # (N,)
+    if spec["clip_norm"] > 0:
+        norm = float(torch.linalg.vector_norm(x))
+        if norm > spec["clip_norm"]:
+            x = x * (spec["clip_norm"] / norm)
+    own = dict(state.get(OWNER, {}))
+    if spec["noise_std"] > 0:  # a share of the sum's noise: t or more shares make at least the full variance
+        seed = own.get("noise_seed")
+        if spec["noise_seed"] >= 0:  # privacy.noise_seed, set for experiments: every client's noise repeats
+            seed = torch.tensor([int(spec["noise_seed"])], dtype=torch.int64)
+        elif seed is None:
+            seed = torch.tensor([secrets.randbits(63)], dtype=torch.int64)
+        own["noise_seed"] = seed
+        g = generator(int(seed[0]), r, client)
+        x = x + (spec["noise_std"] / math.sqrt(t)) * torch.randn(x.shape, generator=g)
+    encoded, clipped = fp.encode(x)
+    keys = ClientRound.fresh(client, r)
+    own.update(
+        secrets=as_tensor(keys.to_bytes()),
+        x=encoded,
+        clipped=torch.tensor([clipped]),
+        spec=torch.tensor([t, fp.bits, fp.modulus_bits, r], dtype=torch.int64),
+        range=torch.tensor([fp.range], dtype=torch.float64),
+    )
+    c_pk, s_pk = keys.public_keys()
+    return {"c_pk": as_tensor(c_pk), "s_pk": as_tensor(s_pk)}, {**state, OWNER: own}
+
+
+def _round(state: ClientState, r: int) -> tuple[dict, ClientRound, FixedPoint, int]:
+    own = state.get(OWNER, {})
+    if "secrets" not in own or int(own["spec"][3]) != r:
+        raise ValueError(f"no secure-aggregation round {r} in progress on this client")
+    t, bits, k, _ = (int(v) for v in own["spec"])
+    return dict(own), ClientRound.from_bytes(as_bytes(own["secrets"])), FixedPoint(float(own["range"][0]), bits, k), t
+
+
+def share_keys(req: ShareKeysRequest, state: ClientState) -> tuple[ShareKeysReply, ClientState]:
+    _, keys, _, t = _round(state, req.round)
+    roster = read_roster(req.roster)
+    if len(roster) < t:
+        raise ValueError(f"the roster holds {len(roster)} clients, fewer than the threshold {t}")
+    if roster.get(keys.client) != keys.public_keys():
+        raise ValueError("the roster does not hold this client's own public keys")
+    sealed = keys.share_keys(roster, t)
+    return ShareKeysReply(req.round, {str(v): as_tensor(ct) for v, ct in sealed.items()}), state
+
+
+def masked_input(req: MaskedInputRequest, state: ClientState) -> tuple[MaskedInputReply, ClientState]:
+    own, keys, fp, t = _round(state, req.round)
+    roster = read_roster(req.roster)
+    if len(roster) < t or keys.client not in roster:
+        raise ValueError(
+            f"the roster holds {len(roster)} clients (threshold {t}), this one included: {keys.client in roster}"
+        )
+    if sorted(req.inbox) != sorted(str(v) for v in roster):
+        raise ValueError("the inbox must hold one ciphertext from every client of the roster")
+    y = keys.masked_input(own["x"], roster, fp)  # (N,) residues mod 2^k
+    wire = (y - 2**31).to(torch.int32) if fp.modulus_bits <= 32 else y
+    own.update(inbox={k: v.clone() for k, v in req.inbox.items()}, roster={k: v.clone() for k, v in req.roster.items()})
+    return MaskedInputReply(req.round, wire, int(own["clipped"][0])), {**state, OWNER: own}
+
+
+def unmask(req: UnmaskRequest, state: ClientState) -> tuple[UnmaskReply, ClientState]:
+    """Reveal the shares the server needs; refuse when fewer than the threshold survived (the 'sum' of too few
+    clients would be an individual update)."""
+    own, keys, _, t = _round(state, req.round)
+    if "inbox" not in own:
+        raise ValueError("unmask before masked input")
+    survivors, dropped = read_ids(req.survivors, "survivors"), read_ids(req.dropped, "dropped")
+    if len(survivors) < t:
+        raise ValueError(f"only {len(survivors)} survivors, fewer than the threshold {t}: nothing is revealed")
+    roster = read_roster(own["roster"])
+    if not set(survivors) | set(dropped) <= set(roster):
+        raise ValueError("survivors and dropped must be clients of the roster")
+    received = {int(k): as_bytes(v) for k, v in own["inbox"].items()}
+    revealed = keys.unmask(received, roster, survivors, dropped)
+    shares = {f"{kind}/{v}": as_tensor(value.to_bytes(66, "big")) for v, (kind, value) in revealed.items()}
+    rest = {k: v for k, v in own.items() if k == "noise_seed"}  # the round's secrets end here
+    return UnmaskReply(req.round, shares), {**state, OWNER: rest}
