@@ -101,7 +101,7 @@ def test_the_private_example_runs_distributed_dp_under_secure_aggregation(tmp_pa
     metrics = _metrics(run_dir)
     told = _summary(run_dir)["privacy"]
     assert (told["noise_multiplier"], told["sample_rate"], told["population"]) == (1.0, 0.25, 16)
-    for m in metrics[1:]:  # a round that sampled too few to hide anyone applies the noise alone
+    for m in metrics[1:]:  # a round that sampled too few to hide anyone sums nobody (secagg_skipped)
         assert m["dp_epsilon"] > 0
         assert m["secagg_summed"] == len(m["clients"]) or m.get("secagg_skipped") == 1
     assert metrics[2]["dp_epsilon"] > metrics[1]["dp_epsilon"]
