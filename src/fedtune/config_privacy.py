@@ -48,6 +48,17 @@ class SecureAggregationConfig(_Strict):
     precision_bits: int = Field(16, ge=1, le=40, description="fractional bits of the fixed-point encoding")
 
 
+class DpSgdConfig(_Strict):
+    """Sample-level DP-SGD inside each client (Abadi et al. 2016), through Opacus."""
+
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="σ: noise std σ·max_grad_norm on each step's summed gradient"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="each example's gradient is clipped to this L2 norm")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of each client's record-level (ε, δ); below 1 / its examples")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's accountant for each client's ε")
+
+
 class PrivacyConfig(_Strict):
     """Client-level DP: each client's update clipped to clip_norm, Gaussian noise on the sum, epsilon reported."""
 
@@ -90,11 +101,17 @@ class PrivacyConfig(_Strict):
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="secure aggregation of the updates ({} for the defaults); parameter sharing only"
     )
+    dp_sgd: DpSgdConfig | None = Field(
+        None,
+        description="record-level DP-SGD in every client's local training ({} for the defaults): examples "
+        "Poisson-sampled at rate batch_size / the client's examples, each one's gradient clipped, Gaussian noise; "
+        "each client's epsilon reported; parameter sharing only",
+    )
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> PrivacyConfig:
         if self.client_dp == "off":  # (a saved config lists every key: compare values with the defaults)
-            fields = {k: f for k, f in type(self).model_fields.items() if k != "secure_aggregation"}
+            fields = {k: f for k, f in type(self).model_fields.items() if k not in ("secure_aggregation", "dp_sgd")}
             changed = [k for k, f in fields.items() if getattr(self, k) != f.get_default(call_default_factory=True)]
             if changed:
                 raise ValueError(
@@ -129,22 +146,28 @@ class PrivacyConfig(_Strict):
         return self.client_dp != "off"
 
     def any(self) -> bool:
-        """Client-level DP or secure aggregation is on."""
-        return self.on() or self.secure_aggregation is not None
+        """Client-level DP, secure aggregation or DP-SGD is on."""
+        return self.on() or self.secure_aggregation is not None or self.dp_sgd is not None
 
 
 def check_privacy_fits(cfg: ExperimentConfig) -> None:
-    """ValueError naming what client-level DP cannot be combined with in ``cfg``; resolves aggregation.lora
-    auto to ffa (FFA-LoRA: only B is averaged, so the noised sum stays exact) and the weighting to uniform."""
+    """ValueError naming what the privacy settings cannot be combined with in ``cfg``. With client-level DP or
+    secure aggregation, resolves aggregation.lora auto to ffa (FFA-LoRA: only B is averaged, so a sum of
+    updates stays exact) and the weighting to uniform."""
     p = cfg.privacy
     if not p.any():
         return
-    what = "privacy.client_dp" if p.on() else "privacy.secure_aggregation"
+    server_side = p.on() or p.secure_aggregation is not None
+    what = "privacy.client_dp" if p.on() else "privacy.secure_aggregation" if server_side else "privacy.dp_sgd"
     if cfg.paradigm != "parameter_sharing":
         raise ValueError(
             f"{what} applies to paradigm parameter_sharing (this config's is {cfg.paradigm}); "
             "docs/privacy.md says what KD and split learning reveal"
         )
+    if p.dp_sgd is not None:
+        _check_dp_sgd(cfg)
+    if not server_side:
+        return  # DP-SGD alone changes nothing on the server
     n = cfg.partition.num_clients
     if p.on() and p.delta >= 1 / n:
         raise ValueError(
@@ -167,7 +190,7 @@ def check_privacy_fits(cfg: ExperimentConfig) -> None:
             problems.append("aggregation.clip_norm (the server cannot clip what it cannot see)")
         if agg.max_update_norm is not None:
             problems.append("aggregation.max_update_norm (the server cannot see an update's norm)")
-        if cfg.compression.downlink_updates:
+        if c.downlink_updates:
             problems.append("compression.downlink_updates")
     if "weighting" in agg.model_fields_set and agg.weighting != "uniform":
         problems.append(f"aggregation.weighting={agg.weighting} (every client counts once here: uniform)")
@@ -181,8 +204,22 @@ def check_privacy_fits(cfg: ExperimentConfig) -> None:
     if cfg.adapter.is_lora() and agg.lora == "naive" and p.secure_aggregation is not None:
         problems.append("aggregation.lora=naive (its error needs each client's factors): use ffa, the default")
     if problems:
-        setting = f"privacy.client_dp={p.client_dp}" if p.on() else "privacy.secure_aggregation"
-        raise ValueError(f"{setting} cannot be combined with " + "; ".join(problems))
+        raise ValueError(f"{what} cannot be combined with " + "; ".join(problems))
     if cfg.adapter.is_lora() and agg.lora == "auto":
         agg.lora = "ffa"
-    agg.weighting = "uniform"  # what DP-FedAvg does; said in the saved config, so a resumed run reads the same
+    agg.weighting = "uniform"  # said in the saved config, so a resumed run reads the same
+
+
+def _check_dp_sgd(cfg: ExperimentConfig) -> None:
+    t = cfg.training
+    problems = []
+    if t.grad_accum != 1:
+        problems.append("training.grad_accum (each step's batch is one Poisson sample)")
+    if t.proximal_mu:
+        problems.append("training.proximal_mu (FedProx's gradient term is not clipped per example)")
+    if cfg.aggregation.scaffold:
+        problems.append("aggregation.scaffold (SCAFFOLD's correction is not clipped per example)")
+    if t.local_steps is None:
+        problems.append("training.local_epochs (DP-SGD counts local_steps of Poisson-sampled batches)")
+    if problems:
+        raise ValueError("privacy.dp_sgd cannot be combined with " + "; ".join(problems))

@@ -41,3 +41,15 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return loss, int((targets != IGNORE).sum())
+
+
+def example_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Σ over examples of each one's mean next-token loss, and the examples counted: the loss of DP-SGD,
+    where each example's gradient is clipped on its own (an example without targets adds nothing)."""
+    logits, targets = _target_logits(model, batch)  # (B, K, V), (B, K)
+    per_position = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(targets.shape)  # (B, K)
+    counts = (targets != IGNORE).sum(dim=1)  # (B,)
+    per_example = per_position.sum(dim=1) / counts.clamp(min=1)  # (B,)
+    return per_example.sum(), int((counts > 0).sum())

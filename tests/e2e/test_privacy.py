@@ -105,3 +105,22 @@ def test_the_private_example_runs_distributed_dp_under_secure_aggregation(tmp_pa
         assert m["dp_epsilon"] > 0
         assert m["secagg_summed"] == len(m["clients"]) or m.get("secagg_skipped") == 1
     assert metrics[2]["dp_epsilon"] > metrics[1]["dp_epsilon"]
+
+
+def test_dp_sgd_reports_each_clients_epsilon_as_dp_accounting_computes_it(tmp_path):
+    code, out = _run(
+        tmp_path,
+        "privacy.dp_sgd={noise_multiplier: 1.2, max_grad_norm: 0.5}",
+        "training.local_steps=2",
+        "federation.rounds=2",
+    )
+    assert code == 0, out
+    metrics = _metrics(tmp_path / "tiny")
+    for m in metrics[1:]:
+        for c, eps in m["dp_sgd_epsilon"].items():
+            rate = 4 / 24  # batch_size / the client's 24 examples
+            acc = dpa.rdp.RdpAccountant()
+            acc.compose(dpa.PoissonSampledDpEvent(rate, dpa.GaussianDpEvent(1.2)), 2 * m["round"])  # steps x rounds
+            assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9), c
+        assert m["dp_sgd_epsilon_max"] == max(m["dp_sgd_epsilon"].values())
+    assert metrics[-1]["eval_loss"] != metrics[0]["eval_loss"]  # the adapters trained

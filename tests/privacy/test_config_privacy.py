@@ -26,6 +26,10 @@ def _cfg(*extra: str):
         ([*DP, "aggregation.weighting=examples"], "uniform"),
         ([*DP, "aggregation.lora=exact"], "use ffa"),
         ([*DP, "privacy.delta=0.3"], "1 / partition.num_clients"),
+        (["privacy.dp_sgd={}", "training.grad_accum=2"], "training.grad_accum"),
+        (["privacy.dp_sgd={}", "training.proximal_mu=0.1"], "training.proximal_mu"),
+        (["privacy.dp_sgd={}", "training.local_steps=null", "training.local_epochs=1"], "local_epochs"),
+        (["privacy.dp_sgd={}", "paradigm=kd"], "privacy.dp_sgd applies to paradigm parameter_sharing"),
     ],
 )
 def test_what_client_level_dp_cannot_do_is_a_config_error_naming_the_key(extra, says):
@@ -71,3 +75,8 @@ def test_a_saved_config_validates_again_with_privacy_off_or_on():
         cfg = _cfg(*extra)
         again = validate_config(yaml.safe_load(to_yaml(cfg)), "saved")
         assert again == cfg
+
+
+def test_dp_sgd_alone_leaves_the_servers_aggregation_as_configured():
+    cfg = _cfg("privacy.dp_sgd={}", "aggregation.combine=median")
+    assert cfg.aggregation.lora == "auto" and cfg.aggregation.weighting == "examples"

@@ -39,3 +39,10 @@ def micro_batches(
         covered = math.ceil(local_epochs * num_examples)
         batches[-1] = batches[-1][: covered - (n_batches - 1) * batch_size]
     return batches
+
+
+def poisson_batches(num_examples: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """DP-SGD's batches: at each of ``steps`` steps every example independently with probability
+    batch_size / num_examples (capped at 1), so a batch may be of any size, empty included."""
+    rate = min(1.0, batch_size / max(1, num_examples))
+    return [np.flatnonzero(rng.random(num_examples) < rate) for _ in range(steps)]

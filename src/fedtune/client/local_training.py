@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,17 @@ class LocalResult:
     peak_activation_bytes: int = 0  # the most bytes autograd kept for backward at once (client.cost)
 
 
+@dataclass(frozen=True)
+class DpSgdStep:
+    """DP-SGD (Abadi et al. 2016) through Opacus: per-example gradients clipped to ``max_grad_norm``, their sum
+    noised with std ``noise_multiplier x max_grad_norm``, divided by the expected batch size (Poisson batches)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: float
+    generator: torch.Generator  # the noise: seeded by the client's own secret, so a resume replays it
+
+
 def make_optimizer(name: str, params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -54,6 +66,7 @@ def train_locally(
     corrections: Sequence[Correction] = (),
     loss: LossFn = token_loss_sum,
     cost: FlopModel | None = None,
+    dp: DpSgdStep | None = None,
 ) -> LocalResult:
     """Run ceil(len(micro_batches) / grad_accum) optimizer steps; return loss and timing.
 
@@ -61,7 +74,11 @@ def train_locally(
     by default, KL to a teacher for distillation. Each step's loss is the sum over its micro-batches
     divided by their target positions, so accumulation gives the gradient of one big batch.
     ``cost``: the model's FLOP model, to count the FLOPs run (client.cost); activations are always measured.
+    ``dp``: DP-SGD; then each micro-batch is one step (``grad_accum`` 1) and ``loss`` sums per-example means
+    (``losses.example_loss_sum``). Opacus's hooks are on the model only for the call.
     """
+    if dp is not None:
+        return _with_dp_sgd(model, params, micro_batches, lr_at, weight_decay, on_step, optimizer, loss, cost, dp)
     start = time.perf_counter()
     model.train()
     opt = make_optimizer(optimizer, params, lr_at(0), weight_decay)
@@ -114,6 +131,66 @@ def train_locally(
         len(groups),
         mean,
         tokens_total,
+        time.perf_counter() - start,
+        lr_sum=lr_sum,
+        flops=flops,
+        peak_activation_bytes=meter.peak,
+    )
+
+
+def _with_dp_sgd(model, params, batches, lr_at, weight_decay, on_step, optimizer, loss, cost, dp: DpSgdStep):
+    """The DP-SGD loop: one Poisson batch a step (possibly empty: the step is then the noise alone)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    start = time.perf_counter()
+    model.train()
+    wrapped = GradSampleModule(model, loss_reduction="sum", strict=False)  # hooks on the trainable modules
+    opt = DPOptimizer(
+        make_optimizer(optimizer, params, lr_at(0), weight_decay),
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=dp.expected_batch_size,
+        loss_reduction="mean",  # (for the optimizer: divide the noised sum by the expected batch size)
+        generator=dp.generator,
+    )
+    loss_total, examples_total, lr_sum, flops = 0.0, 0, 0.0, 0.0
+    meter = ActivationMeter(model.parameters())
+    try:
+        for step, batch in enumerate(batches):
+            lr = lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if batch["input_ids"].shape[0] == 0:  # nobody sampled: zero per-example gradients, noise only
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                value, count = 0.0, 0
+            else:
+                with meter.measure():
+                    loss_sum, count = loss(model, batch)
+                flops += cost.training(batch) if cost is not None else 0.0
+                if not torch.isfinite(loss_sum):
+                    error = f"non-finite loss ({loss_sum.item()}) at local step {step}"
+                    return LocalResult(step, math.nan, examples_total, time.perf_counter() - start, True, error)
+                with warnings.catch_warnings():  # Opacus's hooks on the first adapter layer, whose input needs no grad
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss_sum.backward()
+                value = loss_sum.item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_total += value
+            examples_total += count
+            lr_sum += lr
+            if on_step is not None:
+                on_step(step, value / max(1, count))
+    finally:
+        wrapped._close()  # the model is shared: no hooks or per-sample gradients left behind
+        model.eval()
+    mean = loss_total / max(1, examples_total)
+    return LocalResult(
+        len(batches),
+        mean,
+        examples_total,
         time.perf_counter() - start,
         lr_sum=lr_sum,
         flops=flops,

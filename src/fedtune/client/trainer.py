@@ -15,24 +15,30 @@ import torch
 from tqdm.auto import tqdm
 
 from fedtune.adapters.adapter_model import AdapterModel
-from fedtune.client.batching import micro_batches
+from fedtune.client.batching import micro_batches, poisson_batches
 from fedtune.client.corrections import Correction
 from fedtune.client.cost import FlopModel
 from fedtune.client.data import ClientData
-from fedtune.client.local_training import LocalResult, train_locally
+from fedtune.client.local_training import DpSgdStep, LocalResult, train_locally
 from fedtune.client.schedule import RoundSchedule
 from fedtune.config import TrainingConfig
+from fedtune.config_privacy import DpSgdConfig
 from fedtune.data.tokenize import collate
-from fedtune.losses import LossFn, token_loss_sum
+from fedtune.losses import LossFn, example_loss_sum, token_loss_sum
 from fedtune.reporting.console import bar_disabled
+from fedtune.wire.link import generator
 
 
 def round_plan(
-    seed: int, round_index: int, client_id: int, num_examples: int, cfg: TrainingConfig
+    seed: int, round_index: int, client_id: int, num_examples: int, cfg: TrainingConfig, poisson: bool = False
 ) -> tuple[int, list[np.ndarray]]:
-    """(torch seed, micro-batch index arrays) of one client's round: a pure function of its arguments."""
+    """(torch seed, micro-batch index arrays) of one client's round: a pure function of its arguments.
+    ``poisson``: DP-SGD's Poisson-sampled batches, one a step."""
     rng = np.random.default_rng([seed, round_index, client_id])
     torch_seed = int(rng.integers(2**63 - 1))
+    if poisson:
+        assert cfg.local_steps is not None  # the config requires it with DP-SGD
+        return torch_seed, poisson_batches(num_examples, cfg.batch_size, cfg.local_steps, rng)
     plan = micro_batches(num_examples, cfg.batch_size, cfg.grad_accum, rng, cfg.local_steps, cfg.local_epochs)
     return torch_seed, plan
 
@@ -46,9 +52,18 @@ class TrainOutcome:
 class LocalTrainer:
     """Trains the active adapter of ``adapter`` on one client's data for one round."""
 
-    def __init__(self, training: TrainingConfig, total_rounds: int, seed: int, pad_id: int, progress: bool = False):
+    def __init__(
+        self,
+        training: TrainingConfig,
+        total_rounds: int,
+        seed: int,
+        pad_id: int,
+        progress: bool = False,
+        dp_sgd: DpSgdConfig | None = None,
+    ):
+        """``dp_sgd``: train with DP-SGD (Poisson batches, per-example clipping, noise; ``train``'s noise_seed)."""
         self.cfg, self.total_rounds, self.seed, self.pad_id = training, total_rounds, seed, pad_id
-        self.progress = progress
+        self.progress, self.dp_sgd = progress, dp_sgd
         self._cost_of: tuple = (None, None)
 
     def _cost(self, adapter: AdapterModel) -> FlopModel | None:
@@ -64,11 +79,22 @@ class LocalTrainer:
         data: ClientData,
         corrections: Sequence[Correction] = (),
         loss: LossFn = token_loss_sum,
+        noise_seed: int | None = None,
     ) -> TrainOutcome:
+        """``noise_seed``: with DP-SGD, the client's secret seed of its noise (keyed further by round)."""
         cfg = self.cfg
         start = time.perf_counter()
-        torch_seed, plan = round_plan(self.seed, round_index, client_id, len(data.train), cfg)
-        batches = [collate([data.train[i] for i in idx], self.pad_id) for idx in plan]
+        dp = self.dp_sgd
+        n = len(data.train)
+        torch_seed, plan = round_plan(self.seed, round_index, client_id, n, cfg, poisson=dp is not None)
+        batches = [collate([data.train[i] for i in idx], self.pad_id) if len(idx) else _empty() for idx in plan]
+        step = None
+        if dp is not None:
+            if noise_seed is None:
+                raise ValueError("DP-SGD needs the client's noise seed")
+            g = generator(noise_seed, round_index, client_id)
+            step = DpSgdStep(dp.noise_multiplier, dp.max_grad_norm, min(cfg.batch_size, n), g)
+            loss = example_loss_sum
         steps = -(-len(batches) // cfg.grad_accum)
         schedule = RoundSchedule.of(cfg, self.total_rounds)
 
@@ -93,6 +119,13 @@ class LocalTrainer:
                 corrections=corrections,
                 loss=loss,
                 cost=self._cost(adapter),
+                dp=step,
             )
         bar.close()
         return TrainOutcome(result, time.perf_counter() - start)
+
+
+def _empty() -> dict[str, torch.Tensor]:
+    """A batch of no examples (DP-SGD's Poisson sampling can draw one)."""
+    nothing = torch.zeros((0, 1), dtype=torch.long)
+    return {"input_ids": nothing, "attention_mask": nothing.clone(), "labels": nothing.clone()}

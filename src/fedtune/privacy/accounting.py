@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
@@ -178,3 +179,32 @@ def default_count_noise(expected_clients: float, noise_multiplier: float) -> flo
     """σ_b when unset: Andrew et al.'s expected clients / 20, but at least z, so the update's noise grows by at
     most 1/√(3/4) ≈ 1.15x (a small federation's m/20 would be below the z/2 that the split needs)."""
     return max(expected_clients / 20, noise_multiplier)
+
+
+@dataclass(frozen=True)
+class SampleLevel:
+    """DP-SGD's accounting for one client (add-or-remove of one of its examples): each local step is a
+    Poisson-sampled Gaussian mechanism at rate batch_size / its examples; steps compose over its rounds."""
+
+    noise_multiplier: float
+    batch_size: int
+    steps_per_round: int
+    delta: float
+    accountant: AccountantName = "rdp"
+
+    @cache  # noqa: B019 (frozen and small: one entry per (examples, rounds) seen)
+    def epsilon(self, examples: int, rounds: int) -> float:
+        """Epsilon at delta of a client with ``examples`` examples after training in ``rounds`` rounds."""
+        if rounds <= 0:
+            return 0.0
+        dpa = _dpa()
+        rate = min(1.0, self.batch_size / max(1, examples))
+        one = dpa.PoissonSampledDpEvent(rate, dpa.GaussianDpEvent(self.noise_multiplier))
+        relation = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+        acc = (
+            dpa.pld.PLDAccountant(neighboring_relation=relation)
+            if self.accountant == "pld"
+            else dpa.rdp.RdpAccountant(neighboring_relation=relation)
+        )
+        acc.compose(dpa.SelfComposedDpEvent(one, self.steps_per_round * rounds))
+        return float(acc.get_epsilon(self.delta))

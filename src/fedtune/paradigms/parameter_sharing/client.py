@@ -2,12 +2,15 @@
 
 The client's persistent state has one namespace per owner: ``held`` (the adapter it holds, with
 downlink updates), ``residual`` (the uplink's error-feedback residuals), ``scaffold`` (its
-control variate c_i) and ``secagg`` (a secure round's secrets, ``secure_client``). Every random
+control variate c_i), ``secagg`` (a secure round's secrets, ``secure_client``) and ``dp_sgd`` (the
+secret seed of its DP-SGD noise). Every random
 choice derives from (seed, round, client id), so a resumed run replays exactly what an
 uninterrupted one would have done.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -42,12 +45,14 @@ class ParameterSharingClient:
         initial: Params,
         proximal_mu: float = 0.0,
         eval_set: EvalSet | None = None,
+        noise_seed: int | None = None,
     ):
         """``uplink`` encodes each update; ``downlink`` decodes the global adapter as the server encoded
         it; ``initial`` is the seeded initial adapter, what every client holds before its first update."""
         self.adapter, self.tokenizer, self.data, self.trainer = adapter, tokenizer, data, trainer
         self.seed, self.eval_settings, self.proximal_mu, self.eval_set = seed, eval_settings, proximal_mu, eval_set
         self.uplink, self.downlink, self.initial = uplink, downlink, initial
+        self.noise_seed = noise_seed  # privacy.noise_seed: DP-SGD's noise repeats across runs (experiments only)
         self._serve = {
             TrainRequest: self.train,
             EvalRequest: self.evaluate,
@@ -81,7 +86,10 @@ class ParameterSharingClient:
             own = state.get("scaffold", {})
             c_i = {k: own.get(k, torch.zeros_like(req.scaffold_c[k])) for k in names}
             corrections.append(Scaffold([req.scaffold_c[k] for k in names], [c_i[k] for k in names]))
-        out = self.trainer.train(self.adapter, client_id, req.round, data, corrections)
+        seed = None
+        if self.trainer.dp_sgd is not None:
+            seed, state = self._dp_sgd_seed(state)
+        out = self.trainer.train(self.adapter, client_id, req.round, data, corrections, noise_seed=seed)
         result = out.result
         common = dict(
             round=req.round,
@@ -109,6 +117,16 @@ class ParameterSharingClient:
         new_c = updated_client_control(c_i, req.scaffold_c, params, local, result.lr_sum)
         delta_c = {k: new_c[k] - c_i[k] for k in names}
         return TrainReply(delta=wire, scaffold_delta_c=delta_c, **common), {**state, "scaffold": new_c}
+
+    def _dp_sgd_seed(self, state: ClientState) -> tuple[int, ClientState]:
+        """DP-SGD's noise seed: the client's own secret (owner ``dp_sgd``), drawn from the OS the first time."""
+        if self.noise_seed is not None:
+            return self.noise_seed, state
+        own = state.get("dp_sgd", {})
+        if "noise_seed" not in own:
+            own = {"noise_seed": torch.tensor([secrets.randbits(63)], dtype=torch.int64)}
+            state = {**state, "dp_sgd": own}
+        return int(own["noise_seed"][0]), state
 
     def evaluate(self, client_id: int, req: EvalRequest, state: ClientState) -> tuple[EvalReply, ClientState]:
         data = self.data[client_id].holdout if req.split == "holdout" else self.eval_set

@@ -24,6 +24,7 @@ from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation, read_keys, secure_sum
 from fedtune.paradigms.parameter_sharing.validation import Signature, signature, update_problem
+from fedtune.privacy.accounting import SampleLevel
 from fedtune.types import Params, ServerState
 from fedtune.wire.link import Link, generator, max_wire_bytes
 
@@ -39,6 +40,7 @@ class Update(NamedTuple):
     steps: int
     peak_bytes: int = 0
     flops: float = 0.0
+    examples: int = 0  # the client's training examples, as it reported them
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class SharingSettings:
     downlink_updates: bool = False  # send each client the change to the adapter it holds
     weight_cap: WeightCap | None = None  # the most a client's reported examples/tokens may weigh
     schedule: RoundSchedule | None = None  # clients' local steps and learning rates (bounds SCAFFOLD's Δc)
+    dp_sgd: SampleLevel | None = None  # clients train with DP-SGD: each one's record-level epsilon is reported
 
 
 class ParameterSharing:
@@ -114,6 +117,7 @@ class ParameterSharing:
                 reply.steps,
                 reply.peak_bytes,
                 reply.flops,
+                reply.num_examples,
             )
 
         largest = max((_size(v) for v in views.values()), default=(0, 0))
@@ -131,8 +135,25 @@ class ParameterSharing:
             "local_steps": sum(u.steps for u in used),
             **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
             **self.aggregator.metrics(agg_state),
+            **self._sample_level(state, used),
         }
         return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
+
+    def _sample_level(self, state: ServerState, used: list[Update]) -> dict[str, Any]:
+        """DP-SGD: every client's record-level epsilon so far (a client counts a round once it was sampled)."""
+        acc = self.settings.dp_sgd
+        if acc is None:
+            return {}
+        last = next((rec["dp_sgd_epsilon"] for rec in reversed(state.history) if "dp_sgd_epsilon" in rec), {})
+        out = dict(last)
+        for u in used:
+            c = u.contribution.client_id
+            rounds = 1 + sum(str(c) in rec.get("dropped", {}) or c in rec.get("clients", []) for rec in state.history)
+            out[str(c)] = acc.epsilon(u.examples, rounds)
+        return {
+            "dp_sgd_epsilon": dict(sorted(out.items(), key=lambda kv: int(kv[0]))),
+            "dp_sgd_epsilon_max": max(out.values(), default=0.0),
+        }
 
     def _secure_round(
         self, r: int, state: ServerState, clients: list[int], views: dict[int, Params], messages: dict, replicas
@@ -150,7 +171,8 @@ class ParameterSharing:
                     raise BadReply("sent its update in the clear under secure aggregation; it was not read")
                 self._check_meta(r, reply)
                 meta = Update(Contribution(client_id, {}, 1.0), reply.train_loss, reply.local_train_s, reply.steps)
-                return meta._replace(peak_bytes=reply.peak_bytes, flops=reply.flops), read_keys(reply.secagg_keys)
+                meta = meta._replace(peak_bytes=reply.peak_bytes, flops=reply.flops, examples=reply.num_examples)
+                return meta, read_keys(reply.secagg_keys)
 
             replies = yield Exchange("train", messages, TrainReply, read, max_wire_bytes(64, 2))
             keyed = dict(replies.accepted)
@@ -172,6 +194,7 @@ class ParameterSharing:
             **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
             **sec_metrics,
             **self.aggregator.metrics(agg_state),
+            **self._sample_level(state, used),
         }
         return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
 

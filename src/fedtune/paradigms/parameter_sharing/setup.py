@@ -15,6 +15,7 @@ from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
 from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation
 from fedtune.paradigms.parameter_sharing.server import ParameterSharing, SharingSettings
+from fedtune.privacy.accounting import SampleLevel
 from fedtune.privacy.dp import DpFedAvg
 from fedtune.privacy.plan import PrivacyPlan, plan_privacy
 from fedtune.privacy.secagg import FixedPoint
@@ -53,8 +54,30 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
         )
     agg = cfg.aggregation
     schedule = RoundSchedule.of(cfg.training, cfg.federation.rounds)
+    dp = cfg.privacy.dp_sgd
+    sample_level = None
+    if dp is not None:
+        assert cfg.training.local_steps is not None  # the config requires it with DP-SGD
+        sample_level = SampleLevel(
+            dp.noise_multiplier, cfg.training.batch_size, cfg.training.local_steps, dp.delta, dp.accountant
+        )
+        log.info(
+            "DP-SGD in every client: examples Poisson-sampled at batch_size %d / the client's examples, each one's "
+            "gradient clipped to %g, noise std %g x that; each client's epsilon at delta %g in metrics.jsonl",
+            cfg.training.batch_size,
+            dp.max_grad_norm,
+            dp.noise_multiplier,
+            dp.delta,
+        )
     settings = SharingSettings(
-        n, cfg.seed, agg.weighting, agg.max_update_norm, cfg.compression.downlink_updates, weight_cap, schedule
+        n,
+        cfg.seed,
+        agg.weighting,
+        agg.max_update_norm,
+        cfg.compression.downlink_updates,
+        weight_cap,
+        schedule,
+        sample_level,
     )
     return ParameterSharing(aggregator, settings, bench.initial, bench.uplink, bench.downlink, evaluate_adapter, secure)
 
@@ -102,7 +125,12 @@ def client(
     cfg: ExperimentConfig, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None
 ) -> ParameterSharingClient:
     trainer = LocalTrainer(
-        cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id, cfg.output.progress
+        cfg.training,
+        cfg.federation.rounds,
+        cfg.seed,
+        bench.tokenizer.pad_token_id,
+        cfg.output.progress,
+        cfg.privacy.dp_sgd,
     )
     return ParameterSharingClient(
         bench.adapter,
@@ -116,4 +144,5 @@ def client(
         bench.initial,
         cfg.training.proximal_mu,
         eval_set,
+        cfg.privacy.noise_seed,
     )
