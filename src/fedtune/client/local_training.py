@@ -126,11 +126,15 @@ def train_locally(
         if on_step is not None:
             on_step(step, step_loss / max(1, n_tokens))
     model.eval()
-    mean = loss_total / max(1, tokens_total)
+    return _finished(len(groups), loss_total, tokens_total, start, lr_sum, flops, meter)
+
+
+def _finished(steps: int, loss: float, count: int, start: float, lr_sum: float, flops: float, meter) -> LocalResult:
+    """The result of a round that ran to its end: ``loss`` summed over ``count`` positions (or examples)."""
     return LocalResult(
-        len(groups),
-        mean,
-        tokens_total,
+        steps,
+        loss / max(1, count),
+        count,
         time.perf_counter() - start,
         lr_sum=lr_sum,
         flops=flops,
@@ -186,13 +190,4 @@ def _with_dp_sgd(model, params, batches, lr_at, weight_decay, on_step, optimizer
     finally:
         wrapped._close()  # the model is shared: no hooks or per-sample gradients left behind
         model.eval()
-    mean = loss_total / max(1, examples_total)
-    return LocalResult(
-        len(batches),
-        mean,
-        examples_total,
-        time.perf_counter() - start,
-        lr_sum=lr_sum,
-        flops=flops,
-        peak_activation_bytes=meter.peak,
-    )
+    return _finished(len(batches), loss_total, examples_total, start, lr_sum, flops, meter)
