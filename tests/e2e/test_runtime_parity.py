@@ -124,3 +124,28 @@ def test_split_gives_the_same_adapter_on_every_runtime(tmp_path):
     for name in ("ray", "flower"):
         assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
         assert [{k: r.get(k) for k in SAME} for r in _history(runs[name])] == expected, name
+
+
+# distributed DP under secure aggregation: four exchanges a round, each deployed client keeping its round's
+# secrets in its own state store between them
+SECURE_PARITY = {
+    "privacy": {
+        "client_dp": "distributed",
+        "noise_multiplier": 0.8,
+        "clip_norm": 0.05,
+        "secure_aggregation": {"threshold": 0.6},
+        "noise_seed": 3,
+    },
+    "federation": {"rounds": 2},
+}
+
+
+def test_secure_aggregation_gives_the_same_adapter_on_every_runtime(tmp_path):
+    runs, _ = _on_every_runtime(tmp_path, SECURE_PARITY)
+    reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
+    expected = [{k: r.get(k) for k in (*SAME, "secagg_summed", "dp_epsilon")} for r in _history(runs["in_process"])]
+    assert all(r.get("secagg_summed") == 3 for r in expected[1:])
+    for name in ("ray", "flower"):
+        assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
+        history = [{k: r.get(k) for k in (*SAME, "secagg_summed", "dp_epsilon")} for r in _history(runs[name])]
+        assert history == expected, name

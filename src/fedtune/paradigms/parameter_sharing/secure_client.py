@@ -104,7 +104,8 @@ def masked_input(req: MaskedInputRequest, state: ClientState) -> tuple[MaskedInp
         raise ValueError("the inbox must hold one ciphertext from every client of the roster")
     y = keys.masked_input(own["x"], roster, fp)  # (N,) residues mod 2^k
     wire = (y - 2**31).to(torch.int32) if fp.modulus_bits <= 32 else y
-    own.update(inbox={k: v.clone() for k, v in req.inbox.items()}, roster={k: v.clone() for k, v in req.roster.items()})
+    own.update({f"inbox:{k}": v.clone() for k, v in req.inbox.items()})  # (the state holds flat named tensors)
+    own.update({f"roster:{k}": v.clone() for k, v in req.roster.items()})
     return MaskedInputReply(req.round, wire, int(own["clipped"][0])), {**state, OWNER: own}
 
 
@@ -112,15 +113,16 @@ def unmask(req: UnmaskRequest, state: ClientState) -> tuple[UnmaskReply, ClientS
     """Reveal the shares the server needs; refuse when fewer than the threshold survived (the 'sum' of too few
     clients would be an individual update)."""
     own, keys, _, t = _round(state, req.round)
-    if "inbox" not in own:
+    inbox = {k.partition(":")[2]: v for k, v in own.items() if k.startswith("inbox:")}
+    if not inbox:
         raise ValueError("unmask before masked input")
     survivors, dropped = read_ids(req.survivors, "survivors"), read_ids(req.dropped, "dropped")
     if len(survivors) < t:
         raise ValueError(f"only {len(survivors)} survivors, fewer than the threshold {t}: nothing is revealed")
-    roster = read_roster(own["roster"])
+    roster = read_roster({k.partition(":")[2]: v for k, v in own.items() if k.startswith("roster:")})
     if not set(survivors) | set(dropped) <= set(roster):
         raise ValueError("survivors and dropped must be clients of the roster")
-    received = {int(k): as_bytes(v) for k, v in own["inbox"].items()}
+    received = {int(k): as_bytes(v) for k, v in inbox.items()}
     revealed = keys.unmask(received, roster, survivors, dropped)
     shares = {f"{kind}/{v}": as_tensor(value.to_bytes(66, "big")) for v, (kind, value) in revealed.items()}
     rest = {k: v for k, v in own.items() if k == "noise_seed"}  # the round's secrets end here

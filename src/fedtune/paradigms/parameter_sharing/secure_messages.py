@@ -24,6 +24,7 @@ class ShareKeysRequest:
     TENSORS: ClassVar[tuple[str, ...]] = ("roster",)
     round: int
     roster: Params  # "<v>/c", "<v>/s" -> uint8 (32,)
+    continues: bool = True  # goes on from the state this round's train request left (a deployed client's store)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class MaskedInputRequest:
     round: int
     roster: Params  # the clients whose shares arrived: "<v>/c", "<v>/s"
     inbox: Params  # "<u>" -> uint8 ciphertext from u to this client
+    continues: bool = True
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class UnmaskRequest:
     round: int
     survivors: torch.Tensor  # (S,) int64 client ids
     dropped: torch.Tensor  # (D,) int64 client ids
+    continues: bool = True
 
 
 @dataclass(frozen=True)
