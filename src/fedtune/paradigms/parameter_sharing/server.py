@@ -16,6 +16,7 @@ import torch
 
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import update_norm
+from fedtune.aggregation.flat import unflatten
 from fedtune.aggregation.weighting import WeightCap, client_weight
 from fedtune.client.schedule import RoundSchedule
 from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_cost, check_numbers, cost_metrics, shared
@@ -128,16 +129,20 @@ class ParameterSharing:
             replies = yield Exchange("train", messages, TrainReply, read, cap)
             used = [replies.accepted[c] for c in sorted(replies.accepted)]
         params, agg_state = self.aggregator.aggregate(state.params, [u.contribution for u in used], state.algorithm)
-        weights = [u.contribution.weight for u in used]
-        metrics: dict[str, Any] = {
-            "train_loss": _weighted_loss([u.train_loss for u in used], weights),
+        metrics = self._metrics(state, used, agg_state)
+        return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
+
+    def _metrics(self, state: ServerState, used: list[Update], agg_state, extra: dict | None = None) -> dict[str, Any]:
+        """A round's record from the updates used (``extra``: the secure round's own figures)."""
+        return {
+            "train_loss": _weighted_loss([u.train_loss for u in used], [u.contribution.weight for u in used]),
             "local_train_s": sum(u.local_train_s for u in used),
             "local_steps": sum(u.steps for u in used),
             **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
+            **(extra or {}),
             **self.aggregator.metrics(agg_state),
             **self._sample_level(state, used),
         }
-        return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
 
     def _sample_level(self, state: ServerState, used: list[Update]) -> dict[str, Any]:
         """DP-SGD: every client's record-level epsilon so far (a client counts a round once it was sampled)."""
@@ -180,22 +185,10 @@ class ParameterSharing:
             flat, summed, sec_metrics = yield from secure_sum(sec, r, roster, len(clients), n_values)
         else:  # too few sampled to hide anyone (Poisson sampling): no client update this round
             flat, summed, sec_metrics = torch.zeros(n_values), [], {"secagg_summed": 0, "secagg_skipped": 1}
-        total, offset = {}, 0
-        for k in sorted(template):  # the clients flattened their updates in name order
-            n = template[k].numel()
-            total[k] = flat[offset : offset + n].reshape(template[k].shape)
-            offset += n
+        total = unflatten(flat, {k: template[k] for k in sorted(template)})  # clients flatten in name order
         params, agg_state = sec.absorb(state.params, total, len(summed), state.algorithm)
         used = [keyed[c][0] for c in summed]
-        metrics: dict[str, Any] = {
-            "train_loss": _weighted_loss([u.train_loss for u in used], [1.0] * len(used)),
-            "local_train_s": sum(u.local_train_s for u in used),
-            "local_steps": sum(u.steps for u in used),
-            **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
-            **sec_metrics,
-            **self.aggregator.metrics(agg_state),
-            **self._sample_level(state, used),
-        }
+        metrics = self._metrics(state, used, agg_state, sec_metrics)
         return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
 
     def _check_meta(self, r: int, reply: TrainReply) -> None:
