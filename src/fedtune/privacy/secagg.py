@@ -223,7 +223,10 @@ class ClientRound:
         survivors: Iterable[int],
         dropped: Iterable[int],
     ) -> dict[int, tuple[str, int]]:
-        """Step 3: for each survivor v its share of b_v, for each dropped v its share of s_sk_v (v -> (kind, share))."""
+        """Step 3: for each survivor v its share of b_v, for each dropped v its share of s_sk_v (v -> (kind, share)).
+
+        A ciphertext that does not open, or holds shares for another pair, was forged or altered by its sender
+        or on the way: its share is left out (the other clients' shares can still reach the threshold)."""
         survivors, dropped = set(survivors), set(dropped)
         if survivors & dropped:
             raise SecAggError("the server named a client both as surviving and as dropped")
@@ -231,10 +234,13 @@ class ClientRound:
         for v in sorted(survivors | dropped):
             if v not in received or v not in roster:
                 raise SecAggError(f"no shares from client {v} to reveal")
-            plain = _open(agree(self.c_sk, roster[v][0]), v, self.client, self.round, received[v])
-            sender, to, s_share, b_share = _unpack_shares(plain)
+            try:
+                plain = _open(agree(self.c_sk, roster[v][0]), v, self.client, self.round, received[v])
+                sender, to, s_share, b_share = _unpack_shares(plain)
+            except SecAggError:
+                continue
             if (sender, to) != (v, self.client):
-                raise SecAggError(f"a ciphertext from client {v} holds shares from {sender} to {to}")
+                continue
             out[v] = ("b", b_share) if v in survivors else ("s", s_share)
         return out
 
