@@ -61,15 +61,15 @@ BUNDLED_MODEL = [
 ]
 
 
-def run_example(config: str, out_dir: Path) -> list[dict]:
-    """Run an example config through the real CLI; its metrics.jsonl records."""
+def run_example(config: str, out_dir: Path, *overrides: str) -> list[dict]:
+    """Run an example config through the real CLI (with dotted ``overrides``); its metrics.jsonl records."""
     import json
 
     from typer.testing import CliRunner
 
     from fedtune.cli import app
 
-    result = CliRunner().invoke(app, ["run", config, f"output.dir={out_dir}"])
+    result = CliRunner().invoke(app, ["run", config, f"output.dir={out_dir}", *overrides])
     assert result.exit_code == 0, result.output
     run_dir = out_dir / Path(config).stem
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
