@@ -158,6 +158,18 @@ def test_measures_per_sampled_client_and_round():
     assert got["curves"] == {"round": [0, 2], "eval_loss": [3.0, 1.5], "bytes_per_client": [0.0, 40.0],
                              "client_flops": [0.0, 7.0]}  # fmt: skip
     assert run_measures(history, 2, 1.0)["measures"]["rounds_to_target"] is None
+    assert m["epsilon"] is None  # no privacy: no epsilon
+
+
+def test_epsilon_is_the_accountants_figure_after_the_last_round():
+    history = [
+        {"round": 0, "eval_loss": 3.0},
+        {"round": 1, "clients": [0], "bytes_up": 1, "bytes_down": 1, "local_train_s": 1.0, "train_s": 1.0,
+         "dp_epsilon": 0.8},
+        {"round": 2, "clients": [], "bytes_up": 0, "bytes_down": 0, "local_train_s": 0.0, "train_s": 0.1,
+         "dp_epsilon": 1.1, "eval_loss": 2.5},
+    ]  # fmt: skip
+    assert run_measures(history, num_clients=1, target_loss=None)["measures"]["epsilon"] == 1.1
 
 
 def test_a_failed_run_is_reported_and_does_not_stop_the_others(tmp_path):
@@ -181,3 +193,18 @@ def test_the_paradigm_example_plans_five_valid_variants_of_three_seeds(tmp_path)
     assert kinds["kd logits"] == ("kd", "logits", "lora") and kinds["kd adapter"] == ("kd", "adapter", "lora")
     assert kinds["ia3 + int4"][2] == "ia3" and kinds["split u 1+1"][0] == "split"
     assert {r.config.data.split_seed for r in planned.runs} == {0}  # one evaluation set for every seed
+
+
+def test_a_variant_can_turn_privacy_on_over_a_base_without_it(tmp_path):
+    """A variant meets the defaults its own config would: privacy resolves weighting and LoRA mode itself."""
+    from fedtune.compare.plan import plan
+    from fedtune.config import load_config
+
+    planned = plan(load_config("examples/compare_privacy.yaml"), tmp_path)
+    assert len(planned.runs) == 15
+    by = {r.variant: r.config for r in planned.runs if r.seed == 0}
+    assert by["no DP"].privacy.client_dp == "off" and by["no DP"].aggregation.weighting == "examples"
+    for name, z in {"clip only": 0.0, "z 0.3": 0.3, "z 1": 1.0, "z 3": 3.0}.items():
+        c = by[name]
+        assert (c.privacy.client_dp, c.privacy.clip_norm, c.privacy.noise_multiplier) == ("central", 0.3, z)
+        assert c.aggregation.weighting == "uniform" and c.aggregation.lora == "ffa"

@@ -23,6 +23,7 @@ MEASURES: dict[str, str] = {  # name -> what it is (comparison.json and the tabl
     "client_peak_bytes": "the largest client peak memory of any round (its model part + activations)",
     "client_flops_per_round": "a sampled client's analytic FLOPs in a round",
     "server_s_per_round": "a round's seconds outside the clients' compute",
+    "epsilon": "client-level DP: the accountant's epsilon at privacy.delta after the last round",
 }
 
 
@@ -58,6 +59,7 @@ def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: f
         else None,
         "client_flops_per_round": per_client_round("client_flops"),
         "server_s_per_round": statistics.fmean(max(0.0, r["train_s"] - r["local_train_s"]) for r in trained),
+        "epsilon": next((r["dp_epsilon"] for r in reversed(history) if "dp_epsilon" in r), None),
     }
     return {"measures": measures, "curves": curves(history, num_clients)}
 

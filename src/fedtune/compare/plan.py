@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig, set_dotted, validate_config
-from fedtune.config_compare import CompareConfig, slug
+from fedtune.config_compare import slug
 from fedtune.errors import ConfigError
 
 
@@ -55,9 +55,11 @@ def plan(base: ExperimentConfig, directory: Path) -> Plan:
             "nothing to compare: add a compare section with variants, e.g.\n"
             "compare:\n  seeds: 3\n  variants:\n    lora: {}\n    int4: {compression.uplink: [int4]}"
         )
-    raw = base.model_dump(mode="json")
-    raw["compare"] = CompareConfig().model_dump(mode="json")
-    raw["data"]["split_seed"] = base.split_seed()
+    # only what the user set (and what validation resolved): a variant's override then meets the defaults it
+    # would meet in a config of its own (e.g. privacy on resolves the weighting a full dump would pin)
+    raw = base.model_dump(mode="json", exclude_unset=True)
+    raw.pop("compare", None)
+    raw.setdefault("data", {})["split_seed"] = base.split_seed()
     runs = []
     for i in range(base.compare.seeds):  # seed after seed: a partial comparison already has every variant
         seed = base.seed + i
@@ -67,7 +69,7 @@ def plan(base: ExperimentConfig, directory: Path) -> Plan:
             for key, value in overrides.items():
                 set_dotted(child, key, copy.deepcopy(value), f"{where} {key}", merge=True)
             child["seed"] = seed
-            child["output"]["dir"] = str(directory / "runs")
+            child.setdefault("output", {})["dir"] = str(directory / "runs")
             child["output"]["name"] = f"{slug(name)}-seed{seed}"
             runs.append(PlannedRun(name, seed, validate_config(child, where)))
     return Plan(base, directory, runs)

@@ -25,6 +25,7 @@ COLUMNS: dict[str, tuple[str, str, float]] = {
     "client_peak_bytes": ("client peak MB", ".0f", 1e-6),
     "client_flops_per_round": ("client GFLOP / round", ".1f", 1e-9),
     "server_s_per_round": ("server s / round", ".2f", 1.0),
+    "epsilon": ("epsilon", ".2f", 1.0),
 }
 RANKED = {"final_eval_loss": True, "final_accuracy": False}  # measure -> lower is better
 
