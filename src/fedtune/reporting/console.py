@@ -89,9 +89,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("rounds", str(summary["rounds_completed"]))
     privacy = summary.get("privacy")
     if privacy:
+        eps = privacy["epsilon"]  # None: not finite (no noise: clipping alone protects nothing)
         table.add_row(
             "client-level DP",
-            f"epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (z {privacy['noise_multiplier']:.3g}, "
+            f"epsilon {'infinite' if eps is None else format(eps, '.3g')} at delta {privacy['delta']:g} "
+            f"(z {privacy['noise_multiplier']:.3g}, "
             f"C {privacy['clip_norm']:g}, {privacy['sampling']} q {privacy['sample_rate']:.3g})",
         )
     table.add_row("trainable params", f"{summary['trainable_params']:,} ({summary['trainable_fraction']:.3%})")
