@@ -57,3 +57,17 @@ def test_flops_come_from_each_blocks_matrices_and_scale_with_tokens(tiny_adapter
     scored = 2 * int((batch["labels"][:, 1:] != IGNORE).any(dim=0).sum())
     assert model.training(batch) == TRAINING * model.forward(range(2), 2, 8, scored)
     assert FlopModel.of_model(torch.nn.Linear(2, 2)) is None  # no known block layout: no count
+
+
+def test_a_rounds_input_tokens_are_the_non_padding_positions_of_every_micro_batch_trained(tiny_adapter):
+    from fedtune.client.local_training import train_locally
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for lengths in ([5, 3], [7, 7, 2]):
+        ids = torch.randint(3, 200, (len(lengths), 7), generator=g)
+        mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    params = list(tiny_adapter.params.values())
+    result = train_locally(tiny_adapter.model, params, batches, 1, lambda _s: 1e-3, 0.0)
+    assert result.input_tokens == 5 + 3 + 7 + 7 + 2

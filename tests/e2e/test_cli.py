@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from fedtune.cli import app
+from fedtune.reporting.metrics import TIMED
 from tests.conftest import TINY_OVERRIDES
 from tests.e2e.kill import kill_after_round
 
@@ -173,7 +174,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
     rounds = [m["round"] for m in _metrics(tmp_path / "killed")]
     assert rounds == [0, 1, 2, 3, 4, 5]  # every round exactly once
     # timings differ, and so does the length of their decimal text in each reply header (bytes_up)
-    drop = ("wall_s", "train_s", "eval_s", "local_train_s", "bytes_up")
+    drop = {*TIMED, "bytes_up"}
     killed, straight = _metrics(tmp_path / "killed"), _metrics(tmp_path / "straight")
     assert [{k: v for k, v in m.items() if k not in drop} for m in killed] == [
         {k: v for k, v in m.items() if k not in drop} for m in straight

@@ -15,6 +15,7 @@ from fedtune.config import load_config
 from fedtune.errors import ConfigError
 from fedtune.experiment import run_experiment
 from fedtune.paradigms.kd.server import KDState
+from fedtune.reporting.metrics import TIMED
 from fedtune.server.checkpoint import load_latest
 from tests.conftest import TINY_OVERRIDES
 from tests.e2e.kill import kill_after_round
@@ -202,7 +203,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, downlink):
         assert sorted(a.clients) == [0, 1, 2, 3] and all(
             _same(a.clients[c]["kd"], b.clients[c]["kd"]) for c in a.clients
         )
-    drop = ("wall_s", "train_s", "eval_s", "local_train_s", "bytes_up", "server_distill_s")
+    drop = {*TIMED, "bytes_up"}
     strip = lambda ms: [{k: v for k, v in m.items() if k not in drop} for m in ms]  # noqa: E731
     assert strip(_metrics(tmp_path / "killed")) == strip(_metrics(tmp_path / "straight"))
 

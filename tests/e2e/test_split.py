@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from fedtune.cli import app
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
+from fedtune.reporting.metrics import TIMED
 from tests.conftest import TINY_OVERRIDES
 from tests.e2e.kill import kill_after_round
 
@@ -78,7 +79,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
     assert result.exit_code == 0, result.output
     adapter = "final_adapter/adapter_model.safetensors"
     assert (tmp_path / "killed" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
-    drop = ("wall_s", "train_s", "eval_s", "local_train_s", "server_part_s", "bytes_up")
+    drop = {*TIMED, "bytes_up"}
     strip = lambda path: [  # noqa: E731
         {k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()
     ]
@@ -95,6 +96,13 @@ def test_every_paradigm_reports_the_clients_cost_and_split_clients_pay_less(tmp_
         assert costs[name]["client_peak_bytes"] > 0 and costs[name]["client_flops"] > 0
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["client_peak_bytes"] == costs[name]["client_peak_bytes"]
+        m = costs[name]  # throughput: the input tokens trained over the round's training seconds
+        assert m["train_tokens"] > 0 and m["train_tokens_per_s"] == m["train_tokens"] / m["train_s"]
+        assert summary["train_tokens"] == m["train_tokens"]
+    # the same clients, batches and steps: split's server counts (from the masks) what a PS client reports
+    assert costs["split"]["train_tokens"] == costs["ps"]["train_tokens"]
+    # and KD's private training too: its round 1 has no consensus to distil yet (distillation adds on later)
+    assert costs["kd"]["train_tokens"] == costs["ps"]["train_tokens"]
     # the U-shaped client holds 2 of the 4 blocks with the embeddings and head, and runs only those
     assert costs["split"]["client_peak_bytes"] < 0.5 * costs["ps"]["client_peak_bytes"]
     assert costs["split"]["client_flops"] < costs["ps"]["client_flops"]

@@ -109,6 +109,12 @@ class FlopModel:
 TRAINING = 3.0  # forward + backward, in forward passes
 
 
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens a micro-batch feeds the model: its non-padding positions (throughput's numerator)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 def scored_positions(labels: torch.Tensor) -> int:
     """Positions the LM head runs at for labels (B, T): every row's, at each position any row has a target
     (``losses``' ``logits_to_keep``)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.client.corrections import Correction
-from fedtune.client.cost import ActivationMeter, FlopModel
+from fedtune.client.cost import ActivationMeter, FlopModel, input_tokens
 from fedtune.data.tokenize import IGNORE
 from fedtune.losses import LossFn, token_loss_sum
 
@@ -32,6 +32,7 @@ class LocalResult:
     lr_sum: float = 0.0  # sum of the learning rates of the steps taken (SCAFFOLD's path length)
     flops: float = 0.0  # analytic training FLOPs of the micro-batches run (client.cost); 0 if unknown
     peak_activation_bytes: int = 0  # the most bytes autograd kept for backward at once (client.cost)
+    input_tokens: int = 0  # non-padding input tokens of the micro-batches run (client.cost.input_tokens)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def train_locally(
     model.train()
     opt = make_optimizer(optimizer, params, lr_at(0), weight_decay)
     groups = [micro_batches[i : i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
-    loss_total, tokens_total, lr_sum, flops = 0.0, 0, 0.0, 0.0
+    loss_total, tokens_total, lr_sum, flops, fed = 0.0, 0, 0.0, 0.0, 0
     meter = ActivationMeter(model.parameters())
     for step, group in enumerate(groups):
         lr = lr_at(step)
@@ -95,6 +96,7 @@ def train_locally(
             with meter.measure():
                 loss_sum, _ = loss(model, batch)
             flops += cost.training(batch) if cost is not None else 0.0
+            fed += input_tokens(batch)
             if not torch.isfinite(loss_sum):
                 return LocalResult(
                     step,
@@ -126,11 +128,14 @@ def train_locally(
         if on_step is not None:
             on_step(step, step_loss / max(1, n_tokens))
     model.eval()
-    return _finished(len(groups), loss_total, tokens_total, start, lr_sum, flops, meter)
+    return _finished(len(groups), loss_total, tokens_total, start, lr_sum, flops, meter, fed)
 
 
-def _finished(steps: int, loss: float, count: int, start: float, lr_sum: float, flops: float, meter) -> LocalResult:
-    """The result of a round that ran to its end: ``loss`` summed over ``count`` positions (or examples)."""
+def _finished(
+    steps: int, loss: float, count: int, start: float, lr_sum: float, flops: float, meter, fed: int
+) -> LocalResult:
+    """The result of a round that ran to its end: ``loss`` summed over ``count`` positions (or examples),
+    ``fed`` input tokens."""
     return LocalResult(
         steps,
         loss / max(1, count),
@@ -139,6 +144,7 @@ def _finished(steps: int, loss: float, count: int, start: float, lr_sum: float, 
         lr_sum=lr_sum,
         flops=flops,
         peak_activation_bytes=meter.peak,
+        input_tokens=fed,
     )
 
 
@@ -158,7 +164,7 @@ def _with_dp_sgd(model, params, batches, lr_at, weight_decay, on_step, optimizer
         loss_reduction="mean",  # (for the optimizer: divide the noised sum by the expected batch size)
         generator=dp.generator,
     )
-    loss_total, examples_total, lr_sum, flops = 0.0, 0, 0.0, 0.0
+    loss_total, examples_total, lr_sum, flops, fed = 0.0, 0, 0.0, 0.0, 0
     meter = ActivationMeter(model.parameters())
     try:
         for step, batch in enumerate(batches):
@@ -173,6 +179,7 @@ def _with_dp_sgd(model, params, batches, lr_at, weight_decay, on_step, optimizer
                 with meter.measure():
                     loss_sum, count = loss(model, batch)
                 flops += cost.training(batch) if cost is not None else 0.0
+                fed += input_tokens(batch)
                 if not torch.isfinite(loss_sum):
                     error = f"non-finite loss ({loss_sum.item()}) at local step {step}"
                     return LocalResult(step, math.nan, examples_total, time.perf_counter() - start, True, error)
@@ -190,4 +197,4 @@ def _with_dp_sgd(model, params, batches, lr_at, weight_decay, on_step, optimizer
     finally:
         wrapped._close()  # the model is shared: no hooks or per-sample gradients left behind
         model.eval()
-    return _finished(len(batches), loss_total, examples_total, start, lr_sum, flops, meter)
+    return _finished(len(batches), loss_total, examples_total, start, lr_sum, flops, meter, fed)

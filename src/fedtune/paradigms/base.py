@@ -117,17 +117,24 @@ def check_numbers(**values: float | None) -> None:
 MOST_BYTES, MOST_FLOPS = 2**50, 1e24  # a client's reported peak memory and round FLOPs beyond these are not real
 
 
-def check_cost(peak_bytes: int, flops: float) -> None:
-    """BadReply unless a reply's cost (``client.cost``: peak bytes, FLOPs) is a plausible measurement."""
-    if isinstance(peak_bytes, bool) or not isinstance(peak_bytes, int) or not 0 <= peak_bytes <= MOST_BYTES:
-        raise BadReply(f"peak_bytes={peak_bytes!r} must be an integer in [0, 2^50]")
+def check_cost(peak_bytes: int, flops: float, tokens: int = 0) -> None:
+    """BadReply unless a reply's cost (``client.cost``: peak bytes, FLOPs, input tokens trained) is a
+    plausible measurement."""
+    for name, count in (("peak_bytes", peak_bytes), ("trained_tokens", tokens)):
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MOST_BYTES:
+            raise BadReply(f"{name}={count!r} must be an integer in [0, 2^50]")
     if not (math.isfinite(flops) and 0 <= flops <= MOST_FLOPS):
         raise BadReply(f"flops={flops!r} must be a number in [0, {MOST_FLOPS:g}]")
 
 
-def cost_metrics(peak_bytes: list[int], flops: list[float]) -> dict[str, float]:
-    """A round's client cost for metrics.jsonl: the largest client's peak memory, and FLOPs summed over clients."""
-    return {"client_peak_bytes": max(peak_bytes, default=0), "client_flops": float(sum(flops))}
+def cost_metrics(peak_bytes: list[int], flops: list[float], tokens: list[int]) -> dict[str, float]:
+    """A round's client cost for metrics.jsonl: the largest client's peak memory, and FLOPs and input tokens
+    trained summed over clients (the round loop turns tokens into ``train_tokens_per_s``)."""
+    return {
+        "client_peak_bytes": max(peak_bytes, default=0),
+        "client_flops": float(sum(flops)),
+        "train_tokens": int(sum(tokens)),
+    }
 
 
 def shared(parts: dict[int, Any], make: Callable[[Any], Any]) -> dict[int, Any]:

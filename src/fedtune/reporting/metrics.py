@@ -8,6 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+# a record's measured times, and the rates derived from them: the keys two identical runs may differ in
+TIMED = frozenset(
+    {"wall_s", "train_s", "eval_s", "local_train_s", "server_part_s", "server_distill_s", "train_tokens_per_s"}
+)
+
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/Inf: write them as null."""
@@ -63,6 +68,10 @@ def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         out["client_peak_bytes"] = max(r["client_peak_bytes"] for r in costs)
         out["client_flops_per_round"] = sum(r["client_flops"] for r in costs) / len(costs)
         out["client_s_per_round"] = sum(r["local_train_s"] for r in costs) / len(costs)
+    fed = [r for r in trained if r.get("train_tokens")]
+    if fed:  # the rounds' training throughput, wall clock: input tokens over the seconds the rounds trained
+        out["train_tokens"] = sum(r["train_tokens"] for r in fed)
+        out["train_tokens_per_s"] = out["train_tokens"] / max(1e-9, sum(r["train_s"] for r in fed))
     for k in (k for k in last if k.startswith("eval_accuracy_by_")):  # per task (or other group_by field)
         out["initial"][k], out["final"][k] = first.get(k), last[k]
     scored = [r for r in evals if r.get("eval_accuracy") is not None]  # exact_match=final: the last one only

@@ -159,6 +159,8 @@ def run_rounds(
             **metrics,
         }
         record["train_s"] = time.perf_counter() - start  # sampling .. absorbing replies, evaluation excluded
+        if record.get("train_tokens") and record["train_s"] > 0:  # throughput of the round's training, wall clock
+            record["train_tokens_per_s"] = record["train_tokens"] / record["train_s"]
         if eval_due(r):
             t = time.perf_counter()
             record.update(_evaluate(paradigm, r, new_state, net, settings.per_client_eval))

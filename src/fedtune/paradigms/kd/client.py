@@ -95,7 +95,7 @@ class KDClient:
         adapter = self._start(client_id, req.params if s.downlink == "adapter" else {}, state)
         data = self.data[client_id]
         common = dict(round=req.round, num_examples=len(data.train))
-        steps, distill_loss, flops, activations = 0, None, 0.0, 0
+        steps, distill_loss, flops, activations, fed = 0, None, 0.0, 0, 0
         if len(req.teach):
             teacher = self._teacher(req)
             result = distil(
@@ -104,7 +104,7 @@ class KDClient:
             if result.diverged:
                 return self._diverged(common, f"distillation: {result.error}", time.perf_counter() - start), state
             steps, distill_loss = result.steps, result.mean_loss
-            flops, activations = result.flops, result.peak_activation_bytes
+            flops, activations, fed = result.flops, result.peak_activation_bytes, result.input_tokens
         out = self.trainer.train(adapter, client_id, req.round, data)
         if out.result.diverged:
             return self._diverged(common, out.result.error, time.perf_counter() - start), state
@@ -122,6 +122,7 @@ class KDClient:
             local_train_s=time.perf_counter() - start,
             peak_bytes=parameter_bytes(adapter.model.parameters()) + max(activations, out.result.peak_activation_bytes),
             flops=flops + out.result.flops + scoring,
+            trained_tokens=fed + out.result.input_tokens,
             **common,
         )
         return reply, state

@@ -56,3 +56,4 @@ class KDReply:
     error: str | None = None
     peak_bytes: int = 0  # the model it holds plus its peak activations for backward (client.cost)
     flops: float = 0.0  # analytic FLOPs of its distillation, private training and scoring this round (client.cost)
+    trained_tokens: int = 0  # non-padding input tokens of its distillation and private training micro-batches

@@ -48,6 +48,7 @@ class Scores(NamedTuple):
     steps: int
     peak_bytes: int = 0
     flops: float = 0.0
+    tokens: int = 0  # input tokens it trained on (distillation and private training)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class KnowledgeDistillation:
                 reply.steps,
                 reply.peak_bytes,
                 reply.flops,
+                reply.trained_tokens,
             )
 
         cap = max_wire_bytes(2 * rows * s.top_k, 2)  # ids and log-probabilities, (rows, k) each
@@ -162,7 +164,7 @@ class KnowledgeDistillation:
             local_train_s=reply.local_train_s,
             steps=reply.steps,
         )
-        check_cost(reply.peak_bytes, reply.flops)
+        check_cost(reply.peak_bytes, reply.flops, reply.trained_tokens)
         ids = reply.ids
         if ids.dtype != id_dtype(s.vocab) or tuple(ids.shape) != (rows, s.top_k):
             raise BadReply(
@@ -245,7 +247,7 @@ def _round_metrics(used: list[Scores], agreed: TopK) -> dict[str, Any]:
         "distill_loss": sum(distill) / len(distill) if distill else None,
         "local_train_s": sum(u.local_train_s for u in used),
         "local_steps": sum(u.steps for u in used),
-        **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
+        **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used], [u.tokens for u in used]),
         "kd_positions": int(agreed.ids.shape[0]),
         "kd_top1_agreement": float((top1 == top1[0]).all(dim=0).float().mean()) if top1.shape[1] else None,
         "kd_consensus_top1": float(agreed.logp[:, 0].exp().mean()) if agreed.ids.shape[0] else None,

@@ -100,6 +100,7 @@ class ParameterSharingClient:
             local_train_s=out.elapsed_s,
             peak_bytes=parameter_bytes(self.adapter.model.parameters()) + result.peak_activation_bytes,
             flops=result.flops,
+            trained_tokens=result.input_tokens,
         )
         if result.diverged:
             return TrainReply(delta={}, status="diverged", error=result.error, **common), state

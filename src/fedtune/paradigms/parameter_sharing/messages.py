@@ -44,4 +44,5 @@ class TrainReply:
     scaffold_delta_c: Params = field(default_factory=dict)  # SCAFFOLD: c_i(new) - c_i(old)
     peak_bytes: int = 0  # the model it holds plus its peak activations for backward (client.cost)
     flops: float = 0.0  # analytic FLOPs of its training this round (client.cost)
+    trained_tokens: int = 0  # non-padding input tokens of the micro-batches it trained this round (throughput)
     secagg_keys: Params = field(default_factory=dict)  # secure aggregation: "c_pk", "s_pk" (uint8, 32); delta is {}

@@ -42,6 +42,7 @@ class Update(NamedTuple):
     peak_bytes: int = 0
     flops: float = 0.0
     examples: int = 0  # the client's training examples, as it reported them
+    tokens: int = 0  # input tokens it trained on this round
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class ParameterSharing:
                 reply.peak_bytes,
                 reply.flops,
                 reply.num_examples,
+                reply.trained_tokens,
             )
 
         largest = max((_size(v) for v in views.values()), default=(0, 0))
@@ -138,7 +140,7 @@ class ParameterSharing:
             "train_loss": _weighted_loss([u.train_loss for u in used], [u.contribution.weight for u in used]),
             "local_train_s": sum(u.local_train_s for u in used),
             "local_steps": sum(u.steps for u in used),
-            **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used]),
+            **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used], [u.tokens for u in used]),
             **(extra or {}),
             **self.aggregator.metrics(agg_state),
             **self._sample_level(state, used),
@@ -176,7 +178,12 @@ class ParameterSharing:
                     raise BadReply("sent its update in the clear under secure aggregation; it was not read")
                 self._check_meta(r, reply)
                 meta = Update(Contribution(client_id, {}, 1.0), reply.train_loss, reply.local_train_s, reply.steps)
-                meta = meta._replace(peak_bytes=reply.peak_bytes, flops=reply.flops, examples=reply.num_examples)
+                meta = meta._replace(
+                    peak_bytes=reply.peak_bytes,
+                    flops=reply.flops,
+                    examples=reply.num_examples,
+                    tokens=reply.trained_tokens,
+                )
                 return meta, read_keys(reply.secagg_keys)
 
             replies = yield Exchange("train", messages, TrainReply, read, max_wire_bytes(64, 2))
@@ -197,7 +204,7 @@ class ParameterSharing:
         if reply.status != "ok":
             raise BadReply(f"{reply.status}: {reply.error}")
         check_numbers(train_loss=reply.train_loss, local_train_s=reply.local_train_s, steps=reply.steps)
-        check_cost(reply.peak_bytes, reply.flops)
+        check_cost(reply.peak_bytes, reply.flops, reply.trained_tokens)
 
     def _read(self, r: int, reply: TrainReply, view: Params, scaffold_c: Params, expected: Signature) -> Params:
         """The decoded update, or BadReply with why the reply cannot be used."""

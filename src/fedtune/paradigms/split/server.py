@@ -91,6 +91,7 @@ class _Outcome:
     codec_error: float  # the largest relative error of hidden states or gradients through the codecs
     peak_bytes: int = 0
     flops: float = 0.0
+    fed: int = 0  # input tokens of its micro-batches (the masks the server saw)
 
 
 class SplitLearning:
@@ -171,7 +172,7 @@ class SplitLearning:
             "local_train_s": sum(o.local_train_s for o in used),
             "local_steps": sum(o.steps for o in used),
             "local_micro_batches": sum(o.micro_batches for o in used),
-            **cost_metrics([o.peak_bytes for o in used], [o.flops for o in used]),
+            **cost_metrics([o.peak_bytes for o in used], [o.flops for o in used], [o.fed for o in used]),
             "server_part_s": time.perf_counter() - start,
             "activation_codec_error": max(o.codec_error for o in used),
             **self.aggregator.metrics(client_agg),
@@ -244,8 +245,7 @@ class SplitLearning:
             raise BadReply(f"{act.num_examples} examples would make {plan.count} micro-batches")
         loss = tokens = 0.0
         error = act.codec_error
-        declared = 0
-        counted = 0
+        declared = counted = fed = 0
         grad_wire: Params = {}  # dL/dh₁ of the last micro-batch, not yet sent
         for t in range(plan.count):
             if t > 0 and (self.s.shape == "vanilla" or plan.group(t)[0] == t):  # u: a step's first micro-batch
@@ -263,6 +263,7 @@ class SplitLearning:
             check_numbers(codec_error=act.codec_error, step_tokens=act.step_tokens)
             error = max(error, act.codec_error)
             hidden, mask = self._activations(act)
+            fed += int(mask.sum())
             x = hidden.detach().requires_grad_(True)
             if self.s.shape == "u":
                 out = self.split.middle(full(part.params), x, mask)  # (B, T, H)
@@ -331,6 +332,7 @@ class SplitLearning:
             error,
             done.peak_bytes,
             done.flops,
+            fed,
         )
 
     def _full(self, params: Params) -> Params:
