@@ -80,3 +80,15 @@ def test_adaptive_clipping_leaves_the_update_more_noise_and_the_same_total():
     assert (z_update**-2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(z)  # Andrew et al. 2021, Theorem 1
     with pytest.raises(ValueError, match="too small"):
         adaptive_noise_split(1.0, 0.4)
+
+
+@pytest.mark.parametrize(("q", "z", "rounds"), [(0.25, 1.0, 5), (0.01, 0.8, 1000), (0.5, 3.0, 20)])
+def test_opacus_own_rdp_accountant_agrees_within_its_coarser_orders(q, z, rounds):
+    """A second implementation of the sampled Gaussian's RDP bound (Opacus's; other orders, other code) gives
+    the same epsilon to within 3%: a wrong q, z or composition in ours would not."""
+    from opacus.accountants import RDPAccountant
+
+    ours = Mechanism(z, "poisson", 1000, round(q * 1000), 1e-5).epsilon(rounds)
+    theirs = RDPAccountant()
+    theirs.history = [(z, q, rounds)]
+    assert ours == pytest.approx(theirs.get_epsilon(1e-5), rel=0.03)
