@@ -58,7 +58,7 @@ def opacus_epsilon(told: dict) -> float | None:
 
 def check(comparison: Path) -> dict:
     report = json.loads((comparison / "comparison.json").read_text())
-    rows, worst = [], 0.0
+    rows, worst, base_loss = [], 0.0, None
     for name, variant in report["variants"].items():
         runs = []
         for run in variant["runs"]:
@@ -72,6 +72,7 @@ def check(comparison: Path) -> dict:
             elif told:  # no noise: epsilon is infinite (null in JSON) for the run and for the library
                 entry["epsilon_run"] = told["epsilon"]
             runs.append(entry)
+            base_loss = summary["initial"]["eval_loss"]  # round 0: the same model and evaluation set in every run
         s = variant["summary"]
         rows.append(
             {
@@ -84,10 +85,16 @@ def check(comparison: Path) -> dict:
                 "runs": runs,
             }
         )
-    return {"comparison": str(comparison), "ranking": report["ranking"], "max_rel_epsilon_gap": worst, "rows": rows}
+    return {
+        "comparison": str(comparison),
+        "base_model_eval_loss": base_loss,
+        "ranking": report["ranking"],
+        "max_rel_epsilon_gap": worst,
+        "rows": rows,
+    }
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], base_loss: float | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +107,8 @@ def plot(rows: list[dict], path: Path) -> None:
         loss = r["final_eval_loss"]
         ax.axhline(loss["mean"], color=colour, lw=1, label=f"{r['variant']} (epsilon infinite)")
         ax.axhspan(loss["mean"] - loss["half_width"], loss["mean"] + loss["half_width"], color=colour, alpha=0.1)
+    if base_loss is not None:
+        ax.axhline(base_loss, color="grey", ls="--", lw=1, label="base model, untrained")
     xs = [r["epsilon"] for r in private]
     ax.errorbar(
         xs,
@@ -132,7 +141,7 @@ def main() -> None:
         comparison = args.out / Path(EXAMPLE).stem
     result = check(comparison)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(result["rows"], RESULTS / "privacy.png")
+    plot(result["rows"], result["base_model_eval_loss"], RESULTS / "privacy.png")
     write_result("privacy", result)
     if result["max_rel_epsilon_gap"] > 1e-9:
         sys.exit(f"a run's epsilon differs from dp-accounting's by {result['max_rel_epsilon_gap']:.2e} (relative)")

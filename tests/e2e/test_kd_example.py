@@ -10,11 +10,10 @@ pytestmark = BUNDLED_MODEL
 
 
 def test_kd_example_learns_without_sending_weights(tmp_path):
-    # 3 of its 5 rounds: the same code paths in 60% of the CI time (the 5-round figures: benchmarks/README.md)
-    metrics = run_example("examples/kd.yaml", tmp_path, "federation.rounds=3")
+    metrics = run_example("examples/kd.yaml", tmp_path)
     run_dir = tmp_path / "kd"
     first, last = metrics[0], metrics[-1]
-    assert [m["round"] for m in metrics] == list(range(4))
+    assert [m["round"] for m in metrics] == list(range(6))
     # the clients' own adapters beat the base model on held-out problems of every task
     assert last["eval_loss"] < 0.75 * first["eval_loss"]
     assert last["eval_accuracy"] > first["eval_accuracy"]
