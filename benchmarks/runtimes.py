@@ -3,23 +3,31 @@
 One job for every variant: LoRA r=8 on q,k,v,o averaged factor by factor (what FedAvg does to
 LoRA arrays in a FlowerTune app), N clients (iid split of the built-in tasks),
 3 rounds of 5 local steps at batch 4, every client every round, FedAvg.
-  fedtune-in_process  `run_experiment` with the default runtime: one model, clients in turn
+  fedtune-in_process  `run_experiment` with the default runtime: one model, clients in lanes
+                      (runtime.lanes=auto: one forked lane per core, 1 torch thread each)
   fedtune-ray         runtime.name=ray: 2 workers x 1 CPU, one model each
   flower-sim          flwr `run_simulation` (Ray backend, 2 actors x 1 CPU) with the FlowerTune
                       pattern: each client call builds its model and LoRA adapter, loads its data
                       partition, trains, and returns the LoRA state as arrays; FedAvg strategy.
 All three train with the same local-training code and data, so the difference is the framework.
 Each variant runs in its own process; wall time covers the whole job (imports, start-up, rounds);
-peak memory is the largest sum of RSS over that process and all its descendants (Ray's daemons
-and workers included; shared pages count once per process), sampled every 0.2 s.
+peak memory is the largest sum over that process and all its descendants (Ray's daemons and
+workers included) of PSS, each shared page split between the processes that map it (RSS, which
+counts a shared page once per process, is kept alongside), sampled every 0.5 s.
 
-    python benchmarks/runtimes.py [--clients 8 32] [--model tiny-llama] [--repeats 1]
+Before the variants, a probe measures this machine's fp32 matmul throughput (2048^3 products for
+about 3 s): one process with every core's thread, and one 1-thread process per core at once. A
+fedtune variant's training throughput is its clients' analytic FLOPs over the rounds' training
+wall time, set against the second (the most these cores did on matmuls alone).
+
+    python benchmarks/runtimes.py [--clients 8 32] [--model tiny-llama]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -55,20 +63,49 @@ def job_overrides(model: str, clients: int, out: str) -> list[str]:
     ]
 
 
+def _matmul_gflops(threads: int, seconds: float, out) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b  # warm-up
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        n += 1
+    out.put(2 * 2048**3 * n / (time.perf_counter() - t) / 1e9)
+
+
+def matmul_probe(seconds: float = 3.0) -> dict:
+    """fp32 matmul GFLOP/s: one process with a thread per core; one 1-thread process per core at once (summed)."""
+    ctx, cores = mp.get_context("spawn"), len(os.sched_getaffinity(0))
+    out = {}
+    for name, procs, threads in (("one_process", 1, cores), ("process_per_core", cores, 1)):
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_matmul_gflops, args=(threads, seconds, q)) for _ in range(procs)]
+        for p in ps:
+            p.start()
+        out[f"matmul_gflops_{name}"] = round(sum(q.get() for _ in ps), 1)
+        for p in ps:
+            p.join()
+    return out
+
+
 def run_variant(variant: str, model: str, clients: int) -> dict:
-    """Run one variant in a child process; wall time and peak RSS of its whole process tree."""
+    """Run one variant in a child process; wall time and peak PSS (and RSS) of its whole process tree."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, __file__, "--child", variant, "--model", model, "--clients", str(clients), "--out", out]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        root, peak = psutil.Process(proc.pid), 0
+        root, peak, peak_rss = psutil.Process(proc.pid), 0, 0
         while proc.poll() is None:
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(_rss(p) for p in tree))
+                peak = max(peak, sum(_pss(p.pid) for p in tree))
+                peak_rss = max(peak_rss, sum(_rss(p) for p in tree))
             except psutil.NoSuchProcess:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.5)
         wall = time.perf_counter() - start
         output = proc.stdout.read()
         if proc.returncode != 0:
@@ -78,9 +115,22 @@ def run_variant(variant: str, model: str, clients: int) -> dict:
         "variant": variant,
         "clients": clients,
         "wall_s": round(wall, 2),
-        "peak_rss_gb": round(peak / 2**30, 3),
+        "peak_pss_gb": round(peak / 2**30, 3),
+        "peak_rss_gb": round(peak_rss / 2**30, 3),
         **result,
     }
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size, bytes: private pages plus each shared page's share (0 if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _rss(p: psutil.Process) -> int:
@@ -98,8 +148,19 @@ def child(variant: str, model: str, clients: int, out: str) -> None:
         from fedtune.experiment import run_experiment
 
         cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"name": variant.split("-")[1]})})
-        history = run_experiment(cfg).state.history
-        print(json.dumps({"train_loss": [round(h["train_loss"], 6) for h in history[1:]]}))
+        history = run_experiment(cfg).state.history[1:]
+        flops, train_s = sum(h["client_flops"] for h in history), sum(h["train_s"] for h in history)
+        tokens = sum(h["train_tokens"] for h in history)
+        print(
+            json.dumps(
+                {
+                    "train_loss": [round(h["train_loss"], 6) for h in history],
+                    "train_s": round(train_s, 2),
+                    "train_tokens_per_s": round(tokens / train_s, 1),
+                    "train_gflops": round(flops / train_s / 1e9, 1),
+                }
+            )
+        )
         return
     os.environ["FEDTUNE_BENCH_CONFIG"] = cfg.model_dump_json()
     import flower_sim_app
@@ -121,6 +182,8 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.clients[0], args.out)
         return
+    probe = matmul_probe()
+    print(probe, flush=True)
     rows = []
     for n in args.clients:
         for variant in args.only:
@@ -131,8 +194,11 @@ def main() -> None:
     order = [f"{v}/{n}" for n in (8, 32, *args.clients) for v in VARIANTS]
     for r in rows:
         r["key"] = f"{r['variant']}/{r['clients']}"
+        if "train_gflops" in r:
+            r["train_vs_matmul"] = round(r["train_gflops"] / probe["matmul_gflops_process_per_core"], 3)
     rows = merge_rows(name, rows, "key", list(dict.fromkeys(order)))
-    write_result(name, {"model": args.model, "rounds": ROUNDS, "local_steps": STEPS, "batch_size": BATCH, "rows": rows})
+    setup = {"model": args.model, "rounds": ROUNDS, "local_steps": STEPS, "batch_size": BATCH, **probe}
+    write_result(name, {**setup, "rows": rows})
 
 
 if __name__ == "__main__":

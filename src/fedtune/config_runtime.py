@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedtune.config_base import Strict as _Strict
 
@@ -56,5 +56,33 @@ class RuntimeConfig(_Strict):
         description="in_process: one process, one shared base model; ray: a worker pool; "
         "flower: deployment (fedtune server / fedtune client)",
     )
+    lanes: int | Literal["auto"] = Field(
+        "auto",
+        description="in_process: clients trained at once, each lane a forked process with one torch thread, "
+        "all reading one copy of the base weights; auto: one per CPU core, at most the clients per round",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="in_process with one lane: torch threads its clients train with (default: torch's, one per "
+        "core); more lanes run one each: a client's reply is bit-identical across lanes=N and lanes=1 with 1 thread",
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"lanes={v}: give at least 1, or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _threads_fit_lanes(self) -> RuntimeConfig:
+        if isinstance(self.lanes, int) and self.lanes > 1 and self.torch_threads not in (None, 1):
+            raise ValueError(
+                f"runtime.lanes={self.lanes} with runtime.torch_threads={self.torch_threads}: each lane is a forked "
+                "process and runs one torch thread (GNU OpenMP cannot start a thread team in a forked child). "
+                "Use lanes=1 for several threads per client, or leave torch_threads unset"
+            )
+        return self

@@ -1,4 +1,5 @@
-"""One config, three runtimes: in_process, a Ray pool, and a Flower deployment of real processes.
+"""One config, three runtimes: in_process (in parallel lanes and serially), a Ray pool, and a Flower
+deployment of real processes.
 
 Same seed, 3 clients, 2 rounds on the tiny model: the final adapters must be bit-identical, and
 so must every round's losses and byte counts. Holds on CPU because every client's computation
@@ -44,10 +45,19 @@ def _on_every_runtime(tmp_path, settings: dict, deadline_s: float = 240) -> tupl
     finally:
         fed.close()
     runs = {"flower": fed.run_dir}
-    for name in ("in_process", "ray"):
-        cfg = load_config(fed.config, [f"runtime.name={name}", f"output.name={name}"])
+    for name, runtime in RUNTIMES.items():
+        cfg = load_config(fed.config, [*runtime, f"output.name={name}"])
         runs[name] = run_experiment(cfg).run_dir
     return runs, fed
+
+
+# the reference serves clients in two forked lanes; "serial" serves them one by one in this process
+RUNTIMES = {
+    "in_process": ["runtime.name=in_process", "runtime.lanes=2"],
+    "serial": ["runtime.name=in_process", "runtime.lanes=1", "runtime.torch_threads=1"],
+    "ray": ["runtime.name=ray"],
+}
+OTHERS = ("serial", "ray", "flower")
 
 
 def test_in_process_ray_and_flower_give_the_same_adapter(tmp_path):
@@ -55,10 +65,10 @@ def test_in_process_ray_and_flower_give_the_same_adapter(tmp_path):
     assert "refused" not in fed.output("server")
 
     reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
-    for name in ("ray", "flower"):
+    for name in OTHERS:
         assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
     expected = [{k: r.get(k) for k in SAME} for r in _history(runs["in_process"])]
-    for name in ("ray", "flower"):
+    for name in OTHERS:
         history = _history(runs[name])
         assert [{k: r.get(k) for k in SAME} for r in history] == expected, name
         # replies carry their measured training time as text in the header: a few bytes of jitter
@@ -90,7 +100,7 @@ def test_kd_gives_the_same_consensus_and_client_adapters_on_every_runtime(tmp_pa
     template = KDState(torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, 4))
     states = {name: load_latest(run, template) for name, run in runs.items()}
     ref = states["in_process"]
-    for name in ("ray", "flower"):
+    for name in OTHERS:
         assert all(torch.equal(a, b) for a, b in zip(states[name].algorithm[:3], ref.algorithm[:3], strict=True)), name
         history = [{k: r.get(k) for k in (*SAME, "eval_loss")} for r in _history(runs[name])]
         assert history == [{k: r.get(k) for k in (*SAME, "eval_loss")} for r in _history(runs["in_process"])], name
@@ -121,7 +131,7 @@ def test_split_gives_the_same_adapter_on_every_runtime(tmp_path):
     runs, _ = _on_every_runtime(tmp_path, SPLIT_PARITY, deadline_s=300)
     reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
     expected = [{k: r.get(k) for k in SAME} for r in _history(runs["in_process"])]
-    for name in ("ray", "flower"):
+    for name in OTHERS:
         assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
         assert [{k: r.get(k) for k in SAME} for r in _history(runs[name])] == expected, name
 
@@ -145,7 +155,7 @@ def test_secure_aggregation_gives_the_same_adapter_on_every_runtime(tmp_path):
     reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
     expected = [{k: r.get(k) for k in (*SAME, "secagg_summed", "dp_epsilon")} for r in _history(runs["in_process"])]
     assert all(r.get("secagg_summed") == 3 for r in expected[1:])
-    for name in ("ray", "flower"):
+    for name in OTHERS:
         assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
         history = [{k: r.get(k) for k in (*SAME, "secagg_summed", "dp_epsilon")} for r in _history(runs[name])]
         assert history == expected, name

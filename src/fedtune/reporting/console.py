@@ -13,9 +13,18 @@ from tqdm.auto import tqdm
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
+_SILENT = False
+
+
 def bar_disabled(progress: bool) -> bool | None:
-    """tqdm's disable flag: off when asked, and (None) off automatically when stderr is not a terminal."""
-    return True if not progress else None
+    """tqdm's disable flag: off when asked or silenced, and (None) off automatically when stderr is not a terminal."""
+    return True if not progress or _SILENT else None
+
+
+def silence_bars() -> None:
+    """No progress bars from this process from now on (a worker whose bars would interleave with others')."""
+    global _SILENT
+    _SILENT = True
 
 
 class TqdmHandler(logging.Handler):

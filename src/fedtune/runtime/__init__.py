@@ -30,4 +30,14 @@ def build_runtime(cfg: ExperimentConfig, handle: Callable[[], Handle], build_rem
         return RayRuntime(cfg, build_remote)
     from fedtune.runtime.in_process import InProcessRuntime
 
-    return InProcessRuntime(handle())
+    return InProcessRuntime(handle(), lane_count(cfg), cfg.runtime.torch_threads, cfg.federation.round_timeout_s)
+
+
+def lane_count(cfg: ExperimentConfig) -> int:
+    """runtime.lanes, with auto resolved: one lane per core this process may use, at most one per client a round."""
+    from fedtune.runtime.lanes import available_cores
+
+    lanes = cfg.runtime.lanes
+    if lanes == "auto":
+        lanes = 1 if cfg.runtime.torch_threads not in (None, 1) else min(available_cores(), cfg.clients_per_round())
+    return max(1, lanes)

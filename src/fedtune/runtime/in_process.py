@@ -1,33 +1,60 @@
-"""The embedded default: clients are served in turn, in this process, by one shared handler.
+"""The embedded default: one base model in memory, clients served in lanes that share it.
 
-One base model in memory however many clients are simulated; messages still go through the
-real encoding, so byte counts are what a deployment would send. The runtime keeps each
-simulated client's persistent state (e.g. SCAFFOLD's c_i) between rounds.
+With one lane, clients are served in turn in this process by one shared handler. With more, each
+lane is a forked child of this process (``runtime.lanes``): all lanes read the one copy of the
+base weights, and each trains its own client at the same time on one torch thread. Messages
+still go through the real encoding, so byte counts are what a deployment would send. The runtime
+keeps each simulated client's persistent state (e.g. SCAFFOLD's c_i) between rounds, in this
+process, whichever lane served the client.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from fedtune.runtime.base import Handle
+from fedtune.runtime.lanes import LanePool
 from fedtune.types import ClientState, Envelope
 
 
 class InProcessRuntime:
-    def __init__(self, handler: Handle):
-        self.handler = handler
+    def __init__(
+        self, handler: Handle, lanes: int = 1, torch_threads: int | None = None, timeout_s: float | None = None
+    ):
+        """``lanes`` > 1: that many forked lanes, one torch thread each; ``torch_threads``: for one lane,
+        the torch threads clients train with (default: leave torch's setting); ``timeout_s``: a lane
+        that has not replied by then is stopped and its client dropped for the exchange."""
+        if lanes > 1 and torch_threads not in (None, 1):
+            raise ValueError(f"{lanes} lanes run one torch thread each, not {torch_threads}")
+        self.handler, self.threads = handler, torch_threads
+        self.pool = LanePool(handler, lanes, timeout_s) if lanes > 1 else None
         self.states: dict[int, ClientState] = {}
 
     def send_and_receive(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+        jobs = [(e.client_id, e.payload, self.states.get(e.client_id, {})) for e in envelopes]
+        done = self.pool.run(jobs) if self.pool is not None else self._serve_in_turn(jobs)
         replies = []
         for e in envelopes:
-            payload, state = self.handler(e.client_id, e.payload, self.states.get(e.client_id, {}))
+            if e.client_id not in done:
+                continue  # its lane died or missed the deadline (logged by the pool)
+            payload, state = done[e.client_id]
             if state:
                 self.states[e.client_id] = state
             else:  # a client may give up all it kept (split learning's round state at the round's end)
                 self.states.pop(e.client_id, None)
             replies.append(Envelope(e.client_id, payload))
         return replies
+
+    def _serve_in_turn(self, jobs: list) -> dict[int, tuple[bytes, ClientState]]:
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            return {cid: self.handler(cid, payload, state) for cid, payload, state in jobs}
+        finally:
+            torch.set_num_threads(before)
 
     def client_states(self) -> dict[int, ClientState]:
         return dict(self.states)
@@ -36,4 +63,5 @@ class InProcessRuntime:
         self.states = dict(states)
 
     def close(self) -> None:
-        pass
+        if self.pool is not None:
+            self.pool.close()
