@@ -123,6 +123,7 @@ def _run(
         cfg,
         lambda: make_handler(cfg, bench, clients, eval_set).handle,
         partial(simulation_handler, cfg.model_dump(mode="json")),
+        lambda: (cfg.model.name, *adapter.lendable()),
     )
 
     def evaluate_adapter(params: Params, r: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 
 from fedtune.config import ExperimentConfig  # noqa: E402
 from fedtune.runtime.ray_pool import RayRuntime  # noqa: E402
+from fedtune.runtime.worker import ClientWorker  # noqa: E402
 from fedtune.types import Envelope  # noqa: E402
 
 
@@ -93,5 +94,44 @@ def test_a_straggler_misses_the_deadline_and_the_pool_recovers(local_ray):
         assert sorted(got) == [0, 2]
         got = _replies(rt, {0: b"x", 1: b"y", 2: b"z"})
         assert sorted(got) == [0, 1, 2]
+    finally:
+        rt.close()
+
+
+class ProbeWorker(ClientWorker):
+    """Loads the tiny model (over lent weights when given them) and replies with the path of the mapping
+    of its address space that holds the embedding, and the embedding's first value."""
+
+    def handle(self, cid, payload, state):
+        from fedtune.models.loading import load_model
+
+        w = load_model("tiny-llama").model.get_input_embeddings().weight.detach()
+        ptr = w.untyped_storage().data_ptr()
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, *rest = line.split()
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= ptr < hi:
+                    return f"{' '.join(rest[4:])}:{float(w[0, 0])}".encode(), state
+        return b"?:0", state
+
+
+def test_workers_build_their_model_over_the_one_copy_in_the_object_store(local_ray, model_cache):
+    from fedtune.models.loading import load_model
+
+    own = load_model("tiny-llama").model
+    params = dict(own.named_parameters(remove_duplicate=False))
+    cfg = ExperimentConfig.model_validate({"partition": {"num_clients": 2}, "runtime": {"name": "ray"}})
+    rt = RayRuntime(cfg, dict, worker=ProbeWorker, base=("tiny-llama", params, set()))
+    try:
+        got = _replies(rt, {0: b"", 1: b""})
+        for mapping, first in got.values():
+            assert "plasma" in mapping or mapping.startswith("/dev/shm"), mapping
+            assert float(first) == float(own.get_input_embeddings().weight[0, 0])
+        # the driver's own model reads the stored copy too
+        assert (
+            params["model.embed_tokens.weight"].untyped_storage().data_ptr()
+            == rt._lent[1]["model.embed_tokens.weight"][2].ctypes.data
+        )
     finally:
         rt.close()

@@ -57,6 +57,9 @@ class AdapterModel:
         self.adapter_names = {cfg.r: ADAPTER, **{r: f"rank{r}" for r in ranks}}
         if base_path is not None:
             base.config.name_or_path = base_path  # what the exported adapter config points at
+        # the base model's own parameters by their own names (tied ones under each name), before any
+        # tuner renames their modules: what another process needs to build this model over them
+        self.base_params = dict(base.named_parameters(remove_duplicate=False))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial adapter is a pure function of the seed
             self.model = self._wrap(base, cfg)
@@ -95,6 +98,11 @@ class AdapterModel:
                 if name in n.split(".") and not (self.freeze_a and ".lora_A." in n)
             }
         return by_adapter
+
+    def lendable(self) -> tuple[dict[str, torch.nn.Parameter], set[str]]:
+        """The base model's parameters by name (``models.shared.to_arrays``), and those an adapter trains."""
+        trains = {id(p) for params in self._by_adapter.values() for p in params.values()}
+        return self.base_params, {n for n, p in self.base_params.items() if id(p) in trains}
 
     def activate(self, rank: int) -> None:
         """Make the adapter of this rank the one that runs, trains and is read or written."""

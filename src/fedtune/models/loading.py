@@ -22,9 +22,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.errors import ModelLoadError
+from fedtune.models.shared import lent
 from fedtune.models.tiny import build_tiny_llama
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,10 @@ def load_model(
         kwargs["gguf_file"] = gguf
     local = Path(where).is_dir()
     try:
+        if (tensors := lent(name)) is not None:  # a worker whose base weights another process lends it
+            tokenizer, model = _over_lent(where, dtype, tensors, **kwargs)
+            model.config.use_cache = False
+            return LoadedModel(model=model, tokenizer=tokenizer, path=where, source=name)
         try:  # a local dir, or a hub id already in the HF cache: no network needed
             tokenizer, model = _from_pretrained(where, dtype, local_files_only=True, **kwargs)
         except OSError:
@@ -126,6 +132,32 @@ def _from_pretrained(where: str, dtype: str, **kwargs) -> tuple[PreTrainedTokeni
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype], **kwargs)
     return tokenizer, model
+
+
+def _over_lent(
+    where: str, dtype: str, tensors: dict[str, torch.Tensor], **kwargs
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The model at ``where`` built without weights, its parameters then pointed at the lent tensors."""
+    tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+    config = AutoConfig.from_pretrained(where, local_files_only=True, **kwargs)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device; buffers computed as usual
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=_DTYPES[dtype], trust_remote_code=kwargs.get("trust_remote_code", False)
+        )
+    adopt_meta(model, tensors)
+    return tokenizer, model.eval()
+
+
+def adopt_meta(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Assign lent tensors to a weightless model's parameters; every parameter must get one."""
+    names = dict(model.named_parameters(remove_duplicate=False))
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise ValueError(f"lent weights lack {len(missing)} of this model's parameters, e.g. {missing[:3]}")
+    model.load_state_dict({n: tensors[n] for n in names}, strict=False, assign=True)
+    model.tie_weights()
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("lent weights left parameters without values")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -18,16 +18,22 @@ if TYPE_CHECKING:
     from fedtune.runtime.base import Handle, Runtime
 
 
-def build_runtime(cfg: ExperimentConfig, handle: Callable[[], Handle], build_remote: Callable[[], Handle]) -> Runtime:
+def build_runtime(
+    cfg: ExperimentConfig,
+    handle: Callable[[], Handle],
+    build_remote: Callable[[], Handle],
+    base: Callable[[], tuple[str, dict, set[str]]] | None = None,
+) -> Runtime:
     """The runtime cfg.runtime.name names.
 
     ``handle()`` gives the client side built in this process (in_process); ``build_remote`` is a
-    picklable zero-argument recipe each Ray worker calls to build its own, bit-identical one.
+    picklable zero-argument recipe each Ray worker calls to build its own, bit-identical one;
+    ``base()``: (model name, base parameters by name, names adapters train) for Ray's workers to share.
     """
     if cfg.runtime.name == "ray":
         from fedtune.runtime.ray_pool import RayRuntime  # Ray is imported only when asked for
 
-        return RayRuntime(cfg, build_remote)
+        return RayRuntime(cfg, build_remote, base=base() if base is not None else None)
     from fedtune.runtime.in_process import InProcessRuntime
 
     return InProcessRuntime(handle(), lane_count(cfg), cfg.runtime.torch_threads, cfg.federation.round_timeout_s)

@@ -1,4 +1,8 @@
-"""Scale-out simulation: a pool of Ray workers, each loading the base model once.
+"""Scale-out simulation: a pool of Ray workers sharing one copy of the base model per node.
+
+The driver puts its base weights in Ray's object store once; every worker on the node (and the
+driver itself) maps that copy read-only and builds its model over it, so a worker's memory is its
+adapters, optimizer state and activations, not a model of its own.
 
 Client jobs are scheduled onto idle workers; each job carries the client's persistent state
 (SCAFFOLD's c_i, error-feedback residuals, a held adapter) in and out, and the driver keeps it,
@@ -19,10 +23,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import RayActorError
 
 from fedtune.config import ExperimentConfig
 from fedtune.errors import ConfigError
+from fedtune.models.shared import adopt, from_arrays, to_arrays
 from fedtune.runtime.base import Handle
 from fedtune.runtime.worker import ClientWorker
 from fedtune.types import ClientState, Envelope
@@ -33,9 +39,17 @@ FORWARDED_ENV = ("FEDTUNE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFF
 
 
 class RayRuntime:
-    def __init__(self, cfg: ExperimentConfig, build: Callable[[], Handle], worker: type = ClientWorker):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        build: Callable[[], Handle],
+        worker: type = ClientWorker,
+        base: tuple[str, dict[str, torch.nn.Parameter], set[str]] | None = None,
+    ):
         """``build``: a picklable recipe each worker calls to build its client side;
-        ``worker``: the class each Ray actor runs, built with (build, cwd, torch threads)."""
+        ``worker``: the class each Ray actor runs, built with (build, cwd, torch threads[, base weights]);
+        ``base``: (model name, the driver's base parameters by name, the names adapters train): put in
+        the object store once, mapped by every worker on the node and by the driver itself."""
         rc = cfg.runtime.ray
         self.timeout = cfg.federation.round_timeout_s
         self.started = False
@@ -58,7 +72,10 @@ class RayRuntime:
         self.num_workers = rc.num_workers or min(fits, cfg.clients_per_round())
         threads = rc.torch_threads or max(1, int(rc.cpus_per_worker))
         self._actor = ray.remote(num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker)(worker)
-        self._args = (build, os.getcwd(), threads)
+        self._args: tuple = (build, os.getcwd(), threads)
+        self._lent = None
+        if base is not None:
+            self._args += (self._share(*base),)
         t = time.perf_counter()
         self.workers, self._starting = [], []
         for _ in range(self.num_workers):
@@ -72,6 +89,15 @@ class RayRuntime:
             time.perf_counter() - t,
         )
         self.states: dict[int, ClientState] = {}
+
+    def _share(self, name: str, params: dict[str, torch.nn.Parameter], trained: set[str]) -> ray.ObjectRef:
+        """Put the base weights in the object store; from then on the driver's model reads that copy too."""
+        t = time.perf_counter()
+        ref = ray.put((name, to_arrays(params, trained)))
+        self._lent = ray.get(ref)  # zero-copy views of the stored arrays, held while the model uses them
+        adopt({n: p for n, p in params.items() if n not in trained}, from_arrays(self._lent[1]))
+        log.info("ray: base weights of %s put in the object store in %.1fs", name, time.perf_counter() - t)
+        return ref
 
     def _spawn(self) -> None:
         w = self._actor.remote(*self._args)

@@ -3,7 +3,8 @@
 Plain Python (no Ray import): the Ray pool wraps it as an actor. It builds its client side with the
 recipe it is given (``assembly.simulation_handler``: the model, the seeded initial adapter and every
 client's data, rebuilt from the config exactly as the server builds them), so a client's reply does
-not depend on which worker served it.
+not depend on which worker served it. Given the base weights the driver put in the object store, it
+builds its model over that one shared copy instead of loading its own.
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ from collections.abc import Callable
 import torch
 import transformers
 
+from fedtune.models.shared import Exported, from_arrays, lend
 from fedtune.runtime.base import Handle
 from fedtune.types import ClientState
 
 
 class ClientWorker:
-    def __init__(self, build: Callable[[], Handle], cwd: str | None, torch_threads: int):
+    def __init__(
+        self, build: Callable[[], Handle], cwd: str | None, torch_threads: int, base: tuple[str, Exported] | None = None
+    ):
+        """``base``: (model name, exported base weights) mapped from the object store: the model is built over them."""
+        if base is not None:
+            self._base = base  # keeps the store's mapping alive as long as the model uses it
+            lend(base[0], from_arrays(base[1]))
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)  # relative data and model paths mean what they meant to the server
         torch.set_num_threads(torch_threads)
