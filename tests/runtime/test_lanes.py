@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import sys
 import time
 
 import pytest
@@ -134,3 +137,35 @@ def test_auto_lanes_are_one_per_core_at_most_one_per_client():
 def test_lane_settings_that_cannot_work_are_refused(runtime, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         _cfg(**runtime)
+
+
+ORPHAN = """
+import os, sys, time
+from fedtune.runtime.in_process import InProcessRuntime
+from fedtune.types import Envelope
+rt = InProcessRuntime(lambda c, p, s: (str(os.getpid()).encode(), s), lanes=2)
+print(" ".join(e.payload.decode() for e in rt.send_and_receive([Envelope(0, b""), Envelope(1, b"")])), flush=True)
+time.sleep(60)
+"""
+
+
+def test_lanes_die_with_their_parent_and_release_its_output():
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True)
+    lanes = [int(p) for p in proc.stdout.readline().split()]
+    assert len(set(lanes)) == 2 and proc.pid not in lanes
+    proc.kill()  # as a user's kill -9, or a test that kills a run mid-round
+    proc.wait()
+    t = time.monotonic()
+    ready, _, _ = select.select([proc.stdout], [], [], 10)
+    assert ready and proc.stdout.read() == ""  # EOF: no lane holds the output pipe open
+    while any(_alive(p) for p in lanes) and time.monotonic() - t < 10:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in lanes)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -17,6 +17,8 @@ exception in the handler is raised here, as it would be were the client served i
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import multiprocessing as mp
@@ -46,8 +48,11 @@ class LaneError(RuntimeError):
     """A client's handler raised in a lane and the exception could not be carried back as itself."""
 
 
-def _serve(conn: Connection, handle: Handle) -> None:
+def _serve(conn: Connection, handle: Handle, inherited: list[Connection], parent: int) -> None:
     """A lane's loop: run each job it is sent, reply with the result or the exception."""
+    for c in inherited:  # the parent's ends of every lane's pipe: held here, they would hide the parent's exit
+        c.close()
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the lanes
     torch.set_num_threads(1)
     silence_bars()  # lanes train at once: one client bar each would garble the terminal
@@ -64,6 +69,14 @@ def _serve(conn: Connection, handle: Handle) -> None:
         conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this lane when its parent dies, even mid-training (else it ends at EOF)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
+
+
 def _picklable(exc: BaseException) -> BaseException | None:
     try:
         pickle.loads(pickle.dumps(exc))
@@ -75,7 +88,8 @@ def _picklable(exc: BaseException) -> BaseException | None:
 class Lane:
     """One forked child and the parent's end of its pipe."""
 
-    def __init__(self, handle: Handle):
+    def __init__(self, handle: Handle, others: Sequence[Lane] = ()):
+        """``others``: the pool's other lanes, whose pipe ends the child must not keep open."""
         ctx = mp.get_context("fork")
         self.conn, child = ctx.Pipe()
         # the child's garbage collector would otherwise write to (and so copy) every page of Python objects
@@ -83,7 +97,10 @@ class Lane:
         try:
             with warnings.catch_warnings():  # Python 3.12 warns on fork with threads: torch's idle pool holds no lock
                 warnings.filterwarnings("ignore", ".*fork\\(\\) may lead to deadlocks", DeprecationWarning)
-                self.process = ctx.Process(target=_serve, args=(child, handle), daemon=True, name="fedtune-lane")
+                inherited = [self.conn, *(lane.conn for lane in others)]
+                self.process = ctx.Process(
+                    target=_serve, args=(child, handle, inherited, os.getpid()), daemon=True, name="fedtune-lane"
+                )
                 self.process.start()
         finally:
             gc.unfreeze()
@@ -112,7 +129,7 @@ class LanePool:
     def run(self, jobs: Sequence[Job]) -> dict[int, tuple[bytes, ClientState]]:
         """Serve every job; client id -> (reply, state) for each that came back (dropped ones are absent)."""
         while len(self.lanes) < self.size:  # forked on first use: the handler is complete by then
-            self.lanes.append(Lane(self.handle))
+            self.lanes.append(Lane(self.handle, self.lanes))
         pending, idle = deque(jobs), list(self.lanes)
         busy: dict[Connection, Lane] = {}
         done: dict[int, tuple[bytes, ClientState]] = {}
@@ -144,7 +161,7 @@ class LanePool:
                 if status == "error":
                     self.close()
                     exc, tb = value
-                    if exc is None:
+                    if exc is None or not hasattr(exc, "add_note"):  # unpicklable, or Python 3.10
                         raise LaneError(f"client {cid} failed in a lane:\n{tb}")
                     exc.add_note(f"raised in a lane (pid {lane.process.pid}) serving client {cid}:\n{tb}")
                     raise exc
@@ -154,12 +171,9 @@ class LanePool:
 
     def _replace(self, lane: Lane) -> Lane:
         lane.stop()
-        fresh = Lane(self.handle)
+        fresh = Lane(self.handle, [other for other in self.lanes if other is not lane])
         self.lanes[self.lanes.index(lane)] = fresh
         return fresh
-
-    def pids(self) -> list[int]:
-        return [lane.process.pid for lane in self.lanes]
 
     def close(self) -> None:
         for lane in self.lanes:
