@@ -195,13 +195,14 @@ def test_diverged_client_is_dropped_and_too_few_stops(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(trainer, "train_locally", flaky)
-    code, out = _run(tmp_path, "federation.rounds=2")
+    # clients in turn in this process (runtime.lanes=1), where the patch and its call count live
+    code, out = _run(tmp_path, "federation.rounds=2", "runtime.lanes=1")
     assert code == 0, out
     metrics = _metrics(tmp_path / "tiny")
     assert all(m["clients"] == [1, 2, 3] and "non-finite" in m["dropped"]["0"] for m in metrics[1:])
 
     calls.clear()
-    code, out = _run(tmp_path, "federation.rounds=2", "federation.min_clients=4", name="strict")
+    code, out = _run(tmp_path, "federation.rounds=2", "federation.min_clients=4", "runtime.lanes=1", name="strict")
     assert code == 2 and "only 3 of 4 clients" in out and "round_0000" in out
     assert (tmp_path / "strict" / "checkpoints" / "round_0000" / "state.json").is_file()
     assert not (tmp_path / "strict" / "checkpoints" / "round_0001").exists()
@@ -318,6 +319,7 @@ def test_mixed_ranks_each_client_trains_its_own_rank(tmp_path, monkeypatch):
             "adapter.client_ranks=[2,4,8,16]",
             f"aggregation.lora={mode}",
             "federation.rounds=2",
+            "runtime.lanes=1",  # the spy records in this process: clients in turn here, not in lanes
             name=mode,
         )
         assert code == 0, out
