@@ -48,9 +48,10 @@ class InProcessRuntime:
         return replies
 
     def _serve_in_turn(self, jobs: list) -> dict[int, tuple[bytes, ClientState]]:
+        if self.threads is None:  # torch's setting untouched: even re-setting it changes kernels' float order
+            return {cid: self.handler(cid, payload, state) for cid, payload, state in jobs}
         before = torch.get_num_threads()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         try:
             return {cid: self.handler(cid, payload, state) for cid, payload, state in jobs}
         finally:
