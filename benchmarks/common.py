@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,3 +82,54 @@ def interval(values: list[float]) -> tuple[float, float]:
 def plus_minus(value: float, half: float, fmt: str) -> str:
     """'1.234 ± 0.056', or the value alone when there is no interval."""
     return f"{value:{fmt}} ± {half:{fmt}}" if half else f"{value:{fmt}}"
+
+
+@dataclass
+class MeasuredRun:
+    returncode: int
+    output: str  # stdout and stderr together
+    wall_s: float
+    peak_pss: int  # bytes: the largest sum over the process tree of each process's proportional set size
+    peak_rss: int  # bytes: the same for resident set sizes (counts shared pages once per process)
+
+
+def run_measured(cmd: list[str], every_s: float = 0.5) -> MeasuredRun:
+    """Run ``cmd``, sampling its whole process tree's memory (forked lanes, Ray workers, Flower's apps)
+    every ``every_s`` seconds. PSS charges each shared page to its processes in shares, so base weights
+    that lanes or workers map once count once; RSS counts them in every process."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root, peak, peak_rss = psutil.Process(proc.pid), 0, 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(_pss(p.pid) for p in tree))
+            peak_rss = max(peak_rss, sum(_rss(p) for p in tree))
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(every_s)
+    wall = time.perf_counter() - start
+    return MeasuredRun(proc.returncode, proc.stdout.read(), wall, peak, peak_rss)
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size, bytes: private pages plus each shared page's share (0 if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _rss(p) -> int:
+    import psutil
+
+    try:
+        return p.memory_info().rss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0

@@ -1,7 +1,9 @@
-"""Memory flatness: peak RSS simulating 32 clients vs 2 clients with the same model and data.
+"""Memory flatness: peak memory simulating 32 clients vs 2 clients with the same model and data.
 
-Each size runs in a fresh process (peak RSS is per process): bundled SmolLM2-135M, IID split of
-the built-in tasks, one round, every client trains one step. Target: ratio at most 1.15.
+Each size runs in a fresh process: bundled SmolLM2-135M, IID split of the built-in tasks, one
+round, every client trains one step, with the default runtime (lanes: forked children that share
+the base weights). Memory is the peak PSS of the whole process tree, sampled (each shared page
+counted once, in shares); RSS summed over the tree is kept alongside. Target: ratio at most 1.15.
 
     python benchmarks/memory.py [--small 2] [--large 32]
 """
@@ -10,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 
-from common import write_result
+from common import run_measured, write_result
 
 
 def child(clients: int, model: str) -> None:
@@ -39,12 +39,7 @@ def child(clients: int, model: str) -> None:
             ],
         )
         result = run_experiment(cfg)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
-    print(
-        json.dumps(
-            {"clients": clients, "peak_rss_gb": peak_kb / 1e6, "trained": len(result.state.history[-1]["clients"])}
-        )
-    )
+    print(json.dumps({"clients": clients, "trained": len(result.state.history[-1]["clients"])}))
 
 
 def main() -> None:
@@ -59,19 +54,17 @@ def main() -> None:
         return
     runs = {}
     for n in (args.small, args.large):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", str(n), "--model", args.model],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        runs[n] = json.loads(out.strip().splitlines()[-1])
-        assert runs[n]["trained"] == n
-    ratio = runs[args.large]["peak_rss_gb"] / runs[args.small]["peak_rss_gb"]
+        run = run_measured([sys.executable, __file__, "--child", str(n), "--model", args.model])
+        if run.returncode != 0:
+            raise RuntimeError(f"{n} clients failed:\n{run.output[-3000:]}")
+        found = json.loads(run.output.strip().splitlines()[-1])
+        assert found["trained"] == n
+        runs[n] = {**found, "peak_pss_gb": run.peak_pss / 2**30, "peak_rss_gb_summed": run.peak_rss / 2**30}
+    ratio = runs[args.large]["peak_pss_gb"] / runs[args.small]["peak_pss_gb"]
     write_result(
         "memory",
         {
-            "setup": {"model": args.model},
+            "setup": {"model": args.model, "runtime": "in_process, runtime.lanes=auto", "memory": "peak PSS, tree"},
             "runs": list(runs.values()),
             "ratio": ratio,
             "target": 1.15,

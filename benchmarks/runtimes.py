@@ -32,14 +32,12 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-from common import merge_rows, write_result
+from common import merge_rows, run_measured, write_result
 
 VARIANTS = ("fedtune-in_process", "fedtune-ray", "flower-sim")
 ROUNDS, STEPS, BATCH = 3, 5, 4
@@ -98,49 +96,18 @@ def run_variant(variant: str, model: str, clients: int) -> dict:
     """Run one variant in a child process; wall time and peak PSS (and RSS) of its whole process tree."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, __file__, "--child", variant, "--model", model, "--clients", str(clients), "--out", out]
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        root, peak, peak_rss = psutil.Process(proc.pid), 0, 0
-        while proc.poll() is None:
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(_pss(p.pid) for p in tree))
-                peak_rss = max(peak_rss, sum(_rss(p) for p in tree))
-            except psutil.NoSuchProcess:
-                pass
-            time.sleep(0.5)
-        wall = time.perf_counter() - start
-        output = proc.stdout.read()
-        if proc.returncode != 0:
-            raise RuntimeError(f"{variant} N={clients} failed:\n{output[-3000:]}")
-        result = json.loads(output.strip().splitlines()[-1])
+        run = run_measured(cmd)
+        if run.returncode != 0:
+            raise RuntimeError(f"{variant} N={clients} failed:\n{run.output[-3000:]}")
+        result = json.loads(run.output.strip().splitlines()[-1])
     return {
         "variant": variant,
         "clients": clients,
-        "wall_s": round(wall, 2),
-        "peak_pss_gb": round(peak / 2**30, 3),
-        "peak_rss_gb": round(peak_rss / 2**30, 3),
+        "wall_s": round(run.wall_s, 2),
+        "peak_pss_gb": round(run.peak_pss / 2**30, 3),
+        "peak_rss_gb": round(run.peak_rss / 2**30, 3),
         **result,
     }
-
-
-def _pss(pid: int) -> int:
-    """Proportional set size, bytes: private pages plus each shared page's share (0 if the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _rss(p: psutil.Process) -> int:
-    try:
-        return p.memory_info().rss
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0
 
 
 def child(variant: str, model: str, clients: int, out: str) -> None:

@@ -145,7 +145,7 @@ def test_measures_per_sampled_client_and_round():
     history = [
         {"round": 0, "eval_loss": 3.0},
         {"round": 1, "clients": [0, 1], "bytes_up": 40, "bytes_down": 20, "local_train_s": 4.0, "train_s": 5.0,
-         "client_flops": 10.0, "client_peak_bytes": 7},
+         "clients_s": 2.5, "client_flops": 10.0, "client_peak_bytes": 7},  # two clients side by side
         {"round": 2, "clients": [1], "bytes_up": 10, "bytes_down": 10, "local_train_s": 1.0, "train_s": 1.5,
          "client_flops": 4.0, "client_peak_bytes": 9, "eval_loss": 1.5, "eval_accuracy": 0.25},
     ]  # fmt: skip
@@ -154,7 +154,8 @@ def test_measures_per_sampled_client_and_round():
     assert m["final_eval_loss"] == 1.5 and m["final_accuracy"] == 0.25 and m["rounds_to_target"] == 2
     assert m["bytes_up_per_client"] == 25 and m["bytes_down_per_client"] == 15
     assert m["client_s_per_round"] == (2.0 + 1.0) / 2 and m["client_flops_per_round"] == (5.0 + 4.0) / 2
-    assert m["client_peak_bytes"] == 9 and m["server_s_per_round"] == (1.0 + 0.5) / 2
+    # outside the clients' hands: train_s - clients_s (a record from before clients_s: - local_train_s)
+    assert m["client_peak_bytes"] == 9 and m["server_s_per_round"] == (2.5 + 0.5) / 2
     assert got["curves"] == {"round": [0, 2], "eval_loss": [3.0, 1.5], "bytes_per_client": [0.0, 40.0],
                              "client_flops": [0.0, 7.0]}  # fmt: skip
     assert run_measures(history, 2, 1.0)["measures"]["rounds_to_target"] is None

@@ -98,6 +98,7 @@ def test_every_paradigm_reports_the_clients_cost_and_split_clients_pay_less(tmp_
         assert summary["client_peak_bytes"] == costs[name]["client_peak_bytes"]
         m = costs[name]  # throughput: the input tokens trained over the round's training seconds
         assert m["train_tokens"] > 0 and m["train_tokens_per_s"] == m["train_tokens"] / m["train_s"]
+        assert 0 < m["clients_s"] < m["train_s"]  # the round's time in the clients' hands, inside its own
         assert summary["train_tokens"] == m["train_tokens"]
     # the same clients, batches and steps: split's server counts (from the masks) what a PS client reports
     assert costs["split"]["train_tokens"] == costs["ps"]["train_tokens"]

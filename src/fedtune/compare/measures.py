@@ -2,8 +2,9 @@
 
 Per client means divided by the clients a round sampled (bytes: by the federation's clients, since
 every client holds its share of the run's traffic over the rounds). ``server_s_per_round`` is a
-round's time outside the clients' compute (train_s − local_train_s): with the in-process runtime,
-where clients run one after another, that is the server's and the framework's share.
+round's time outside the clients' hands (train_s − clients_s): the server's and the framework's
+share, whether clients ran in turn, side by side in lanes, or remotely. (train_s − local_train_s,
+its earlier form, is negative once clients train side by side.)
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _clients_s(record: dict[str, Any]) -> float:
+    """The round's seconds in the clients' hands; runs recorded before clients_s existed served clients in
+    turn, where their summed training time stood for it."""
+    return record["clients_s"] if "clients_s" in record else record["local_train_s"]
+
+
 def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: float | None) -> dict[str, Any]:
     """The run's MEASURES (None where it did not measure one) and its curves by evaluated round."""
     trained = [r for r in history if r["round"] > 0]
@@ -58,7 +65,7 @@ def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: f
         if all("client_peak_bytes" in r for r in trained)
         else None,
         "client_flops_per_round": per_client_round("client_flops"),
-        "server_s_per_round": statistics.fmean(max(0.0, r["train_s"] - r["local_train_s"]) for r in trained),
+        "server_s_per_round": statistics.fmean(max(0.0, r["train_s"] - _clients_s(r)) for r in trained),
         "epsilon": next((r["dp_epsilon"] for r in reversed(history) if "dp_epsilon" in r), None),
     }
     return {"measures": measures, "curves": curves(history, num_clients)}

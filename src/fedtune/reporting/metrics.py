@@ -10,7 +10,16 @@ from typing import Any
 
 # a record's measured times, and the rates derived from them: the keys two identical runs may differ in
 TIMED = frozenset(
-    {"wall_s", "train_s", "eval_s", "local_train_s", "server_part_s", "server_distill_s", "train_tokens_per_s"}
+    {
+        "wall_s",
+        "train_s",
+        "eval_s",
+        "clients_s",
+        "local_train_s",
+        "server_part_s",
+        "server_distill_s",
+        "train_tokens_per_s",
+    }
 )
 
 

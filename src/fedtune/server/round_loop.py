@@ -54,6 +54,7 @@ class Network:
         self.bytes = {"train": [0, 0], "eval": [0, 0]}  # purpose -> [down, up]
         self.dropped: dict[int, str] = {}  # train exchanges: client -> why it left the round
         self.eval_exchanges = 0
+        self.waited = {"train": 0.0, "eval": 0.0}  # purpose -> seconds in the runtime's hands (clients' side)
 
     def exchange(self, ex: Exchange) -> Replies:
         cache: dict[int, bytes] = {}
@@ -64,7 +65,9 @@ class Network:
         counts = self.bytes[ex.purpose]
         counts[0] += sum(len(p) for p in payloads.values())
         self.eval_exchanges += ex.purpose == "eval"
+        sent = time.perf_counter()
         envelopes = self.runtime.send_and_receive([Envelope(c, payloads[c]) for c in sorted(payloads)])
+        self.waited[ex.purpose] += time.perf_counter() - sent
         accepted: dict[int, Any] = {}
         dropped: dict[int, str] = {}
         seen: set[int] = set()
@@ -159,6 +162,7 @@ def run_rounds(
             **metrics,
         }
         record["train_s"] = time.perf_counter() - start  # sampling .. absorbing replies, evaluation excluded
+        record["clients_s"] = net.waited["train"]  # of which the clients had the round (in turn, in lanes or remote)
         if record.get("train_tokens") and record["train_s"] > 0:  # throughput of the round's training, wall clock
             record["train_tokens_per_s"] = record["train_tokens"] / record["train_s"]
         if eval_due(r):
