@@ -202,6 +202,11 @@ class TrainingConfig(_Strict):
         0.0, ge=0, description="FedProx: add mu/2 * ||w - w_global||^2 to the local loss (0: off)"
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the adapter gradient norm (null: off)")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="keep only each block's input for backward and recompute the rest: far less activation "
+        "memory for about 1/3 more compute on a frozen base (the same adapter; not with split or DP-SGD)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -343,6 +348,16 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 "compression.downlink_updates needs one adapter rank for all clients (adapter.client_ranks unset): "
                 "every client must start from the same initial adapter"
+            )
+        if self.training.gradient_checkpointing and (self.paradigm == "split" or self.privacy.dp_sgd is not None):
+            raise ValueError(
+                "training.gradient_checkpointing does not combine with "
+                + (
+                    "paradigm: split (its clients hold a block or two and count their compute per part)"
+                    if self.paradigm == "split"
+                    else "privacy.dp_sgd (Opacus's per-example hooks would see the recomputed forward twice)"
+                )
+                + "; remove it"
             )
         if self.evaluation.per_client and self.partition.holdout_fraction == 0:
             raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")

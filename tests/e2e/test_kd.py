@@ -209,3 +209,18 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, downlink):
 
 
 _TEMPLATE = KDState(torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, 4))  # what a checkpoint must match
+
+
+def test_gradient_checkpointing_gives_the_same_run_in_lanes(tmp_path):
+    """Distillation and private training with activation checkpointing, clients in lanes: the same adapter
+    bytes and losses as without, and less kept for backward."""
+    runs = {}
+    for on in (False, True):
+        runs[on] = _run(tmp_path, f"ckpt-{on}", "kd.downlink=adapter", "adapter.dropout=0.1", "runtime.lanes=2",
+                        f"training.gradient_checkpointing={str(on).lower()}")  # fmt: skip
+    plain, ckpt = (_metrics(runs[on].run_dir) for on in (False, True))
+    assert [m["train_loss"] for m in ckpt[1:]] == [m["train_loss"] for m in plain[1:]]
+    assert all(c["client_peak_bytes"] < p["client_peak_bytes"] for c, p in zip(ckpt[1:], plain[1:], strict=True))
+    assert all(c["client_flops"] > p["client_flops"] for c, p in zip(ckpt[1:], plain[1:], strict=True))
+    adapter = "final_adapter/adapter_model.safetensors"
+    assert (runs[True].run_dir / adapter).read_bytes() == (runs[False].run_dir / adapter).read_bytes()

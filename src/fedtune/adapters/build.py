@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.config import ExperimentConfig
+from fedtune.models.activation_checkpointing import checkpoint_activations
 from fedtune.models.loading import load_model
 
 
@@ -29,4 +30,6 @@ def seeded_adapter(
         freeze_a=lora_mode == "ffa",
         extra_ranks=[cfg.adapter.rank_of_client(c) for c in range(cfg.partition.num_clients)],
     )
+    if cfg.training.gradient_checkpointing:
+        checkpoint_activations(loaded.model)
     return adapter, loaded.tokenizer

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -68,6 +68,7 @@ class FlopModel:
     block_macs: tuple[int, ...]  # multiply-accumulates per token of each block's matrices (weights of ndim 2)
     hidden: int
     head_macs: int  # per scored position: hidden x vocabulary
+    recompute: bool = False  # gradient checkpointing: backward runs the blocks' forward once more
 
     @classmethod
     def of(cls, blocks: nn.ModuleList, hidden: int, vocab: int) -> FlopModel:
@@ -80,16 +81,20 @@ class FlopModel:
     def of_model(cls, model: nn.Module) -> FlopModel | None:
         """From a (peft-wrapped) causal LM of a known block layout (``adapters.split.LAYOUTS``); None otherwise."""
         from fedtune.adapters.split import blocks_of
+        from fedtune.models.activation_checkpointing import checkpoints_activations
 
         found = blocks_of(model)
         if found is None:
             return None
         blocks, lm = found
-        return cls.of(blocks, int(lm.config.hidden_size), int(lm.get_output_embeddings().weight.shape[0]))
+        flops = cls.of(blocks, int(lm.config.hidden_size), int(lm.get_output_embeddings().weight.shape[0]))
+        return replace(flops, recompute=checkpoints_activations(lm))
 
     def training(self, batch: dict[str, torch.Tensor]) -> float:
-        """FLOPs of one training micro-batch through the whole model (the head where any row has a target)."""
-        return TRAINING * self.inference(batch)
+        """FLOPs of one training micro-batch through the whole model (the head where any row has a target);
+        with gradient checkpointing, the blocks' forward once more (not the head's)."""
+        again = self.forward(range(len(self.block_macs)), *batch["input_ids"].shape) if self.recompute else 0.0
+        return TRAINING * self.inference(batch) + again
 
     def inference(self, batch: dict[str, torch.Tensor]) -> float:
         """FLOPs of one forward pass of a batch through the whole model (the head where any row has a target)."""
