@@ -31,6 +31,7 @@ def _history(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~200 s, mostly waiting: Flower's heartbeat expiry (~45 s), rounds that run out their deadline
 def test_a_killed_client_is_dropped_for_its_round_rejoins_later_and_an_unknown_key_is_refused(tmp_path):
     fed = Federation(
         tmp_path,
