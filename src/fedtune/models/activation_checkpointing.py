@@ -19,5 +19,5 @@ def checkpoint_activations(model: PreTrainedModel) -> None:
 
 def checkpoints_activations(model: PreTrainedModel) -> bool:
     """Whether ``checkpoint_activations`` is on for this model (under either transformers name)."""
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else None
-    return bool(getattr(model, name or "is_gradient_checkpointing", False))
+    new = "is_activation_checkpointing"  # asking under the old name warns where the new one exists
+    return bool(getattr(model, new if hasattr(type(model), new) else "is_gradient_checkpointing", False))
