@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,27 +92,44 @@ class MeasuredRun:
     wall_s: float
     peak_pss: int  # bytes: the largest sum over the process tree of each process's proportional set size
     peak_rss: int  # bytes: the same for resident set sizes (counts shared pages once per process)
+    marked_pss: int = 0  # bytes: the tree's PSS when the command printed the ``mark`` line (0: no mark)
 
 
-def run_measured(cmd: list[str], every_s: float = 0.5) -> MeasuredRun:
+def run_measured(cmd: list[str], every_s: float = 0.5, mark: str | None = None) -> MeasuredRun:
     """Run ``cmd``, sampling its whole process tree's memory (forked lanes, Ray workers, Flower's apps)
     every ``every_s`` seconds. PSS charges each shared page to its processes in shares, so base weights
-    that lanes or workers map once count once; RSS counts them in every process."""
+    that lanes or workers map once count once; RSS counts them in every process. ``mark``: a line the
+    command prints when its baseline is reached (e.g. after loading); the next sample is kept."""
     import psutil
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root, peak, peak_rss = psutil.Process(proc.pid), 0, 0
+    lines: list[str] = []
+    marked = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if mark is not None and line.strip() == mark:
+                marked.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    root, peak, peak_rss, at_mark = psutil.Process(proc.pid), 0, 0, 0
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(_pss(p.pid) for p in tree))
+            pss = sum(_pss(p.pid) for p in tree)
+            peak = max(peak, pss)
             peak_rss = max(peak_rss, sum(_rss(p) for p in tree))
+            if marked.is_set() and not at_mark:
+                at_mark = pss
         except psutil.NoSuchProcess:
             pass
         time.sleep(every_s)
     wall = time.perf_counter() - start
-    return MeasuredRun(proc.returncode, proc.stdout.read(), wall, peak, peak_rss)
+    reader.join()
+    return MeasuredRun(proc.returncode, "".join(lines), wall, peak, peak_rss, at_mark)
 
 
 def _pss(pid: int) -> int:

@@ -207,6 +207,12 @@ class TrainingConfig(_Strict):
         description="keep only each block's input for backward and recompute the rest: far less activation "
         "memory for about 1/3 more compute on a frozen base (the same adapter; not with split or DP-SGD)",
     )
+    fused_loss: bool = Field(
+        True,
+        description="run the LM head and its cross-entropy together in chunks of target positions, taking the "
+        "head's gradient as it goes: no vocabulary-wide logits kept for backward (the same loss up to float "
+        "summation order; models whose logits are their head's output, else the plain path)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -2,7 +2,9 @@
 
 Only positions that predict a target token go through the LM head (``logits_to_keep``): with
 response-only loss that is a few positions per sequence instead of all of them. Prompt and
-P-tuning prepend virtual tokens, which shifts every position by their number.
+P-tuning prepend virtual tokens, which shifts every position by their number. The next-token loss
+runs the head and its cross-entropy fused, chunk by chunk (``models.head_loss``), where the model's
+head allows: only the target positions' hidden states reach the head, and no logits are kept.
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ import torch.nn.functional as F
 
 from fedtune.adapters.adapter_model import virtual_token_offset
 from fedtune.data.tokenize import IGNORE
+from fedtune.models.head_loss import head_bypassed, head_cross_entropy_sum, plain_head
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]  # -> (sum, positions)
 
 
-def _target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, K, V) in float32, targets (B, K)) at the K positions that any row needs."""
+def _target_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's "logits" output (B, K, ·), targets (B, K)) at the K positions that any row needs."""
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
     offset = virtual_token_offset(model)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep + offset)
-    return out.logits.float(), targets[:, keep]
+    return out.logits, targets[:, keep]
+
+
+def _target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K, V) in float32, targets (B, K)) at the K positions that any row needs."""
+    logits, targets = _target_outputs(model, batch)
+    return logits.float(), targets
 
 
 def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +43,17 @@ def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return logits, targets != IGNORE
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target positions, and how many there are."""
+def token_loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = True
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target positions, and how many there are. ``fused``: the
+    head and its loss in chunks where the model's head allows (the same loss up to summation order)."""
+    head = plain_head(model) if fused else None
+    if head is not None:
+        with head_bypassed(head):
+            hidden, targets = _target_outputs(model, batch)  # (B, K, H), (B, K)
+        mask = targets != IGNORE
+        return head_cross_entropy_sum(hidden[mask], head, targets[mask]), int(mask.sum())  # (P, H), (P,)
     logits, targets = _target_logits(model, batch)  # (B, K, V), (B, K)
     loss = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from fedtune.client.cost import TRAINING, ActivationMeter, FlopModel, parameter_bytes
@@ -56,6 +58,11 @@ def test_flops_come_from_each_blocks_matrices_and_scale_with_tokens(tiny_adapter
     batch = _batch(2, 8)
     scored = 2 * int((batch["labels"][:, 1:] != IGNORE).any(dim=0).sum())
     assert model.training(batch) == TRAINING * model.forward(range(2), 2, 8, scored)
+    batch["labels"][1, 6:] = IGNORE  # row 1's answer ends early: the plain head still runs there
+    targets = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert targets < scored == 2 * int((batch["labels"][:, 1:] != IGNORE).any(dim=0).sum())
+    fused = replace(model, head_at_targets=True)  # the fused loss's head runs at the targets alone
+    assert fused.training(batch) == TRAINING * model.forward(range(2), 2, 8, targets)
     assert FlopModel.of_model(torch.nn.Linear(2, 2)) is None  # no known block layout: no count
 
 

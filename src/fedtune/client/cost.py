@@ -69,6 +69,7 @@ class FlopModel:
     hidden: int
     head_macs: int  # per scored position: hidden x vocabulary
     recompute: bool = False  # gradient checkpointing: backward runs the blocks' forward once more
+    head_at_targets: bool = False  # training's head runs at target positions only (the fused loss)
 
     @classmethod
     def of(cls, blocks: nn.ModuleList, hidden: int, vocab: int) -> FlopModel:
@@ -91,10 +92,14 @@ class FlopModel:
         return replace(flops, recompute=checkpoints_activations(lm))
 
     def training(self, batch: dict[str, torch.Tensor]) -> float:
-        """FLOPs of one training micro-batch through the whole model (the head where any row has a target);
-        with gradient checkpointing, the blocks' forward once more (not the head's)."""
-        again = self.forward(range(len(self.block_macs)), *batch["input_ids"].shape) if self.recompute else 0.0
-        return TRAINING * self.inference(batch) + again
+        """FLOPs of one training micro-batch through the whole model (the head where any row has a target,
+        or at the targets alone with ``head_at_targets``); with gradient checkpointing, the blocks'
+        forward once more (not the head's)."""
+        b, t = batch["input_ids"].shape
+        labels = batch["labels"]
+        scored = int((labels[:, 1:] != IGNORE).sum()) if self.head_at_targets else scored_positions(labels)
+        again = self.forward(range(len(self.block_macs)), b, t) if self.recompute else 0.0
+        return TRAINING * self.forward(range(len(self.block_macs)), b, t, scored) + again
 
     def inference(self, batch: dict[str, torch.Tensor]) -> float:
         """FLOPs of one forward pass of a batch through the whole model (the head where any row has a target)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from fedtune.config import TrainingConfig
 from fedtune.config_privacy import DpSgdConfig
 from fedtune.data.tokenize import collate
 from fedtune.losses import LossFn, example_loss_sum, token_loss_sum
+from fedtune.models.head_loss import plain_head
 from fedtune.reporting.console import bar_disabled
 from fedtune.wire.link import generator
 
@@ -66,10 +68,11 @@ class LocalTrainer:
         self.progress, self.dp_sgd = progress, dp_sgd
         self._cost_of: tuple = (None, None)
 
-    def _cost(self, adapter: AdapterModel) -> FlopModel | None:
+    def _cost(self, adapter: AdapterModel, fused: bool) -> FlopModel | None:
         if self._cost_of[0] is not adapter.model:  # the FLOP model of the model last trained
             self._cost_of = (adapter.model, FlopModel.of_model(adapter.model))
-        return self._cost_of[1]
+        cost = self._cost_of[1]
+        return replace(cost, head_at_targets=True) if cost is not None and fused else cost
 
     def train(
         self,
@@ -78,11 +81,15 @@ class LocalTrainer:
         round_index: int,
         data: ClientData,
         corrections: Sequence[Correction] = (),
-        loss: LossFn = token_loss_sum,
+        loss: LossFn | None = None,
         noise_seed: int | None = None,
     ) -> TrainOutcome:
-        """``noise_seed``: with DP-SGD, the client's secret seed of its noise (keyed further by round)."""
+        """``loss``: next-token cross-entropy by default (fused as ``training.fused_loss`` says).
+        ``noise_seed``: with DP-SGD, the client's secret seed of its noise (keyed further by round)."""
         cfg = self.cfg
+        fused = loss is None and cfg.fused_loss and self.dp_sgd is None and plain_head(adapter.model) is not None
+        if loss is None:
+            loss = partial(token_loss_sum, fused=fused)
         start = time.perf_counter()
         dp = self.dp_sgd
         n = len(data.train)
@@ -118,7 +125,7 @@ class LocalTrainer:
                 optimizer=cfg.optimizer,
                 corrections=corrections,
                 loss=loss,
-                cost=self._cost(adapter),
+                cost=self._cost(adapter, fused),
                 dp=step,
             )
         bar.close()
