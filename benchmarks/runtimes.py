@@ -23,7 +23,7 @@ count (``client_flops``) takes training as 3 forward passes, the usual rule when
 trains; with a frozen base, backward computes input gradients only, so about 2 forward passes
 run: ``train_gflops_executed`` is 2/3 of the analytic rate, and ``train_vs_matmul`` uses it.
 
-    python benchmarks/runtimes.py [--clients 8 32] [--model tiny-llama]
+    python benchmarks/runtimes.py [--clients 8 32] [--model tiny-llama] [--only VARIANT ...] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--tag", help="write results/runtimes[-model]-TAG.json (repeated runs side by side)")
     ap.add_argument("--child")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -161,6 +162,7 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     name = "runtimes" if args.model == "tiny-llama" else f"runtimes-{args.model}"
+    name += f"-{args.tag}" if args.tag else ""
     order = [f"{v}/{n}" for n in (8, 32, *args.clients) for v in VARIANTS]
     for r in rows:
         r["key"] = f"{r['variant']}/{r['clients']}"

@@ -68,6 +68,9 @@ def test_only_plain_linear_heads_of_known_architectures_qualify(tiny):
     model.config.model_type = "gemma2"  # caps its logits after the head
     assert plain_head(model) is None
     model.config.model_type = "llama"
+    model.lm_head._hf_hook = object()  # accelerate places or offloads its weights
+    assert plain_head(model) is None
+    del model.lm_head._hf_hook
     model.lm_head = nn.Sequential(model.lm_head)  # not a plain nn.Linear
     assert plain_head(model) is None
 
@@ -78,4 +81,14 @@ def test_bypass_restores_the_head_even_on_error():
     with pytest.raises(RuntimeError), head_bypassed(head):
         assert head(x) is x
         raise RuntimeError
-    assert head(x).shape == (2, 5)
+    assert head(x).shape == (2, 5) and "forward" not in head.__dict__
+
+
+def test_bypass_restores_a_forward_set_on_the_instance():
+    head = nn.Linear(3, 5)
+    wrapped = head.forward
+    head.forward = lambda x: wrapped(x) * 0  # as a wrapper library would patch it
+    patched = head.forward
+    with head_bypassed(head):
+        pass
+    assert head.forward is patched and torch.equal(head(torch.ones(1, 3)), torch.zeros(1, 5))

@@ -34,17 +34,23 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if getattr(config, "model_type", None) not in PLAIN_HEAD or type(head) is not nn.Linear:
         return None
+    if hasattr(head, "_hf_hook"):  # accelerate moves or offloads its weights around its forward
+        return None
     return head
 
 
 @contextmanager
 def head_bypassed(head: nn.Linear) -> Iterator[None]:
     """For the block, ``head`` passes its input through: the model returns hidden states as "logits"."""
+    own = head.__dict__.get("forward")  # a forward set on the instance before (a wrapper's), kept
     head.forward = _identity  # an instance attribute shadows the class's forward
     try:
         yield
     finally:
-        del head.forward
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -98,10 +104,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
         start = 0
         for h, t in _chunks(hidden, targets, weight):
             log_probs = _chunk_log_probs(h, weight, bias)  # (c, V)
-            rows = torch.arange(t.shape[0], device=t.device)
-            loss = loss - log_probs[rows, t].sum()
+            loss = loss - log_probs.gather(1, t[:, None]).sum()
             g = log_probs.exp_()  # softmax, in place
-            g[rows, t] -= 1  # d loss / d logits: softmax - onehot
+            g[torch.arange(t.shape[0], device=t.device), t] -= 1  # d loss / d logits: softmax - onehot
             g = g.to(weight.dtype)
             grad_hidden[start : start + t.shape[0]] = g @ weight  # (c, H)
             if want_w:
