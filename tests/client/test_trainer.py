@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.assembly import build_client_data, build_workbench
-from fedtune.client.trainer import LocalTrainer
 from fedtune.config import load_config
-from fedtune.data.prepare import prepare_federated_data
+from tests.client_helpers import train_client_round
 from tests.conftest import TINY_OVERRIDES
 
 # SGD: the adapters' difference stays at the loss's rounding (Adam would scale tiny entries' noise up)
@@ -17,11 +15,7 @@ SETTINGS += ["data.max_seq_len=256"]  # answers of different lengths: the plain 
 
 def _train(tmp_path, fused: bool):
     cfg = load_config(None, [*SETTINGS, f"training.fused_loss={str(fused).lower()}", f"output.dir={tmp_path}"])
-    bench = build_workbench(cfg, announce=False)
-    data = build_client_data(prepare_federated_data(cfg.data, cfg.partition, cfg.seed), bench.encoder, cfg)
-    trainer = LocalTrainer(cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id)
-    out = trainer.train(bench.adapter, 1, 1, data[1])
-    return bench, out.result
+    return train_client_round(cfg)
 
 
 def test_fused_loss_trains_the_plain_adapter_without_keeping_logits(tmp_path):

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtune.assembly import build_client_data, build_workbench
 from fedtune.client.cost import FlopModel
-from fedtune.client.trainer import LocalTrainer
 from fedtune.config import load_config
-from fedtune.data.prepare import prepare_federated_data
 from fedtune.errors import ConfigError
 from fedtune.models.activation_checkpointing import checkpoints_activations
+from tests.client_helpers import train_client_round
 from tests.conftest import TINY_OVERRIDES
 
 # dropout on: the recomputed forward must draw the masks the first one drew
@@ -23,11 +21,7 @@ def _train(tmp_path, checkpointing: bool):
         "examples/quickstart.yaml",
         [*SETTINGS, f"training.gradient_checkpointing={str(checkpointing).lower()}", f"output.dir={tmp_path}"],
     )
-    bench = build_workbench(cfg, announce=False)
-    data = build_client_data(prepare_federated_data(cfg.data, cfg.partition, cfg.seed), bench.encoder, cfg)
-    trainer = LocalTrainer(cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id)
-    out = trainer.train(bench.adapter, 1, 1, data[1])
-    return bench, out.result
+    return train_client_round(cfg)
 
 
 def test_checkpointing_trains_the_same_adapter_keeping_less_and_counts_the_rerun(tmp_path):
