@@ -20,6 +20,7 @@ LAYERS = [
     "registry",
     "config_base",
     "config_runtime",
+    "config_training",
     "config_compression",
     "config_kd",
     "config_split",

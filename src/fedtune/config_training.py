@@ -1,0 +1,54 @@
+"""The training section: each client's local optimisation (steps, schedule, optimizer, memory options)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from fedtune.config_base import Strict as _Strict
+
+
+class TrainingConfig(_Strict):
+    """Local training on each client."""
+
+    local_steps: int | None = Field(5, ge=1, description="optimizer steps per round (or use local_epochs)")
+    local_epochs: float | None = Field(None, gt=0, description="passes over local data per round")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the local optimizer")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the schedule spent warming up linearly")
+    schedule_scope: Literal["federation", "round"] = Field(
+        "federation", description="federation: schedule follows the run's global step; round: restarts each round"
+    )
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer (fresh state every round)")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay of the local optimizer")
+    proximal_mu: float = Field(
+        0.0, ge=0, description="FedProx: add mu/2 * ||w - w_global||^2 to the local loss (0: off)"
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the adapter gradient norm (null: off)")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="keep only each block's input for backward and recompute the rest: far less activation "
+        "memory for about 1/3 more compute on a frozen base (the same adapter; not with split or DP-SGD)",
+    )
+    fused_loss: bool = Field(
+        True,
+        description="run the LM head and its cross-entropy together in chunks of target positions, taking the "
+        "head's gradient as it goes: no vocabulary-wide logits kept for backward (the same loss up to float "
+        "summation order; models whose logits are their head's output, else the plain path)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("local_epochs") is not None and "local_steps" not in data:
+            data = {**data, "local_steps": None}  # giving epochs sets the default steps aside
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of training.local_steps and training.local_epochs")
+        return self
