@@ -18,7 +18,7 @@ from fedtune.config_compare import CompareConfig
 from fedtune.config_compression import CompressionConfig
 from fedtune.config_kd import KDConfig, check_kd_fits
 from fedtune.config_privacy import PrivacyConfig, check_privacy_fits
-from fedtune.config_runtime import RuntimeConfig
+from fedtune.config_runtime import RuntimeConfig, check_joint_fits
 from fedtune.config_split import SplitConfig, check_split_fits
 from fedtune.config_training import TrainingConfig
 from fedtune.errors import ConfigError
@@ -336,6 +336,7 @@ class ExperimentConfig(_Strict):
             check_split_fits(self)
         check_kd_fits(self)
         check_privacy_fits(self)
+        check_joint_fits(self)
 
     def split_seed(self) -> int:
         """The seed of the data's held-out split and partition (fedtune compare keeps it across seeds)."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from fedtune.config_base import Strict as _Strict
+
+if TYPE_CHECKING:
+    from fedtune.config import ExperimentConfig
 
 
 class RayConfig(_Strict):
@@ -67,6 +70,13 @@ class RuntimeConfig(_Strict):
         description="in_process with one lane: torch threads its clients train with (default: torch's, one per "
         "core); more lanes run one each: a client's reply is bit-identical across lanes=N and lanes=1 with 1 thread",
     )
+    joint_clients: int = Field(
+        1,
+        ge=1,
+        description="in_process with one lane: train up to this many clients' LoRA adapters in one "
+        "forward/backward over the shared base (rows routed to each client's tensors, each with its own "
+        "optimizer and clipping; the same training up to float order). Pays on a GPU; on CPU lanes are faster",
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
@@ -85,4 +95,34 @@ class RuntimeConfig(_Strict):
                 "process and runs one torch thread (GNU OpenMP cannot start a thread team in a forked child). "
                 "Use lanes=1 for several threads per client, or leave torch_threads unset"
             )
+        if self.joint_clients > 1 and (self.name != "in_process" or self.lanes not in (1, "auto")):
+            raise ValueError(
+                f"runtime.joint_clients={self.joint_clients} trains clients together in one process: it needs "
+                f"runtime.name=in_process with one lane (this config: name={self.name}, lanes={self.lanes}); "
+                "set lanes=1 or auto, or remove joint_clients"
+            )
         return self
+
+
+def check_joint_fits(cfg: ExperimentConfig) -> None:
+    """ValueError naming what in ``cfg`` keeps clients from training jointly (runtime.joint_clients > 1)."""
+    if cfg.runtime.joint_clients == 1:
+        return
+    a = cfg.adapter
+    why = (
+        f"paradigm {cfg.paradigm} (it applies to parameter_sharing)"
+        if cfg.paradigm != "parameter_sharing"
+        else f"adapter.method {a.method} (it routes LoRA's rows)"
+        if not a.is_lora()
+        else "adapter.dora (DoRA's weight norm is not row-separable)"
+        if a.dora
+        else f"adapter.dropout={a.dropout} (a client trained with others would draw other masks)"
+        if a.dropout > 0
+        else "adapter.client_ranks (clients of different ranks)"
+        if a.client_ranks is not None
+        else "privacy.dp_sgd (each example is clipped on its own)"
+        if cfg.privacy.dp_sgd is not None
+        else None
+    )
+    if why is not None:
+        raise ValueError(f"runtime.joint_clients={cfg.runtime.joint_clients} does not combine with {why}; remove it")

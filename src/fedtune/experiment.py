@@ -121,7 +121,7 @@ def _run(
         )
     runtime = runtime or build_runtime(
         cfg,
-        lambda: make_handler(cfg, bench, clients, eval_set).handle,
+        lambda: make_handler(cfg, bench, clients, eval_set),
         partial(simulation_handler, cfg.model_dump(mode="json")),
         lambda: (cfg.model.name, *adapter.lendable()),
     )

@@ -9,7 +9,7 @@ head allows: only the target positions' hidden states reach the head, and no log
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +48,29 @@ def token_loss_sum(
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target positions, and how many there are. ``fused``: the
     head and its loss in chunks where the model's head allows (the same loss up to summation order)."""
+    return block_loss_sums(model, batch, [batch["input_ids"].shape[0]], fused)[0]
+
+
+def block_loss_sums(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], rows: Sequence[int], fused: bool = True
+) -> list[tuple[torch.Tensor, int]]:
+    """``token_loss_sum`` of each block of consecutive rows (``rows[k]`` of them), from one forward over the
+    batch: several clients' micro-batches stacked (``adapters.routed_lora``)."""
     head = plain_head(model) if fused else None
     if head is not None:
         with head_bypassed(head):
             hidden, targets = _target_outputs(model, batch)  # (B, K, H), (B, K)
-        mask = targets != IGNORE
-        return head_cross_entropy_sum(hidden[mask], head, targets[mask]), int(mask.sum())  # (P, H), (P,)
+        out = []
+        for h, t in zip(hidden.split(list(rows)), targets.split(list(rows)), strict=True):
+            mask = t != IGNORE  # (b, K)
+            out.append((head_cross_entropy_sum(h[mask], head, t[mask]), int(mask.sum())))  # (P, H), (P,)
+        return out
     logits, targets = _target_logits(model, batch)  # (B, K, V), (B, K)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((targets != IGNORE).sum())
+    out = []
+    for lg, t in zip(logits.split(list(rows)), targets.split(list(rows)), strict=True):
+        loss = F.cross_entropy(lg.reshape(-1, lg.size(-1)), t.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        out.append((loss, int((t != IGNORE).sum())))
+    return out
 
 
 def example_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

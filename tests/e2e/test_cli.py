@@ -348,3 +348,38 @@ def test_every_aggregation_family_runs_from_the_cli(tmp_path, overrides):
     assert [m["round"] for m in metrics] == [0, 1, 2] and all(not m.get("dropped") for m in metrics[1:])
     assert "lora_factor_averaging_error" in metrics[-1] or "lora_truncation_error" in metrics[-1]
     assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]
+
+
+def test_joint_training_runs_from_the_cli_and_trains_what_clients_alone_do(tmp_path, monkeypatch):
+    """runtime.joint_clients: the same federation to float order (a float32 model here: rows padded to a
+    longer width and matrices of more rows change the summation order, nothing else)."""
+    from fedtune.client.trainer import LocalTrainer
+
+    common = ("runtime.lanes=1", "federation.rounds=2")
+    assert _run(tmp_path, *common, name="alone")[0] == 0
+    groups, joint_round = [], LocalTrainer.train_jointly
+
+    def spy(self, adapter, routing, round_index, jobs):
+        groups.append([job[0] for job in jobs])
+        return joint_round(self, adapter, routing, round_index, jobs)
+
+    monkeypatch.setattr(LocalTrainer, "train_jointly", spy)
+    code, out = _run(tmp_path, *common, "runtime.joint_clients=4", name="joint")
+    assert code == 0, out
+    assert groups == [[0, 1, 2, 3]] * 2  # each round's four clients in one joint pass
+    alone, joint = _metrics(tmp_path / "alone"), _metrics(tmp_path / "joint")
+    assert [r["round"] for r in joint] == [0, 1, 2]
+    for a, j in zip(alone[1:], joint[1:], strict=True):
+        assert j["clients"] == a["clients"] == [0, 1, 2, 3]
+        assert abs(j["bytes_up"] - a["bytes_up"]) <= 64  # the same tensors; headers carry times as text
+        assert (j["local_steps"], j["train_tokens"], j["client_flops"]) == (
+            a["local_steps"],
+            a["train_tokens"],
+            a["client_flops"],
+        )
+        assert j["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert j["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+    a = load_file(str(tmp_path / "alone" / "final_adapter" / "adapter_model.safetensors"))
+    j = load_file(str(tmp_path / "joint" / "final_adapter" / "adapter_model.safetensors"))
+    gap = torch.cat([(a[k] - j[k]).flatten() for k in a])
+    assert gap.norm() <= 1e-4 * torch.cat([v.flatten() for v in a.values()]).norm()

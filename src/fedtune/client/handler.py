@@ -8,6 +8,7 @@ state; in deployment a client keeps its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from fedtune.client.data import ClientData
@@ -16,7 +17,10 @@ from fedtune.wire.messages import Message, decode_message, encode_message
 
 
 class ClientParadigm(Protocol):
-    """A paradigm's client half (``fedtune.paradigms``): serves the requests of its conversations."""
+    """A paradigm's client half (``fedtune.paradigms``): serves the requests of its conversations.
+
+    One may also offer ``serve_many([(client id, request, state), ...]) -> [(reply, state), ...]``, to
+    serve several clients' requests in one go (parameter sharing's joint training)."""
 
     serves: tuple[type, ...]  # the request message classes this client half accepts
 
@@ -37,3 +41,15 @@ class ClientHandler:
         request = decode_message(payload, *self.paradigm.serves)
         reply, state = self.paradigm.serve(client_id, request, state or {})
         return encode_message(reply), state
+
+    def handle_many(self, jobs: Sequence[tuple[int, bytes, ClientState | None]]) -> list[tuple[bytes, ClientState]]:
+        """Serve several clients' requests, in one go where the paradigm can (``serve_many``), else in turn;
+        the replies in the order of ``jobs``."""
+        many = getattr(self.paradigm, "serve_many", None)
+        if many is None or len(jobs) < 2:
+            return [self.handle(*job) for job in jobs]
+        for client_id, _, _ in jobs:
+            if client_id not in self.data:
+                raise KeyError(f"this handler has no data for client {client_id}")
+        requests = [(cid, decode_message(payload, *self.paradigm.serves), state or {}) for cid, payload, state in jobs]
+        return [(encode_message(reply), state) for reply, state in many(requests)]

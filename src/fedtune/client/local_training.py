@@ -128,10 +128,10 @@ def train_locally(
         if on_step is not None:
             on_step(step, step_loss / max(1, n_tokens))
     model.eval()
-    return _finished(len(groups), loss_total, tokens_total, start, lr_sum, flops, meter, fed)
+    return finished(len(groups), loss_total, tokens_total, start, lr_sum, flops, meter, fed)
 
 
-def _finished(
+def finished(
     steps: int, loss: float, count: int, start: float, lr_sum: float, flops: float, meter, fed: int
 ) -> LocalResult:
     """The result of a round that ran to its end: ``loss`` summed over ``count`` positions (or examples),
@@ -197,4 +197,4 @@ def _with_dp_sgd(model, params, batches, lr_at, weight_decay, on_step, optimizer
     finally:
         wrapped._close()  # the model is shared: no hooks or per-sample gradients left behind
         model.eval()
-    return _finished(len(batches), loss_total, examples_total, start, lr_sum, flops, meter, fed)
+    return finished(len(batches), loss_total, examples_total, start, lr_sum, flops, meter, fed)

@@ -7,7 +7,7 @@ adapter they start from, the corrections (FedProx, SCAFFOLD) and the loss.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -16,10 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.adapters.routed_lora import RoutedLoRA
 from fedtune.client.batching import micro_batches, poisson_batches
 from fedtune.client.corrections import Correction
 from fedtune.client.cost import FlopModel
 from fedtune.client.data import ClientData
+from fedtune.client.joint_training import JointClient, train_jointly
 from fedtune.client.local_training import DpSgdStep, LocalResult, train_locally
 from fedtune.client.schedule import RoundSchedule
 from fedtune.config import TrainingConfig
@@ -74,6 +76,17 @@ class LocalTrainer:
         cost = self._cost_of[1]
         return replace(cost, head_at_targets=True) if cost is not None and fused else cost
 
+    def _round(
+        self, client_id: int, round_index: int, data: ClientData, poisson: bool = False
+    ) -> tuple[int, list[dict[str, torch.Tensor]], Callable[[int], float]]:
+        """(torch seed, micro-batches, learning rate of each step) of one client's round."""
+        cfg = self.cfg
+        torch_seed, plan = round_plan(self.seed, round_index, client_id, len(data.train), cfg, poisson)
+        batches = [collate([data.train[i] for i in idx], self.pad_id) if len(idx) else _empty() for idx in plan]
+        steps = -(-len(batches) // cfg.grad_accum)
+        schedule = RoundSchedule.of(cfg, self.total_rounds)
+        return torch_seed, batches, partial(schedule.lr_at, round_index, steps=steps)
+
     def train(
         self,
         adapter: AdapterModel,
@@ -92,22 +105,15 @@ class LocalTrainer:
             loss = partial(token_loss_sum, fused=fused)
         start = time.perf_counter()
         dp = self.dp_sgd
-        n = len(data.train)
-        torch_seed, plan = round_plan(self.seed, round_index, client_id, n, cfg, poisson=dp is not None)
-        batches = [collate([data.train[i] for i in idx], self.pad_id) if len(idx) else _empty() for idx in plan]
+        torch_seed, batches, lr = self._round(client_id, round_index, data, poisson=dp is not None)
         step = None
         if dp is not None:
             if noise_seed is None:
                 raise ValueError("DP-SGD needs the client's noise seed")
             g = generator(noise_seed, round_index, client_id)
-            step = DpSgdStep(dp.noise_multiplier, dp.max_grad_norm, min(cfg.batch_size, n), g)
+            step = DpSgdStep(dp.noise_multiplier, dp.max_grad_norm, min(cfg.batch_size, len(data.train)), g)
             loss = example_loss_sum
         steps = -(-len(batches) // cfg.grad_accum)
-        schedule = RoundSchedule.of(cfg, self.total_rounds)
-
-        def lr(step: int) -> float:
-            return schedule.lr_at(round_index, step, steps)
-
         bar = tqdm(
             total=steps, desc=f"  client {client_id}", leave=False, disable=bar_disabled(self.progress), unit="step"
         )
@@ -130,6 +136,49 @@ class LocalTrainer:
             )
         bar.close()
         return TrainOutcome(result, time.perf_counter() - start)
+
+    def train_jointly(
+        self,
+        adapter: AdapterModel,
+        routing: RoutedLoRA,
+        round_index: int,
+        jobs: Sequence[tuple[int, ClientData, dict[str, torch.nn.Parameter], Sequence[Correction]]],
+    ) -> list[TrainOutcome]:
+        """Train several clients' rounds in one forward/backward a micro-batch (``client.joint_training``):
+        each job is (client id, data, the leaves it trains from ``routing.leaves``, corrections). The joint
+        wall time is shared out in proportion to each client's tokens, so the parts add up to it."""
+        if self.dp_sgd is not None:
+            raise ValueError("DP-SGD clips each example on its own: its clients train one at a time")
+        cfg = self.cfg
+        fused = cfg.fused_loss and plain_head(adapter.model) is not None
+        start = time.perf_counter()
+        clients, seeds = [], []
+        for client_id, data, tensors, corrections in jobs:
+            torch_seed, batches, lr = self._round(client_id, round_index, data)
+            clients.append(JointClient(tensors, batches, lr, corrections))
+            seeds.append(torch_seed)
+        steps = max((-(-len(c.batches) // cfg.grad_accum) for c in clients), default=0)
+        desc = "  clients " + ",".join(str(j[0]) for j in jobs)
+        bar = tqdm(total=steps, desc=desc, leave=False, disable=bar_disabled(self.progress), unit="step")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeds[0] if seeds else 0)  # nothing random runs (no dropout); kept for determinism
+            results = train_jointly(
+                adapter.model,
+                routing,
+                clients,
+                cfg.grad_accum,
+                self.pad_id,
+                cfg.weight_decay,
+                cfg.max_grad_norm,
+                cfg.optimizer,
+                fused,
+                self._cost(adapter, fused),
+                on_step=lambda _s: bar.update(1),
+            )
+        bar.close()
+        elapsed = time.perf_counter() - start
+        fed = sum(r.input_tokens for r in results)
+        return [TrainOutcome(r, elapsed * (r.input_tokens / fed if fed else 1 / len(results))) for r in results]
 
 
 def _empty() -> dict[str, torch.Tensor]:

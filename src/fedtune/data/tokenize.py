@@ -79,6 +79,17 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def stack_collated(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Collated batches one after another along the batch dimension, right-padded to the widest (as ``collate``
+    pads): several clients' micro-batches in one forward."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
+    return {
+        key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=v) for b in batches])
+        for key, v in fill.items()
+    }  # each (sum of B, width)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts for batched generation; returns (input_ids, attention_mask), each (B, T)."""
     width = max(len(p) for p in prompts)

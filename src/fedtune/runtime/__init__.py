@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fedtune.config import ExperimentConfig
-    from fedtune.runtime.base import Handle, Runtime
+    from fedtune.runtime.base import ClientSide, Handle, Runtime
 
 
 def build_runtime(
     cfg: ExperimentConfig,
-    handle: Callable[[], Handle],
+    handle: Callable[[], ClientSide],
     build_remote: Callable[[], Handle],
     base: Callable[[], tuple[str, dict, set[str]]] | None = None,
 ) -> Runtime:
@@ -36,14 +36,20 @@ def build_runtime(
         return RayRuntime(cfg, build_remote, base=base() if base is not None else None)
     from fedtune.runtime.in_process import InProcessRuntime
 
-    return InProcessRuntime(handle(), lane_count(cfg), cfg.runtime.torch_threads, cfg.federation.round_timeout_s)
+    side, r = handle(), cfg.runtime
+    lanes, group = lane_count(cfg), r.joint_clients
+    many = side.handle_many if group > 1 else None
+    return InProcessRuntime(side.handle, lanes, r.torch_threads, cfg.federation.round_timeout_s, many, group)
 
 
 def lane_count(cfg: ExperimentConfig) -> int:
-    """runtime.lanes, with auto resolved: one lane per core this process may use, at most one per client a round."""
+    """runtime.lanes, with auto resolved: one lane per core this process may use, at most one per client a round
+    (one lane with several torch threads per client, or with joint training)."""
     from fedtune.runtime.lanes import available_cores
 
-    lanes = cfg.runtime.lanes
+    r = cfg.runtime
+    lanes = r.lanes
     if lanes == "auto":
-        lanes = 1 if cfg.runtime.torch_threads not in (None, 1) else min(available_cores(), cfg.clients_per_round())
+        serial = r.torch_threads not in (None, 1) or r.joint_clients > 1
+        lanes = 1 if serial else min(available_cores(), cfg.clients_per_round())
     return max(1, lanes)

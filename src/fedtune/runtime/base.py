@@ -9,6 +9,16 @@ from fedtune.types import ClientState, Envelope
 
 # the client side, as a runtime sees it: (client id, request bytes, client state) -> (reply bytes, client state)
 Handle = Callable[[int, bytes, ClientState], tuple[bytes, ClientState]]
+# several clients at once: [(client id, request bytes, client state)] -> [(reply bytes, client state)], in order
+HandleMany = Callable[[list[tuple[int, bytes, ClientState]]], list[tuple[bytes, ClientState]]]
+
+
+class ClientSide(Protocol):
+    """The client side built in this process: one client at a time, or several at once."""
+
+    def handle(self, client_id: int, payload: bytes, state: ClientState) -> tuple[bytes, ClientState]: ...
+
+    def handle_many(self, jobs: list[tuple[int, bytes, ClientState]]) -> list[tuple[bytes, ClientState]]: ...
 
 
 class Runtime(Protocol):

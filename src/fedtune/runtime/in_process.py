@@ -14,21 +14,30 @@ from collections.abc import Sequence
 
 import torch
 
-from fedtune.runtime.base import Handle
+from fedtune.runtime.base import Handle, HandleMany
 from fedtune.runtime.lanes import LanePool
 from fedtune.types import ClientState, Envelope
 
 
 class InProcessRuntime:
     def __init__(
-        self, handler: Handle, lanes: int = 1, torch_threads: int | None = None, timeout_s: float | None = None
+        self,
+        handler: Handle,
+        lanes: int = 1,
+        torch_threads: int | None = None,
+        timeout_s: float | None = None,
+        many: HandleMany | None = None,
+        group: int = 1,
     ):
         """``lanes`` > 1: that many forked lanes, one torch thread each; ``torch_threads``: for one lane,
         the torch threads clients train with (default: leave torch's setting); ``timeout_s``: a lane
-        that has not replied by then is stopped and its client dropped for the exchange."""
+        that has not replied by then is stopped and its client dropped for the exchange; ``many`` with
+        ``group`` > 1 (one lane): the clients of an exchange are handed over ``group`` at a time, in order."""
         if lanes > 1 and torch_threads not in (None, 1):
             raise ValueError(f"{lanes} lanes run one torch thread each, not {torch_threads}")
-        self.handler, self.threads = handler, torch_threads
+        if group > 1 and (many is None or lanes > 1):
+            raise ValueError(f"handing clients over {group} at a time needs a handler of many and one lane")
+        self.handler, self.threads, self.many, self.group = handler, torch_threads, many, group
         self.pool = LanePool(handler, lanes, timeout_s) if lanes > 1 else None
         self.states: dict[int, ClientState] = {}
 
@@ -49,13 +58,22 @@ class InProcessRuntime:
 
     def _serve_in_turn(self, jobs: list) -> dict[int, tuple[bytes, ClientState]]:
         if self.threads is None:  # torch's setting untouched: even re-setting it changes kernels' float order
-            return {cid: self.handler(cid, payload, state) for cid, payload, state in jobs}
+            return self._serve(jobs)
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return {cid: self.handler(cid, payload, state) for cid, payload, state in jobs}
+            return self._serve(jobs)
         finally:
             torch.set_num_threads(before)
+
+    def _serve(self, jobs: list) -> dict[int, tuple[bytes, ClientState]]:
+        if self.many is None or self.group < 2:
+            return {cid: self.handler(cid, payload, state) for cid, payload, state in jobs}
+        done = {}
+        for i in range(0, len(jobs), self.group):
+            chunk = jobs[i : i + self.group]
+            done.update(zip((cid for cid, _, _ in chunk), self.many(chunk), strict=True))
+        return done
 
     def client_states(self) -> dict[int, ClientState]:
         return dict(self.states)

@@ -11,15 +11,18 @@ uninterrupted one would have done.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.adapters.routed_lora import RoutedLoRA
 from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
 from fedtune.client.cost import parameter_bytes
 from fedtune.client.data import ClientData, EvalSettings
-from fedtune.client.trainer import LocalTrainer
+from fedtune.client.trainer import LocalTrainer, TrainOutcome
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.evaluation import EvalReply, EvalRequest, evaluate_on
 from fedtune.paradigms.parameter_sharing import secure_client as secure
@@ -27,6 +30,18 @@ from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainReques
 from fedtune.paradigms.parameter_sharing.secure_messages import MaskedInputRequest, ShareKeysRequest, UnmaskRequest
 from fedtune.types import ClientState, Params
 from fedtune.wire.link import Link, apply_change, generator
+from fedtune.wire.messages import Message
+
+
+@dataclass(frozen=True)
+class _Start:
+    """A client's round before training: what it starts from and what shapes its training."""
+
+    params: Params  # the adapter training starts from
+    state: ClientState
+    corrections: list
+    c_i: Params | None  # SCAFFOLD's client control variate, when the round uses it
+    noise_seed: int | None  # DP-SGD's
 
 
 class ParameterSharingClient:
@@ -46,13 +61,16 @@ class ParameterSharingClient:
         proximal_mu: float = 0.0,
         eval_set: EvalSet | None = None,
         noise_seed: int | None = None,
+        routing: RoutedLoRA | None = None,
     ):
         """``uplink`` encodes each update; ``downlink`` decodes the global adapter as the server encoded
-        it; ``initial`` is the seeded initial adapter, what every client holds before its first update."""
+        it; ``initial`` is the seeded initial adapter, what every client holds before its first update;
+        ``routing``: train the clients of ``serve_many`` jointly over these LoRA layers."""
         self.adapter, self.tokenizer, self.data, self.trainer = adapter, tokenizer, data, trainer
         self.seed, self.eval_settings, self.proximal_mu, self.eval_set = seed, eval_settings, proximal_mu, eval_set
         self.uplink, self.downlink, self.initial = uplink, downlink, initial
         self.noise_seed = noise_seed  # privacy.noise_seed: DP-SGD's noise repeats across runs (experiments only)
+        self.routing = routing
         self._serve = {
             TrainRequest: self.train,
             EvalRequest: self.evaluate,
@@ -76,12 +94,38 @@ class ParameterSharingClient:
         return params, {**state, "held": params}
 
     def train(self, client_id: int, req: TrainRequest, state: ClientState) -> tuple[TrainReply, ClientState]:
-        data = self.data[client_id]
-        params, state = self._receive(req, state)  # what training starts from (lossy if the downlink is)
+        start = self._start(client_id, req, state)
+        corrections, seed = start.corrections, start.noise_seed
+        out = self.trainer.train(self.adapter, client_id, req.round, self.data[client_id], corrections, noise_seed=seed)
+        local = None if out.result.diverged else self.adapter.get_state()
+        return self._finish(client_id, req, start, out, local)
+
+    def serve_many(self, jobs: list[tuple[int, Any, ClientState]]) -> list[tuple[Message, ClientState]]:
+        """Serve several clients' requests; train requests of one round train jointly when ``routing`` is set
+        (one forward/backward a micro-batch, ``client.joint_training``), anything else in turn."""
+        train = [j for j in jobs if type(j[1]) is TrainRequest]
+        if self.routing is None or len(train) < 2 or len({j[1].round for j in train}) > 1:
+            return [self.serve(*j) for j in jobs]
+        starts = {cid: self._start(cid, req, state) for cid, req, state in train}
+        tensors = {cid: self.routing.leaves(s.params) for cid, s in starts.items()}
+        round_index = train[0][1].round
+        group = [(cid, self.data[cid], tensors[cid], starts[cid].corrections) for cid, _, _ in train]
+        trained = self.trainer.train_jointly(self.adapter, self.routing, round_index, group)
+        outs = dict(zip(starts, trained, strict=True))
+        served = {}
+        for cid, req, _ in train:
+            local = None if outs[cid].result.diverged else {k: t.detach().clone() for k, t in tensors[cid].items()}
+            served[cid] = self._finish(cid, req, starts[cid], outs[cid], local)
+        return [served[cid] if type(req) is TrainRequest else self.serve(cid, req, state) for cid, req, state in jobs]
+
+    def _start(self, client_id: int, req: TrainRequest, state: ClientState) -> _Start:
+        """What a client's training starts from: the adapter (lossy if the downlink is), corrections, DP seed."""
+        params, state = self._receive(req, state)
         names = list(self.adapter.params)
         corrections: list = []
         if self.proximal_mu > 0:
             corrections.append(FedProx([params[k] for k in names], self.proximal_mu))
+        c_i = None
         if req.scaffold_c:  # c_i starts at zero the first time a client takes part
             own = state.get("scaffold", {})
             c_i = {k: own.get(k, torch.zeros_like(req.scaffold_c[k])) for k in names}
@@ -89,8 +133,13 @@ class ParameterSharingClient:
         seed = None
         if self.trainer.dp_sgd is not None:
             seed, state = self._dp_sgd_seed(state)
-        out = self.trainer.train(self.adapter, client_id, req.round, data, corrections, noise_seed=seed)
-        result = out.result
+        return _Start(params, state, corrections, c_i, seed)
+
+    def _finish(
+        self, client_id: int, req: TrainRequest, start: _Start, out: TrainOutcome, local: Params | None
+    ) -> tuple[TrainReply, ClientState]:
+        """The reply to a round's training that ended with the adapter ``local`` (None: it diverged)."""
+        data, result, params, state = self.data[client_id], out.result, start.params, start.state
         common = dict(
             round=req.round,
             num_examples=len(data.train),
@@ -102,9 +151,8 @@ class ParameterSharingClient:
             flops=result.flops,
             trained_tokens=result.input_tokens,
         )
-        if result.diverged:
+        if local is None:
             return TrainReply(delta={}, status="diverged", error=result.error, **common), state
-        local = self.adapter.get_state()
         delta = {k: local[k] - params[k] for k in local}
         if req.secagg:  # the update leaves only masked, in the secure exchanges that follow
             keys, state = secure.prepare(delta, req.secagg, client_id, req.round, state)
@@ -113,10 +161,10 @@ class ParameterSharingClient:
         wire, residual = self.uplink.encode(delta, residual, generator(self.seed, req.round, client_id, 1))
         if residual:
             state = {**state, "residual": residual}
-        if not req.scaffold_c:
+        if start.c_i is None:
             return TrainReply(delta=wire, **common), state
-        new_c = updated_client_control(c_i, req.scaffold_c, params, local, result.lr_sum)
-        delta_c = {k: new_c[k] - c_i[k] for k in names}
+        new_c = updated_client_control(start.c_i, req.scaffold_c, params, local, result.lr_sum)
+        delta_c = {k: new_c[k] - start.c_i[k] for k in local}
         return TrainReply(delta=wire, scaffold_delta_c=delta_c, **common), {**state, "scaffold": new_c}
 
     def _dp_sgd_seed(self, state: ClientState) -> tuple[int, ClientState]:

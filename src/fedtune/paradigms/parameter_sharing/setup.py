@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.adapters.routed_lora import RoutedLoRA
 from fedtune.aggregation import build_aggregator
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.weighting import WeightCap
 from fedtune.client.data import ClientData
 from fedtune.client.schedule import RoundSchedule
 from fedtune.client.trainer import LocalTrainer
+from fedtune.errors import ConfigError
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
 from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation
@@ -145,4 +148,13 @@ def client(
         cfg.training.proximal_mu,
         eval_set,
         cfg.privacy.noise_seed,
+        joint_routing(bench.adapter) if cfg.runtime.joint_clients > 1 else None,
     )
+
+
+def joint_routing(adapter: AdapterModel) -> RoutedLoRA:
+    """The routing of joint training over this adapter, or a ConfigError saying why it cannot be."""
+    try:
+        return RoutedLoRA(adapter)
+    except ValueError as exc:
+        raise ConfigError(f"runtime.joint_clients: {exc}; remove it") from None
