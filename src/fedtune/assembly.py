@@ -26,6 +26,7 @@ from fedtune.data.templates import resolve_template
 from fedtune.data.tokenize import Encoder
 from fedtune.errors import DataError
 from fedtune.evaluation.harness import EvalSet
+from fedtune.models.device import model_device
 from fedtune.privacy.plan import rounds_to_run
 from fedtune.registry import PARADIGMS
 from fedtune.types import Params
@@ -53,9 +54,10 @@ def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
     adapter, tokenizer = seeded_adapter(cfg)
     if announce:
         log.info(
-            "model %s loaded in %.1fs; adapter %s: %s trainable of %s parameters (%.3f%%)",
+            "model %s loaded in %.1fs on %s; adapter %s: %s trainable of %s parameters (%.3f%%)",
             cfg.model.name,
             time.perf_counter() - t,
+            model_device(adapter.model),
             cfg.adapter.method + (" (DoRA)" if cfg.adapter.dora else ""),
             f"{adapter.num_trainable:,}",
             f"{adapter.num_total:,}",

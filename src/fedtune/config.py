@@ -18,7 +18,7 @@ from fedtune.config_compare import CompareConfig
 from fedtune.config_compression import CompressionConfig
 from fedtune.config_kd import KDConfig, check_kd_fits
 from fedtune.config_privacy import PrivacyConfig, check_privacy_fits
-from fedtune.config_runtime import RuntimeConfig, check_joint_fits
+from fedtune.config_runtime import RuntimeConfig, check_placement_fits
 from fedtune.config_split import SplitConfig, check_split_fits
 from fedtune.config_training import TrainingConfig
 from fedtune.errors import ConfigError
@@ -33,6 +33,12 @@ class ModelConfig(_Strict):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) for hub ids")
     gguf_file: str | None = Field(None, description="GGUF file name inside model.name's directory/repo")
     trust_remote_code: bool = Field(False, description="allow model code from the hub repo (only for repos you trust)")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the model trains and evaluates: auto (a GPU where torch sees one and the run can use "
+        "it: parameter sharing without DP-SGD; else the CPU), cpu, cuda or cuda:N",
+    )
 
 
 DEFAULT_TARGETS = {e.name: list(e.info["targets"]) for e in PEFT_METHODS if "targets" in e.info}
@@ -336,7 +342,7 @@ class ExperimentConfig(_Strict):
             check_split_fits(self)
         check_kd_fits(self)
         check_privacy_fits(self)
-        check_joint_fits(self)
+        check_placement_fits(self)
 
     def split_seed(self) -> int:
         """The seed of the data's held-out split and partition (fedtune compare keeps it across seeds)."""

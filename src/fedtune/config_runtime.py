@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fedtune.config_base import Strict as _Strict
 
@@ -70,21 +70,21 @@ class RuntimeConfig(_Strict):
         description="in_process with one lane: torch threads its clients train with (default: torch's, one per "
         "core); more lanes run one each: a client's reply is bit-identical across lanes=N and lanes=1 with 1 thread",
     )
-    joint_clients: int = Field(
-        1,
-        ge=1,
+    joint_clients: int | Literal["auto"] = Field(
+        "auto",
         description="in_process with one lane: train up to this many clients' LoRA adapters in one "
         "forward/backward over the shared base (rows routed to each client's tensors, each with its own "
-        "optimizer and clipping; the same training up to float order). Pays on a GPU; on CPU lanes are faster",
+        "optimizer and clipping; the same training up to float order). auto: up to 8 on a GPU, 1 on the CPU "
+        "(where lanes are faster)",
     )
     ray: RayConfig = Field(default_factory=RayConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
-    @field_validator("lanes")
+    @field_validator("lanes", "joint_clients")
     @classmethod
-    def _lanes_positive(cls, v: int | str) -> int | str:
+    def _positive(cls, v: int | str, info: ValidationInfo) -> int | str:
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"lanes={v}: give at least 1, or auto")
+            raise ValueError(f"{info.field_name}={v}: give at least 1, or auto")
         return v
 
     @model_validator(mode="after")
@@ -95,7 +95,7 @@ class RuntimeConfig(_Strict):
                 "process and runs one torch thread (GNU OpenMP cannot start a thread team in a forked child). "
                 "Use lanes=1 for several threads per client, or leave torch_threads unset"
             )
-        if self.joint_clients > 1 and (self.name != "in_process" or self.lanes not in (1, "auto")):
+        if self.joint_clients not in (1, "auto") and (self.name != "in_process" or self.lanes not in (1, "auto")):
             raise ValueError(
                 f"runtime.joint_clients={self.joint_clients} trains clients together in one process: it needs "
                 f"runtime.name=in_process with one lane (this config: name={self.name}, lanes={self.lanes}); "
@@ -104,25 +104,46 @@ class RuntimeConfig(_Strict):
         return self
 
 
-def check_joint_fits(cfg: ExperimentConfig) -> None:
-    """ValueError naming what in ``cfg`` keeps clients from training jointly (runtime.joint_clients > 1)."""
-    if cfg.runtime.joint_clients == 1:
-        return
+def gpu_misfit(cfg: ExperimentConfig) -> str | None:
+    """What in ``cfg`` keeps its model off a GPU (None: nothing): the tensors of KD's and split learning's
+    messages and DP-SGD's noise generator are CPU-only so far."""
+    if cfg.paradigm != "parameter_sharing":
+        return f"paradigm {cfg.paradigm} (its exchanges run on the CPU so far)"
+    if cfg.privacy.dp_sgd is not None:
+        return "privacy.dp_sgd (its noise generator is a CPU one so far)"
+    return None
+
+
+def joint_misfit(cfg: ExperimentConfig) -> str | None:
+    """What in ``cfg`` keeps its clients from training jointly (None: nothing)."""
     a = cfg.adapter
-    why = (
-        f"paradigm {cfg.paradigm} (it applies to parameter_sharing)"
-        if cfg.paradigm != "parameter_sharing"
-        else f"adapter.method {a.method} (it routes LoRA's rows)"
-        if not a.is_lora()
-        else "adapter.dora (DoRA's weight norm is not row-separable)"
-        if a.dora
-        else f"adapter.dropout={a.dropout} (a client trained with others would draw other masks)"
-        if a.dropout > 0
-        else "adapter.client_ranks (clients of different ranks)"
-        if a.client_ranks is not None
-        else "privacy.dp_sgd (each example is clipped on its own)"
-        if cfg.privacy.dp_sgd is not None
-        else None
-    )
-    if why is not None:
-        raise ValueError(f"runtime.joint_clients={cfg.runtime.joint_clients} does not combine with {why}; remove it")
+    if cfg.paradigm != "parameter_sharing":
+        return f"paradigm {cfg.paradigm} (it applies to parameter_sharing)"
+    if not a.is_lora():
+        return f"adapter.method {a.method} (it routes LoRA's rows)"
+    if a.dora:
+        return "adapter.dora (DoRA's weight norm is not row-separable)"
+    if a.dropout > 0:
+        return f"adapter.dropout={a.dropout} (a client trained with others would draw other masks)"
+    if a.client_ranks is not None:
+        return "adapter.client_ranks (clients of different ranks)"
+    if cfg.privacy.dp_sgd is not None:
+        return "privacy.dp_sgd (each example is clipped on its own)"
+    return None
+
+
+def check_placement_fits(cfg: ExperimentConfig) -> None:
+    """ValueError naming what in ``cfg`` an explicit model.device or runtime.joint_clients does not combine with."""
+    device, lanes = cfg.model.device, cfg.runtime.lanes
+    if device.startswith("cuda"):
+        why = gpu_misfit(cfg)
+        if why is not None:
+            raise ValueError(f"model.device={device} does not combine with {why}; use cpu or auto")
+        if isinstance(lanes, int) and lanes > 1:
+            raise ValueError(
+                f"model.device={device} with runtime.lanes={lanes}: lanes are forked processes, and CUDA does not "
+                "survive a fork; use lanes=1 or auto (clients share a GPU through runtime.joint_clients)"
+            )
+    joint = cfg.runtime.joint_clients
+    if joint not in (1, "auto") and (why := joint_misfit(cfg)) is not None:
+        raise ValueError(f"runtime.joint_clients={joint} does not combine with {why}; remove it")

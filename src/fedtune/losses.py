@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fedtune.adapters.adapter_model import virtual_token_offset
 from fedtune.data.tokenize import IGNORE
+from fedtune.models.device import batch_to, model_device
 from fedtune.models.head_loss import head_bypassed, head_cross_entropy_sum, plain_head
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]  # -> (sum, positions)
@@ -23,6 +24,7 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor
 
 def _target_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(the model's "logits" output (B, K, ·), targets (B, K)) at the K positions that any row needs."""
+    batch = batch_to(batch, model_device(model))  # where the model is (models.device)
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
     offset = virtual_token_offset(model)

@@ -146,18 +146,19 @@ def test_only_row_separable_lora_routes(tiny):
         RoutedLoRA(prompt)
 
 
-def test_a_routed_forward_is_each_clients_own_forward(tiny):
+@pytest.mark.parametrize("rows", [[2, 3], [2, 2, 2]], ids=["blocks of their own sizes", "equal blocks, batched"])
+def test_a_routed_forward_is_each_clients_own_forward(tiny, rows):
     adapter = AdapterModel(tiny.model.double(), AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
     routing = RoutedLoRA(adapter)
     g = torch.Generator().manual_seed(0)
-    states = [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in adapter.params.items()} for _ in "ab"]
-    ids = torch.randint(0, 100, (5, 7), generator=g)  # rows 0-1 client a, rows 2-4 client b
+    states = [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in adapter.params.items()} for _ in rows]
+    ids = torch.randint(0, 100, (sum(rows), 7), generator=g)  # client k's rows: the k-th block
     with torch.no_grad():
         alone = []
-        for state, rows in zip(states, (slice(0, 2), slice(2, 5)), strict=True):
+        for state, block in zip(states, ids.split(rows), strict=True):
             adapter.set_state(state)
-            alone.append(adapter.model(input_ids=ids[rows]).logits)
-        with routing.route([routing.leaves(s) for s in states], [2, 3]):
+            alone.append(adapter.model(input_ids=block).logits)
+        with routing.route([routing.leaves(s) for s in states], rows):
             joint = adapter.model(input_ids=ids).logits
     assert torch.allclose(joint, torch.cat(alone), rtol=0, atol=1e-10)
     assert "forward" not in vars(routing.layers[0][0])  # the layers' own forward is back

@@ -132,8 +132,8 @@ class AdapterModel:
         return base + own
 
     def get_state(self) -> Params:
-        """A detached copy of the adapter tensors."""
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        """A detached copy of the adapter tensors, on the CPU wherever the model is."""
+        return {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
 
     def set_state(self, state: Params) -> None:
         """Copy tensors into the adapter in place; keys and shapes must match exactly."""
@@ -163,7 +163,7 @@ class AdapterModel:
             return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.params.items()}, str(path / NATIVE_WEIGHTS))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.params.items()}, str(path / NATIVE_WEIGHTS))
         meta = {
             "method": self.method,
             "base_model_name_or_path": getattr(self.model.config, "name_or_path", None),

@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.config import ExperimentConfig
 from fedtune.models.activation_checkpointing import checkpoint_activations
+from fedtune.models.device import device_of
 from fedtune.models.loading import load_model
 
 
@@ -32,4 +33,7 @@ def seeded_adapter(
     )
     if cfg.training.gradient_checkpointing:
         checkpoint_activations(loaded.model)
+    device = device_of(cfg)
+    if device.type != "cpu":  # the initial adapter was drawn on the CPU: the same on every device
+        adapter.model.to(device)
     return adapter, loaded.tokenizer

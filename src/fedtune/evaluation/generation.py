@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.tokenize import left_pad
+from fedtune.models.device import model_device
 
 
 @torch.no_grad()
@@ -22,8 +23,10 @@ def greedy_generate(
     model.eval()
     out: list[str] = []
     pad = tokenizer.pad_token_id
+    device = model_device(model)
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[i : i + batch_size], pad)  # (B, T)
+        ids, mask = ids.to(device), mask.to(device)
         gen = model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -37,19 +37,40 @@ def build_runtime(
     from fedtune.runtime.in_process import InProcessRuntime
 
     side, r = handle(), cfg.runtime
-    lanes, group = lane_count(cfg), r.joint_clients
+    lanes, group = lane_count(cfg), joint_count(cfg)
     many = side.handle_many if group > 1 else None
     return InProcessRuntime(side.handle, lanes, r.torch_threads, cfg.federation.round_timeout_s, many, group)
 
 
 def lane_count(cfg: ExperimentConfig) -> int:
     """runtime.lanes, with auto resolved: one lane per core this process may use, at most one per client a round
-    (one lane with several torch threads per client, or with joint training)."""
+    (one lane with several torch threads per client, with joint training, or on a GPU)."""
+    from fedtune.errors import ConfigError
+    from fedtune.models.device import device_of
     from fedtune.runtime.lanes import available_cores
 
     r = cfg.runtime
-    lanes = r.lanes
-    if lanes == "auto":
-        serial = r.torch_threads not in (None, 1) or r.joint_clients > 1
-        lanes = 1 if serial else min(available_cores(), cfg.clients_per_round())
-    return max(1, lanes)
+    gpu = device_of(cfg).type == "cuda"
+    if r.lanes == "auto":
+        serial = r.torch_threads not in (None, 1) or joint_count(cfg) > 1 or gpu
+        return 1 if serial else min(available_cores(), cfg.clients_per_round())
+    if gpu and r.lanes > 1:
+        raise ConfigError(
+            f"runtime.lanes={r.lanes} with the model on a GPU (model.device={cfg.model.device}): lanes are forked "
+            "processes, and CUDA does not survive a fork; use lanes=1 or auto, or model.device=cpu"
+        )
+    return r.lanes
+
+
+def joint_count(cfg: ExperimentConfig) -> int:
+    """runtime.joint_clients, with auto resolved: up to 8 clients a pass with the model on a GPU in process
+    (where the configuration allows joint training), else 1."""
+    from fedtune.config_runtime import joint_misfit
+    from fedtune.models.device import device_of
+
+    r = cfg.runtime
+    if r.joint_clients != "auto":
+        return r.joint_clients
+    if r.name != "in_process" or r.lanes not in (1, "auto") or joint_misfit(cfg) is not None:
+        return 1
+    return min(8, cfg.clients_per_round()) if device_of(cfg).type == "cuda" else 1

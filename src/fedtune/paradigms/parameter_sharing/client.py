@@ -114,22 +114,26 @@ class ParameterSharingClient:
         outs = dict(zip(starts, trained, strict=True))
         served = {}
         for cid, req, _ in train:
-            local = None if outs[cid].result.diverged else {k: t.detach().clone() for k, t in tensors[cid].items()}
+            trained = tensors[cid].items()
+            local = None if outs[cid].result.diverged else {k: t.detach().to("cpu", copy=True) for k, t in trained}
             served[cid] = self._finish(cid, req, starts[cid], outs[cid], local)
         return [served[cid] if type(req) is TrainRequest else self.serve(cid, req, state) for cid, req, state in jobs]
 
     def _start(self, client_id: int, req: TrainRequest, state: ClientState) -> _Start:
         """What a client's training starts from: the adapter (lossy if the downlink is), corrections, DP seed."""
         params, state = self._receive(req, state)
-        names = list(self.adapter.params)
+        live = self.adapter.params  # the tensors that train, where the model is: the corrections act beside them
         corrections: list = []
         if self.proximal_mu > 0:
-            corrections.append(FedProx([params[k] for k in names], self.proximal_mu))
+            corrections.append(FedProx([params[k].to(p.device) for k, p in live.items()], self.proximal_mu))
         c_i = None
         if req.scaffold_c:  # c_i starts at zero the first time a client takes part
             own = state.get("scaffold", {})
-            c_i = {k: own.get(k, torch.zeros_like(req.scaffold_c[k])) for k in names}
-            corrections.append(Scaffold([req.scaffold_c[k] for k in names], [c_i[k] for k in names]))
+            c_i = {k: own.get(k, torch.zeros_like(req.scaffold_c[k])) for k in live}
+            on = {k: p.device for k, p in live.items()}
+            corrections.append(
+                Scaffold([req.scaffold_c[k].to(d) for k, d in on.items()], [c_i[k].to(d) for k, d in on.items()])
+            )
         seed = None
         if self.trainer.dp_sgd is not None:
             seed, state = self._dp_sgd_seed(state)

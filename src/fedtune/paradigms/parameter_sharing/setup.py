@@ -22,6 +22,7 @@ from fedtune.privacy.accounting import SampleLevel
 from fedtune.privacy.dp import DpFedAvg
 from fedtune.privacy.plan import PrivacyPlan, plan_privacy
 from fedtune.privacy.secagg import FixedPoint
+from fedtune.runtime import joint_count
 from fedtune.types import Params
 
 if TYPE_CHECKING:
@@ -148,13 +149,19 @@ def client(
         cfg.training.proximal_mu,
         eval_set,
         cfg.privacy.noise_seed,
-        joint_routing(bench.adapter) if cfg.runtime.joint_clients > 1 else None,
+        joint_routing(cfg, bench.adapter),
     )
 
 
-def joint_routing(adapter: AdapterModel) -> RoutedLoRA:
-    """The routing of joint training over this adapter, or a ConfigError saying why it cannot be."""
+def joint_routing(cfg: ExperimentConfig, adapter: AdapterModel) -> RoutedLoRA | None:
+    """The routing of joint training over this adapter when runtime.joint_clients asks for it (auto, where the
+    model allows; a number, or a ConfigError saying why it cannot be)."""
+    if joint_count(cfg) < 2:
+        return None
     try:
         return RoutedLoRA(adapter)
     except ValueError as exc:
+        if cfg.runtime.joint_clients == "auto":
+            log.info("clients train one at a time: %s", exc)
+            return None
         raise ConfigError(f"runtime.joint_clients: {exc}; remove it") from None
