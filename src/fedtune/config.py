@@ -37,7 +37,7 @@ class ModelConfig(_Strict):
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="where the model trains and evaluates: auto (a GPU where torch sees one and the run can use "
-        "it: parameter sharing without DP-SGD; else the CPU), cpu, cuda or cuda:N",
+        "it: parameter sharing without DP-SGD, in process or deployed; else the CPU), cpu, cuda or cuda:N",
     )
 
 
@@ -105,6 +105,18 @@ class AdapterConfig(_Strict):
                     f"set adapter.r={max(self.client_ranks)}"
                 )
         return self
+
+    def joint_misfit(self) -> str | None:
+        """What keeps several clients' adapters of this kind from one forward with rows routed per client."""
+        if not self.is_lora():
+            return f"adapter.method {self.method} (joint training routes LoRA's rows)"
+        if self.dora:
+            return "adapter.dora (DoRA's weight norm is not row-separable)"
+        if self.dropout > 0:
+            return f"adapter.dropout={self.dropout} (a client trained with others would draw other masks)"
+        if self.client_ranks is not None:
+            return "adapter.client_ranks (clients of different ranks)"
+        return None
 
     def rank_of_client(self, client_id: int) -> int:
         return self.r if self.client_ranks is None else self.client_ranks[client_id % len(self.client_ranks)]

@@ -111,25 +111,18 @@ def gpu_misfit(cfg: ExperimentConfig) -> str | None:
         return f"paradigm {cfg.paradigm} (its exchanges run on the CPU so far)"
     if cfg.privacy.dp_sgd is not None:
         return "privacy.dp_sgd (its noise generator is a CPU one so far)"
+    if cfg.runtime.name == "ray":
+        return "runtime ray (its workers share the driver's base weights through host memory)"
     return None
 
 
 def joint_misfit(cfg: ExperimentConfig) -> str | None:
     """What in ``cfg`` keeps its clients from training jointly (None: nothing)."""
-    a = cfg.adapter
     if cfg.paradigm != "parameter_sharing":
         return f"paradigm {cfg.paradigm} (it applies to parameter_sharing)"
-    if not a.is_lora():
-        return f"adapter.method {a.method} (it routes LoRA's rows)"
-    if a.dora:
-        return "adapter.dora (DoRA's weight norm is not row-separable)"
-    if a.dropout > 0:
-        return f"adapter.dropout={a.dropout} (a client trained with others would draw other masks)"
-    if a.client_ranks is not None:
-        return "adapter.client_ranks (clients of different ranks)"
     if cfg.privacy.dp_sgd is not None:
         return "privacy.dp_sgd (each example is clipped on its own)"
-    return None
+    return cfg.adapter.joint_misfit()
 
 
 def check_placement_fits(cfg: ExperimentConfig) -> None:

@@ -142,7 +142,7 @@ def test_config_says_what_joint_training_does_not_combine_with(overrides, names)
 def test_only_row_separable_lora_routes(tiny):
     prompt = AdapterModel(tiny.model, AdapterConfig(method="prompt_tuning"), seed=0)
     assert "prompt_tuning" in joint_unsupported(prompt)
-    with pytest.raises(ValueError, match="not lora"):
+    with pytest.raises(ValueError, match="routes LoRA's rows"):
         RoutedLoRA(prompt)
 
 

@@ -33,6 +33,7 @@ def test_auto_is_the_cpu_without_a_gpu_or_where_the_run_cannot_use_one(monkeypat
     assert device_of(_cfg("paradigm=kd")).type == "cpu"  # KD's exchanges stay on the CPU so far
     dp = ("privacy.dp_sgd.noise_multiplier=1.0",)
     assert device_of(_cfg(*dp)).type == "cpu"
+    assert device_of(_cfg("runtime.name=ray")).type == "cpu"  # its workers share weights in host memory
     assert device_of(_cfg("model.device=cpu")).type == "cpu"
 
 

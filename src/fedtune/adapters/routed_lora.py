@@ -29,15 +29,11 @@ from fedtune.types import Params
 
 def joint_unsupported(adapter: AdapterModel) -> str | None:
     """Why these clients' adapters cannot train in one forward over this model; None if they can."""
-    cfg = adapter.cfg
-    if not cfg.is_lora() or not isinstance(adapter.model, PeftModel):
-        return f"adapter.method is {cfg.method}, not lora"
-    if cfg.dora:
-        return "DoRA's weight norm is not row-separable"
-    if cfg.dropout > 0:
-        return f"adapter.dropout={cfg.dropout} would draw other masks than a client trained alone"
-    if len(adapter.adapter_names) > 1:
-        return "clients train adapters of different ranks"
+    why = adapter.cfg.joint_misfit()
+    if why is not None:
+        return why
+    if not isinstance(adapter.model, PeftModel) or len(adapter.adapter_names) > 1:
+        return "the model holds no single peft LoRA adapter"
     layers = [m for m in adapter.model.modules() if hasattr(m, "lora_A") and ADAPTER in m.lora_A]
     if any(type(m) is not LoraLinear for m in layers):
         return "some target modules are not Linear layers"
