@@ -21,8 +21,8 @@ import torch
 from fedtune.adapters.routed_lora import RoutedLoRA
 from fedtune.client.corrections import Correction
 from fedtune.client.cost import ActivationMeter, FlopModel, input_tokens
-from fedtune.client.local_training import LocalResult, finished, make_optimizer
-from fedtune.data.tokenize import IGNORE, stack_collated
+from fedtune.client.local_training import LocalResult, finished, make_optimizer, optimizer_step, target_count
+from fedtune.data.tokenize import stack_collated
 from fedtune.losses import block_loss_sums
 
 
@@ -77,7 +77,7 @@ def train_jointly(
         for k in active:
             for g in opts[k].param_groups:
                 g["lr"] = lr[k]
-        n_tokens = {k: sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in groups[k][step]) for k in active}
+        n_tokens = {k: target_count(groups[k][step]) for k in active}
         step_loss = dict.fromkeys(active, 0.0)
         for j in range(grad_accum):
             members = [k for k in active if j < len(groups[k][step]) and tally[k].failed is None]
@@ -109,17 +109,7 @@ def train_jointly(
             t = tally[k]
             if t.failed is not None:
                 continue
-            for corr in clients[k].corrections:
-                extra = corr.extra_loss(params[k])
-                if extra is not None:
-                    extra.backward()
-                corr.adjust_grads(params[k])
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params[k], max_grad_norm)
-            opts[k].step()
-            opts[k].zero_grad(set_to_none=True)
-            for corr in clients[k].corrections:
-                corr.after_step(params[k], lr[k])
+            optimizer_step(opts[k], params[k], clients[k].corrections, max_grad_norm, lr[k])
             t.loss += step_loss[k]
             t.tokens += n_tokens[k]
             t.lr_sum += lr[k]

@@ -90,7 +90,7 @@ def train_locally(
         lr = lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+        n_tokens = target_count(group)
         step_loss = 0.0
         for batch in group:
             with meter.measure():
@@ -111,17 +111,7 @@ def train_locally(
                 )
             (loss_sum / max(1, n_tokens)).backward()
             step_loss += loss_sum.item()
-        for corr in corrections:
-            extra = corr.extra_loss(params)
-            if extra is not None:
-                extra.backward()
-            corr.adjust_grads(params)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for corr in corrections:
-            corr.after_step(params, lr)
+        optimizer_step(opt, params, corrections, max_grad_norm, lr)
         loss_total += step_loss
         tokens_total += n_tokens
         lr_sum += lr
@@ -129,6 +119,32 @@ def train_locally(
             on_step(step, step_loss / max(1, n_tokens))
     model.eval()
     return finished(len(groups), loss_total, tokens_total, start, lr_sum, flops, meter, fed)
+
+
+def target_count(group: Sequence[dict[str, torch.Tensor]]) -> int:
+    """Target positions of a step's micro-batches: the denominator of its position-mean loss."""
+    return sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+
+
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    corrections: Sequence[Correction],
+    max_grad_norm: float | None,
+    lr: float,
+) -> None:
+    """The end of a step whose loss is back-propagated: corrections, clipping, the optimizer's step."""
+    for corr in corrections:
+        extra = corr.extra_loss(params)
+        if extra is not None:
+            extra.backward()
+        corr.adjust_grads(params)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for corr in corrections:
+        corr.after_step(params, lr)
 
 
 def finished(

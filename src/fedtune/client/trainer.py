@@ -78,14 +78,14 @@ class LocalTrainer:
 
     def _round(
         self, client_id: int, round_index: int, data: ClientData, poisson: bool = False
-    ) -> tuple[int, list[dict[str, torch.Tensor]], Callable[[int], float]]:
-        """(torch seed, micro-batches, learning rate of each step) of one client's round."""
+    ) -> tuple[int, list[dict[str, torch.Tensor]], int, Callable[[int], float]]:
+        """(torch seed, micro-batches, optimizer steps, learning rate of each step) of one client's round."""
         cfg = self.cfg
         torch_seed, plan = round_plan(self.seed, round_index, client_id, len(data.train), cfg, poisson)
         batches = [collate([data.train[i] for i in idx], self.pad_id) if len(idx) else _empty() for idx in plan]
         steps = -(-len(batches) // cfg.grad_accum)
         schedule = RoundSchedule.of(cfg, self.total_rounds)
-        return torch_seed, batches, partial(schedule.lr_at, round_index, steps=steps)
+        return torch_seed, batches, steps, partial(schedule.lr_at, round_index, steps=steps)
 
     def train(
         self,
@@ -105,7 +105,7 @@ class LocalTrainer:
             loss = partial(token_loss_sum, fused=fused)
         start = time.perf_counter()
         dp = self.dp_sgd
-        torch_seed, batches, lr = self._round(client_id, round_index, data, poisson=dp is not None)
+        torch_seed, batches, steps, lr = self._round(client_id, round_index, data, poisson=dp is not None)
         step = None
         if dp is not None:
             if noise_seed is None:
@@ -113,7 +113,6 @@ class LocalTrainer:
             g = generator(noise_seed, round_index, client_id)
             step = DpSgdStep(dp.noise_multiplier, dp.max_grad_norm, min(cfg.batch_size, len(data.train)), g)
             loss = example_loss_sum
-        steps = -(-len(batches) // cfg.grad_accum)
         bar = tqdm(
             total=steps, desc=f"  client {client_id}", leave=False, disable=bar_disabled(self.progress), unit="step"
         )
@@ -152,12 +151,12 @@ class LocalTrainer:
         cfg = self.cfg
         fused = cfg.fused_loss and plain_head(adapter.model) is not None
         start = time.perf_counter()
-        clients, seeds = [], []
+        clients, seeds, steps = [], [], 0
         for client_id, data, tensors, corrections in jobs:
-            torch_seed, batches, lr = self._round(client_id, round_index, data)
+            torch_seed, batches, own_steps, lr = self._round(client_id, round_index, data)
             clients.append(JointClient(tensors, batches, lr, corrections))
             seeds.append(torch_seed)
-        steps = max((-(-len(c.batches) // cfg.grad_accum) for c in clients), default=0)
+            steps = max(steps, own_steps)
         desc = "  clients " + ",".join(str(j[0]) for j in jobs)
         bar = tqdm(total=steps, desc=desc, leave=False, disable=bar_disabled(self.progress), unit="step")
         with torch.random.fork_rng(devices=[]):

@@ -114,8 +114,8 @@ class ParameterSharingClient:
         outs = dict(zip(starts, trained, strict=True))
         served = {}
         for cid, req, _ in train:
-            trained = tensors[cid].items()
-            local = None if outs[cid].result.diverged else {k: t.detach().to("cpu", copy=True) for k, t in trained}
+            leaves = tensors[cid].items()
+            local = None if outs[cid].result.diverged else {k: t.detach().to("cpu", copy=True) for k, t in leaves}
             served[cid] = self._finish(cid, req, starts[cid], outs[cid], local)
         return [served[cid] if type(req) is TrainRequest else self.serve(cid, req, state) for cid, req, state in jobs]
 
