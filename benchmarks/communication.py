@@ -24,7 +24,7 @@ import time
 from common import RESULTS, merge_rows, quickstart_setup, write_result
 
 from fedtune.config import load_config
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.experiment import run_experiment
 
 EF = "compression.error_feedback=true"

@@ -23,7 +23,7 @@ from common import write_result
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.federation import Federation  # noqa: E402  (the tests' real-process federation)
+from tests.helpers.deployment import Federation  # noqa: E402  (the tests' real-process federation)
 
 
 def rounds_of(run_dir: Path) -> list[dict]:

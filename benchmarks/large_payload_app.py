@@ -11,7 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.runtime.flower_grid import FlowerRuntime
-from fedtune.types import Envelope
+from fedtune.core.types import Envelope
 
 server_app = ServerApp()
 

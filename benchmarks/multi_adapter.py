@@ -29,7 +29,7 @@ from fedtune.data.prepare import prepare_federated_data
 from fedtune.models.device import model_device
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.runtime.in_process import InProcessRuntime
-from fedtune.types import Envelope
+from fedtune.core.types import Envelope
 from fedtune.wire.link import Link
 from fedtune.wire.messages import decode_message, encode_message
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from deployment import rounds_of  # noqa: E402
 
-from tests.e2e.federation import Federation  # noqa: E402  (the tests' real-process federation)
+from tests.helpers.deployment import Federation  # noqa: E402  (the tests' real-process federation)
 
 MICRO_BATCHES = 4
 ROWS = {  # name -> (shape, grad_accum)

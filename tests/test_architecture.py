@@ -1,7 +1,10 @@
-"""Imports only go down: a fixed order of the package's parts, no cycles, Ray and Flower kept at the edge.
+"""Imports only go down: a fixed order of the package's parts, no cycles, nothing sideways, Ray and Flower
+kept at the edge.
 
-Every import statement counts, including those inside functions (a lazy import is still a
-dependency); only ``if TYPE_CHECKING:`` blocks are exempt, since they never run.
+Every import statement counts: those inside functions (a lazy import is still a dependency) and those
+under ``if TYPE_CHECKING:`` (a type named from above is a dependency too). Within a part, sibling
+packages do not import each other (a module of their parent is shared ground), and a plug-in package
+(a paradigm) is imported by nothing outside it: its registry line names it by a string.
 """
 
 from __future__ import annotations
@@ -15,19 +18,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "fedtune"
 
 # lowest first: a part may import only parts listed before it (and itself)
 LAYERS = [
-    "errors",
-    "types",
-    "registry",
-    "config_base",
-    "config_runtime",
-    "config_training",
-    "config_compression",
-    "config_kd",
-    "config_split",
-    "config_privacy",
-    "config_compare",
+    "core",
     "config",
-    "config_reference",
     "codecs",
     "wire",
     "models",
@@ -48,6 +40,7 @@ LAYERS = [
     "deploy",
     "cli",
 ]
+PLUGIN_PACKAGES = ("fedtune.paradigms",)  # each package inside is a plug-in that only its registry line names
 
 
 def _modules() -> dict[str, Path]:
@@ -63,22 +56,11 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(path: Path) -> set[str]:
-    """Every module this file imports, external ones by their top-level name."""
+    """Every module this file imports (type-only imports included), external ones by their top-level name."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -138,6 +120,43 @@ def test_no_import_cycles():
         if m not in state:
             walk(m, [m])
     assert not cycles, "\n".join(cycles)
+
+
+def _package_of(module: str) -> str:
+    """The package a module's file sits in (a package's own __init__ sits in the package itself)."""
+    path = MODULES[module]
+    return module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+
+def test_sibling_packages_do_not_import_each_other():
+    """``paradigms/split`` may use ``paradigms/base.py`` (their parent's shared ground), never ``paradigms/kd``."""
+    sideways = []
+    for m, deps in GRAPH.items():
+        for d in deps:
+            a, b = _package_of(m).split("."), _package_of(d).split(".")
+            common = 0
+            while common < min(len(a), len(b)) and a[common] == b[common]:
+                common += 1
+            if common >= 2 and common < len(a) and common < len(b):  # one part; each in a package below the common
+                sideways.append(f"{m} imports {d}")
+    assert not sideways, "\n".join(sorted(sideways))
+
+
+def test_plug_in_packages_are_named_never_imported():
+    """A paradigm's package is imported by nothing outside it: the registry names it, the config loads it."""
+    plugins = {
+        m for m in MODULES if any(m.startswith(p + ".") and m.count(".") == p.count(".") + 1 for p in PLUGIN_PACKAGES)
+    }
+    plugins = {m for m in plugins if MODULES[m].name == "__init__.py"}
+    assert {"fedtune.paradigms.kd", "fedtune.paradigms.split", "fedtune.paradigms.parameter_sharing"} <= plugins
+    outside = [
+        f"{m} imports {d}"
+        for m, deps in GRAPH.items()
+        for d in deps
+        for plugin in plugins
+        if (d == plugin or d.startswith(plugin + ".")) and not (m == plugin or m.startswith(plugin + "."))
+    ]
+    assert not outside, "\n".join(sorted(outside))
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.config import apply_override, config_diff, load_config
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 
 def test_defaults_validate():

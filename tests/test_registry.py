@@ -7,8 +7,8 @@ import typing
 import pytest
 
 from fedtune.config import AdapterConfig, AggregationConfig, ExperimentConfig
-from fedtune.config_compression import CodecConfig
-from fedtune.registry import AGGREGATORS, ALL, CODECS, COMBINERS, PEFT_METHODS, Registry
+from fedtune.config.compression import CodecConfig
+from fedtune.core.registry import AGGREGATORS, ALL, CODECS, COMBINERS, PEFT_METHODS, Registry
 
 
 @pytest.mark.parametrize("reg", ALL, ids=lambda r: r.kind)

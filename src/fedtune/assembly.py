@@ -1,57 +1,75 @@
-"""Build what a process needs from a config: model and adapter, encoder, codec links, client handler.
+"""Build what a process needs from a config: its plan, model and adapter, encoder, codec links, client handler.
 
 The server (experiment.py), every Ray worker and every deployed client call these same functions,
 so each process builds a bit-identical base model, initial adapter and codec chain from one config.
-The client handler serves the paradigm ``cfg.paradigm`` names (``registry.PARADIGMS``).
+``plan_of`` is where a config becomes what the layers below receive: the resolved sections, the
+privacy plan (made once), and this process's placement. The client handler serves the paradigm the
+config names.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
-from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.adapters.build import seeded_adapter
 from fedtune.client.data import ClientData, EvalSettings
-from fedtune.client.handler import ClientHandler
-from fedtune.config import ExperimentConfig
+from fedtune.config import ExperimentConfig, resolve
+from fedtune.config.experiment import gpu_misfit, joint_misfit
+from fedtune.core.errors import DataError
 from fedtune.data.formats import Example, load_examples
 from fedtune.data.prepare import BUILTIN, FederatedData, holdout_split, load_splits, prepare_federated_data
 from fedtune.data.templates import resolve_template
 from fedtune.data.tokenize import Encoder
-from fedtune.errors import DataError
 from fedtune.evaluation.harness import EvalSet
 from fedtune.models.device import model_device
-from fedtune.privacy.plan import rounds_to_run
-from fedtune.registry import PARADIGMS
-from fedtune.types import Params
+from fedtune.models.placement import Placement, place
+from fedtune.paradigms.handler import ClientHandler
+from fedtune.paradigms.plan import ParadigmPlan, Workbench
+from fedtune.privacy.plan import PrivacyPlan, plan_privacy
 from fedtune.wire.link import Link
 
 log = logging.getLogger("fedtune")
 
 
-@dataclass
-class Workbench:
-    """One process's model side: the base model with its adapter, and how text and tensors are encoded."""
-
-    adapter: AdapterModel
-    tokenizer: PreTrainedTokenizerBase
-    encoder: Encoder
-    initial: Params  # the seeded initial adapter: what every client holds before round 1
-    uplink: Link
-    downlink: Link
-    eval_settings: EvalSettings
+def placement_of(cfg: ExperimentConfig) -> Placement:
+    """Where this process runs the config's work (``model.device``, lanes, joint clients), resolved here."""
+    return place(cfg.model, cfg.runtime, cfg.clients_per_round(), gpu_misfit(cfg), joint_misfit(cfg))
 
 
-def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
+def plan_of(cfg: ExperimentConfig, privacy: PrivacyPlan | bool | None = True) -> ParadigmPlan:
+    """The config as the layers below receive it: its sections resolved (``config.resolve``), the privacy plan
+    (made here unless given: a Ray worker gets the driver's) and this process's placement."""
+    cfg = resolve(cfg)
+    if privacy is True:
+        privacy = plan_privacy(cfg.privacy, cfg.partition.num_clients, cfg.clients_per_round(), cfg.federation.rounds)
+    return ParadigmPlan(
+        settings=cfg.paradigm,
+        seed=cfg.seed,
+        split_seed=cfg.split_seed(),
+        rounds=cfg.federation.rounds,
+        num_clients=cfg.partition.num_clients,
+        clients_per_round=cfg.clients_per_round(),
+        model=cfg.model,
+        adapter=cfg.adapter,
+        data=cfg.data,
+        training=cfg.training,
+        aggregation=cfg.aggregation,
+        compression=cfg.compression,
+        privacy=cfg.privacy,
+        privacy_plan=privacy or None,
+        placement=placement_of(cfg),
+        progress=cfg.output.progress,
+    )
+
+
+def build_workbench(cfg: ExperimentConfig, plan: ParadigmPlan, announce: bool = True) -> Workbench:
     """Load the base model, attach the seeded adapter, and build the encoder and codec links."""
     t = time.perf_counter()
-    adapter, tokenizer = seeded_adapter(cfg)
+    adapter, tokenizer = seeded_adapter(plan.adapter_recipe())
     if announce:
         log.info(
             "model %s loaded in %.1fs on %s; adapter %s: %s trainable of %s parameters (%.3f%%)",
@@ -68,7 +86,7 @@ def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
     encoder = Encoder(tokenizer, template, d.system_prompt, d.max_seq_len, d.train_on_prompt)
     e = cfg.evaluation
     exact = d.dataset == BUILTIN if e.exact_match == "auto" else bool(e.exact_match)
-    final = rounds_to_run(cfg) if e.exact_match == "final" else None
+    final = plan.rounds_to_run if e.exact_match == "final" else None
     comp = cfg.compression
     return Workbench(
         adapter,
@@ -82,24 +100,26 @@ def build_workbench(cfg: ExperimentConfig, announce: bool = True) -> Workbench:
 
 
 def make_handler(
-    cfg: ExperimentConfig, bench: Workbench, clients: dict[int, ClientData], eval_set: EvalSet | None = None
+    plan: ParadigmPlan, bench: Workbench, clients: dict[int, ClientData], eval_set: EvalSet | None = None
 ) -> ClientHandler:
-    """The client side of ``cfg.paradigm``, serving these clients' data over the workbench's model.
+    """The client side of the plan's paradigm, serving these clients' data over the workbench's model.
 
     ``eval_set``: the federation's evaluation set, for paradigms whose clients evaluate their own models.
     """
-    paradigm = PARADIGMS.load(cfg.paradigm).client(cfg, bench, clients, eval_set)
+    paradigm = plan.settings.plugin().halves().client(plan, bench, clients, eval_set)
     return ClientHandler(paradigm, clients)
 
 
-def simulation_handler(cfg_json: dict[str, Any]) -> Any:
-    """A handler for every simulated client, built from scratch as the server builds it (a Ray worker's)."""
+def simulation_handler(cfg_json: dict[str, Any], privacy: PrivacyPlan | None) -> Any:
+    """A handler for every simulated client, built from scratch as the server builds it (a Ray worker's),
+    with the driver's privacy plan."""
     cfg = ExperimentConfig.model_validate(cfg_json)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"progress": False})})
-    bench = build_workbench(cfg, announce=False)
+    plan = plan_of(cfg, privacy)
+    bench = build_workbench(cfg, plan, announce=False)
     data = prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed())
     eval_set = EvalSet.build(eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
-    return make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg), eval_set).handle
+    return make_handler(plan, bench, build_client_data(data, bench.encoder, cfg), eval_set).handle
 
 
 def federation_eval_set(cfg: ExperimentConfig, encoder: Encoder) -> EvalSet | None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.table import Table
 
 from fedtune.config import ExperimentConfig, load_config
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 
 app = typer.Typer(
     add_completion=False,
@@ -23,13 +24,24 @@ app = typer.Typer(
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides, e.g. federation.rounds=3")]
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     from rich.markup import escape
 
     from fedtune.reporting.console import console
 
     console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Every command's errors a user can act on print as one line without a traceback (exit 2); Ctrl-C exits 130."""
+    try:
+        yield
+    except FedtuneError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -53,16 +65,12 @@ def resume(
 
 
 def _run_guarded(make_config: Callable[[], ExperimentConfig], config_path: Path | None, resume: bool) -> None:
-    """Validate the config, then run; our errors print as one line (exit 2), Ctrl-C exits 130."""
-    try:
+    """Validate the config, then run."""
+    with _reported():
         cfg = make_config()
         from fedtune.experiment import run_experiment  # heavy imports only once the config is valid
 
         run_experiment(cfg, config_path, resume=resume)
-    except FedtuneError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -75,7 +83,7 @@ def compare(
     without repeating finished runs."""
     import shlex
 
-    try:
+    with _reported():
         cfg = load_config(config, overrides)
         from fedtune.compare.plan import plan
         from fedtune.compare.runner import run_comparison
@@ -83,10 +91,6 @@ def compare(
 
         command = shlex.join(["fedtune", "compare", str(config), *(overrides or [])])
         run_comparison(plan(cfg, resolve_run_dir(cfg, config)), command)
-    except FedtuneError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -135,10 +139,8 @@ def client(
 
 def _deployed(config: Path, overrides: list[str] | None, start: Callable[[ExperimentConfig], int]) -> None:
     """Load CONFIG as a deployment (runtime.name=flower), run a deployment command, exit with its code."""
-    try:
+    with _reported():
         code = start(load_config(config, ["runtime.name=flower", *(overrides or [])]))
-    except FedtuneError as exc:
-        _fail(exc)
     raise typer.Exit(code)
 
 
@@ -160,14 +162,12 @@ def certs(
     from fedtune.reporting.console import console
 
     names = [f"client-{i}" for i in range(clients)] + list(name or [])
-    try:
+    with _reported():
         if add:
             written = add_client_keys(out / "clients", names, overwrite)
         else:
             hosts = list(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
             written = write_certs(out, hosts, names, overwrite=overwrite)
-    except FedtuneError as exc:
-        _fail(exc)
     console.print(f"wrote {len(written)} files to {out}:")
     for p in written:
         console.print(f"  {p}")
@@ -206,11 +206,9 @@ def data(
     from fedtune.data.prepare import prepare_federated_data
     from fedtune.reporting.console import console
 
-    try:
+    with _reported():
         cfg = load_config(config, overrides)
         fed = prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed())
-    except FedtuneError as exc:
-        _fail(exc)
     field = cfg.partition.field or ("task" if fed.train and "task" in fed.train[0].meta else None)
     table = Table(title=f"{len(fed.train)} train / {len(fed.eval)} eval examples, {cfg.partition.method} split")
     table.add_column("client", justify="right")

@@ -20,20 +20,19 @@ import yaml
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.aggregation.weighting import WeightCap
-from fedtune.assembly import build_client_data, build_workbench, eval_subset, make_handler, simulation_handler
-from fedtune.config import ExperimentConfig, config_diff, to_yaml, validate_config
+from fedtune.assembly import build_client_data, build_workbench, eval_subset, make_handler, plan_of, simulation_handler
+from fedtune.config import ExperimentConfig, config_diff, resolve, to_yaml, validate_config
+from fedtune.core.errors import ConfigError, FedtuneError
+from fedtune.core.types import Params, ServerState
 from fedtune.data.prepare import FederatedData, prepare_federated_data
-from fedtune.errors import ConfigError, FedtuneError
 from fedtune.evaluation.harness import EvalSet, evaluate
-from fedtune.privacy.plan import PrivacyPlan, plan_privacy, rounds_to_run
-from fedtune.registry import PARADIGMS
+from fedtune.privacy.plan import PrivacyPlan
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
 from fedtune.reporting.metrics import MetricsWriter, summarize
 from fedtune.runtime import build_runtime
 from fedtune.runtime.base import Runtime
 from fedtune.server.checkpoint import load_latest
 from fedtune.server.round_loop import LoopSettings, run_rounds
-from fedtune.types import Params, ServerState
 
 log = logging.getLogger("fedtune")
 
@@ -75,6 +74,7 @@ def run_experiment(
             f"this config compares {len(cfg.compare.variants)} variants: run it with `fedtune compare CONFIG`, or "
             "run its base alone with compare.variants={}"
         )
+    cfg = resolve(cfg)
     run_dir = resolve_run_dir(cfg, config_path)
     check_run_dir(run_dir, cfg, resume)
     data = prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed())  # data errors leave no run dir behind
@@ -100,7 +100,8 @@ def _run(
     on_record: Callable[[dict[str, Any]], None] | None,
     runtime: Runtime | None,
 ) -> RunResult:
-    bench = build_workbench(cfg)
+    plan = plan_of(cfg)  # privacy is planned here, once
+    bench = build_workbench(cfg, plan)
     adapter, tokenizer, eval_settings = bench.adapter, bench.tokenizer, bench.eval_settings
     clients = build_client_data(data, bench.encoder, cfg)
     eval_set = EvalSet.build(eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
@@ -120,9 +121,12 @@ def _run(
             " (updates to each client's replica)" if comp.downlink_updates else "",
         )
     runtime = runtime or build_runtime(
-        cfg,
-        lambda: make_handler(cfg, bench, clients, eval_set),
-        partial(simulation_handler, cfg.model_dump(mode="json")),
+        cfg.runtime,
+        plan.placement,
+        cfg.federation.round_timeout_s,
+        cfg.clients_per_round(),
+        lambda: make_handler(plan, bench, clients, eval_set),
+        partial(simulation_handler, cfg.model_dump(mode="json"), plan.privacy_plan),
         lambda: (cfg.model.name, *adapter.lendable()),
     )
 
@@ -132,7 +136,7 @@ def _run(
         s = eval_settings
         return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact_at(r), s.max_new_tokens, s.group_by)
 
-    paradigm = PARADIGMS.load(cfg.paradigm).server(cfg, bench, evaluate_adapter, weight_cap(cfg, data))
+    paradigm = cfg.plugin().halves().server(plan, bench, evaluate_adapter, weight_cap(cfg, data))
     fresh = paradigm.initial_state()
     state = load_latest(run_dir, fresh.algorithm) if resume else None
     if state is not None:
@@ -149,10 +153,10 @@ def _run(
         if on_record is not None:
             on_record(rec)
 
-    privacy = plan_privacy(cfg)
+    privacy = plan.privacy_plan
     if privacy is not None:
         _announce_privacy(privacy)
-    rounds, every = rounds_to_run(cfg), cfg.evaluation.every
+    rounds, every = plan.rounds_to_run, cfg.evaluation.every
     settings = LoopSettings(
         rounds,
         cfg.partition.num_clients,
@@ -185,7 +189,7 @@ def _run(
         {
             "run_dir": str(run_dir),
             "model": cfg.model.name,
-            "paradigm": cfg.paradigm,
+            "paradigm": cfg.paradigm.name,
             "adapter_method": cfg.adapter.method + ("+dora" if cfg.adapter.dora else ""),
             "num_clients": cfg.partition.num_clients,
             "trainable_params": adapter.num_trainable,

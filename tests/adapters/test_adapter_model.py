@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.config import AdapterConfig
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.models.loading import load_model
 
 

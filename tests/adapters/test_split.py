@@ -9,8 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.adapters.split import Cut, SplitModel, full_names
 from fedtune.config import AdapterConfig
+from fedtune.core.errors import ConfigError
 from fedtune.data.tokenize import IGNORE
-from fedtune.errors import ConfigError
 from fedtune.losses import token_loss_sum
 from fedtune.models.loading import load_model
 

@@ -14,8 +14,8 @@ from fedtune.data.tokenize import Encoder, collate
 from fedtune.losses import token_loss_sum
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
-from tests.client_helpers import ps_handler
-from tests.wire_helpers import to_wire
+from tests.helpers.building import ps_handler
+from tests.helpers.wire import to_wire
 
 
 def _encoded(tok):

@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.assembly import build_workbench
 from fedtune.client.batching import poisson_batches
 from fedtune.client.local_training import DpSgdStep, train_locally
 from fedtune.config import load_config
 from fedtune.losses import example_loss_sum
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers.building import build
+from tests.helpers.configs import TINY_OVERRIDES
 
 
 @pytest.fixture(scope="module")
 def adapter():
-    return build_workbench(load_config("examples/tiny.yaml", TINY_OVERRIDES), announce=False).adapter
+    return build(load_config("examples/tiny.yaml", TINY_OVERRIDES)).bench.adapter
 
 
 def _batch(n: int, seed: int) -> dict[str, torch.Tensor]:

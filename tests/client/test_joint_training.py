@@ -9,15 +9,14 @@ import torch
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.adapters.routed_lora import RoutedLoRA, joint_unsupported
-from fedtune.assembly import build_client_data, build_workbench, make_handler
 from fedtune.config import AdapterConfig, load_config
-from fedtune.data.prepare import prepare_federated_data
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.paradigms.evaluation import EvalReply, EvalRequest
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
-from tests.conftest import TINY_OVERRIDES
-from tests.wire_helpers import from_wire, to_wire
+from tests.helpers.building import build
+from tests.helpers.configs import TINY_OVERRIDES
+from tests.helpers.wire import from_wire, to_wire
 
 # clients of different sizes train different step counts (one epoch), two micro-batches a step
 # (the last step of some has one), clipped, with FedProx pulling back: all per client
@@ -38,12 +37,10 @@ SETTINGS = [
 
 def _handler(tmp_path, extra=(), dtype=torch.float64):
     """A parameter-sharing handler over the tiny model, in float64 so float order stays below 1e-9."""
-    cfg = load_config(None, [*SETTINGS, *extra, f"output.dir={tmp_path}"])
-    bench = build_workbench(cfg, announce=False)
-    bench.adapter.model.to(dtype)
-    data = build_client_data(prepare_federated_data(cfg.data, cfg.partition, cfg.seed), bench.encoder, cfg)
-    start = {k: v.to(dtype) for k, v in bench.initial.items()}
-    return make_handler(cfg, bench, data), start, data
+    built = build(load_config(None, [*SETTINGS, *extra, f"output.dir={tmp_path}"]))
+    built.bench.adapter.model.to(dtype)
+    start = {k: v.to(dtype) for k, v in built.bench.initial.items()}
+    return built.handler(), start, built.clients
 
 
 def _request(start, round_index=1, **fields) -> bytes:
@@ -103,8 +100,8 @@ def test_a_diverging_client_stops_alone_and_leaves_the_others_untouched(tmp_path
 
 
 def test_the_runtime_hands_clients_over_in_groups_and_replies_in_order(tmp_path):
+    from fedtune.core.types import Envelope
     from fedtune.runtime.in_process import InProcessRuntime
-    from fedtune.types import Envelope
 
     seen = []
 

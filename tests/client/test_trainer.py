@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fedtune.config import load_config
-from tests.client_helpers import train_client_round
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers.building import train_client_round
+from tests.helpers.configs import TINY_OVERRIDES
 
 # SGD: the adapters' difference stays at the loss's rounding (Adam would scale tiny entries' noise up)
 SETTINGS = [*TINY_OVERRIDES, "training.optimizer=sgd", "training.lr=0.5", "training.local_steps=3"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 from tests.codecs.helpers import adapter_update
 
 

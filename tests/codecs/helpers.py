@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 PREFIX = "base_model.model.model.layers"
 

@@ -190,7 +190,10 @@ def test_the_paradigm_example_plans_five_valid_variants_of_three_seeds(tmp_path)
 
     planned = plan(load_config("examples/compare_paradigms.yaml"), tmp_path)
     assert len(planned.runs) == 15 and planned.seeds == [0, 1, 2]
-    kinds = {r.variant: (r.config.paradigm, r.config.kd.downlink, r.config.adapter.method) for r in planned.runs}
+    kinds = {
+        r.variant: (r.config.paradigm.name, getattr(r.config.paradigm, "downlink", None), r.config.adapter.method)
+        for r in planned.runs
+    }
     assert kinds["kd logits"] == ("kd", "logits", "lora") and kinds["kd adapter"] == ("kd", "adapter", "lora")
     assert kinds["ia3 + int4"][2] == "ia3" and kinds["split u 1+1"][0] == "split"
     assert {r.config.data.split_seed for r in planned.runs} == {0}  # one evaluation set for every seed

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from fedtune.core.errors import DataError
 from fedtune.data.formats import load_examples, record_to_example
-from fedtune.errors import DataError
 
 INSTR = {"instruction": "Add", "input": "1 + 2", "output": "3", "task": "math"}
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "lang": "en"}

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from fedtune.core.errors import PartitionError
 from fedtune.data import partitioners as P
-from fedtune.errors import PartitionError
 
 LABELS = [f"t{i % 4}" for i in range(400)]
 

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 pytest.importorskip("flwr")
 
 from fedtune.config import ExperimentConfig, validate_config
+from fedtune.core.errors import ConfigError
 from fedtune.deploy.certs import add_client_keys, write_certs, write_client_key
 from fedtune.deploy.coordinator import check_deployable, client_names
 from fedtune.deploy.local_worker import StateStore, ask_worker, serve_socket, worker_secret
-from fedtune.errors import ConfigError
 
 
 def _cfg(tmp_path, **flower) -> ExperimentConfig:
@@ -154,26 +154,25 @@ def test_a_silent_local_peer_cannot_stall_the_worker(tmp_path):
 
 
 def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(tmp_path):
-    from fedtune.assembly import build_client_data, build_workbench, make_handler
     from fedtune.config import load_config
-    from fedtune.data.prepare import prepare_federated_data
+    from fedtune.core.rng import DOWNLINK, torch_generator
     from fedtune.deploy.local_worker import LocalWorker
     from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
-    from fedtune.wire.link import Link, generator
+    from fedtune.wire.link import Link
     from fedtune.wire.messages import decode_message, encode_message
-    from tests.conftest import TINY_OVERRIDES
+    from tests.helpers.building import build
+    from tests.helpers.configs import TINY_OVERRIDES
 
     cfg = load_config(
         "examples/tiny.yaml", [*TINY_OVERRIDES, "compression.uplink=[int8]", "compression.error_feedback=true"]
     )
-    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
+    built = build(cfg)
+    data, bench, handler = built.federated, built.bench, built.handler()
     cid = 2
     worker = LocalWorker(cfg, [data.train[i] for i in data.parts[cid]], tmp_path)
-    bench = build_workbench(cfg, announce=False)
-    handler = make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg))
 
     def request(r: int) -> bytes:
-        wire, _ = Link().encode(bench.initial, {}, generator(cfg.seed, r, 0))
+        wire, _ = Link().encode(bench.initial, {}, torch_generator(DOWNLINK, cfg.seed, r))
         return encode_message(TrainRequest(r, wire))
 
     def essence(blob: bytes) -> tuple:

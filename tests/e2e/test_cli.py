@@ -10,12 +10,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
-from fedtune.cli import app
 from fedtune.reporting.metrics import TIMED
-from tests.conftest import TINY_OVERRIDES
-from tests.e2e.kill import kill_after_round
+from tests.helpers.cli import cli, read_metrics, run_tiny
+from tests.helpers.configs import TINY_OVERRIDES
+from tests.helpers.kill import kill_after_round
 
 REQUIRED = {
     "round",
@@ -28,29 +27,13 @@ REQUIRED = {
     "wall_s",
     "local_train_s",
 }
-runner = CliRunner()
-
-
-def _cli(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output + (
-        str(result.exception) if result.exception and result.exit_code != 2 else ""
-    )
-
-
-def _run(tmp_path: Path, *extra: str, name: str = "tiny") -> tuple[int, str]:
-    return _cli("run", "examples/tiny.yaml", *TINY_OVERRIDES, f"output.dir={tmp_path}", f"output.name={name}", *extra)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_run_writes_a_complete_run_directory(tmp_path):
-    code, out = _run(tmp_path)
+    code, out = run_tiny(tmp_path)
     assert code == 0, out
     run_dir = tmp_path / "tiny"
-    metrics = _metrics(run_dir)
+    metrics = read_metrics(run_dir)
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
     for m in metrics[1:]:
         assert m.keys() >= REQUIRED
@@ -72,23 +55,23 @@ def test_run_writes_a_complete_run_directory(tmp_path):
 
 
 def test_bad_config_is_rejected_before_any_work(tmp_path):
-    code, out = _run(tmp_path, "training.lr_schedul=cosine")
+    code, out = run_tiny(tmp_path, "training.lr_schedul=cosine")
     assert code == 2
     assert "unknown key 'training.lr_schedul'" in out and "Did you mean 'lr_schedule'" in out
     assert not (tmp_path / "tiny").exists()
-    code, out = _run(tmp_path, "partition.method=by_feld")
+    code, out = run_tiny(tmp_path, "partition.method=by_feld")
     assert code == 2 and "'iid', 'dirichlet', 'by_field' or 'quantity_skew'" in out
 
 
 def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path):
-    assert _run(tmp_path, "federation.rounds=1")[0] == 0
-    code, out = _run(tmp_path, "federation.rounds=1")
+    assert run_tiny(tmp_path, "federation.rounds=1")[0] == 0
+    code, out = run_tiny(tmp_path, "federation.rounds=1")
     assert code == 2 and "--resume" in out
-    code, out = _run(tmp_path, "federation.rounds=1", "training.lr=0.1", "--resume")
+    code, out = run_tiny(tmp_path, "federation.rounds=1", "training.lr=0.1", "--resume")
     assert code == 2 and "training.lr" in out
-    code, out = _run(tmp_path, "federation.rounds=2", "--resume")  # extending a run is allowed
+    code, out = run_tiny(tmp_path, "federation.rounds=2", "--resume")  # extending a run is allowed
     assert code == 0, out
-    assert [m["round"] for m in _metrics(tmp_path / "tiny")] == [0, 1, 2]
+    assert [m["round"] for m in read_metrics(tmp_path / "tiny")] == [0, 1, 2]
 
 
 def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -163,19 +146,19 @@ def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):
         f"output.dir={tmp_path}",
         *algorithm,
     ]
-    assert _cli("run", *args, "output.name=straight")[0] == 0
+    assert cli("run", *args, "output.name=straight")[0] == 0
 
     kill_after_round([*args, "output.name=killed"], tmp_path / "killed")
 
-    code, out = _cli("resume", str(tmp_path / "killed"))
+    code, out = cli("resume", str(tmp_path / "killed"))
     assert code == 0, out
     a, b = _adapter_tensors(tmp_path / "straight"), _adapter_tensors(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rounds = [m["round"] for m in _metrics(tmp_path / "killed")]
+    rounds = [m["round"] for m in read_metrics(tmp_path / "killed")]
     assert rounds == [0, 1, 2, 3, 4, 5]  # every round exactly once
     # timings differ, and so does the length of their decimal text in each reply header (bytes_up)
     drop = {*TIMED, "bytes_up"}
-    killed, straight = _metrics(tmp_path / "killed"), _metrics(tmp_path / "straight")
+    killed, straight = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight")
     assert [{k: v for k, v in m.items() if k not in drop} for m in killed] == [
         {k: v for k, v in m.items() if k not in drop} for m in straight
     ]
@@ -196,13 +179,13 @@ def test_diverged_client_is_dropped_and_too_few_stops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "train_locally", flaky)
     # clients in turn in this process (runtime.lanes=1), where the patch and its call count live
-    code, out = _run(tmp_path, "federation.rounds=2", "runtime.lanes=1")
+    code, out = run_tiny(tmp_path, "federation.rounds=2", "runtime.lanes=1")
     assert code == 0, out
-    metrics = _metrics(tmp_path / "tiny")
+    metrics = read_metrics(tmp_path / "tiny")
     assert all(m["clients"] == [1, 2, 3] and "non-finite" in m["dropped"]["0"] for m in metrics[1:])
 
     calls.clear()
-    code, out = _run(tmp_path, "federation.rounds=2", "federation.min_clients=4", "runtime.lanes=1", name="strict")
+    code, out = run_tiny(tmp_path, "federation.rounds=2", "federation.min_clients=4", "runtime.lanes=1", name="strict")
     assert code == 2 and "only 3 of 4 clients" in out and "round_0000" in out
     assert (tmp_path / "strict" / "checkpoints" / "round_0000" / "state.json").is_file()
     assert not (tmp_path / "strict" / "checkpoints" / "round_0001").exists()
@@ -218,7 +201,7 @@ def test_user_data_dirichlet_epochs_and_per_client_eval(tmp_path):
     ]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, out = _run(
+    code, out = run_tiny(
         tmp_path,
         f"data.dataset={data}",
         "partition.method=dirichlet",
@@ -232,7 +215,7 @@ def test_user_data_dirichlet_epochs_and_per_client_eval(tmp_path):
         "aggregation.weighting=tokens",
     )
     assert code == 0, out
-    last = _metrics(tmp_path / "tiny")[-1]
+    last = read_metrics(tmp_path / "tiny")[-1]
     assert "eval_accuracy" not in last  # user data: no exact-match unless asked
     assert set(last["client_eval"]) == {"0", "1", "2"} and "client_eval_loss_mean" in last
 
@@ -240,9 +223,9 @@ def test_user_data_dirichlet_epochs_and_per_client_eval(tmp_path):
 def test_exact_match_final_generates_only_after_the_last_round(tmp_path):
     """The loss every round, exact-match (generation, most of an evaluation's cost) once, server and clients."""
     extra = ["evaluation.exact_match=final", "partition.holdout_fraction=0.2", "evaluation.per_client=true"]
-    code, out = _run(tmp_path, *extra)
+    code, out = run_tiny(tmp_path, *extra)
     assert code == 0, out
-    rows = _metrics(tmp_path / "tiny")
+    rows = read_metrics(tmp_path / "tiny")
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and all("eval_loss" in r for r in rows)
     for r in rows[:-1]:
         assert "eval_accuracy" not in r and all("accuracy" not in m for m in r.get("client_eval", {}).values())
@@ -250,44 +233,44 @@ def test_exact_match_final_generates_only_after_the_last_round(tmp_path):
 
 
 def test_data_and_report_commands(tmp_path):
-    code, out = _cli("data", "examples/tiny.yaml", *TINY_OVERRIDES)
+    code, out = cli("data", "examples/tiny.yaml", *TINY_OVERRIDES)
     assert code == 0 and "arithmetic: 24" in out and "by task" in out
-    assert _run(tmp_path, "federation.rounds=1")[0] == 0
-    code, out = _cli("report", str(tmp_path / "tiny"))
+    assert run_tiny(tmp_path, "federation.rounds=1")[0] == 0
+    code, out = cli("report", str(tmp_path / "tiny"))
     assert code == 0 and "exact-match" in out
-    code, out = _cli("report", str(tmp_path / "nothing"))
+    code, out = cli("report", str(tmp_path / "nothing"))
     assert code == 2 and "metrics.jsonl does not exist" in out
 
 
 def test_missing_data_file_error(tmp_path):
-    code, out = _run(tmp_path, f"data.dataset={tmp_path}/nope.jsonl")
+    code, out = run_tiny(tmp_path, f"data.dataset={tmp_path}/nope.jsonl")
     assert code == 2 and "nope.jsonl does not exist" in out
 
 
 @pytest.mark.parametrize("bad", ["partition.num_clients=9"])
 def test_partition_error_names_client(tmp_path, bad):
-    code, out = _run(tmp_path, bad)
+    code, out = run_tiny(tmp_path, bad)
     assert code == 2 and "clients 4..8 would be empty" in out
 
 
 def test_bf16_base_model_keeps_an_fp32_adapter(tmp_path):
-    code, out = _run(tmp_path, "model.dtype=bfloat16", "federation.rounds=1")
+    code, out = run_tiny(tmp_path, "model.dtype=bfloat16", "federation.rounds=1")
     assert code == 0, out
     tensors = _adapter_tensors(tmp_path / "tiny")
     assert {t.dtype for t in tensors.values()} == {torch.float32}
-    assert _metrics(tmp_path / "tiny")[-1]["eval_loss"] > 0
+    assert read_metrics(tmp_path / "tiny")[-1]["eval_loss"] > 0
 
 
 def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
-    code, out = _run(tmp_path, "adapter.target_modules=[nope]")
+    code, out = run_tiny(tmp_path, "adapter.target_modules=[nope]")
     assert code == 2 and "adapter.target_modules=['nope']" in out and "q_proj" in out
 
 
 def test_lora_aggregation_modes_report_and_cost(tmp_path):
     for mode in ("exact", "naive", "ffa"):
-        code, out = _run(tmp_path, f"aggregation.lora={mode}", "federation.rounds=2", name=mode)
+        code, out = run_tiny(tmp_path, f"aggregation.lora={mode}", "federation.rounds=2", name=mode)
         assert code == 0, out
-    exact, naive, ffa = (_metrics(tmp_path / m)[-1] for m in ("exact", "naive", "ffa"))
+    exact, naive, ffa = (read_metrics(tmp_path / m)[-1] for m in ("exact", "naive", "ffa"))
     assert 0 < exact["lora_truncation_error"] < 1
     assert 0 < naive["lora_factor_averaging_error"] < 1
     assert "lora_truncation_error" not in ffa and "lora_factor_averaging_error" not in ffa
@@ -313,7 +296,7 @@ def test_mixed_ranks_each_client_trains_its_own_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(ParameterSharingClient, "train", spy)
     for mode in ("exact", "naive"):
         seen.clear()
-        code, out = _run(
+        code, out = run_tiny(
             tmp_path,
             "adapter.r=16",
             "adapter.client_ranks=[2,4,8,16]",
@@ -326,7 +309,7 @@ def test_mixed_ranks_each_client_trains_its_own_rank(tmp_path, monkeypatch):
         assert seen == {0: {2}, 1: {4}, 2: {8}, 3: {16}}
         tensors = _adapter_tensors(tmp_path / mode)
         assert {v.shape[0] for k, v in tensors.items() if ".lora_A." in k} == {16}  # the export has the global rank
-    exact, naive = _metrics(tmp_path / "exact")[-1], _metrics(tmp_path / "naive")[-1]
+    exact, naive = read_metrics(tmp_path / "exact")[-1], read_metrics(tmp_path / "naive")[-1]
     assert "lora_truncation_error" in exact and "lora_factor_averaging_error" in naive
 
 
@@ -342,9 +325,9 @@ def test_mixed_ranks_each_client_trains_its_own_rank(tmp_path, monkeypatch):
     ids=["fedavgm", "fedyogi_median", "fedadagrad_trimmed_clip", "krum", "sgd_uniform"],
 )
 def test_every_aggregation_family_runs_from_the_cli(tmp_path, overrides):
-    code, out = _run(tmp_path, "federation.rounds=2", *overrides)
+    code, out = run_tiny(tmp_path, "federation.rounds=2", *overrides)
     assert code == 0, out
-    metrics = _metrics(tmp_path / "tiny")
+    metrics = read_metrics(tmp_path / "tiny")
     assert [m["round"] for m in metrics] == [0, 1, 2] and all(not m.get("dropped") for m in metrics[1:])
     assert "lora_factor_averaging_error" in metrics[-1] or "lora_truncation_error" in metrics[-1]
     assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]
@@ -356,7 +339,7 @@ def test_joint_training_runs_from_the_cli_and_trains_what_clients_alone_do(tmp_p
     from fedtune.client.trainer import LocalTrainer
 
     common = ("runtime.lanes=1", "federation.rounds=2")
-    assert _run(tmp_path, *common, name="alone")[0] == 0
+    assert run_tiny(tmp_path, *common, name="alone")[0] == 0
     groups, joint_round = [], LocalTrainer.train_jointly
 
     def spy(self, adapter, routing, round_index, jobs):
@@ -364,10 +347,10 @@ def test_joint_training_runs_from_the_cli_and_trains_what_clients_alone_do(tmp_p
         return joint_round(self, adapter, routing, round_index, jobs)
 
     monkeypatch.setattr(LocalTrainer, "train_jointly", spy)
-    code, out = _run(tmp_path, *common, "runtime.joint_clients=4", name="joint")
+    code, out = run_tiny(tmp_path, *common, "runtime.joint_clients=4", name="joint")
     assert code == 0, out
     assert groups == [[0, 1, 2, 3]] * 2  # each round's four clients in one joint pass
-    alone, joint = _metrics(tmp_path / "alone"), _metrics(tmp_path / "joint")
+    alone, joint = read_metrics(tmp_path / "alone"), read_metrics(tmp_path / "joint")
     assert [r["round"] for r in joint] == [0, 1, 2]
     for a, j in zip(alone[1:], joint[1:], strict=True):
         assert j["clients"] == a["clients"] == [0, 1, 2, 3]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fedtune.config import load_config
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.experiment import run_experiment
 from fedtune.server.checkpoint import load_latest
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers.configs import TINY_OVERRIDES
 
 
 def _run(tmp_path, name: str, *extra: str):
@@ -94,7 +94,7 @@ def test_a_client_with_other_codecs_is_dropped_not_misread(tmp_path, caplog):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ParameterSharingClient, "__init__", other_codecs)
-        with pytest.raises(Exception, match="cannot decode the update with uplink codecs 'int8"):
+        with pytest.raises(Exception, match="cannot decode the update with codecs 'int8"):
             _run(tmp_path, "mismatch", "compression.uplink=[int8]")
 
 

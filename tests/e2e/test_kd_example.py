@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import BUNDLED_MODEL, run_example
+from tests.helpers.configs import BUNDLED_MODEL, run_example
 
 pytestmark = BUNDLED_MODEL
 

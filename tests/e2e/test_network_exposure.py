@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fedtune.deploy.certs import write_client_key
-from tests.e2e.federation import Federation
+from tests.helpers.deployment import Federation
 
 pytest.importorskip("flwr")
 

@@ -15,22 +15,10 @@ from fedtune.config import load_config
 from fedtune.experiment import run_experiment
 from fedtune.models.loading import load_model
 from fedtune.server.checkpoint import load_latest
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers.configs import PEFT_METHODS as METHODS
+from tests.helpers.configs import TINY_OVERRIDES
 
 # method id -> (overrides, a substring every trained tensor name has)
-METHODS = {
-    "lora": (["adapter.method=lora"], ".lora_"),
-    "dora": (["adapter.method=lora", "adapter.dora=true"], ".lora_"),
-    "ia3": (["adapter.method=ia3"], ".ia3_l"),
-    "prompt_tuning": (["adapter.method=prompt_tuning", "adapter.num_virtual_tokens=4"], "prompt_encoder."),
-    "prefix_tuning": (["adapter.method=prefix_tuning", "adapter.num_virtual_tokens=4"], "prompt_encoder."),
-    "p_tuning": (
-        ["adapter.method=p_tuning", "adapter.num_virtual_tokens=4", "adapter.encoder_hidden_size=16"],
-        "prompt_encoder.",
-    ),
-    "bottleneck": (["adapter.method=bottleneck", "adapter.bottleneck_dim=8"], ".adapter_"),
-    "bitfit": (["adapter.method=bitfit", "model.name=tiny-llama-bias"], ".bias"),
-}
 
 
 def _run(tmp_path, method: str, *extra: str, resume: bool = False):
@@ -92,14 +80,14 @@ def test_exported_files_are_the_adapter_only(tmp_path):
 
 
 def test_bitfit_on_a_bias_free_model_says_so(tmp_path):
-    from fedtune.errors import ConfigError
+    from fedtune.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="bitfit trains only bias terms.*has none"):
         _run(tmp_path, "bitfit", "model.name=tiny-llama")
 
 
 def test_lora_only_options_are_rejected_for_other_methods():
-    from fedtune.errors import ConfigError
+    from fedtune.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="aggregation.lora=exact is LoRA-aware"):
         load_config(None, ["adapter.method=ia3", "aggregation.lora=exact"])

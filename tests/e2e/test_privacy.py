@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e.test_cli import _metrics, _run
+from tests.helpers.cli import cli, read_metrics, run_tiny
 
 DP = [
     "privacy.client_dp=central",
@@ -31,12 +31,12 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_epsilon_every_round_is_what_dp_accounting_gives_for_what_the_run_logged(tmp_path):
-    code, out = _run(tmp_path, *DP)
+    code, out = run_tiny(tmp_path, *DP)
     assert code == 0, out
     run_dir = tmp_path / "tiny"
     told = _summary(run_dir)["privacy"]
     assert (told["sampling"], told["neighbouring"], told["sample_rate"]) == ("poisson", "add_or_remove_one", 0.5)
-    metrics = _metrics(run_dir)
+    metrics = read_metrics(run_dir)
     for m in metrics[1:]:
         acc = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
         one = dpa.PoissonSampledDpEvent(told["sample_rate"], dpa.GaussianDpEvent(told["noise_multiplier"]))
@@ -53,22 +53,22 @@ def test_a_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path):
 
     mechanism = Mechanism(0.9, "poisson", 4, 2, 1e-5)
     budget = (mechanism.epsilon(2) + mechanism.epsilon(3)) / 2  # enough for 2 rounds, not for 3
-    code, out = _run(tmp_path, *DP, "federation.rounds=4", f"privacy.target_epsilon={budget}")
+    code, out = run_tiny(tmp_path, *DP, "federation.rounds=4", f"privacy.target_epsilon={budget}")
     assert code == 0, out
     run_dir = tmp_path / "tiny"
-    assert [m["round"] for m in _metrics(run_dir)] == [0, 1, 2]
+    assert [m["round"] for m in read_metrics(run_dir)] == [0, 1, 2]
     assert (run_dir / "checkpoints" / "round_0002").is_dir()
     summary = _summary(run_dir)["privacy"]
     assert summary["rounds_allowed"] == 2 and summary["rounds_planned"] == 4 and summary["epsilon"] <= budget
     assert "is spent after round 2" in " ".join(out.split())
-    assert "eval_accuracy" in _metrics(run_dir)[-1]  # the last round run gets the final evaluation
+    assert "eval_accuracy" in read_metrics(run_dir)[-1]  # the last round run gets the final evaluation
 
 
 def test_the_noise_is_secret_unless_a_seed_is_set(tmp_path):
     """Without privacy.noise_seed the noise comes from the OS: two identical runs differ; with it, they repeat."""
     runs = {}
     for name, seed in [("a", []), ("b", []), ("c", ["privacy.noise_seed=5"]), ("d", ["privacy.noise_seed=5"])]:
-        code, out = _run(tmp_path, *DP, "federation.rounds=1", *seed, name=name)
+        code, out = run_tiny(tmp_path, *DP, "federation.rounds=1", *seed, name=name)
         assert code == 0, out
         runs[name] = _adapter(tmp_path / name)
     a, b, c, d = runs.values()
@@ -77,28 +77,27 @@ def test_the_noise_is_secret_unless_a_seed_is_set(tmp_path):
 
 
 def test_a_resumed_private_run_keeps_its_secret_noise_seed(tmp_path):
-    code, out = _run(tmp_path, *DP, "federation.rounds=1")
+    code, out = run_tiny(tmp_path, *DP, "federation.rounds=1")
     assert code == 0, out
 
     def noise_seed(r: int) -> int:
         state = json.loads((tmp_path / "tiny" / "checkpoints" / f"round_{r:04d}" / "state.json").read_text())
-        return state["aggregator_scalars"]["dp.noise_seed"]
+        return state["aggregator_scalars"]["combine.noise_seed"]
 
-    code, out = _run(tmp_path, *DP, "federation.rounds=2", "--resume")
+    code, out = run_tiny(tmp_path, *DP, "federation.rounds=2", "--resume")
     assert code == 0, out
     assert noise_seed(1) == noise_seed(2) != 0
 
 
 def test_the_private_example_runs_distributed_dp_under_secure_aggregation(tmp_path):
     """examples/private.yaml as shipped, on the tiny model: epsilon every round, only sums reach the server."""
-    from tests.conftest import TINY_OVERRIDES
-    from tests.e2e.test_cli import _cli
+    from tests.helpers.configs import TINY_OVERRIDES
 
     small = [o for o in TINY_OVERRIDES if not o.startswith(("partition.", "federation.rounds"))]
-    code, out = _cli("run", "examples/private.yaml", *small, "federation.rounds=2", f"output.dir={tmp_path}")
+    code, out = cli("run", "examples/private.yaml", *small, "federation.rounds=2", f"output.dir={tmp_path}")
     assert code == 0, out
     run_dir = tmp_path / "private"
-    metrics = _metrics(run_dir)
+    metrics = read_metrics(run_dir)
     told = _summary(run_dir)["privacy"]
     assert (told["noise_multiplier"], told["sample_rate"], told["population"]) == (1.0, 0.25, 16)
     for m in metrics[1:]:  # a round that sampled too few to hide anyone sums nobody (secagg_skipped)
@@ -108,14 +107,14 @@ def test_the_private_example_runs_distributed_dp_under_secure_aggregation(tmp_pa
 
 
 def test_dp_sgd_reports_each_clients_epsilon_as_dp_accounting_computes_it(tmp_path):
-    code, out = _run(
+    code, out = run_tiny(
         tmp_path,
         "privacy.dp_sgd={noise_multiplier: 1.2, max_grad_norm: 0.5}",
         "training.local_steps=2",
         "federation.rounds=2",
     )
     assert code == 0, out
-    metrics = _metrics(tmp_path / "tiny")
+    metrics = read_metrics(tmp_path / "tiny")
     for m in metrics[1:]:
         for c, eps in m["dp_sgd_epsilon"].items():
             rate = 4 / 24  # batch_size / the client's 24 examples

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from tests.conftest import BUNDLED_MODEL, run_example
+from tests.helpers.configs import BUNDLED_MODEL, run_example
 
 pytestmark = BUNDLED_MODEL
 README = Path(__file__).parents[2] / "README.md"

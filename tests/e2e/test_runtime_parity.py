@@ -1,167 +1,166 @@
-"""One config, three runtimes: in_process (in parallel lanes and serially), a Ray pool, and a Flower
-deployment of real processes.
+"""One config, three runtimes: in_process (in forked lanes), a Ray pool, and a Flower deployment of real
+processes; one case per paradigm (and per protocol that changes the conversation).
 
-Same seed, 3 clients, 2 rounds on the tiny model: the final adapters must be bit-identical, and
-so must every round's losses and byte counts. Holds on CPU because every client's computation
-is a pure function of (config, seed, round, client id) and the server sums in client-id order.
+Same seed, 3 clients, 2 rounds on a tiny model: the last checkpoint's server state (params and algorithm
+state) must be bit-identical on every runtime, and so must every round's losses and byte counts down.
+Holds on CPU because every client's computation is a pure function of (config, seed, round, client id)
+and the server sums in client-id order. A paradigm is one row of CASES; its own checks, where it has
+any beyond that, one function.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.e2e.federation import Federation
+from tests.helpers.deployment import Federation
 
 pytest.importorskip("ray")
 pytest.importorskip("flwr")
 
-# int8 + error feedback up (client state), bf16 down (a dtype numpy would lose)
-PARITY = {
-    "compression": {"uplink": ["int8"], "error_feedback": True, "downlink": ["bf16"]},
-    "federation": {"rounds": 2},
-}
 SAME = ("train_loss", "eval_loss", "bytes_down", "clients")
 
 
-def _history(run_dir):
+def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _on_every_runtime(
-    tmp_path, settings: dict, deadline_s: float = 240, serial: bool = False
-) -> tuple[dict, Federation]:
-    """One config run by a Flower deployment of 3 clients (1 torch thread each), in process and on Ray:
-    run directories by runtime name, and the federation (for its output)."""
-    from fedtune.config import load_config
-    from fedtune.experiment import run_experiment
-
-    fed = Federation(tmp_path, settings)
-    try:
-        fed.server()
-        for cid in range(3):
-            fed.client(cid, None, None, "--threads", "1")  # 1 thread here, 2 in-process: sums still agree
-        assert fed.wait_exit("server", deadline_s) == 0, fed.output("server")
-    finally:
-        fed.close()
-    runs = {"flower": fed.run_dir}
-    for name, runtime in RUNTIMES.items():
-        if name == "serial" and not serial:
-            continue
-        cfg = load_config(fed.config, [*runtime, f"output.name={name}"])
-        runs[name] = run_experiment(cfg).run_dir
-    return runs, fed
+def _last_checkpoint(run_dir: Path) -> dict[str, bytes]:
+    last = sorted((run_dir / "checkpoints").glob("round_*"))[-1]
+    return {name: (last / name).read_bytes() for name in ("params.safetensors", "aggregator.safetensors")}
 
 
-# the reference serves clients in two forked lanes; "serial" serves them one by one in this process (run
-# in the first case only: Ray's workers and Flower's clients are also one 1-thread client at a time, so
-# every case already compares lanes with serial service)
+def _deployed_state(tmp_path: Path, c: int) -> dict:
+    from fedtune.core.types import unflatten_state
+
+    stored = sorted((tmp_path / "runs" / f"fed.client-client-{c}" / f"client-{c}").glob("round-*.safetensors"))
+    return unflatten_state(load_file(stored[-1]))
+
+
+def _parameter_sharing(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
+    assert "refused" not in fed.output("server")
+    for name in ("serial", "ray", "flower"):  # replies carry their training time as text: a few bytes of jitter
+        for got, ref in zip(_history(runs[name])[1:], _history(runs["in_process"])[1:], strict=True):
+            assert abs(got["bytes_up"] - ref["bytes_up"]) <= 3 * 8, name
+    # each deployed client kept its own error-feedback residual on its own disk
+    assert all(_deployed_state(tmp_path, c).get("residual") for c in range(3))
+
+
+def _kd(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
+    """Every deployed client's own adapter, on its own disk, is the one the simulation kept for it."""
+    from fedtune.core.types import unflatten_state
+
+    last = sorted((runs["in_process"] / "checkpoints").glob("round_*"))[-1]
+    simulated: dict[int, dict] = {}
+    for name, t in load_file(last / "clients.safetensors").items():
+        cid, _, key = name.partition("|")
+        simulated.setdefault(int(cid), {})[key] = t
+    for c in range(3):
+        own, ref = _deployed_state(tmp_path, c)["kd"], unflatten_state(simulated[c])["kd"]
+        assert own.keys() == ref.keys() and all(torch.equal(own[k], ref[k]) for k in own), c
+
+
+def _secure(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
+    for name, run in runs.items():
+        rows = _history(run)[1:]
+        assert all(r["secagg_summed"] == 3 for r in rows), name
+        assert [r["dp_epsilon"] for r in rows] == [r["dp_epsilon"] for r in _history(runs["in_process"])[1:]]
+
+
+# name -> (settings over tests.helpers.deployment.BASE, the case's own checks)
+CASES: dict[str, tuple[dict, Callable | None]] = {
+    # int8 + error feedback up (client state), bf16 down (a dtype numpy would lose)
+    "parameter_sharing": (
+        {"compression": {"uplink": ["int8"], "error_feedback": True, "downlink": ["bf16"]}},
+        _parameter_sharing,
+    ),
+    # KD with logits on the downlink: no adapter crosses the wire, each client keeps its own (client state)
+    "kd": (
+        {
+            "paradigm": {"name": "kd", "top_k": 4, "public_slice": 6, "distill_steps": 2, "distill_batch_size": 3},
+            "data": {"builtin": {"public_per_task": 8}},
+            "compression": {"uplink": ["fp16"], "downlink": ["bf16"]},
+            "evaluation": {"exact_match": False},
+        },
+        _kd,
+    ),
+    # split learning U-shaped on the shared server part (the sampled clients take turns), 2 micro-batches in
+    # one optimizer step (activations ride with a gradient), bf16 activations: the client's round state
+    # travels with each exchange (Ray) or stays with the deployed client
+    "split": (
+        {
+            "paradigm": {
+                "name": "split",
+                "shape": "u",
+                "server_part": "shared",
+                "activation_codecs": [{"name": "bf16"}],
+            },
+            "model": {"name": "tiny-llama-deep"},
+            "training": {"local_steps": 1, "grad_accum": 2},
+            "evaluation": {"exact_match": False},
+            "federation": {"rounds": 2, "clients_per_round": 2},
+        },
+        None,
+    ),
+    # distributed DP under secure aggregation: four exchanges a round, each deployed client keeping its round's
+    # secrets in its own state store between them
+    "secure": (
+        {
+            "privacy": {
+                "client_dp": "distributed",
+                "noise_multiplier": 0.8,
+                "clip_norm": 0.05,
+                "secure_aggregation": {"threshold": 0.6},
+                "noise_seed": 3,
+            }
+        },
+        _secure,
+    ),
+    # a paradigm defined only in tests (tests/paradigms/toy): each process imports it by its import path
+    "toy": (
+        {"paradigm": {"name": "tests.paradigms.toy:PARADIGM", "scale": 2.0}, "training": None},
+        None,
+    ),
+}
+# in_process serves clients in two forked lanes; "serial" (first case only) one by one in this process:
+# Ray's workers and Flower's clients also serve one 1-thread client at a time, so every case compares lanes
+# with serial service
 RUNTIMES = {
     "in_process": ["runtime.name=in_process", "runtime.lanes=2"],
     "serial": ["runtime.name=in_process", "runtime.lanes=1", "runtime.torch_threads=1"],
     "ray": ["runtime.name=ray"],
 }
-OTHERS = ("ray", "flower")
 
 
-def test_in_process_ray_and_flower_give_the_same_adapter(tmp_path):
-    runs, fed = _on_every_runtime(tmp_path, PARITY, serial=True)
-    assert "refused" not in fed.output("server")
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_runtime_gives_the_same_run(tmp_path, monkeypatch, case):
+    from fedtune.config import load_config
+    from fedtune.experiment import run_experiment
+    from tests.helpers.deployment import REPO
 
-    reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
-    for name in ("serial", *OTHERS):
-        assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
-    expected = [{k: r.get(k) for k in SAME} for r in _history(runs["in_process"])]
-    for name in ("serial", *OTHERS):
-        history = _history(runs[name])
-        assert [{k: r.get(k) for k in SAME} for r in history] == expected, name
-        # replies carry their measured training time as text in the header: a few bytes of jitter
-        for got, ref in zip(history[1:], _history(runs["in_process"])[1:], strict=True):
-            assert abs(got["bytes_up"] - ref["bytes_up"]) <= 3 * 8, name
-    # each deployed client kept its own error-feedback residual on its own disk
-    assert all(any((tmp_path / "runs" / f"fed.client-client-{c}").rglob("round-*.safetensors")) for c in range(3))
+    settings, own_checks = CASES[case]
+    fed = Federation(tmp_path, settings)
+    try:
+        fed.server()
+        for cid in range(3):
+            fed.client(cid, None, None, "--threads", "1")  # 1 thread here, 2 in-process: sums still agree
+        assert fed.wait_exit("server", 300) == 0, fed.output("server")
+    finally:
+        fed.close()
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # Ray's workers import what the config names, as the deployment did
+    runs = {"flower": fed.run_dir}
+    for name, runtime in RUNTIMES.items():
+        if name != "serial" or case == next(iter(CASES)):
+            runs[name] = run_experiment(load_config(fed.config, [*runtime, f"output.name={name}"])).run_dir
 
-
-# KD with logits on the downlink: no adapter crosses the wire, each client keeps its own (client state)
-KD_PARITY = {
-    "paradigm": "kd",
-    "kd": {"top_k": 4, "public_slice": 6, "distill_steps": 2, "distill_batch_size": 3},
-    "data": {"builtin": {"public_per_task": 8}},
-    "compression": {"uplink": ["fp16"], "downlink": ["bf16"]},
-    "evaluation": {"exact_match": False},
-    "federation": {"rounds": 2},
-}
-
-
-def test_kd_gives_the_same_consensus_and_client_adapters_on_every_runtime(tmp_path):
-    from safetensors.torch import load_file
-
-    from fedtune.paradigms.kd.server import KDState
-    from fedtune.server.checkpoint import load_latest
-    from fedtune.types import unflatten_state
-
-    runs, _ = _on_every_runtime(tmp_path, KD_PARITY)
-    template = KDState(torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, 4))
-    states = {name: load_latest(run, template) for name, run in runs.items()}
-    ref = states["in_process"]
-    for name in OTHERS:
-        assert all(torch.equal(a, b) for a, b in zip(states[name].algorithm[:3], ref.algorithm[:3], strict=True)), name
-        history = [{k: r.get(k) for k in (*SAME, "eval_loss")} for r in _history(runs[name])]
-        assert history == [{k: r.get(k) for k in (*SAME, "eval_loss")} for r in _history(runs["in_process"])], name
-    # every deployed client's own adapter, on its own disk, is the one the simulation kept for it
-    for c in range(3):
-        stored = sorted((tmp_path / "runs" / f"fed.client-client-{c}" / f"client-{c}").glob("round-*.safetensors"))
-        own = unflatten_state(load_file(stored[-1]))["kd"]
-        assert own.keys() == ref.clients[c]["kd"].keys()
-        assert all(torch.equal(own[k], ref.clients[c]["kd"][k]) for k in own), c
-
-
-# split learning: five exchanges per client per round (U shape, 2 micro-batches), the client's round state
-# travelling with each (Ray) or kept by the deployed client; per-client server parts, so that the clients'
-# exchanges go in lockstep (the shared part's client-after-client turns are the same code, one client a time)
-# the default server part (shared: the sampled clients take turns), 2 micro-batches in one optimizer
-# step (the pipelined exchanges: activations ride with a gradient), bf16 activations
-SPLIT_PARITY = {
-    "paradigm": "split",
-    "model": {"name": "tiny-llama-deep"},
-    "split": {"shape": "u", "server_part": "shared", "activation_codecs": [{"name": "bf16"}]},
-    "training": {"local_steps": 1, "grad_accum": 2},
-    "evaluation": {"exact_match": False},
-    "federation": {"rounds": 2, "clients_per_round": 2},
-}
-
-
-def test_split_gives_the_same_adapter_on_every_runtime(tmp_path):
-    runs, _ = _on_every_runtime(tmp_path, SPLIT_PARITY, deadline_s=300)
-    reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
-    expected = [{k: r.get(k) for k in SAME} for r in _history(runs["in_process"])]
-    for name in OTHERS:
-        assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
-        assert [{k: r.get(k) for k in SAME} for r in _history(runs[name])] == expected, name
-
-
-# distributed DP under secure aggregation: four exchanges a round, each deployed client keeping its round's
-# secrets in its own state store between them
-SECURE_PARITY = {
-    "privacy": {
-        "client_dp": "distributed",
-        "noise_multiplier": 0.8,
-        "clip_norm": 0.05,
-        "secure_aggregation": {"threshold": 0.6},
-        "noise_seed": 3,
-    },
-    "federation": {"rounds": 2},
-}
-
-
-def test_secure_aggregation_gives_the_same_adapter_on_every_runtime(tmp_path):
-    runs, _ = _on_every_runtime(tmp_path, SECURE_PARITY)
-    reference = (runs["in_process"] / "final_adapter" / "adapter_model.safetensors").read_bytes()
-    expected = [{k: r.get(k) for k in (*SAME, "secagg_summed", "dp_epsilon")} for r in _history(runs["in_process"])]
-    assert all(r.get("secagg_summed") == 3 for r in expected[1:])
-    for name in OTHERS:
-        assert (runs[name] / "final_adapter" / "adapter_model.safetensors").read_bytes() == reference, name
-        history = [{k: r.get(k) for k in (*SAME, "secagg_summed", "dp_epsilon")} for r in _history(runs[name])]
-        assert history == expected, name
+    reference, expected = _last_checkpoint(runs["in_process"]), _history(runs["in_process"])
+    for name, run in runs.items():
+        assert _last_checkpoint(run) == reference, name
+        assert [{k: r.get(k) for k in SAME} for r in _history(run)] == [{k: r.get(k) for k in SAME} for r in expected]
+    if own_checks is not None:
+        own_checks(tmp_path, runs, fed)

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from fedtune.cli import app
 from fedtune.config import load_config
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.reporting.metrics import TIMED
-from tests.conftest import TINY_OVERRIDES
-from tests.e2e.kill import kill_after_round
+from tests.helpers.configs import TINY_OVERRIDES
+from tests.helpers.kill import kill_after_round
 
 SPLIT = [*TINY_OVERRIDES, "model.name=tiny-llama-deep", "paradigm=split", "evaluation.exact_match=false"]
 
@@ -30,9 +30,9 @@ def _cli(tmp_path: Path, name: str, *extra: str):
 @pytest.mark.parametrize(
     "cut",
     [
-        ["split.shape=u"],
-        ["split.shape=u", "split.server_part=per_client", "split.activation_codecs=[{name: int8}]"],
-        ["split.shape=vanilla", "split.client_front=2", "split.activation_codecs=[{name: bf16}]"],
+        ["paradigm.shape=u"],
+        ["paradigm.shape=u", "paradigm.server_part=per_client", "paradigm.activation_codecs=[{name: int8}]"],
+        ["paradigm.shape=vanilla", "paradigm.client_front=2", "paradigm.activation_codecs=[{name: bf16}]"],
     ],
     ids=["u", "u-per-client-int8", "vanilla-bf16"],
 )
@@ -52,20 +52,25 @@ def test_split_runs_learns_and_reports_what_crossed(tmp_path, cut):
 
 def test_settings_split_learning_does_not_support_are_refused():
     for extra, why in [
-        (["training.proximal_mu=0.1"], "does not support training.proximal_mu"),
+        (["training.proximal_mu=0.1"], "paradigm split does not read training.proximal_mu"),
+        (["aggregation.scaffold=true"], "paradigm split does not read aggregation.scaffold"),
+        (["evaluation.per_client=true", "partition.holdout_fraction=0.2"], "does not support evaluation on each"),
+        (["training.gradient_checkpointing=true"], "does not support gradient checkpointing"),
         (["adapter.method=prompt_tuning"], "outside the decoder blocks"),
-        (["split.activation_codecs=[{name: topk, fraction: 0.1}]"], "value codecs"),
-        (["split.shape=vanilla", "split.client_back=1"], "applies to split.shape=u"),
+        (["paradigm.activation_codecs=[{name: topk, fraction: 0.1}]"], "value codecs"),
+        (["paradigm.shape=vanilla", "paradigm.client_back=1"], "applies to shape u"),
     ]:
         with pytest.raises(ConfigError, match=why):
             load_config("examples/tiny.yaml", [*SPLIT, *extra])
-    with pytest.raises(ConfigError, match="applies to paradigm: split"):
-        load_config("examples/tiny.yaml", [*TINY_OVERRIDES, "split.client_front=2"])
+    with pytest.raises(ConfigError, match="the split section applies to paradigm split"):
+        load_config("examples/tiny.yaml", [*TINY_OVERRIDES, "split.client_front=2"])  # the earlier form
+    with pytest.raises(ConfigError, match="unknown key 'paradigm.client_front'"):
+        load_config("examples/tiny.yaml", [*TINY_OVERRIDES, "paradigm.client_front=2"])
 
 
 def test_cut_points_outside_the_model_are_refused_before_any_round(tmp_path):
     result = CliRunner().invoke(
-        app, ["run", "examples/tiny.yaml", *SPLIT, "split.client_front=3", f"output.dir={tmp_path}"]
+        app, ["run", "examples/tiny.yaml", *SPLIT, "paradigm.client_front=3", f"output.dir={tmp_path}"]
     )
     assert result.exit_code != 0 and "leaves no block of the model's 4" in result.output
 
@@ -90,7 +95,11 @@ def test_every_paradigm_reports_the_clients_cost_and_split_clients_pay_less(tmp_
     """client_s, client_peak_bytes and client_flops for parameter sharing and split alike (client.cost)."""
     costs = {}
     for name, extra in [("ps", ["paradigm=parameter_sharing"]), ("split", []), ("kd", ["paradigm=kd"])]:
-        kd = ["kd.public_slice=6", "data.builtin.public_per_task=8", "kd.distill_batch_size=3"] if name == "kd" else []
+        kd = (
+            ["paradigm.public_slice=6", "data.builtin.public_per_task=8", "paradigm.distill_batch_size=3"]
+            if name == "kd"
+            else []
+        )
         _, metrics = _cli(tmp_path, name, *extra, *kd, "federation.rounds=1", "evaluation.every=0")
         costs[name] = metrics[-1]
         assert costs[name]["client_peak_bytes"] > 0 and costs[name]["client_flops"] > 0

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from fedtune.cli import app
-from tests.conftest import BUNDLED_MODEL
+from tests.helpers.configs import BUNDLED_MODEL
 
 pytestmark = BUNDLED_MODEL
 

@@ -7,10 +7,10 @@ import torch
 
 from fedtune.client.cost import FlopModel
 from fedtune.config import load_config
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.models.activation_checkpointing import checkpoints_activations
-from tests.client_helpers import train_client_round
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers.building import train_client_round
+from tests.helpers.configs import TINY_OVERRIDES
 
 # dropout on: the recomputed forward must draw the masks the first one drew
 SETTINGS = [*TINY_OVERRIDES, "adapter.dropout=0.2", "training.local_steps=3", "training.grad_accum=2"]
@@ -46,7 +46,7 @@ def test_checkpointing_trains_the_same_adapter_keeping_less_and_counts_the_rerun
 
 
 def test_checkpointing_with_split_or_dp_sgd_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match="gradient_checkpointing does not combine with paradigm: split"):
+    with pytest.raises(ConfigError, match="paradigm split does not support gradient checkpointing"):
         load_config(None, ["paradigm=split", "model.name=tiny-llama-deep", "training.gradient_checkpointing=true"])
     with pytest.raises(ConfigError, match="gradient_checkpointing does not combine with privacy.dp_sgd"):
         load_config(

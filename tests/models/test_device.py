@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedtune.assembly import placement_of
 from fedtune.config import load_config
-from fedtune.errors import ConfigError
-from fedtune.models.device import batch_to, device_of, model_device
-from fedtune.runtime import joint_count, lane_count
-from fedtune.runtime.lanes import available_cores
-from tests.conftest import TINY_OVERRIDES
+from fedtune.core.errors import ConfigError
+from fedtune.models.device import batch_to, model_device
+from fedtune.models.placement import available_cores, device_of
+from tests.helpers.configs import TINY_OVERRIDES
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -24,36 +24,52 @@ def _cfg(*overrides: str):
     return load_config(None, [*TINY_OVERRIDES, *overrides])
 
 
+def _device(cfg) -> torch.device:
+    return placement_of(cfg).device
+
+
+def _joint(cfg) -> int:
+    return placement_of(cfg).joint
+
+
+def _lanes(cfg) -> int:
+    return placement_of(cfg).lanes
+
+
 def test_auto_is_the_cpu_without_a_gpu_or_where_the_run_cannot_use_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert device_of(_cfg()).type == "cpu"
-    assert joint_count(_cfg()) == 1 and lane_count(_cfg()) == min(available_cores(), 4)  # lanes on the CPU
+    assert _device(_cfg()).type == "cpu"
+    assert _joint(_cfg()) == 1 and _lanes(_cfg()) == min(available_cores(), 4)  # lanes on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert device_of(_cfg()) == torch.device("cuda")
-    assert device_of(_cfg("paradigm=kd")).type == "cpu"  # KD's exchanges stay on the CPU so far
+    assert _device(_cfg()) == torch.device("cuda")
+    assert _device(_cfg("paradigm=kd")).type == "cpu"  # KD's exchanges stay on the CPU so far
     dp = ("privacy.dp_sgd.noise_multiplier=1.0",)
-    assert device_of(_cfg(*dp)).type == "cpu"
-    assert device_of(_cfg("runtime.name=ray")).type == "cpu"  # its workers share weights in host memory
-    assert device_of(_cfg("model.device=cpu")).type == "cpu"
+    assert _device(_cfg(*dp)).type == "cpu"
+    assert _device(_cfg("runtime.name=ray")).type == "cpu"  # its workers share weights in host memory
+    assert _device(_cfg("model.device=cpu")).type == "cpu"
 
 
 def test_on_a_gpu_auto_runs_one_lane_and_trains_clients_jointly(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert lane_count(_cfg()) == 1
-    assert joint_count(_cfg()) == 4  # the four clients of a round, at most 8
-    assert joint_count(_cfg("partition.num_clients=12")) == 8
-    assert joint_count(_cfg("adapter.method=ia3")) == 1  # no rows to route
-    assert joint_count(_cfg("runtime.joint_clients=2")) == 2
+    assert _lanes(_cfg()) == 1
+    assert _joint(_cfg()) == 4  # the four clients of a round, at most 8
+    assert _joint(_cfg("partition.num_clients=12")) == 8
+    assert _joint(_cfg("adapter.method=ia3")) == 1  # no rows to route
+    assert _joint(_cfg("runtime.joint_clients=2")) == 2
     with pytest.raises(ConfigError, match="CUDA does not survive a fork"):
-        lane_count(_cfg("runtime.lanes=2"))
+        _lanes(_cfg("runtime.lanes=2"))
 
 
 def test_an_explicit_gpu_is_checked_against_the_machine_and_the_config(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="torch sees no GPU"):
-        device_of(_cfg("model.device=cuda"))
-    with pytest.raises(ConfigError, match=r"model\.device=cuda does not combine with paradigm kd"):
+        _device(_cfg("model.device=cuda"))
+    with pytest.raises(ConfigError, match="torch sees no GPU"):
+        device_of("cuda:0")
+    with pytest.raises(ConfigError, match=r"paradigm kd does not support a GPU \(model\.device=cuda\)"):
         _cfg("model.device=cuda", "paradigm=kd")
+    with pytest.raises(ConfigError, match=r"model\.device=cuda does not combine with privacy\.dp_sgd"):
+        _cfg("model.device=cuda", "privacy.dp_sgd={}")
     with pytest.raises(ConfigError, match=r"runtime\.lanes=2"):
         _cfg("model.device=cuda:0", "runtime.lanes=2")
     with pytest.raises(ConfigError, match="model.device"):
@@ -69,18 +85,16 @@ def test_batches_move_to_the_model_and_adapter_state_leaves_it_on_the_cpu(tiny_a
 
 
 def _round_replies(tmp_path, device: str, joint: bool) -> list:
-    from fedtune.assembly import build_client_data, build_workbench, make_handler
-    from fedtune.data.prepare import prepare_federated_data
     from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
     from fedtune.wire.messages import decode_message, encode_message
-    from tests.wire_helpers import from_wire, to_wire
+    from tests.helpers.building import build
+    from tests.helpers.wire import from_wire, to_wire
 
     overrides = [f"model.device={device}", "training.proximal_mu=0.1", f"output.dir={tmp_path}"]
-    cfg = _cfg(*overrides, f"runtime.joint_clients={4 if joint else 1}", "runtime.lanes=1")
-    bench = build_workbench(cfg, announce=False)
+    built = build(_cfg(*overrides, f"runtime.joint_clients={4 if joint else 1}", "runtime.lanes=1"))
+    bench, data = built.bench, built.clients
     assert model_device(bench.adapter.model).type == device
-    data = build_client_data(prepare_federated_data(cfg.data, cfg.partition, cfg.seed), bench.encoder, cfg)
-    handler = make_handler(cfg, bench, data)
+    handler = built.handler()
     request = encode_message(TrainRequest(round=1, params=to_wire(bench.initial)))
     jobs = [(c, request, {}) for c in sorted(data)]
     served = handler.handle_many(jobs) if joint else [handler.handle(*j) for j in jobs]

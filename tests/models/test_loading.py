@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from fedtune.errors import ModelLoadError
+from fedtune.core.errors import ModelLoadError
 from fedtune.models.loading import load_model, resolve_model_dir
 
 

@@ -1,10 +1,10 @@
 import pytest
 import yaml
 
+from fedtune.assembly import plan_of
 from fedtune.config import load_config, to_yaml, validate_config
-from fedtune.errors import ConfigError
-from fedtune.privacy.plan import plan_privacy, rounds_to_run
-from tests.conftest import TINY_OVERRIDES
+from fedtune.core.errors import ConfigError
+from tests.helpers.configs import TINY_OVERRIDES
 
 DP = ["privacy.client_dp=central", "privacy.noise_multiplier=1.0"]
 
@@ -13,13 +13,21 @@ def _cfg(*extra: str):
     return load_config("examples/tiny.yaml", [*TINY_OVERRIDES, *extra])
 
 
+def plan_privacy(cfg):
+    return plan_of(cfg).privacy_plan
+
+
+def rounds_to_run(cfg) -> int:
+    return plan_of(cfg).rounds_to_run
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [
         (["privacy.noise_multiplier=1.0"], "privacy.client_dp: central"),
         (["privacy.client_dp=central"], "noise_multiplier"),
         ([*DP, "privacy.sampling=fixed", "privacy.accountant=pld"], "fixed-size sampling"),
-        ([*DP, "paradigm=kd"], "paradigm parameter_sharing"),
+        ([*DP, "paradigm=kd"], "paradigm kd does not support client-level DP (privacy.client_dp=central)"),
         ([*DP, "aggregation.combine=median"], "aggregation.combine=median"),
         ([*DP, "aggregation.scaffold=true"], "aggregation.scaffold"),
         ([*DP, "aggregation.clip_norm=1.0"], "privacy.clip_norm is the clipping norm"),
@@ -29,7 +37,7 @@ def _cfg(*extra: str):
         (["privacy.dp_sgd={}", "training.grad_accum=2"], "training.grad_accum"),
         (["privacy.dp_sgd={}", "training.proximal_mu=0.1"], "training.proximal_mu"),
         (["privacy.dp_sgd={}", "training.local_steps=null", "training.local_epochs=1"], "local_epochs"),
-        (["privacy.dp_sgd={}", "paradigm=kd"], "privacy.dp_sgd applies to paradigm parameter_sharing"),
+        (["privacy.dp_sgd={}", "paradigm=kd"], "paradigm kd does not support DP-SGD (privacy.dp_sgd)"),
     ],
 )
 def test_what_client_level_dp_cannot_do_is_a_config_error_naming_the_key(extra, says):

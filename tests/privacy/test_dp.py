@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune.aggregation.base import Contribution
+from fedtune.aggregation.pipeline import Pipeline
 from fedtune.aggregation.server_opt import Sgd
-from fedtune.privacy.dp import AdaptiveClip, DpFedAvg, GaussianMean
+from fedtune.privacy.dp import AdaptiveClip, GaussianMean
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 
@@ -84,14 +85,31 @@ def test_adaptive_clipping_moves_c_towards_the_target_quantile(scale, direction)
     assert mean.update_z > 1.0  # the count's noise is paid for by more noise on the update
 
 
-def test_dp_fedavg_applies_the_noised_mean_with_the_server_optimizer_and_reports_only_noised_figures():
-    agg = DpFedAvg("fedavg", GaussianMean(0.5, 1.0, 2, seed=3), Sgd(1.0))
+def test_dp_fedavg_is_the_pipeline_with_the_noised_mean_and_reports_only_noised_figures():
+    agg = Pipeline("dp_fedavg", GaussianMean(0.5, 1.0, 2, seed=3), Sgd(1.0))
     params = {k: torch.ones(s) for k, s in SHAPES.items()}
     state = agg.init(params)
     assert agg.metrics(state) == {}
     ups = [Contribution(i, _update(i), 1.0) for i in range(2)]
     new, state = agg.aggregate(params, ups, state)
-    delta, _ = agg.mean(params, ups, agg.init(params).dp)
+    delta, _ = agg.stage.combine(params, ups, agg.init(params).combine)
     for k in SHAPES:
         assert torch.equal(new[k], params[k] + delta[k])
     assert agg.metrics(state) == {"dp_clip_norm": 1.0, "dp_noise_std": 0.25}
+    assert state.rounds == state.combine.rounds == 1
+
+
+def test_a_sum_of_clipped_updates_enters_the_chain_as_the_updates_themselves_would():
+    """Secure aggregation hands the pipeline only the sum: the same noise and step as the updates would get."""
+    params = {k: torch.ones(s) for k, s in SHAPES.items()}
+    ups = [Contribution(i, _update(i, 0.01), 1.0) for i in range(3)]  # all inside C: clipping changes nothing
+    agg = Pipeline("dp_fedavg", GaussianMean(0.7, 1.0, 3, seed=5), Sgd(1.0))
+    by_updates, s1 = agg.aggregate(params, ups, agg.init(params))
+    total = {k: sum(u.delta[k] for u in ups) for k in SHAPES}
+    by_sum, s2 = agg.aggregate_sum(params, total, len(ups), agg.init(params))
+    for k in SHAPES:
+        assert torch.allclose(by_sum[k], by_updates[k], atol=1e-6)
+    assert s1.combine.rounds == s2.combine.rounds == 1
+    noised, _ = agg.aggregate_sum(params, total, len(ups), agg.init(params), noised=True)  # clients added it
+    for k in SHAPES:
+        assert torch.allclose(noised[k], params[k] + total[k] / 3, atol=1e-6)

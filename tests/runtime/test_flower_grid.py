@@ -24,13 +24,13 @@ from flwr.app import Error, Message
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtune.core.types import Envelope
 from fedtune.deploy.app import answer
 from fedtune.deploy.local_worker import serve_socket, worker_secret
 from fedtune.runtime import flower_grid
 from fedtune.runtime import flower_wire as wire
 from fedtune.runtime.flower_grid import FlowerRuntime, is_transient, widen_flower_retries
 from fedtune.runtime.flower_wire import pack, unpack
-from fedtune.types import Envelope
 
 NAMES = ["client-0", "client-1", "client-2"]
 NODES = {101: "client-0", 102: "client-1", 103: "client-2"}

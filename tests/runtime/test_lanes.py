@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
+from fedtune.assembly import placement_of
 from fedtune.config import ExperimentConfig
-from fedtune.errors import ConfigError
-from fedtune.runtime import lane_count
+from fedtune.core.errors import ConfigError
+from fedtune.core.types import Envelope
+from fedtune.models.placement import available_cores
 from fedtune.runtime.in_process import InProcessRuntime
-from fedtune.runtime.lanes import available_cores
-from fedtune.types import Envelope
 
 BIG = torch.ones(64 * 2**20 // 4)  # 64 MB the lanes read and must not copy
 
@@ -126,6 +126,10 @@ def _cfg(**runtime) -> ExperimentConfig:
     return ExperimentConfig.model_validate({"partition": {"num_clients": 6}, "runtime": runtime})
 
 
+def lane_count(cfg: ExperimentConfig) -> int:
+    return placement_of(cfg).lanes
+
+
 def test_auto_lanes_are_one_per_core_at_most_one_per_client():
     assert lane_count(_cfg()) == min(available_cores(), 6)
     assert lane_count(ExperimentConfig.model_validate({"partition": {"num_clients": 1}})) == 1
@@ -145,7 +149,7 @@ def test_lane_settings_that_cannot_work_are_refused(runtime, match):
 ORPHAN = """
 import os, sys, time
 from fedtune.runtime.in_process import InProcessRuntime
-from fedtune.types import Envelope
+from fedtune.core.types import Envelope
 rt = InProcessRuntime(lambda c, p, s: (str(os.getpid()).encode(), s), lanes=2)
 print(" ".join(e.payload.decode() for e in rt.send_and_receive([Envelope(0, b""), Envelope(1, b"")])), flush=True)
 time.sleep(60)

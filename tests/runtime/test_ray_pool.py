@@ -11,9 +11,9 @@ import torch
 ray = pytest.importorskip("ray")
 
 from fedtune.config import ExperimentConfig  # noqa: E402
+from fedtune.core.types import Envelope  # noqa: E402
 from fedtune.runtime.ray_pool import RayRuntime  # noqa: E402
 from fedtune.runtime.worker import ClientWorker  # noqa: E402
-from fedtune.types import Envelope  # noqa: E402
 
 
 class EchoWorker:
@@ -50,7 +50,7 @@ def _runtime(**federation) -> RayRuntime:
     cfg = ExperimentConfig.model_validate(
         {"partition": {"num_clients": 6}, "federation": federation, "runtime": {"name": "ray"}}
     )
-    return RayRuntime(cfg, dict, worker=EchoWorker)
+    return RayRuntime(cfg.runtime.ray, cfg.federation.round_timeout_s, cfg.clients_per_round(), dict, EchoWorker)
 
 
 def _replies(rt: RayRuntime, payloads: dict[int, bytes]) -> dict[int, list[str]]:
@@ -122,7 +122,7 @@ def test_workers_build_their_model_over_the_one_copy_in_the_object_store(local_r
     own = load_model("tiny-llama").model
     params = dict(own.named_parameters(remove_duplicate=False))
     cfg = ExperimentConfig.model_validate({"partition": {"num_clients": 2}, "runtime": {"name": "ray"}})
-    rt = RayRuntime(cfg, dict, worker=ProbeWorker, base=("tiny-llama", params, set()))
+    rt = RayRuntime(cfg.runtime.ray, None, 2, dict, worker=ProbeWorker, base=("tiny-llama", params, set()))
     try:
         got = _replies(rt, {0: b"", 1: b""})
         for mapping, first in got.values():

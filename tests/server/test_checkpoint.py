@@ -5,7 +5,7 @@ import torch
 
 from fedtune.aggregation import build_aggregator, fedavg
 from fedtune.config import AggregationConfig
-from fedtune.errors import RunError
+from fedtune.core.errors import RunError
 from fedtune.server import checkpoint as ck
 from fedtune.server.checkpoint import ServerState, load_latest, save_checkpoint
 
@@ -114,7 +114,7 @@ def test_client_state_keeps_one_namespace_per_owner(tmp_path):
 
 
 def test_old_flat_client_state_loads_under_its_owners():
-    from fedtune.types import flatten_state, unflatten_state
+    from fedtune.core.types import flatten_state, unflatten_state
 
     old = {"control/w": torch.ones(1), "residual/3.1": torch.zeros(1), "held/w": torch.ones(1)}
     assert {o: set(p) for o, p in unflatten_state(old).items()} == {

@@ -12,10 +12,6 @@ another valid update) and a finite model. The peak memory of a whole category is
 
 from __future__ import annotations
 
-import json
-import os
-import struct
-import zlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -23,12 +19,13 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fedtune.aggregation import fedavg
 from fedtune.aggregation.clipping import update_norm
 from fedtune.aggregation.weighting import WeightCap
+from fedtune.core.types import Envelope
 from fedtune.data.formats import from_instruction
 from fedtune.paradigms.base import Replies
 from fedtune.paradigms.kd.distributions import id_dtype
@@ -38,22 +35,24 @@ from fedtune.paradigms.kd.server import KDSettings, KnowledgeDistillation
 from fedtune.paradigms.parameter_sharing.messages import TrainReply
 from fedtune.paradigms.parameter_sharing.server import ParameterSharing, SharingSettings
 from fedtune.server.round_loop import Network
-from fedtune.types import Envelope
 from fedtune.wire.link import META, Link
 from fedtune.wire.messages import encode_message
-from fedtune.wire.serialize import _HEADER_KEY, read_header
-
-CASES = int(
-    os.environ.get("FEDTUNE_HOSTILE_CASES", 2000)
-)  # per category; the whole file runs in well under a minute on 2 cores
-SETTINGS = settings(
-    max_examples=CASES,
-    deadline=None,
-    derandomize=True,  # the same cases on every run: CI failures reproduce
-    database=None,
-    suppress_health_check=list(HealthCheck),
+from fedtune.wire.serialize import read_header
+from tests.helpers.hostile import (
+    PEAK_GROWTH_LIMIT,
+    SETTINGS,
+    Replay,
+    byte_mutations,
+    decode_parts,
+    encode_parts,
+    header_mutations,
+    meta_mutations,
+    mutate_tensor,
+    peak_growth,
+    run_category,
+    with_fedtune_header,
 )
-PEAK_GROWTH_LIMIT = 256 * 2**20  # a category's peak RSS over its start; one declared 2**31-value tensor is 8 GiB
+
 MAX_NORM = 5.0
 CHAINS: dict[str, list[dict]] = {
     "plain": [],
@@ -63,16 +62,6 @@ CHAINS: dict[str, list[dict]] = {
     "block_dropout+int4": [{"name": "block_dropout", "keep_fraction": 0.5}, {"name": "int4"}],
 }
 RUN_DIR = Path("/nonexistent/hostile")  # only named in a quorum error, which these cases never reach
-
-
-class Replay:
-    """A runtime that answers with prepared envelopes, whatever was sent."""
-
-    def __init__(self, envelopes: list[Envelope]):
-        self.envelopes = envelopes
-
-    def send_and_receive(self, envelopes):
-        return list(self.envelopes)
 
 
 @dataclass
@@ -197,219 +186,21 @@ def check_outcome(fed: Federation, hostile: bytes) -> None:
     assert all(torch.isfinite(t).all() for t in _tensors(new.params) + _tensors(new.algorithm) if t.is_floating_point())
 
 
-def peak_growth(run) -> int:
-    """Bytes the process's peak RSS rose by while ``run()`` ran (Linux; -1 where it cannot be measured)."""
-    status = Path("/proc/self/status")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    except OSError:
-        run()
-        return -1
-
-    def read(field: str) -> int:
-        line = next(x for x in status.read_text().splitlines() if x.startswith(field))
-        return int(line.split()[1]) * 1024
-
-    start = read("VmRSS:")
-    run()
-    return read("VmHWM:") - start
-
-
-def run_category(body) -> None:
-    growth = peak_growth(body)
-    assert growth < PEAK_GROWTH_LIMIT, f"peak memory rose by {growth / 2**20:.0f} MiB"
-
-
-# ---- mutations -------------------------------------------------------------------------------
-
-JSON_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**80), max_value=2**80)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12,
-)
-
-
-def _split(blob: bytes) -> tuple[dict, bytes]:
-    """(safetensors header as a dict, the tensor bytes after it)."""
-    (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
-
-
-def _join(header: dict | str, body: bytes) -> bytes:
-    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
-    return struct.pack("<Q", len(raw)) + raw + body
-
-
-def with_fedtune_header(blob: bytes, header: dict | str) -> bytes:
-    """The blob with its fedtune JSON header replaced (tensors untouched)."""
-    st_header, body = _split(blob)
-    st_header["__metadata__"][_HEADER_KEY] = header if isinstance(header, str) else json.dumps(header)
-    return _join(st_header, body)
-
-
-@st.composite
-def byte_mutations(draw, blob: bytes) -> bytes:
-    kind = draw(st.sampled_from(["truncate", "flip", "insert", "append", "header_length"]))
-    if kind == "truncate":
-        return blob[: draw(st.integers(0, len(blob) - 1))]
-    if kind == "flip":
-        out = bytearray(blob)
-        for _ in range(draw(st.integers(1, 8))):
-            out[draw(st.integers(0, len(out) - 1))] ^= draw(st.integers(1, 255))
-        return bytes(out)
-    if kind == "insert":
-        at = draw(st.integers(0, len(blob)))
-        return blob[:at] + draw(st.binary(min_size=1, max_size=64)) + blob[at:]
-    if kind == "append":
-        return blob + draw(st.binary(min_size=1, max_size=4096))
-    return struct.pack("<Q", draw(st.integers(0, 2**64 - 1))) + blob[8:]  # a lying header length
-
-
-@st.composite
-def header_mutations(draw, blob: bytes) -> bytes:
-    header = read_header(blob)
-    kind = draw(st.sampled_from(["replace", "add", "remove", "nest", "not_object", "raw"]))
-    if kind == "replace":
-        field = draw(st.sampled_from(sorted(header)))
-        value = draw(
-            JSON_VALUES | st.sampled_from([10**30, -1, 0, 2**63, float("inf"), float("nan"), -1e308, "1", [1], True])
-        )
-        return with_fedtune_header(blob, {**header, field: value})
-    if kind == "add":
-        return with_fedtune_header(blob, {**header, draw(st.text(min_size=1, max_size=20)): draw(JSON_VALUES)})
-    if kind == "remove":
-        field = draw(st.sampled_from(sorted(header)))
-        return with_fedtune_header(blob, {k: v for k, v in header.items() if k != field})
-    if kind == "nest":  # deeper than any JSON parser's recursion limit
-        depth = draw(st.integers(1_000, 200_000))
-        field = draw(st.sampled_from(sorted(header)))
-        raw = json.dumps({k: v for k, v in header.items() if k != field})[:-1]
-        return with_fedtune_header(blob, f'{raw}, "{field}": ' + "[" * depth + "]" * depth + "}")
-    if kind == "not_object":
-        return with_fedtune_header(blob, json.dumps(draw(JSON_VALUES)))
-    return with_fedtune_header(blob, draw(st.text(max_size=200)))  # not JSON, or any JSON at all
-
-
-def _decode_parts(blob: bytes) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load
-
-    return load(blob), read_header(blob)
-
-
-def _encode_parts(tensors: dict[str, torch.Tensor], header: dict) -> bytes:
-    from fedtune.wire.serialize import encode
-
-    return encode(tensors, header)
-
-
-@st.composite
-def meta_mutations(draw, blob: bytes) -> bytes:
-    """Rewrite the codec meta (zlib'd JSON inside the message) or the packed tensors it describes."""
-    tensors, header = _decode_parts(blob)
-    # sorted: safetensors returns tensors in no fixed order, and a split reply can hold two metas
-    name = draw(st.sampled_from(sorted(k for k in tensors if k.endswith("/" + META))))
-    meta = json.loads(zlib.decompress(tensors[name].numpy().tobytes()))
-    kind = draw(st.sampled_from(["shape", "layout", "value", "replace", "bomb", "tensor", "garbage"]))
-    if kind in ("shape", "layout", "value"):
-        meta = _mutate_json(draw, meta, kind)
-        packed = zlib.compress(json.dumps(meta).encode())
-    elif kind == "replace":
-        packed = zlib.compress(json.dumps(draw(JSON_VALUES)).encode())
-    elif kind == "bomb":  # small on the wire, huge inflated
-        packed = bomb(draw(st.sampled_from([10**6, 10**7, 10**8])))
-    elif kind == "garbage":
-        packed = draw(st.binary(max_size=256))
-    else:
-        packed = zlib.compress(json.dumps(meta).encode())
-        target = draw(st.sampled_from(sorted(k for k in tensors if k != name)))
-        tensors[target] = _mutate_tensor(draw, tensors[target])
-    tensors[name] = (
-        torch.frombuffer(bytearray(packed), dtype=torch.uint8) if packed else torch.zeros(0, dtype=torch.uint8)
-    )
-    return _encode_parts(tensors, header)
-
-
-@cache
-def bomb(size: int) -> bytes:
-    """zlib of a JSON array of ``size`` spaces, compressed in pieces (the test itself stays small)."""
-    z = zlib.compressobj(9)
-    chunk = b" " * 2**20
-    parts = [z.compress(b"[")] + [z.compress(chunk) for _ in range(size // len(chunk))]
-    return b"".join([*parts, z.compress(b"]"), z.flush()])
-
-
-HOSTILE_NUMBERS = st.sampled_from([2**31, 2**31 - 1, 2**40, 2**63 - 1, -1, 0, 1, 10**12, 65_536])
-
-
-def _mutate_json(draw, meta: Any, kind: str) -> Any:
-    """Change one place in the meta: a shape list, a layout entry or any scalar."""
-    places: list[tuple[Any, Any]] = []
-
-    def walk(node: Any, in_layout: bool) -> None:
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for key, child in items:
-            if (
-                (kind == "shape" and key == "shape")
-                or (kind == "layout" and in_layout)
-                or (kind == "value" and not isinstance(child, dict | list))
-            ):
-                places.append((node, key))
-            walk(child, in_layout or key == "layout")
-
-    walk(meta, False)
-    if not places:
-        return draw(JSON_VALUES)
-    node, key = draw(st.sampled_from(places))
-    choice = draw(st.sampled_from(["numbers", "json"]))
-    if choice == "numbers" and kind in ("shape", "layout"):
-        node[key] = draw(st.lists(HOSTILE_NUMBERS, min_size=0, max_size=4))
-    elif choice == "numbers":
-        node[key] = draw(HOSTILE_NUMBERS)
-    else:
-        node[key] = draw(JSON_VALUES)
-    return meta
-
-
-def _mutate_tensor(draw, t: torch.Tensor) -> torch.Tensor:
-    """A packed tensor with some values replaced by hostile ones, its length changed, or its dtype."""
-    kind = draw(st.sampled_from(["values", "length", "dtype"]))
-    if kind == "length":
-        n = draw(st.integers(0, 2 * t.numel() + 8))
-        return torch.zeros(n, dtype=t.dtype) if n > t.numel() else t[:n].clone()
-    if kind == "dtype":
-        return t.to(draw(st.sampled_from([torch.float64, torch.int64, torch.uint8, torch.bfloat16])))
-    out = t.clone()
-    if out.numel() == 0:
-        return out
-    for _ in range(draw(st.integers(1, 4))):
-        i = draw(st.integers(0, out.numel() - 1))
-        if out.is_floating_point():
-            out.view(-1)[i] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0]))
-        else:
-            info = torch.iinfo(out.dtype)
-            out.view(-1)[i] = draw(st.integers(info.min, info.max))
-    return out
-
-
 @st.composite
 def kd_mutations(draw, blob: bytes) -> bytes:
     """KD's own fields: token ids (range, dtype, shape, repeats) and log-probabilities."""
-    tensors, header = _decode_parts(blob)
+    tensors, header = decode_parts(blob)
     kind = draw(st.sampled_from(["ids", "logp", "header"]))
     if kind == "ids":
-        tensors["ids"] = _mutate_tensor(draw, tensors["ids"]).reshape(-1)
+        tensors["ids"] = mutate_tensor(draw, tensors["ids"]).reshape(-1)
         if draw(st.booleans()) and tensors["ids"].numel() % K == 0:
             tensors["ids"] = tensors["ids"].reshape(-1, K)
     elif kind == "logp":
         packed = draw(st.sampled_from(sorted(k for k in tensors if k.startswith("logp/") and not k.endswith(META))))
-        tensors[packed] = _mutate_tensor(draw, tensors[packed])
+        tensors[packed] = mutate_tensor(draw, tensors[packed])
     else:
         return draw(header_mutations(blob))
-    return _encode_parts(tensors, header)
+    return encode_parts(tensors, header)
 
 
 # ---- the categories ------------------------------------------------------------------------------
@@ -512,4 +303,4 @@ def test_with_fedtune_header_rewrites_only_the_header():
     fed = sharing("plain")
     blob = fed.blobs[1]
     same = with_fedtune_header(blob, read_header(blob))
-    assert read_header(same) == read_header(blob) and _decode_parts(same)[0].keys() == _decode_parts(blob)[0].keys()
+    assert read_header(same) == read_header(blob) and decode_parts(same)[0].keys() == decode_parts(blob)[0].keys()

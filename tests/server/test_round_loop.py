@@ -9,17 +9,17 @@ import torch
 
 from fedtune.aggregation import fedavg
 from fedtune.aggregation.weighting import WeightCap
-from fedtune.errors import RunError
+from fedtune.core.errors import RunError
+from fedtune.core.types import Envelope, ServerState
 from fedtune.paradigms.base import BadReply, Exchange
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.paradigms.parameter_sharing.server import ParameterSharing, SharingSettings
 from fedtune.runtime.in_process import InProcessRuntime
 from fedtune.server.checkpoint import load_latest
 from fedtune.server.round_loop import LoopSettings, run_rounds
-from fedtune.types import Envelope, ServerState
 from fedtune.wire.messages import decode_message, encode_message
 from fedtune.wire.serialize import encode
-from tests.wire_helpers import to_wire
+from tests.helpers.wire import to_wire
 
 PARAMS = {"w": torch.zeros(4)}
 

@@ -185,7 +185,7 @@ def test_low_rank_factors_must_make_the_declared_shape(update):
 
 def test_an_update_decoded_without_codecs_is_tiled_over_its_packed_tensor(update):
     from fedtune.aggregation.flat import flat_of
-    from fedtune.types import Tiled
+    from fedtune.core.types import Tiled
 
     wire, _ = Link().encode(update, {}, torch.Generator())
     decoded = Link().decode(wire, update)
@@ -207,7 +207,7 @@ def test_an_update_decoded_without_codecs_is_tiled_over_its_packed_tensor(update
 def test_a_tiled_dict_is_read_only_and_pickles_as_a_plain_dict():
     import pickle
 
-    from fedtune.types import Tiled
+    from fedtune.core.types import Tiled
 
     buffer = torch.arange(6.0)
     tiled = Tiled({"a": buffer[:2], "b": buffer[2:]}, buffer)

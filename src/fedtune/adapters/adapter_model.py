@@ -23,9 +23,9 @@ from transformers import PreTrainedModel
 from fedtune.adapters.lora_math import rank_of
 from fedtune.adapters.peft_configs import peft_config
 from fedtune.config import AdapterConfig
-from fedtune.errors import ConfigError
-from fedtune.registry import PEFT_METHODS
-from fedtune.types import Params
+from fedtune.core.errors import ConfigError
+from fedtune.core.registry import PEFT_METHODS
+from fedtune.core.types import Params
 
 ADAPTER = "default"
 NATIVE_CONFIG = "fedtune_adapter.json"  # marks an exported adapter of one of our own tuners

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 
 def bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

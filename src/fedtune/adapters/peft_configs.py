@@ -13,8 +13,8 @@ from peft import (
 )
 
 from fedtune.config import AdapterConfig
-from fedtune.errors import ConfigError
-from fedtune.registry import PEFT_METHODS
+from fedtune.core.errors import ConfigError
+from fedtune.core.registry import PEFT_METHODS
 
 FEEDFORWARD_NAMES = ("down_proj", "fc2", "w2", "dense_4h_to_h")  # MLP output layers (IA3 scales their input)
 TASK = "CAUSAL_LM"

@@ -24,7 +24,7 @@ from peft import PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 
 from fedtune.adapters.adapter_model import ADAPTER, AdapterModel
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 def joint_unsupported(adapter: AdapterModel) -> str | None:

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from fedtune.core.errors import ConfigError
+from fedtune.core.types import Params
 from fedtune.data.tokenize import IGNORE
-from fedtune.errors import ConfigError
-from fedtune.types import Params
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Server-side aggregation: pure (init, aggregate) pairs with explicit state.
 
-``build_aggregator(AggregationConfig(...))`` assembles clip -> combine -> server optimizer.
+``build_aggregator(AggregationConfig(...))`` assembles clip -> combine -> server optimizer, the one
+factory of every aggregator a run uses (DP-FedAvg's noised mean is its ``mean`` stage).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from functools import partial
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.combine import Combiner
 from fedtune.aggregation.lora import LoraExact, LoraNaive, LoraZeroPad
-from fedtune.aggregation.pipeline import Pipeline, PipelineState
+from fedtune.aggregation.pipeline import CombineStage, Pipeline, PipelineState
 from fedtune.aggregation.scaffold import Scaffold, ScaffoldState
 from fedtune.aggregation.server_opt import ServerOptimizer
 from fedtune.config import AggregationConfig
-from fedtune.registry import AGGREGATORS as _AGGREGATORS
-from fedtune.registry import COMBINERS as _COMBINERS
+from fedtune.core.registry import AGGREGATORS as _AGGREGATORS
+from fedtune.core.registry import COMBINERS as _COMBINERS
 
 AGGREGATORS = _AGGREGATORS.names()
 COMBINERS = _COMBINERS.names()
@@ -39,6 +40,7 @@ def build_aggregator(
     lora_alpha: float | None = None,
     client_ranks: dict[int, int] | None = None,
     align_lora: bool = False,
+    mean: CombineStage | None = None,
     **fields,
 ) -> Aggregator:
     """An aggregator from config (or keyword fields: ``build_aggregator(name="fedyogi", combine="median")``).
@@ -48,10 +50,19 @@ def build_aggregator(
     ``cfg.lora_mode()`` picks exact, naive (error reported) or ffa aggregation; without it, plain tensors.
     ``client_ranks`` (client id -> LoRA rank, for clients below the global rank) selects FlexLoRA
     (exact) or HetLoRA zero-padding (naive). ``align_lora`` keeps exact-mode factors close to the
-    previous round's (same products; see ``refactor``).
+    previous round's (same products; see ``refactor``). ``mean``: a combine stage in place of
+    ``aggregation.combine`` (client-level DP's noised mean, ``PrivacyPlan.mean``: DP-FedAvg, or DP-FedOpt
+    with another server optimizer), over A and B apart in LoRA naive mode.
     """
     cfg = AggregationConfig(**fields) if cfg is None else cfg
     mode = cfg.lora_mode() if lora_alpha is not None else "plain"
+    if mean is not None:
+        if mode == "exact" or client_ranks or cfg.scaffold or cfg.clip_norm is not None:
+            raise ValueError(
+                "a noised mean sums clipped updates: it takes no exact LoRA, client ranks, SCAFFOLD or clip_norm"
+            )
+        dp: Aggregator = Pipeline(f"dp_{cfg.name}", mean, server_optimizer(cfg))
+        return LoraNaive(dp, lora_alpha) if mode == "naive" else dp
     if mode == "exact":
         return LoraExact(lora_alpha, cfg.clip_norm, client_ranks, align=align_lora)
     if client_ranks and mode == "naive":

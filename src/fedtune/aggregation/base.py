@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 class Contribution(NamedTuple):

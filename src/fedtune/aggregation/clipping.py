@@ -9,7 +9,7 @@ import torch
 
 from fedtune.aggregation.base import Contribution
 from fedtune.aggregation.flat import flat_of
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 def update_norm(delta: Params) -> float:

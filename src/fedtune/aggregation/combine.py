@@ -25,7 +25,7 @@ import torch
 
 from fedtune.aggregation.base import Contribution
 from fedtune.aggregation.flat import flats, unflatten
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 Combiner = Callable[[Sequence[Contribution]], Params]
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedtune.types import Params, Tiled
+from fedtune.core.types import Params, Tiled
 
 
 def flat_of(params: Params) -> torch.Tensor | None:

@@ -40,7 +40,7 @@ from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import clip_contributions
 from fedtune.aggregation.combine import weighted_mean
 from fedtune.aggregation.flat import packed_like
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 def _averaging_error(local: Sequence[Params], weights: Sequence[float], alpha: float) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from fedtune.aggregation.base import Aggregator, Contribution
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 class ScaffoldState(NamedTuple):

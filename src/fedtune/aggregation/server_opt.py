@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from fedtune.aggregation.flat import flats, packed_like, unflatten
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 class ServerOptimizer(Protocol):

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 class Correction(Protocol):

@@ -74,9 +74,6 @@ def train_jointly(
     for step in range(max(map(len, groups), default=0)):
         active = [k for k, g in enumerate(groups) if step < len(g) and tally[k].failed is None]
         lr = {k: clients[k].lr_at(step) for k in active}
-        for k in active:
-            for g in opts[k].param_groups:
-                g["lr"] = lr[k]
         n_tokens = {k: target_count(groups[k][step]) for k in active}
         step_loss = dict.fromkeys(active, 0.0)
         for j in range(grad_accum):
@@ -109,7 +106,7 @@ def train_jointly(
             t = tally[k]
             if t.failed is not None:
                 continue
-            optimizer_step(opts[k], params[k], clients[k].corrections, max_grad_norm, lr[k])
+            optimizer_step(opts[k], params[k], lr[k], clients[k].corrections, max_grad_norm)
             t.loss += step_loss[k]
             t.tokens += n_tokens[k]
             t.lr_sum += lr[k]

@@ -88,8 +88,6 @@ def train_locally(
     meter = ActivationMeter(model.parameters())
     for step, group in enumerate(groups):
         lr = lr_at(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
         n_tokens = target_count(group)
         step_loss = 0.0
         for batch in group:
@@ -111,7 +109,7 @@ def train_locally(
                 )
             (loss_sum / max(1, n_tokens)).backward()
             step_loss += loss_sum.item()
-        optimizer_step(opt, params, corrections, max_grad_norm, lr)
+        optimizer_step(opt, params, lr, corrections, max_grad_norm)
         loss_total += step_loss
         tokens_total += n_tokens
         lr_sum += lr
@@ -128,19 +126,34 @@ def target_count(group: Sequence[dict[str, torch.Tensor]]) -> int:
 
 def optimizer_step(
     opt: torch.optim.Optimizer,
-    params: Sequence[torch.nn.Parameter],
-    corrections: Sequence[Correction],
-    max_grad_norm: float | None,
+    params: Sequence[torch.Tensor],
     lr: float,
+    corrections: Sequence[Correction] = (),
+    max_grad_norm: float | None = None,
+    grad_sq_norm: float | None = None,
 ) -> None:
-    """The end of a step whose loss is back-propagated: corrections, clipping, the optimizer's step."""
+    """The end of every training step whose loss is back-propagated (local, joint, DP-SGD and split training):
+    corrections, clipping, the optimizer's step at learning rate ``lr``, gradients cleared.
+
+    Clipping scales the gradients by ``max_grad_norm / (‖g‖ + 1e-6)`` when that is below 1, as
+    ``clip_grad_norm_`` does; ``grad_sq_norm``: ‖g‖² when the gradient is spread over several holders
+    (split learning: both parts' squares summed), else this step's own is taken."""
+    for g in opt.param_groups:
+        g["lr"] = lr
     for corr in corrections:
         extra = corr.extra_loss(params)
         if extra is not None:
             extra.backward()
         corr.adjust_grads(params)
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if grad_sq_norm is None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            coef = max_grad_norm / (math.sqrt(grad_sq_norm) + 1e-6)
+            if coef < 1.0:
+                for t in params:
+                    if t.grad is not None:
+                        t.grad.mul_(coef)
     opt.step()
     opt.zero_grad(set_to_none=True)
     for corr in corrections:
@@ -185,8 +198,6 @@ def _with_dp_sgd(model, params, batches, lr_at, weight_decay, on_step, optimizer
     try:
         for step, batch in enumerate(batches):
             lr = lr_at(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
             if batch["input_ids"].shape[0] == 0:  # nobody sampled: zero per-example gradients, noise only
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
@@ -203,8 +214,7 @@ def _with_dp_sgd(model, params, batches, lr_at, weight_decay, on_step, optimizer
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     loss_sum.backward()
                 value = loss_sum.item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, params, lr)
             loss_total += value
             examples_total += count
             lr_sum += lr

@@ -25,12 +25,12 @@ from fedtune.client.joint_training import JointClient, train_jointly
 from fedtune.client.local_training import DpSgdStep, LocalResult, train_locally
 from fedtune.client.schedule import RoundSchedule
 from fedtune.config import TrainingConfig
-from fedtune.config_privacy import DpSgdConfig
+from fedtune.config.privacy import DpSgdConfig
+from fedtune.core import rng
 from fedtune.data.tokenize import collate
 from fedtune.losses import LossFn, example_loss_sum, token_loss_sum
 from fedtune.models.head_loss import plain_head
 from fedtune.reporting.console import bar_disabled
-from fedtune.wire.link import generator
 
 
 def round_plan(
@@ -38,12 +38,12 @@ def round_plan(
 ) -> tuple[int, list[np.ndarray]]:
     """(torch seed, micro-batch index arrays) of one client's round: a pure function of its arguments.
     ``poisson``: DP-SGD's Poisson-sampled batches, one a step."""
-    rng = np.random.default_rng([seed, round_index, client_id])
-    torch_seed = int(rng.integers(2**63 - 1))
+    draws = rng.numpy_rng(rng.CLIENT_ROUND, seed, round_index, client_id)
+    torch_seed = int(draws.integers(2**63 - 1))
     if poisson:
         assert cfg.local_steps is not None  # the config requires it with DP-SGD
-        return torch_seed, poisson_batches(num_examples, cfg.batch_size, cfg.local_steps, rng)
-    plan = micro_batches(num_examples, cfg.batch_size, cfg.grad_accum, rng, cfg.local_steps, cfg.local_epochs)
+        return torch_seed, poisson_batches(num_examples, cfg.batch_size, cfg.local_steps, draws)
+    plan = micro_batches(num_examples, cfg.batch_size, cfg.grad_accum, draws, cfg.local_steps, cfg.local_epochs)
     return torch_seed, plan
 
 
@@ -110,7 +110,7 @@ class LocalTrainer:
         if dp is not None:
             if noise_seed is None:
                 raise ValueError("DP-SGD needs the client's noise seed")
-            g = generator(noise_seed, round_index, client_id)
+            g = rng.torch_generator(rng.DP_SGD_NOISE, noise_seed, round_index, client_id)
             step = DpSgdStep(dp.noise_multiplier, dp.max_grad_norm, min(cfg.batch_size, len(data.train)), g)
             loss = example_loss_sum
         bar = tqdm(

@@ -16,7 +16,7 @@ from fedtune.codecs.cast import Cast
 from fedtune.codecs.lowrank import LowRank
 from fedtune.codecs.quantize import Quantize
 from fedtune.codecs.sparsify import RandomK, TopK
-from fedtune.registry import CODECS as _REGISTRY
+from fedtune.core.registry import CODECS as _REGISTRY
 
 CODECS: dict[str, type] = {e.name: _REGISTRY.load(e.name) for e in _REGISTRY}  # name -> codec class
 

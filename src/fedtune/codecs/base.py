@@ -15,7 +15,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 SEP = "#"
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from fedtune.codecs.base import check_fraction, dtype_from_name, fraction_count, tensor_info
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 _INT = re.compile(r"\d+")
 

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from fedtune.codecs.base import PerTensorCodec, dtype_from_name
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 FP16_MAX = 65504.0
 _DTYPES = {"float16": ("fp16", torch.float16), "bfloat16": ("bf16", torch.bfloat16)}

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from fedtune.codecs.base import PerTensorCodec, dtype_from_name, is_float
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from fedtune.codecs.base import PerTensorCodec, dtype_from_name
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 _LEVELS = {8: 127, 4: 7}
 

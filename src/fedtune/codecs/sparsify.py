@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from fedtune.codecs.base import PerTensorCodec, check_fraction, dtype_from_name, fraction_count, tensor_info
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 def _index_dtype(n: int) -> torch.dtype:

@@ -36,7 +36,7 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 def _clients_s(record: dict[str, Any]) -> float:
     """The round's seconds in the clients' hands; runs recorded before clients_s existed served clients in
     turn, where their summed training time stood for it."""
-    return record["clients_s"] if "clients_s" in record else record["local_train_s"]
+    return record["clients_s"] if "clients_s" in record else record.get("local_train_s", 0.0)
 
 
 def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: float | None) -> dict[str, Any]:

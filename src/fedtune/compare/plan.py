@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig, set_dotted, validate_config
-from fedtune.config_compare import slug
-from fedtune.errors import ConfigError
+from fedtune.config.compare import slug
+from fedtune.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

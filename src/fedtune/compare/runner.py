@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedtune.compare.plan import Plan, PlannedRun
 from fedtune.compare.report import write_report
-from fedtune.errors import ConfigError, FedtuneError, RunError
+from fedtune.core.errors import ConfigError, FedtuneError, RunError
 from fedtune.experiment import run_experiment, saved_config_changes
 from fedtune.reporting.console import console
 

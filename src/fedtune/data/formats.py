@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.errors import DataError
+from fedtune.core.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 _SHAPES = (

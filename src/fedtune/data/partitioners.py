@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.errors import PartitionError
+from fedtune.core.errors import PartitionError
 
 Partition = list[np.ndarray]  # client id -> sorted example indices
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtune.config import DataConfig, PartitionConfig
+from fedtune.core import rng
+from fedtune.core.errors import DataError
 from fedtune.data import partitioners
 from fedtune.data.builtin.tasks import generate_tasks
 from fedtune.data.formats import Example, load_examples
-from fedtune.errors import DataError
 
 BUILTIN = "builtin:tasks"
 
@@ -34,7 +35,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example
     examples = load_examples(cfg.dataset)
     if cfg.eval_dataset:
         return examples, load_examples(cfg.eval_dataset), False
-    order = np.random.default_rng([seed, 0xE7A1]).permutation(len(examples))
+    order = rng.numpy_rng(rng.HELD_OUT, seed).permutation(len(examples))
     n_eval = max(1, round(cfg.eval_fraction * len(examples)))
     if n_eval >= len(examples):
         raise DataError(f"{cfg.dataset}: {len(examples)} examples are too few to hold out data.eval_fraction")
@@ -76,5 +77,5 @@ def holdout_split(indices: np.ndarray, fraction: float, seed: int, client_id: in
     n_hold = round(fraction * len(indices))
     if n_hold == 0 or n_hold >= len(indices):
         return indices, indices[:0]
-    order = np.random.default_rng([seed, client_id, 0x401D]).permutation(len(indices))
+    order = rng.numpy_rng(rng.CLIENT_HOLDOUT, seed, client=client_id).permutation(len(indices))
     return np.sort(indices[order[n_hold:]]), np.sort(indices[order[:n_hold]])

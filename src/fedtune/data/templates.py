@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 
+from fedtune.core.errors import ConfigError
 from fedtune.data.formats import Example
-from fedtune.errors import ConfigError
 
 Template = Callable[[Example, PreTrainedTokenizerBase, "str | None"], str]  # -> prompt text
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 
 from fedtune.config import ExperimentConfig, to_yaml
+from fedtune.core.errors import ConfigError, FedtuneError, RunError
 from fedtune.deploy.control import Control
 from fedtune.deploy.processes import flower_env, port_free, start, stop, superlink_cmd, tail
-from fedtune.errors import ConfigError, FedtuneError, RunError
 
 log = logging.getLogger("fedtune")
 

@@ -26,11 +26,11 @@ from multiprocessing.connection import Client, Connection, Listener, answer_chal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.errors import untrusted_text
+from fedtune.core.errors import untrusted_text
 from fedtune.runtime import flower_wire as wire
 
 if TYPE_CHECKING:  # Flower runs ask_worker in a fresh process per message: no torch import there
-    from fedtune.types import ClientState
+    from fedtune.core.types import ClientState
 
 log = logging.getLogger("fedtune")
 
@@ -263,7 +263,7 @@ class StateStore:
         """The state saved by the newest round before ``round_index`` ({} if none)."""
         from safetensors.torch import load_file
 
-        from fedtune.types import unflatten_state
+        from fedtune.core.types import unflatten_state
 
         earlier = [r for r in self._rounds() if r < round_index]
         return unflatten_state(load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors")) if earlier else {}
@@ -276,7 +276,7 @@ class StateStore:
     def save(self, round_index: int, state: ClientState) -> None:
         from safetensors.torch import save_file
 
-        from fedtune.types import flatten_state
+        from fedtune.core.types import flatten_state
 
         tmp = self.folder / f".round-{round_index:06d}.tmp"
         save_file({k: v.contiguous() for k, v in flatten_state(state).items()}, tmp)
@@ -289,48 +289,49 @@ class LocalWorker:
     """Serves requests for whatever client id the coordinator assigned this participant."""
 
     def __init__(self, cfg, examples: list, state_dir: Path):
-        from fedtune.assembly import build_workbench, federation_eval_set, make_handler
+        from fedtune.assembly import build_workbench, federation_eval_set, make_handler, plan_of
 
         self.cfg, self.examples, self.state_dir = cfg, examples, state_dir
-        self.bench = build_workbench(cfg)
-        self.handler = make_handler(cfg, self.bench, {}, federation_eval_set(cfg, self.bench.encoder))
+        plan = plan_of(cfg)
+        self.bench = build_workbench(cfg, plan)
+        self.handler = make_handler(plan, self.bench, {}, federation_eval_set(cfg, self.bench.encoder))
         self.lock = threading.Lock()
 
     def serve_one(self, client_id: int, payload: bytes) -> bytes:
         from fedtune.assembly import local_client_data
         from fedtune.paradigms.evaluation import EvalRequest
+        from fedtune.wire.protocol import ReplyFacts, RequestFacts
         from fedtune.wire.serialize import read_header
 
         with self.lock:
             if client_id not in self.handler.data:
                 self.handler.data[client_id] = local_client_data(self.examples, self.bench.encoder, self.cfg, client_id)
-            header = read_header(payload)
+            asked = RequestFacts.of(read_header(payload))
             store = StateStore(self.state_dir / f"client-{client_id}")
-            round_index = int(header.get("round", 0))
-            log.info("round %d: %s request for client %d", round_index, header.get("kind"), client_id)
-            evaluating = header.get("kind") == EvalRequest.KIND  # reads the state after this round's training
-            # a request that continues its round (split learning) goes on from what that round saved; any other
-            # starts from the state before its round, so that a round the coordinator repeats replays exactly
-            within = evaluating or header.get("continues") is True
+            log.info("round %d: %s request for client %d", asked.round, asked.kind, client_id)
+            evaluating = asked.kind == EvalRequest.KIND  # reads the state after this round's training
+            # a request that continues its round (split learning, secure aggregation) goes on from what that round
+            # saved; any other starts from the state before its round, so that a round the coordinator repeats
+            # replays exactly
+            within = evaluating or asked.continues
             reply, state = self.handler.handle(
-                client_id, payload, store.within(round_index) if within else store.before(round_index)
+                client_id, payload, store.within(asked.round) if within else store.before(asked.round)
             )
             if not evaluating and (state or within):  # a round may also give up what it kept (state {})
-                store.save(round_index, state)
-            done = read_header(reply)  # the fields to log, without loading the reply's tensors
-            if "steps" in done:
-                loss = done.get("train_loss")
+                store.save(asked.round, state)
+            done = ReplyFacts.of(read_header(reply))  # the fields to log, without loading the reply's tensors
+            if done.steps is not None:
                 log.info(
                     "round %d: trained as client %d: %d steps%s, %.1fs, %d bytes up",
-                    round_index,
+                    asked.round,
                     client_id,
-                    done["steps"],
-                    f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "",
-                    done["local_train_s"],
+                    done.steps,
+                    f", loss {done.train_loss:.4f}" if done.train_loss is not None else "",
+                    done.local_train_s or 0.0,
                     len(reply),
                 )
             else:
-                log.info("round %d: served a %s request as client %d", round_index, header.get("kind"), client_id)
+                log.info("round %d: served a %s request as client %d", asked.round, asked.kind, client_id)
             return reply
 
     def serve_forever(self, listener: Listener, key: bytes, stop: threading.Event) -> None:

@@ -23,9 +23,9 @@ import torch
 import transformers
 
 from fedtune.config import ExperimentConfig
+from fedtune.core.errors import ConfigError
 from fedtune.deploy.local_worker import LocalWorker, worker_secret
 from fedtune.deploy.processes import flower_env, start, stop, supernode_cmd, tail
-from fedtune.errors import ConfigError
 
 log = logging.getLogger("fedtune")
 

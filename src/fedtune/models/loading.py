@@ -25,7 +25,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedtune.errors import ModelLoadError
+from fedtune.core.errors import ModelLoadError
 from fedtune.models.shared import lent
 from fedtune.models.tiny import build_tiny_llama
 

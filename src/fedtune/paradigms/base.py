@@ -10,6 +10,11 @@ sketch this grew from: the messages of an exchange are ``requests``, ``Exchange.
 The client half serves the requests of its paradigm: ``serve(client, request, state) -> (reply,
 state)``, where ``state`` is the client's persistent state with one namespace per owner.
 
+What every server half does with a reply lives here once: decode a part or drop the client
+(``decode_or_drop``), weigh it or drop it (``weight_or_drop``), check an update against what it
+updates (``check_update``), the round and status of a reply (``check_answered``), and plausible
+numbers and costs (``check_numbers``, ``check_cost``).
+
 The round loop (``server/round_loop.py``) owns everything the paradigms share: sampling, encoding
 and byte counts, transport through the runtime, deadlines, reply identity, turning any failure to
 read a reply into "client dropped for the round, with the reason", the quorum, evaluation
@@ -19,27 +24,40 @@ scheduling, checkpoints and the metrics line.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from fedtune.client.handler import ClientParadigm
-from fedtune.types import Params, ServerState
+import torch
+
+from fedtune.aggregation.clipping import fused_norm, nonfinite_tensors
+from fedtune.aggregation.weighting import WeightCap, client_weight
+from fedtune.core.types import ClientState, Params, ServerState
+from fedtune.wire.link import Link
 from fedtune.wire.messages import Message
 
 T = TypeVar("T")
+EvaluateAdapter = Callable[[Params, int], dict[str, Any]]  # (a global adapter, round) -> held-out metrics
+Signature = dict[str, tuple[torch.Size, torch.dtype]]  # name -> (shape, dtype): what an update must look like
 __all__ = [
     "BadReply",
     "ClientParadigm",
     "Conversation",
+    "EvaluateAdapter",
     "Exchange",
     "Replies",
     "ServerParadigm",
+    "check_answered",
     "check_cost",
     "check_numbers",
+    "check_update",
     "converse",
     "cost_metrics",
+    "decode_or_drop",
     "shared",
+    "signature",
+    "update_problem",
+    "weight_or_drop",
 ]
 
 
@@ -101,6 +119,89 @@ class ServerParadigm(Protocol):
     def info(self) -> dict[str, Any]:
         """Facts about the setup for summary.json (e.g. the public set's size and source)."""
         ...
+
+
+class ClientParadigm(Protocol):
+    """A paradigm's client half: serves the requests of its conversations.
+
+    One may also offer ``serve_many([(client id, request, state), ...]) -> [(reply, state), ...]``, to
+    serve several clients' requests in one go (parameter sharing's joint training)."""
+
+    serves: tuple[type, ...]  # the request message classes this client half accepts
+
+    def serve(self, client_id: int, request: Any, state: ClientState) -> tuple[Message, ClientState]:
+        """Serve one request as ``client_id``; ``state`` is that client's persistent state, returned updated."""
+        ...
+
+
+# ---- reading replies: each failure is a BadReply whose message is the reason the client is dropped
+
+DECODE_ERRORS = (ValueError, KeyError, RuntimeError, TypeError, IndexError)  # what a crafted meta or part raises
+
+
+def decode_or_drop(
+    link: Link, wire: Params, names: Iterable[str] | Params, what: str, max_numel: int | None = None
+) -> Params:
+    """``link.decode`` of a reply's part, or BadReply saying it cannot be decoded (``what``: which part)."""
+    try:
+        return link.decode(wire, names, max_numel=max_numel)
+    except DECODE_ERRORS as exc:
+        raise BadReply(f"cannot decode {what} with codecs {link.describe()!r}: {exc}") from None
+
+
+def weight_or_drop(num_examples: int, num_tokens: int, scheme: str, cap: WeightCap | None, who: str) -> float:
+    """A client's aggregation weight from what it reports (``aggregation.weighting``), or BadReply."""
+    try:
+        return client_weight(num_examples, num_tokens, scheme, cap, who)
+    except ValueError as exc:
+        raise BadReply(str(exc)) from None
+
+
+def check_answered(reply: Any, r: int) -> None:
+    """BadReply unless ``reply`` answers round ``r`` and reports success (``status`` "ok", else its error)."""
+    if reply.round != r:
+        raise BadReply(f"stale reply for round {reply.round}")
+    if getattr(reply, "status", "ok") != "ok":
+        raise BadReply(f"{reply.status}: {reply.error}")
+
+
+def signature(params: Params) -> Signature:
+    """What an update to ``params`` must look like; worked out once a round, not once a reply."""
+    return {k: (v.shape, v.dtype) for k, v in params.items()}
+
+
+def update_problem(
+    delta: Params, params: Params, max_norm: float | None = None, expected: Signature | None = None
+) -> str | None:
+    """None if the update fits ``params`` (keys, shapes, dtypes, finite, norm bound), else the reason.
+    ``expected``: ``signature(params)``, when the caller has it already."""
+    if delta.keys() != params.keys():
+        missing, extra = sorted(params.keys() - delta.keys()), sorted(delta.keys() - params.keys())
+        return f"keys differ from the global adapter (missing {missing[:2]}, unexpected {extra[:2]})"
+    if {k: (v.shape, v.dtype) for k, v in delta.items()} != (signature(params) if expected is None else expected):
+        for k, v in delta.items():  # which one
+            if v.shape != params[k].shape:
+                return f"{k}: shape {tuple(v.shape)}, expected {tuple(params[k].shape)}"
+            if v.dtype != params[k].dtype:
+                return f"{k}: dtype {v.dtype}, expected {params[k].dtype}"
+    norm = fused_norm(delta)  # one pass gives both: a NaN or Inf anywhere makes it non-finite
+    if not math.isfinite(norm):
+        bad = nonfinite_tensors(delta)
+        if bad:
+            return f"{bad[0]}: contains NaN or Inf"
+        norm = math.inf  # finite values whose squares overflow float32
+    if max_norm is not None and norm > max_norm:
+        return f"update norm {norm:.4g} exceeds aggregation.max_update_norm={max_norm:g}"
+    return None
+
+
+def check_update(
+    delta: Params, params: Params, max_norm: float | None = None, expected: Signature | None = None, what: str = ""
+) -> None:
+    """BadReply unless the update fits ``params`` (``update_problem``); ``what`` prefixes the reason."""
+    problem = update_problem(delta, params, max_norm, expected)
+    if problem:
+        raise BadReply(f"{what}{problem}")
 
 
 LARGEST_REPORTED = 1e12  # a loss, a number of seconds or of steps beyond this is not a measurement

@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Literal
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.client.data import EvalSettings
+from fedtune.core.types import Params
 from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.paradigms.base import BadReply, Exchange
-from fedtune.types import Params
 from fedtune.wire.link import max_wire_bytes
 
 METRICS = ("loss", "ppl", "accuracy")  # what a client may report; anything else drops its reply

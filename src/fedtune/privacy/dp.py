@@ -15,14 +15,16 @@ for a target quantile γ. Both releases together cost what one Gaussian mechanis
 costs when the update's multiplier is z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2) (``accounting.adaptive_noise_split``),
 so the accountant is told z. Without adaptive clipping z_Δ = z.
 
-The noise of round r comes from a generator keyed by (noise seed, r), both in the state, so resume
-replays it bit for bit and no two rounds draw the same noise. Only noised quantities reach metrics.
+``GaussianMean`` is a combine stage of the aggregation pipeline (``aggregation.pipeline``): clip, noised
+fixed-denominator sum, then whatever server optimizer the config names (sgd η=1 is DP-FedAvg, the others
+DP-FedOpt). The noise of round r comes from a generator keyed by (noise seed, r), both in the state, so
+resume replays it bit for bit and no two rounds draw the same noise. Only noised quantities reach metrics.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,12 +32,9 @@ import torch
 
 from fedtune.aggregation.base import Contribution
 from fedtune.aggregation.clipping import update_norm
-from fedtune.aggregation.server_opt import ServerOptimizer
+from fedtune.core import rng
+from fedtune.core.types import Params
 from fedtune.privacy.accounting import adaptive_noise_split, default_count_noise
-from fedtune.types import Params
-from fedtune.wire.link import generator
-
-_NOISE_STREAM = 0xD9  # keys the noise generator apart from every other seeded stream of a run
 
 
 @dataclass(frozen=True)
@@ -52,10 +51,11 @@ class DpState(NamedTuple):
     rounds: int = 0  # rounds noised so far
     noise_seed: int = 0
     unclipped: float = math.nan  # the last round's noised share of updates at or under C (adaptive only)
+    last_clip_norm: float = math.nan  # the C the last round used, for its metrics
 
 
 class GaussianMean:
-    """DP-FedAvg's clipped, noised, fixed-denominator mean of client updates."""
+    """DP-FedAvg's clipped, noised, fixed-denominator mean of client updates: a combine stage."""
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class GaussianMean:
     def init(self) -> DpState:
         return DpState(self.clip_norm, 0, self.seed)
 
-    def __call__(self, params: Params, contributions: Sequence[Contribution], state: DpState) -> tuple[Params, DpState]:
+    def combine(self, params: Params, contributions: Sequence[Contribution], state: DpState) -> tuple[Params, DpState]:
         """(Δ, new state): the noised mean of ``contributions`` (shaped like ``params``) for round state.rounds+1."""
         c_norm = state.clip_norm
         total = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in params.items()}
@@ -89,15 +89,20 @@ class GaussianMean:
             unclipped += norm <= c_norm
             for k in total:
                 total[k].add_(contribution.delta[k].to(torch.float32), alpha=scale)
-        return self.of_sum(params, total, state, unclipped)
+        return self._noised(params, total, state, unclipped, add_noise=True)
 
-    def of_sum(
-        self, params: Params, total: Params, state: DpState, unclipped: int | None = None, add_noise: bool = True
-    ) -> tuple[Params, DpState]:
+    __call__ = combine
+
+    def of_sum(self, params: Params, total: Params, count: int, state: DpState, noised: bool) -> tuple[Params, DpState]:
         """(Δ, new state) from a sum of updates already clipped to state.clip_norm (by the clients, under
-        secure aggregation); ``add_noise`` False when the clients added their shares of it (distributed DP)."""
+        secure aggregation); ``noised``: the clients added their shares of the noise (distributed DP)."""
+        return self._noised(params, total, state, None, add_noise=not noised)
+
+    def _noised(
+        self, params: Params, total: Params, state: DpState, unclipped: int | None, add_noise: bool
+    ) -> tuple[Params, DpState]:
         r = state.rounds + 1
-        g = generator(state.noise_seed, _NOISE_STREAM, r)
+        g = rng.torch_generator(rng.DP_NOISE, state.noise_seed, r)
         std = self.update_z * state.clip_norm if add_noise else 0.0
         mean = {}
         for k in sorted(total):  # (shape of params[k]) — one draw per coordinate, in key order
@@ -105,7 +110,7 @@ class GaussianMean:
             if std:
                 value = value + std * torch.randn(value.shape, generator=g, dtype=torch.float32)
             mean[k] = value / self.denominator
-        new = state._replace(rounds=r)
+        new = state._replace(rounds=r, last_clip_norm=state.clip_norm)
         if self.adaptive is not None:
             if unclipped is None:
                 raise ValueError("adaptive clipping needs the count of unclipped updates")
@@ -116,57 +121,14 @@ class GaussianMean:
             new = new._replace(clip_norm=c_next, unclipped=share)
         return {k: mean[k] for k in params}, new
 
-    def metrics(self, used: DpState, after: DpState) -> dict[str, float]:
-        """What may be published: the norm used, the noise std per coordinate of Δ, the noised count."""
-        out = {"dp_clip_norm": used.clip_norm, "dp_noise_std": self.update_z * used.clip_norm / self.denominator}
-        if self.adaptive is not None:
-            out["dp_unclipped_share"] = after.unclipped
-        return out
-
-
-class DpFedAvgState(NamedTuple):
-    optimizer: NamedTuple
-    dp: DpState
-    last_clip_norm: float = math.nan  # the C of the last aggregated round, for its metrics
-
-
-class DpFedAvg:
-    """An aggregator: GaussianMean, then a server optimizer (sgd η=1 is DP-FedAvg; others are DP-FedOpt)."""
-
-    def __init__(
-        self, name: str, mean: GaussianMean, optimizer: ServerOptimizer, epsilon: Callable[[int], float] | None = None
-    ):
-        """``epsilon(rounds)``: the accountant's epsilon after that many noised rounds, reported each round."""
-        self.name, self.mean, self.optimizer, self.epsilon = name, mean, optimizer, epsilon
-
-    def init(self, params: Params) -> DpFedAvgState:
-        return DpFedAvgState(self.optimizer.init(params), self.mean.init())
-
-    def aggregate(
-        self, params: Params, contributions: Sequence[Contribution], state: DpFedAvgState
-    ) -> tuple[Params, DpFedAvgState]:
-        delta, dp = self.mean(params, contributions, state.dp)
-        new, opt = self.optimizer.update(params, delta, state.optimizer)
-        return new, DpFedAvgState(opt, dp, state.dp.clip_norm)
-
-    def aggregate_sum(
-        self, params: Params, total: Params, state: DpFedAvgState, add_noise: bool
-    ) -> tuple[Params, DpFedAvgState]:
-        """``aggregate`` for a sum of client-clipped updates (secure aggregation), noised here or by the clients."""
-        delta, dp = self.mean.of_sum(params, total, state.dp, add_noise=add_noise)
-        new, opt = self.optimizer.update(params, delta, state.optimizer)
-        return new, DpFedAvgState(opt, dp, state.dp.clip_norm)
-
-    def broadcast(self, state: DpFedAvgState) -> dict[str, Params]:
-        return {}
-
-    def metrics(self, state: DpFedAvgState) -> dict[str, float]:
-        if state.dp.rounds == 0:
+    def metrics(self, state: DpState) -> dict[str, float]:
+        """What may be published: the norm the last round used, the noise std per coordinate of Δ, the noised count."""
+        if state.rounds == 0:
             return {}
-        out = self.mean.metrics(state.dp._replace(clip_norm=state.last_clip_norm), state.dp)
-        if self.epsilon is not None:
-            out["dp_epsilon"] = self.epsilon(state.dp.rounds)
+        out = {
+            "dp_clip_norm": state.last_clip_norm,
+            "dp_noise_std": self.update_z * state.last_clip_norm / self.denominator,
+        }
+        if self.adaptive is not None:
+            out["dp_unclipped_share"] = state.unclipped
         return out
-
-    def client_view(self, params: Params, state: DpFedAvgState, client_id: int) -> Params:
-        return params

@@ -1,7 +1,8 @@
 """A run's client-level DP plan from its config: the mechanism, the noise, and how many rounds the budget allows.
 
-Made once before the first round (and again, identically, on resume): calibrating z or finding the
-last round within ``target_epsilon`` depends only on the config, so a resumed run makes the same plan.
+Made once per run (``assembly`` plans it and hands it to the paradigm, the round loop and the summary;
+again, identically, on resume): calibrating z or finding the last round within ``target_epsilon``
+depends only on the config, so a resumed run makes the same plan.
 """
 
 from __future__ import annotations
@@ -9,14 +10,10 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fedtune.aggregation import server_optimizer
-from fedtune.aggregation.base import Aggregator
-from fedtune.aggregation.lora import LoraNaive
-from fedtune.config_privacy import PrivacyConfig
-from fedtune.errors import ConfigError
+from fedtune.config.privacy import PrivacyConfig
+from fedtune.core.errors import ConfigError
 from fedtune.privacy.accounting import (
     Mechanism,
     adaptive_noise_split,
@@ -24,10 +21,7 @@ from fedtune.privacy.accounting import (
     default_count_noise,
     rounds_within,
 )
-from fedtune.privacy.dp import AdaptiveClip, DpFedAvg, GaussianMean
-
-if TYPE_CHECKING:
-    from fedtune.config import AggregationConfig, ExperimentConfig
+from fedtune.privacy.dp import AdaptiveClip, GaussianMean
 
 
 @dataclass(frozen=True)
@@ -44,16 +38,12 @@ class PrivacyPlan:
     def sampling(self) -> str:
         return self.mechanism.sampling
 
-    def aggregator(self, cfg: AggregationConfig, lora_alpha: float | None, noise_seed: int | None) -> Aggregator:
-        """DP-FedAvg (or DP-FedOpt with another server optimizer) reporting epsilon every round; with LoRA
-        naive mode, over A and B apart (error reported). ``noise_seed`` None: a secret one from the OS."""
+    def mean(self, noise_seed: int | None) -> GaussianMean:
+        """DP-FedAvg's combine stage: the clipped, noised, fixed-denominator mean (the aggregation pipeline puts
+        the server optimizer after it). ``noise_seed`` None: a secret one from the OS."""
         m = self.mechanism
         seed = secrets.randbits(63) if noise_seed is None else noise_seed
-        mean = GaussianMean(m.noise_multiplier, self.clip_norm, m.sample_size, seed, self.adaptive)
-        agg: Aggregator = DpFedAvg(f"dp_{cfg.name}", mean, server_optimizer(cfg), self.epsilon)
-        if lora_alpha is not None and cfg.lora_mode() == "naive":
-            agg = LoraNaive(agg, lora_alpha)
-        return agg
+        return GaussianMean(m.noise_multiplier, self.clip_norm, m.sample_size, seed, self.adaptive)
 
     def epsilon(self, rounds: int) -> float:
         return self.mechanism.epsilon(rounds)
@@ -79,25 +69,11 @@ class PrivacyPlan:
         return {**self.describe(), "epsilon": spent[-1] if spent else 0.0, "rounds_noised": len(spent)}
 
 
-def plan_privacy(cfg: ExperimentConfig) -> PrivacyPlan | None:
-    """The plan, or None without client-level DP; ConfigError when the budget cannot be met. Made once per
-    distinct setting in a process (calibration runs the accountant dozens of times)."""
-    if not cfg.privacy.on():
+def plan_privacy(p: PrivacyConfig, n: int, m: int, planned: int) -> PrivacyPlan | None:
+    """The plan for ``n`` clients, ``m`` expected per round and ``planned`` rounds (federation.rounds), or None
+    without client-level DP; ConfigError when the budget cannot be met."""
+    if not p.on():
         return None
-    return _plan(
-        cfg.privacy.model_dump_json(), cfg.partition.num_clients, cfg.clients_per_round(), cfg.federation.rounds
-    )
-
-
-def rounds_to_run(cfg: ExperimentConfig) -> int:
-    """federation.rounds, or fewer when privacy.target_epsilon is spent sooner."""
-    plan = plan_privacy(cfg)
-    return cfg.federation.rounds if plan is None else plan.rounds
-
-
-@lru_cache(maxsize=16)
-def _plan(privacy_json: str, n: int, m: int, planned: int) -> PrivacyPlan:
-    p = PrivacyConfig.model_validate_json(privacy_json)
     mechanism = Mechanism(p.noise_multiplier or 0.0, p.sampling, n, m, p.delta, p.accountant)
     calibrated = p.noise_multiplier is None
     if calibrated:

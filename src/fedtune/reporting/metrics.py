@@ -68,7 +68,7 @@ def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         "final": {"round": last.get("round"), **{k: last.get(k) for k in keys}},
         "total_bytes_up": sum(r["bytes_up"] for r in trained),
         "total_bytes_down": sum(r["bytes_down"] for r in trained),
-        "total_local_train_s": sum(r["local_train_s"] for r in trained),
+        "total_local_train_s": sum(r.get("local_train_s", 0.0) for r in trained),  # a paradigm may not train
         "total_wall_s": sum(r["wall_s"] for r in history),
         "dropped_updates": sum(len(r.get("dropped", {})) for r in trained),
     }

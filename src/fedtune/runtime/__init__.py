@@ -14,63 +14,35 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedtune.config import ExperimentConfig
+    from fedtune.config.runtime import RuntimeConfig
+    from fedtune.models.placement import Placement
     from fedtune.runtime.base import ClientSide, Handle, Runtime
 
 
 def build_runtime(
-    cfg: ExperimentConfig,
+    runtime: RuntimeConfig,
+    placement: Placement,
+    timeout_s: float | None,
+    clients_per_round: int,
     handle: Callable[[], ClientSide],
     build_remote: Callable[[], Handle],
     base: Callable[[], tuple[str, dict, set[str]]] | None = None,
 ) -> Runtime:
-    """The runtime cfg.runtime.name names.
+    """The runtime ``runtime.name`` names, placed as ``placement`` says (lanes, joint clients).
 
     ``handle()`` gives the client side built in this process (in_process); ``build_remote`` is a
     picklable zero-argument recipe each Ray worker calls to build its own, bit-identical one;
     ``base()``: (model name, base parameters by name, names adapters train) for Ray's workers to share.
+    ``timeout_s``: federation.round_timeout_s, a client's deadline to reply.
     """
-    if cfg.runtime.name == "ray":
+    if runtime.name == "ray":
         from fedtune.runtime.ray_pool import RayRuntime  # Ray is imported only when asked for
 
-        return RayRuntime(cfg, build_remote, base=base() if base is not None else None)
+        return RayRuntime(
+            runtime.ray, timeout_s, clients_per_round, build_remote, base=base() if base is not None else None
+        )
     from fedtune.runtime.in_process import InProcessRuntime
 
-    side, r = handle(), cfg.runtime
-    lanes, group = lane_count(cfg), joint_count(cfg)
-    many = side.handle_many if group > 1 else None
-    return InProcessRuntime(side.handle, lanes, r.torch_threads, cfg.federation.round_timeout_s, many, group)
-
-
-def lane_count(cfg: ExperimentConfig) -> int:
-    """runtime.lanes, with auto resolved: one lane per core this process may use, at most one per client a round
-    (one lane with several torch threads per client, with joint training, or on a GPU)."""
-    from fedtune.errors import ConfigError
-    from fedtune.models.device import device_of
-    from fedtune.runtime.lanes import available_cores
-
-    r = cfg.runtime
-    gpu = device_of(cfg).type == "cuda"
-    if r.lanes == "auto":
-        serial = r.torch_threads not in (None, 1) or joint_count(cfg) > 1 or gpu
-        return 1 if serial else min(available_cores(), cfg.clients_per_round())
-    if gpu and r.lanes > 1:
-        raise ConfigError(
-            f"runtime.lanes={r.lanes} with the model on a GPU (model.device={cfg.model.device}): lanes are forked "
-            "processes, and CUDA does not survive a fork; use lanes=1 or auto, or model.device=cpu"
-        )
-    return r.lanes
-
-
-def joint_count(cfg: ExperimentConfig) -> int:
-    """runtime.joint_clients, with auto resolved: up to 8 clients a pass with the model on a GPU in process
-    (where the configuration allows joint training), else 1."""
-    from fedtune.config_runtime import joint_misfit
-    from fedtune.models.device import device_of
-
-    r = cfg.runtime
-    if r.joint_clients != "auto":
-        return r.joint_clients
-    if r.name != "in_process" or r.lanes not in (1, "auto") or joint_misfit(cfg) is not None:
-        return 1
-    return min(8, cfg.clients_per_round()) if device_of(cfg).type == "cuda" else 1
+    side = handle()
+    many = side.handle_many if placement.joint > 1 else None
+    return InProcessRuntime(side.handle, placement.lanes, runtime.torch_threads, timeout_s, many, placement.joint)

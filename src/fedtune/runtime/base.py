@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from fedtune.types import ClientState, Envelope
+from fedtune.core.types import ClientState, Envelope
 
 # the client side, as a runtime sees it: (client id, request bytes, client state) -> (reply bytes, client state)
 Handle = Callable[[int, bytes, ClientState], tuple[bytes, ClientState]]
@@ -33,3 +33,28 @@ class Runtime(Protocol):
     def load_client_states(self, states: dict[int, ClientState]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class SimulatedClients:
+    """What a simulation runtime keeps for its clients between exchanges: each one's persistent state, in this
+    process whichever worker or lane served it (checkpoints read it; a resume loads it back)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, ClientState] = {}
+
+    def state_of(self, client_id: int) -> ClientState:
+        return self.states.get(client_id, {})
+
+    def keep(self, client_id: int, state: ClientState) -> None:
+        """The state a client's reply came with; a client may give up all it kept (split learning's round
+        state at the round's end): an empty state is forgotten."""
+        if state:
+            self.states[client_id] = state
+        else:
+            self.states.pop(client_id, None)
+
+    def client_states(self) -> dict[int, ClientState]:
+        return dict(self.states)
+
+    def load_client_states(self, states: dict[int, ClientState]) -> None:
+        self.states = dict(states)

@@ -29,10 +29,10 @@ import httpx
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.errors import RunError, untrusted_text
+from fedtune.core.errors import RunError, untrusted_text
+from fedtune.core.types import ClientState, Envelope
 from fedtune.runtime import flower_wire as wire
 from fedtune.runtime.flower_wire import MESSAGE_TYPE, pack, unpack
-from fedtune.types import ClientState, Envelope
 
 try:  # raised when the SuperLink did not store a pushed object (Flower never retries it)
     from flwr.supercore.inflatable.inflatable_utils import ObjectPushError

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from fedtune.runtime.base import Handle, HandleMany
+from fedtune.core.types import ClientState, Envelope
+from fedtune.runtime.base import Handle, HandleMany, SimulatedClients
 from fedtune.runtime.lanes import LanePool
-from fedtune.types import ClientState, Envelope
 
 
-class InProcessRuntime:
+class InProcessRuntime(SimulatedClients):
     def __init__(
         self,
         handler: Handle,
@@ -37,22 +37,19 @@ class InProcessRuntime:
             raise ValueError(f"{lanes} lanes run one torch thread each, not {torch_threads}")
         if group > 1 and (many is None or lanes > 1):
             raise ValueError(f"handing clients over {group} at a time needs a handler of many and one lane")
+        super().__init__()
         self.handler, self.threads, self.many, self.group = handler, torch_threads, many, group
         self.pool = LanePool(handler, lanes, timeout_s) if lanes > 1 else None
-        self.states: dict[int, ClientState] = {}
 
     def send_and_receive(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
-        jobs = [(e.client_id, e.payload, self.states.get(e.client_id, {})) for e in envelopes]
+        jobs = [(e.client_id, e.payload, self.state_of(e.client_id)) for e in envelopes]
         done = self.pool.run(jobs) if self.pool is not None else self._serve_in_turn(jobs)
         replies = []
         for e in envelopes:
             if e.client_id not in done:
                 continue  # its lane died or missed the deadline (logged by the pool)
             payload, state = done[e.client_id]
-            if state:
-                self.states[e.client_id] = state
-            else:  # a client may give up all it kept (split learning's round state at the round's end)
-                self.states.pop(e.client_id, None)
+            self.keep(e.client_id, state)
             replies.append(Envelope(e.client_id, payload))
         return replies
 
@@ -74,12 +71,6 @@ class InProcessRuntime:
             chunk = jobs[i : i + self.group]
             done.update(zip((cid for cid, _, _ in chunk), self.many(chunk), strict=True))
         return done
-
-    def client_states(self) -> dict[int, ClientState]:
-        return dict(self.states)
-
-    def load_client_states(self, states: dict[int, ClientState]) -> None:
-        self.states = dict(states)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from fedtune.core.types import ClientState
 from fedtune.reporting.console import silence_bars
 from fedtune.runtime.base import Handle
-from fedtune.types import ClientState
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,3 @@ class LanePool:
         for lane in self.lanes:
             lane.stop()
         self.lanes = []
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1

@@ -26,32 +26,36 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from fedtune.config import ExperimentConfig
-from fedtune.errors import ConfigError
+from fedtune.config.runtime import RayConfig
+from fedtune.core.errors import ConfigError
+from fedtune.core.types import Envelope
 from fedtune.models.shared import adopt, from_arrays, to_arrays
-from fedtune.runtime.base import Handle
+from fedtune.runtime.base import Handle, SimulatedClients
 from fedtune.runtime.worker import ClientWorker
-from fedtune.types import ClientState, Envelope
 
 log = logging.getLogger(__name__)
 
-FORWARDED_ENV = ("FEDTUNE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# PYTHONPATH: a plug-in named by its import path (a paradigm of one's own) imports in the workers too
+FORWARDED_ENV = ("FEDTUNE_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTHONPATH")
 
 
-class RayRuntime:
+class RayRuntime(SimulatedClients):
     def __init__(
         self,
-        cfg: ExperimentConfig,
+        rc: RayConfig,
+        timeout_s: float | None,
+        clients_per_round: int,
         build: Callable[[], Handle],
         worker: type = ClientWorker,
         base: tuple[str, dict[str, torch.nn.Parameter], set[str]] | None = None,
     ):
-        """``build``: a picklable recipe each worker calls to build its client side;
+        """``rc``: runtime.ray; ``timeout_s``: a client's deadline to reply (none: wait);
+        ``build``: a picklable recipe each worker calls to build its client side;
         ``worker``: the class each Ray actor runs, built with (build, cwd, torch threads[, base weights]);
         ``base``: (model name, the driver's base parameters by name, the names adapters train): put in
         the object store once, mapped by every worker on the node and by the driver itself."""
-        rc = cfg.runtime.ray
-        self.timeout = cfg.federation.round_timeout_s
+        super().__init__()
+        self.timeout = timeout_s
         self.started = False
         if not ray.is_initialized():
             env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -69,7 +73,7 @@ class RayRuntime:
             self.started = True
         cpus = ray.cluster_resources().get("CPU", 1)
         fits = max(1, math.floor(cpus / rc.cpus_per_worker))
-        self.num_workers = rc.num_workers or min(fits, cfg.clients_per_round())
+        self.num_workers = rc.num_workers or min(fits, clients_per_round)
         threads = rc.torch_threads or max(1, int(rc.cpus_per_worker))
         self._actor = ray.remote(num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker)(worker)
         self._args: tuple = (build, os.getcwd(), threads)
@@ -88,7 +92,6 @@ class RayRuntime:
             threads,
             time.perf_counter() - t,
         )
-        self.states: dict[int, ClientState] = {}
 
     def _share(self, name: str, params: dict[str, torch.nn.Parameter], trained: set[str]) -> ray.ObjectRef:
         """Put the base weights in the object store; from then on the driver's model reads that copy too."""
@@ -118,7 +121,7 @@ class RayRuntime:
         while pending or inflight:
             while pending and idle:
                 e, w = pending.popleft(), idle.pop()
-                inflight[w.handle.remote(e.client_id, e.payload, self.states.get(e.client_id, {}))] = (e, w)
+                inflight[w.handle.remote(e.client_id, e.payload, self.state_of(e.client_id))] = (e, w)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
@@ -133,10 +136,7 @@ class RayRuntime:
                     idle.append(self.workers[-1])
                     continue
                 idle.append(w)
-                if state:
-                    self.states[e.client_id] = state
-                else:
-                    self.states.pop(e.client_id, None)
+                self.keep(e.client_id, state)
                 replies.append(Envelope(e.client_id, payload))
         for e, w in inflight.values():  # missed the deadline: stop the straggler, free its slot
             log.warning("client %d missed the %.0fs round deadline; restarting its worker", e.client_id, self.timeout)
@@ -147,12 +147,6 @@ class RayRuntime:
     def _replace(self, dead: Any) -> None:
         self.workers.remove(dead)
         self._spawn()
-
-    def client_states(self) -> dict[int, ClientState]:
-        return dict(self.states)
-
-    def load_client_states(self, states: dict[int, ClientState]) -> None:
-        self.states = dict(states)
 
     def close(self) -> None:
         for w in self.workers:

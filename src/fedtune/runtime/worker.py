@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 import transformers
 
+from fedtune.core.types import ClientState
 from fedtune.models.shared import Exported, from_arrays, lend
 from fedtune.runtime.base import Handle
-from fedtune.types import ClientState
 
 
 class ClientWorker:

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedtune.errors import RunError
-from fedtune.types import ClientState, Params, ServerState, flatten_state, unflatten_state
+from fedtune.core.errors import RunError
+from fedtune.core.types import ClientState, Params, ServerState, flatten_state, unflatten_state
 
 log = logging.getLogger(__name__)
 _ROUND_DIR = re.compile(r"round_(\d+)")
@@ -105,12 +105,13 @@ def load_checkpoint(path: Path, algorithm_template: NamedTuple) -> ServerState:
     for name, digest in meta["sha256"].items():
         if _sha256(path / name) != digest:
             raise ValueError(f"{path / name} does not match its checksum")
-    if meta["aggregator"] != state_signature(algorithm_template):
+    signature, agg_tensors, scalars = _upgraded(meta["aggregator"], load_file(path / _AGG), meta["aggregator_scalars"])
+    if signature != state_signature(algorithm_template):
         raise ValueError(
             f"checkpoint holds {meta['aggregator']} state but the config's algorithm uses "
             f"{state_signature(algorithm_template)}; resume with the same paradigm and aggregation settings"
         )
-    agg = state_from_tensors(algorithm_template, load_file(path / _AGG), meta["aggregator_scalars"])
+    agg = state_from_tensors(algorithm_template, agg_tensors, scalars)
     flat: dict[int, Params] = {}
     for name, t in load_file(path / _CLIENTS).items():
         cid, _, key = name.partition("|")
@@ -124,6 +125,23 @@ def load_checkpoint(path: Path, algorithm_template: NamedTuple) -> ServerState:
             unique.setdefault(int(j), {})[key] = t
         replicas = {int(c): unique[j] for c, j in meta["replica_of"].items()}  # shared again, as saved
     return ServerState(meta["round"], load_file(path / _PARAMS), agg, meta["history"], clients, replicas)
+
+
+def _upgraded(
+    signature: str, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]
+) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """An aggregator state written by an earlier layout, in today's: DP-FedAvg's ``DpFedAvgState(optimizer,
+    dp, last_clip_norm)`` is the pipeline's ``PipelineState(optimizer, rounds, combine=DpState)`` now."""
+    if "DpFedAvgState(" not in signature:
+        return signature, tensors, scalars
+    out = dict(scalars)
+    for key in [k for k in scalars if k.endswith("dp.noise_seed")]:
+        at = key[: -len("dp.noise_seed")]  # where the DpFedAvgState sat (a wrapper's "inner." before it)
+        for name in [k for k in scalars if k.startswith(f"{at}dp.")]:
+            out[f"{at}combine.{name[len(at) + 3 :]}"] = out.pop(name)
+        out[f"{at}combine.last_clip_norm"] = out.pop(f"{at}last_clip_norm")
+        out[f"{at}rounds"] = out[f"{at}combine.rounds"]
+    return signature.replace("DpFedAvgState(", "PipelineState("), tensors, out
 
 
 def _dedupe(replicas: dict[int, Params]) -> tuple[list[Params], dict[str, int]]:
@@ -207,6 +225,6 @@ def state_from_tensors(
             values[name] = {k: tensors[f"{key}/{k}"] for k in value}
         elif hasattr(value, "_asdict"):
             values[name] = state_from_tensors(value, tensors, scalars, f"{key}.")
-        else:
-            values[name] = scalars[key]
+        else:  # a scalar a later layout added (e.g. an empty stage's None) takes the template's initial value
+            values[name] = scalars.get(key, value)
     return type(template)(**values)

@@ -19,13 +19,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedtune.aggregation.clipping import not_finite
-from fedtune.errors import RunError, untrusted_text
+from fedtune.core.errors import RunError, untrusted_text
+from fedtune.core.types import Envelope, ServerState
 from fedtune.paradigms.base import BadReply, Exchange, Replies, ServerParadigm, converse
 from fedtune.reporting.console import bar_disabled
 from fedtune.runtime.base import Runtime
 from fedtune.server.checkpoint import checkpoint_dir, save_checkpoint
 from fedtune.server.sampling import poisson_sample, sample_clients
-from fedtune.types import Envelope, ServerState
 from fedtune.wire.messages import decode_message, encode_message
 
 log = logging.getLogger(__name__)

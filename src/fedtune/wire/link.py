@@ -19,11 +19,10 @@ import json
 import zlib
 from collections.abc import Iterable, Mapping
 
-import numpy as np
 import torch
 
 from fedtune.codecs import Chain, Packed, build_chain
-from fedtune.types import Params, Tiled
+from fedtune.core.types import Params, Tiled
 
 META = "meta"  # dtype names key the packed tensors, so this cannot collide
 # an honest meta holds a layout line per part and a few numbers per tensor: ~20-170 bytes a tensor
@@ -115,12 +114,6 @@ def apply_change(held: Params, change: Params) -> Params:
     """held + change, key by key: the one formula a downlink update is applied with on both ends
     (server replica and client), so they agree to the bit."""
     return {k: held[k] + change[k] for k in held}
-
-
-def generator(*key: int) -> torch.Generator:
-    """A torch generator seeded by a tuple of ints (e.g. seed, round, client): reproducible draws."""
-    seed = int(np.random.default_rng(list(key)).integers(2**63 - 1))
-    return torch.Generator().manual_seed(seed)
 
 
 def short_names(names: Iterable[str]) -> dict[str, str]:

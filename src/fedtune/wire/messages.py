@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from fedtune.wire.protocol import KIND, check_message_class
 from fedtune.wire.serialize import decode, encode
 
 SEP = "/"  # '<field>/<name>' for dict-of-tensor fields; a bare '<field>' for a tensor field
@@ -29,10 +30,12 @@ class Message(Protocol):
 
 
 def encode_message(msg: Any) -> bytes:
-    """Tensor fields go into the safetensors body, every other field into the header."""
+    """Tensor fields go into the safetensors body, every other field into the header (with ``kind``: the
+    header fields every message carries are ``wire.protocol``'s, checked here once per message class)."""
+    check_message_class(type(msg))
     fields = type(msg).TENSORS
     header = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name not in fields}
-    header["kind"] = type(msg).KIND
+    header[KIND] = type(msg).KIND
     tensors: dict[str, torch.Tensor] = {}
     for name in fields:
         value = getattr(msg, name)
@@ -48,7 +51,7 @@ def decode_message(blob: bytes, *kinds: type) -> Any:
     tensors, header = decode(blob)
     if not isinstance(header, dict):
         raise ValueError(f"message header is a {type(header).__name__}, not an object")
-    kind = header.pop("kind", None)
+    kind = header.pop(KIND, None)
     by_kind = {k.KIND: k for k in kinds}
     if not isinstance(kind, str) or kind not in by_kind:
         raise ValueError(f"not an expected fedtune message (kind={kind!r:.40}); expected one of {sorted(by_kind)}")

@@ -12,8 +12,8 @@ from fedtune.data.tokenize import Encoder
 from fedtune.paradigms.evaluation import EvalReply, EvalRequest
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.wire.messages import decode_message, encode_message
-from tests.client_helpers import ps_handler
-from tests.wire_helpers import from_wire, to_wire
+from tests.helpers.building import ps_handler
+from tests.helpers.wire import from_wire, to_wire
 
 
 def _handler(adapter, tok, **training):

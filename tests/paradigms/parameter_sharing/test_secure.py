@@ -13,11 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.assembly import build_client_data, build_workbench, make_handler
 from fedtune.config import load_config
-from fedtune.data.prepare import prepare_federated_data
-from fedtune.errors import RunError
-from fedtune.experiment import weight_cap
+from fedtune.core.errors import RunError
 from fedtune.paradigms.base import converse
 from fedtune.paradigms.parameter_sharing.messages import TrainReply
 from fedtune.paradigms.parameter_sharing.secure_client import OWNER
@@ -27,18 +24,18 @@ from fedtune.paradigms.parameter_sharing.secure_messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedtune.registry import PARADIGMS
 from fedtune.runtime.in_process import InProcessRuntime
 from fedtune.server.round_loop import Network
 from fedtune.wire.messages import decode_message
-from tests.conftest import TINY_OVERRIDES
-from tests.server.test_hostile_replies import (
+from tests.helpers.building import build
+from tests.helpers.configs import TINY_OVERRIDES
+from tests.helpers.hostile import (
     SETTINGS,
-    _decode_parts,
-    _encode_parts,
-    _mutate_tensor,
     byte_mutations,
+    decode_parts,
+    encode_parts,
     header_mutations,
+    mutate_tensor,
     run_category,
 )
 
@@ -80,10 +77,8 @@ def federation(*extra: str) -> Federation:
     cfg = load_config(
         "examples/tiny.yaml", [*TINY_OVERRIDES, "training.local_steps=1", f"output.dir={NOWHERE}", *extra]
     )
-    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
-    bench = build_workbench(cfg, announce=False)
-    handle = make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg)).handle
-    paradigm = PARADIGMS.load("parameter_sharing").server(cfg, bench, None, weight_cap(cfg, data))
+    built = build(cfg)
+    handle, paradigm = built.handler().handle, built.server()
     return Federation(cfg, paradigm, handle)
 
 
@@ -195,13 +190,13 @@ def secure_mutations(draw, blob: bytes) -> bytes:
         return draw(byte_mutations(blob))
     if kind == "header":
         return draw(header_mutations(blob))
-    tensors, header = _decode_parts(blob)
+    tensors, header = decode_parts(blob)
     names = sorted(k for k in tensors if tensors[k].numel())
     if not names:
         return draw(header_mutations(blob))
     name = draw(st.sampled_from(names))
-    tensors[name] = _mutate_tensor(draw, tensors[name])
-    return _encode_parts(tensors, header)
+    tensors[name] = mutate_tensor(draw, tensors[name])
+    return encode_parts(tensors, header)
 
 
 def test_any_secure_reply_mutated_drops_its_client_or_passes_its_checks():

@@ -16,8 +16,8 @@ from fedtune.data.tokenize import Encoder
 from fedtune.paradigms.base import BadReply, Replies, converse
 from fedtune.paradigms.parameter_sharing.server import ParameterSharing, SharingSettings
 from fedtune.wire.messages import decode_message, encode_message
-from tests.client_helpers import ps_handler
-from tests.wire_helpers import from_wire
+from tests.helpers.building import ps_handler
+from tests.helpers.wire import from_wire
 
 TRAININGS = {
     "steps, cosine with warmup": dict(local_steps=3, lr_schedule="cosine", warmup_ratio=0.3),

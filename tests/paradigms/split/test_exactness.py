@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtune.assembly import build_client_data, build_workbench
 from fedtune.client.trainer import LocalTrainer
 from fedtune.config import load_config
-from fedtune.data.prepare import prepare_federated_data
 from fedtune.experiment import run_experiment
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers.building import build
+from tests.helpers.configs import TINY_OVERRIDES
 
 ONE_CLIENT = [
     *TINY_OVERRIDES,
@@ -42,8 +41,8 @@ OPTIMIZERS = {
 
 def _unsplit(tmp_path, overrides: list[str]) -> dict[str, torch.Tensor]:
     cfg = load_config("examples/quickstart.yaml", [*overrides, "paradigm=parameter_sharing", f"output.dir={tmp_path}"])
-    bench = build_workbench(cfg, announce=False)
-    data = build_client_data(prepare_federated_data(cfg.data, cfg.partition, cfg.seed), bench.encoder, cfg)
+    built = build(cfg)
+    bench, data = built.bench, built.clients
     trainer = LocalTrainer(cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id)
     out = trainer.train(bench.adapter, 0, 1, data[0])
     assert not out.result.diverged
@@ -53,9 +52,9 @@ def _unsplit(tmp_path, overrides: list[str]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "cut",
     [
-        ["split.shape=u", "split.client_front=1", "split.client_back=1"],
-        ["split.shape=u", "split.client_front=1", "split.client_back=1", "split.server_part=per_client"],
-        ["split.shape=vanilla", "split.client_front=2"],
+        ["paradigm.shape=u", "paradigm.client_front=1", "paradigm.client_back=1"],
+        ["paradigm.shape=u", "paradigm.client_front=1", "paradigm.client_back=1", "paradigm.server_part=per_client"],
+        ["paradigm.shape=vanilla", "paradigm.client_front=2"],
     ],
     ids=["u-shared", "u-per-client", "vanilla"],
 )
@@ -67,7 +66,7 @@ def test_one_client_split_training_gives_the_unsplit_adapter(tmp_path, cut, opti
     split = run_experiment(cfg).state.params
     whole = _unsplit(tmp_path / "w", one_client)
     assert split.keys() == whole.keys()
-    start = build_workbench(cfg, announce=False).initial
+    start = build(cfg).bench.initial
     moved = max(float((whole[k] - start[k]).abs().max()) for k in whole)
     assert moved > 1e-3  # it trained
     worst = max(float((split[k] - whole[k]).abs().max()) for k in whole)

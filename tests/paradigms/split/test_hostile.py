@@ -22,32 +22,29 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.assembly import build_client_data, build_workbench, make_handler
 from fedtune.config import load_config
-from fedtune.data.prepare import prepare_federated_data
-from fedtune.experiment import weight_cap
 from fedtune.paradigms.base import converse
-from fedtune.registry import PARADIGMS
 from fedtune.runtime.in_process import InProcessRuntime
 from fedtune.server.round_loop import Network
-from tests.conftest import TINY_OVERRIDES
-from tests.server.test_hostile_replies import (
+from tests.helpers.building import build
+from tests.helpers.configs import TINY_OVERRIDES
+from tests.helpers.hostile import (
     SETTINGS,
-    _decode_parts,
-    _encode_parts,
-    _mutate_tensor,
     byte_mutations,
+    decode_parts,
+    encode_parts,
     header_mutations,
     meta_mutations,
+    mutate_tensor,
     run_category,
 )
 
 CASES = int(os.environ.get("FEDTUNE_SPLIT_HOSTILE_CASES", 100))  # per setting: each case is a whole round
 SPLIT_SETTINGS = settings(SETTINGS, max_examples=CASES)
 SETUPS = {
-    "u shared": ["split.server_part=shared"],
-    "u per_client": ["split.server_part=per_client"],
-    "vanilla": ["split.shape=vanilla", "split.client_front=2"],
+    "u shared": ["paradigm.server_part=shared"],
+    "u per_client": ["paradigm.server_part=per_client"],
+    "vanilla": ["paradigm.shape=vanilla", "paradigm.client_front=2"],
 }
 OVERRIDES = [
     *TINY_OVERRIDES,
@@ -101,10 +98,8 @@ def _nowhere():
 @cache
 def split_round(setup: str) -> SplitRound:
     cfg = load_config("examples/quickstart.yaml", [*OVERRIDES, *SETUPS[setup], f"output.dir={_nowhere()}"])
-    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
-    bench = build_workbench(cfg, announce=False)
-    handler = make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg)).handle
-    paradigm = PARADIGMS.load("split").server(cfg, bench, None, weight_cap(cfg, data))
+    built = build(cfg)
+    handler, paradigm = built.handler().handle, built.server()
     fed = SplitRound(paradigm, handler, {}, 0)
     fed.alone, dropped = fed._round(handler, [0])
     assert not dropped
@@ -122,20 +117,20 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @st.composite
 def plain_tensor_mutations(draw, blob: bytes) -> bytes:
     """Hostile values, lengths or dtypes in a reply's plain tensors (attention mask, labels)."""
-    tensors, header = _decode_parts(blob)
+    tensors, header = decode_parts(blob)
     plain = sorted(k for k in tensors if "/" not in k and tensors[k].numel())
     if not plain:
         return draw(header_mutations(blob))
     name = draw(st.sampled_from(plain))
     shape = tensors[name].shape
-    t = _mutate_tensor(draw, tensors[name]).reshape(-1)
+    t = mutate_tensor(draw, tensors[name]).reshape(-1)
     tensors[name] = t.reshape(shape) if t.numel() == shape.numel() and draw(st.booleans()) else t
-    return _encode_parts(tensors, header)
+    return encode_parts(tensors, header)
 
 
 @st.composite
 def split_mutations(draw, blob: bytes) -> bytes:
-    has_meta = any(k.endswith("/meta") for k in _decode_parts(blob)[0])
+    has_meta = any(k.endswith("/meta") for k in decode_parts(blob)[0])
     kinds = ["bytes", "header", "plain", *(["meta"] if has_meta else [])]
     kind = draw(st.sampled_from(kinds))
     if kind == "bytes":

@@ -8,17 +8,14 @@ import math
 import pytest
 import torch
 
-from fedtune.assembly import build_client_data, build_workbench, make_handler
 from fedtune.config import load_config
-from fedtune.data.prepare import prepare_federated_data
-from fedtune.experiment import weight_cap
 from fedtune.paradigms.base import converse
 from fedtune.paradigms.split.messages import Activations, BackReply, Done
-from fedtune.registry import PARADIGMS
 from fedtune.runtime.in_process import InProcessRuntime
 from fedtune.server.round_loop import Network
 from fedtune.wire.messages import decode_message, encode_message
-from tests.conftest import TINY_OVERRIDES
+from tests.helpers.building import build
+from tests.helpers.configs import TINY_OVERRIDES
 
 TWO_CLIENTS = [
     *TINY_OVERRIDES,
@@ -38,10 +35,8 @@ ALONE: dict[str, tuple] = {}  # server_part -> the round with client 0 alone (wh
 def _round(tmp_path, overrides, clients, tamper=None):
     """One round with these clients; ``tamper(message) -> message`` rewrites client 1's replies."""
     cfg = load_config("examples/quickstart.yaml", [*TWO_CLIENTS, *overrides, f"output.dir={tmp_path}"])
-    data = prepare_federated_data(cfg.data, cfg.partition, cfg.seed)
-    bench = build_workbench(cfg, announce=False)
-    handler = make_handler(cfg, bench, build_client_data(data, bench.encoder, cfg)).handle
-    paradigm = PARADIGMS.load("split").server(cfg, bench, None, weight_cap(cfg, data))
+    built = build(cfg)
+    handler, paradigm = built.handler().handle, built.server()
 
     def handle(client, payload, state):
         reply, state = handler(client, payload, state)
@@ -136,7 +131,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_bad_reply_drops_its_client_and_the_round_is_what_the_others_made(tmp_path, case, server_part):
     tamper, why = CASES[case]
-    overrides = [f"split.server_part={server_part}"]
+    overrides = [f"paradigm.server_part={server_part}"]
     params, dropped, _ = _round(tmp_path / "bad", overrides, [0, 1], tamper)
     assert set(dropped) == {1} and why in dropped[1], dropped
     if server_part not in ALONE:
@@ -152,7 +147,7 @@ def test_vanilla_labels_outside_the_vocabulary_drop_the_client(tmp_path):
         labels[0, -1] = 10**6
         return dataclasses.replace(msg, labels=labels)
 
-    overrides = ["split.shape=vanilla", "split.client_front=2"]
+    overrides = ["paradigm.shape=vanilla", "paradigm.client_front=2"]
     _, dropped, _ = _round(tmp_path, overrides, [0, 1], _at(Activations, 1, bad_labels))
     assert "labels outside the vocabulary" in dropped[1]
     fewer = _at(Activations, 0, lambda m: dataclasses.replace(m, step_tokens=m.step_tokens + 1))
@@ -165,7 +160,7 @@ def test_an_honest_round_reports_its_costs(tmp_path):
     assert not dropped
     assert metrics["local_micro_batches"] == 2 * 4 and metrics["local_steps"] == 2 * 2
     assert metrics["activation_codec_error"] == 0.0 and math.isfinite(metrics["train_loss"])
-    _, _, compressed = _round(tmp_path / "bf16", ["split.activation_codecs=[{name: bf16}]"], [0, 1])
+    _, _, compressed = _round(tmp_path / "bf16", ["paradigm.activation_codecs=[{name: bf16}]"], [0, 1])
     assert 0 < compressed["activation_codec_error"] < 1e-2  # bf16 keeps about 3 significant digits
 
 
@@ -175,7 +170,7 @@ def test_a_step_of_a_micro_batches_costs_a_plus_one_round_trips_in_u_and_a_in_va
     gradient), so A + 1 round trips a step, not 2A; vanilla carries each gradient in the next request. The
     last one is the round's Done."""
     kinds = []
-    overrides = [f"split.shape={shape}", *(["split.client_front=2"] if shape == "vanilla" else [])]
+    overrides = [f"paradigm.shape={shape}", *(["paradigm.client_front=2"] if shape == "vanilla" else [])]
     _, dropped, _ = _round(tmp_path, overrides, [0, 1], lambda m: kinds.append(type(m).__name__) or m)
     assert not dropped and len(kinds) == trips, kinds
     if shape == "u":

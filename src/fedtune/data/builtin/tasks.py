@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from fedtune.core.errors import DataError
 from fedtune.data.formats import Example, from_instruction
-from fedtune.errors import DataError
 
 DATA_SEED = 20241123
 TASKS = ("arithmetic", "unit_conversion", "string_transform", "max_of_list")

@@ -20,14 +20,15 @@ from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.client.cost import parameter_bytes
 from fedtune.client.data import ClientData, EvalSettings
 from fedtune.client.trainer import LocalTrainer
+from fedtune.core import rng
+from fedtune.core.types import ClientState, Params
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.evaluation import EvalReply, EvalRequest, evaluate_on
 from fedtune.paradigms.kd.distill import DistillSettings, distil, score_public
 from fedtune.paradigms.kd.distributions import TopK, id_dtype
 from fedtune.paradigms.kd.messages import LOGP, KDReply, KDRequest
 from fedtune.paradigms.kd.public import PublicSet
-from fedtune.types import ClientState, Params
-from fedtune.wire.link import Link, generator
+from fedtune.wire.link import Link
 
 
 @dataclass
@@ -99,7 +100,13 @@ class KDClient:
         if len(req.teach):
             teacher = self._teacher(req)
             result = distil(
-                adapter, self.public, req.teach, teacher, self.distill, pad, (s.seed, req.round, client_id, 2)
+                adapter,
+                self.public,
+                req.teach,
+                teacher,
+                self.distill,
+                pad,
+                rng.KD_DISTIL.key(s.seed, req.round, client_id),
             )
             if result.diverged:
                 return self._diverged(common, f"distillation: {result.error}", time.perf_counter() - start), state
@@ -110,7 +117,9 @@ class KDClient:
             return self._diverged(common, out.result.error, time.perf_counter() - start), state
         self.public.check(req.score)
         top, scoring = score_public(adapter, self.public, req.score, s.top_k, s.score_batch_size, pad)  # (P, k)
-        wire, _ = self.uplink.encode({LOGP: top.logp}, {}, generator(s.seed, req.round, client_id, 1))
+        wire, _ = self.uplink.encode(
+            {LOGP: top.logp}, {}, rng.torch_generator(rng.UPLINK, s.seed, req.round, client_id)
+        )
         if s.downlink == "logits":
             state = {**state, "kd": adapter.get_state()}
         reply = KDReply(

@@ -60,10 +60,11 @@ def distil(
     teacher: TopK,
     settings: DistillSettings,
     pad_id: int,
-    key: Sequence[int],
+    key: list[int],
 ) -> LocalResult:
-    """``settings.steps`` optimizer steps of KL(teacher || adapter) on the public examples ``indices``."""
-    rng = np.random.default_rng(list(key))
+    """``settings.steps`` optimizer steps of KL(teacher || adapter) on the public examples ``indices``; ``key``:
+    the random stream's (``core.rng``: a client's ``KD_DISTIL``, the server's ``SERVER_DISTIL``)."""
+    rng = np.random.default_rng(key)
     torch_seed = int(rng.integers(2**63 - 1))
     plan = micro_batches(len(indices), settings.batch_size, 1, rng, local_steps=settings.steps)
     batches = _TeacherBatches(public, indices, teacher, plan, pad_id)

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 LOGP = "logp"  # the one tensor name inside a wire-form log-probability field
 

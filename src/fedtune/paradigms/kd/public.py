@@ -17,12 +17,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fedtune.config import ExperimentConfig
+from fedtune.config.data import DataConfig
+from fedtune.core import rng
+from fedtune.core.errors import ConfigError, DataError
 from fedtune.data.builtin.tasks import generate_public
 from fedtune.data.formats import Example, load_examples
 from fedtune.data.prepare import BUILTIN
 from fedtune.data.tokenize import Encoded, Encoder, collate
-from fedtune.errors import ConfigError, DataError
 
 log = logging.getLogger("fedtune")
 
@@ -61,9 +62,8 @@ class PublicSet:
             raise ValueError("repeated public indices")
 
 
-def public_examples(cfg: ExperimentConfig) -> tuple[list[Example], str]:
+def public_examples(d: DataConfig) -> tuple[list[Example], str]:
     """(examples, where they came from): ``data.public_dataset``, or the built-in generator."""
-    d = cfg.data
     if d.public_dataset:
         return load_examples(d.public_dataset), d.public_dataset
     if d.dataset != BUILTIN:
@@ -76,8 +76,8 @@ def public_examples(cfg: ExperimentConfig) -> tuple[list[Example], str]:
     return examples, f"built-in tasks ({b.public_per_task} per task, disjoint from training and evaluation)"
 
 
-def build_public(cfg: ExperimentConfig, encoder: Encoder, announce: bool = False) -> PublicSet:
-    examples, source = public_examples(cfg)
+def build_public(data: DataConfig, encoder: Encoder, announce: bool = False) -> PublicSet:
+    examples, source = public_examples(data)
     encoded, n_trunc = replace(encoder, train_on_prompt=False).encode_all(examples)  # response positions only
     empty = [i for i, e in enumerate(encoded) if e.prompt_len < 1]
     if empty:  # position t predicts token t+1: a response needs a prompt token before it
@@ -100,8 +100,8 @@ def build_public(cfg: ExperimentConfig, encoder: Encoder, announce: bool = False
 
 def round_slice(seed: int, round_index: int, size: int, n: int) -> torch.Tensor:
     """The public examples scored in a round: ``size`` distinct indices, seeded by (seed, round), sorted."""
-    rng = np.random.default_rng([seed, round_index, 0x9B1C])
-    return torch.from_numpy(np.sort(rng.choice(n, size=min(size, n), replace=False))).to(torch.int32)
+    draws = rng.numpy_rng(rng.PUBLIC_SLICE, seed, round_index)
+    return torch.from_numpy(np.sort(draws.choice(n, size=min(size, n), replace=False))).to(torch.int32)
 
 
 def overlap_with(public: PublicSet, others: list[Example]) -> int:

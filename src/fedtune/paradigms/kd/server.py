@@ -18,14 +18,26 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fedtune.aggregation.weighting import WeightCap, client_weight
-from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_cost, check_numbers, cost_metrics, shared
+from fedtune.aggregation.weighting import WeightCap
+from fedtune.core import rng
+from fedtune.core.types import Params, ServerState
+from fedtune.paradigms.base import (
+    BadReply,
+    Conversation,
+    Exchange,
+    check_answered,
+    check_cost,
+    check_numbers,
+    cost_metrics,
+    decode_or_drop,
+    shared,
+    weight_or_drop,
+)
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.kd.distributions import TopK, consensus, id_dtype
 from fedtune.paradigms.kd.messages import LOGP, KDReply, KDRequest
 from fedtune.paradigms.kd.public import PublicSet, round_slice
-from fedtune.types import Params, ServerState
-from fedtune.wire.link import Link, generator, max_wire_bytes
+from fedtune.wire.link import Link, max_wire_bytes
 
 
 class KDState(NamedTuple):
@@ -95,7 +107,7 @@ class KnowledgeDistillation:
         s, prev = self.s, state.algorithm
         score = round_slice(s.seed, r, s.public_slice, len(self.public))
         rows = self.public.positions(score)
-        gen = generator(s.seed, r, 0)
+        gen = rng.torch_generator(rng.DOWNLINK, s.seed, r)
         no_ids = torch.zeros(0, s.consensus_top_k, dtype=id_dtype(s.vocab))
         if s.downlink == "logits":
             teach = len(prev.slice) > 0
@@ -121,7 +133,8 @@ class KnowledgeDistillation:
             top = self._read(r, reply, rows)
             weight = 1.0
             if s.weighting == "examples":
-                weight = _weight(reply.num_examples, s.weight_cap, f"round {r}: client {client_id}")
+                who = f"round {r}: client {client_id}"
+                weight = weight_or_drop(reply.num_examples, 0, "examples", s.weight_cap, who)
             return Scores(
                 top,
                 weight,
@@ -154,10 +167,7 @@ class KnowledgeDistillation:
     def _read(self, r: int, reply: KDReply, rows: int) -> TopK:
         """The client's top-k, or BadReply with why it cannot be used."""
         s = self.s
-        if reply.round != r:
-            raise BadReply(f"stale reply for round {reply.round}")
-        if reply.status != "ok":
-            raise BadReply(f"{reply.status}: {reply.error}")
+        check_answered(reply, r)
         check_numbers(
             train_loss=reply.train_loss,
             distill_loss=reply.distill_loss,
@@ -176,11 +186,7 @@ class KnowledgeDistillation:
             raise BadReply(f"token ids outside the vocabulary of {s.vocab}")
         if rows and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
             raise BadReply("a token id repeats within a position's top-k")
-        try:
-            logp = self.uplink.decode(reply.logp, [LOGP], max_numel=rows * s.top_k)[LOGP]
-        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:  # a crafted meta or part
-            codecs = self.uplink.describe()
-            raise BadReply(f"cannot decode the log-probabilities with codecs {codecs!r}: {exc}") from None
+        logp = decode_or_drop(self.uplink, reply.logp, [LOGP], "the log-probabilities", rows * s.top_k)[LOGP]
         if tuple(logp.shape) != (rows, s.top_k) or not logp.is_floating_point():
             raise BadReply(f"log-probabilities are {logp.dtype} {tuple(logp.shape)}, expected {(rows, s.top_k)}")
         logp = logp.float()
@@ -210,7 +216,8 @@ class KnowledgeDistillation:
         if s.downlink == "adapter":
             if self.evaluate_adapter is not None:
                 out.update(self.evaluate_adapter(state.params, r))
-            wire = self.downlink.encode(state.params, {}, generator(s.seed, r, 1))[0] if per_client else {}
+            gen = rng.torch_generator(rng.EVAL_DOWNLINK, s.seed, r)
+            wire = self.downlink.encode(state.params, {}, gen)[0] if per_client else {}
         else:  # no global model: every client evaluates its own adapter on the federation's eval set
             replies = yield eval_exchange(dict.fromkeys(clients, EvalRequest(r, split="eval")), r)
             per = {c: m for c, m in sorted(replies.accepted.items()) if m}
@@ -230,13 +237,6 @@ class KnowledgeDistillation:
             out["client_eval"] = {str(c): m for c, m in per.items()}
             out.update(summarise(per, "client_eval_"))
         return out
-
-
-def _weight(num_examples: int, cap: WeightCap | None, who: str) -> float:
-    try:
-        return client_weight(num_examples, 0, "examples", cap, who)
-    except ValueError as exc:
-        raise BadReply(str(exc)) from None
 
 
 def _round_metrics(used: list[Scores], agreed: TopK) -> dict[str, Any]:

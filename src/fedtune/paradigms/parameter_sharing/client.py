@@ -23,13 +23,14 @@ from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
 from fedtune.client.cost import parameter_bytes
 from fedtune.client.data import ClientData, EvalSettings
 from fedtune.client.trainer import LocalTrainer, TrainOutcome
+from fedtune.core import rng
+from fedtune.core.types import ClientState, Params
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.evaluation import EvalReply, EvalRequest, evaluate_on
 from fedtune.paradigms.parameter_sharing import secure_client as secure
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.paradigms.parameter_sharing.secure_messages import MaskedInputRequest, ShareKeysRequest, UnmaskRequest
-from fedtune.types import ClientState, Params
-from fedtune.wire.link import Link, apply_change, generator
+from fedtune.wire.link import Link, apply_change
 from fedtune.wire.messages import Message
 
 
@@ -162,7 +163,8 @@ class ParameterSharingClient:
             keys, state = secure.prepare(delta, req.secagg, client_id, req.round, state)
             return TrainReply(delta={}, secagg_keys=keys, **common), state
         residual = state.get("residual", {})
-        wire, residual = self.uplink.encode(delta, residual, generator(self.seed, req.round, client_id, 1))
+        gen = rng.torch_generator(rng.UPLINK, self.seed, req.round, client_id)
+        wire, residual = self.uplink.encode(delta, residual, gen)
         if residual:
             state = {**state, "residual": residual}
         if start.c_i is None:

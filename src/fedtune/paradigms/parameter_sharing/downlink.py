@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 from fedtune.wire.link import Link, apply_change
 
 

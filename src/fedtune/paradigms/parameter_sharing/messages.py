@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 @dataclass(frozen=True)

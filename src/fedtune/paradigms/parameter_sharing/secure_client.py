@@ -13,6 +13,8 @@ import secrets
 
 import torch
 
+from fedtune.core import rng
+from fedtune.core.types import ClientState, Params
 from fedtune.paradigms.parameter_sharing.secure_messages import (
     MaskedInputReply,
     MaskedInputRequest,
@@ -26,8 +28,6 @@ from fedtune.paradigms.parameter_sharing.secure_messages import (
     read_roster,
 )
 from fedtune.privacy.secagg import ClientRound, FixedPoint
-from fedtune.types import ClientState, Params
-from fedtune.wire.link import generator
 
 OWNER = "secagg"
 SPEC_KEYS = ("threshold", "range", "bits", "modulus_bits", "clip_norm", "noise_std", "noise_seed")
@@ -59,7 +59,7 @@ def prepare(
         elif seed is None:
             seed = torch.tensor([secrets.randbits(63)], dtype=torch.int64)
         own["noise_seed"] = seed
-        g = generator(int(seed[0]), r, client)
+        g = rng.torch_generator(rng.SECAGG_NOISE, int(seed[0]), r, client)
         x = x + (spec["noise_std"] / math.sqrt(t)) * torch.randn(x.shape, generator=g)
     encoded, clipped = fp.encode(x)
     keys = ClientRound.fresh(client, r)

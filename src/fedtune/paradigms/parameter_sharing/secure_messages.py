@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ step fail the round (RunError, the last checkpoint intact) rather than reveal an
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from fedtune.errors import RunError
+from fedtune.core.errors import RunError
+from fedtune.core.types import Params
 from fedtune.paradigms.base import BadReply, Conversation, Exchange
 from fedtune.paradigms.parameter_sharing.secure_messages import (
     MaskedInputReply,
@@ -30,7 +30,6 @@ from fedtune.paradigms.parameter_sharing.secure_messages import (
     roster_params,
 )
 from fedtune.privacy.secagg import CIPHERTEXT_BYTES, PRIME, SHARE_BYTES, FixedPoint, SecAggError, unmask_sum
-from fedtune.types import Params
 from fedtune.wire.link import max_wire_bytes
 
 Roster = dict[int, tuple[bytes, bytes]]
@@ -38,14 +37,18 @@ Roster = dict[int, tuple[bytes, bytes]]
 
 @dataclass(frozen=True)
 class SecureAggregation:
-    """A run's secure-aggregation settings, and how the aggregator absorbs the round's sum."""
+    """A run's secure-aggregation settings (the aggregator takes the round's sum: ``Pipeline.aggregate_sum``)."""
 
     threshold: float  # share of the round's sampled clients that must remain at every step
     fixed_point: FixedPoint
     clip_norm: float  # clients clip their update to this L2 norm first (client-level DP); 0: no clipping
     noise_std: float  # distributed DP: std of the noise on the sum, added by the clients in shares; 0: none
     noise_seed: int  # privacy.noise_seed for the clients' noise shares (< 2^52), or -1: each client's own secret
-    absorb: Callable[[Params, Params, int, NamedTuple], tuple[Params, NamedTuple]]  # (params, sum, count, state)
+
+    @property
+    def noised_by_clients(self) -> bool:
+        """Distributed DP: the sum arrives with its noise, added by the clients in shares."""
+        return self.noise_std > 0
 
     def needed(self, sampled: int) -> int:
         """Clients that must remain at every step of a round that sampled ``sampled`` (at least 2)."""

@@ -17,17 +17,32 @@ import torch
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import update_norm
 from fedtune.aggregation.flat import unflatten
-from fedtune.aggregation.weighting import WeightCap, client_weight
+from fedtune.aggregation.weighting import WeightCap
 from fedtune.client.schedule import RoundSchedule
-from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_cost, check_numbers, cost_metrics, shared
+from fedtune.core import rng
+from fedtune.core.types import Params, ServerState
+from fedtune.paradigms.base import (
+    BadReply,
+    Conversation,
+    Exchange,
+    Signature,
+    check_answered,
+    check_cost,
+    check_numbers,
+    check_update,
+    cost_metrics,
+    decode_or_drop,
+    shared,
+    signature,
+    weight_or_drop,
+)
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
 from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation, read_keys, secure_sum
-from fedtune.paradigms.parameter_sharing.validation import Signature, signature, update_problem
 from fedtune.privacy.accounting import SampleLevel
-from fedtune.types import Params, ServerState
-from fedtune.wire.link import Link, generator, max_wire_bytes
+from fedtune.privacy.plan import PrivacyPlan
+from fedtune.wire.link import Link, max_wire_bytes
 
 MAX_STEPS = 10_000_000  # a round's local steps beyond this are not a client's report but an attack
 
@@ -55,6 +70,7 @@ class SharingSettings:
     weight_cap: WeightCap | None = None  # the most a client's reported examples/tokens may weigh
     schedule: RoundSchedule | None = None  # clients' local steps and learning rates (bounds SCAFFOLD's Δc)
     dp_sgd: SampleLevel | None = None  # clients train with DP-SGD: each one's record-level epsilon is reported
+    privacy: PrivacyPlan | None = None  # client-level DP: its epsilon after each round is reported
 
 
 class ParameterSharing:
@@ -86,7 +102,7 @@ class ParameterSharing:
         if sent:
             raise RuntimeError(f"aggregator {self.aggregator.name} broadcasts {sorted(sent)}, which no message carries")
         views = {c: self.aggregator.client_view(state.params, state.algorithm, c) for c in clients}
-        gen = generator(s.seed, r, 0)
+        gen = rng.torch_generator(rng.DOWNLINK, s.seed, r)
         replicas = state.replicas
         if s.downlink_updates:
             downlink = ReplicaDownlink(self.downlink, self.initial, state.replicas)
@@ -105,12 +121,8 @@ class ParameterSharing:
             view = views[client_id]
             expected = signatures.get(id(view)) or signatures.setdefault(id(view), signature(view))
             delta = self._read(r, reply, view, scaffold_c, expected)
-            try:
-                weight = client_weight(
-                    reply.num_examples, reply.num_tokens, s.weighting, s.weight_cap, f"round {r}: client {client_id}"
-                )
-            except ValueError as exc:
-                raise BadReply(str(exc)) from None
+            who = f"round {r}: client {client_id}"
+            weight = weight_or_drop(reply.num_examples, reply.num_tokens, s.weighting, s.weight_cap, who)
             extras = {"scaffold": reply.scaffold_delta_c} if scaffold_c else {}
             return Update(
                 Contribution(client_id, delta, weight, extras),
@@ -143,8 +155,14 @@ class ParameterSharing:
             **cost_metrics([u.peak_bytes for u in used], [u.flops for u in used], [u.tokens for u in used]),
             **(extra or {}),
             **self.aggregator.metrics(agg_state),
+            **self._epsilon(state.round + 1),
             **self._sample_level(state, used),
         }
+
+    def _epsilon(self, r: int) -> dict[str, float]:
+        """Client-level DP: the accountant's epsilon once round ``r`` is noised (every round is, once)."""
+        plan = self.settings.privacy
+        return {} if plan is None else {"dp_epsilon": plan.epsilon(r)}
 
     def _sample_level(self, state: ServerState, used: list[Update]) -> dict[str, Any]:
         """DP-SGD: every client's record-level epsilon so far (a client counts a round once it was sampled)."""
@@ -193,16 +211,15 @@ class ParameterSharing:
         else:  # too few sampled to hide anyone (Poisson sampling): no client update this round
             flat, summed, sec_metrics = torch.zeros(n_values), [], {"secagg_summed": 0, "secagg_skipped": 1}
         total = unflatten(flat, {k: template[k] for k in sorted(template)})  # clients flatten in name order
-        params, agg_state = sec.absorb(state.params, total, len(summed), state.algorithm)
+        params, agg_state = self.aggregator.aggregate_sum(  # type: ignore[attr-defined]  (a Pipeline: setup checks)
+            state.params, total, len(summed), state.algorithm, sec.noised_by_clients
+        )
         used = [keyed[c][0] for c in summed]
         metrics = self._metrics(state, used, agg_state, sec_metrics)
         return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
 
     def _check_meta(self, r: int, reply: TrainReply) -> None:
-        if reply.round != r:
-            raise BadReply(f"stale reply for round {reply.round}")
-        if reply.status != "ok":
-            raise BadReply(f"{reply.status}: {reply.error}")
+        check_answered(reply, r)
         check_numbers(train_loss=reply.train_loss, local_train_s=reply.local_train_s, steps=reply.steps)
         check_cost(reply.peak_bytes, reply.flops, reply.trained_tokens)
 
@@ -210,17 +227,10 @@ class ParameterSharing:
         """The decoded update, or BadReply with why the reply cannot be used."""
         self._check_meta(r, reply)
         if scaffold_c:
-            problem = update_problem(reply.scaffold_delta_c, scaffold_c)
-            if problem:
-                raise BadReply(f"control variate: {problem}")
+            check_update(reply.scaffold_delta_c, scaffold_c, what="control variate: ")
             self._check_control(r, reply, scaffold_c)
-        try:
-            delta = self.uplink.decode(reply.delta, view)
-        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:  # a crafted meta or part
-            raise BadReply(f"cannot decode the update with uplink codecs {self.uplink.describe()!r}: {exc}") from None
-        problem = update_problem(delta, view, self.settings.max_update_norm, expected)
-        if problem:
-            raise BadReply(problem)
+        delta = decode_or_drop(self.uplink, reply.delta, view, "the update")
+        check_update(delta, view, self.settings.max_update_norm, expected)
         return delta
 
     def _check_control(self, r: int, reply: TrainReply, c: Params) -> None:
@@ -263,7 +273,7 @@ class ParameterSharing:
             n = self.settings.num_clients
             views = {c: self.aggregator.client_view(state.params, state.algorithm, c) for c in range(n)}
             link = self.downlink if not self.settings.downlink_updates else Link()
-            gen = generator(self.settings.seed, r, 1)
+            gen = rng.torch_generator(rng.EVAL_DOWNLINK, self.settings.seed, r)
             wires = shared(views, lambda v: link.encode(v, {}, gen)[0])
             replies = yield eval_exchange(shared(wires, lambda w: EvalRequest(r, params=w)), r)
             per = {c: m for c, m in sorted(replies.accepted.items()) if m}

@@ -1,54 +1,49 @@
-"""Parameter sharing from a config: the aggregator and links on the server, the training client."""
+"""Parameter sharing from a plan: the aggregator and links on the server, the training client."""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
-from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.adapters.routed_lora import RoutedLoRA
 from fedtune.aggregation import build_aggregator
-from fedtune.aggregation.base import Aggregator, Contribution
+from fedtune.aggregation.pipeline import Pipeline
 from fedtune.aggregation.weighting import WeightCap
 from fedtune.client.data import ClientData
 from fedtune.client.schedule import RoundSchedule
 from fedtune.client.trainer import LocalTrainer
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
 from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation
 from fedtune.paradigms.parameter_sharing.server import ParameterSharing, SharingSettings
+from fedtune.paradigms.plan import ParadigmPlan, Workbench
 from fedtune.privacy.accounting import SampleLevel
-from fedtune.privacy.dp import DpFedAvg
-from fedtune.privacy.plan import PrivacyPlan, plan_privacy
 from fedtune.privacy.secagg import FixedPoint
-from fedtune.runtime import joint_count
-from fedtune.types import Params
 
 if TYPE_CHECKING:
-    from fedtune.assembly import Workbench
-    from fedtune.config import ExperimentConfig
+    from fedtune.aggregation.base import Aggregator
+    from fedtune.paradigms.base import EvaluateAdapter
 
 log = logging.getLogger("fedtune")
 
 
-def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap: WeightCap) -> ParameterSharing:
-    lora_mode = cfg.aggregation.lora_mode() if cfg.adapter.is_lora() else None
-    n = cfg.partition.num_clients
-    lower = {c: r for c in range(n) if (r := cfg.adapter.rank_of_client(c)) != cfg.adapter.r}
-    lora_alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
+def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapter, weight_cap: WeightCap):
+    adapter, agg = plan.adapter, plan.aggregation
+    lora_mode = agg.lora_mode() if adapter.is_lora() else None
+    n = plan.num_clients
+    lower = {c: r for c in range(n) if (r := adapter.rank_of_client(c)) != adapter.r}
+    lora_alpha = adapter.alpha if adapter.is_lora() else None  # LoRA-aware aggregation for LoRA only
     # with downlink updates clients hold the previous factors, so exact mode must not re-parametrise them
-    align = cfg.compression.downlink_updates
-    plan = plan_privacy(cfg)
-    if plan is not None:
-        aggregator = plan.aggregator(cfg.aggregation, lora_alpha, cfg.privacy.noise_seed)
-    else:
-        aggregator = build_aggregator(cfg.aggregation, n, lora_alpha, lower or None, align)
-    secure = _secure_aggregation(cfg, plan, aggregator)
+    align = plan.compression.downlink_updates
+    dp = plan.privacy_plan
+    mean = dp.mean(plan.privacy.noise_seed) if dp is not None else None
+    aggregator = build_aggregator(agg, n, lora_alpha, lower or None, align, mean=mean)
+    secure = _secure_aggregation(plan, aggregator)
     log.info(
         "aggregation: %s%s%s",
         aggregator.name,
-        f", LoRA {lora_mode}" if lora_mode else f", {cfg.adapter.method} tensors as they are",
+        f", LoRA {lora_mode}" if lora_mode else f", {adapter.method} tensors as they are",
         f", client ranks {lower}" if lower else "",
     )
     if lora_mode == "naive":
@@ -56,61 +51,47 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
             "aggregation.lora=naive averages LoRA A and B separately, which is inexact; "
             "metrics.jsonl reports the relative error per round as lora_factor_averaging_error"
         )
-    agg = cfg.aggregation
-    schedule = RoundSchedule.of(cfg.training, cfg.federation.rounds)
-    dp = cfg.privacy.dp_sgd
+    t = plan.training
     sample_level = None
-    if dp is not None:
-        assert cfg.training.local_steps is not None  # the config requires it with DP-SGD
-        sample_level = SampleLevel(
-            dp.noise_multiplier, cfg.training.batch_size, cfg.training.local_steps, dp.delta, dp.accountant
-        )
+    if plan.privacy.dp_sgd is not None:
+        sgd = plan.privacy.dp_sgd
+        assert t.local_steps is not None  # the config requires it with DP-SGD
+        sample_level = SampleLevel(sgd.noise_multiplier, t.batch_size, t.local_steps, sgd.delta, sgd.accountant)
         log.info(
             "DP-SGD in every client: examples Poisson-sampled at batch_size %d / the client's examples, each one's "
             "gradient clipped to %g, noise std %g x that; each client's epsilon at delta %g in metrics.jsonl",
-            cfg.training.batch_size,
-            dp.max_grad_norm,
-            dp.noise_multiplier,
-            dp.delta,
+            t.batch_size,
+            sgd.max_grad_norm,
+            sgd.noise_multiplier,
+            sgd.delta,
         )
     settings = SharingSettings(
         n,
-        cfg.seed,
+        plan.seed,
         agg.weighting,
         agg.max_update_norm,
-        cfg.compression.downlink_updates,
+        plan.compression.downlink_updates,
         weight_cap,
-        schedule,
+        RoundSchedule.of(t, plan.rounds),
         sample_level,
+        dp,
     )
     return ParameterSharing(aggregator, settings, bench.initial, bench.uplink, bench.downlink, evaluate_adapter, secure)
 
 
-def _secure_aggregation(
-    cfg: ExperimentConfig, plan: PrivacyPlan | None, aggregator: Aggregator
-) -> SecureAggregation | None:
-    """Secure aggregation's settings, and how ``aggregator`` takes the round's sum (None when off)."""
-    sec = cfg.privacy.secure_aggregation
+def _secure_aggregation(plan: ParadigmPlan, aggregator: Aggregator) -> SecureAggregation | None:
+    """Secure aggregation's settings (None when off); the aggregator then takes each round's sum."""
+    sec = plan.privacy.secure_aggregation
     if sec is None:
         return None
-    z = plan.mechanism.noise_multiplier if plan is not None else 0.0
-    c = plan.clip_norm if plan is not None else 0.0
-    value_range = sec.range if sec.range is not None else (c * (1 + 8 * z) if plan is not None else 1.0)
-    fp = FixedPoint.fit(value_range, sec.precision_bits, cfg.partition.num_clients)
-    distributed = cfg.privacy.client_dp == "distributed"
-    if isinstance(aggregator, DpFedAvg):
-        dp = aggregator
-
-        def absorb(params: Params, total: Params, count: int, state):
-            return dp.aggregate_sum(params, total, state, add_noise=not distributed)
-    else:
-
-        def absorb(params: Params, total: Params, count: int, state):
-            if count == 0:
-                return params, state
-            mean = {k: v / count for k, v in total.items()}
-            return aggregator.aggregate(params, [Contribution(-1, mean, 1.0)], state)
-
+    if not isinstance(aggregator, Pipeline):
+        raise ConfigError(f"secure aggregation needs an aggregator that takes a sum; {aggregator.name} does not")
+    dp = plan.privacy_plan
+    z = dp.mechanism.noise_multiplier if dp is not None else 0.0
+    c = dp.clip_norm if dp is not None else 0.0
+    value_range = sec.range if sec.range is not None else (c * (1 + 8 * z) if dp is not None else 1.0)
+    fp = FixedPoint.fit(value_range, sec.precision_bits, plan.num_clients)
+    distributed = plan.privacy.client_dp == "distributed"
     log.info(
         "secure aggregation: threshold %.2f of each round's clients (at least 2), values in +-%g at %d fractional "
         "bits mod 2^%d%s",
@@ -120,48 +101,41 @@ def _secure_aggregation(
         fp.modulus_bits,
         ", DP noise added by the clients in shares" if distributed else "",
     )
-    seed = cfg.privacy.noise_seed
+    seed = plan.privacy.noise_seed
     noise_seed = -1 if seed is None else seed % 2**52  # a float in the request keeps 52 bits exactly
-    return SecureAggregation(sec.threshold, fp, c, z * c if distributed else 0.0, noise_seed, absorb)
+    return SecureAggregation(sec.threshold, fp, c, z * c if distributed else 0.0, noise_seed)
 
 
-def client(
-    cfg: ExperimentConfig, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None
-) -> ParameterSharingClient:
+def client(plan: ParadigmPlan, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None):
     trainer = LocalTrainer(
-        cfg.training,
-        cfg.federation.rounds,
-        cfg.seed,
-        bench.tokenizer.pad_token_id,
-        cfg.output.progress,
-        cfg.privacy.dp_sgd,
+        plan.training, plan.rounds, plan.seed, bench.tokenizer.pad_token_id, plan.progress, plan.privacy.dp_sgd
     )
     return ParameterSharingClient(
         bench.adapter,
         bench.tokenizer,
         data,
         trainer,
-        cfg.seed,
+        plan.seed,
         bench.eval_settings,
         bench.uplink,
         bench.downlink,
         bench.initial,
-        cfg.training.proximal_mu,
+        plan.training.proximal_mu,
         eval_set,
-        cfg.privacy.noise_seed,
-        joint_routing(cfg, bench.adapter),
+        plan.privacy.noise_seed,
+        _joint_routing(plan, bench),
     )
 
 
-def joint_routing(cfg: ExperimentConfig, adapter: AdapterModel) -> RoutedLoRA | None:
-    """The routing of joint training over this adapter when runtime.joint_clients asks for it (auto, where the
-    model allows; a number, or a ConfigError saying why it cannot be)."""
-    if joint_count(cfg) < 2:
+def _joint_routing(plan: ParadigmPlan, bench: Workbench) -> RoutedLoRA | None:
+    """The routing of joint training over this adapter when placement asks for it (auto, where the model
+    allows; a number, or a ConfigError saying why it cannot be)."""
+    if plan.placement.joint < 2:
         return None
     try:
-        return RoutedLoRA(adapter)
+        return RoutedLoRA(bench.adapter)
     except ValueError as exc:
-        if cfg.runtime.joint_clients == "auto":
+        if not plan.placement.joint_asked:
             log.info("clients train one at a time: %s", exc)
             return None
         raise ConfigError(f"runtime.joint_clients: {exc}; remove it") from None

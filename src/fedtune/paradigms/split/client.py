@@ -20,15 +20,16 @@ import torch
 from fedtune.adapters.split import SplitModel
 from fedtune.client.cost import TRAINING, ActivationMeter, FlopModel, parameter_bytes, scored_positions
 from fedtune.client.data import ClientData
-from fedtune.client.local_training import make_optimizer
+from fedtune.client.local_training import make_optimizer, optimizer_step
 from fedtune.client.trainer import round_plan
 from fedtune.config import TrainingConfig
+from fedtune.core.rng import SPLIT_BACK_GRAD, SPLIT_FRONT, UPLINK, torch_generator
+from fedtune.core.types import ClientState, Params
 from fedtune.data.tokenize import IGNORE, collate
 from fedtune.paradigms.evaluation import EvalReply, EvalRequest
 from fedtune.paradigms.split.messages import EMPTY, Activations, Back, BackReply, Done, Forward
-from fedtune.paradigms.split.steps import StepPlan, clip, sq_norm
-from fedtune.types import ClientState, Params
-from fedtune.wire.link import Link, generator
+from fedtune.paradigms.split.steps import StepPlan, sq_norm
+from fedtune.wire.link import Link
 
 OWNER = "split"
 
@@ -215,7 +216,8 @@ class SplitClient:
             grad = hidden.grad
         else:
             grad = torch.zeros_like(hidden)
-        wire = self.activations.encode({"h": grad}, {}, generator(self.s.seed, req.round, client_id, 1 << 20 | t))[0]
+        gen = torch_generator(SPLIT_BACK_GRAD, self.s.seed, req.round, client_id, t)
+        wire = self.activations.encode({"h": grad}, {}, gen)[0]
         error = relative_error(grad, self.activations.decode(wire, {"h": grad})["h"])
         meta[1] += TRAINING * self.cost.forward(back, b, n, scored_positions(batch["labels"]))
         meta[2] = max(float(meta[2]), self.meter.peak)
@@ -253,7 +255,7 @@ class SplitClient:
             after = torch.random.get_rng_state()
         b, n = batch["input_ids"].shape
         meta[1] += self.cost.forward(self.split.client_blocks()[0], b, n)  # the first forward, graph not kept
-        wire = self.activations.encode({"h": hidden}, {}, generator(self.s.seed, r, client_id, 2 + t))[0]
+        wire = self.activations.encode({"h": hidden}, {}, torch_generator(SPLIT_FRONT, self.s.seed, r, client_id, t))[0]
         return wire, relative_error(hidden, self.activations.decode(wire, {"h": hidden})["h"]), batch, after
 
     def _finish(
@@ -286,11 +288,8 @@ class SplitClient:
         if not plan.ends_step(t):
             return None
         client_sq = sq_norm(params.values())
-        clip(params.values(), client_sq + float(server_sq or 0.0), self.s.training.max_grad_norm)
-        for g in opt.param_groups:
-            g["lr"] = plan.lr(t)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        tensors = list(params.values())
+        optimizer_step(opt, tensors, plan.lr(t), (), self.s.training.max_grad_norm, client_sq + float(server_sq or 0.0))
         return client_sq
 
     def _done(
@@ -298,7 +297,7 @@ class SplitClient:
     ) -> Done:
         local = {k: p.detach() for k, p in params.items()}
         delta = {k: local[k] - own[f"start/{k}"] for k in self.names}
-        wire, _ = self.uplink.encode(delta, {}, generator(self.s.seed, req.round, client_id, 1))
+        wire, _ = self.uplink.encode(delta, {}, torch_generator(UPLINK, self.s.seed, req.round, client_id))
         return Done(
             round=req.round,
             delta=wire,

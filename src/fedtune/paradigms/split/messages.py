@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 
 EMPTY = torch.zeros(0, dtype=torch.uint8)
 

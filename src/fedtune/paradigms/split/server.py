@@ -1,8 +1,10 @@
 """Split learning, server side: the server's part of the model, driven one micro-batch at a time.
 
 Each sampled client has a session: a generator that yields the next message for that client and
-is sent its reply (``_session``). ``per_client`` (SplitFed v1) runs every client's session in
-lockstep, each with its own copy of the server part, and averages the copies at the round's end
+is sent its reply (``_session``: it opens the round, runs the micro-batches of its shape,
+``_u_shape`` or ``_vanilla``, and finishes with the client part's update). ``per_client``
+(SplitFed v1) runs every client's session in lockstep, each with its own copy of the server part,
+and averages the copies at the round's end
 with the configured aggregator. ``shared`` (SplitFed v2) runs the sessions one client after
 another on the one server part; a client that drops mid-turn has its turn undone, so the part
 never keeps half a client's steps. The client parts are aggregated like parameter sharing's
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, replace
+from collections.abc import Generator
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -24,17 +26,28 @@ import torch
 from fedtune.adapters.split import SplitModel
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import fused_norm
-from fedtune.aggregation.weighting import WeightCap, client_weight
-from fedtune.client.local_training import make_optimizer
-from fedtune.config import TrainingConfig
+from fedtune.aggregation.weighting import WeightCap
+from fedtune.client.local_training import make_optimizer, optimizer_step
+from fedtune.config.training import TrainingConfig
+from fedtune.core import rng
+from fedtune.core.errors import RunError
+from fedtune.core.types import Params, ServerState
 from fedtune.data.tokenize import IGNORE
-from fedtune.errors import RunError
-from fedtune.paradigms.base import BadReply, Conversation, Exchange, check_cost, check_numbers, cost_metrics
-from fedtune.paradigms.parameter_sharing.validation import update_problem
+from fedtune.paradigms.base import (
+    BadReply,
+    Conversation,
+    EvaluateAdapter,
+    Exchange,
+    check_cost,
+    check_numbers,
+    check_update,
+    cost_metrics,
+    decode_or_drop,
+    weight_or_drop,
+)
 from fedtune.paradigms.split.messages import Activations, Back, BackReply, Done, Forward
-from fedtune.paradigms.split.steps import StepPlan, clip, sq_norm
-from fedtune.types import Params, ServerState
-from fedtune.wire.link import Link, generator, max_wire_bytes
+from fedtune.paradigms.split.steps import StepPlan, sq_norm
+from fedtune.wire.link import Link, max_wire_bytes
 
 MAX_MICRO_BATCHES = 10**6  # a client whose reported size implies more is refused
 
@@ -67,14 +80,21 @@ class _Part:
         self.max_norm = training.max_grad_norm
 
     def step(self, client_sq: float, lr: float) -> None:
-        clip(self.params.values(), self.sq + client_sq, self.max_norm)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        optimizer_step(self.opt, list(self.params.values()), lr, (), self.max_norm, self.sq + client_sq)
 
     def values(self) -> Params:
         return {k: v.detach().clone() for k, v in self.params.items()}
+
+
+@dataclass
+class _Tally:
+    """A session's running sums, and the gradient at the first cut not yet sent."""
+
+    error: float = 0.0  # the largest relative error of hidden states or gradients through the codecs
+    loss: float = 0.0  # summed over target positions
+    tokens: float = 0.0  # target positions
+    fed: int = 0  # input tokens of its micro-batches (the masks the server saw)
+    grad: Params = field(default_factory=dict)  # wire form of dL/dh at the first cut of the last micro-batch
 
 
 @dataclass
@@ -110,7 +130,7 @@ class SplitLearning:
         uplink: Link,
         downlink: Link,
         activations: Link,
-        evaluate_adapter: Callable[[Params, int], dict[str, Any]] | None = None,
+        evaluate_adapter: EvaluateAdapter | None = None,
     ):
         """``names``: every adapter tensor name -> its full parameter name in the model."""
         self.split, self.names, self.s = split, names, settings
@@ -139,7 +159,7 @@ class SplitLearning:
         start = time.perf_counter()
         client_part = {k: state.params[k] for k in self.client_names}
         server_part = {k: state.params[k] for k in self.server_names}
-        wire = self.downlink.encode(client_part, {}, generator(self.s.seed, r, 0))[0]
+        wire = self.downlink.encode(client_part, {}, rng.torch_generator(rng.DOWNLINK, self.s.seed, r))[0]
         outcomes: dict[int, _Outcome] = {}
         if self.s.server_part == "per_client":
             parts = {c: _Part(server_part, self.s.training) for c in clients}
@@ -233,107 +253,134 @@ class SplitLearning:
         self, r: int, c: int, wire: Params, client_part: Params, part: _Part, server_start: Params
     ) -> Generator[Any, Any, _Outcome]:
         """One client's round: yields each message for it, is sent each reply; returns its outcome."""
-        full = self._full
         act = _expect(Activations, (yield Forward(r, 0, params=wire)), r, 0)
         check_numbers(num_examples=act.num_examples, num_tokens=act.num_tokens)
         cap = self.s.weight_cap.max_examples if self.s.weight_cap is not None else None
         if act.num_examples < 1 or (cap is not None and act.num_examples > cap):
             raise BadReply(f"reports {act.num_examples} training examples (allowed 1..{cap})")
-        weight = _weight(act, self.s, c, r)
+        who = f"round {r}: client {c}"
+        weight = weight_or_drop(act.num_examples, act.num_tokens, self.s.weighting, self.s.weight_cap, who)
         plan = StepPlan.of(self.s.training, self.s.rounds, r, act.num_examples)
         if plan.count > MAX_MICRO_BATCHES:
             raise BadReply(f"{act.num_examples} examples would make {plan.count} micro-batches")
-        loss = tokens = 0.0
-        error = act.codec_error
-        declared = counted = fed = 0
-        grad_wire: Params = {}  # dL/dh₁ of the last micro-batch, not yet sent
-        for t in range(plan.count):
-            if t > 0 and (self.s.shape == "vanilla" or plan.group(t)[0] == t):  # u: a step's first micro-batch
-                finished = plan.ends_step(t - 1)
-                act = _expect(
-                    Activations,
-                    (yield Forward(r, t, grad=grad_wire, server_sq_norm=part.sq if finished else None, continues=True)),
-                    r,
-                    t,
-                )
-                grad_wire = {}
-                if finished:
-                    part.step(_client_sq(act.client_sq_norm), plan.lr(t - 1))
-            # else (u, within a step): ``act`` came with the last BackReply
-            check_numbers(codec_error=act.codec_error, step_tokens=act.step_tokens)
-            error = max(error, act.codec_error)
-            hidden, mask = self._activations(act)
-            fed += int(mask.sum())
-            x = hidden.detach().requires_grad_(True)
-            if self.s.shape == "u":
-                out = self.split.middle(full(part.params), x, mask)  # (B, T, H)
-                sent = self.activations.encode({"h": out.detach()}, {}, generator(self.s.seed, r, c, 3 + t))[0]
-                back = _expect(BackReply, (yield Back(r, t, sent, grad=grad_wire)), r, t)
-                grad_wire = {}
-                check_numbers(tokens=back.tokens, codec_error=back.codec_error)
-                due = t + 1 < plan.count and not plan.ends_step(t)  # the next micro-batch's activations
-                if back.carries != due:
-                    what = "no activations" if due else "activations"
-                    raise BadReply(f"sent {what} for micro-batch {t + 1} with micro-batch {t}'s gradient")
-                if not math.isfinite(back.loss_sum):
-                    raise BadReply(f"diverged: non-finite loss at micro-batch {t}")
-                check_numbers(loss_sum=back.loss_sum)
-                if back.tokens > mask.numel():
-                    raise BadReply(f"{back.tokens} target positions in a micro-batch of {mask.numel()} tokens")
-                grad = self._tensor(back.grad, out.shape, "the gradient at the second cut")
-                out.backward(grad.to(out.dtype))
-                loss, tokens, error = loss + back.loss_sum, tokens + back.tokens, max(error, back.codec_error)
-                if due:
-                    act = back.carried()
-            else:
-                labels = self._labels(act, mask)
-                if t == plan.group(t)[0]:
-                    declared, counted = act.step_tokens, 0
-                elif act.step_tokens != declared:
-                    raise BadReply(f"micro-batch {t} declares {act.step_tokens} step tokens, its step {declared}")
-                if declared < 1:
-                    raise BadReply(f"micro-batch {t}'s optimizer step declares {declared} target tokens")
-                value, positions = self.split.back_loss(full(part.params), x, mask, labels, self.split.cut.front)
-                if not torch.isfinite(value):
-                    raise BadReply(f"diverged: non-finite loss at micro-batch {t}")
-                (value / declared).backward()
-                counted += positions
-                if plan.ends_step(t) and counted != declared:
-                    raise BadReply(f"its step declared {declared} target tokens, its labels hold {counted}")
-                loss, tokens = loss + float(value.detach()), tokens + positions
-            g = x.grad
-            grad_wire = self.activations.encode({"h": g}, {}, generator(self.s.seed, r, c, 1 << 20 | t))[0]
-            if plan.ends_step(t):
-                part.sq = sq_norm(part.params.values())
-        finish = Forward(r, plan.count, grad=grad_wire, server_sq_norm=part.sq, continues=True)
+        run = self._u_shape if self.s.shape == "u" else self._vanilla
+        tally = yield from run(r, c, plan, part, act, _Tally(error=act.codec_error))
+        finish = Forward(r, plan.count, grad=tally.grad, server_sq_norm=part.sq, continues=True)
         done = _expect(Done, (yield finish), r, None)
         check_numbers(steps=done.steps, local_train_s=done.local_train_s)
         check_cost(done.peak_bytes, done.flops)
         if done.steps != plan.steps:
             raise BadReply(f"reports {done.steps} optimizer steps; its round has {plan.steps}")
         part.step(_client_sq(done.client_sq_norm), plan.lr(plan.count - 1))
-        try:
-            delta = self.uplink.decode(done.delta, client_part)
-        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
-            raise BadReply(f"cannot decode the client part's update: {exc}") from None
-        problem = update_problem(delta, client_part)
-        if problem:
-            raise BadReply(problem)
+        delta = decode_or_drop(self.uplink, done.delta, client_part, "the client part's update")
+        check_update(delta, client_part)
         copy = part.values()
         server_delta = {k: copy[k] - server_start[k] for k in copy} if self.s.server_part == "per_client" else {}
         return _Outcome(
             Contribution(c, delta, weight),
             server_delta,
-            loss,
-            int(tokens),
+            tally.loss,
+            int(tally.tokens),
             done.local_train_s,
             plan.count,
             plan.steps,
-            error,
+            tally.error,
             done.peak_bytes,
             done.flops,
-            fed,
+            tally.fed,
         )
+
+    def _u_shape(
+        self, r: int, c: int, plan: StepPlan, part: _Part, act: Activations, tally: _Tally
+    ) -> Generator[Any, Any, _Tally]:
+        """Shape u: the middle blocks on each micro-batch; the client sends the gradient at the second cut.
+
+        A step's first micro-batch's activations come with a ``Forward``; within a step, the next
+        micro-batch's ride in the ``BackReply`` and the last gradient at the first cut in the ``Back``."""
+        for t in range(plan.count):
+            if t > 0 and plan.group(t)[0] == t:
+                act = yield from self._next_forward(r, t, plan, part, tally)
+            # else (within a step): ``act`` came with the last BackReply
+            x, mask = self._take(act, tally)
+            out = self.split.middle(self._full(part.params), x, mask)  # (B, T, H)
+            gen = rng.torch_generator(rng.SPLIT_MIDDLE, self.s.seed, r, c, t)
+            sent = self.activations.encode({"h": out.detach()}, {}, gen)[0]
+            back = _expect(BackReply, (yield Back(r, t, sent, grad=tally.grad)), r, t)
+            tally.grad = {}
+            check_numbers(tokens=back.tokens, codec_error=back.codec_error)
+            due = t + 1 < plan.count and not plan.ends_step(t)  # the next micro-batch's activations
+            if back.carries != due:
+                what = "no activations" if due else "activations"
+                raise BadReply(f"sent {what} for micro-batch {t + 1} with micro-batch {t}'s gradient")
+            if not math.isfinite(back.loss_sum):
+                raise BadReply(f"diverged: non-finite loss at micro-batch {t}")
+            check_numbers(loss_sum=back.loss_sum)
+            if back.tokens > mask.numel():
+                raise BadReply(f"{back.tokens} target positions in a micro-batch of {mask.numel()} tokens")
+            grad = self._tensor(back.grad, out.shape, "the gradient at the second cut")
+            out.backward(grad.to(out.dtype))
+            tally.loss, tally.tokens = tally.loss + back.loss_sum, tally.tokens + back.tokens
+            tally.error = max(tally.error, back.codec_error)
+            if due:
+                act = back.carried()
+            self._gradient_at_cut(r, c, t, x, plan, part, tally)
+        return tally
+
+    def _vanilla(
+        self, r: int, c: int, plan: StepPlan, part: _Part, act: Activations, tally: _Tally
+    ) -> Generator[Any, Any, _Tally]:
+        """Shape vanilla: the rest of the model, head and loss, on each micro-batch with the client's labels."""
+        declared = counted = 0
+        for t in range(plan.count):
+            if t > 0:
+                act = yield from self._next_forward(r, t, plan, part, tally)
+            x, mask = self._take(act, tally)
+            labels = self._labels(act, mask)
+            if t == plan.group(t)[0]:
+                declared, counted = act.step_tokens, 0
+            elif act.step_tokens != declared:
+                raise BadReply(f"micro-batch {t} declares {act.step_tokens} step tokens, its step {declared}")
+            if declared < 1:
+                raise BadReply(f"micro-batch {t}'s optimizer step declares {declared} target tokens")
+            value, positions = self.split.back_loss(self._full(part.params), x, mask, labels, self.split.cut.front)
+            if not torch.isfinite(value):
+                raise BadReply(f"diverged: non-finite loss at micro-batch {t}")
+            (value / declared).backward()
+            counted += positions
+            if plan.ends_step(t) and counted != declared:
+                raise BadReply(f"its step declared {declared} target tokens, its labels hold {counted}")
+            tally.loss, tally.tokens = tally.loss + float(value.detach()), tally.tokens + positions
+            self._gradient_at_cut(r, c, t, x, plan, part, tally)
+        return tally
+
+    def _next_forward(
+        self, r: int, t: int, plan: StepPlan, part: _Part, tally: _Tally
+    ) -> Generator[Any, Any, Activations]:
+        """Ask for micro-batch ``t``'s activations with the last gradient at the first cut; when micro-batch
+        ``t - 1`` ended an optimizer step, both sides take it now (global clipping over both parts)."""
+        finished = plan.ends_step(t - 1)
+        request = Forward(r, t, grad=tally.grad, server_sq_norm=part.sq if finished else None, continues=True)
+        act = _expect(Activations, (yield request), r, t)
+        tally.grad = {}
+        if finished:
+            part.step(_client_sq(act.client_sq_norm), plan.lr(t - 1))
+        return act
+
+    def _take(self, act: Activations, tally: _Tally) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch's hidden states (a leaf that will hold their gradient) and mask, checked and counted."""
+        check_numbers(codec_error=act.codec_error, step_tokens=act.step_tokens)
+        tally.error = max(tally.error, act.codec_error)
+        hidden, mask = self._activations(act)
+        tally.fed += int(mask.sum())
+        return hidden.detach().requires_grad_(True), mask
+
+    def _gradient_at_cut(self, r: int, c: int, t: int, x: torch.Tensor, plan: StepPlan, part: _Part, tally: _Tally):
+        """Micro-batch ``t``'s gradient at the first cut, encoded for the client's next request; the server
+        part's squared gradient norm once ``t`` ends an optimizer step."""
+        gen = rng.torch_generator(rng.SPLIT_CUT_GRAD, self.s.seed, r, c, t)
+        tally.grad = self.activations.encode({"h": x.grad}, {}, gen)[0]
+        if plan.ends_step(t):
+            part.sq = sq_norm(part.params.values())
 
     def _full(self, params: Params) -> Params:
         return {self.names[k]: v for k, v in params.items()}
@@ -342,10 +389,7 @@ class SplitLearning:
         """The hidden states (B, T, H) and mask (B, T) of a reply, checked against what the cut can carry."""
         b, t = self.s.training.batch_size, self.s.max_seq_len
         like = torch.empty(b * t * self.hidden, device="meta")
-        try:
-            hidden = self.activations.decode(act.hidden, {"h": like})["h"]
-        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
-            raise BadReply(f"cannot decode the hidden states: {exc}") from None
+        hidden = decode_or_drop(self.activations, act.hidden, {"h": like}, "the hidden states")["h"]
         if hidden.ndim != 3 or not (1 <= hidden.shape[0] <= b and 1 <= hidden.shape[1] <= t):
             raise BadReply(
                 f"hidden states of shape {tuple(hidden.shape)}; the cut carries (<= {b}, <= {t}, {self.hidden})"
@@ -374,10 +418,7 @@ class SplitLearning:
 
     def _tensor(self, wire: Params, shape: torch.Size, what: str) -> torch.Tensor:
         like = torch.empty(shape, device="meta")
-        try:
-            value = self.activations.decode(wire, {"h": like})["h"]
-        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
-            raise BadReply(f"cannot decode {what}: {exc}") from None
+        value = decode_or_drop(self.activations, wire, {"h": like}, what)["h"]
         if value.shape != shape or not value.is_floating_point():
             raise BadReply(f"{what} has shape {tuple(value.shape)}, expected {tuple(shape)}")
         if not math.isfinite(fused_norm({"h": value})):
@@ -402,13 +443,6 @@ def _client_sq(value: float | None) -> float:
         raise BadReply("did not send its squared gradient norm at the end of an optimizer step")
     check_numbers(client_sq_norm=value)
     return float(value)
-
-
-def _weight(act: Activations, s: SplitSettings, c: int, r: int) -> float:
-    try:
-        return client_weight(act.num_examples, act.num_tokens, s.weighting, s.weight_cap, f"round {r}: client {c}")
-    except ValueError as exc:
-        raise BadReply(str(exc)) from None
 
 
 __all__ = ["SplitLearning", "SplitSettings", "SplitState"]

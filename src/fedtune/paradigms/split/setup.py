@@ -1,4 +1,4 @@
-"""Split-FedLLM from a config: the cut, the server's part and its aggregators, the clients' part."""
+"""Split-FedLLM from a plan: the cut, the server's part and its aggregators, the clients' part."""
 
 from __future__ import annotations
 
@@ -9,37 +9,42 @@ from fedtune.adapters.split import Cut, SplitModel, full_names
 from fedtune.aggregation import build_aggregator
 from fedtune.client.data import ClientData
 from fedtune.evaluation.harness import EvalSet
+from fedtune.paradigms.plan import ParadigmPlan, Workbench
 from fedtune.paradigms.split.client import SplitClient, SplitClientSettings
 from fedtune.paradigms.split.server import SplitLearning, SplitSettings
 from fedtune.wire.link import Link
 
 if TYPE_CHECKING:
     from fedtune.aggregation.weighting import WeightCap
-    from fedtune.assembly import Workbench
-    from fedtune.config import ExperimentConfig
+    from fedtune.paradigms.base import EvaluateAdapter
+    from fedtune.paradigms.split.settings import SplitConfig
 
 log = logging.getLogger("fedtune")
 
 
-def split_model(cfg: ExperimentConfig, bench: Workbench) -> tuple[SplitModel, dict[str, str], list[str], list[str]]:
+def _split(plan: ParadigmPlan) -> SplitConfig:
+    return plan.settings  # type: ignore[return-value]  (the plan of paradigm split carries its settings)
+
+
+def split_model(plan: ParadigmPlan, bench: Workbench) -> tuple[SplitModel, dict[str, str], list[str], list[str]]:
     """The cut model, adapter name -> full parameter name, and the (client, server) adapter tensor names."""
-    s = cfg.split
+    s = _split(plan)
     split = SplitModel(bench.adapter.model, Cut(s.client_front, s.back(), s.shape))
     names = full_names(bench.adapter.model, bench.adapter.params)
     client, server = split.partition(bench.adapter.params)
     return split, names, client, server
 
 
-def activation_link(cfg: ExperimentConfig) -> Link:
-    return Link.from_specs(cfg.split.activation_codecs)
+def activation_link(plan: ParadigmPlan) -> Link:
+    return Link.from_specs(_split(plan).activation_codecs)
 
 
-def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap: WeightCap) -> SplitLearning:
-    split, names, client, server_names = split_model(cfg, bench)
-    s, n = cfg.split, cfg.partition.num_clients
-    alpha = cfg.adapter.alpha if cfg.adapter.is_lora() else None
-    aggregator = build_aggregator(cfg.aggregation, n, alpha)
-    server_aggregator = build_aggregator(cfg.aggregation, n, alpha) if s.server_part == "per_client" else None
+def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapter, weight_cap: WeightCap):
+    split, names, client, server_names = split_model(plan, bench)
+    s, n = _split(plan), plan.num_clients
+    alpha = plan.adapter.alpha if plan.adapter.is_lora() else None
+    aggregator = build_aggregator(plan.aggregation, n, alpha)
+    server_aggregator = build_aggregator(plan.aggregation, n, alpha) if s.server_part == "per_client" else None
     cut = split.cut
     log.info(
         "split: shape %s; client blocks %s, server blocks %d-%d of %d; server part %s; activations %s",
@@ -49,23 +54,23 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
         split.layers - cut.back - 1,
         split.layers,
         "shared, clients in turn (SplitFed v2)" if s.server_part == "shared" else "one copy per client (SplitFed v1)",
-        activation_link(cfg).describe(),
+        activation_link(plan).describe(),
     )
     if cut.shape == "vanilla":
         log.warning(
-            "split.shape=vanilla: the server runs the LM head and the loss, so every client sends its next-token "
-            "labels, i.e. the text of its training examples; use split.shape=u to keep them on the clients"
+            "paradigm.shape=vanilla: the server runs the LM head and the loss, so every client sends its next-token "
+            "labels, i.e. the text of its training examples; use shape u to keep them on the clients"
         )
     settings = SplitSettings(
         s.shape,
         s.server_part,
         n,
-        cfg.seed,
-        cfg.aggregation.weighting,
+        plan.seed,
+        plan.aggregation.weighting,
         weight_cap,
-        cfg.training,
-        cfg.federation.rounds,
-        cfg.data.max_seq_len,
+        plan.training,
+        plan.rounds,
+        plan.data.max_seq_len,
     )
     return SplitLearning(
         split,
@@ -78,16 +83,14 @@ def server(cfg: ExperimentConfig, bench: Workbench, evaluate_adapter, weight_cap
         bench.initial,
         bench.uplink,
         bench.downlink,
-        activation_link(cfg),
+        activation_link(plan),
         evaluate_adapter,
     )
 
 
-def client(
-    cfg: ExperimentConfig, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None
-) -> SplitClient:
-    split, names, client_names, _ = split_model(cfg, bench)
-    settings = SplitClientSettings(cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id)
+def client(plan: ParadigmPlan, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None):
+    split, names, client_names, _ = split_model(plan, bench)
+    settings = SplitClientSettings(plan.training, plan.rounds, plan.seed, bench.tokenizer.pad_token_id)
     return SplitClient(
         split,
         {k: names[k] for k in client_names},
@@ -96,5 +99,5 @@ def client(
         settings,
         bench.uplink,
         bench.downlink,
-        activation_link(cfg),
+        activation_link(plan),
     )

@@ -3,12 +3,12 @@
 One optimizer step covers ``grad_accum`` micro-batches, exactly as ``client.local_training`` does on
 the whole model. Gradient clipping is global over both parts: each side sends the squared norm of
 its own gradients, so both scale by ``max_norm / (‖g‖ + 1e-6)`` (at most 1), as
-``torch.nn.utils.clip_grad_norm_`` would on the unsplit model.
+``torch.nn.utils.clip_grad_norm_`` would on the unsplit model (``local_training.optimizer_step``
+with the summed ``grad_sq_norm``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -58,14 +58,3 @@ def sq_norm(tensors: Iterable[torch.Tensor]) -> float:
         if t.grad is not None:
             total += float(torch.linalg.vector_norm(t.grad.float())) ** 2
     return total
-
-
-def clip(tensors: Iterable[torch.Tensor], total_sq: float, max_norm: float | None) -> None:
-    """Scale the gradients as clip_grad_norm_ would for a global squared norm ``total_sq``."""
-    if max_norm is None:
-        return
-    coef = max_norm / (math.sqrt(total_sq) + 1e-6)
-    if coef < 1.0:
-        for t in tensors:
-            if t.grad is not None:
-                t.grad.mul_(coef)

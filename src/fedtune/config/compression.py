@@ -6,14 +6,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from fedtune.config_base import Strict as _Strict
-from fedtune.registry import CODECS, VALUE_CODECS
+from fedtune.config.base import Strict
+from fedtune.core.registry import CODECS, VALUE_CODECS
 
 DOWNLINK_CODECS = VALUE_CODECS  # the downlink carries the adapter itself, not an update
 _CODEC_FIELDS = {e.name: set(e.options.values()) for e in CODECS}  # which optional keys each codec takes
 
 
-class CodecConfig(_Strict):
+class CodecConfig(Strict):
     """One compression stage; a bare name (``int8``) stands for ``{name: int8}`` with defaults."""
 
     name: CODECS.literal() = Field(description=CODECS.describe())
@@ -49,7 +49,7 @@ class CodecConfig(_Strict):
         return {"name": self.name, **{k: getattr(self, k) for k in sorted(_CODEC_FIELDS.get(self.name, ()))}}
 
 
-class CompressionConfig(_Strict):
+class CompressionConfig(Strict):
     """What crosses the network: codec chains for each direction (docs/algorithms/compression.md)."""
 
     uplink: list[CodecConfig] = Field(

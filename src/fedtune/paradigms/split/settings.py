@@ -1,23 +1,22 @@
-"""The ``split`` config section: Split-FedLLM, the model cut between client and server.
-
-docs/algorithms/split.md has the protocol and its costs; ``paradigm: split`` turns it on.
+"""Split-FedLLM's settings (``paradigm: {name: split, ...}``): where the model is cut, and how the server's
+part is trained. docs/algorithms/split.md has the protocol and its costs.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from fedtune.config_base import Strict as _Strict
-from fedtune.registry import SPLIT_METHODS, VALUE_CODECS
+from fedtune.config.paradigm import ParadigmConfig
+from fedtune.core.registry import SPLIT_METHODS, VALUE_CODECS
 
 if TYPE_CHECKING:
-    from fedtune.config import ExperimentConfig
+    from fedtune.config.experiment import ExperimentConfig
 
 
-class SplitConfig(_Strict):
-    """Split-FedLLM (paradigm: split): where the model is cut, and how the server's part is trained."""
+class SplitConfig(ParadigmConfig):
+    """Split-FedLLM (paradigm split): where the model is cut, and how the server's part is trained."""
 
     shape: Literal["u", "vanilla"] = Field(
         "u",
@@ -41,10 +40,21 @@ class SplitConfig(_Strict):
         "(value codecs only, e.g. bf16, fp16, int8); the error against uncompressed is reported",
     )
 
+    @field_validator("activation_codecs")
+    @classmethod
+    def _value_codecs(cls, chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        bad = [s.get("name") for s in chain if s.get("name") not in VALUE_CODECS]
+        if bad:
+            raise ValueError(
+                f"activation codecs may be the value codecs {', '.join(VALUE_CODECS)} (every hidden state and "
+                f"gradient is needed), not {bad}"
+            )
+        return chain
+
     @model_validator(mode="after")
     def _back_fits_shape(self) -> SplitConfig:
         if self.shape == "vanilla" and self.client_back:
-            raise ValueError("split.client_back applies to split.shape=u (vanilla keeps the head on the server)")
+            raise ValueError("paradigm.client_back applies to shape u (vanilla keeps the head on the server)")
         return self
 
     def back(self) -> int:
@@ -54,24 +64,8 @@ class SplitConfig(_Strict):
         return 1 if self.client_back is None else self.client_back
 
 
-def check_split_fits(cfg: ExperimentConfig) -> None:
-    """ValueError naming what split learning does not do (yet) in the rest of ``cfg``, said before a model
-    is loaded."""
-    c = cfg.compression
-    unused = ["training.proximal_mu (FedProx)"] if cfg.training.proximal_mu else []
-    unused += ["aggregation.scaffold"] if cfg.aggregation.scaffold else []
-    unused += ["adapter.client_ranks"] if cfg.adapter.client_ranks is not None else []
-    unused += ["compression.error_feedback"] if c.error_feedback else []
-    unused += ["compression.downlink_updates"] if c.downlink_updates else []
-    unused += ["evaluation.per_client (the clients hold only their part)"] if cfg.evaluation.per_client else []
-    if unused:
-        raise ValueError(f"paradigm split does not support {', '.join(unused)}; remove them")
-    bad = [s.get("name") for s in cfg.split.activation_codecs if s.get("name") not in VALUE_CODECS]
-    if bad:
-        raise ValueError(
-            f"split.activation_codecs may use the value codecs {', '.join(VALUE_CODECS)} (every hidden state and "
-            f"gradient is needed), not {bad}"
-        )
+def check(cfg: ExperimentConfig) -> None:
+    """Split learning's own rule: every trained tensor must sit inside a decoder block, on one side of a cut."""
     if cfg.adapter.method not in SPLIT_METHODS:
         raise ValueError(
             f"adapter.method={cfg.adapter.method} has tensors outside the decoder blocks, which split learning "

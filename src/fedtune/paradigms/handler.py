@@ -9,24 +9,11 @@ state; in deployment a client keeps its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
 
 from fedtune.client.data import ClientData
-from fedtune.types import ClientState
-from fedtune.wire.messages import Message, decode_message, encode_message
-
-
-class ClientParadigm(Protocol):
-    """A paradigm's client half (``fedtune.paradigms``): serves the requests of its conversations.
-
-    One may also offer ``serve_many([(client id, request, state), ...]) -> [(reply, state), ...]``, to
-    serve several clients' requests in one go (parameter sharing's joint training)."""
-
-    serves: tuple[type, ...]  # the request message classes this client half accepts
-
-    def serve(self, client_id: int, request: Any, state: ClientState) -> tuple[Message, ClientState]:
-        """Serve one request as ``client_id``; ``state`` is that client's persistent state, returned updated."""
-        ...
+from fedtune.core.types import ClientState
+from fedtune.paradigms.base import ClientParadigm
+from fedtune.wire.messages import decode_message, encode_message
 
 
 class ClientHandler:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from fedtune.config_base import Strict as _Strict
-
-if TYPE_CHECKING:
-    from fedtune.config import ExperimentConfig
+from fedtune.config.base import Strict
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     """Scale-out simulation: a pool of Ray workers, each holding one base model."""
 
     address: str | None = Field(
@@ -24,7 +21,7 @@ class RayConfig(_Strict):
     torch_threads: int | None = Field(None, ge=1, description="torch threads per worker; default cpus_per_worker")
 
 
-class FlowerConfig(_Strict):
+class FlowerConfig(Strict):
     """Deployment: `fedtune server CONFIG` coordinates, `fedtune client CONFIG --data PATH --key KEY` joins."""
 
     address: str = Field("127.0.0.1:9092", description="HOST:PORT where clients reach the coordinator")
@@ -51,7 +48,7 @@ class FlowerConfig(_Strict):
         return v
 
 
-class RuntimeConfig(_Strict):
+class RuntimeConfig(Strict):
     """How messages reach clients."""
 
     name: Literal["in_process", "ray", "flower"] = Field(
@@ -102,41 +99,3 @@ class RuntimeConfig(_Strict):
                 "set lanes=1 or auto, or remove joint_clients"
             )
         return self
-
-
-def gpu_misfit(cfg: ExperimentConfig) -> str | None:
-    """What in ``cfg`` keeps its model off a GPU (None: nothing): the tensors of KD's and split learning's
-    messages and DP-SGD's noise generator are CPU-only so far."""
-    if cfg.paradigm != "parameter_sharing":
-        return f"paradigm {cfg.paradigm} (its exchanges run on the CPU so far)"
-    if cfg.privacy.dp_sgd is not None:
-        return "privacy.dp_sgd (its noise generator is a CPU one so far)"
-    if cfg.runtime.name == "ray":
-        return "runtime ray (its workers share the driver's base weights through host memory)"
-    return None
-
-
-def joint_misfit(cfg: ExperimentConfig) -> str | None:
-    """What in ``cfg`` keeps its clients from training jointly (None: nothing)."""
-    if cfg.paradigm != "parameter_sharing":
-        return f"paradigm {cfg.paradigm} (it applies to parameter_sharing)"
-    if cfg.privacy.dp_sgd is not None:
-        return "privacy.dp_sgd (each example is clipped on its own)"
-    return cfg.adapter.joint_misfit()
-
-
-def check_placement_fits(cfg: ExperimentConfig) -> None:
-    """ValueError naming what in ``cfg`` an explicit model.device or runtime.joint_clients does not combine with."""
-    device, lanes = cfg.model.device, cfg.runtime.lanes
-    if device.startswith("cuda"):
-        why = gpu_misfit(cfg)
-        if why is not None:
-            raise ValueError(f"model.device={device} does not combine with {why}; use cpu or auto")
-        if isinstance(lanes, int) and lanes > 1:
-            raise ValueError(
-                f"model.device={device} with runtime.lanes={lanes}: lanes are forked processes, and CUDA does not "
-                "survive a fork; use lanes=1 or auto (clients share a GPU through runtime.joint_clients)"
-            )
-    joint = cfg.runtime.joint_clients
-    if joint not in (1, "auto") and (why := joint_misfit(cfg)) is not None:
-        raise ValueError(f"runtime.joint_clients={joint} does not combine with {why}; remove it")

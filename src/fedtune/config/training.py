@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fedtune.config_base import Strict as _Strict
+from fedtune.config.base import Strict
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Strict):
     """Local training on each client."""
 
     local_steps: int | None = Field(5, ge=1, description="optimizer steps per round (or use local_epochs)")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedtune.types import Params
+from fedtune.core.types import Params
 from fedtune.wire.link import Link
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from fedtune.config_base import Strict as _Strict
+from fedtune.config.base import Strict
 
 
-class CompareConfig(_Strict):
+class CompareConfig(Strict):
     """fedtune compare: variants of this config side by side, each over several seeds."""
 
     variants: dict[str, dict[str, Any]] = Field(

@@ -6,8 +6,9 @@ forgotten in another. Targets are ``"module:attribute"`` strings imported on fir
 config never imports torch. ``tests/test_registry.py`` imports every target.
 
 Adding a plug-in: one ``Entry`` here, its code at the target, and a row in the kind's table tests.
-A paradigm's target is a module with ``server(cfg, bench, evaluate_adapter, weight_cap)`` and
-``client(cfg, bench, data, eval_set)`` (docs/architecture.md, "Adding a paradigm").
+A paradigm's target is the ``Paradigm`` object its package declares (``fedtune.config.paradigm``);
+a paradigm outside the package needs no entry: a config names it by its import path
+(docs/architecture.md, "Adding a paradigm").
 """
 
 from __future__ import annotations
@@ -39,11 +40,19 @@ class Entry:
 class Registry:
     """The entries of one plug-in kind, keyed by name, in their documented order."""
 
-    def __init__(self, kind: str, key: str, entries: Sequence[Entry]):
-        self.kind, self.key = kind, key  # e.g. "codec", "compression.uplink[].name"
+    def __init__(self, kind: str, key: str, entries: Sequence[Entry], external: bool = False):
+        """``external``: a name of the form ``package.module:ATTRIBUTE`` also loads, the plug-in at that
+        import path (a plug-in outside fedtune, e.g. a paradigm of one's own, named so in a config)."""
+        self.kind, self.key, self.external = kind, key, external  # e.g. "codec", "compression.uplink[].name"
         self._entries = {e.name: e for e in entries}
         if len(self._entries) != len(entries):
             raise ValueError(f"duplicate {kind} names in {[e.name for e in entries]}")
+
+    def register(self, entry: Entry) -> None:
+        """Add a plug-in in this process (a config naming it by its import path works in every process)."""
+        if entry.name in self._entries and self._entries[entry.name] != entry:
+            raise ValueError(f"a {self.kind} named {entry.name!r} is registered already ({self._entries[entry.name]})")
+        self._entries[entry.name] = entry
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
@@ -56,13 +65,21 @@ class Registry:
 
     def entry(self, name: str) -> Entry:
         if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} {name!r} ({self.key}); allowed: {', '.join(self._entries)}")
+            if self.external and is_import_path(name):
+                return Entry(name, "", name)
+            also = " or an import path package.module:ATTRIBUTE" if self.external else ""
+            raise ValueError(f"unknown {self.kind} {name!r} ({self.key}); allowed: {', '.join(self._entries)}{also}")
         return self._entries[name]
 
     def load(self, name: str) -> Any:
         """The entry's code: the attribute its target names (a module when the target has no ``:``)."""
         module, _, attr = self.entry(name).target.partition(":")
-        loaded = importlib.import_module(module)
+        try:
+            loaded = importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(f"{self.kind} {name!r} ({self.key}): cannot import {module}: {exc}") from None
+        if attr and not hasattr(loaded, attr):
+            raise ValueError(f"{self.kind} {name!r} ({self.key}): {module} has no attribute {attr!r}")
         return getattr(loaded, attr) if attr else loaded
 
     def kwargs(self, name: str, section: Any) -> dict[str, Any]:
@@ -83,27 +100,16 @@ class Registry:
         return prefix + "; ".join(f"{e.name}: {e.summary}" for e in self._entries.values())
 
 
+# one line per paradigm: its name and its plug-in object (whose summary, settings and capabilities it declares)
 PARADIGMS = Registry(
     "paradigm",
-    "paradigm",
+    "paradigm.name",
     [
-        Entry(
-            "parameter_sharing",
-            "clients train adapters and send their updates; the server aggregates them (FedAvg family)",
-            "fedtune.paradigms.parameter_sharing.setup",
-        ),
-        Entry(
-            "kd",
-            "clients send top-k token probabilities on a public set; the server forms their consensus (kd section)",
-            "fedtune.paradigms.kd.setup",
-        ),
-        Entry(
-            "split",
-            "the model is cut between client and server; hidden states and their gradients cross at every local "
-            "step, and each side trains its own adapter (split section)",
-            "fedtune.paradigms.split.setup",
-        ),
+        Entry("parameter_sharing", "", "fedtune.paradigms.parameter_sharing:PARADIGM"),
+        Entry("kd", "", "fedtune.paradigms.kd:PARADIGM"),
+        Entry("split", "", "fedtune.paradigms.split:PARADIGM"),
     ],
+    external=True,
 )
 
 AGGREGATORS = Registry(
@@ -216,3 +222,9 @@ PEFT_METHODS = Registry(
 SPLIT_METHODS = tuple(e.name for e in PEFT_METHODS if e.info.get("in_blocks"))  # every tensor inside a block
 
 ALL: tuple[Registry, ...] = (PARADIGMS, AGGREGATORS, COMBINERS, CODECS, PEFT_METHODS)
+
+
+def is_import_path(name: str) -> bool:
+    """``package.module:ATTRIBUTE``: dotted identifiers, one colon, one identifier."""
+    module, sep, attr = name.partition(":")
+    return bool(sep) and attr.isidentifier() and all(part.isidentifier() for part in module.split("."))

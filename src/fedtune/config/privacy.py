@@ -5,17 +5,14 @@ docs/privacy.md has the threat model, the formulas and what each setting protect
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fedtune.config_base import Strict as _Strict
-
-if TYPE_CHECKING:
-    from fedtune.config import ExperimentConfig
+from fedtune.config.base import Strict
 
 
-class AdaptiveClipConfig(_Strict):
+class AdaptiveClipConfig(Strict):
     """Adaptive clipping (Andrew et al. 2021): the clipping norm follows a quantile of the update norms."""
 
     target_quantile: float = Field(0.5, gt=0, lt=1, description="γ: the share of updates meant to be unclipped")
@@ -29,7 +26,7 @@ class AdaptiveClipConfig(_Strict):
     )
 
 
-class SecureAggregationConfig(_Strict):
+class SecureAggregationConfig(Strict):
     """Secure aggregation (Bonawitz et al. 2017): the server learns only the sum of the round's updates."""
 
     threshold: float = Field(
@@ -48,7 +45,7 @@ class SecureAggregationConfig(_Strict):
     precision_bits: int = Field(16, ge=1, le=40, description="fractional bits of the fixed-point encoding")
 
 
-class DpSgdConfig(_Strict):
+class DpSgdConfig(Strict):
     """Sample-level DP-SGD inside each client (Abadi et al. 2016), through Opacus."""
 
     noise_multiplier: float = Field(
@@ -59,7 +56,7 @@ class DpSgdConfig(_Strict):
     accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's accountant for each client's ε")
 
 
-class PrivacyConfig(_Strict):
+class PrivacyConfig(Strict):
     """Client-level DP: each client's update clipped to clip_norm, Gaussian noise on the sum, epsilon reported."""
 
     client_dp: Literal["off", "central", "distributed"] = Field(
@@ -148,78 +145,3 @@ class PrivacyConfig(_Strict):
     def any(self) -> bool:
         """Client-level DP, secure aggregation or DP-SGD is on."""
         return self.on() or self.secure_aggregation is not None or self.dp_sgd is not None
-
-
-def check_privacy_fits(cfg: ExperimentConfig) -> None:
-    """ValueError naming what the privacy settings cannot be combined with in ``cfg``. With client-level DP or
-    secure aggregation, resolves aggregation.lora auto to ffa (FFA-LoRA: only B is averaged, so a sum of
-    updates stays exact) and the weighting to uniform."""
-    p = cfg.privacy
-    if not p.any():
-        return
-    server_side = p.on() or p.secure_aggregation is not None
-    what = "privacy.client_dp" if p.on() else "privacy.secure_aggregation" if server_side else "privacy.dp_sgd"
-    if cfg.paradigm != "parameter_sharing":
-        raise ValueError(
-            f"{what} applies to paradigm parameter_sharing (this config's is {cfg.paradigm}); "
-            "docs/privacy.md says what KD and split learning reveal"
-        )
-    if p.dp_sgd is not None:
-        _check_dp_sgd(cfg)
-    if not server_side:
-        return  # DP-SGD alone changes nothing on the server
-    n = cfg.partition.num_clients
-    if p.on() and p.delta >= 1 / n:
-        raise ValueError(
-            f"privacy.delta={p.delta} is not below 1 / partition.num_clients = {1 / n:.4g}: a guarantee with "
-            "such a delta allows revealing a whole client's data; use a smaller delta (e.g. 1e-5)"
-        )
-    agg = cfg.aggregation
-    problems = []
-    if agg.combine != "mean":
-        problems.append(f"aggregation.combine={agg.combine} (robust combiners are not a sum the noise can protect)")
-    if agg.scaffold:
-        problems.append("aggregation.scaffold (control variates are per-client values sent in the clear)")
-    if agg.clip_norm is not None and p.on():
-        problems.append("aggregation.clip_norm (privacy.clip_norm is the clipping norm)")
-    if p.secure_aggregation is not None:
-        c = cfg.compression
-        if c.uplink or c.error_feedback:
-            problems.append("compression.uplink (secure aggregation encodes updates as fixed-point sums itself)")
-        if agg.clip_norm is not None:
-            problems.append("aggregation.clip_norm (the server cannot clip what it cannot see)")
-        if agg.max_update_norm is not None:
-            problems.append("aggregation.max_update_norm (the server cannot see an update's norm)")
-        if c.downlink_updates:
-            problems.append("compression.downlink_updates")
-    if "weighting" in agg.model_fields_set and agg.weighting != "uniform":
-        problems.append(f"aggregation.weighting={agg.weighting} (every client counts once here: uniform)")
-    if cfg.adapter.client_ranks is not None:
-        problems.append("adapter.client_ranks (heterogeneous ranks need factor-wise aggregation)")
-    if cfg.adapter.is_lora() and agg.lora == "exact":
-        problems.append(
-            "aggregation.lora=exact (it factorises the mean of B·A, which is not a sum of clipped updates): "
-            "use ffa (exact under a sum, the default with privacy) or naive"
-        )
-    if cfg.adapter.is_lora() and agg.lora == "naive" and p.secure_aggregation is not None:
-        problems.append("aggregation.lora=naive (its error needs each client's factors): use ffa, the default")
-    if problems:
-        raise ValueError(f"{what} cannot be combined with " + "; ".join(problems))
-    if cfg.adapter.is_lora() and agg.lora == "auto":
-        agg.lora = "ffa"
-    agg.weighting = "uniform"  # said in the saved config, so a resumed run reads the same
-
-
-def _check_dp_sgd(cfg: ExperimentConfig) -> None:
-    t = cfg.training
-    problems = []
-    if t.grad_accum != 1:
-        problems.append("training.grad_accum (each step's batch is one Poisson sample)")
-    if t.proximal_mu:
-        problems.append("training.proximal_mu (FedProx's gradient term is not clipped per example)")
-    if cfg.aggregation.scaffold:
-        problems.append("aggregation.scaffold (SCAFFOLD's correction is not clipped per example)")
-    if t.local_steps is None:
-        problems.append("training.local_epochs (DP-SGD counts local_steps of Poisson-sampled batches)")
-    if problems:
-        raise ValueError("privacy.dp_sgd cannot be combined with " + "; ".join(problems))

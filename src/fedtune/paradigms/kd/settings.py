@@ -1,6 +1,6 @@
-"""The ``kd`` config section: KD-FedLLM, where clients share token distributions on a public set.
+"""KD-FedLLM's settings (``paradigm: {name: kd, ...}``): what clients send about the public set, and what comes back.
 
-docs/algorithms/kd.md has the formulas; ``paradigm: kd`` turns it on.
+docs/algorithms/kd.md has the formulas.
 """
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from fedtune.config_base import Strict as _Strict
-from fedtune.config_base import changed_keys
-from fedtune.registry import VALUE_CODECS
+from fedtune.config.paradigm import ParadigmConfig
+from fedtune.core.registry import VALUE_CODECS
 
 if TYPE_CHECKING:
-    from fedtune.config import ExperimentConfig
+    from fedtune.config.experiment import ExperimentConfig
 
 
-class KDConfig(_Strict):
-    """KD-FedLLM (paradigm: kd): what clients send about the public set, and what comes back."""
+class KDConfig(ParadigmConfig):
+    """KD-FedLLM (paradigm kd): what clients send about the public set, and what comes back."""
 
     downlink: Literal["logits", "adapter"] = Field(
         "logits",
@@ -56,39 +55,20 @@ class KDConfig(_Strict):
     def _fits_downlink(self) -> KDConfig:
         if self.downlink == "adapter" and self.client_models is not None:
             raise ValueError(
-                "kd.client_models needs kd.downlink=logits: with the adapter on the downlink every client "
-                "trains the one global adapter, which fits one model"
+                "paradigm.client_models needs paradigm.downlink=logits: with the adapter on the downlink every "
+                "client trains the one global adapter, which fits one model"
             )
         if self.client_models is not None and not self.client_models:
-            raise ValueError("kd.client_models must list at least one model, or be left out")
+            raise ValueError("paradigm.client_models must list at least one model, or be left out")
         return self
 
 
-def check_kd_fits(cfg: ExperimentConfig) -> None:
-    """ValueError naming KD settings outside paradigm kd, or parameter-sharing settings KD does not use."""
-    if cfg.paradigm != "kd":
-        if cfg.kd != KDConfig():
-            raise ValueError(f"the kd section applies to paradigm: kd (this config's paradigm is {cfg.paradigm})")
-        builtin = cfg.data.builtin
-        if cfg.data.public_dataset is not None or "public_per_task" in changed_keys(builtin, type(builtin)()):
-            raise ValueError(
-                "data.public_dataset and data.builtin.public_per_task set KD's public set; they apply to paradigm: kd"
-            )
-        return
-    unused = [f"aggregation.{k}" for k in changed_keys(cfg.aggregation, type(cfg.aggregation)())]
-    unused += ["training.proximal_mu (FedProx)"] if cfg.training.proximal_mu else []
-    unused += ["adapter.client_ranks"] if cfg.adapter.client_ranks is not None else []
+def check(cfg: ExperimentConfig) -> None:
+    """KD's own rule: its messages carry probabilities (and the adapter itself), so codecs must keep every value."""
     c = cfg.compression
-    unused += ["compression.error_feedback"] if c.error_feedback else []
-    unused += ["compression.downlink_updates"] if c.downlink_updates else []
-    if unused:
-        raise ValueError(
-            f"paradigm kd does not use {', '.join(unused)}: those belong to parameter sharing (KD forms a "
-            "consensus of token distributions, weighted by kd.weighting); remove them"
-        )
     bad = [s.name for s in [*c.uplink, *c.downlink] if s.name not in VALUE_CODECS]
     if bad:
         raise ValueError(
-            f"paradigm kd sends probabilities (and with kd.downlink=adapter the adapter itself), which must keep "
-            f"every value: compression.uplink/downlink may use {', '.join(VALUE_CODECS)}, not {bad}"
+            f"paradigm kd sends probabilities (and with paradigm.downlink=adapter the adapter itself), which must "
+            f"keep every value: compression.uplink/downlink may use {', '.join(VALUE_CODECS)}, not {bad}"
         )

@@ -33,9 +33,16 @@ BASE = {
 }
 
 
+REPO = Path(__file__).resolve().parents[2]  # on every process's path: plug-ins defined in tests import there too
+
+
 def _merge(a: dict, b: dict) -> dict:
+    """``a`` with ``b``'s values set over it, section by section; a None value removes its key."""
     out = dict(a)
     for k, v in b.items():
+        if v is None:
+            out.pop(k, None)
+            continue
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
@@ -71,7 +78,8 @@ class Federation:
 
     def _start(self, tag: str, *args: str) -> subprocess.Popen:
         out = (self.root / f"{tag}.out").open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": path}
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedtune.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.root
         )

@@ -1,0 +1,63 @@
+"""The ``aggregation`` section: clip -> combine -> server optimizer (docs/algorithms/)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from fedtune.config.base import Strict
+from fedtune.core.registry import AGGREGATORS, COMBINERS
+
+
+class AggregationConfig(Strict):
+    """Server-side aggregation: clip -> combine -> server optimizer (docs/algorithms/)."""
+
+    name: AGGREGATORS.literal() = Field(
+        "fedavg", description=AGGREGATORS.describe("server optimizer applied to the combined update: ")
+    )
+    weighting: Literal["examples", "tokens", "uniform"] = Field(
+        "examples", description="client weight: training examples, target tokens, or equal"
+    )
+    server_lr: float | None = Field(
+        None, gt=0, description="server learning rate η; default 1 (fedavg/m), 0.01 (FedOpt)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum β")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt: first-moment decay β1")
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay β2")
+    tau: float = Field(1e-3, gt=0, description="FedOpt: adaptivity τ (second moments start at τ²)")
+    bias_correction: bool = Field(False, description="FedOpt: Adam-style bias correction (not in the paper)")
+    combine: COMBINERS.literal() = Field("mean", description=COMBINERS.describe("how client updates become one: "))
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end per coordinate")
+    byzantine: int = Field(0, ge=0, description="krum: number f of clients assumed malicious")
+    krum_select: int = Field(1, ge=1, description="krum: how many best-scored updates to average (1 = Krum)")
+    clip_norm: float | None = Field(None, gt=0, description="scale every update down to this L2 norm first")
+    scaffold: bool = Field(False, description="SCAFFOLD control variates (server c, per-client c_i)")
+    lora: Literal["auto", "exact", "naive", "ffa"] = Field(
+        "auto",
+        description="LoRA aggregation: exact (mean of B·A, rank-r SVD; FlexLoRA with client_ranks), naive (A, B "
+        "averaged apart, error reported; HetLoRA zero-padding with client_ranks), ffa (A frozen, exact); auto: exact "
+        "when name=fedavg, combine=mean, no scaffold, else naive",
+    )
+    max_update_norm: float | None = Field(
+        None, gt=0, description="reject (drop and log) any update whose L2 norm exceeds this"
+    )
+
+    @model_validator(mode="after")
+    def _lora_exact_fits(self) -> AggregationConfig:
+        if self.lora == "exact" and not self.exact_lora_compatible():
+            raise ValueError(
+                "aggregation.lora=exact aggregates LoRA products with FedAvg (name=fedavg, server_lr 1, "
+                "combine=mean, no scaffold); for other settings use lora=naive (inexact, error reported) "
+                "or lora=ffa (exact, A frozen)"
+            )
+        return self
+
+    def exact_lora_compatible(self) -> bool:
+        return self.name == "fedavg" and self.combine == "mean" and not self.scaffold and self.server_lr in (None, 1.0)
+
+    def lora_mode(self) -> str:
+        """The LoRA aggregation actually used ('auto' resolved)."""
+        if self.lora != "auto":
+            return self.lora
+        return "exact" if self.exact_lora_compatible() else "naive"

@@ -1,0 +1,16 @@
+"""The ``output`` section: where the run directory goes."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from fedtune.config.base import Strict
+
+
+class OutputConfig(Strict):
+    """Where the run directory goes."""
+
+    dir: str = Field("runs", description="parent directory of run directories")
+    name: str | None = Field(None, description="run directory name; default: the config file's stem")
+    keep_checkpoints: int | None = Field(None, ge=1, description="keep the last N round checkpoints (default all)")
+    progress: bool = Field(True, description="progress bars")
