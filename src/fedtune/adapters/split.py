@@ -8,13 +8,11 @@ embeddings from those positions. Each part is called with the adapter tensors it
 in (``torch.func.functional_call``), so several clients' or copies' tensors can hold autograd graphs
 over one shared base model at once.
 
-Supported block layouts (``LAYOUTS``, by ``config.model_type``): Llama-family models (llama,
-mistral, qwen2, qwen3; SmolLM2 is a Llama) and GPT-2.
+Supported block layouts: ``models/blocks.py``'s ``LAYOUTS`` (Llama-family models and GPT-2).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,59 +23,7 @@ from transformers.masking_utils import create_causal_mask
 from fedtune.core.errors import ConfigError
 from fedtune.core.types import Params
 from fedtune.data.tokenize import IGNORE
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where a model family keeps its parts, and how one decoder block is called."""
-
-    inner: str  # attribute of the causal LM holding the embeddings, blocks and final norm
-    blocks: str  # attribute of ``inner``: the ModuleList of decoder blocks
-    norm: str  # attribute of ``inner``: the final norm
-    block_name: re.Pattern  # a parameter name's block index (group 1)
-    embeddings: tuple[str, ...]  # attributes of ``inner``: the embedding modules (with the first part)
-    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (inner, ids, positions) -> (B, T, H)
-    rotary: bool  # blocks take (cos, sin) position embeddings computed by ``inner.rotary_emb``
-
-
-def _llama_embed(inner: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return inner.embed_tokens(ids)
-
-
-def _gpt2_embed(inner: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return inner.drop(inner.wte(ids) + inner.wpe(positions))
-
-
-_LLAMA = BlockLayout("model", "layers", "norm", re.compile(r"\.layers\.(\d+)\."), ("embed_tokens",), _llama_embed, True)
-LAYOUTS: dict[str, BlockLayout] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), _LLAMA),
-    "gpt2": BlockLayout("transformer", "h", "ln_f", re.compile(r"\.h\.(\d+)\."), ("wte", "wpe"), _gpt2_embed, False),
-}
-
-
-def layout_of(model: nn.Module) -> BlockLayout:
-    """The block layout of a (peft-wrapped) causal LM, or ConfigError naming the supported families."""
-    kind = getattr(getattr(_causal_lm(model), "config", None), "model_type", None)
-    if kind not in LAYOUTS:
-        raise ConfigError(
-            f"split learning does not know the block layout of model type {kind!r}; supported: "
-            f"{', '.join(sorted(LAYOUTS))} (Llama-family models such as SmolLM2, and GPT-2)"
-        )
-    return LAYOUTS[kind]
-
-
-def blocks_of(model: nn.Module) -> tuple[nn.ModuleList, nn.Module] | None:
-    """(decoder blocks, the causal LM) of a model of a known layout; None for any other."""
-    lm = _causal_lm(model)
-    layout = LAYOUTS.get(getattr(getattr(lm, "config", None), "model_type", None))
-    if layout is None:
-        return None
-    return getattr(getattr(lm, layout.inner), layout.blocks), lm
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
+from fedtune.models.blocks import causal_lm, layout_of
 
 
 @dataclass(frozen=True)
@@ -114,7 +60,7 @@ class SplitModel:
     def __init__(self, model: nn.Module, cut: Cut):
         self.model, self.cut = model, cut
         self.layout = layout_of(model)
-        self.lm = _causal_lm(model)
+        self.lm = causal_lm(model)
         self.inner = getattr(self.lm, self.layout.inner)
         self.blocks: nn.ModuleList = getattr(self.inner, self.layout.blocks)
         self.layers = len(self.blocks)

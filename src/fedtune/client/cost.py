@@ -80,9 +80,9 @@ class FlopModel:
 
     @classmethod
     def of_model(cls, model: nn.Module) -> FlopModel | None:
-        """From a (peft-wrapped) causal LM of a known block layout (``adapters.split.LAYOUTS``); None otherwise."""
-        from fedtune.adapters.split import blocks_of
+        """From a (peft-wrapped) causal LM of a known block layout (``models.blocks.LAYOUTS``); None otherwise."""
         from fedtune.models.activation_checkpointing import checkpoints_activations
+        from fedtune.models.blocks import blocks_of
 
         found = blocks_of(model)
         if found is None:

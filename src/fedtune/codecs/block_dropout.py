@@ -14,16 +14,19 @@ from fedtune.core.types import Params
 _INT = re.compile(r"\d+")
 
 
+def layer_component(key: str) -> int | None:
+    """Which dot-separated component of a parameter name is its first integer, the layer its block is
+    ('...layers.3.q_proj.weight' -> the component '3'); None when it has none. The wire names tensors by it."""
+    return next((i for i, part in enumerate(key.split(".")) if _INT.fullmatch(part)), None)
+
+
 def block_id(key: str) -> str:
     """The key's prefix up to its first integer path component ('...layers.3.q_proj.weight' -> '...layers.3').
 
     A key with no integer component is its own block.
     """
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if _INT.fullmatch(part):
-            return ".".join(parts[: i + 1])
-    return key
+    at = layer_component(key)
+    return key if at is None else ".".join(key.split(".")[: at + 1])
 
 
 def block_scores(tensors: Params) -> dict[str, float]:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from fedtune.codecs import Chain, Packed, build_chain
+from fedtune.codecs.block_dropout import layer_component
 from fedtune.core.types import Params, Tiled
 
 META = "meta"  # dtype names key the packed tensors, so this cannot collide
@@ -118,11 +119,11 @@ def apply_change(held: Params, change: Params) -> Params:
 
 def short_names(names: Iterable[str]) -> dict[str, str]:
     """name -> "<layer>.<index>" (index among the sorted names; layer = the first integer path
-    component, as ``codecs.block_dropout.block_id`` groups them), or "<index>" without a layer."""
+    component, ``codecs.block_dropout.layer_component``, as block dropout groups them), or "<index>" without one."""
     out = {}
     for i, name in enumerate(sorted(names)):
-        layer = next((part for part in name.split(".") if part.isdigit()), None)
-        out[name] = f"{layer}.{i}" if layer is not None else str(i)
+        at = layer_component(name)
+        out[name] = f"{name.split('.')[at]}.{i}" if at is not None else str(i)
     return out
 
 
