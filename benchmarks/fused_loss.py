@@ -33,7 +33,7 @@ def parse_case(case: str) -> tuple[int, int, bool]:
 def child(variant: str, case: str, steps: int) -> None:
     import torch
 
-    from fedtune.assembly import build_client_data, build_workbench
+    from fedtune.assembly import build_client_data, build_workbench, plan_of
     from fedtune.client.trainer import LocalTrainer
     from fedtune.config import load_config
     from fedtune.data.prepare import prepare_federated_data
@@ -52,7 +52,7 @@ def child(variant: str, case: str, steps: int) -> None:
                 f"training.fused_loss={str(variant == 'fused').lower()}",
             ],
         )
-        bench = build_workbench(cfg, announce=False)
+        bench = build_workbench(cfg, plan_of(cfg), announce=False)
         data = build_client_data(prepare_federated_data(cfg.data, cfg.partition, cfg.seed), bench.encoder, cfg)
         trainer = LocalTrainer(cfg.training, cfg.federation.rounds, cfg.seed, bench.tokenizer.pad_token_id)
         with torch.no_grad():  # page every (memory-mapped) weight in before the baseline

@@ -44,19 +44,19 @@ for downlink in ("logits", "adapter"):
         for size in (16, 64):
             ROWS[f"kd {downlink} k={k} slice={size}"] = (
                 KD_BASE,
-                [*FP32, f"kd.downlink={downlink}", f"kd.top_k={k}", f"kd.public_slice={size}"],
+                [*FP32, f"paradigm.downlink={downlink}", f"paradigm.top_k={k}", f"paradigm.public_slice={size}"],
             )
 # beyond the grid: what helps KD on this by-task split (each client an expert in one task family)
 BASE_KD = ROWS["kd logits k=8 slice=64"][1]
-ROWS["kd logits k=8 slice=64, confidence weighting"] = (KD_BASE, [*BASE_KD, "kd.weighting=confidence"])
-ROWS["kd logits k=8 slice=64, 15 distillation steps"] = (KD_BASE, [*BASE_KD, "kd.distill_steps=15"])
+ROWS["kd logits k=8 slice=64, confidence weighting"] = (KD_BASE, [*BASE_KD, "paradigm.weighting=confidence"])
+ROWS["kd logits k=8 slice=64, 15 distillation steps"] = (KD_BASE, [*BASE_KD, "paradigm.distill_steps=15"])
 ROWS["kd adapter k=8 slice=64, confidence weighting"] = (
     KD_BASE,
-    [*ROWS["kd adapter k=8 slice=64"][1], "kd.weighting=confidence"],
+    [*ROWS["kd adapter k=8 slice=64"][1], "paradigm.weighting=confidence"],
 )
 ROWS["kd adapter k=8 slice=64, 15 distillation steps"] = (
     KD_BASE,
-    [*ROWS["kd adapter k=8 slice=64"][1], "kd.distill_steps=15"],
+    [*ROWS["kd adapter k=8 slice=64"][1], "paradigm.distill_steps=15"],
 )
 # where KD costs more bytes than LoRA: public answers of ~150 tokens instead of ~3.5
 LONG = "kd logits k=64 slice=64, long public answers"

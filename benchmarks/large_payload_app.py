@@ -10,8 +10,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.runtime.flower_grid import FlowerRuntime
 from fedtune.core.types import Envelope
+from fedtune.runtime.flower_grid import FlowerRuntime
 
 server_app = ServerApp()
 

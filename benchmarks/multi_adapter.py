@@ -23,13 +23,13 @@ import time
 import torch
 from common import interval, write_result
 
-from fedtune.assembly import build_client_data, build_workbench, make_handler
+from fedtune.assembly import build_client_data, build_workbench, make_handler, plan_of
 from fedtune.config import load_config
+from fedtune.core.types import Envelope
 from fedtune.data.prepare import prepare_federated_data
 from fedtune.models.device import model_device
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.runtime.in_process import InProcessRuntime
-from fedtune.core.types import Envelope
 from fedtune.wire.link import Link
 from fedtune.wire.messages import decode_message, encode_message
 
@@ -83,9 +83,10 @@ def main() -> None:
         "output.progress=false",
     ]
     cfg = load_config("examples/quickstart.yaml", overrides)
-    bench = build_workbench(cfg)
+    plan = plan_of(cfg)
+    bench = build_workbench(cfg, plan)
     data = build_client_data(prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed()), bench.encoder, cfg)
-    handler = make_handler(cfg, bench, data)
+    handler = make_handler(plan, bench, data)
     names = list(bench.initial)
     wire = bench.downlink.encode(bench.initial, {}, torch.Generator())[0]
     request = encode_message(TrainRequest(round=1, params=wire))

@@ -37,9 +37,9 @@ from fedtune.experiment import run_experiment
 GUARDS = [  # (module, function) as the code that runs them looks them up
     ("fedtune.wire.messages", "_check_header"),
     ("fedtune.codecs.base", "check_declared_shapes"),
-    ("fedtune.paradigms.parameter_sharing.server", "update_problem"),
+    ("fedtune.paradigms.parameter_sharing.server", "check_update"),
     ("fedtune.paradigms.parameter_sharing.server", "check_numbers"),
-    ("fedtune.paradigms.parameter_sharing.server", "client_weight"),
+    ("fedtune.paradigms.parameter_sharing.server", "weight_or_drop"),
     ("fedtune.server.round_loop", "_check_finite"),
 ]
 

@@ -41,11 +41,11 @@ SERVES = {
 
 def adapter_values() -> int:
     """Values the bundled model's FFA-LoRA adapter sends (B only: A is frozen), from its real config."""
-    from fedtune.assembly import build_workbench
+    from fedtune.assembly import build_workbench, plan_of
     from fedtune.config import load_config
 
     cfg = load_config("examples/private.yaml", ["output.progress=false"])
-    bench = build_workbench(cfg, announce=False)
+    bench = build_workbench(cfg, plan_of(cfg), announce=False)
     return sum(t.numel() for t in bench.initial.values())
 
 

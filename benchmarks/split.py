@@ -37,9 +37,9 @@ COSTS = (
 COMMON = ["evaluation.every=0", "evaluation.max_samples=null", "output.progress=false"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "parameter sharing": ("examples/quickstart.yaml", []),
-    "split u 1+1": ("examples/split.yaml", ["split.client_front=1", "split.client_back=1"]),
-    "split u 2+2": ("examples/split.yaml", ["split.client_front=2", "split.client_back=2"]),
-    "split vanilla 2": ("examples/split.yaml", ["split.shape=vanilla", "split.client_front=2"]),
+    "split u 1+1": ("examples/split.yaml", ["paradigm.client_front=1", "paradigm.client_back=1"]),
+    "split u 2+2": ("examples/split.yaml", ["paradigm.client_front=2", "paradigm.client_back=2"]),
+    "split vanilla 2": ("examples/split.yaml", ["paradigm.shape=vanilla", "paradigm.client_front=2"]),
 }
 
 

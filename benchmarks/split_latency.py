@@ -49,10 +49,9 @@ def measure(shape: str, grad_accum: int, rounds: int, tmp: Path) -> dict:
     from fedtune.config import load_config
     from fedtune.experiment import run_experiment
 
-    split = {"shape": shape, **({"client_front": 2} if shape == "vanilla" else {})}
+    split = {"name": "split", "shape": shape, **({"client_front": 2} if shape == "vanilla" else {})}
     settings = {
-        "paradigm": "split",
-        "split": split,
+        "paradigm": split,
         "model": {"name": "tiny-llama-deep"},
         "partition": {"method": "iid", "num_clients": 1},
         "federation": {"rounds": rounds},
