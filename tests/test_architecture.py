@@ -182,3 +182,14 @@ def test_the_flower_client_app_imports_nothing_heavy():
             "fedtune.deploy.coordinator_app",  # imported inside the ServerApp's main, not per message
             "fedtune.deploy.local_worker",
         }
+
+
+def test_the_package_and_the_docs_list_the_layers_the_test_checks():
+    """The layer list a newcomer reads (the package docstring, docs/architecture.md) is the one enforced here."""
+    import fedtune
+
+    listed = [line.split()[0] for line in fedtune.__doc__.splitlines() if line.startswith("  ") and line.split()]
+    assert listed == LAYERS
+    docs = (SRC.parent.parent / "docs" / "architecture.md").read_text()
+    drawn = docs.split("## Layers", 1)[1].split("```", 2)[1]
+    assert [p.strip() for p in drawn.replace("\n", " ").split("─")] == LAYERS
