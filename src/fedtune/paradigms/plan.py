@@ -2,7 +2,8 @@
 
 ``assembly`` makes both, the same way in every process (the server, each Ray worker, each deployed
 client), so the halves built from them agree bit for bit. A paradigm sees sections, never the whole
-``ExperimentConfig``: what it reads is what its declaration says it reads.
+``ExperimentConfig``; by the time it does, the config has refused any paradigm-dependent key set that
+its declaration does not read (``config.experiment``), so what it finds in them is defaults or its own.
 """
 
 from __future__ import annotations
