@@ -46,6 +46,19 @@ def test_what_client_level_dp_cannot_do_is_a_config_error_naming_the_key(extra, 
     assert says in " ".join(str(err.value).split())
 
 
+def test_validation_changes_nothing_and_resolution_is_one_explicit_step():
+    from fedtune.config import ExperimentConfig, resolve
+
+    raw = {"privacy": {"client_dp": "central", "noise_multiplier": 1.0}, "partition": {"num_clients": 8}}
+    validated = ExperimentConfig.model_validate(raw)
+    assert (validated.aggregation.lora, validated.aggregation.weighting) == ("auto", "examples")
+    resolved = resolve(validated)
+    assert (resolved.aggregation.lora, resolved.aggregation.weighting) == ("ffa", "uniform")
+    assert (validated.aggregation.lora, validated.aggregation.weighting) == ("auto", "examples")  # untouched
+    assert resolve(resolved) is resolved  # nothing left to resolve
+    assert resolve(ExperimentConfig()) == ExperimentConfig()  # without privacy nothing changes
+
+
 def test_lora_auto_becomes_ffa_and_uniform_weighting_is_accepted():
     cfg = _cfg(*DP, "aggregation.weighting=uniform")
     assert cfg.aggregation.lora == "ffa" and cfg.aggregation.lora_mode() == "ffa"

@@ -92,13 +92,7 @@ class ExperimentConfig(Strict):
             return data
         data = dict(data)
         chosen = data.get("paradigm", DEFAULT_PARADIGM)
-        name = (
-            chosen
-            if isinstance(chosen, str)
-            else chosen.get("name", DEFAULT_PARADIGM)
-            if isinstance(chosen, dict)
-            else None
-        )
+        name = chosen.get("name", DEFAULT_PARADIGM) if isinstance(chosen, dict) else chosen
         for legacy in [k for k in data if k not in cls.model_fields and k in PARADIGMS]:
             section = data.pop(legacy)
             if section in (None, {}):
