@@ -40,11 +40,14 @@ def placement_of(cfg: ExperimentConfig) -> Placement:
     return place(cfg.model, cfg.runtime, cfg.clients_per_round(), gpu_misfit(cfg), joint_misfit(cfg))
 
 
-def plan_of(cfg: ExperimentConfig, privacy: PrivacyPlan | bool | None = True) -> ParadigmPlan:
+_PLAN_HERE = object()  # plan_of's default: make the privacy plan in this process
+
+
+def plan_of(cfg: ExperimentConfig, privacy: PrivacyPlan | object | None = _PLAN_HERE) -> ParadigmPlan:
     """The config as the layers below receive it: its sections resolved (``config.resolve``), the privacy plan
-    (made here unless given: a Ray worker gets the driver's) and this process's placement."""
+    (made here unless given, None included: a Ray worker gets the driver's) and this process's placement."""
     cfg = resolve(cfg)
-    if privacy is True:
+    if privacy is _PLAN_HERE:
         privacy = plan_privacy(cfg.privacy, cfg.partition.num_clients, cfg.clients_per_round(), cfg.federation.rounds)
     return ParadigmPlan(
         settings=cfg.paradigm,
@@ -60,7 +63,7 @@ def plan_of(cfg: ExperimentConfig, privacy: PrivacyPlan | bool | None = True) ->
         aggregation=cfg.aggregation,
         compression=cfg.compression,
         privacy=cfg.privacy,
-        privacy_plan=privacy or None,
+        privacy_plan=privacy,  # type: ignore[arg-type]
         placement=placement_of(cfg),
         progress=cfg.output.progress,
     )
