@@ -1,4 +1,4 @@
-"""The README's two set-up commands come first, and CI runs the README's test command verbatim."""
+"""The README's two set-up commands come first, and CI runs the README's test command verbatim, then the slow set."""
 
 import re
 from pathlib import Path
@@ -16,9 +16,10 @@ def test_readme_starts_with_install_and_quickstart_then_tests():
     assert "pip install torch==2.13.0" in second and second.endswith("pytest")
 
 
-def test_ci_runs_the_readme_test_command():
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+def test_ci_runs_the_readme_test_command_then_the_slow_set():
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert _commands()[1] in ci
+    assert ci[ci.index(_commands()[1]) + 1 :] == ["pytest -m slow"]
 
 
 def test_quickstart_config_exists_and_validates():

@@ -70,6 +70,7 @@ def test_a_killed_client_is_dropped_for_its_round_rejoins_later_and_an_unknown_k
     assert "client 2 (client-2)" in fed.output("server")  # the coordinator said who dropped and why
 
 
+@pytest.mark.slow  # ~80 s: a deployment run twice, one killed mid-round
 def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run(tmp_path):
     from fedtune.config import load_config
     from fedtune.experiment import run_experiment
@@ -106,6 +107,7 @@ def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run
     assert [h.get("train_loss") for h in history] == [h.get("train_loss") for h in _history(reference)]
 
 
+@pytest.mark.slow  # ~50 s: waits out a deployed round's deadline
 def test_too_few_replies_stop_the_run_cleanly_with_the_last_checkpoint_intact(tmp_path):
     fed = Federation(
         tmp_path,
@@ -132,6 +134,7 @@ def test_too_few_replies_stop_the_run_cleanly_with_the_last_checkpoint_intact(tm
     )
 
 
+@pytest.mark.slow  # ~50 s: a whole plain-text deployment
 def test_insecure_mode_is_explicit_and_loud(tmp_path):
     fed = Federation(tmp_path, {"runtime": {"flower": {"insecure": True}}, "federation": {"rounds": 1}})
     try:

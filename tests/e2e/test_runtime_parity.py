@@ -5,7 +5,8 @@ Same seed, 3 clients, 2 rounds on a tiny model: the last checkpoint's server sta
 state) must be bit-identical on every runtime, and so must every round's losses and byte counts down.
 Holds on CPU because every client's computation is a pure function of (config, seed, round, client id)
 and the server sums in client-id order. A paradigm is one row of CASES; its own checks, where it has
-any beyond that, one function.
+any beyond that, one function. The deployment half is in the slow set (`pytest -m slow`, which
+`.ci/run` runs): each exchange costs a deployment about 5 s.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def _deployed_state(tmp_path: Path, c: int) -> dict:
 
 def _parameter_sharing(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
     assert "refused" not in fed.output("server")
-    for name in ("serial", "ray", "flower"):  # replies carry their training time as text: a few bytes of jitter
-        for got, ref in zip(_history(runs[name])[1:], _history(runs["in_process"])[1:], strict=True):
-            assert abs(got["bytes_up"] - ref["bytes_up"]) <= 3 * 8, name
+    # replies carry their training time as text: a few bytes of jitter
+    for got, ref in zip(_history(runs["flower"])[1:], _history(runs["in_process"])[1:], strict=True):
+        assert abs(got["bytes_up"] - ref["bytes_up"]) <= 3 * 8
     # each deployed client kept its own error-feedback residual on its own disk
     assert all(_deployed_state(tmp_path, c).get("residual") for c in range(3))
 
@@ -137,30 +138,57 @@ RUNTIMES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_every_runtime_gives_the_same_run(tmp_path, monkeypatch, case):
-    from fedtune.config import load_config
-    from fedtune.experiment import run_experiment
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray instance for the module's runs (each run's pool starts its own workers on it); its workers
+    import what the config names from the repository, as a deployment's processes do."""
+    import os
+
+    import ray
+
     from tests.helpers.deployment import REPO
 
+    env = {"PYTHONPATH": str(REPO), **{k: os.environ[k] for k in ("FEDTUNE_CACHE",) if k in os.environ}}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
+def _same_runs(runs: dict[str, Path]) -> None:
+    """Every run's last checkpoint (params, algorithm state) to the bit, and its rounds' shared measures."""
+    reference, expected = _last_checkpoint(runs["in_process"]), _history(runs["in_process"])
+    for name, run in runs.items():
+        assert _last_checkpoint(run) == reference, name
+        assert [{k: r.get(k) for k in SAME} for r in _history(run)] == [{k: r.get(k) for k in SAME} for r in expected]
+
+
+def _simulated(fed: Federation, *names: str) -> dict[str, Path]:
+    from fedtune.config import load_config
+    from fedtune.experiment import run_experiment
+
+    return {n: run_experiment(load_config(fed.config, [*RUNTIMES[n], f"output.name={n}"])).run_dir for n in names}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_in_process_lanes_serial_service_and_ray_give_the_same_run(tmp_path, shared_ray, case):
+    fed = Federation(tmp_path, CASES[case][0])  # only its config: nothing is deployed here
+    serial = ("serial",) if case == next(iter(CASES)) else ()
+    _same_runs(_simulated(fed, "in_process", *serial, "ray"))
+
+
+@pytest.mark.slow  # a Flower deployment of real processes: about 5 s an exchange (docs/deployment.md), 1-3 min a case
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_flower_deployment_gives_the_same_run_as_in_process(tmp_path, case):
     settings, own_checks = CASES[case]
     fed = Federation(tmp_path, settings)
     try:
         fed.server()
         for cid in range(3):
-            fed.client(cid, None, None, "--threads", "1")  # 1 thread here, 2 in-process: sums still agree
+            fed.client(cid, None, None, "--threads", "1")  # 1 thread there, 2 in process: sums still agree
         assert fed.wait_exit("server", 300) == 0, fed.output("server")
     finally:
         fed.close()
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # Ray's workers import what the config names, as the deployment did
-    runs = {"flower": fed.run_dir}
-    for name, runtime in RUNTIMES.items():
-        if name != "serial" or case == next(iter(CASES)):
-            runs[name] = run_experiment(load_config(fed.config, [*runtime, f"output.name={name}"])).run_dir
-
-    reference, expected = _last_checkpoint(runs["in_process"]), _history(runs["in_process"])
-    for name, run in runs.items():
-        assert _last_checkpoint(run) == reference, name
-        assert [{k: r.get(k) for k in SAME} for r in _history(run)] == [{k: r.get(k) for k in SAME} for r in expected]
+    runs = {"flower": fed.run_dir, **_simulated(fed, "in_process")}
+    _same_runs(runs)
     if own_checks is not None:
         own_checks(tmp_path, runs, fed)
