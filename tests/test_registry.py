@@ -55,3 +55,27 @@ def test_default_targets_come_from_the_registry():
     cfg = ExperimentConfig()
     assert cfg.adapter.targets() == list(PEFT_METHODS.entry("lora").info["targets"])
     assert AdapterConfig(method="prompt_tuning").targets() == []
+
+
+def test_a_paradigm_declares_continuing_a_round_exactly_when_its_messages_can():
+    """``continues_mid_round`` is true of the paradigms whose messages carry ``continues`` (wire/protocol.py),
+    which a deployed client reads to go on from the state its round left, and of no other."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    from fedtune.config.paradigm import paradigm_of
+    from fedtune.core.registry import PARADIGMS
+
+    for entry in PARADIGMS:
+        plugin = paradigm_of(entry.name)
+        package = importlib.import_module(plugin.setup.rpartition(".")[0])
+        messages = [
+            obj
+            for info in pkgutil.iter_modules(package.__path__, package.__name__ + ".")
+            for obj in vars(importlib.import_module(info.name)).values()
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and isinstance(getattr(obj, "KIND", None), str)
+        ]
+        assert messages, entry.name
+        continuing = any("continues" in {f.name for f in dataclasses.fields(m)} for m in messages)
+        assert continuing == plugin.capabilities.continues_mid_round, entry.name

@@ -11,7 +11,6 @@ any beyond that, one function. The deployment half is in the slow set (`pytest -
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,16 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.cli import read_metrics as _history
 from tests.helpers.deployment import Federation
 
 pytest.importorskip("ray")
 pytest.importorskip("flwr")
 
 SAME = ("train_loss", "eval_loss", "bytes_down", "clients")
-
-
-def _history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _last_checkpoint(run_dir: Path) -> dict[str, bytes]:

@@ -29,7 +29,8 @@ def _norm(d):
 def test_without_noise_or_clipping_it_is_the_plain_unweighted_mean():
     ups = [_update(i) for i in range(3)]
     mean = GaussianMean(0.0, 1e9, 3, seed=0)
-    out, state = mean(_params(), [Contribution(i, u, weight=10.0 * (i + 1)) for i, u in enumerate(ups)], mean.init())
+    weighted = [Contribution(i, u, weight=10.0 * (i + 1)) for i, u in enumerate(ups)]
+    out, state = mean.combine(_params(), weighted, mean.init())
     for k in SHAPES:
         assert torch.allclose(out[k], sum(u[k] for u in ups) / 3, atol=1e-6)  # weights ignored: each client counts once
     assert state.rounds == 1
@@ -41,8 +42,8 @@ def test_one_client_more_or_less_moves_the_sum_by_at_most_c(scales, c, seed):
     """The sensitivity the accountant assumes: add-or-remove of one client changes Σ clip(Δ_i, C) by <= C."""
     mean = GaussianMean(0.0, c, 1.0, seed=0)
     ups = [Contribution(i, _update(seed + i, s), 1.0) for i, s in enumerate(scales)]
-    with_all, _ = mean(_params(), ups, mean.init())
-    without, _ = mean(_params(), ups[:-1], mean.init())
+    with_all, _ = mean.combine(_params(), ups, mean.init())
+    without, _ = mean.combine(_params(), ups[:-1], mean.init())
     diff = {k: with_all[k] - without[k] for k in SHAPES}
     assert _norm(diff) <= c * (1 + 1e-5)
 
@@ -50,7 +51,7 @@ def test_one_client_more_or_less_moves_the_sum_by_at_most_c(scales, c, seed):
 def test_the_denominator_is_fixed_so_a_dropped_client_adds_nothing():
     ups = [_update(i, 0.01) for i in range(4)]
     mean = GaussianMean(0.0, 10.0, 4, seed=0)
-    two, _ = mean(_params(), [Contribution(i, ups[i], 1.0) for i in (0, 2)], mean.init())
+    two, _ = mean.combine(_params(), [Contribution(i, ups[i], 1.0) for i in (0, 2)], mean.init())
     for k in SHAPES:
         assert torch.allclose(two[k], (ups[0][k] + ups[2][k]) / 4, atol=1e-7)
 
@@ -61,15 +62,15 @@ def test_noise_has_std_z_c_over_d_and_never_repeats_across_rounds():
     state = mean.init()
     draws = []
     for _ in range(3):
-        out, state = mean(params, [], state)  # no client: noise alone
+        out, state = mean.combine(params, [], state)  # no client: noise alone
         draws.append(out["w"].flatten())
     for d in draws:
         assert d.std().item() == pytest.approx(1.5 * 2.0 / 4, rel=0.02) and abs(d.mean().item()) < 0.01
     assert abs(torch.corrcoef(torch.stack(draws))[0, 1].item()) < 0.02  # rounds draw independent noise
-    again, _ = mean(params, [], mean.init())
+    again, _ = mean.combine(params, [], mean.init())
     assert torch.equal(again["w"].flatten(), draws[0])  # replayed from the state: resume is bit-identical
     other = GaussianMean(1.5, 2.0, 4, seed=8)
-    assert not torch.equal(other(params, [], other.init())[0]["w"].flatten(), draws[0])
+    assert not torch.equal(other.combine(params, [], other.init())[0]["w"].flatten(), draws[0])
 
 
 @pytest.mark.parametrize("scale, direction", [(1e-3, -1), (1e3, 1)])
@@ -77,7 +78,7 @@ def test_adaptive_clipping_moves_c_towards_the_target_quantile(scale, direction)
     ups = [Contribution(i, _update(i, scale), 1.0) for i in range(20)]
     mean = GaussianMean(1.0, 1.0, 20, seed=0, adaptive=AdaptiveClip(target_quantile=0.5, lr=0.2, count_noise=1.0))
     state = mean.init()
-    _, state = mean(_params(), ups, state)
+    _, state = mean.combine(_params(), ups, state)
     share = 1.0 if direction < 0 else 0.0  # every update under C, or every one over it
     assert abs(state.unclipped - share) < 0.25  # noised with σ_b = 1 over 20 clients
     assert state.clip_norm == pytest.approx(math.exp(-0.2 * (state.unclipped - 0.5)))

@@ -28,11 +28,11 @@ RUNTIMES = ("in_process", "ray", "flower")
 class ParadigmConfig(Strict):
     """A paradigm's own settings: ``paradigm: {name: NAME, ...}``; each paradigm subclasses it."""
 
+    name: str = Field("parameter_sharing", description="the paradigm: a registered name, or package.module:ATTRIBUTE")
+
     def plugin(self) -> Paradigm:
         """The paradigm these settings are for."""
         return paradigm_of(self.name)
-
-    name: str = Field("parameter_sharing", description="the paradigm: a registered name, or package.module:ATTRIBUTE")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Capabilities:
     dp_sgd: bool = False  # record-level DP-SGD in the clients (privacy.dp_sgd)
     per_client_eval: bool = False  # clients evaluate on their own held-out share (evaluation.per_client)
     gradient_checkpointing: bool = False  # training.gradient_checkpointing
-    continues_mid_round: bool = False  # a client's later exchanges of a round go on from what its earlier ones left
+    continues_mid_round: bool = False  # its requests may continue a round (``continues``, wire/protocol.py)
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class Paradigm:
 
     ``reads``: dotted prefixes of the paradigm-dependent keys (``experiment.PARADIGM_KEYS``) it reads;
     an entry starting with ``-`` takes a key back out (``"training", "-training.proximal_mu"``).
-    ``setup``: the module with ``server(plan)`` and ``client(plan, bench, data, eval_set)``
-    (``fedtune.paradigms.base``, "Building a paradigm").
+    ``setup``: the module with ``server(plan, bench, evaluate_adapter, weight_cap)`` and
+    ``client(plan, bench, data, eval_set)`` (``paradigms/plan.py``; docs/architecture.md, "Adding a paradigm").
     """
 
     name: str

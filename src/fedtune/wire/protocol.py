@@ -34,8 +34,12 @@ REPORTED = {"steps": int, "train_loss": float, "local_train_s": float}  # a trai
 def check_message_class(cls: type) -> None:
     """TypeError unless ``cls`` follows the protocol: a dataclass with ``KIND`` and ``TENSORS``, an ``int``
     ``round`` field, no ``kind`` field, and ``continues`` / the reported fields (where declared) of their types."""
-    if not dataclasses.is_dataclass(cls) or not isinstance(getattr(cls, "KIND", None), str):
-        raise TypeError(f"{cls.__name__}: a message is a dataclass with a KIND (wire/protocol.py)")
+    if (
+        not dataclasses.is_dataclass(cls)
+        or not isinstance(getattr(cls, "KIND", None), str)
+        or not isinstance(getattr(cls, "TENSORS", None), tuple)
+    ):
+        raise TypeError(f"{cls.__name__}: a message is a dataclass with a KIND and TENSORS (wire/protocol.py)")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     if hints.get(ROUND) is not int:

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from fedtune.cli import app
 from fedtune.config import load_config
 from fedtune.core.errors import ConfigError
+from tests.helpers.cli import read_metrics
+from tests.helpers.deployment import REPO
 
-REPO = Path(__file__).resolve().parents[3]
 TOY = "tests.paradigms.toy:PARADIGM"
 CONFIG = {
     "paradigm": {"name": TOY, "scale": 2.0},
@@ -33,7 +34,7 @@ def _run(tmp_path: Path, *overrides: str, name: str = "toy") -> list[dict]:
     config.write_text(yaml.safe_dump(CONFIG))
     result = CliRunner().invoke(app, ["run", str(config), f"output.dir={tmp_path}", f"output.name={name}", *overrides])
     assert result.exit_code == 0, result.output
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(tmp_path / name)
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
@@ -51,7 +52,7 @@ def test_the_toy_resumes_from_its_checkpoint(tmp_path):
     config = tmp_path / "toy.yaml"
     result = CliRunner().invoke(app, ["run", str(config), f"output.dir={tmp_path}", "output.name=toy", "--resume"])
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "toy")
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["toy_mean"] == EXPECTED
 
 
