@@ -8,8 +8,11 @@ from fedtune.privacy.secagg import (
     ClientRound,
     FixedPoint,
     SecAggError,
+    check_public_key,
+    seed_commitment,
     shamir_join,
     shamir_split,
+    share_commitment,
     unmask_sum,
 )
 
@@ -51,8 +54,11 @@ def _protocol(xs: dict[int, torch.Tensor], threshold: int, drop_before_input=(),
     rounds = {u: ClientRound.fresh(u, r) for u in xs}
     rounds = {u: ClientRound.from_bytes(cr.to_bytes()) for u, cr in rounds.items()}  # kept in client state
     roster = {u: cr.public_keys() for u, cr in rounds.items()}
-    sent = {u: cr.share_keys(roster, threshold) for u, cr in rounds.items()}
-    inbox = {v: {u: sent[u][v] for u in sent} for v in roster}
+    dealt = {u: cr.share_keys(roster, threshold) for u, cr in rounds.items()}
+    inbox = {v: {u: dealt[u][0][v] for u in dealt} for v in roster}
+    for v in roster:  # every ciphertext opens and matches its commitments
+        commitments = {u: (dealt[u][1][f"{v}/s"], dealt[u][1][f"{v}/b"]) for u in dealt}
+        assert rounds[v].open_inbox(inbox[v], roster, commitments)[1] == []
     u2 = [u for u in rounds if u not in drop_before_input]
     masked = {u: rounds[u].masked_input(fp.encode(xs[u])[0], roster, fp) for u in u2}
     u3 = u2  # their masked inputs arrived: the sum is theirs
@@ -62,7 +68,8 @@ def _protocol(xs: dict[int, torch.Tensor], threshold: int, drop_before_input=(),
     dropped = [u for u in roster if u not in u3]
     revealers = [u for u in u3 if u not in drop_before_unmask]  # gone after masking: others reveal for them
     revealed = {u: rounds[u].unmask(inbox[u], roster, u3, dropped) for u in revealers}
-    return fp.decode(unmask_sum(total, roster, u3, dropped, revealed, threshold, r, fp)), masked, fp
+    seeds = {u: dealt[u][1]["self"] for u in u3}
+    return fp.decode(unmask_sum(total, roster, u3, dropped, revealed, threshold, r, fp, seeds)), masked, fp
 
 
 def test_the_sum_is_exact_when_clients_drop_before_masking_or_after():
@@ -92,10 +99,74 @@ def test_too_few_revealers_fail_the_round_rather_than_reveal():
 def test_an_altered_or_misdirected_ciphertext_does_not_open():
     a, b, c = (ClientRound.fresh(u, 1) for u in range(3))
     roster = {u: cr.public_keys() for u, cr in enumerate((a, b, c))}
-    to_b = a.share_keys(roster, 2)[1]
+    to_b = a.share_keys(roster, 2)[0][1]
     flipped = to_b[:-1] + bytes([to_b[-1] ^ 1])
     assert b.unmask({0: flipped}, roster, [0], []) == {}  # its share is left out, not revealed wrong
     assert c.unmask({0: to_b}, roster, [0], []) == {}  # b's shares sent to c
     assert set(b.unmask({0: to_b}, roster, [0], [])) == {0}
     with pytest.raises(SecAggError, match="both"):
         b.unmask({0: to_b}, roster, [0], [0])
+
+
+# Small-order points of Curve25519 in their usual encodings (what an attacker sends to zero every secret).
+SMALL_ORDER = [
+    bytes(32),
+    bytes([1]) + bytes(31),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+]
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER, ids=range(len(SMALL_ORDER)))
+def test_a_public_key_of_small_order_is_refused(key):
+    with pytest.raises(SecAggError, match="not a usable"):
+        check_public_key(key)
+
+
+def test_real_public_keys_pass_and_short_ones_do_not():
+    for _ in range(20):
+        for key in ClientRound.fresh(0, 1).public_keys():
+            check_public_key(key)
+    with pytest.raises(SecAggError, match="32 bytes"):
+        check_public_key(bytes(31))
+
+
+def test_the_inbox_check_names_senders_whose_shares_do_not_open_or_match():
+    rounds = {u: ClientRound.fresh(u, 2) for u in range(4)}
+    roster = {u: cr.public_keys() for u, cr in rounds.items()}
+    dealt = {u: cr.share_keys(roster, 3) for u, cr in rounds.items()}
+    inbox = {u: dealt[u][0][0] for u in dealt}
+    commitments = {u: (dealt[u][1]["0/s"], dealt[u][1]["0/b"]) for u in dealt}
+    inbox[1] = bytes(len(inbox[1]))  # garbage from 1
+    commitments[2] = (commitments[2][0], bytes(32))  # 2 committed to another b share than it sent
+    inbox[3] = dealt[3][0][1]  # 3's ciphertext for client 1, passed off as client 0's
+    opened, bad = rounds[0].open_inbox(inbox, roster, commitments)
+    assert bad == [1, 2, 3] and sorted(opened) == [0]
+    del inbox[0]
+    assert rounds[0].open_inbox(inbox, roster, commitments)[1] == [0, 1, 2, 3]
+
+
+def test_shares_of_no_one_polynomial_rebuild_no_secret_that_passes_its_check():
+    """A dealer that hands out shares of different polynomials (each matching its commitment) cannot make the
+    server accept a wrong seed or key: the rebuilt secret is checked against its commitment / public key."""
+    r, t = 5, 3
+    fp = FixedPoint.fit(1.0, 16, clients=4)
+    rounds = {u: ClientRound.fresh(u, r) for u in range(4)}
+    roster = {u: cr.public_keys() for u, cr in rounds.items()}
+    liar = rounds[0]
+    good = shamir_split(int.from_bytes(liar.b_seed, "big"), [1, 2, 3, 4], t)
+    other = shamir_split(12345, [1, 2, 3, 4], t)
+    revealed = {v: {0: ("b", (good if v < 2 else other)[v + 1])} for v in range(4)}
+    seeds = {0: seed_commitment(r, 0, liar.b_seed)}
+    total = torch.zeros(10, dtype=torch.int64)
+    with pytest.raises(SecAggError, match="client 0's self-mask seed"):
+        unmask_sum(total, roster, [0], [], revealed, t, r, fp, seeds)
+    revealed = {v: {0: ("b", good[v + 1])} for v in range(4)}
+    unmask_sum(total, roster, [0], [], revealed, t, r, fp, seeds)  # the honest shares pass
+    s_int = int.from_bytes(rounds[1].s_sk.private_bytes_raw(), "big")
+    wrong = shamir_split(s_int ^ 1, [1, 2, 3, 4], t)
+    revealed = {v: {0: ("b", good[v + 1]), 1: ("s", wrong[v + 1])} for v in (0, 2, 3)}
+    with pytest.raises(SecAggError, match="client 1's mask key"):
+        unmask_sum(total, roster, [0], [1], revealed, t, r, fp, seeds)
+    assert share_commitment(r, 0, 1, "b", good[2]) != share_commitment(r, 0, 1, "s", good[2])  # kinds differ

@@ -34,7 +34,8 @@ class SecureAggregationConfig(Strict):
         gt=0.5,
         le=1,
         description="share of a round's sampled clients (at least 2) that must remain at every step of the protocol; "
-        "fewer and the round fails rather than reveal anything. Above 1/2, so no two disjoint groups can unmask",
+        "fewer and the round's update is skipped rather than reveal anything. Above 1/2, so no two disjoint groups "
+        "can unmask",
     )
     range: float | None = Field(
         None,

@@ -38,6 +38,11 @@ class Tiled(dict):
 # "scaffold" (SCAFFOLD's c_i), "kd" (KD: the adapter a client keeps as its own).
 ClientState = dict[str, Params]
 
+# The owner of what a client keeps that no repeated round may roll back (secure aggregation's record of the
+# rounds it sent a masked input in): a deployed client's store keeps it apart from its per-round states and
+# hands the newest with every one of them.
+DURABLE = "durable"
+
 _LEGACY_OWNERS = {"control": "scaffold"}  # checkpoints written before owners had names of their own
 
 

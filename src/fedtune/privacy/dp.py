@@ -91,7 +91,6 @@ class GaussianMean:
                 total[k].add_(contribution.delta[k].to(torch.float32), alpha=scale)
         return self._noised(params, total, state, unclipped, add_noise=True)
 
-
     def of_sum(self, params: Params, total: Params, count: int, state: DpState, noised: bool) -> tuple[Params, DpState]:
         """(Δ, new state) from a sum of updates already clipped to state.clip_norm (by the clients, under
         secure aggregation); ``noised``: the clients added their shares of the noise (distributed DP)."""

@@ -1,20 +1,30 @@
 """Secure aggregation (Bonawitz et al. 2017): the server learns the sum of the clients' vectors, nothing else.
 
-The protocol of one round, for the clients U that were sampled (semi-honest server; ``docs/privacy.md``):
+The protocol of one round, for the clients U that were sampled (semi-honest server, clients that may
+lie; ``docs/privacy.md``, ``docs/security.md``):
 
 0. **Advertise keys.** Each client u makes two fresh X25519 key pairs: (c_sk, c_pk) to encrypt what it
-   sends other clients through the server, (s_sk, s_pk) to agree pairwise masks. Server: U1 replied.
+   sends other clients through the server, (s_sk, s_pk) to agree pairwise masks. Server: U1 replied
+   with keys that are usable (``check_public_key``: not of small order).
 1. **Share keys.** u draws a self-mask seed b_u, splits s_sk_u and b_u into Shamir shares with threshold
    t (one per v in U1), and sends each v its two shares encrypted with ChaCha20-Poly1305 under a key
-   from X25519(c_sk_u, c_pk_v). Server: U2 replied; it forwards each v the ciphertexts addressed to v.
-2. **Masked input.** u sends y_u = x_u + PRG(b_u) + Σ_{v ∈ U2, v ≠ u} ±PRG(s_uv)  (mod 2^k), where
+   from X25519(c_sk_u, c_pk_v). Beside them, in the clear, it commits to each share and to b_u
+   (SHA-256, ``share_commitment``, ``seed_commitment``). Server: U2 replied; it forwards each v the
+   ciphertexts addressed to v and u's commitments to v's shares.
+2. **Masked input.** v opens what it received first (``ClientRound.open_inbox``): a ciphertext that
+   does not open, or whose shares differ from their commitments, names its sender, and v answers with
+   the names instead of a masked input; the server takes the named senders out and asks again. Else
+   u sends y_u = x_u + PRG(b_u) + Σ_{v ∈ U2, v ≠ u} ±PRG(s_uv)  (mod 2^k), where
    s_uv = X25519(s_sk_u, s_pk_v), + when u < v, − when u > v. Server: U3 replied; Σ y_u over U3 holds
    every pair mask between two clients of U3 twice with opposite signs.
 3. **Unmask.** The server names U3 and the dropped U2 \\ U3; each u returns its share of b_v for every
-   v in U3 and of s_sk_v for every dropped v, never both for one v. With t shares of each, the server
-   removes the self-masks and the dropped clients' pair masks: Σ_{u ∈ U3} x_u.
+   v in U3 and of s_sk_v for every dropped v, never both for one v. The server keeps only shares that
+   match their commitments (a revealer that lies is found and dropped), rebuilds each secret from t
+   of them and checks it (b_v against its commitment, s_sk_v against s_pk_v), then removes the
+   self-masks and the dropped clients' pair masks: Σ_{u ∈ U3} x_u.
 
-Fewer than t clients at any step and the round fails: nothing is reconstructed. Masks are ChaCha20
+Fewer than t clients at any step, or a secret that does not rebuild, and nothing is reconstructed:
+the server skips the round's update. Masks are ChaCha20
 keystreams under keys from HKDF-SHA256; seeds and keys are 256-bit; the field of the shares is the
 Mersenne prime 2^521 − 1. Values are integers mod 2^k (``FixedPoint`` maps floats there and back).
 """
@@ -117,6 +127,32 @@ def derive(secret: bytes, purpose: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=b"fedtune secagg " + purpose).derive(secret)
 
 
+def check_public_key(public: bytes) -> None:
+    """SecAggError unless ``public`` is a 32-byte X25519 key that agrees a usable secret (not of small order:
+    those make every shared secret zero, for whoever holds the other key)."""
+    if len(public) != 32:
+        raise SecAggError(f"a public key must be 32 bytes, not {len(public)}")
+    agree(X25519PrivateKey.generate(), public)
+
+
+def share_commitment(r: int, dealer: int, recipient: int, kind: str, share: int) -> bytes:
+    """SHA-256 of one share as its dealer handed it out (a share of t >= 2 is uniform in the field: its
+    hash tells nothing of the secret)."""
+    head = struct.pack("<qqq", r, dealer, recipient) + kind.encode()
+    return _hash(b"fedtune secagg share", head + share.to_bytes(SHARE_BYTES, "big"))
+
+
+def seed_commitment(r: int, client: int, b_seed: bytes) -> bytes:
+    """SHA-256 of a client's self-mask seed (256 random bits), to check the seed the server rebuilds."""
+    return _hash(b"fedtune secagg seed", struct.pack("<qq", r, client) + b_seed)
+
+
+def _hash(purpose: bytes, data: bytes) -> bytes:
+    h = hashes.Hash(hashes.SHA256())
+    h.update(purpose + b"\0" + data)
+    return h.finalize()
+
+
 def agree(private: X25519PrivateKey, public: bytes) -> bytes:
     try:
         return private.exchange(X25519PublicKey.from_public_bytes(public))
@@ -191,19 +227,51 @@ class ClientRound:
         c, s, b = blob[16:48], blob[48:80], blob[80:112]
         return cls(client, r, X25519PrivateKey.from_private_bytes(c), X25519PrivateKey.from_private_bytes(s), b)
 
-    def share_keys(self, roster: Mapping[int, tuple[bytes, bytes]], threshold: int) -> dict[int, bytes]:
-        """Step 1: for each v in the roster (id -> (c_pk, s_pk)), the ciphertext of v's shares of s_sk and b."""
+    def share_keys(
+        self, roster: Mapping[int, tuple[bytes, bytes]], threshold: int
+    ) -> tuple[dict[int, bytes], dict[str, bytes]]:
+        """Step 1: (for each v in the roster (id -> (c_pk, s_pk)) the ciphertext of v's shares of s_sk and b,
+        the commitments: "<v>/s", "<v>/b" to v's shares, "self" to b)."""
         if self.client not in roster:
             raise SecAggError(f"client {self.client} is not in the roster it was sent")
         xs = [point(v) for v in roster]
         s_int = int.from_bytes(self.s_sk.private_bytes(*_private_raw()), "big")
         s_shares = shamir_split(s_int, xs, threshold)
         b_shares = shamir_split(int.from_bytes(self.b_seed, "big"), xs, threshold)
-        out = {}
+        out, commitments = {}, {"self": seed_commitment(self.round, self.client, self.b_seed)}
         for v, (c_pk, _) in roster.items():
-            plain = _pack_shares(self.client, v, s_shares[point(v)], b_shares[point(v)])
-            out[v] = _seal(agree(self.c_sk, c_pk), self.client, v, self.round, plain)
-        return out
+            s_v, b_v = s_shares[point(v)], b_shares[point(v)]
+            out[v] = _seal(agree(self.c_sk, c_pk), self.client, v, self.round, _pack_shares(self.client, v, s_v, b_v))
+            commitments[f"{v}/s"] = share_commitment(self.round, self.client, v, "s", s_v)
+            commitments[f"{v}/b"] = share_commitment(self.round, self.client, v, "b", b_v)
+        return out, commitments
+
+    def open_inbox(
+        self,
+        received: Mapping[int, bytes],
+        roster: Mapping[int, tuple[bytes, bytes]],
+        commitments: Mapping[int, tuple[bytes, bytes]],
+    ) -> tuple[dict[int, tuple[int, int]], list[int]]:
+        """Step 2's check, before masking: (sender -> (s share, b share) for what opened and matches the
+        sender's commitments (s, b), the senders whose ciphertext does not open, holds shares for another
+        pair, or differs from what they committed to)."""
+        opened, bad = {}, []
+        for v in sorted(roster):
+            try:
+                plain = _open(agree(self.c_sk, roster[v][0]), v, self.client, self.round, received[v])
+                sender, to, s_share, b_share = _unpack_shares(plain)
+            except (SecAggError, KeyError):
+                bad.append(v)
+                continue
+            want = commitments.get(v)
+            if (sender, to) != (v, self.client) or want != (
+                share_commitment(self.round, v, self.client, "s", s_share),
+                share_commitment(self.round, v, self.client, "b", b_share),
+            ):
+                bad.append(v)
+                continue
+            opened[v] = (s_share, b_share)
+        return opened, bad
 
     def masked_input(self, x: torch.Tensor, roster: Mapping[int, tuple[bytes, bytes]], fp: FixedPoint) -> torch.Tensor:
         """Step 2: y = x + PRG(b) + Σ ±PRG(s_uv) mod 2^k over the others of the roster (step 1's repliers)."""
@@ -254,8 +322,12 @@ def unmask_sum(
     threshold: int,
     r: int,
     fp: FixedPoint,
+    seed_commitments: Mapping[int, bytes],
 ) -> torch.Tensor:
-    """The server's step 3: Σ_{u ∈ survivors} x_u mod 2^k from Σ y_u and the shares ``revealed`` by each replier."""
+    """The server's step 3: Σ_{u ∈ survivors} x_u mod 2^k from Σ y_u and the shares ``revealed`` by each replier
+    (each already checked against its commitment). Every rebuilt secret is checked: a self-mask seed against
+    ``seed_commitments`` (client -> ``seed_commitment``), a mask key against the client's public key; one that
+    does not match (its dealer handed out shares of no one polynomial) is a SecAggError naming the dealer."""
     survivors, dropped = sorted(set(survivors)), sorted(set(dropped))
     if len(revealed) < threshold:
         raise SecAggError(f"{len(revealed)} clients revealed shares; the threshold is {threshold}")
@@ -263,10 +335,14 @@ def unmask_sum(
     total = masked_sum.reshape(-1)
     for u in survivors:
         seed = _secret(shamir_join(_collect(revealed, u, "b"), threshold), f"client {u}'s self-mask seed")
+        if seed_commitment(r, u, seed) != seed_commitments.get(u):
+            raise SecAggError(f"client {u}'s self-mask seed did not rebuild: it dealt inconsistent shares")
         total = fp.sub(total, prg(derive(seed, b"self"), n, fp.modulus_bits))
     for v in dropped:
         key = _secret(shamir_join(_collect(revealed, v, "s"), threshold), f"client {v}'s mask key")
         s_sk = X25519PrivateKey.from_private_bytes(key)
+        if s_sk.public_key().public_bytes(*_RAW) != roster[v][1]:
+            raise SecAggError(f"client {v}'s mask key did not rebuild: it dealt inconsistent shares")
         for u in survivors:  # u added +PRG(s_uv) when u < v, −PRG when u > v: take it back out
             mask = prg(_pair_seed(agree(s_sk, roster[u][1]), u, v, r), n, fp.modulus_bits)
             total = fp.sub(total, mask) if u < v else fp.add(total, mask)

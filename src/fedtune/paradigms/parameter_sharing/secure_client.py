@@ -2,8 +2,12 @@
 
 The client's round secrets (its X25519 keys, self-mask seed, encoded update, the ciphertexts it
 received) live in its state under the owner ``secagg`` from the train request to the unmask request,
-and are deleted after it; only the seed of its DP noise share stays (drawn from the OS the first time,
-so replays after a resume draw the same noise and nobody else can).
+and are deleted after it; only the seed of its DP noise share stays (drawn from the OS the first time).
+
+A client sends a masked input in at most one secure instance of a round: two sums of one round over
+different clients would give the server their difference, one client's update. Its record of the
+rounds it sent in (round, instance) is durable client state (``core.types.DURABLE``), which a
+deployed client keeps outside the per-round states a repeated round starts from.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import secrets
 import torch
 
 from fedtune.core import rng
-from fedtune.core.types import ClientState, Params
+from fedtune.core.types import DURABLE, ClientState, Params
 from fedtune.paradigms.parameter_sharing.secure_messages import (
     MaskedInputReply,
     MaskedInputRequest,
@@ -24,6 +28,7 @@ from fedtune.paradigms.parameter_sharing.secure_messages import (
     UnmaskRequest,
     as_bytes,
     as_tensor,
+    read_commitments,
     read_ids,
     read_roster,
 )
@@ -89,8 +94,9 @@ def share_keys(req: ShareKeysRequest, state: ClientState) -> tuple[ShareKeysRepl
         raise ValueError(f"the roster holds {len(roster)} clients, fewer than the threshold {t}")
     if roster.get(keys.client) != keys.public_keys():
         raise ValueError("the roster does not hold this client's own public keys")
-    sealed = keys.share_keys(roster, t)
-    return ShareKeysReply(req.round, {str(v): as_tensor(ct) for v, ct in sealed.items()}), state
+    sealed, commitments = keys.share_keys(roster, t)
+    shares = {str(v): as_tensor(ct) for v, ct in sealed.items()}
+    return ShareKeysReply(req.round, shares, {k: as_tensor(h) for k, h in commitments.items()}), state
 
 
 def masked_input(req: MaskedInputRequest, state: ClientState) -> tuple[MaskedInputReply, ClientState]:
@@ -102,11 +108,38 @@ def masked_input(req: MaskedInputRequest, state: ClientState) -> tuple[MaskedInp
         )
     if sorted(req.inbox) != sorted(str(v) for v in roster):
         raise ValueError("the inbox must hold one ciphertext from every client of the roster")
+    received = {int(k): as_bytes(v) for k, v in req.inbox.items()}
+    _, accused = keys.open_inbox(received, roster, read_commitments(req.commitments, roster))
+    if accused:  # masking with them would need their shares to undo: name them, mask nothing yet
+        named = torch.tensor(accused, dtype=torch.int64)
+        return MaskedInputReply(req.round, torch.zeros(0, dtype=torch.int64), 0, named), state
+    try:
+        state = _record_sent(state, req.round, keys)
+    except ValueError as exc:
+        return MaskedInputReply(req.round, torch.zeros(0, dtype=torch.int64), 0, refused=str(exc)), state
     y = keys.masked_input(own["x"], roster, fp)  # (N,) residues mod 2^k
     wire = (y - 2**31).to(torch.int32) if fp.modulus_bits <= 32 else y
+    own = {k: v for k, v in own.items() if not k.startswith(("inbox:", "roster:"))}  # an earlier ask's go
     own.update({f"inbox:{k}": v.clone() for k, v in req.inbox.items()})  # (the state holds flat named tensors)
     own.update({f"roster:{k}": v.clone() for k, v in req.roster.items()})
     return MaskedInputReply(req.round, wire, int(own["clipped"][0])), {**state, OWNER: own}
+
+
+def _record_sent(state: ClientState, r: int, keys: ClientRound) -> ClientState:
+    """The state with round ``r`` recorded as sent in this instance (its keys); ValueError if this client sent
+    a masked input in another instance of round ``r`` (a coordinator that repeats a secure round)."""
+    instance = int.from_bytes(keys.public_keys()[1][:8], "big") >> 1  # (fits int64)
+    durable = dict(state.get(DURABLE, {}))
+    sent = durable.get("secagg_sent", torch.zeros(0, 2, dtype=torch.int64))  # (K, 2): (round, instance)
+    earlier = sent[sent[:, 0] == r]
+    if len(earlier) and int(earlier[0, 1]) != instance:
+        raise ValueError(
+            f"this client already sent a masked input in round {r} of this run: a second sum of the round "
+            "could give away its update, so it takes no part in this one"
+        )
+    if not len(earlier):
+        durable["secagg_sent"] = torch.cat([sent, torch.tensor([[r, instance]], dtype=torch.int64)])
+    return {**state, DURABLE: durable}
 
 
 def unmask(req: UnmaskRequest, state: ClientState) -> tuple[UnmaskReply, ClientState]:

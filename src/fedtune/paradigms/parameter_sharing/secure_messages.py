@@ -2,13 +2,14 @@
 
 A secure round starts as any round, with ``TrainRequest``; its reply carries the client's two public
 keys instead of an update (``TrainReply.secagg_keys``). Three exchanges follow (privacy/secagg.py):
-share keys, masked input, unmask. Byte strings (keys, ciphertexts, shares) travel as uint8 tensors
-named by the client they concern; a roster names ``<client>/c`` and ``<client>/s`` public keys.
+share keys, masked input (asked again, with the senders a client named taken out, when one names
+any), unmask. Byte strings (keys, ciphertexts, commitments, shares) travel as uint8 tensors named by
+the client they concern; a roster names ``<client>/c`` and ``<client>/s`` public keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -30,9 +31,10 @@ class ShareKeysRequest:
 @dataclass(frozen=True)
 class ShareKeysReply:
     KIND: ClassVar[str] = "secagg_share_keys_reply"
-    TENSORS: ClassVar[tuple[str, ...]] = ("shares",)
+    TENSORS: ClassVar[tuple[str, ...]] = ("shares", "commitments")
     round: int
     shares: Params  # "<v>" -> uint8 ciphertext of v's shares of this client's secrets
+    commitments: Params  # "<v>/s", "<v>/b" -> uint8 (32,) SHA-256 of v's shares; "self" -> of the self-mask seed
 
 
 @dataclass(frozen=True)
@@ -40,20 +42,24 @@ class MaskedInputRequest:
     """Server -> client: who is still in (the roster) and the ciphertexts addressed to this client."""
 
     KIND: ClassVar[str] = "secagg_masked_input"
-    TENSORS: ClassVar[tuple[str, ...]] = ("roster", "inbox")
+    TENSORS: ClassVar[tuple[str, ...]] = ("roster", "inbox", "commitments")
     round: int
     roster: Params  # the clients whose shares arrived: "<v>/c", "<v>/s"
     inbox: Params  # "<u>" -> uint8 ciphertext from u to this client
+    commitments: Params  # "<u>/s", "<u>/b" -> uint8 (32,): what u committed to for this client's shares
     continues: bool = True
 
 
 @dataclass(frozen=True)
 class MaskedInputReply:
     KIND: ClassVar[str] = "secagg_masked_input_reply"
-    TENSORS: ClassVar[tuple[str, ...]] = ("masked",)
+    TENSORS: ClassVar[tuple[str, ...]] = ("masked", "accused")
     round: int
-    masked: torch.Tensor  # (N,) the masked update mod 2^k: int32 (value − 2^31) for k <= 32, else int64
+    masked: torch.Tensor  # (N,) the masked update mod 2^k: int32 (value − 2^31) for k <= 32, else int64; (0,): none
     clipped: int  # values of this client's update clipped to the fixed-point range
+    accused: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (A,) see below
+    refused: str | None = None  # why it sends no masked input (it sent one in another instance of the round)
+    # accused: the senders whose shares it could not open or check; it then sends no masked input
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,15 @@ def read_roster(params: Params) -> dict[int, tuple[bytes, bytes]]:
     if any(len(k) != 2 for k in keys.values()):
         raise ValueError("a roster client lacks one of its two public keys")
     return {v: (k["c"], k["s"]) for v, k in sorted(keys.items())}
+
+
+def read_commitments(params: Params, roster: dict[int, tuple[bytes, bytes]]) -> dict[int, tuple[bytes, bytes]]:
+    """sender -> (commitment to the s share, to the b share) for every client of ``roster``; ValueError unless
+    the tensors are exactly "<v>/s", "<v>/b" for each, 32 bytes each."""
+    want = {f"{v}/{k}" for v in roster for k in ("s", "b")}
+    if set(params) != want or any(t.dtype != torch.uint8 or t.shape != (32,) for t in params.values()):
+        raise ValueError("the commitments must be a 32-byte '<client>/s' and '<client>/b' for each roster client")
+    return {v: (as_bytes(params[f"{v}/s"]), as_bytes(params[f"{v}/b"])) for v in roster}
 
 
 def read_ids(t: torch.Tensor, what: str) -> list[int]:

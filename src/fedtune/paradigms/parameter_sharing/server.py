@@ -210,10 +210,13 @@ class ParameterSharing:
             flat, summed, sec_metrics = yield from secure_sum(sec, r, roster, len(clients), n_values)
         else:  # too few sampled to hide anyone (Poisson sampling): no client update this round
             flat, summed, sec_metrics = torch.zeros(n_values), [], {"secagg_summed": 0, "secagg_skipped": 1}
-        total = unflatten(flat, {k: template[k] for k in sorted(template)})  # clients flatten in name order
-        params, agg_state = self.aggregator.aggregate_sum(  # type: ignore[attr-defined]  (a Pipeline: setup checks)
-            state.params, total, len(summed), state.algorithm, sec.noised_by_clients
-        )
+        if flat is None:  # skipped (secure_sum logged why): the round leaves the adapter as it was
+            params, agg_state = state.params, state.algorithm
+        else:
+            total = unflatten(flat, {k: template[k] for k in sorted(template)})  # clients flatten in name order
+            params, agg_state = self.aggregator.aggregate_sum(  # type: ignore[attr-defined]  (a Pipeline)
+                state.params, total, len(summed), state.algorithm, sec.noised_by_clients
+            )
         used = [keyed[c][0] for c in summed]
         metrics = self._metrics(state, used, agg_state, sec_metrics)
         return replace(state, params=params, algorithm=agg_state, replicas=replicas), metrics
