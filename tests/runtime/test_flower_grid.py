@@ -345,3 +345,38 @@ def test_waiting_for_clients_and_asking_their_names_survive_a_flaky_superlink(cl
     assert rt.wait_for_clients(3, 3, 10) == {n: i for i, n in NODES.items()}  # names as the clients gave them
     hello = unpack(grid.pushed[0].content)
     assert hello == (b"", {"hello": 1}) and grid.pushed[0].metadata.group_id == "hello"
+
+
+@pytest.mark.parametrize(
+    ("size", "cap"), [(5_000, None), (900, 100), (2_500, 1_000)], ids=["over-piece", "whole", "pieced"]
+)
+def test_a_reply_over_the_cap_is_refused_whole_or_pieced(client_app, caplog, size, cap):
+    """A whole reply larger than one piece (a client should have sent it in pieces) or than what the exchange
+    can need (``max_reply_bytes``) costs its client; so does a pieced one that declares more."""
+
+    def big(msg, honest):
+        meta = unpack(honest.content)[1]
+        if size <= 1_000 or wire.REPLY_TOTAL in meta or cap is None:  # a whole reply, of any size
+            return _with(msg, os.urandom(size), client_id=1)
+        return honest
+
+    grid = FakeGrid(_dishonest(client_app, 1, big))
+    sent = payloads([10, 1_200 if size == 2_500 else 10, 10])
+    with caplog.at_level(logging.WARNING, "fedtune"):
+        out = runtime(grid).send_and_receive(sent, max_reply_bytes=cap)
+    assert sorted(replies_by_client(out)) == [0, 2]  # the honest replies are 21 bytes
+    assert "client 1 (client-1)" in caplog.text
+
+
+def test_one_deadline_covers_a_clients_whole_round(client_app, caplog):
+    """The round deadline counts from the round's start, not from each exchange: a conversation of many
+    exchanges cannot stretch it."""
+    import time
+
+    grid = FakeGrid(_dishonest(client_app, 0, lambda msg, honest: None))  # client 0 never answers
+    started = time.monotonic() - 29.5  # the round began 29.5 s ago, its deadline is 30 s
+    with caplog.at_level(logging.WARNING, "fedtune"):
+        began = time.monotonic()
+        out = runtime(grid, timeout=30.0).send_and_receive(payloads([10, 10, 10]), round_started=started)
+    assert time.monotonic() - began < 5 and sorted(replies_by_client(out)) == [1, 2]
+    assert "client 0 (client-0): missed the 30s round deadline" in caplog.text

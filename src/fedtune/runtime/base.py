@@ -22,8 +22,14 @@ class ClientSide(Protocol):
 
 
 class Runtime(Protocol):
-    def send_and_receive(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
-        """Deliver each envelope to its client; return the replies (any order, missing = dropped)."""
+    def send_and_receive(
+        self, envelopes: Sequence[Envelope], *, max_reply_bytes: int | None = None, round_started: float | None = None
+    ) -> list[Envelope]:
+        """Deliver each envelope to its client; return the replies (any order, missing = dropped).
+
+        ``max_reply_bytes``: a reply larger than this is dropped before it is held whole, where the runtime can;
+        ``round_started``: ``time.monotonic()`` when the round's conversation began, so that one deadline covers
+        all of a client's round (a runtime with a round deadline counts from there)."""
         ...
 
     def client_states(self) -> dict[int, ClientState]:

@@ -223,8 +223,14 @@ class FlowerRuntime:
                 shown = len(online)
             time.sleep(1.0)
 
-    def send_and_receive(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+    def send_and_receive(
+        self, envelopes: Sequence[Envelope], *, max_reply_bytes: int | None = None, round_started: float | None = None
+    ) -> list[Envelope]:
+        """The replies to ``envelopes``. The round deadline counts from ``round_started`` (default: now), so it
+        covers a client's whole round conversation; a reply over ``max_reply_bytes`` (and the runtime's own
+        cap) is refused, whole or in pieces, before it is put together."""
+        started = time.monotonic() if round_started is None else round_started
+        deadline = None if self.timeout is None else started + self.timeout
         online = self.online(deadline)
         self.sent += 1
         exchanges, digests = [], {}
@@ -239,6 +245,7 @@ class FlowerRuntime:
             meta = {wire.CLIENT: e.client_id, wire.EXCHANGE: f"{self.token}.{self.sent}.{e.client_id}"}
             meta[wire.PIECE_SIZE] = self.piece_bytes
             cap = self.max_reply_bytes if self.max_reply_bytes is not None else 16 * len(e.payload) + 64 * 2**20
+            cap = cap if max_reply_bytes is None else min(cap, max_reply_bytes)
             sha = digests.get(id(e.payload)) if count > 1 else None
             exchanges.append(_Exchange(e.client_id, online[name], meta, e.payload, count, sha, cap, str(self.sent)))
         self._run(exchanges, deadline, self.timeout)
@@ -313,6 +320,8 @@ class FlowerRuntime:
             x.reply = wire.Assembly(meta[wire.REPLY_TOTAL], self.piece_bytes, sha, x.reply_cap)
             x.reply.add(0, data)
         else:  # the whole reply
+            if len(data) > min(x.reply_cap, self.piece_bytes):
+                raise ValueError(f"a reply of {len(data):,} bytes, more than the {x.reply_cap:,} it can need")
             x.result, x.result_meta = data, meta
             return
         if x.reply.complete:

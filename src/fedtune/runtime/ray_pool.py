@@ -112,7 +112,9 @@ class RayRuntime(SimulatedClients):
         ray.get(self._starting)
         self._starting = []
 
-    def send_and_receive(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+    def send_and_receive(
+        self, envelopes: Sequence[Envelope], *, max_reply_bytes: int | None = None, round_started: float | None = None
+    ) -> list[Envelope]:
         self._ready()
         pending, idle = deque(envelopes), list(self.workers)
         inflight: dict[Any, tuple[Envelope, Any]] = {}

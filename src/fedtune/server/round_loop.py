@@ -55,6 +55,7 @@ class Network:
         self.dropped: dict[int, str] = {}  # train exchanges: client -> why it left the round
         self.eval_exchanges = 0
         self.waited = {"train": 0.0, "eval": 0.0}  # purpose -> seconds in the runtime's hands (clients' side)
+        self.started = time.monotonic()  # one round deadline (a deployment's) counts from here
 
     def exchange(self, ex: Exchange) -> Replies:
         cache: dict[int, bytes] = {}
@@ -66,7 +67,11 @@ class Network:
         counts[0] += sum(len(p) for p in payloads.values())
         self.eval_exchanges += ex.purpose == "eval"
         sent = time.perf_counter()
-        envelopes = self.runtime.send_and_receive([Envelope(c, payloads[c]) for c in sorted(payloads)])
+        envelopes = self.runtime.send_and_receive(
+            [Envelope(c, payloads[c]) for c in sorted(payloads)],
+            max_reply_bytes=ex.max_reply_bytes,
+            round_started=self.started,
+        )
         self.waited[ex.purpose] += time.perf_counter() - sent
         accepted: dict[int, Any] = {}
         dropped: dict[int, str] = {}
