@@ -175,3 +175,45 @@ def test_a_step_of_a_micro_batches_costs_a_plus_one_round_trips_in_u_and_a_in_va
     assert not dropped and len(kinds) == trips, kinds
     if shape == "u":
         assert kinds == ["Activations", "BackReply", "BackReply"] * 2 + ["Done"]
+
+
+def _scaled(factor):
+    """A Done whose client-part update (plain float32 on the wire) is ``factor`` times what it trained."""
+
+    def change(msg):
+        delta = {k: t * factor if t.is_floating_point() else t for k, t in msg.delta.items()}
+        return dataclasses.replace(msg, delta=delta)
+
+    return change
+
+
+@pytest.mark.parametrize("factor", [1e6, 3e38], ids=["x1e6", "3e38"])
+def test_the_client_parts_update_is_held_to_max_update_norm(tmp_path, factor):
+    overrides = ["aggregation.max_update_norm=1"]
+    params, dropped, _ = _round(tmp_path, overrides, [0, 1], _at(Done, None, _scaled(factor)))
+    assert "max_update_norm" in dropped[1] or "NaN or Inf" in dropped[1], dropped
+    assert all(torch.isfinite(t).all() for t in params.values())
+
+
+def test_the_server_parts_change_in_a_session_is_held_to_max_update_norm(tmp_path):
+    """Gradients at the second cut x 1e4 with plain SGD move the server part far: the session is refused."""
+    overrides = ["aggregation.max_update_norm=1", "training.optimizer=sgd", "training.max_grad_norm=null"]
+    big, still = _at(BackReply, None, lambda m: _hidden(m, lambda t: t * 1e4)), _at(Done, None, _scaled(0.0))
+    params, dropped, _ = _round(tmp_path, overrides, [0, 1], lambda m: still(big(m)))  # its own part kept still
+    assert "moved the server part" in dropped[1], dropped
+    alone, dropped_alone, _ = _round(tmp_path / "alone", overrides, [0])
+    assert not dropped_alone and all(torch.equal(params[k], alone[k]) for k in alone)  # its turn undone
+
+
+def test_the_config_not_the_client_caps_a_rounds_micro_batches(tmp_path):
+    """A client that reports a million examples (as many as a deployment allows) gets the config's micro-batches."""
+    from fedtune.config.training import TrainingConfig
+    from fedtune.paradigms.split.steps import StepPlan
+
+    epochs = TrainingConfig(local_steps=None, local_epochs=1, batch_size=2)
+    assert StepPlan.of(epochs, 3, 1, 10**6, 1000).count == 1000
+    assert StepPlan.of(epochs, 3, 1, 10, 1000).count == 5
+    kinds = []
+    overrides = ["paradigm.max_micro_batches=3"]  # the round's 2 steps of 2 micro-batches: 3 of them
+    _, dropped, metrics = _round(tmp_path, overrides, [0, 1], lambda m: kinds.append(type(m).__name__) or m)
+    assert not dropped and metrics["local_micro_batches"] == 2 * 3

@@ -40,6 +40,7 @@ class SplitClientSettings:
     rounds: int
     seed: int
     pad_id: int
+    max_micro_batches: int
 
 
 def _front_rng(t: int) -> str:
@@ -91,7 +92,7 @@ class SplitClient:
     def _plan(self, client_id: int, r: int) -> tuple[int, list, StepPlan]:
         data = self.data[client_id]
         seed, batches = round_plan(self.s.seed, r, client_id, len(data.train), self.s.training)
-        return seed, batches, StepPlan.of(self.s.training, self.s.rounds, r, len(data.train))
+        return seed, batches, StepPlan.of(self.s.training, self.s.rounds, r, len(data.train), self.s.max_micro_batches)
 
     def _batch(self, client_id: int, indices) -> dict[str, torch.Tensor]:
         return collate([self.data[client_id].train[i] for i in indices], self.s.pad_id)

@@ -25,7 +25,7 @@ import torch
 
 from fedtune.adapters.split import SplitModel
 from fedtune.aggregation.base import Aggregator, Contribution
-from fedtune.aggregation.clipping import fused_norm
+from fedtune.aggregation.clipping import fused_norm, update_norm
 from fedtune.aggregation.weighting import WeightCap
 from fedtune.client.local_training import make_optimizer, optimizer_step
 from fedtune.config.training import TrainingConfig
@@ -49,8 +49,6 @@ from fedtune.paradigms.split.messages import Activations, Back, BackReply, Done,
 from fedtune.paradigms.split.steps import StepPlan, sq_norm
 from fedtune.wire.link import Link, max_wire_bytes
 
-MAX_MICRO_BATCHES = 10**6  # a client whose reported size implies more is refused
-
 
 @dataclass(frozen=True)
 class SplitSettings:
@@ -63,6 +61,8 @@ class SplitSettings:
     training: TrainingConfig
     rounds: int
     max_seq_len: int
+    max_micro_batches: int  # a round's micro-batches per client, whatever its data (paradigm.max_micro_batches)
+    max_update_norm: float | None = None  # bounds each client part's update and its server part's change
 
 
 class SplitState(NamedTuple):
@@ -74,6 +74,7 @@ class _Part:
     """A server part being trained: its tensors (leaves), an optimizer, the squared norm of a finished step."""
 
     def __init__(self, params: Params, training: TrainingConfig):
+        self.start = params  # where this session's training of the part began
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.opt = make_optimizer(training.optimizer, list(self.params.values()), training.lr, training.weight_decay)
         self.sq = 0.0
@@ -260,9 +261,7 @@ class SplitLearning:
             raise BadReply(f"reports {act.num_examples} training examples (allowed 1..{cap})")
         who = f"round {r}: client {c}"
         weight = weight_or_drop(act.num_examples, act.num_tokens, self.s.weighting, self.s.weight_cap, who)
-        plan = StepPlan.of(self.s.training, self.s.rounds, r, act.num_examples)
-        if plan.count > MAX_MICRO_BATCHES:
-            raise BadReply(f"{act.num_examples} examples would make {plan.count} micro-batches")
+        plan = StepPlan.of(self.s.training, self.s.rounds, r, act.num_examples, self.s.max_micro_batches)
         run = self._u_shape if self.s.shape == "u" else self._vanilla
         tally = yield from run(r, c, plan, part, act, _Tally(error=act.codec_error))
         finish = Forward(r, plan.count, grad=tally.grad, server_sq_norm=part.sq, continues=True)
@@ -273,8 +272,14 @@ class SplitLearning:
             raise BadReply(f"reports {done.steps} optimizer steps; its round has {plan.steps}")
         part.step(_client_sq(done.client_sq_norm), plan.lr(plan.count - 1))
         delta = decode_or_drop(self.uplink, done.delta, client_part, "the client part's update")
-        check_update(delta, client_part)
+        check_update(delta, client_part, self.s.max_update_norm)
         copy = part.values()
+        moved = {k: copy[k] - part.start[k] for k in copy}  # the server part's change in this client's session
+        if self.s.max_update_norm is not None and not update_norm(moved) <= self.s.max_update_norm:
+            raise BadReply(
+                f"its session moved the server part by {update_norm(moved):.4g}, over "
+                f"aggregation.max_update_norm={self.s.max_update_norm:g}"
+            )
         server_delta = {k: copy[k] - server_start[k] for k in copy} if self.s.server_part == "per_client" else {}
         return _Outcome(
             Contribution(c, delta, weight),

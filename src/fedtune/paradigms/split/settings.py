@@ -34,6 +34,13 @@ class SplitConfig(ParadigmConfig):
         "client (SplitFed v2); per_client: one copy per client trained in parallel, averaged at the round's end "
         "(SplitFed v1; the server holds a copy of the part's adapter and optimizer state per client)",
     )
+    max_micro_batches: int = Field(
+        1000,
+        ge=1,
+        description="the most micro-batches (one exchange each) a client's round may take; a client whose data "
+        "would need more trains on the first this many. Set by the config, so no client's report can lengthen a "
+        "round",
+    )
     activation_codecs: list[dict[str, Any]] = Field(
         default_factory=list,
         description="codec chain for hidden states and their gradients on the wire, e.g. [{name: bf16}] "

@@ -71,6 +71,8 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
         plan.training,
         plan.rounds,
         plan.data.max_seq_len,
+        s.max_micro_batches,
+        plan.aggregation.max_update_norm,
     )
     return SplitLearning(
         split,
@@ -90,7 +92,9 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
 
 def client(plan: ParadigmPlan, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None):
     split, names, client_names, _ = split_model(plan, bench)
-    settings = SplitClientSettings(plan.training, plan.rounds, plan.seed, bench.tokenizer.pad_token_id)
+    settings = SplitClientSettings(
+        plan.training, plan.rounds, plan.seed, bench.tokenizer.pad_token_id, _split(plan).max_micro_batches
+    )
     return SplitClient(
         split,
         {k: names[k] for k in client_names},

@@ -29,9 +29,10 @@ class StepPlan:
     round: int
 
     @classmethod
-    def of(cls, cfg: TrainingConfig, rounds: int, round_index: int, num_examples: int) -> StepPlan:
+    def of(cls, cfg: TrainingConfig, rounds: int, round_index: int, num_examples: int, most: int) -> StepPlan:
+        """The plan of a client with ``num_examples``, at most ``most`` micro-batches (paradigm.max_micro_batches)."""
         count = batch_count(num_examples, cfg.batch_size, cfg.grad_accum, cfg.local_steps, cfg.local_epochs)
-        return cls(count, cfg.grad_accum, RoundSchedule.of(cfg, rounds), round_index)
+        return cls(min(count, most), cfg.grad_accum, RoundSchedule.of(cfg, rounds), round_index)
 
     @property
     def steps(self) -> int:
