@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -108,17 +109,79 @@ def test_state_store_replays_a_repeated_round_from_the_state_before_it(tmp_path)
     ]
 
 
-def _serving(tmp_path, secret, idle_timeout_s=30.0):
+def test_the_durable_part_of_a_state_is_never_rolled_back(tmp_path):
+    """Secure aggregation's record of the rounds a client masked in survives a repeated round: every state a
+    round starts from carries the newest durable part, not the one saved with the round before."""
+    from fedtune.core.types import DURABLE
+
+    store = StateStore(tmp_path / "client-0")
+    store.save(1, {"residual": {"x": torch.ones(1)}, DURABLE: {"sent": torch.tensor([1])}})
+    store.save(2, {"residual": {"x": torch.ones(1) * 2}, DURABLE: {"sent": torch.tensor([1, 2])}})
+    again = store.before(2)  # round 2 repeated: round 1's state, with round 2's record
+    assert again["residual"]["x"].tolist() == [1.0] and again[DURABLE]["sent"].tolist() == [1, 2]
+    assert set(store.before(1)) == {DURABLE} and store.before(1)[DURABLE]["sent"].tolist() == [1, 2]
+
+
+def test_a_new_run_does_not_start_from_an_earlier_runs_state_and_old_runs_go(tmp_path):
+    """Rounds of run B are not pruned by run A's higher round numbers, and the state of all but the most recent
+    runs is deleted."""
+    from fedtune.deploy.local_worker import KEEP_RUNS, LocalWorker
+
+    worker = LocalWorker.__new__(LocalWorker)  # its store only: no model
+    worker.state_dir = tmp_path
+    a = worker.store("a" * 32, 0)
+    for r in (7, 8, 9):
+        a.save(r, {"residual": {"x": torch.full((1,), float(r))}})
+    b = worker.store("b" * 32, 0)
+    b.save(1, {"residual": {"x": torch.zeros(1)}})
+    assert b.before(2)["residual"]["x"].tolist() == [0.0] and b.before(1) == {}
+    for i in range(KEEP_RUNS + 1):
+        worker.store(f"{i:032x}", 0)
+    assert len(list(tmp_path.glob("run-*"))) == KEEP_RUNS
+
+
+def test_a_local_peer_sending_a_byte_at_a_time_is_cut_off(tmp_path):
+    """The idle limit is per read; the transfer limit covers the whole request, so trickling cannot hold the worker."""
+    from multiprocessing.connection import Client
+
+    secret = os.urandom(32)
+    address, close = _serving(tmp_path, secret, idle_timeout_s=2.0, transfer_timeout_s=1.0)
+    try:
+        conn = Client(address, family="AF_UNIX", authkey=secret)
+        conn.send(("serve", 1, {"run": RUN}))
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        raw.sendall((10).to_bytes(4, "big"))  # a 10-byte payload declared, then one byte every 0.5 s
+        cut = False
+        for _ in range(10):
+            try:
+                raw.sendall(b"x")
+                time.sleep(0.5)
+            except OSError:
+                cut = True
+                break
+        raw.close()
+        conn.close()
+        assert cut
+        assert ask_worker(address, secret, 2, b"ok", RUN) == b"ko\x02"  # and it serves the next one
+    finally:
+        close()
+
+
+RUN = "0123456789abcdef" * 2
+
+
+def _serving(tmp_path, secret, idle_timeout_s=30.0, transfer_timeout_s=120.0):
     """The worker's real socket loop around a toy handler (reverse the payload, append the id)."""
     address = str(tmp_path / "w.sock")
     listener, stop = Listener(address, family="AF_UNIX"), threading.Event()
 
-    def handle(cid: int, payload: bytes) -> bytes:
+    def handle(cid: int, run: str, payload: bytes) -> bytes:
+        assert run == RUN
         if payload == b"bad":
             raise ValueError("bad request")
         return payload[::-1] + bytes([cid])
 
-    args = (listener, secret, handle, stop, idle_timeout_s)
+    args = (listener, secret, handle, stop, idle_timeout_s, transfer_timeout_s)
     threading.Thread(target=serve_socket, args=args, daemon=True).start()
     return address, lambda: (stop.set(), listener.close())
 
@@ -127,12 +190,14 @@ def test_worker_socket_needs_the_key_and_reports_errors(tmp_path):
     secret = os.urandom(32)
     address, close = _serving(tmp_path, secret)
     try:
-        assert ask_worker(address, secret, 7, b"abc") == b"cba\x07"
+        assert ask_worker(address, secret, 7, b"abc", RUN) == b"cba\x07"
         with pytest.raises(RuntimeError, match="ValueError: bad request"):
-            ask_worker(address, secret, 7, b"bad")
+            ask_worker(address, secret, 7, b"bad", RUN)
         with pytest.raises(Exception):  # noqa: B017  (multiprocessing raises AuthenticationError)
-            ask_worker(address, os.urandom(32), 7, b"abc")
-        assert ask_worker(address, secret, 3, b"xy") == b"yx\x03"  # still serving after a refusal
+            ask_worker(address, os.urandom(32), 7, b"abc", RUN)
+        with pytest.raises(RuntimeError, match="not a fedtune run id"):
+            ask_worker(address, secret, 7, b"abc", "../../etc")
+        assert ask_worker(address, secret, 3, b"xy", RUN) == b"yx\x03"  # still serving after a refusal
     finally:
         close()
 
@@ -144,7 +209,7 @@ def test_a_silent_local_peer_cannot_stall_the_worker(tmp_path):
     silent.connect(address)  # connects, then never answers the key challenge
     try:
         got: list[bytes] = []
-        t = threading.Thread(target=lambda: got.append(ask_worker(address, secret, 1, b"ab")), daemon=True)
+        t = threading.Thread(target=lambda: got.append(ask_worker(address, secret, 1, b"ab", RUN)), daemon=True)
         t.start()
         t.join(20)
         assert got == [b"ba\x01"]
@@ -182,9 +247,12 @@ def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(
     state: dict = {}
     for r in (1, 2):
         expected, state = handler.handle(cid, request(r), state)
-        assert essence(worker.serve_one(cid, request(r))) == essence(expected)
-    again = worker.serve_one(cid, request(2))  # the coordinator crashed and repeats round 2
+        assert essence(worker.serve_one(cid, RUN, request(r))) == essence(expected)
+    again = worker.serve_one(cid, RUN, request(2))  # the coordinator crashed and repeats round 2
     assert essence(again) == essence(expected)
+    # a new run starts from nothing, whatever the earlier one left at higher rounds
+    first, _ = handler.handle(cid, request(1), {})
+    assert essence(worker.serve_one(cid, "f" * 32, request(1))) == essence(first)
 
 
 def test_a_private_key_is_never_readable_by_others_even_while_written(tmp_path, monkeypatch):
@@ -240,3 +308,34 @@ def test_a_deployment_always_has_a_reply_deadline(tmp_path):
     assert reply_deadline(_cfg(tmp_path)) == DEFAULT_DEADLINE_S == 3600
     cfg = validate_config({"federation": {"round_timeout_s": 90}, "runtime": {"name": "flower"}}, "t")
     assert reply_deadline(cfg) == 90
+
+
+def test_a_clients_state_directory_and_log_are_its_users_alone(tmp_path, monkeypatch):
+    """Other users of the client's machine read neither its state (residuals, a secure round's keys) nor its log."""
+    import logging
+
+    from fedtune.deploy import participant
+
+    class Stop(Exception):
+        pass
+
+    def no_model(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(participant, "LocalWorker", no_model)
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"instruction": "say hi", "output": "hi"}\n')
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    cfg = _cfg(tmp_path, insecure=True)
+    logger = logging.getLogger("fedtune")
+    handlers = list(logger.handlers)
+    try:
+        with pytest.raises(Stop):
+            participant.run_participant(cfg, None, data, None, "alice", state)
+    finally:
+        for h in logger.handlers[len(handlers) :]:
+            h.close()
+        logger.handlers[:] = handlers
+    assert state.stat().st_mode & 0o077 == 0 and (state / "client.log").exists()

@@ -14,11 +14,12 @@ from fedtune.deploy.local_worker import PieceExchanges, ask_worker, ask_worker_o
 from fedtune.runtime import flower_wire as wire
 
 P = 100  # piece size
+RUN = "ab" * 16
 
 
 def _pieces(eid: str, payload: bytes, size: int = P) -> list[tuple[dict, bytes]]:
     sha = hashlib.sha256(payload).hexdigest()
-    info = {wire.EXCHANGE: eid, wire.PIECE_SIZE: size, wire.TOTAL: len(payload), wire.SHA256: sha}
+    info = {wire.EXCHANGE: eid, wire.PIECE_SIZE: size, wire.TOTAL: len(payload), wire.SHA256: sha, wire.RUN: RUN}
     return [
         ({**info, wire.PIECE: i}, payload[slice(*wire.piece_span(i, len(payload), size))])
         for i in range(wire.piece_count(len(payload), size))
@@ -30,7 +31,7 @@ class Handler:
         self.calls: list[tuple[int, bytes]] = []
         self.grow = grow
 
-    def __call__(self, cid: int, request: bytes) -> bytes:
+    def __call__(self, cid: int, run: str, request: bytes) -> bytes:
         assert type(request) is bytes  # what safetensors reads
         self.calls.append((cid, request))
         return request[::-1] * self.grow
@@ -75,10 +76,10 @@ def test_a_piece_sent_again_after_the_reply_gets_the_same_answer():
 
 def test_a_whole_request_in_one_message_gets_its_reply_whole_or_in_pieces():
     ex = PieceExchanges(Handler(grow=1))
-    said, reply = ex.piece(2, {wire.EXCHANGE: "s", wire.PIECE_SIZE: P}, b"abc")
+    said, reply = ex.piece(2, {wire.EXCHANGE: "s", wire.PIECE_SIZE: P, wire.RUN: RUN}, b"abc")
     assert (said, reply) == ({}, b"cba") and ex.open == {}  # small both ways: nothing kept
     ex.handle = Handler(grow=3)
-    first = ex.piece(2, {wire.EXCHANGE: "t", wire.PIECE_SIZE: P}, b"yz" * 30)
+    first = ex.piece(2, {wire.EXCHANGE: "t", wire.PIECE_SIZE: P, wire.RUN: RUN}, b"yz" * 30)
     assert first[0][wire.REPLY_TOTAL] == 180 and len(first[1]) == P
     assert _fetch_all(ex, 2, "t", first) == b"zy" * 90
 
@@ -122,7 +123,7 @@ def test_a_request_too_large_or_another_clients_exchange_is_refused():
     with pytest.raises(ValueError, match="declared size"):
         ex.piece(0, *_pieces("x5", os.urandom(1_001))[0])
     with pytest.raises(ValueError, match="exceeds its 100-byte pieces"):
-        ex.piece(0, {wire.EXCHANGE: "x6", wire.PIECE_SIZE: P}, os.urandom(101))
+        ex.piece(0, {wire.EXCHANGE: "x6", wire.PIECE_SIZE: P, wire.RUN: RUN}, os.urandom(101))
     info, data = _pieces("x7", os.urandom(300))[0]
     ex.piece(0, info, data)
     with pytest.raises(ValueError, match="is client 0's"):
@@ -153,7 +154,7 @@ def test_pieces_cross_the_worker_socket(tmp_path):
             ask_worker_op(address, secret, "fetch", 3, {wire.EXCHANGE: "s1", wire.FETCH: 1}, b"")
         with pytest.raises(RuntimeError, match="unknown operation 'drop'"):
             ask_worker_op(address, secret, "drop", 3, {}, b"")
-        assert ask_worker(address, secret, 3, b"ab") == b"bababa"  # the single-message op still works
+        assert ask_worker(address, secret, 3, b"ab", RUN) == b"bababa"  # the single-message op still works
     finally:
         stop.set()
         listener.close()
@@ -180,9 +181,11 @@ def test_the_worker_keeps_no_reply_once_its_last_piece_is_fetched(tmp_path):
     baseline = sys.getrefcount(big)
     secret, address = os.urandom(32), str(tmp_path / "w.sock")
     listener, stop = Listener(address, family="AF_UNIX"), threading.Event()
-    threading.Thread(target=serve_socket, args=(listener, secret, lambda c, r: big, stop), daemon=True).start()
+    threading.Thread(target=serve_socket, args=(listener, secret, lambda c, run, r: big, stop), daemon=True).start()
     try:
-        said, _ = ask_worker_op(address, secret, "piece", 0, {wire.EXCHANGE: "k", wire.PIECE_SIZE: P}, b"q")
+        said, _ = ask_worker_op(
+            address, secret, "piece", 0, {wire.EXCHANGE: "k", wire.PIECE_SIZE: P, wire.RUN: RUN}, b"q"
+        )
         assert said[wire.REPLY_TOTAL] == len(big) and sys.getrefcount(big) > baseline  # held for the fetches
         for i in range(1, 6):
             ask_worker_op(address, secret, "fetch", 0, {wire.EXCHANGE: "k", wire.FETCH: i}, b"")

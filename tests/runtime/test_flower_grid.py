@@ -110,7 +110,7 @@ def client_app(tmp_path, flower_task):
     listener, stop = Listener(address, family="AF_UNIX"), threading.Event()
     handled: list[tuple[int, int]] = []
 
-    def handle(cid: int, payload: bytes) -> bytes:
+    def handle(cid: int, run: str, payload: bytes) -> bytes:
         handled.append((cid, len(payload)))
         if payload.startswith(b"bad"):
             raise ValueError("cannot read this request")
@@ -150,7 +150,7 @@ def test_small_payloads_travel_as_one_message_each_with_the_reply_whole(client_a
     assert replies_by_client(out) == {e.client_id: transform(e.client_id, e.payload) for e in sent}
     assert len(grid.pushed) == 3 + 1  # client 2's reply (1999 bytes) comes in 2 pieces: one fetch
     first = unpack(grid.pushed[0].content)
-    assert first[0] == sent[0].payload and set(first[1]) == {wire.CLIENT, wire.EXCHANGE, wire.PIECE_SIZE}
+    assert first[0] == sent[0].payload and set(first[1]) == {wire.CLIENT, wire.EXCHANGE, wire.PIECE_SIZE, wire.RUN}
     assert unpack(grid.answers[0].content)[1] == {wire.CLIENT: 0}  # a small reply: as before pieces
 
 

@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.runtime.flower_wire import CLIENT, EXCHANGE, FETCH, pack, unpack
+from fedtune.runtime.flower_wire import CLIENT, EXCHANGE, FETCH, RUN, pack, unpack
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -47,7 +47,7 @@ def answer(msg: Message, cfg: dict) -> Message:
     key = Path(str(cfg["worker-key-file"])).read_bytes()
     client_id = int(meta[CLIENT])
     if EXCHANGE not in meta:
-        reply = ask_worker(str(cfg["worker"]), key, client_id, payload)
+        reply = ask_worker(str(cfg["worker"]), key, client_id, payload, meta.get(RUN))
         return Message(pack(reply, {CLIENT: client_id}), reply_to=msg)
     op = "fetch" if FETCH in meta else "piece"
     said, data = ask_worker_op(str(cfg["worker"]), key, op, client_id, meta, payload)

@@ -29,15 +29,35 @@ def reply_deadline(cfg: ExperimentConfig) -> float:
     return DEFAULT_DEADLINE_S
 
 
+def run_id(run_dir: Path, resume: bool) -> str:
+    """The run's id, which clients key their state by: new for a new run, the stored one when resuming
+    (RUN_DIR/flower/run-id, created owner-only)."""
+    from fedtune.runtime.flower_wire import checked_run, new_run_id
+
+    path = run_dir / "flower" / "run-id"
+    if resume and path.is_file():
+        return checked_run(path.read_text().strip())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = new_run_id()
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.replace(tmp, path)
+    return value
+
+
 def serve(grid: Grid, spec_path: str) -> None:
     """Run the experiment that ``fedtune server`` described in spec_path."""
     spec = json.loads(Path(spec_path).read_text())
     os.chdir(spec["cwd"])  # relative paths in the config mean what they meant to `fedtune server`
     cfg = validate_config(yaml.safe_load(spec["config"]), spec["config_path"] or "config")
-    from fedtune.experiment import run_experiment
+    from fedtune.experiment import resolve_run_dir, run_experiment
 
     fl = cfg.runtime.flower
-    runtime = FlowerRuntime(grid, spec["names"], reply_deadline(cfg), insecure=fl.insecure)
-    runtime.wait_for_clients(len(spec["names"]), cfg.federation.min_clients, fl.join_timeout_s)
     config_path = Path(spec["config_path"]) if spec["config_path"] else None
+    run = run_id(resolve_run_dir(cfg, config_path), spec["resume"])
+    runtime = FlowerRuntime(grid, spec["names"], reply_deadline(cfg), insecure=fl.insecure, run_id=run)
+    runtime.wait_for_clients(len(spec["names"]), cfg.federation.min_clients, fl.join_timeout_s)
     run_experiment(cfg, config_path, resume=spec["resume"], runtime=runtime)

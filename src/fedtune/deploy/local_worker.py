@@ -2,10 +2,12 @@
 
 Flower starts a fresh ClientApp process for every message; that process only forwards the payload
 here over a local, key-protected socket (``ask_worker``). The worker serves it with the same
-``ClientHandler`` the simulations use and keeps the client's persistent state on disk, one file
-per round it trained in. A request for round r starts from the newest state saved before r, so a
-round the coordinator repeats after a crash replays exactly what it did the first time; an
-evaluation in round r sees the state that round's training left.
+``ClientHandler`` the simulations use and keeps the client's persistent state on disk, per run (the
+coordinator names its run in every message; a resumed run keeps its id), one file per round it
+trained in. A request for round r starts from the newest state saved before r, so a round the
+coordinator repeats after a crash replays exactly what it did the first time; an evaluation in
+round r sees the state that round's training left. What no repeated round may roll back (the
+durable owner, ``core.types.DURABLE``) is kept beside those files and handed with each of them.
 
 A payload larger than one Flower message (``fedtune.runtime.flower_wire``) reaches the worker piece by
 piece (``ask_worker_op`` "piece"), each into its place in the request; the piece that completes it
@@ -18,10 +20,12 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +39,9 @@ if TYPE_CHECKING:  # Flower runs ask_worker in a fresh process per message: no t
 log = logging.getLogger("fedtune")
 
 KEEP_STATES = 3  # a repeated round needs the state before it; keep a margin
+KEEP_RUNS = 3  # the state of this many most recent runs is kept; older runs' is deleted
 IDLE_TIMEOUT_S = 30.0  # a local peer that stops sending or reading mid-exchange is cut off after this
+TRANSFER_TIMEOUT_S = 120.0  # reading a whole request (or writing a whole reply) must end within this
 MAX_REQUEST_BYTES = 2**40  # a pieced request may declare at most this (its pages are taken as pieces arrive)
 MAX_OPEN_EXCHANGES = 4  # pieced exchanges held at once; the oldest goes first (one per client id)
 
@@ -50,10 +56,11 @@ def worker_secret(folder: str) -> tuple[str, bytes]:
     return path, secret
 
 
-def ask_worker(address: str, key: bytes, client_id: int, payload: bytes) -> bytes:
-    """Send one request to the worker at ``address``; its reply, or RuntimeError with the worker's error."""
+def ask_worker(address: str, key: bytes, client_id: int, payload: bytes, run: object) -> bytes:
+    """Send one request of run ``run`` to the worker at ``address``; its reply, or RuntimeError with the
+    worker's error."""
     with Client(address, family="AF_UNIX", authkey=key) as conn:
-        conn.send(("serve", client_id))
+        conn.send(("serve", client_id, {wire.RUN: run}))
         conn.send_bytes(payload)
         status, detail = conn.recv()
         if status != "ok":
@@ -76,8 +83,8 @@ def ask_worker_op(address: str, key: bytes, op: str, client_id: int, info: dict,
 class _Exchange:
     """One pieced exchange at the worker: its request being put together, then its reply being fetched."""
 
-    def __init__(self, client_id: int, piece_bytes: int, request: wire.Assembly | None):
-        self.client_id, self.piece_bytes, self.request = client_id, piece_bytes, request
+    def __init__(self, client_id: int, run: str, piece_bytes: int, request: wire.Assembly | None):
+        self.client_id, self.run, self.piece_bytes, self.request = client_id, run, piece_bytes, request
         self.reply: bytes | None = None
         self.answer: dict = {}  # the meta the reply's first piece goes with
         self.fetched: set[int] = set()
@@ -91,26 +98,28 @@ class PieceExchanges:
     dropped once its last piece is fetched, an unfinished exchange when its client starts another.
     """
 
-    def __init__(self, handle: Callable[[int, bytes], bytes], max_request_bytes: int = MAX_REQUEST_BYTES):
+    def __init__(self, handle: Callable[[int, str, bytes], bytes], max_request_bytes: int = MAX_REQUEST_BYTES):
+        """``handle(client id, run, request)``: the reply to a whole request."""
         self.handle, self.max_request_bytes = handle, max_request_bytes
         self.open: dict[str, _Exchange] = {}  # exchange id -> exchange, oldest first
 
     def piece(self, client_id: int, info: dict, data: bytes) -> tuple[dict, bytes | memoryview]:
         """Take request piece info[PIECE] (the whole request if info has no TOTAL): (answer meta, answer bytes)."""
         eid, size = self._id(info), wire.checked_piece_bytes(info.get(wire.PIECE_SIZE))
+        run = wire.checked_run(info.get(wire.RUN))
         x = self.open.get(eid)
         if x is not None:
-            if x.client_id != client_id or x.piece_bytes != size:
+            if x.client_id != client_id or x.piece_bytes != size or x.run != run:
                 raise ValueError(f"exchange {eid} is client {x.client_id}'s, with {x.piece_bytes}-byte pieces")
             if x.reply is not None:  # answered already: this piece came twice
                 return x.answer, memoryview(x.reply)[:size]
         if wire.TOTAL not in info:  # the whole request in one message
             if len(data) > size:
                 raise ValueError(f"a single-message request of {len(data):,} bytes exceeds its {size:,}-byte pieces")
-            return self._answer(eid, client_id, size, data)
+            return self._answer(eid, client_id, run, size, data)
         if x is None:
             request = wire.Assembly(info[wire.TOTAL], size, info.get(wire.SHA256), self.max_request_bytes)
-            x = self._begin(eid, _Exchange(client_id, size, request))
+            x = self._begin(eid, _Exchange(client_id, run, size, request))
         if x.request is None or (info[wire.TOTAL], info.get(wire.SHA256)) != (x.request.total, x.request.sha256):
             raise ValueError(f"exchange {eid}: the piece does not belong to the request being put together")
         x.request.add(info.get(wire.PIECE), data)
@@ -121,19 +130,19 @@ class PieceExchanges:
         except ValueError:  # the pieces do not make the declared request: the exchange is over
             del self.open[eid]
             raise
-        return self._answer(eid, client_id, size, request)
+        return self._answer(eid, client_id, run, size, request)
 
-    def _answer(self, eid: str, client_id: int, size: int, request: bytes) -> tuple[dict, bytes | memoryview]:
+    def _answer(self, eid: str, client_id: int, run: str, size: int, request: bytes) -> tuple[dict, bytes | memoryview]:
         """Serve a whole request: the reply whole if it fits in a piece, else its first piece (the rest kept)."""
         try:
-            reply = self.handle(client_id, request)
+            reply = self.handle(client_id, run, request)
         except Exception:
             self.open.pop(eid, None)
             raise
         if len(reply) <= size:
             self.open.pop(eid, None)
             return {}, reply
-        x = self.open.get(eid) or self._begin(eid, _Exchange(client_id, size, None))
+        x = self.open.get(eid) or self._begin(eid, _Exchange(client_id, run, size, None))
         x.request, x.reply = None, reply
         x.answer = {wire.REPLY_TOTAL: len(reply), wire.REPLY_SHA256: hashlib.sha256(reply).hexdigest()}
         return x.answer, memoryview(reply)[:size]
@@ -173,15 +182,17 @@ class PieceExchanges:
 def serve_socket(
     listener: Listener,
     key: bytes,
-    handle: Callable[[int, bytes], bytes],
+    handle: Callable[[int, str, bytes], bytes],
     stop: threading.Event,
     idle_timeout_s: float = IDLE_TIMEOUT_S,
+    transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
 ) -> None:
     """Serve ``ask_worker`` requests one at a time until ``stop``: authenticate each connection with
-    ``key`` (``listener`` is made without an authkey, so the handshake runs here), read (client id,
+    ``key`` (``listener`` is made without an authkey, so the handshake runs here), read (client id, run,
     payload), reply with ``handle``'s bytes or its error; ``ask_worker_op`` steps of pieced exchanges
     likewise. A peer silent for ``idle_timeout_s`` while it should be sending (or reading) is cut off,
-    so no connection can stall the worker."""
+    and so is one whose whole request (or reply) takes longer than ``transfer_timeout_s`` to cross, so
+    no connection can stall the worker, not even one byte at a time."""
     pieces = PieceExchanges(handle)
     while not stop.is_set():
         try:
@@ -191,25 +202,26 @@ def serve_socket(
                 return
             raise
         with conn:
-            _serve_connection(conn, key, handle, pieces, idle_timeout_s)
+            _serve_connection(conn, key, handle, pieces, idle_timeout_s, transfer_timeout_s)
 
 
 def _serve_connection(
     conn: Connection,
     key: bytes,
-    handle: Callable[[int, bytes], bytes],
+    handle: Callable[[int, str, bytes], bytes],
     pieces: PieceExchanges,
     idle_timeout_s: float,
+    transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
 ) -> None:
     """One request on one connection (its bytes are let go on return, not kept until the next one)."""
     try:
         _limit_idle(conn, idle_timeout_s)
-        deliver_challenge(conn, key)
-        answer_challenge(conn, key)
-        head = conn.recv()  # unpickled only after the peer proved it holds the key
-        op, client_id = head[0], int(head[1])
-        info = dict(head[2]) if op in ("piece", "fetch") else {}
-        payload = conn.recv_bytes()
+        with _cut_off_after(conn, transfer_timeout_s):
+            deliver_challenge(conn, key)
+            answer_challenge(conn, key)
+            head = conn.recv()  # unpickled only after the peer proved it holds the key
+            op, client_id, info = head[0], int(head[1]), dict(head[2])
+            payload = conn.recv_bytes()
     except Exception as exc:  # no key, wrong key, stalled, malformed: refuse it, keep serving
         log.warning("refused a local connection: %s", untrusted_text(repr(exc)))
         return
@@ -220,7 +232,7 @@ def _serve_connection(
         elif op == "fetch":
             answer, reply = pieces.fetch(client_id, info)
         elif op == "serve":
-            answer, reply = None, handle(client_id, payload)
+            answer, reply = None, handle(client_id, wire.checked_run(info.get(wire.RUN)), payload)
         else:
             raise ValueError(f"unknown operation {untrusted_text(repr(op))}")
     except Exception as exc:
@@ -230,11 +242,34 @@ def _serve_connection(
         out = ("ok", answer)
     del payload
     try:
-        conn.send(out)
-        if out[0] == "ok":
-            conn.send_bytes(reply)
+        with _cut_off_after(conn, transfer_timeout_s):
+            conn.send(out)
+            if out[0] == "ok":
+                conn.send_bytes(reply)
     except OSError as exc:
         log.warning("could not send the reply to the local ClientApp: %s", exc)
+
+
+@contextmanager
+def _cut_off_after(conn: Connection, seconds: float) -> Iterator[None]:
+    """Shut ``conn``'s socket down if the block has not ended after ``seconds``: its reads and writes then fail."""
+
+    def cut() -> None:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _limit_idle(conn: Connection, seconds: float) -> None:
@@ -249,11 +284,12 @@ def _limit_idle(conn: Connection, seconds: float) -> None:
 
 
 class StateStore:
-    """A client's persistent state, versioned by the round that produced it."""
+    """A client's persistent state in one run, versioned by the round that produced it; its durable part
+    (``DURABLE``) in one file beside them, the newest, handed with every version."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _rounds(self) -> list[int]:
         found = (re.fullmatch(r"round-(\d+)\.safetensors", p.name) for p in self.folder.iterdir())
@@ -263,10 +299,15 @@ class StateStore:
         """The state saved by the newest round before ``round_index`` ({} if none)."""
         from safetensors.torch import load_file
 
-        from fedtune.core.types import unflatten_state
+        from fedtune.core.types import DURABLE, unflatten_state
 
         earlier = [r for r in self._rounds() if r < round_index]
-        return unflatten_state(load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors")) if earlier else {}
+        state = unflatten_state(load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors")) if earlier else {}
+        durable = self.folder / "durable.safetensors"
+        state.pop(DURABLE, None)
+        if durable.is_file():
+            state[DURABLE] = unflatten_state(load_file(durable)).get(DURABLE, {})
+        return state
 
     def within(self, round_index: int) -> ClientState:
         """The state saved by round ``round_index`` so far, else by the newest round before it ({} if none):
@@ -274,15 +315,22 @@ class StateStore:
         return self.before(round_index + 1)
 
     def save(self, round_index: int, state: ClientState) -> None:
+        from fedtune.core.types import DURABLE
+
+        if DURABLE in state:  # first: a round's state never goes ahead of what it must not forget
+            self._write("durable", {DURABLE: state[DURABLE]})
+        self._write(f"round-{round_index:06d}", {k: v for k, v in state.items() if k != DURABLE})
+        for old in self._rounds()[:-KEEP_STATES]:
+            (self.folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
+
+    def _write(self, name: str, state: ClientState) -> None:
         from safetensors.torch import save_file
 
         from fedtune.core.types import flatten_state
 
-        tmp = self.folder / f".round-{round_index:06d}.tmp"
+        tmp = self.folder / f".{name}.tmp"
         save_file({k: v.contiguous() for k, v in flatten_state(state).items()}, tmp)
-        os.replace(tmp, self.folder / f"round-{round_index:06d}.safetensors")
-        for old in self._rounds()[:-KEEP_STATES]:
-            (self.folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
+        os.replace(tmp, self.folder / f"{name}.safetensors")
 
 
 class LocalWorker:
@@ -297,7 +345,20 @@ class LocalWorker:
         self.handler = make_handler(plan, self.bench, {}, federation_eval_set(cfg, self.bench.encoder))
         self.lock = threading.Lock()
 
-    def serve_one(self, client_id: int, payload: bytes) -> bytes:
+    def store(self, run: str, client_id: int) -> StateStore:
+        """Client ``client_id``'s state in run ``run``; the state of all but the KEEP_RUNS most recent runs goes."""
+        folder = self.state_dir / f"run-{wire.checked_run(run)}"
+        fresh = not folder.exists()
+        store = StateStore(folder / f"client-{client_id}")
+        os.utime(folder)  # most recently used
+        if fresh:
+            runs = sorted(self.state_dir.glob("run-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in runs[KEEP_RUNS:]:
+                log.info("deleting the state of an earlier run: %s", old.name)
+                shutil.rmtree(old, ignore_errors=True)
+        return store
+
+    def serve_one(self, client_id: int, run: str, payload: bytes) -> bytes:
         from fedtune.assembly import local_client_data
         from fedtune.paradigms.evaluation import EvalRequest
         from fedtune.wire.protocol import ReplyFacts, RequestFacts
@@ -307,7 +368,7 @@ class LocalWorker:
             if client_id not in self.handler.data:
                 self.handler.data[client_id] = local_client_data(self.examples, self.bench.encoder, self.cfg, client_id)
             asked = RequestFacts.of(read_header(payload))
-            store = StateStore(self.state_dir / f"client-{client_id}")
+            store = self.store(run, client_id)
             log.info("round %d: %s request for client %d", asked.round, asked.kind, client_id)
             evaluating = asked.kind == EvalRequest.KIND  # reads the state after this round's training
             # a request that continues its round (split learning, secure aggregation) goes on from what that round

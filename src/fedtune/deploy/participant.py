@@ -68,7 +68,8 @@ def run_participant(
     name = name or (key.stem if key is not None else data.stem)
     examples = load_examples(data)
     state_dir = (state_dir or Path(f"{resolve_run_dir(cfg, config_path)}.client-{name}")).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)  # its state, key material of secure rounds and log are this user's alone
     logger = logging.getLogger("fedtune")
     logger.setLevel(logging.INFO)
     logger.propagate = False

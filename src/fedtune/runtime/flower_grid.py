@@ -162,8 +162,11 @@ class FlowerRuntime:
         max_reply_bytes: int | None = None,
         backoff_s: float = 0.5,
         max_backoff_s: float = 10.0,
+        run_id: str | None = None,
     ):
+        """``run_id``: the run, as clients key their state (``flower_wire.new_run_id``; the same when resumed)."""
         self.grid, self.names = grid, list(names)
+        self.run_id = wire.checked_run(run_id) if run_id is not None else wire.new_run_id()
         self.timeout, self.poll, self.insecure = round_timeout_s, poll_s, insecure
         self.piece_bytes = wire.default_piece_bytes() if piece_bytes is None else wire.checked_piece_bytes(piece_bytes)
         self.window, self.max_reply_bytes = max(1, window), max_reply_bytes
@@ -243,6 +246,7 @@ class FlowerRuntime:
             if count > 1 and id(e.payload) not in digests:  # clients sent the same message share its hash
                 digests[id(e.payload)] = hashlib.sha256(e.payload).hexdigest()
             meta = {wire.CLIENT: e.client_id, wire.EXCHANGE: f"{self.token}.{self.sent}.{e.client_id}"}
+            meta[wire.RUN] = self.run_id
             meta[wire.PIECE_SIZE] = self.piece_bytes
             cap = self.max_reply_bytes if self.max_reply_bytes is not None else 16 * len(e.payload) + 64 * 2**20
             cap = cap if max_reply_bytes is None else min(cap, max_reply_bytes)

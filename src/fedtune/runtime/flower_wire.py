@@ -24,6 +24,7 @@ import hashlib
 import os
 import platform
 import re
+import secrets
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ TOTAL, SHA256 = "total", "sha256"  # size and hex sha256 of the whole request
 HAVE = "have"  # a client's answer to a request piece while it still waits for others
 REPLY_TOTAL, REPLY_SHA256 = "reply-bytes", "reply-sha256"  # a reply that comes in pieces
 FETCH = "fetch"  # the coordinator asks for reply piece i
+RUN = "run"  # the coordinator's run: a client keeps its state per run (the same across a resumed run)
 
 
 def pack(payload: bytes, meta: dict[str, int | str]) -> RecordDict:
@@ -85,6 +87,17 @@ def checked_int(value: object, low: int, high: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{what} must be an integer in {low}..{high:,}, not {str(value)[:40]!r}")
     return value
+
+
+def checked_run(value: object) -> str:
+    """A run id as the coordinator makes them (``new_run_id``: 32 hex digits), else ValueError."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
+        raise ValueError(f"not a fedtune run id: {str(value)[:40]!r}")
+    return value
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(16)
 
 
 def checked_sha256(value: object) -> str:
