@@ -2,8 +2,13 @@ import itertools
 import math
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fedtune.client.schedule import lr_at
+from fedtune.client.local_training import make_optimizer, optimizer_step
+from fedtune.client.schedule import UpdateBound, adam_step_ratio, lr_at
+from fedtune.config.training import TrainingConfig
 
 
 def _run(schedule, scope, rounds=4, steps=5, warmup=0.0):
@@ -36,3 +41,72 @@ def test_constant():
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_at(1.0, "step", 0.0, 0, 5, 1, 2)
+
+
+# ---- aggregation.max_update_norm=auto: what honest training can move ---------------------------------------
+
+
+MAGNITUDES = st.sampled_from([0.0, 1e-12, 1e-6, 1e-3, 1.0, 1e3, 1e6, 1e12])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    optimizer=st.sampled_from(["adamw", "sgd"]),
+    steps=st.integers(1, 12),
+    schedule=st.sampled_from(["constant", "linear", "cosine"]),
+    warmup=st.sampled_from([0.0, 0.3]),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.5]),
+    round_index=st.integers(1, 3),
+    scales=st.lists(MAGNITUDES, min_size=12, max_size=12),
+    seed=st.integers(0, 2**16),
+)
+def test_honest_training_never_moves_an_adapter_beyond_the_auto_bound(
+    optimizer, steps, schedule, warmup, weight_decay, round_index, scales, seed
+):
+    """Whatever the gradients (tiny, huge, flipping, one coordinate at a time), the training the config
+    describes moves the parameters by less than ``UpdateBound``: an honest update is never refused."""
+    t = TrainingConfig(
+        optimizer=optimizer,
+        local_steps=steps,
+        lr=1e-2,
+        lr_schedule=schedule,
+        warmup_ratio=warmup,
+        weight_decay=weight_decay,
+        max_grad_norm=1.0,
+    )
+    bound, why = UpdateBound.of(t, 3, 100)
+    assert bound is not None, why
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randn(50, generator=g)
+    p = torch.nn.Parameter(start.clone())
+    opt = make_optimizer(optimizer, [p], t.lr, weight_decay)
+    for step in range(steps):
+        grad = torch.randn(50, generator=g) * scales[step]
+        if step % 3 == 2:
+            grad = torch.zeros(50).index_fill_(0, torch.tensor([step]), scales[step])  # one coordinate
+        p.grad = grad
+        lr = bound.schedule.lr_at(round_index, step, steps)
+        optimizer_step(opt, [p], lr, (), t.max_grad_norm)
+    moved = float(torch.linalg.vector_norm(p.detach() - start))
+    assert moved <= bound.on(round_index, {"p": start}), (moved, bound.on(round_index, {"p": start}))
+
+
+def test_adams_step_ratio_is_one_at_first_and_bounded_after():
+    assert adam_step_ratio(1) == pytest.approx(1.0)
+    ratios = [adam_step_ratio(t) for t in range(1, 200)]
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(ratios)) and ratios[-1] < 8
+    # the worst case it guards: silence, then one large gradient
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0, weight_decay=0.0)
+    for t in range(1, 30):
+        p.grad = torch.tensor([1e6 if t == 29 else 1e-9])
+        before = float(p)
+        opt.step()
+        assert abs(float(p) - before) <= adam_step_ratio(t) + 1e-9
+
+
+def test_sgd_without_clipping_or_with_dp_sgd_has_no_auto_bound():
+    bound, why = UpdateBound.of(TrainingConfig(optimizer="sgd", max_grad_norm=None), 3, 100)
+    assert bound is None and "max_grad_norm" in why
+    bound, why = UpdateBound.of(TrainingConfig(optimizer="sgd"), 3, 100, dp_sgd=True)
+    assert bound is None and "DP-SGD" in why

@@ -83,6 +83,17 @@ def test_no_enrolled_keys_and_no_certificates_are_errors_that_say_how_to_fix(tmp
         check_deployable(cfg)
 
 
+def test_a_deployment_refuses_to_run_without_an_update_bound(tmp_path):
+    base = {"partition": {"num_clients": 3}, "runtime": {"name": "flower", "flower": {"insecure": True}}}
+    with pytest.raises(ConfigError, match="max_update_norm=null"):
+        check_deployable(validate_config({**base, "aggregation": {"max_update_norm": None}}, "t"))
+    sgd = {"optimizer": "sgd", "max_grad_norm": None}
+    with pytest.raises(ConfigError, match="cannot bound this training"):
+        check_deployable(validate_config({**base, "training": sgd}, "t"))
+    check_deployable(validate_config(base, "t"))  # the default: auto
+    check_deployable(validate_config({**base, "aggregation": {"max_update_norm": 2.5}}, "t"))
+
+
 def test_fedtune_run_points_a_deployment_config_at_server_and_client(tmp_path):
     from fedtune.experiment import run_experiment
 

@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 from fedtune.aggregation import fedavg
 from fedtune.aggregation.clipping import update_norm
 from fedtune.aggregation.weighting import WeightCap
+from fedtune.client.schedule import UpdateBound
+from fedtune.config.training import TrainingConfig
 from fedtune.core.types import Envelope
 from fedtune.data.formats import from_instruction
-from fedtune.paradigms.base import Replies
+from fedtune.paradigms.base import Replies, update_limit
 from fedtune.paradigms.kd.distributions import id_dtype
 from fedtune.paradigms.kd.messages import LOGP, KDReply
 from fedtune.paradigms.kd.public import PublicSet
@@ -60,6 +62,7 @@ CHAINS: dict[str, list[dict]] = {
     "randk+fp16": [{"name": "randk", "fraction": 0.5}, {"name": "fp16"}],
     "lowrank": [{"name": "lowrank", "rank": 2}],
     "block_dropout+int4": [{"name": "block_dropout", "keep_fraction": 0.5}, {"name": "int4"}],
+    "defaults": [],  # the default config: aggregation.max_update_norm=auto over the default training
 }
 RUN_DIR = Path("/nonexistent/hostile")  # only named in a quorum error, which these cases never reach
 
@@ -72,6 +75,7 @@ class Federation:
     state: Any
     blobs: dict[int, bytes]
     honest: Any  # the new state from clients 0 and 2 alone
+    max_norm: float = MAX_NORM  # the bound its updates are held to in round 1
 
     def round(self, envelopes: list[Envelope]) -> tuple[Replies, Any]:
         conversation = self.paradigm.round(1, self.state, [0, 1, 2])
@@ -101,17 +105,21 @@ def _params() -> dict[str, torch.Tensor]:
 def sharing(chain: str) -> Federation:
     params = _params()
     link = Link.from_specs(CHAINS[chain])
-    settings_ = SharingSettings(3, 0, max_update_norm=MAX_NORM, weight_cap=WeightCap(100, 64))
+    bound, scale = MAX_NORM, 0.05
+    if chain == "defaults":  # what a config that says nothing about the bound gets
+        bound, _ = UpdateBound.of(TrainingConfig(), 3, 100)
+        scale = 1e-3  # what 5 AdamW steps at lr 1e-3 can do to a value
+    settings_ = SharingSettings(3, 0, max_update_norm=bound, weight_cap=WeightCap(100, 64))
     paradigm = ParameterSharing(fedavg(), settings_, params, uplink=link)
     state = paradigm.initial_state()
     blobs = {}
     for c in range(3):
         g = torch.Generator().manual_seed(c + 1)
-        delta = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in params.items()}
+        delta = {k: scale * torch.randn(v.shape, generator=g) for k, v in params.items()}
         wire = link.encode(delta, {}, torch.Generator().manual_seed(c))[0]
         fields = dict(round=1, num_examples=10 + c, num_tokens=90, steps=3, train_loss=1.5, local_train_s=0.2)
         blobs[c] = encode_message(TrainReply(delta=wire, **fields))
-    fed = Federation(paradigm, state, blobs, None)
+    fed = Federation(paradigm, state, blobs, None, update_limit(bound, 1, params))
     replies, fed.honest = fed.round([Envelope(0, blobs[0]), Envelope(2, blobs[2])])
     assert sorted(replies.accepted) == [0, 2]
     _, both = fed.round(fed.envelopes(blobs[1]))
@@ -180,7 +188,7 @@ def check_outcome(fed: Federation, hostile: bytes) -> None:
     if isinstance(fed.paradigm, ParameterSharing):
         delta = used.contribution.delta
         assert all(torch.isfinite(t).all() and t.shape == fed.state.params[k].shape for k, t in delta.items())
-        assert update_norm(delta) <= MAX_NORM and 0 < used.contribution.weight <= 100
+        assert update_norm(delta) <= fed.max_norm and 0 < used.contribution.weight <= 100
     else:
         assert used.top.ids.max() < V and torch.isfinite(used.top.logp).all() and used.top.logp.max() <= 0
     assert all(torch.isfinite(t).all() for t in _tensors(new.params) + _tensors(new.algorithm) if t.is_floating_point())
@@ -232,6 +240,24 @@ def test_codec_meta_and_packed_tensors_rewritten():
     def case(chain, data):
         fed = sharing(chain)
         check_outcome(fed, data.draw(meta_mutations(fed.blobs[1])))
+
+    run_category(case)
+
+
+def test_with_the_defaults_no_update_can_replace_the_model():
+    """aggregation.max_update_norm=auto: every value 1e30, or the update scaled up, is refused; the model stays
+    what the honest clients make."""
+    fed = sharing("defaults")
+
+    @SETTINGS
+    @given(scale=st.sampled_from([1e30, -1e30, 1e6, 100.0, 3e38]), every=st.booleans())
+    def case(scale, every):
+        tensors, header = decode_parts(fed.blobs[1])
+        for k, t in tensors.items():
+            if t.is_floating_point():
+                tensors[k] = torch.full_like(t, scale) if every else t * scale
+        replies, new = fed.round(fed.envelopes(encode_parts(tensors, header)))
+        assert "max_update_norm" in replies.dropped[1] and _same(new, fed.honest)
 
     run_category(case)
 

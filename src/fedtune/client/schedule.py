@@ -9,12 +9,15 @@ exactly the client's own global step. scope='round' restarts each round, on requ
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedtune.client.batching import batch_count
 
 if TYPE_CHECKING:
+    import torch
+
     from fedtune.config import TrainingConfig
 
 
@@ -92,3 +95,66 @@ class RoundSchedule:
         for step in range(steps):
             total += self.lr_at(round_index, step, steps)
         return total
+
+
+ADAM_BETAS = (0.9, 0.999)  # torch's AdamW defaults, which make_optimizer keeps
+
+
+def adam_step_ratio(t: int, betas: tuple[float, float] = ADAM_BETAS) -> float:
+    """The most |m̂_t| / √v̂_t can be at Adam's 1-based step ``t`` (fresh state), whatever the gradients.
+
+    m_t = (1-β1) Σ β1^(t-i) g_i and v_t = (1-β2) Σ β2^(t-i) g_i², so by Cauchy–Schwarz
+    |m_t| ≤ (1-β1) √(Σ_k (β1²/β2)^k) √(v_t / (1-β2)) over k < t; with the bias corrections
+    √(1-β2^t) / (1-β1^t) that is the ratio below (1 at t = 1, about 7.3 for large t at the defaults).
+    """
+    b1, b2 = betas
+    s = sum((b1 * b1 / b2) ** k for k in range(t))
+    return (1 - b1) * math.sqrt(s) * math.sqrt(1 - b2**t) / ((1 - b1**t) * math.sqrt(1 - b2))
+
+
+@dataclass(frozen=True)
+class UpdateBound:
+    """``aggregation.max_update_norm: auto``: the most honest local training can move an adapter in a round.
+
+    With AdamW every step moves each value by at most lr_t · ``adam_step_ratio(t)``; with SGD the step is
+    lr_t times the clipped gradient (``training.max_grad_norm``); decoupled or coupled weight decay adds
+    lr_t · wd · ‖θ_t‖. Summed over the most steps a client can take in the round (the config's, or those of
+    ``federation.max_client_examples`` examples), with 5% slack for float rounding. SGD without gradient
+    clipping, or with DP-SGD's noise, moves without bound: then there is no auto bound (``of`` says why).
+    """
+
+    schedule: RoundSchedule
+    optimizer: str
+    max_grad_norm: float | None
+    weight_decay: float
+    steps: int
+
+    @classmethod
+    def of(
+        cls, t: TrainingConfig, total_rounds: int, max_examples: int, dp_sgd: bool = False
+    ) -> tuple[UpdateBound | None, str]:
+        """(the bound, or None and why there is none); ``dp_sgd``: clients train with DP-SGD."""
+        schedule = RoundSchedule.of(t, total_rounds)
+        if t.optimizer == "sgd" and (t.max_grad_norm is None or dp_sgd):
+            why = "training.max_grad_norm is off" if t.max_grad_norm is None else "DP-SGD adds unbounded noise"
+            return None, f"plain SGD can move the adapter without bound ({why})"
+        return cls(schedule, t.optimizer, t.max_grad_norm, t.weight_decay, schedule.steps(max_examples)), ""
+
+    def on(self, round_index: int, params: Mapping[str, torch.Tensor]) -> float:
+        """The bound in round ``round_index`` on a change of ``params`` as they start it (their count and norm)."""
+        start = math.sqrt(sum(float(t.double().square().sum()) for t in params.values()))
+        return self.at(round_index, sum(t.numel() for t in params.values()), start)
+
+    def at(self, round_index: int, n_values: int, start_norm: float) -> float:
+        """The bound in round ``round_index`` on the L2 change of ``n_values`` values that start at norm
+        ``start_norm``."""
+        moved = 0.0
+        for step in range(self.steps):
+            lr = self.schedule.lr_at(round_index, step, self.steps)
+            if self.optimizer == "adamw":
+                push = adam_step_ratio(step + 1) * math.sqrt(n_values)
+            else:
+                assert self.max_grad_norm is not None
+                push = self.max_grad_norm
+            moved += lr * (push + self.weight_decay * (start_norm + moved))
+        return 1.05 * moved

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedtune.config.base import Strict
 from fedtune.core.registry import AGGREGATORS, COMBINERS
@@ -39,9 +39,21 @@ class AggregationConfig(Strict):
         "averaged apart, error reported; HetLoRA zero-padding with client_ranks), ffa (A frozen, exact); auto: exact "
         "when name=fedavg, combine=mean, no scaffold, else naive",
     )
-    max_update_norm: float | None = Field(
-        None, gt=0, description="reject (drop and log) any update whose L2 norm exceeds this"
+    max_update_norm: float | Literal["auto"] | None = Field(
+        "auto",
+        description="reject (drop and log) any update whose L2 norm exceeds this (under secure aggregation, "
+        "clients clip to it and the sum is checked against it; in split learning it bounds the server part's "
+        "change in a client's session too). auto: the most the configured local training can move the adapter "
+        "in a round (AdamW: lr x a step ratio x sqrt(values) per step; SGD: lr x training.max_grad_norm), "
+        "stated in the log; null: no bound (not for deployments)",
     )
+
+    @field_validator("max_update_norm")
+    @classmethod
+    def _positive(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float | int) and not value > 0:
+            raise ValueError(f"must be > 0, auto or null, not {value}")
+        return value
 
     @model_validator(mode="after")
     def _lora_exact_fits(self) -> AggregationConfig:

@@ -254,8 +254,6 @@ def check_privacy_fits(cfg: ExperimentConfig) -> None:
             problems.append("compression.uplink (secure aggregation encodes updates as fixed-point sums itself)")
         if agg.clip_norm is not None:
             problems.append("aggregation.clip_norm (the server cannot clip what it cannot see)")
-        if agg.max_update_norm is not None:
-            problems.append("aggregation.max_update_norm (the server cannot see an update's norm)")
         if c.downlink_updates:
             problems.append("compression.downlink_updates")
     if "weighting" in agg.model_fields_set and agg.weighting != "uniform":

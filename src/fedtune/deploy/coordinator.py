@@ -63,6 +63,21 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             "compression.downlink_updates is simulation-only for now: a lost message would let a deployed "
             "client's adapter drift from the coordinator's replica. Use value codecs on the full downlink instead"
         )
+    bound = cfg.aggregation.max_update_norm
+    if bound is None:
+        raise ConfigError(
+            "aggregation.max_update_norm=null: a deployment bounds every update, or one client's reply could "
+            "replace the model; use auto (the default: what the configured training can move) or a number"
+        )
+    if bound == "auto":
+        from fedtune.client.schedule import UpdateBound
+
+        _, why = UpdateBound.of(cfg.training, cfg.federation.rounds, 1, cfg.privacy.dp_sgd is not None)
+        if why:
+            raise ConfigError(
+                f"aggregation.max_update_norm=auto cannot bound this training ({why}): set training.max_grad_norm, "
+                "or give aggregation.max_update_norm a number"
+            )
     fl = cfg.runtime.flower
     if not fl.insecure:
         for name in ("ca.crt", "server.pem", "server.key"):

@@ -32,6 +32,7 @@ import torch
 
 from fedtune.aggregation.clipping import fused_norm, nonfinite_tensors
 from fedtune.aggregation.weighting import WeightCap, client_weight
+from fedtune.client.schedule import UpdateBound
 from fedtune.core.types import ClientState, Params, ServerState
 from fedtune.wire.link import Link
 from fedtune.wire.messages import Message
@@ -202,6 +203,14 @@ def check_update(
     problem = update_problem(delta, params, max_norm, expected)
     if problem:
         raise BadReply(f"{what}{problem}")
+
+
+def update_limit(bound: float | UpdateBound | None, r: int, params: Params) -> float | None:
+    """The bound on an update's L2 norm in round ``r`` of ``params`` as they start the round: a number as
+    configured, or (``aggregation.max_update_norm: auto``) what honest training can move them."""
+    if isinstance(bound, UpdateBound):
+        return bound.on(r, params)
+    return bound
 
 
 LARGEST_REPORTED = 1e12  # a loss, a number of seconds or of steps beyond this is not a measurement

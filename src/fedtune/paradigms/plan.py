@@ -8,6 +8,7 @@ its declaration does not read (``config.experiment``), so what it finds in them 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.adapters.build import AdapterRecipe
 from fedtune.client.data import EvalSettings
+from fedtune.client.schedule import UpdateBound
 from fedtune.config.adapter import AdapterConfig
 from fedtune.config.aggregation import AggregationConfig
 from fedtune.config.compression import CompressionConfig
@@ -28,6 +30,8 @@ from fedtune.data.tokenize import Encoder
 from fedtune.models.placement import Placement
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.wire.link import Link
+
+log = logging.getLogger("fedtune")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,31 @@ class ParadigmPlan:
     def rounds_to_run(self) -> int:
         """federation.rounds, or fewer when privacy.target_epsilon is spent sooner."""
         return self.rounds if self.privacy_plan is None else self.privacy_plan.rounds
+
+    def update_bound(self, max_examples: int, start: Params, what: str = "the adapter") -> float | UpdateBound | None:
+        """``aggregation.max_update_norm`` as the server applies it: a number, None, or for auto the bound of
+        honest training (``client.schedule.UpdateBound``) on clients of at most ``max_examples`` examples;
+        said in the log either way, for auto with its value in round 1 on ``start`` (the part it bounds)."""
+        setting = self.aggregation.max_update_norm
+        if setting != "auto":
+            if setting is None:
+                log.warning("aggregation.max_update_norm=null: no update is refused for its size")
+            return setting
+        bound, why = UpdateBound.of(self.training, self.rounds, max_examples, self.privacy.dp_sgd is not None)
+        if bound is None:
+            log.warning("aggregation.max_update_norm=auto bounds nothing here: %s; set a number", why)
+            return None
+        t = self.training
+        log.info(
+            "aggregation.max_update_norm=auto: an update of %s is refused above what %d %s steps at peak lr %g "
+            "can move it (round 1, initial adapter: %.4g)",
+            what,
+            bound.steps,
+            t.optimizer,
+            t.lr,
+            bound.on(1, start),
+        )
+        return bound
 
     def adapter_recipe(self) -> AdapterRecipe:
         """How every process builds the base model with its seeded adapter (``adapters.build``)."""

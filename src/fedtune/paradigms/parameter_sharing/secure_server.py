@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -67,6 +67,13 @@ class SecureAggregation:
     def noised_by_clients(self) -> bool:
         """Distributed DP: the sum arrives with its noise, added by the clients in shares."""
         return self.noise_std > 0
+
+    def clipped_to(self, limit: float | None) -> SecureAggregation:
+        """These settings with clients clipping to ``limit`` too (the round's aggregation.max_update_norm): the
+        server cannot check one update, so clients clip to it themselves and the sum is checked against it."""
+        if limit is None or (self.clip_norm and self.clip_norm <= limit):
+            return self
+        return replace(self, clip_norm=limit)
 
     def needed(self, sampled: int) -> int:
         """Clients that must remain at every step of a round that sampled ``sampled`` (at least 2)."""

@@ -18,7 +18,7 @@ from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import update_norm
 from fedtune.aggregation.flat import unflatten
 from fedtune.aggregation.weighting import WeightCap
-from fedtune.client.schedule import RoundSchedule
+from fedtune.client.schedule import RoundSchedule, UpdateBound
 from fedtune.core import rng
 from fedtune.core.types import Params, ServerState
 from fedtune.paradigms.base import (
@@ -34,6 +34,7 @@ from fedtune.paradigms.base import (
     decode_or_drop,
     shared,
     signature,
+    update_limit,
     weight_or_drop,
 )
 from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
@@ -65,7 +66,7 @@ class SharingSettings:
     num_clients: int
     seed: int
     weighting: str = "examples"
-    max_update_norm: float | None = None
+    max_update_norm: float | UpdateBound | None = None  # a number, or auto's bound (paradigms.base.update_limit)
     downlink_updates: bool = False  # send each client the change to the adapter it holds
     weight_cap: WeightCap | None = None  # the most a client's reported examples/tokens may weigh
     schedule: RoundSchedule | None = None  # clients' local steps and learning rates (bounds SCAFFOLD's Δc)
@@ -110,17 +111,19 @@ class ParameterSharing:
             replicas = downlink.replicas
         else:
             wires, kind = shared(views, lambda v: self.downlink.encode(v, {}, gen)[0]), "full"
-        spec = self.secure.spec(len(clients)) if self.secure is not None else {}
+        limit = update_limit(s.max_update_norm, r, state.params)
+        secure = self.secure.clipped_to(limit) if self.secure is not None else None
+        spec = secure.spec(len(clients)) if secure is not None else {}
         messages = shared(wires, lambda w: TrainRequest(r, params=w, scaffold_c=scaffold_c, downlink=kind, secagg=spec))
-        if self.secure is not None:
-            return (yield from self._secure_round(r, state, clients, views, messages, replicas))
+        if secure is not None:
+            return (yield from self._secure_round(r, state, clients, secure, messages, replicas))
 
         signatures: dict[int, Signature] = {}  # by view: clients at one rank share one (views holds them)
 
         def read(client_id: int, reply: TrainReply) -> Update:
             view = views[client_id]
             expected = signatures.get(id(view)) or signatures.setdefault(id(view), signature(view))
-            delta = self._read(r, reply, view, scaffold_c, expected)
+            delta = self._read(r, reply, view, scaffold_c, expected, limit)
             who = f"round {r}: client {client_id}"
             weight = weight_or_drop(reply.num_examples, reply.num_tokens, s.weighting, s.weight_cap, who)
             extras = {"scaffold": reply.scaffold_delta_c} if scaffold_c else {}
@@ -181,11 +184,9 @@ class ParameterSharing:
         }
 
     def _secure_round(
-        self, r: int, state: ServerState, clients: list[int], views: dict[int, Params], messages: dict, replicas
+        self, r: int, state: ServerState, clients: list[int], sec: SecureAggregation, messages: dict, replicas
     ) -> Conversation[tuple[ServerState, dict]]:
         """A round whose updates reach the server only as their sum (privacy.secure_aggregation)."""
-        sec = self.secure
-        assert sec is not None
         template = self.initial  # secure aggregation runs without client ranks: every view is the adapter
         n_values = sum(t.numel() for t in template.values())
         keyed: dict[int, tuple[Update, tuple[bytes, bytes]]] = {}
@@ -226,17 +227,19 @@ class ParameterSharing:
         check_numbers(train_loss=reply.train_loss, local_train_s=reply.local_train_s, steps=reply.steps)
         check_cost(reply.peak_bytes, reply.flops, reply.trained_tokens)
 
-    def _read(self, r: int, reply: TrainReply, view: Params, scaffold_c: Params, expected: Signature) -> Params:
-        """The decoded update, or BadReply with why the reply cannot be used."""
+    def _read(
+        self, r: int, reply: TrainReply, view: Params, scaffold_c: Params, expected: Signature, limit: float | None
+    ) -> Params:
+        """The decoded update, or BadReply with why the reply cannot be used (``limit``: the round's bound)."""
         self._check_meta(r, reply)
         if scaffold_c:
             check_update(reply.scaffold_delta_c, scaffold_c, what="control variate: ")
-            self._check_control(r, reply, scaffold_c)
+            self._check_control(r, reply, scaffold_c, limit)
         delta = decode_or_drop(self.uplink, reply.delta, view, "the update")
-        check_update(delta, view, self.settings.max_update_norm, expected)
+        check_update(delta, view, limit, expected)
         return delta
 
-    def _check_control(self, r: int, reply: TrainReply, c: Params) -> None:
+    def _check_control(self, r: int, reply: TrainReply, c: Params, limit: float | None) -> None:
         """BadReply unless the control variate's change stays within ``aggregation.max_update_norm``.
 
         Δc_i = c_i+ − c_i = (x − y_i) / Σlr − c (SCAFFOLD option II), so ‖Δc_i + c‖ · Σlr is the norm of the
@@ -244,7 +247,7 @@ class ParameterSharing:
         from the schedule and the client's step count, itself checked against its example count.
         """
         s = self.settings
-        if s.max_update_norm is None or s.schedule is None:
+        if limit is None or s.schedule is None:
             return
         n = reply.num_examples
         if s.weight_cap is not None and n > s.weight_cap.max_examples:
@@ -256,10 +259,10 @@ class ParameterSharing:
             raise BadReply(f"{reply.steps} local steps do not follow from {n} examples and the training config")
         lr_sum = s.schedule.lr_sum(r, reply.steps)
         moved = update_norm({k: reply.scaffold_delta_c[k].float() + c[k].float() for k in c}) * lr_sum
-        if not moved <= s.max_update_norm * 1.01:
+        if not moved <= limit * 1.01:
             raise BadReply(
                 f"control variate: its change means a local update of norm {moved:.4g}, over "
-                f"aggregation.max_update_norm={s.max_update_norm:g}"
+                f"aggregation.max_update_norm={limit:.4g}"
             )
 
     def final_adapters(self, state: ServerState) -> dict[str, Params]:

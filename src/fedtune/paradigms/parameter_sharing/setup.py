@@ -69,7 +69,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
         n,
         plan.seed,
         agg.weighting,
-        agg.max_update_norm,
+        plan.update_bound(weight_cap.max_examples, bench.initial),
         plan.compression.downlink_updates,
         weight_cap,
         RoundSchedule.of(t, plan.rounds),
@@ -90,8 +90,6 @@ def _secure_aggregation(plan: ParadigmPlan, aggregator: Aggregator) -> SecureAgg
     z = dp.mechanism.noise_multiplier if dp is not None else 0.0
     c = dp.clip_norm if dp is not None else 0.0
     value_range = sec.range if sec.range is not None else (c * (1 + 8 * z) if dp is not None else 1.0)
-    bound = plan.aggregation.max_update_norm  # the server cannot check one update: clients clip to it themselves
-    clip = min(x for x in (c, bound) if x) if (c or bound) else 0.0
     fp = FixedPoint.fit(value_range, sec.precision_bits, plan.num_clients)
     distributed = plan.privacy.client_dp == "distributed"
     log.info(
@@ -105,7 +103,7 @@ def _secure_aggregation(plan: ParadigmPlan, aggregator: Aggregator) -> SecureAgg
     )
     seed = plan.privacy.noise_seed
     noise_seed = -1 if seed is None else seed % 2**52  # a float in the request keeps 52 bits exactly
-    return SecureAggregation(sec.threshold, fp, clip, z * c if distributed else 0.0, noise_seed)
+    return SecureAggregation(sec.threshold, fp, c, z * c if distributed else 0.0, noise_seed)
 
 
 def client(plan: ParadigmPlan, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None):

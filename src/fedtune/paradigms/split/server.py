@@ -28,6 +28,7 @@ from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.clipping import fused_norm, update_norm
 from fedtune.aggregation.weighting import WeightCap
 from fedtune.client.local_training import make_optimizer, optimizer_step
+from fedtune.client.schedule import UpdateBound
 from fedtune.config.training import TrainingConfig
 from fedtune.core import rng
 from fedtune.core.errors import RunError
@@ -43,6 +44,7 @@ from fedtune.paradigms.base import (
     check_update,
     cost_metrics,
     decode_or_drop,
+    update_limit,
     weight_or_drop,
 )
 from fedtune.paradigms.split.messages import Activations, Back, BackReply, Done, Forward
@@ -62,7 +64,7 @@ class SplitSettings:
     rounds: int
     max_seq_len: int
     max_micro_batches: int  # a round's micro-batches per client, whatever its data (paradigm.max_micro_batches)
-    max_update_norm: float | None = None  # bounds each client part's update and its server part's change
+    max_update_norm: float | UpdateBound | None = None  # bounds a client part's update and the server part's change
 
 
 class SplitState(NamedTuple):
@@ -161,17 +163,21 @@ class SplitLearning:
         client_part = {k: state.params[k] for k in self.client_names}
         server_part = {k: state.params[k] for k in self.server_names}
         wire = self.downlink.encode(client_part, {}, rng.torch_generator(rng.DOWNLINK, self.s.seed, r))[0]
+        limits = (  # this round's bounds on a client part's update and on the server part's change
+            update_limit(self.s.max_update_norm, r, client_part),
+            update_limit(self.s.max_update_norm, r, server_part),
+        )
         outcomes: dict[int, _Outcome] = {}
         if self.s.server_part == "per_client":
             parts = {c: _Part(server_part, self.s.training) for c in clients}
-            sessions = {c: self._session(r, c, wire, client_part, parts[c], server_part) for c in clients}
+            sessions = {c: self._session(r, c, wire, client_part, parts[c], server_part, limits) for c in clients}
             outcomes = yield from self._drive(sessions)
             new_server = server_part
         else:
             current = server_part
             for c in sorted(clients):  # client after client, each from the part as the previous left it
                 part = _Part(current, self.s.training)  # a fresh optimizer a turn, as each client's training starts one
-                done = yield from self._drive({c: self._session(r, c, wire, client_part, part, server_part)})
+                done = yield from self._drive({c: self._session(r, c, wire, client_part, part, server_part, limits)})
                 if c in done:  # a client that drops mid-turn leaves the part as it was before its turn
                     outcomes.update(done)
                     current = part.values()
@@ -251,9 +257,17 @@ class SplitLearning:
         return outcomes
 
     def _session(
-        self, r: int, c: int, wire: Params, client_part: Params, part: _Part, server_start: Params
+        self,
+        r: int,
+        c: int,
+        wire: Params,
+        client_part: Params,
+        part: _Part,
+        server_start: Params,
+        limits: tuple[float | None, float | None],
     ) -> Generator[Any, Any, _Outcome]:
-        """One client's round: yields each message for it, is sent each reply; returns its outcome."""
+        """One client's round: yields each message for it, is sent each reply; returns its outcome (``limits``:
+        the bounds on its client part's update and on the server part's change in its session)."""
         act = _expect(Activations, (yield Forward(r, 0, params=wire)), r, 0)
         check_numbers(num_examples=act.num_examples, num_tokens=act.num_tokens)
         cap = self.s.weight_cap.max_examples if self.s.weight_cap is not None else None
@@ -272,13 +286,14 @@ class SplitLearning:
             raise BadReply(f"reports {done.steps} optimizer steps; its round has {plan.steps}")
         part.step(_client_sq(done.client_sq_norm), plan.lr(plan.count - 1))
         delta = decode_or_drop(self.uplink, done.delta, client_part, "the client part's update")
-        check_update(delta, client_part, self.s.max_update_norm)
+        client_limit, server_limit = limits
+        check_update(delta, client_part, client_limit)
         copy = part.values()
         moved = {k: copy[k] - part.start[k] for k in copy}  # the server part's change in this client's session
-        if self.s.max_update_norm is not None and not update_norm(moved) <= self.s.max_update_norm:
+        if server_limit is not None and not update_norm(moved) <= server_limit:
             raise BadReply(
                 f"its session moved the server part by {update_norm(moved):.4g}, over "
-                f"aggregation.max_update_norm={self.s.max_update_norm:g}"
+                f"aggregation.max_update_norm={server_limit:.4g}"
             )
         server_delta = {k: copy[k] - server_start[k] for k in copy} if self.s.server_part == "per_client" else {}
         return _Outcome(

@@ -72,7 +72,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
         plan.rounds,
         plan.data.max_seq_len,
         s.max_micro_batches,
-        plan.aggregation.max_update_norm,
+        plan.update_bound(weight_cap.max_examples, {k: bench.initial[k] for k in client}, "a client part"),
     )
     return SplitLearning(
         split,
