@@ -350,3 +350,21 @@ def test_a_clients_state_directory_and_log_are_its_users_alone(tmp_path, monkeyp
             h.close()
         logger.handlers[:] = handlers
     assert state.stat().st_mode & 0o077 == 0 and (state / "client.log").exists()
+
+
+def test_a_key_created_between_the_check_and_the_write_is_never_overwritten(tmp_path, monkeypatch):
+    """`fedtune certs --add` checks that NAME.key is new, then writes: a key that appears in between (another
+    `fedtune certs`, another user's tool) is kept, and the add fails saying so."""
+    from fedtune.deploy import certs
+
+    real = certs.check_new_keys
+
+    def check_then_race(folder, names, overwrite):
+        real(folder, names, overwrite)
+        (folder / "dave.key").write_bytes(b"someone else's key")
+
+    monkeypatch.setattr(certs, "check_new_keys", check_then_race)
+    with pytest.raises(ConfigError, match="appeared while it was being written"):
+        certs.write_client_key(tmp_path, "dave")
+    assert (tmp_path / "dave.key").read_bytes() == b"someone else's key"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind

@@ -113,3 +113,19 @@ def test_an_update_that_does_not_fit_drops_the_client_with_the_reason():
     ]:
         with pytest.raises(BadReply, match=f"control variate: .*{why}"):
             check_update(delta, like, max_norm=3.0, what="control variate: ")
+
+
+def test_evaluation_metrics_above_the_ceiling_drop_the_reply():
+    """A client's metrics reach the summary's means: like every reported number, none may exceed 1e12."""
+    from fedtune.paradigms.base import BadReply
+    from fedtune.paradigms.evaluation import EvalReply, read_eval_reply
+
+    read = read_eval_reply(3)
+    assert read(0, EvalReply(3, {"loss": 2.5, "ppl": 12.2, "accuracy": 0.5})) == {
+        "loss": 2.5,
+        "ppl": 12.2,
+        "accuracy": 0.5,
+    }
+    for metrics in ({"ppl": 1e300}, {"loss": 1e13}, {"accuracy": 1.5}, {"loss": -1.0}):
+        with pytest.raises(BadReply, match="out of range"):
+            read(0, EvalReply(3, metrics))

@@ -102,7 +102,8 @@ def write_client_key(folder: Path, name: str, overwrite: bool = False) -> list[P
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     folder.mkdir(parents=True, exist_ok=True)
-    return [_write(folder / f"{name}.key", private, private=True), _write(folder / f"{name}.pub", public + b"\n")]
+    key_path = _write(folder / f"{name}.key", private, private=True, replace=overwrite)
+    return [key_path, _write(folder / f"{name}.pub", public + b"\n", replace=overwrite)]
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: dt.datetime, days: int) -> x509.CertificateBuilder:
@@ -144,17 +145,27 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
+def _write(path: Path, data: bytes, private: bool = False, replace: bool = True) -> Path:
     """Write ``data`` to ``path`` through a fresh temporary file created with its final mode (0600 for
-    a private key: never readable by others, not even for a moment), then renamed over ``path``."""
+    a private key: never readable by others, not even for a moment), then renamed over ``path``; with
+    ``replace=False`` linked to ``path`` only if nothing is there by then (a key created meanwhile, by
+    another ``fedtune certs`` for one, is never overwritten: ConfigError)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         if not private:
             os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path exists: the check and the write are one step
+            except FileExistsError:
+                raise ConfigError(f"{path} appeared while it was being written: nothing was replaced") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not replace:
+        Path(tmp).unlink(missing_ok=True)
     return path

@@ -17,7 +17,7 @@ from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.client.data import EvalSettings
 from fedtune.core.types import Params
 from fedtune.evaluation.harness import EvalSet, evaluate
-from fedtune.paradigms.base import BadReply, Exchange
+from fedtune.paradigms.base import LARGEST_REPORTED, BadReply, Exchange
 from fedtune.wire.link import max_wire_bytes
 
 METRICS = ("loss", "ppl", "accuracy")  # what a client may report; anything else drops its reply
@@ -64,7 +64,11 @@ def read_eval_reply(round_index: int) -> Callable[[int, EvalReply], dict[str, fl
         unknown = sorted(set(reply.metrics) - set(METRICS))
         if unknown:
             raise BadReply(f"unknown metrics {unknown[:3]}")
-        bad = [k for k, v in reply.metrics.items() if not math.isfinite(v) or v < 0 or (k == "accuracy" and v > 1)]
+        bad = [
+            k
+            for k, v in reply.metrics.items()
+            if not math.isfinite(v) or not 0 <= v <= LARGEST_REPORTED or (k == "accuracy" and v > 1)
+        ]
         if bad:
             raise BadReply(f"metrics out of range: {bad}")
         return dict(reply.metrics)
