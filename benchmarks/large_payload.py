@@ -86,7 +86,7 @@ def run_once(root: Path, payload: Path, piece_mb: float | None, deadline_s: floa
 
     seen: list = []
 
-    def echo(cid: int, request: bytes) -> bytes:
+    def echo(cid: int, run: str, request: bytes) -> bytes:
         seen.append((cid, len(request), read_header(request).get("kind")))
         return request
 

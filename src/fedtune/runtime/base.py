@@ -23,13 +23,20 @@ class ClientSide(Protocol):
 
 class Runtime(Protocol):
     def send_and_receive(
-        self, envelopes: Sequence[Envelope], *, max_reply_bytes: int | None = None, round_started: float | None = None
+        self,
+        envelopes: Sequence[Envelope],
+        *,
+        max_reply_bytes: int | None = None,
+        round_started: float | None = None,
+        release: bool = False,
     ) -> list[Envelope]:
         """Deliver each envelope to its client; return the replies (any order, missing = dropped).
 
-        ``max_reply_bytes``: a reply larger than this is dropped before it is held whole, where the runtime can;
-        ``round_started``: ``time.monotonic()`` when the round's conversation began, so that one deadline covers
-        all of a client's round (a runtime with a round deadline counts from there)."""
+        ``release``: ``envelopes`` is a list handed over; the runtime may empty it, to let each request go
+        once it is delivered. ``max_reply_bytes``: a reply larger than this is dropped before it is held
+        whole, where the runtime can; ``round_started``: ``time.monotonic()`` when the round's conversation
+        began, so that one deadline covers all of a client's round (a runtime with a round deadline counts
+        from there)."""
         ...
 
     def client_states(self) -> dict[int, ClientState]:

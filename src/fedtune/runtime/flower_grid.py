@@ -106,12 +106,14 @@ class _Exchange:
     client_id: int
     node_id: int
     meta: dict[str, int | str]  # beside every message of the exchange
-    payload: bytes
+    payload: bytes | None  # the request; let go once every piece of it is pushed (None)
+    size: int  # the request's bytes
     count: int  # request pieces
     sha256: str | None  # of the payload, when it goes in pieces
     reply_cap: int  # the largest reply total accepted
     group: str
-    sent: int = 0  # request pieces pushed
+    sent: int = 0  # request pieces built
+    delivered: int = 0  # request pieces the SuperLink took
     fetched: int = 1  # the next reply piece to ask for
     in_flight: int = 0
     reply: wire.Assembly | None = None  # a reply coming in pieces
@@ -194,7 +196,7 @@ class FlowerRuntime:
         return {name: i for i, name in nodes.items() if name in self.names}
 
     def _ask_names(self, node_ids: list[int]) -> dict[int, str]:
-        asked = [_Exchange(-1, i, {"hello": 1}, b"", 1, None, 0, "hello") for i in node_ids]
+        asked = [_Exchange(-1, i, {"hello": 1}, b"", 0, 1, None, 0, "hello") for i in node_ids]
         self._run(asked, time.monotonic() + HELLO_TIMEOUT_S, HELLO_TIMEOUT_S)
         names = {}
         for x in asked:
@@ -227,17 +229,26 @@ class FlowerRuntime:
             time.sleep(1.0)
 
     def send_and_receive(
-        self, envelopes: Sequence[Envelope], *, max_reply_bytes: int | None = None, round_started: float | None = None
+        self,
+        envelopes: Sequence[Envelope],
+        *,
+        max_reply_bytes: int | None = None,
+        round_started: float | None = None,
+        release: bool = False,
     ) -> list[Envelope]:
         """The replies to ``envelopes``. The round deadline counts from ``round_started`` (default: now), so it
         covers a client's whole round conversation; a reply over ``max_reply_bytes`` (and the runtime's own
-        cap) is refused, whole or in pieces, before it is put together."""
+        cap) is refused, whole or in pieces, before it is put together; with ``release``, each request is let
+        go once the SuperLink has all of it."""
         started = time.monotonic() if round_started is None else round_started
         deadline = None if self.timeout is None else started + self.timeout
         online = self.online(deadline)
         self.sent += 1
         exchanges, digests = [], {}
-        for e in envelopes:
+        taken = list(envelopes)
+        if release and isinstance(envelopes, list):  # handed over: each request is let go once delivered
+            envelopes.clear()
+        for e in taken:
             name = self.names[e.client_id]
             if name not in online:
                 log.warning("client %d (%s) is offline; it misses this exchange", e.client_id, name)
@@ -251,7 +262,11 @@ class FlowerRuntime:
             cap = self.max_reply_bytes if self.max_reply_bytes is not None else 16 * len(e.payload) + 64 * 2**20
             cap = cap if max_reply_bytes is None else min(cap, max_reply_bytes)
             sha = digests.get(id(e.payload)) if count > 1 else None
-            exchanges.append(_Exchange(e.client_id, online[name], meta, e.payload, count, sha, cap, str(self.sent)))
+            size = len(e.payload)
+            exchanges.append(
+                _Exchange(e.client_id, online[name], meta, e.payload, size, count, sha, cap, str(self.sent))
+            )
+        del taken, e  # the exchanges hold the requests now, until each one is delivered
         self._run(exchanges, deadline, self.timeout)
         out = []
         for x in exchanges:  # who replied is the client the request went to, not what the reply says
@@ -339,7 +354,7 @@ class FlowerRuntime:
             for kind, index in x.next_steps(self.window):
                 step = _InFlight(x, kind, index)
                 group.append((step, self._message(step, deadline)))
-                size += len(x.payload) // x.count if kind == "request" else 0
+                size += x.size // x.count if kind == "request" else 0
                 if size >= self.piece_bytes:
                     self._push(group, pending, deadline)
                     group, size = [], 0
@@ -351,11 +366,13 @@ class FlowerRuntime:
         if step.kind == "fetch":
             data, meta[wire.FETCH] = b"", step.index
         elif x.count == 1:
+            assert x.payload is not None
             data = x.payload
         else:
-            start, end = wire.piece_span(step.index, len(x.payload), self.piece_bytes)
+            assert x.payload is not None
+            start, end = wire.piece_span(step.index, x.size, self.piece_bytes)
             data = x.payload[start:end]
-            meta.update({wire.PIECE: step.index, wire.TOTAL: len(x.payload), wire.SHA256: str(x.sha256)})
+            meta.update({wire.PIECE: step.index, wire.TOTAL: x.size, wire.SHA256: str(x.sha256)})
         # a message that misses the deadline expires with it, so a client that reconnects later is not
         # handed a stale round (Flower keeps undelivered messages for 12 h by default)
         ttl = None if deadline is None else max(1.0, deadline - time.monotonic())
@@ -368,6 +385,7 @@ class FlowerRuntime:
         """Push one group of messages (retried as a whole: the same messages, the same ids); the exchange
         of a message that cannot be delivered fails."""
         messages = [m for _, m in group]
+        sent = [(step, None) for step, _ in group]
         why = "could not be delivered"
         try:
             ids = list(self._retry("push_messages", lambda: self.grid.push_messages(messages), deadline))
@@ -375,14 +393,21 @@ class FlowerRuntime:
             if not _costs_only_clients(exc):
                 raise
             ids, why = [], f"could not be delivered ({_brief(exc)})"
-        if len(ids) != len(group):  # Flower gives [] for a push too large for one HTTP request
-            ids = [""] * len(group)
-        for (step, _), msg_id in zip(group, ids, strict=True):
+        if len(ids) != len(sent):  # Flower gives [] for a push too large for one HTTP request
+            ids = [""] * len(sent)
+        messages.clear()  # (the pieces' bytes go as soon as the SuperLink has them)
+        group.clear()
+        for (step, _), msg_id in zip(sent, ids, strict=True):
+            x = step.exchange
             if msg_id:
                 pending[msg_id] = step
-                step.exchange.in_flight += 1
-            elif not step.exchange.done:
-                step.exchange.failed = why
+                x.in_flight += 1
+                if step.kind == "request":
+                    x.delivered += 1
+                    if x.delivered == x.count:
+                        x.payload = None  # every piece is with the SuperLink: this process's copy goes
+            elif not x.done:
+                x.failed = why
 
     def _pull(self, pending: dict[str, _InFlight], deadline: float | None) -> list[Message]:
         """The replies available now. A pull that fails part way may have taken replies with it (the

@@ -42,7 +42,12 @@ class InProcessRuntime(SimulatedClients):
         self.pool = LanePool(handler, lanes, timeout_s) if lanes > 1 else None
 
     def send_and_receive(
-        self, envelopes: Sequence[Envelope], *, max_reply_bytes: int | None = None, round_started: float | None = None
+        self,
+        envelopes: Sequence[Envelope],
+        *,
+        max_reply_bytes: int | None = None,
+        round_started: float | None = None,
+        release: bool = False,
     ) -> list[Envelope]:
         jobs = [(e.client_id, e.payload, self.state_of(e.client_id)) for e in envelopes]
         done = self.pool.run(jobs) if self.pool is not None else self._serve_in_turn(jobs)

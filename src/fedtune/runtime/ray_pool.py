@@ -113,7 +113,12 @@ class RayRuntime(SimulatedClients):
         self._starting = []
 
     def send_and_receive(
-        self, envelopes: Sequence[Envelope], *, max_reply_bytes: int | None = None, round_started: float | None = None
+        self,
+        envelopes: Sequence[Envelope],
+        *,
+        max_reply_bytes: int | None = None,
+        round_started: float | None = None,
+        release: bool = False,
     ) -> list[Envelope]:
         self._ready()
         pending, idle = deque(envelopes), list(self.workers)

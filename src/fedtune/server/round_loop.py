@@ -67,10 +67,10 @@ class Network:
         counts[0] += sum(len(p) for p in payloads.values())
         self.eval_exchanges += ex.purpose == "eval"
         sent = time.perf_counter()
+        outgoing = [Envelope(c, payloads[c]) for c in sorted(payloads)]
+        del payloads, cache  # the runtime may let each request go once delivered (it empties ``outgoing``)
         envelopes = self.runtime.send_and_receive(
-            [Envelope(c, payloads[c]) for c in sorted(payloads)],
-            max_reply_bytes=ex.max_reply_bytes,
-            round_started=self.started,
+            outgoing, max_reply_bytes=ex.max_reply_bytes, round_started=self.started, release=True
         )
         self.waited[ex.purpose] += time.perf_counter() - sent
         accepted: dict[int, Any] = {}

@@ -40,7 +40,7 @@ from tests.helpers.hostile import (
 )
 
 CASES = int(os.environ.get("FEDTUNE_SPLIT_HOSTILE_CASES", 100))  # per setting: each case is a whole round
-SPLIT_SETTINGS = settings(SETTINGS, max_examples=CASES)
+SLOW_CASES = 600  # per setting in the slow set (.ci/run): 1,800 mutated split rounds in all
 SETUPS = {
     "u shared": ["paradigm.server_part=shared"],
     "u per_client": ["paradigm.server_part=per_client"],
@@ -152,11 +152,12 @@ def check_outcome(fed: SplitRound, params: dict[str, torch.Tensor], dropped: dic
         assert all(torch.isfinite(t).all() for t in params.values())
 
 
+@pytest.mark.parametrize("cases", [CASES, pytest.param(SLOW_CASES, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_any_reply_of_a_round_mutated_drops_its_client_or_passes_every_check(setup):
+def test_any_reply_of_a_round_mutated_drops_its_client_or_passes_every_check(setup, cases):
     fed = split_round(setup)
 
-    @SPLIT_SETTINGS
+    @settings(SETTINGS, max_examples=cases)
     @given(data=st.data())
     def case(data):
         at = data.draw(st.integers(0, fed.replies - 1), label="reply")
