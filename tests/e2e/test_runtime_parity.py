@@ -35,7 +35,9 @@ def _last_checkpoint(run_dir: Path) -> dict[str, bytes]:
 def _deployed_state(tmp_path: Path, c: int) -> dict:
     from fedtune.core.types import unflatten_state
 
-    stored = sorted((tmp_path / "runs" / f"fed.client-client-{c}" / f"client-{c}").glob("round-*.safetensors"))
+    runs = list((tmp_path / "runs" / f"fed.client-client-{c}").glob("run-*"))  # one run: its state, per run
+    assert len(runs) == 1, runs
+    stored = sorted((runs[0] / f"client-{c}").glob("round-*.safetensors"))
     return unflatten_state(load_file(stored[-1]))
 
 

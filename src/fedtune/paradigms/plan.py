@@ -75,8 +75,8 @@ class ParadigmPlan:
             return None
         t = self.training
         log.info(
-            "aggregation.max_update_norm=auto: an update of %s is refused above what %d %s steps at peak lr %g "
-            "can move it (round 1, initial adapter: %.4g)",
+            "aggregation.max_update_norm=auto: an update of %s larger than %d %s steps at peak lr %g can make "
+            "drops its client (round 1, from the initial adapter: %.4g)",
             what,
             bound.steps,
             t.optimizer,
