@@ -279,6 +279,34 @@ def test_a_repeated_round_never_gives_the_server_two_sums():
     assert "already sent" in m2["secagg_skip_reason"]
 
 
+@settings(SETTINGS, max_examples=100)
+@given(
+    first=st.sets(st.sampled_from(CLIENTS), max_size=3),  # (all four gone is the quorum's case, not this one)
+    second=st.sets(st.sampled_from(CLIENTS), max_size=3),
+    at=st.sampled_from(["ShareKeysRequest", "MaskedInputRequest", "UnmaskRequest"]),
+)
+def test_a_round_repeated_with_any_clients_late_never_gives_two_sums(first, second, at):
+    """Round 1 run twice from the same state, a different set of clients late (at any exchange) each time: at
+    most one of the two instances is ever summed, so no difference of two sums can single a client out."""
+    fed = secure()
+
+    def late(who):
+        def serve(client, payload, state):
+            request = decode_message(payload, *ParameterSharingClient.serves)
+            if client in who and type(request).__name__ == at:
+                return b"", state
+            return fed.honest(client, payload, state)
+
+        return serve
+
+    runtime = InProcessRuntime(late(first))
+    one, m1, _ = fed.round(runtime=runtime)
+    runtime.handler = late(second)
+    two, m2, _ = fed.round(runtime=runtime)
+    outcomes = [outcome(one, m1), outcome(two, m2)]
+    assert outcomes[1] == "skipped" or outcomes[0] == "skipped", outcomes  # never two sums of round 1
+
+
 # ---- generated: a few thousand attacks per category ------------------------------------------------------
 
 CASES = int(os.environ.get("FEDTUNE_SECURE_ATTACK_CASES", 300))  # per category in the default run
