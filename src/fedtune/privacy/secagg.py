@@ -94,11 +94,14 @@ class FixedPoint:
         q = torch.round(v * 2.0**self.bits).to(torch.int64)
         return torch.remainder(q, self.modulus), clipped
 
+    def centred(self, residues: torch.Tensor) -> torch.Tensor:
+        """Residues of a sum as int64 in [-2^(k-1), 2^(k-1)): the sum x 2^bits, exact."""
+        r = torch.remainder(residues, self.modulus)
+        return torch.where(r >= self.modulus // 2, r - self.modulus, r)
+
     def decode(self, residues: torch.Tensor) -> torch.Tensor:
         """Residues of a sum back to float32: the centred representative over 2^bits."""
-        r = torch.remainder(residues, self.modulus)
-        centred = torch.where(r >= self.modulus // 2, r - self.modulus, r)
-        return (centred.to(torch.float64) / 2.0**self.bits).to(torch.float32)
+        return (self.centred(residues).to(torch.float64) / 2.0**self.bits).to(torch.float32)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.remainder(a + b, self.modulus)
@@ -257,21 +260,30 @@ class ClientRound:
         pair, or differs from what they committed to)."""
         opened, bad = {}, []
         for v in sorted(roster):
-            try:
-                plain = _open(agree(self.c_sk, roster[v][0]), v, self.client, self.round, received[v])
-                sender, to, s_share, b_share = _unpack_shares(plain)
-            except (SecAggError, KeyError):
-                bad.append(v)
-                continue
-            want = commitments.get(v)
-            if (sender, to) != (v, self.client) or want != (
-                share_commitment(self.round, v, self.client, "s", s_share),
-                share_commitment(self.round, v, self.client, "b", b_share),
+            shares = self._shares_from(v, received.get(v), roster)
+            if shares is None or commitments.get(v) != (
+                share_commitment(self.round, v, self.client, "s", shares[0]),
+                share_commitment(self.round, v, self.client, "b", shares[1]),
             ):
                 bad.append(v)
                 continue
-            opened[v] = (s_share, b_share)
+            opened[v] = shares
         return opened, bad
+
+    def _shares_from(
+        self, v: int, blob: bytes | None, roster: Mapping[int, tuple[bytes, bytes]]
+    ) -> tuple[int, int] | None:
+        """(s share, b share) that client v sealed for this client in ``blob``; None if it does not open or holds
+        the shares of another pair (forged, altered or misdirected, by its sender or on the way)."""
+        if blob is None:
+            return None
+        try:
+            sender, to, s_share, b_share = _unpack_shares(
+                _open(agree(self.c_sk, roster[v][0]), v, self.client, self.round, blob)
+            )
+        except SecAggError:
+            return None
+        return (s_share, b_share) if (sender, to) == (v, self.client) else None
 
     def masked_input(self, x: torch.Tensor, roster: Mapping[int, tuple[bytes, bytes]], fp: FixedPoint) -> torch.Tensor:
         """Step 2: y = x + PRG(b) + Σ ±PRG(s_uv) mod 2^k over the others of the roster (step 1's repliers)."""
@@ -302,14 +314,9 @@ class ClientRound:
         for v in sorted(survivors | dropped):
             if v not in received or v not in roster:
                 raise SecAggError(f"no shares from client {v} to reveal")
-            try:
-                plain = _open(agree(self.c_sk, roster[v][0]), v, self.client, self.round, received[v])
-                sender, to, s_share, b_share = _unpack_shares(plain)
-            except SecAggError:
-                continue
-            if (sender, to) != (v, self.client):
-                continue
-            out[v] = ("b", b_share) if v in survivors else ("s", s_share)
+            shares = self._shares_from(v, received[v], roster)
+            if shares is not None:
+                out[v] = ("b", shares[1]) if v in survivors else ("s", shares[0])
         return out
 
 

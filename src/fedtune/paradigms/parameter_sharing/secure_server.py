@@ -257,8 +257,7 @@ def _check_sum(sec: SecureAggregation, exact: torch.Tensor, count: int, n_values
     value within count x range, and with clipping its L2 norm within count x (clip norm + a bound on each
     client's noise share that fails with probability < 1e-9) plus the rounding."""
     fp = sec.fixed_point
-    r = torch.remainder(exact, fp.modulus)
-    centred = torch.where(r >= fp.modulus // 2, r - fp.modulus, r)  # the sum x 2^bits, exact
+    centred = fp.centred(exact)  # the sum x 2^bits, exact
     most = count * round(fp.range * 2**fp.bits)
     worst = int(centred.abs().max()) if centred.numel() else 0
     if worst > most:
