@@ -16,6 +16,7 @@ runs the request, and a large reply is handed out piece by piece ("fetch") in th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -255,13 +256,8 @@ def _cut_off_after(conn: Connection, seconds: float) -> Iterator[None]:
     """Shut ``conn``'s socket down if the block has not ended after ``seconds``: its reads and writes then fail."""
 
     def cut() -> None:
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-        try:
+        with _socket_of(conn) as sock, contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
 
     timer = threading.Timer(seconds, cut)
     timer.daemon = True
@@ -275,12 +271,14 @@ def _cut_off_after(conn: Connection, seconds: float) -> Iterator[None]:
 def _limit_idle(conn: Connection, seconds: float) -> None:
     """Make every blocking read and write on ``conn`` fail after ``seconds`` without progress."""
     timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-    sock = socket.socket(fileno=os.dup(conn.fileno()))  # a second handle on the same socket
-    try:
+    with _socket_of(conn) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    finally:
-        sock.close()
+
+
+def _socket_of(conn: Connection) -> socket.socket:
+    """A second handle on ``conn``'s socket (closing it leaves ``conn`` open)."""
+    return socket.socket(fileno=os.dup(conn.fileno()))
 
 
 class StateStore:
@@ -304,7 +302,6 @@ class StateStore:
         earlier = [r for r in self._rounds() if r < round_index]
         state = unflatten_state(load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors")) if earlier else {}
         durable = self.folder / "durable.safetensors"
-        state.pop(DURABLE, None)
         if durable.is_file():
             state[DURABLE] = unflatten_state(load_file(durable)).get(DURABLE, {})
         return state
