@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedtune.aggregation.clipping import update_norm
 from fedtune.client.batching import batch_count
 
 if TYPE_CHECKING:
@@ -142,8 +143,7 @@ class UpdateBound:
 
     def on(self, round_index: int, params: Mapping[str, torch.Tensor]) -> float:
         """The bound in round ``round_index`` on a change of ``params`` as they start it (their count and norm)."""
-        start = math.sqrt(sum(float(t.double().square().sum()) for t in params.values()))
-        return self.at(round_index, sum(t.numel() for t in params.values()), start)
+        return self.at(round_index, sum(t.numel() for t in params.values()), update_norm(params))
 
     def at(self, round_index: int, n_values: int, start_norm: float) -> float:
         """The bound in round ``round_index`` on the L2 change of ``n_values`` values that start at norm
