@@ -170,14 +170,14 @@ class SplitLearning:
         outcomes: dict[int, _Outcome] = {}
         if self.s.server_part == "per_client":
             parts = {c: _Part(server_part, self.s.training) for c in clients}
-            sessions = {c: self._session(r, c, wire, client_part, parts[c], server_part, limits) for c in clients}
+            sessions = {c: self._session(r, c, wire, client_part, parts[c], limits) for c in clients}
             outcomes = yield from self._drive(sessions)
             new_server = server_part
         else:
             current = server_part
             for c in sorted(clients):  # client after client, each from the part as the previous left it
                 part = _Part(current, self.s.training)  # a fresh optimizer a turn, as each client's training starts one
-                done = yield from self._drive({c: self._session(r, c, wire, client_part, part, server_part, limits)})
+                done = yield from self._drive({c: self._session(r, c, wire, client_part, part, limits)})
                 if c in done:  # a client that drops mid-turn leaves the part as it was before its turn
                     outcomes.update(done)
                     current = part.values()
@@ -263,7 +263,6 @@ class SplitLearning:
         wire: Params,
         client_part: Params,
         part: _Part,
-        server_start: Params,
         limits: tuple[float | None, float | None],
     ) -> Generator[Any, Any, _Outcome]:
         """One client's round: yields each message for it, is sent each reply; returns its outcome (``limits``:
@@ -290,12 +289,12 @@ class SplitLearning:
         check_update(delta, client_part, client_limit)
         copy = part.values()
         moved = {k: copy[k] - part.start[k] for k in copy}  # the server part's change in this client's session
-        if server_limit is not None and not update_norm(moved) <= server_limit:
+        norm = update_norm(moved)
+        if server_limit is not None and not norm <= server_limit:
             raise BadReply(
-                f"its session moved the server part by {update_norm(moved):.4g}, over "
-                f"aggregation.max_update_norm={server_limit:.4g}"
+                f"its session moved the server part by {norm:.4g}, over aggregation.max_update_norm={server_limit:.4g}"
             )
-        server_delta = {k: copy[k] - server_start[k] for k in copy} if self.s.server_part == "per_client" else {}
+        server_delta = moved if self.s.server_part == "per_client" else {}  # (its copy started at the round's part)
         return _Outcome(
             Contribution(c, delta, weight),
             server_delta,
