@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.core.types import Envelope
+from fedtune.runtime.base import Delivery
 from fedtune.runtime.flower_grid import FlowerRuntime
 
 server_app = ServerApp()
@@ -28,7 +29,7 @@ def main(grid: Grid, context: Context) -> None:
     t = time.perf_counter()
     outgoing = [Envelope(0, payload)]
     del payload  # handed over, as the round loop hands its requests: the runtime lets it go once delivered
-    replies = runtime.send_and_receive(outgoing, release=True)
+    replies = runtime.send_and_receive(outgoing, Delivery(release=True))
     wall = time.perf_counter() - t
     out = {
         "round_trip_s": wall,

@@ -40,7 +40,7 @@ class Replay:
     def __init__(self, envelopes: list[Envelope]):
         self.envelopes = envelopes
 
-    def send_and_receive(self, envelopes, **_):
+    def send_and_receive(self, envelopes, delivery=None):
         return list(self.envelopes)
 
 

@@ -29,6 +29,7 @@ from fedtune.deploy.app import answer
 from fedtune.deploy.local_worker import serve_socket, worker_secret
 from fedtune.runtime import flower_grid
 from fedtune.runtime import flower_wire as wire
+from fedtune.runtime.base import Delivery
 from fedtune.runtime.flower_grid import FlowerRuntime, is_transient, widen_flower_retries
 from fedtune.runtime.flower_wire import pack, unpack
 
@@ -363,7 +364,7 @@ def test_a_reply_over_the_cap_is_refused_whole_or_pieced(client_app, caplog, siz
     grid = FakeGrid(_dishonest(client_app, 1, big))
     sent = payloads([10, 1_200 if size == 2_500 else 10, 10])
     with caplog.at_level(logging.WARNING, "fedtune"):
-        out = runtime(grid).send_and_receive(sent, max_reply_bytes=cap)
+        out = runtime(grid).send_and_receive(sent, Delivery(max_reply_bytes=cap))
     assert sorted(replies_by_client(out)) == [0, 2]  # the honest replies are 21 bytes
     assert "client 1 (client-1)" in caplog.text
 
@@ -377,7 +378,7 @@ def test_one_deadline_covers_a_clients_whole_round(client_app, caplog):
     started = time.monotonic() - 29.5  # the round began 29.5 s ago, its deadline is 30 s
     with caplog.at_level(logging.WARNING, "fedtune"):
         began = time.monotonic()
-        out = runtime(grid, timeout=30.0).send_and_receive(payloads([10, 10, 10]), round_started=started)
+        out = runtime(grid, timeout=30.0).send_and_receive(payloads([10, 10, 10]), Delivery(round_started=started))
     assert time.monotonic() - began < 5 and sorted(replies_by_client(out)) == [1, 2]
     assert "client 0 (client-0): missed the 30s round deadline" in caplog.text
 
@@ -402,6 +403,6 @@ def test_a_request_handed_over_is_let_go_once_delivered(client_app, monkeypatch)
 
     sent = payloads([5_000])
     expected = transform(0, sent[0].payload)
-    out = runtime(FakeGrid(respond)).send_and_receive(sent, release=True)
+    out = runtime(FakeGrid(respond)).send_and_receive(sent, Delivery(release=True))
     assert sent == [] and replies_by_client(out) == {0: expected}  # the caller's list was handed over
     assert held and not any(held)

@@ -184,7 +184,7 @@ class _Impostor:
     def __init__(self):
         self.inner = InProcessRuntime(_client())
 
-    def send_and_receive(self, envelopes, **_):
+    def send_and_receive(self, envelopes, delivery=None):
         replies = self.inner.send_and_receive(envelopes)
         forged = replies[0].payload
         return [*replies, Envelope(0, forged), Envelope(7, forged), Envelope(1, forged)]

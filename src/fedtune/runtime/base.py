@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from fedtune.core.types import ClientState, Envelope
@@ -11,6 +12,24 @@ from fedtune.core.types import ClientState, Envelope
 Handle = Callable[[int, bytes, ClientState], tuple[bytes, ClientState]]
 # several clients at once: [(client id, request bytes, client state)] -> [(reply bytes, client state)], in order
 HandleMany = Callable[[list[tuple[int, bytes, ClientState]]], list[tuple[bytes, ClientState]]]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a runtime is told about one exchange besides its envelopes.
+
+    ``max_reply_bytes``: a reply larger than this is dropped before it is held whole, where the runtime can;
+    ``round_started``: ``time.monotonic()`` when the round's conversation began, so that one deadline covers
+    all of a client's round (a runtime with a round deadline counts from there); ``release``: the envelopes
+    are a list handed over, which the runtime may empty to let each request go once it is delivered.
+    """
+
+    max_reply_bytes: int | None = None
+    round_started: float | None = None
+    release: bool = False
+
+
+PLAIN = Delivery()  # no cap, no round start, nothing handed over
 
 
 class ClientSide(Protocol):
@@ -22,21 +41,8 @@ class ClientSide(Protocol):
 
 
 class Runtime(Protocol):
-    def send_and_receive(
-        self,
-        envelopes: Sequence[Envelope],
-        *,
-        max_reply_bytes: int | None = None,
-        round_started: float | None = None,
-        release: bool = False,
-    ) -> list[Envelope]:
-        """Deliver each envelope to its client; return the replies (any order, missing = dropped).
-
-        ``release``: ``envelopes`` is a list handed over; the runtime may empty it, to let each request go
-        once it is delivered. ``max_reply_bytes``: a reply larger than this is dropped before it is held
-        whole, where the runtime can; ``round_started``: ``time.monotonic()`` when the round's conversation
-        began, so that one deadline covers all of a client's round (a runtime with a round deadline counts
-        from there)."""
+    def send_and_receive(self, envelopes: Sequence[Envelope], delivery: Delivery = PLAIN) -> list[Envelope]:
+        """Deliver each envelope to its client; return the replies (any order, missing = dropped)."""
         ...
 
     def client_states(self) -> dict[int, ClientState]:

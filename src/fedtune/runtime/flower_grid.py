@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from fedtune.core.errors import RunError, untrusted_text
 from fedtune.core.types import ClientState, Envelope
 from fedtune.runtime import flower_wire as wire
+from fedtune.runtime.base import PLAIN, Delivery
 from fedtune.runtime.flower_wire import MESSAGE_TYPE, pack, unpack
 
 try:  # raised when the SuperLink did not store a pushed object (Flower never retries it)
@@ -228,25 +229,18 @@ class FlowerRuntime:
                 shown = len(online)
             time.sleep(1.0)
 
-    def send_and_receive(
-        self,
-        envelopes: Sequence[Envelope],
-        *,
-        max_reply_bytes: int | None = None,
-        round_started: float | None = None,
-        release: bool = False,
-    ) -> list[Envelope]:
-        """The replies to ``envelopes``. The round deadline counts from ``round_started`` (default: now), so it
-        covers a client's whole round conversation; a reply over ``max_reply_bytes`` (and the runtime's own
-        cap) is refused, whole or in pieces, before it is put together; with ``release``, each request is let
-        go once the SuperLink has all of it."""
-        started = time.monotonic() if round_started is None else round_started
+    def send_and_receive(self, envelopes: Sequence[Envelope], delivery: Delivery = PLAIN) -> list[Envelope]:
+        """The replies to ``envelopes``. The round deadline counts from ``delivery.round_started`` (default:
+        now), so it covers a client's whole round conversation; a reply over ``delivery.max_reply_bytes`` (and
+        the runtime's own cap) is refused, whole or in pieces, before it is put together; with
+        ``delivery.release``, each request is let go once the SuperLink has all of it."""
+        started = time.monotonic() if delivery.round_started is None else delivery.round_started
         deadline = None if self.timeout is None else started + self.timeout
         online = self.online(deadline)
         self.sent += 1
         exchanges, digests = [], {}
         taken = list(envelopes)
-        if release and isinstance(envelopes, list):  # handed over: each request is let go once delivered
+        if delivery.release and isinstance(envelopes, list):  # handed over: each request is let go once delivered
             envelopes.clear()
         for e in taken:
             name = self.names[e.client_id]
@@ -260,7 +254,7 @@ class FlowerRuntime:
             meta[wire.RUN] = self.run_id
             meta[wire.PIECE_SIZE] = self.piece_bytes
             cap = self.max_reply_bytes if self.max_reply_bytes is not None else 16 * len(e.payload) + 64 * 2**20
-            cap = cap if max_reply_bytes is None else min(cap, max_reply_bytes)
+            cap = cap if delivery.max_reply_bytes is None else min(cap, delivery.max_reply_bytes)
             sha = digests.get(id(e.payload)) if count > 1 else None
             size = len(e.payload)
             exchanges.append(

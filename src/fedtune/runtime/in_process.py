@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from fedtune.core.types import ClientState, Envelope
-from fedtune.runtime.base import Handle, HandleMany, SimulatedClients
+from fedtune.runtime.base import PLAIN, Delivery, Handle, HandleMany, SimulatedClients
 from fedtune.runtime.lanes import LanePool
 
 
@@ -41,14 +41,7 @@ class InProcessRuntime(SimulatedClients):
         self.handler, self.threads, self.many, self.group = handler, torch_threads, many, group
         self.pool = LanePool(handler, lanes, timeout_s) if lanes > 1 else None
 
-    def send_and_receive(
-        self,
-        envelopes: Sequence[Envelope],
-        *,
-        max_reply_bytes: int | None = None,
-        round_started: float | None = None,
-        release: bool = False,
-    ) -> list[Envelope]:
+    def send_and_receive(self, envelopes: Sequence[Envelope], delivery: Delivery = PLAIN) -> list[Envelope]:
         jobs = [(e.client_id, e.payload, self.state_of(e.client_id)) for e in envelopes]
         done = self.pool.run(jobs) if self.pool is not None else self._serve_in_turn(jobs)
         replies = []

@@ -30,7 +30,7 @@ from fedtune.config.runtime import RayConfig
 from fedtune.core.errors import ConfigError
 from fedtune.core.types import Envelope
 from fedtune.models.shared import adopt, from_arrays, to_arrays
-from fedtune.runtime.base import Handle, SimulatedClients
+from fedtune.runtime.base import PLAIN, Delivery, Handle, SimulatedClients
 from fedtune.runtime.worker import ClientWorker
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,7 @@ class RayRuntime(SimulatedClients):
         ray.get(self._starting)
         self._starting = []
 
-    def send_and_receive(
-        self,
-        envelopes: Sequence[Envelope],
-        *,
-        max_reply_bytes: int | None = None,
-        round_started: float | None = None,
-        release: bool = False,
-    ) -> list[Envelope]:
+    def send_and_receive(self, envelopes: Sequence[Envelope], delivery: Delivery = PLAIN) -> list[Envelope]:
         self._ready()
         pending, idle = deque(envelopes), list(self.workers)
         inflight: dict[Any, tuple[Envelope, Any]] = {}

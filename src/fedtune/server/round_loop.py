@@ -23,7 +23,7 @@ from fedtune.core.errors import RunError, untrusted_text
 from fedtune.core.types import Envelope, ServerState
 from fedtune.paradigms.base import BadReply, Exchange, Replies, ServerParadigm, converse
 from fedtune.reporting.console import bar_disabled
-from fedtune.runtime.base import Runtime
+from fedtune.runtime.base import Delivery, Runtime
 from fedtune.server.checkpoint import checkpoint_dir, save_checkpoint
 from fedtune.server.sampling import poisson_sample, sample_clients
 from fedtune.wire.messages import decode_message, encode_message
@@ -69,9 +69,7 @@ class Network:
         sent = time.perf_counter()
         outgoing = [Envelope(c, payloads[c]) for c in sorted(payloads)]
         del payloads, cache  # the runtime may let each request go once delivered (it empties ``outgoing``)
-        envelopes = self.runtime.send_and_receive(
-            outgoing, max_reply_bytes=ex.max_reply_bytes, round_started=self.started, release=True
-        )
+        envelopes = self.runtime.send_and_receive(outgoing, Delivery(ex.max_reply_bytes, self.started, release=True))
         self.waited[ex.purpose] += time.perf_counter() - sent
         accepted: dict[int, Any] = {}
         dropped: dict[int, str] = {}
