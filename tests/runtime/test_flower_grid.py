@@ -1,7 +1,7 @@
 """FlowerRuntime on a Grid in memory: retries of transient errors, and large payloads in bounded pieces.
 
-The client side is fedtune's real ClientApp function (``deploy.app.answer``) talking to a real local
-worker socket, so the piece protocol runs end to end except for Flower's own transport; dishonest
+The client side is fedtune's real node-side answer (``deploy.node.answer``) over the worker's real
+piece exchanges, so the piece protocol runs end to end except for Flower's own transport; dishonest
 clients are made by rewriting the honest replies.
 """
 
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections import Counter
 from collections.abc import Callable
-from multiprocessing.connection import Listener
 from types import SimpleNamespace
 
 import pytest
@@ -20,13 +18,13 @@ import pytest
 pytest.importorskip("flwr")
 
 import httpx
-from flwr.app import Error, Message
+from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.core.types import Envelope
-from fedtune.deploy.app import answer
-from fedtune.deploy.local_worker import serve_socket, worker_secret
+from fedtune.deploy.local_worker import PieceExchanges
+from fedtune.deploy.node import answer, failure
 from fedtune.runtime import flower_grid
 from fedtune.runtime import flower_wire as wire
 from fedtune.runtime.base import Delivery
@@ -103,12 +101,16 @@ def flower_task():
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
+class _Worker:
+    """The part of a LocalWorker the node loop calls: whole requests, and pieced exchanges over them."""
+
+    def __init__(self, handle):
+        self.serve_one, self.pieces = handle, PieceExchanges(handle)
+
+
 @pytest.fixture
-def client_app(tmp_path, flower_task):
-    """respond(msg): fedtune's ClientApp on a real local worker socket serving ``transform``."""
-    key_file, secret = worker_secret(str(tmp_path))
-    address = str(tmp_path / "w.sock")
-    listener, stop = Listener(address, family="AF_UNIX"), threading.Event()
+def client_app(flower_task):
+    """respond(msg): fedtune's node-side answer (deploy/node.py) over a worker serving ``transform``."""
     handled: list[tuple[int, int]] = []
 
     def handle(cid: int, run: str, payload: bytes) -> bytes:
@@ -117,19 +119,16 @@ def client_app(tmp_path, flower_task):
             raise ValueError("cannot read this request")
         return transform(cid, payload)
 
-    threading.Thread(target=serve_socket, args=(listener, secret, handle, stop), daemon=True).start()
-    cfgs = {i: {"worker": address, "worker-key-file": key_file, "name": n} for i, n in NODES.items()}
+    worker = _Worker(handle)
 
     def respond(msg: Message) -> Message:
         try:
-            return answer(msg, cfgs[msg.metadata.dst_node_id])
-        except Exception as exc:  # what Flower does with a ClientApp that raises
-            return Message(Error(code=1, reason=str(exc)), reply_to=msg)
+            return answer(msg, worker, NODES[msg.metadata.dst_node_id])
+        except Exception as exc:  # what the node loop sends back for a message it cannot serve
+            return failure(msg, exc)
 
     respond.handled = handled  # type: ignore[attr-defined]
-    yield respond
-    stop.set()
-    listener.close()
+    return respond
 
 
 def runtime(grid, piece_bytes=1000, timeout=30.0, **kw) -> FlowerRuntime:
@@ -313,7 +312,7 @@ def test_a_client_error_is_its_reason_to_be_dropped(client_app, caplog):
     with caplog.at_level(logging.WARNING, "fedtune"):
         out = runtime(grid).send_and_receive(sent)
     assert replies_by_client(out) == {c: transform(c, sent[c].payload) for c in (1, 2)}
-    assert "client 0 (client-0): failed: fedtune client worker: ValueError: cannot read this request" in caplog.text
+    assert "client 0 (client-0): failed: fedtune client: ValueError: cannot read this request" in caplog.text
 
 
 def test_flower_per_request_retries_are_widened_to_500_within_a_budget():

@@ -32,6 +32,14 @@ class FlowerConfig(Strict):
     clients: str | None = Field(None, description="folder of enrolled client keys NAME.pub; default CERTS/clients")
     insecure: bool = Field(False, description="plain text, no TLS and no enrolment: trials on one machine only")
     join_timeout_s: float = Field(600.0, gt=0, description="how long the coordinator waits for clients to come online")
+    poll_s: float = Field(
+        0.05,
+        gt=0,
+        le=10,
+        description="the longest the coordinator and each client wait before asking the coordinator's SuperLink "
+        "again while a conversation is under way (waits start at 2 ms after each message and double up to this; "
+        "after 60 s without a message, up to 1 s)",
+    )
 
     def host_port(self, listen: bool = False) -> tuple[str, int]:
         where = (self.listen or self.address) if listen else self.address

@@ -113,7 +113,7 @@ def run_coordinator(cfg: ExperimentConfig, config_path: Path | None, resume: boo
             "[bold yellow]WARNING: runtime.flower.insecure=true: messages travel in plain text and any client can "
             "join. Use this only on one trusted machine.[/]"
         )
-    cmd = superlink_cmd(host, port, flower_dir / "superlink.db", None if fl.insecure else certs)
+    cmd = superlink_cmd(host, port, None if fl.insecure else certs)
     superlink = start(cmd, flower_env(flower_dir / "home"), flower_dir / "superlink.log")
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     control = Control(f"{local}:{port}", None if fl.insecure else str(certs / "ca.crt"))

@@ -58,6 +58,6 @@ def serve(grid: Grid, spec_path: str) -> None:
     fl = cfg.runtime.flower
     config_path = Path(spec["config_path"]) if spec["config_path"] else None
     run = run_id(resolve_run_dir(cfg, config_path), spec["resume"])
-    runtime = FlowerRuntime(grid, spec["names"], reply_deadline(cfg), insecure=fl.insecure, run_id=run)
+    runtime = FlowerRuntime(grid, spec["names"], reply_deadline(cfg), fl.poll_s, insecure=fl.insecure, run_id=run)
     runtime.wait_for_clients(len(spec["names"]), cfg.federation.min_clients, fl.join_timeout_s)
     run_experiment(cfg, config_path, resume=spec["resume"], runtime=runtime)

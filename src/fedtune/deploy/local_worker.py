@@ -1,84 +1,41 @@
-"""The deployed client's worker: one long-lived process that keeps the model loaded between rounds.
+"""The deployed client's worker: the model loaded once, the client's state on disk between requests.
 
-Flower starts a fresh ClientApp process for every message; that process only forwards the payload
-here over a local, key-protected socket (``ask_worker``). The worker serves it with the same
-``ClientHandler`` the simulations use and keeps the client's persistent state on disk, per run (the
-coordinator names its run in every message; a resumed run keeps its id), one file per round it
+The node loop (node.py) hands it each coordinator request in the same process. It serves it with the
+same ``ClientHandler`` the simulations use and keeps the client's persistent state on disk, per run
+(the coordinator names its run in every message; a resumed run keeps its id), one file per round it
 trained in. A request for round r starts from the newest state saved before r, so a round the
 coordinator repeats after a crash replays exactly what it did the first time; an evaluation in
 round r sees the state that round's training left. What no repeated round may roll back (the
 durable owner, ``core.types.DURABLE``) is kept beside those files and handed with each of them.
 
 A payload larger than one Flower message (``fedtune.runtime.flower_wire``) reaches the worker piece by
-piece (``ask_worker_op`` "piece"), each into its place in the request; the piece that completes it
-runs the request, and a large reply is handed out piece by piece ("fetch") in the same way.
+piece (``PieceExchanges.piece``), each into its place in the request; the piece that completes it
+runs the request, and a large reply is handed out piece by piece (``fetch``) in the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
-import socket
-import struct
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.core.errors import untrusted_text
 from fedtune.runtime import flower_wire as wire
 
-if TYPE_CHECKING:  # Flower runs ask_worker in a fresh process per message: no torch import there
+if TYPE_CHECKING:
     from fedtune.core.types import ClientState
 
 log = logging.getLogger("fedtune")
 
 KEEP_STATES = 3  # a repeated round needs the state before it; keep a margin
 KEEP_RUNS = 3  # the state of this many most recent runs is kept; older runs' is deleted
-IDLE_TIMEOUT_S = 30.0  # a local peer that stops sending or reading mid-exchange is cut off after this
-TRANSFER_TIMEOUT_S = 120.0  # reading a whole request (or writing a whole reply) must end within this
 MAX_REQUEST_BYTES = 2**40  # a pieced request may declare at most this (its pages are taken as pieces arrive)
 MAX_OPEN_EXCHANGES = 4  # pieced exchanges held at once; the oldest goes first (one per client id)
-
-
-def worker_secret(folder: str) -> tuple[str, bytes]:
-    """A fresh key for the worker's socket, written to folder/worker.key created owner-only (0600):
-    the ClientApp reads it there, so it never appears on a command line (visible to every user in ps)."""
-    path, secret = os.path.join(folder, "worker.key"), os.urandom(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-    return path, secret
-
-
-def ask_worker(address: str, key: bytes, client_id: int, payload: bytes, run: object) -> bytes:
-    """Send one request of run ``run`` to the worker at ``address``; its reply, or RuntimeError with the
-    worker's error."""
-    with Client(address, family="AF_UNIX", authkey=key) as conn:
-        conn.send(("serve", client_id, {wire.RUN: run}))
-        conn.send_bytes(payload)
-        status, detail = conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"fedtune client worker: {detail}")
-        return conn.recv_bytes()
-
-
-def ask_worker_op(address: str, key: bytes, op: str, client_id: int, info: dict, data: bytes) -> tuple[dict, bytes]:
-    """One pieced-exchange step at the worker (op "piece" or "fetch", ``info`` the Flower message's meta):
-    (the meta to answer with, the bytes to answer with), or RuntimeError with the worker's error."""
-    with Client(address, family="AF_UNIX", authkey=key) as conn:
-        conn.send((op, client_id, info))
-        conn.send_bytes(data)
-        status, detail = conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"fedtune client worker: {detail}")
-        return detail, conn.recv_bytes()
 
 
 class _Exchange:
@@ -180,107 +137,6 @@ class PieceExchanges:
         return eid
 
 
-def serve_socket(
-    listener: Listener,
-    key: bytes,
-    handle: Callable[[int, str, bytes], bytes],
-    stop: threading.Event,
-    idle_timeout_s: float = IDLE_TIMEOUT_S,
-    transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
-) -> None:
-    """Serve ``ask_worker`` requests one at a time until ``stop``: authenticate each connection with
-    ``key`` (``listener`` is made without an authkey, so the handshake runs here), read (client id, run,
-    payload), reply with ``handle``'s bytes or its error; ``ask_worker_op`` steps of pieced exchanges
-    likewise. A peer silent for ``idle_timeout_s`` while it should be sending (or reading) is cut off,
-    and so is one whose whole request (or reply) takes longer than ``transfer_timeout_s`` to cross, so
-    no connection can stall the worker, not even one byte at a time."""
-    pieces = PieceExchanges(handle)
-    while not stop.is_set():
-        try:
-            conn = listener.accept()
-        except OSError:
-            if stop.is_set():
-                return
-            raise
-        with conn:
-            _serve_connection(conn, key, handle, pieces, idle_timeout_s, transfer_timeout_s)
-
-
-def _serve_connection(
-    conn: Connection,
-    key: bytes,
-    handle: Callable[[int, str, bytes], bytes],
-    pieces: PieceExchanges,
-    idle_timeout_s: float,
-    transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
-) -> None:
-    """One request on one connection (its bytes are let go on return, not kept until the next one)."""
-    try:
-        _limit_idle(conn, idle_timeout_s)
-        with _cut_off_after(conn, transfer_timeout_s):
-            deliver_challenge(conn, key)
-            answer_challenge(conn, key)
-            head = conn.recv()  # unpickled only after the peer proved it holds the key
-            op, client_id, info = head[0], int(head[1]), dict(head[2])
-            payload = conn.recv_bytes()
-    except Exception as exc:  # no key, wrong key, stalled, malformed: refuse it, keep serving
-        log.warning("refused a local connection: %s", untrusted_text(repr(exc)))
-        return
-    reply: bytes | memoryview = b""
-    try:
-        if op == "piece":
-            answer, reply = pieces.piece(client_id, info, payload)
-        elif op == "fetch":
-            answer, reply = pieces.fetch(client_id, info)
-        elif op == "serve":
-            answer, reply = None, handle(client_id, wire.checked_run(info.get(wire.RUN)), payload)
-        else:
-            raise ValueError(f"unknown operation {untrusted_text(repr(op))}")
-    except Exception as exc:
-        log.exception("request failed")
-        out: tuple = ("error", f"{type(exc).__name__}: {exc}")
-    else:
-        out = ("ok", answer)
-    del payload
-    try:
-        with _cut_off_after(conn, transfer_timeout_s):
-            conn.send(out)
-            if out[0] == "ok":
-                conn.send_bytes(reply)
-    except OSError as exc:
-        log.warning("could not send the reply to the local ClientApp: %s", exc)
-
-
-@contextmanager
-def _cut_off_after(conn: Connection, seconds: float) -> Iterator[None]:
-    """Shut ``conn``'s socket down if the block has not ended after ``seconds``: its reads and writes then fail."""
-
-    def cut() -> None:
-        with _socket_of(conn) as sock, contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-    timer = threading.Timer(seconds, cut)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-def _limit_idle(conn: Connection, seconds: float) -> None:
-    """Make every blocking read and write on ``conn`` fail after ``seconds`` without progress."""
-    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-    with _socket_of(conn) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
-def _socket_of(conn: Connection) -> socket.socket:
-    """A second handle on ``conn``'s socket (closing it leaves ``conn`` open)."""
-    return socket.socket(fileno=os.dup(conn.fileno()))
-
-
 class StateStore:
     """A client's persistent state in one run, versioned by the round that produced it; its durable part
     (``DURABLE``) in one file beside them, the newest, handed with every version."""
@@ -341,6 +197,7 @@ class LocalWorker:
         self.bench = build_workbench(cfg, plan)
         self.handler = make_handler(plan, self.bench, {}, federation_eval_set(cfg, self.bench.encoder))
         self.lock = threading.Lock()
+        self.pieces = PieceExchanges(self.serve_one)
 
     def store(self, run: str, client_id: int) -> StateStore:
         """Client ``client_id``'s state in run ``run``; the state of all but the KEEP_RUNS most recent runs goes."""
@@ -391,6 +248,3 @@ class LocalWorker:
             else:
                 log.info("round %d: served a %s request as client %d", asked.round, asked.kind, client_id)
             return reply
-
-    def serve_forever(self, listener: Listener, key: bytes, stop: threading.Event) -> None:
-        serve_socket(listener, key, self.serve_one, stop)

@@ -1,22 +1,18 @@
 """``fedtune client CONFIG --data PATH --key KEY``: join a federation with this machine's own data.
 
-Loads the model once, serves requests in a local worker (local_worker.py), and runs Flower's
-SuperNode, which connects to the coordinator over TLS with this client's enrolment key and
-reconnects by itself if the coordinator restarts. The client's data never leaves this process;
-only adapter updates do. Its state (error-feedback residuals, SCAFFOLD's c_i) lives in --state-dir.
+Loads the model once and serves the coordinator's messages from this one process (node.py over
+fleet.py: Flower's Fleet API, TLS, requests signed with this client's enrolment key), joining again
+by itself if the coordinator restarts. Nothing listens on this machine. The client's data never
+leaves this process; only what its paradigm sends does. Its state (error-feedback residuals,
+SCAFFOLD's c_i, a round in progress) lives in --state-dir.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import signal
-import tempfile
 import threading
-import time
-from multiprocessing.connection import Listener
 from pathlib import Path
 
 import torch
@@ -24,16 +20,9 @@ import transformers
 
 from fedtune.config import ExperimentConfig
 from fedtune.core.errors import ConfigError
-from fedtune.deploy.local_worker import LocalWorker, worker_secret
-from fedtune.deploy.processes import flower_env, start, stop, supernode_cmd, tail
+from fedtune.deploy.local_worker import LocalWorker
 
 log = logging.getLogger("fedtune")
-
-REFUSED = {
-    305: "the coordinator refused this client: its key is not enrolled there (or this client is still "
-    "listed as online after a crash: it retries for a minute). Ask the coordinator to enrol {pub}",
-    303: "runtime.flower.insecure=true cannot be combined with an enrolment key",
-}
 
 
 def run_participant(
@@ -53,7 +42,7 @@ def run_participant(
     """
     from fedtune.data.formats import load_examples
     from fedtune.experiment import resolve_run_dir
-    from fedtune.reporting.console import TqdmHandler, console
+    from fedtune.reporting.console import TqdmHandler
 
     fl = cfg.runtime.flower
     ca = Path(fl.certs) / "ca.crt"
@@ -76,76 +65,55 @@ def run_participant(
     for h in (TqdmHandler(), logging.FileHandler(state_dir / "client.log")):
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(h)
+    flower_log = logging.getLogger("flwr")  # Flower's own messages (retries, heartbeats) go to a file of their own
+    for h in list(flower_log.handlers):
+        flower_log.removeHandler(h)
+    flower_log.addHandler(logging.FileHandler(state_dir / "flower.log"))
+    flower_log.propagate = False
     log.info("client %s: %d examples from %s; state in %s", name, len(examples), data, state_dir)
     transformers.utils.logging.disable_progress_bar()
     if threads:
         torch.set_num_threads(threads)  # several clients on one machine: share its cores, do not fight
     worker = LocalWorker(cfg, examples, state_dir)
+    return serve_federation(cfg, worker, name, key, refused_retry_s)
 
-    sock_dir = tempfile.mkdtemp(prefix="fedtune-client-")  # 0700: only this user reaches the socket
-    key_file, secret = worker_secret(sock_dir)
-    address = os.path.join(sock_dir, "worker.sock")
-    listener = Listener(address, family="AF_UNIX")  # the worker authenticates each connection itself
-    stopping = threading.Event()
-    threading.Thread(target=worker.serve_forever, args=(listener, secret, stopping), daemon=True).start()
 
-    node_config = {"worker": address, "worker-key-file": key_file, "name": name}
+def serve_federation(
+    cfg: ExperimentConfig, worker: LocalWorker | None, name: str, key: Path | None, refused_retry_s: float
+) -> int:
+    """Join the coordinator at runtime.flower.address and answer it until Ctrl-C or SIGTERM (130), or until
+    refused for longer than refused_retry_s (2)."""
+    from fedtune.deploy.fleet import FleetLink
+    from fedtune.deploy.node import run_node
+    from fedtune.reporting.console import console
+    from fedtune.runtime.polling import Poll
+
+    fl = cfg.runtime.flower
     if fl.insecure:
         console.print("[bold yellow]WARNING: runtime.flower.insecure=true: plain text, no enrolment.[/]")
-    ca_path, key_path = (None, None) if fl.insecure else (ca.resolve(), key.resolve())
-    cmd = supernode_cmd(fl.address, node_config, ca_path, key_path)
-    env, node_log = flower_env(state_dir / "flower"), state_dir / "supernode.log"
+    ca = None if fl.insecure else (Path(fl.certs) / "ca.crt").resolve()
+    link = FleetLink(fl.address, ca, None if fl.insecure else key)
     log.info("joining the federation at %s (%s) as %s", fl.address, "plain text" if fl.insecure else "TLS", name)
+    stop = threading.Event()
 
     def _terminate(signum, frame):  # SIGTERM: leave as cleanly as on Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
-    refused_since = None
     try:
-        while True:
-            offset = node_log.stat().st_size if node_log.exists() else 0
-            supernode = start(cmd, env, node_log)
-            seen = offset
-            try:
-                while supernode.poll() is None:
-                    time.sleep(0.5)
-                    lines, seen = tail(node_log, seen)
-                    for line in lines:
-                        if "SuperNode ID:" in line:
-                            log.info("connected to the coordinator as node %s", line.rsplit(":", 1)[1].strip())
-            finally:
-                stop(supernode)
-            code = _exit_code(supernode.returncode, node_log, offset)
-            if code != 305:
-                break
-            refused_since = refused_since or time.monotonic()
-            pub = key.with_suffix(".pub") if key is not None else "its public key"
-            if time.monotonic() - refused_since >= refused_retry_s:
-                log.error(REFUSED[code].format(pub=pub) + f" (SuperNode log: {node_log})")
-                return 2
-            log.warning("the coordinator refused this client (not enrolled yet, or still listed online); retrying")
-            time.sleep(2)
+        refused = run_node(link, worker, name, Poll.up_to(fl.poll_s), stop, refused_retry_s)
     except KeyboardInterrupt:
         log.info("stopping: leaving the federation")
         return 130
     finally:
-        stopping.set()
-        listener.close()
-        shutil.rmtree(sock_dir, ignore_errors=True)  # the socket and its key go with this client
-    if code in REFUSED:
-        log.error(REFUSED[code].format(pub=key) + f" (SuperNode log: {node_log})")
-        return 2
-    if code != 0:
-        log.error("the SuperNode exited with code %s; its log: %s", code, node_log)
-        return 1
-    log.info("the SuperNode exited")
-    return 0
-
-
-def _exit_code(returncode: int, node_log: Path, offset: int) -> int:
-    """The SuperNode exits 1 but logs why ('Exit Code: 305'); the logged code when there is one."""
-    with node_log.open("rb") as f:
-        f.seek(offset)
-        found = re.findall(r"Exit Code: (\d+)", f.read().decode("utf-8", "replace"))
-    return int(found[-1]) if found and returncode != 0 else returncode
+        stop.set()
+        link.close()
+    pub = key.with_suffix(".pub") if key is not None else "its public key"
+    log.error(
+        "the coordinator refused this client: its key is not enrolled there (or this client is still listed as "
+        "online after a crash: it retried for %.0fs). Ask the coordinator to enrol %s (%s)",
+        refused_retry_s,
+        pub,
+        refused,
+    )
+    return 2

@@ -1,4 +1,4 @@
-"""Starting and stopping Flower's own processes (SuperLink, SuperNode) from fedtune's commands."""
+"""Starting and stopping Flower's SuperLink from ``fedtune server``."""
 
 from __future__ import annotations
 
@@ -8,29 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+IN_MEMORY = ":flwr-in-memory:"  # Flower's own name for its state kept in Python objects, not SQLite
 
-def superlink_cmd(host: str, port: int, database: Path, certs: Path | None) -> list[str]:
+
+def superlink_cmd(host: str, port: int, certs: Path | None) -> list[str]:
     """flower-superlink with TLS from certs/ (ca.crt, server.pem, server.key) and key enrolment; None: plain.
 
     It runs behind fedtune's guard (deploy/superlink.py): over the network it serves only the fleet API.
+    Its state stays in memory: with SQLite each request cost the SuperLink 30-50 ms of ORM work, most of
+    an exchange, and nothing in it outlives a run that fedtune needs (the coordinator enrols the keys at
+    each start; clients join again by themselves; the run's own state is in its checkpoints).
     """
     cmd = [sys.executable, "-m", "fedtune.deploy.superlink", "--host", host, "--port", str(port)]
-    cmd += ["--database", str(database)]
+    cmd += ["--database", IN_MEMORY]
     cmd.append("--disable-runtime-dependency-installation")  # the code is the installed fedtune package
     if certs is None:
         return [*cmd, "--insecure"]
     tls = ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem")]
     return [*cmd, *tls, "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"]
-
-
-def supernode_cmd(superlink: str, node_config: dict[str, str], ca: Path | None, key: Path | None) -> list[str]:
-    """flower-supernode joining superlink over TLS (trusting ca) with enrolment key; ca None: plain text."""
-    config = " ".join(f"{k}='{v}'" for k, v in node_config.items())
-    cmd = ["flower-supernode", "--superlink", superlink, "--node-config", config]
-    cmd += ["--host", "127.0.0.1", "--port", str(free_port())]  # its local API for ClientApp processes
-    if ca is None:
-        return [*cmd, "--insecure"]
-    return [*cmd, "--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -48,7 +43,7 @@ def start(cmd: list[str], env: dict[str, str], log_file: Path) -> subprocess.Pop
     """Start a Flower command (cmd[0]: a path, or a script of this environment), output appended to log_file.
 
     It gets its own session (our Ctrl-C is ours to handle, then passed on as SIGTERM) and, on
-    Linux, SIGTERM when we die, even by SIGKILL: no SuperLink or SuperNode outlives its fedtune command.
+    Linux, SIGTERM when we die, even by SIGKILL: no SuperLink outlives its fedtune command.
     """
     exe = Path(cmd[0]) if Path(cmd[0]).is_absolute() else Path(sys.executable).parent / cmd[0]
     with log_file.open("ab") as out:
@@ -94,7 +89,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def stop(proc: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
-    """SIGTERM (a SuperNode then leaves the federation at once), SIGKILL if it does not exit."""
+    """SIGTERM, then SIGKILL if it does not exit."""
     if proc is None or proc.poll() is not None:
         return
     try:

@@ -16,6 +16,7 @@ with up to ``window`` of them in flight per client (see ``flower_wire`` for the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -34,6 +35,7 @@ from fedtune.core.types import ClientState, Envelope
 from fedtune.runtime import flower_wire as wire
 from fedtune.runtime.base import PLAIN, Delivery
 from fedtune.runtime.flower_wire import MESSAGE_TYPE, pack, unpack
+from fedtune.runtime.polling import Poll
 
 try:  # raised when the SuperLink did not store a pushed object (Flower never retries it)
     from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
@@ -47,7 +49,9 @@ REQUEST_RETRY_S = 30.0  # Flower retries one Runtime API request (now a 500 too)
 RETRY_S_WITHOUT_DEADLINE = 600.0  # how long a Grid call is retried when the exchange has no deadline
 HELLO_TIMEOUT_S = 60.0  # insecure mode: how long clients have to say their names
 RETRY_STATUS = frozenset({408, 429})  # 4xx worth another try; every 5xx is too
+OBJECT_WAIT_S = (0.002, 0.1)  # first and longest wait for a reply's content still on its way to the SuperLink
 _unwidened_logged = False
+_unquickened_logged = False
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -85,6 +89,27 @@ def widen_flower_retries(grid: Grid, budget_s: float = REQUEST_RETRY_S) -> bool:
     invoker.should_giveup = should_giveup
     invoker.max_time = budget_s if invoker.max_time is None else min(invoker.max_time, budget_s)
     invoker._fedtune_widened = True
+    return True
+
+
+def quicken_object_pulls(first_s: float = OBJECT_WAIT_S[0], cap_s: float = OBJECT_WAIT_S[1]) -> bool:
+    """Make the Grid's pulls wait ``first_s`` (doubling up to ``cap_s``) for a part of a reply not yet on the
+    SuperLink: a reply is listed as soon as its sender announces it, before its content arrives, and Flower
+    waits 1 s, then 2, 4, ... for that content, which put a second into most exchanges. False (said once)
+    where this Flower's Grid module has no such function to set."""
+    global _unquickened_logged
+    from flwr.superlink.grid import http_grid
+
+    pull = getattr(http_grid, "pull_objects", None)
+    if pull is None:
+        if not _unquickened_logged:
+            log.info("this Flower's HttpGrid pulls objects its own way: Flower's waits for late content apply")
+            _unquickened_logged = True
+        return False
+    if not getattr(pull, "_fedtune_quick", False):
+        quick = functools.partial(pull, initial_backoff=first_s, backoff_cap=cap_s)
+        quick._fedtune_quick = True  # type: ignore[attr-defined]
+        http_grid.pull_objects = quick
     return True
 
 
@@ -157,7 +182,7 @@ class FlowerRuntime:
         grid: Grid,
         names: Sequence[str],
         round_timeout_s: float | None = None,
-        poll_s: float = 0.1,
+        poll_s: float = 0.05,
         insecure: bool = False,
         *,
         piece_bytes: int | None = None,
@@ -170,7 +195,7 @@ class FlowerRuntime:
         """``run_id``: the run, as clients key their state (``flower_wire.new_run_id``; the same when resumed)."""
         self.grid, self.names = grid, list(names)
         self.run_id = wire.checked_run(run_id) if run_id is not None else wire.new_run_id()
-        self.timeout, self.poll, self.insecure = round_timeout_s, poll_s, insecure
+        self.timeout, self.poll, self.insecure = round_timeout_s, Poll.up_to(poll_s), insecure
         self.piece_bytes = wire.default_piece_bytes() if piece_bytes is None else wire.checked_piece_bytes(piece_bytes)
         self.window, self.max_reply_bytes = max(1, window), max_reply_bytes
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
@@ -178,6 +203,7 @@ class FlowerRuntime:
         self.token = secrets.token_hex(4)  # exchange ids differ between runs and resumed runs
         self.self_named: dict[int, str] = {}  # insecure mode: node id -> the name the client gave
         widen_flower_retries(grid)
+        quicken_object_pulls()
 
     def online(self, deadline: float | None = None) -> dict[str, int]:
         """Enrolled name -> Flower node id, for clients online now ({} if the SuperLink cannot say)."""
@@ -277,6 +303,7 @@ class FlowerRuntime:
         """
         pending: dict[str, _InFlight] = {}
         self._push_next(exchanges, pending, deadline)
+        self.poll.got()  # replies follow soon after requests: ask early, then less often
         while pending:
             replies = self._pull(pending, deadline)
             got = len(replies)
@@ -290,8 +317,10 @@ class FlowerRuntime:
                     if not x.done:
                         x.failed = f"missed the {timeout:.0f}s round deadline"
                 return
-            if pending and not got:
-                time.sleep(self.poll)
+            if got:
+                self.poll.got()
+            elif pending:
+                self.poll.sleep()
         for x in exchanges:
             if not x.done:
                 x.failed = "no reply"

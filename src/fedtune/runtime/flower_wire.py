@@ -49,15 +49,29 @@ FETCH = "fetch"  # the coordinator asks for reply piece i
 RUN = "run"  # the coordinator's run: a client keeps its state per run (the same across a resumed run)
 
 
+INLINE_BYTES = 4 * 2**20  # a payload up to this rides inside the meta record: 3 Flower objects to move, not 6
+
+
 def pack(payload: bytes, meta: dict[str, int | str]) -> RecordDict:
+    """A Flower message's content: the payload inline beside the meta when small (each Flower object is a
+    request to the SuperLink both ways), else as a raw array (which Flower moves in 5 MiB chunks)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+    if len(payload) <= INLINE_BYTES:
+        return RecordDict({META: ConfigRecord({**meta, PAYLOAD: bytes(payload)})})
     array = Array(dtype="uint8", shape=(len(payload),), stype="raw", data=payload)
     return RecordDict({PAYLOAD: ArrayRecord({"payload": array}), META: ConfigRecord(dict(meta))})
 
 
 def unpack(content: RecordDict) -> tuple[bytes, dict]:
-    return content[PAYLOAD]["payload"].data, dict(content[META])
+    """(payload, meta) of a message ``pack`` made; ValueError for content of another shape."""
+    meta = dict(content[META])
+    inline = meta.pop(PAYLOAD, None)
+    if inline is not None:
+        if not isinstance(inline, bytes) or PAYLOAD in content:
+            raise ValueError("a fedtune message's payload is bytes, inline or as an array, not both")
+        return inline, meta
+    return content[PAYLOAD]["payload"].data, meta
 
 
 def default_piece_bytes() -> int:

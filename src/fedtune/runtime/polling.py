@@ -1,0 +1,48 @@
+"""How soon to ask again for a message that has not come: short waits while a conversation is under way.
+
+Both ends of a deployment ask the SuperLink (Flower has no push to a client): the coordinator for
+replies, each client for requests. A fixed wait puts that wait into every exchange; a short one
+spends the SuperLink's time while nothing happens. ``Poll`` starts at ``first`` after each message
+and doubles up to ``busy``; after ``busy_for_s`` without a message it doubles on up to ``idle``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Poll:
+    first: float = 0.002
+    busy: float = 0.05
+    idle: float = 1.0
+    busy_for_s: float = 60.0
+    _wait: float = field(default=0.0, init=False)
+    _last: float = field(default_factory=time.monotonic, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first <= self.busy <= self.idle:
+            raise ValueError(
+                f"poll waits must satisfy 0 < first <= busy <= idle, got {self.first}, {self.busy}, {self.idle}"
+            )
+        self._wait = self.first
+
+    @classmethod
+    def up_to(cls, busy: float) -> Poll:
+        """Waits of at most ``busy`` while busy (starting at 2 ms, or ``busy`` if less), up to 1 s when idle."""
+        return cls(first=min(0.002, busy), busy=busy, idle=max(busy, 1.0))
+
+    def got(self) -> None:
+        """Something came: the next waits start short again."""
+        self._wait, self._last = self.first, time.monotonic()
+
+    def next(self) -> float:
+        """How long to wait before asking again (each call after nothing came waits longer, up to the cap)."""
+        cap = self.busy if time.monotonic() - self._last < self.busy_for_s else self.idle
+        wait = min(self._wait, cap)
+        self._wait = min(self._wait * 2, self.idle)
+        return wait
+
+    def sleep(self) -> None:
+        time.sleep(self.next())
