@@ -1,9 +1,9 @@
 """A fedtune message over 1 GB through a real Flower deployment on loopback (TLS, enrolled key).
 
 The coordinator side is fedtune's FlowerRuntime inside a ServerApp; the client side is fedtune's
-real ClientApp, which hands the bytes to fedtune's real worker socket loop (``serve_socket``, key
-file and all, as `fedtune client` runs it) around a handler that echoes the request. So the bytes
-cross Flower twice (out and back), through the SuperLink's database, in pieces of at most
+real node loop (``deploy.node.run_node`` over ``deploy.fleet.FleetLink``, enrolled key and all, as
+`fedtune client` runs it, here in this process) around a worker whose handler echoes the request.
+So the bytes cross Flower twice (out and back), through the SuperLink, in pieces of at most
 ``flower_wire.PIECE_BYTES``. Reports the round-trip time and the peak memory of all processes
 together (RSS summed over every process, sampled every 0.1 s), and fails unless the echo is exact.
 
@@ -21,8 +21,8 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing.connection import Client, Listener
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 from common import write_result
@@ -57,12 +57,15 @@ class RunFailed(Exception):
 
 
 def run_once(root: Path, payload: Path, piece_mb: float | None, deadline_s: float) -> dict:
-    """One deployment (SuperLink, SuperNode, worker), one exchange; its measurements. RunFailed unless the
+    """One deployment (SuperLink, node loop, worker), one exchange; its measurements. RunFailed unless the
     run completes and the worker saw the request once and the echo came back identical."""
     from fedtune.deploy.certs import write_certs
     from fedtune.deploy.control import Control
-    from fedtune.deploy.local_worker import serve_socket, worker_secret
-    from fedtune.deploy.processes import flower_env, free_port, start, stop, superlink_cmd, supernode_cmd
+    from fedtune.deploy.fleet import FleetLink
+    from fedtune.deploy.local_worker import PieceExchanges
+    from fedtune.deploy.node import run_node
+    from fedtune.deploy.processes import flower_env, free_port, start, stop, superlink_cmd
+    from fedtune.runtime.polling import Poll
     from fedtune.wire.serialize import read_header
 
     certs = root / "certs"
@@ -82,7 +85,7 @@ def run_once(root: Path, payload: Path, piece_mb: float | None, deadline_s: floa
     port = free_port()
     env = flower_env(root / "home")
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    link = start(superlink_cmd("127.0.0.1", port, root / "link.db", certs), env, root / "link.log")
+    link = start(superlink_cmd("127.0.0.1", port, certs), env, root / "link.log")
 
     seen: list = []
 
@@ -90,10 +93,8 @@ def run_once(root: Path, payload: Path, piece_mb: float | None, deadline_s: floa
         seen.append((cid, len(request), read_header(request).get("kind")))
         return request
 
-    key_file, secret = worker_secret(str(root))  # owner-only key file, as `fedtune client` writes it
-    sock = str(root / "worker.sock")
-    listener, stopping = Listener(sock, family="AF_UNIX"), threading.Event()
-    threading.Thread(target=serve_socket, args=(listener, secret, echo, stopping), daemon=True).start()
+    worker = SimpleNamespace(serve_one=echo, pieces=PieceExchanges(echo))
+    stopping = threading.Event()
     control = Control(f"127.0.0.1:{port}", str(certs / "ca.crt"))
     node = None
     peak, at_peak, roles_peak, status = 0, {}, {}, ("unknown", "", "")
@@ -101,10 +102,11 @@ def run_once(root: Path, payload: Path, piece_mb: float | None, deadline_s: floa
     try:
         control.wait_ready(60)
         control.enrol(certs / "clients" / "client-0.pub")
-        node_config = {"worker": sock, "worker-key-file": key_file, "name": "client-0"}
-        cmd = supernode_cmd(f"127.0.0.1:{port}", node_config, certs / "ca.crt", certs / "clients" / "client-0.key")
-        node = start(cmd, flower_env(root / "node"), root / "node.log")
-        roots = [psutil.Process(os.getpid()), psutil.Process(link.pid), psutil.Process(node.pid)]
+        fleet = FleetLink(f"127.0.0.1:{port}", certs / "ca.crt", certs / "clients" / "client-0.key")
+        args = (fleet, worker, "client-0", Poll.up_to(0.05), stopping, 60.0)
+        node = threading.Thread(target=run_node, args=args, daemon=True)
+        node.start()
+        roots = [psutil.Process(os.getpid()), psutil.Process(link.pid)]
         base = sum(rss for rss, _ in _rss_by_role(roots).values())
         t = time.perf_counter()
         run_id = control.submit(root / "app", spec, serverapp="large_payload_app:server_app")
@@ -122,15 +124,13 @@ def run_once(root: Path, payload: Path, piece_mb: float | None, deadline_s: floa
         wall = time.perf_counter() - t
     finally:
         control.close()
-        stop(node)
-        stop(link)
         stopping.set()
-        with contextlib.suppress(OSError, EOFError):  # wake the worker's accept() so that its thread ends
-            Client(sock, family="AF_UNIX", authkey=secret).close()
-        listener.close()
+        if node is not None:
+            node.join(60)
+        stop(link)
     out = json.loads((root / "out.json").read_text()) if (root / "out.json").exists() else {}
     if status[1] != "completed" or not out.get("echo_identical") or len(seen) != 1:
-        logs = "\n".join(f"--- {n}\n{(root / n).read_text()[-3000:]}" for n in ("link.log", "node.log"))
+        logs = f"--- link.log\n{(root / 'link.log').read_text()[-3000:]}"
         raise RunFailed(f"run ended {status}, result {out}, worker saw {seen}\n{logs}")
     gb = 2**30
     return {
@@ -153,12 +153,10 @@ def _role(p: psutil.Process) -> str:
     """Which part of the deployment a process is, from its command line."""
     line = " ".join(p.cmdline())
     if p.pid == os.getpid():
-        return "benchmark+client worker"
+        return "benchmark+client node"
     for needle, role in (
         ("fedtune.deploy.superlink", "superlink"),
         ("flwr-serverapp", "serverapp"),
-        ("flwr-clientapp", "clientapp"),
-        ("flower-supernode", "supernode"),
         ("flower-superexec", "superexec"),
     ):
         if needle in line:
@@ -169,7 +167,7 @@ def _role(p: psutil.Process) -> str:
 def _rss_by_role(roots: list[psutil.Process]) -> dict[str, tuple[int, int]]:
     """(RSS, anonymous RSS) summed by role over roots and all their descendants, each process once.
 
-    RSS counts shared libraries once per process and SQLite's memory-mapped database file; the
+    RSS counts shared libraries once per process; the
     anonymous part (RSS minus file-backed and shared pages) is the memory the processes hold."""
     out: dict[str, tuple[int, int]] = {}
     seen: set[int] = set()
@@ -184,7 +182,7 @@ def _rss_by_role(roots: list[psutil.Process]) -> dict[str, tuple[int, int]]:
             seen.add(p.pid)
             try:
                 role, mem = _role(p), p.memory_info()
-            except psutil.NoSuchProcess:  # a ClientApp process that just finished
+            except psutil.NoSuchProcess:  # a process that just finished
                 continue
             rss, anon = out.get(role, (0, 0))
             out[role] = (rss + mem.rss, anon + mem.rss - mem.shared)

@@ -134,7 +134,7 @@ def test_a_new_run_does_not_start_from_an_earlier_runs_state_and_old_runs_go(tmp
     from fedtune.deploy.local_worker import KEEP_RUNS, LocalWorker
 
     worker = LocalWorker.__new__(LocalWorker)  # its store only: no model
-    worker.state_dir = tmp_path
+    worker.state_dir, worker.stores = tmp_path, {}
     a = worker.store("a" * 32, 0)
     for r in (7, 8, 9):
         a.save(r, {"residual": {"x": torch.full((1,), float(r))}})
@@ -147,6 +147,30 @@ def test_a_new_run_does_not_start_from_an_earlier_runs_state_and_old_runs_go(tmp
 
 
 RUN = "0123456789abcdef" * 2
+
+
+def test_a_state_store_hands_back_from_memory_what_a_restarted_worker_reads_from_disk(tmp_path):
+    from fedtune.core.types import DURABLE
+    from fedtune.deploy.local_worker import StateStore
+
+    def flat(state):
+        return {(o, k): v.tolist() for o, part in state.items() for k, v in part.items()}
+
+    store = StateStore(tmp_path)
+    store.save(1, {"split": {"p": torch.ones(2)}, DURABLE: {"sent": torch.tensor([1])}})
+    store.save(2, {"split": {"p": torch.full((2,), 2.0)}})  # no durable part: the file's is still the newest
+    for r in (2, 3):
+        assert flat(store.before(r)) == flat(StateStore(tmp_path).before(r))  # memory == disk, after a restart too
+    assert flat(store.within(2)) == {("split", "p"): [2.0, 2.0], (DURABLE, "sent"): [1]}
+    store.save(2, {"split": {"p": torch.full((2,), 3.0)}, DURABLE: {"sent": torch.tensor([1, 2])}})
+    assert (
+        flat(store.within(2))
+        == flat(StateStore(tmp_path).within(2))
+        == {
+            ("split", "p"): [3.0, 3.0],
+            (DURABLE, "sent"): [1, 2],
+        }
+    )
 
 
 def test_local_worker_matches_the_simulated_client_and_replays_a_repeated_round(tmp_path):

@@ -6,7 +6,7 @@ state) must be bit-identical on every runtime, and so must every round's losses 
 Holds on CPU because every client's computation is a pure function of (config, seed, round, client id)
 and the server sums in client-id order. A paradigm is one row of CASES; its own checks, where it has
 any beyond that, one function. The deployment half is in the slow set (`pytest -m slow`, which
-`.ci/run` runs): each exchange costs a deployment about 5 s.
+`.ci/run` runs).
 """
 
 from __future__ import annotations
@@ -106,6 +106,18 @@ CASES: dict[str, tuple[dict, Callable | None]] = {
         },
         None,
     ),
+    # split learning vanilla on a server part per client (the sampled clients' conversations interleave), the
+    # client's two blocks live between exchanges where the same process serves them
+    "split_per_client": (
+        {
+            "paradigm": {"name": "split", "shape": "vanilla", "client_front": 2, "server_part": "per_client"},
+            "model": {"name": "tiny-llama-deep"},
+            "training": {"local_steps": 2},
+            "evaluation": {"exact_match": False},
+            "federation": {"rounds": 2, "clients_per_round": 2},
+        },
+        None,
+    ),
     # distributed DP under secure aggregation: four exchanges a round, each deployed client keeping its round's
     # secrets in its own state store between them
     "secure": (
@@ -167,14 +179,17 @@ def _simulated(fed: Federation, *names: str) -> dict[str, Path]:
     return {n: run_experiment(load_config(fed.config, [*RUNTIMES[n], f"output.name={n}"])).run_dir for n in names}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+SIMULATED_SLOW = {"split_per_client"}  # the README's test command has its minutes counted; split has one fast case
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SIMULATED_SLOW else c for c in CASES])
 def test_in_process_lanes_serial_service_and_ray_give_the_same_run(tmp_path, shared_ray, case):
     fed = Federation(tmp_path, CASES[case][0])  # only its config: nothing is deployed here
     serial = ("serial",) if case == next(iter(CASES)) else ()
     _same_runs(_simulated(fed, "in_process", *serial, "ray"))
 
 
-@pytest.mark.slow  # a Flower deployment of real processes: about 5 s an exchange (docs/deployment.md), 1-3 min a case
+@pytest.mark.slow  # a Flower deployment of real processes: about 40-70 s a case on 2 cores
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_flower_deployment_gives_the_same_run_as_in_process(tmp_path, case):
     settings, own_checks = CASES[case]

@@ -144,6 +144,7 @@ class StateStore:
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.last: tuple[int, ClientState] | None = None  # the version this store saved last, kept in memory
 
     def _rounds(self) -> list[int]:
         found = (re.fullmatch(r"round-(\d+)\.safetensors", p.name) for p in self.folder.iterdir())
@@ -156,6 +157,8 @@ class StateStore:
         from fedtune.core.types import DURABLE, unflatten_state
 
         earlier = [r for r in self._rounds() if r < round_index]
+        if earlier and self.last is not None and self.last[0] == earlier[-1]:
+            return dict(self.last[1])  # what it saved last, read back from memory
         state = unflatten_state(load_file(self.folder / f"round-{earlier[-1]:06d}.safetensors")) if earlier else {}
         durable = self.folder / "durable.safetensors"
         if durable.is_file():
@@ -173,6 +176,9 @@ class StateStore:
         if DURABLE in state:  # first: a round's state never goes ahead of what it must not forget
             self._write("durable", {DURABLE: state[DURABLE]})
         self._write(f"round-{round_index:06d}", {k: v for k, v in state.items() if k != DURABLE})
+        # what before() would read back: the round's file and the newest durable part (none, or this one)
+        newest = DURABLE in state or not (self.folder / "durable.safetensors").is_file()
+        self.last = (round_index, dict(state)) if newest else None
         for old in self._rounds()[:-KEEP_STATES]:
             (self.folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
 
@@ -198,12 +204,16 @@ class LocalWorker:
         self.handler = make_handler(plan, self.bench, {}, federation_eval_set(cfg, self.bench.encoder))
         self.lock = threading.Lock()
         self.pieces = PieceExchanges(self.serve_one)
+        self.stores: dict[tuple[str, int], StateStore] = {}  # (run, client id) -> its store, this run's only
 
     def store(self, run: str, client_id: int) -> StateStore:
         """Client ``client_id``'s state in run ``run``; the state of all but the KEEP_RUNS most recent runs goes."""
         folder = self.state_dir / f"run-{wire.checked_run(run)}"
         fresh = not folder.exists()
-        store = StateStore(folder / f"client-{client_id}")
+        if (run, client_id) not in self.stores:
+            self.stores = {k: v for k, v in self.stores.items() if k[0] == run}  # one run's at a time
+            self.stores[run, client_id] = StateStore(folder / f"client-{client_id}")
+        store = self.stores[run, client_id]
         os.utime(folder)  # most recently used
         if fresh:
             runs = sorted(self.state_dir.glob("run-*"), key=lambda p: p.stat().st_mtime, reverse=True)

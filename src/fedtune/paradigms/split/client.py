@@ -1,19 +1,24 @@
 """Split learning, client side: the client's part of the model, one exchange at a time.
 
-Between exchanges the client keeps nothing in memory: its round so far lives in its state under the
-owner ``split`` (its part's tensors, their gradients since the last optimizer step, the optimizer's
-state, the tensors it started from), so the state can travel with each message (Ray) or stay with a
-deployed client, and any process can serve the next exchange. The front's autograd graph is not
-kept: when the gradient at the cut comes back, the front is run again on the same micro-batch with
-the same tensors and random state, which gives the same graph (one more forward of the client's
-few blocks, in exchange for no state outside the message).
+A client's round so far lives in its state under the owner ``split`` (its part's tensors, their
+gradients since the last optimizer step, the optimizer's state, the tensors it started from), so the
+state can travel with each message (Ray) or stay with a deployed client, and any process can serve
+the next exchange. The process that served the last one also keeps the round live in memory
+(``_Live``: the part's tensors, its optimizer and the graph of each front still awaiting its
+gradient), marked by a token saved in the state: when the next exchange brings that token, the
+client goes on from memory and backpropagates through the kept graph. Otherwise (another process, a
+restart, a round replayed) it loads the state and runs the front again on the same micro-batch with
+the same tensors and random state, which gives the same graph and the same numbers. At most
+``LIVE_SESSIONS`` clients' rounds are kept per process, each at most two fronts' activations.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +37,17 @@ from fedtune.paradigms.split.steps import StepPlan, sq_norm
 from fedtune.wire.link import Link
 
 OWNER = "split"
+LIVE_SESSIONS = 8  # clients whose round in progress one process keeps in memory (the least recent goes)
+
+
+@dataclass
+class _Live:
+    """One client's round in progress, kept in memory between its exchanges."""
+
+    token: int  # as saved in its state under "live": the state this session is
+    params: dict[str, torch.Tensor]  # the part's tensors (leaves, with the gradients accumulated this step)
+    opt: torch.optim.Optimizer
+    fronts: dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> its front's output, graph kept
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ def relative_error(sent: torch.Tensor, received: torch.Tensor) -> float:
 
 class SplitClient:
     serves = (Forward, Back, EvalRequest)
+    keep_live = True  # keep rounds in progress in memory between exchanges (False: from the state every time)
 
     def __init__(
         self,
@@ -74,6 +91,7 @@ class SplitClient:
         self.split, self.names, self.like, self.data, self.s = split, names, like, data, settings
         self.uplink, self.downlink, self.activations = uplink, downlink, activations
         self.meter = ActivationMeter(split.model.parameters())
+        self.live: OrderedDict[int, _Live] = OrderedDict()  # client id -> its round in memory, least recent first
         self.part_bytes = parameter_bytes(split.client_parameters())
         lm = split.lm
         self.cost = FlopModel.of(
@@ -118,8 +136,9 @@ class SplitClient:
             opt.load_state_dict({"state": saved, "param_groups": opt.state_dict()["param_groups"]})
         return params, opt
 
-    def _save(self, own: Params, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, **extra) -> Params:
+    def _save(self, own: Params, session: _Live, **extra) -> Params:
         out = {k: v for k, v in own.items() if not k.startswith(("p/", "g/", "opt/"))}
+        params, opt = session.params, session.opt
         for k in self.names:
             p = params[k]
             out[f"p/{k}"] = p.detach().clone()
@@ -129,6 +148,25 @@ class SplitClient:
                 out[f"opt/{k}/{n}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
         out.update(extra)
         return out
+
+    def _session(self, client_id: int, own: Params) -> _Live:
+        """The client's round in memory if ``own`` is the state it left, else one loaded from ``own``."""
+        live = self.live.pop(client_id, None)
+        token = own.get("live")
+        if live is not None and token is not None and int(token) == live.token:
+            return live
+        params, opt = self._load(own)
+        return _Live(0, params, opt)
+
+    def _keep(self, client_id: int, own: Params, session: _Live) -> None:
+        """Keep ``session`` in memory as the round ``own`` (the state just saved) is; its token goes in both."""
+        if not self.keep_live:
+            return
+        session.token = int.from_bytes(os.urandom(7), "big")
+        own["live"] = torch.tensor(session.token, dtype=torch.int64)
+        self.live[client_id] = session
+        while len(self.live) > LIVE_SESSIONS:
+            self.live.popitem(last=False)
 
     def _full(self, params: dict[str, torch.Tensor]) -> Params:
         return {self.names[k]: v for k, v in params.items()}
@@ -148,22 +186,22 @@ class SplitClient:
             own["meta"] = torch.zeros(3, dtype=torch.float64)  # [client seconds, FLOPs, peak activation bytes]
         else:
             own = self._own(state, req.round, t)
-        params, opt = self._load(own)
+        session = self._session(client_id, own)
         client_sq = None
         meta = own["meta"].clone()
         if t > 0:
-            client_sq = self._finish(
-                client_id, own, params, opt, batches, plan, t - 1, req.grad, req.server_sq_norm, meta
-            )
+            client_sq = self._finish(client_id, own, session, batches, plan, t - 1, req.grad, req.server_sq_norm, meta)
         if t == plan.count:
+            self.live.pop(client_id, None)
             meta[0] += time.perf_counter() - start
-            return self._done(client_id, req, own, params, meta, plan, client_sq), {
+            return self._done(client_id, req, own, session.params, meta, plan, client_sq), {
                 k: v for k, v in state.items() if k != OWNER
             }
-        wire, error, batch, rng = self._front(client_id, own["rng"], params, batches[t], req.round, t, meta)
+        wire, error, batch, rng = self._front(client_id, own["rng"], session, batches[t], req.round, t, meta)
         data = self.data[client_id]
         meta[0] += time.perf_counter() - start
-        own = self._save(own, params, opt, rng=rng, meta=meta, **{_front_rng(t): own["rng"]})
+        own = self._save(own, session, rng=rng, meta=meta, **{_front_rng(t): own["rng"]})
+        self._keep(client_id, own, session)
         reply = Activations(
             round=req.round,
             step=t,
@@ -188,12 +226,13 @@ class SplitClient:
         _, batches, plan = self._plan(client_id, req.round)
         if not 0 <= t < plan.count:
             raise ValueError(f"round {req.round}: no micro-batch {t} (this round has {plan.count})")
-        params, opt = self._load(own)
+        session = self._session(client_id, own)
+        params = session.params
         meta = own["meta"].clone()
         if req.grad:
             if t == 0 or plan.ends_step(t - 1):
                 raise ValueError(f"round {req.round}: micro-batch {t - 1}'s gradient may not come with Back({t})")
-            self._finish(client_id, own, params, opt, batches, plan, t - 1, req.grad, None, meta)
+            self._finish(client_id, own, session, batches, plan, t - 1, req.grad, None, meta)
         batch = self._batch(client_id, batches[t])
         n_tokens = self._step_tokens(client_id, batches, plan, t)
         b, n = batch["input_ids"].shape
@@ -226,13 +265,14 @@ class SplitClient:
         saved = {"rng": rng}
         if t + 1 < plan.count and not plan.ends_step(t):  # the next micro-batch's front: same step, same weights
             next_wire, next_error, next_batch, after = self._front(
-                client_id, rng, params, batches[t + 1], req.round, t + 1, meta
+                client_id, rng, session, batches[t + 1], req.round, t + 1, meta
             )
             carried = dict(next_hidden=next_wire, next_mask=next_batch["attention_mask"].to(torch.uint8))
             carried["next_codec_error"] = next_error
             saved = {"rng": after, _front_rng(t + 1): rng}
         meta[0] += time.perf_counter() - start
-        own = self._save(own, params, opt, meta=meta, **saved)
+        own = self._save(own, session, meta=meta, **saved)
+        self._keep(client_id, own, session)
         reply = BackReply(req.round, t, wire, value, positions, error, **carried)
         return reply, {**state, OWNER: own}
 
@@ -245,17 +285,28 @@ class SplitClient:
         return own
 
     def _front(
-        self, client_id: int, rng: torch.Tensor, params: dict, indices, r: int, t: int, meta: torch.Tensor
+        self, client_id: int, rng: torch.Tensor, session: _Live, indices, r: int, t: int, meta: torch.Tensor
     ) -> tuple[Params, float, dict[str, torch.Tensor], torch.Tensor]:
-        """Micro-batch ``t``'s front from random state ``rng``, without a graph: (wire form of the hidden
-        states, their relative error through the codecs, the batch, the random state after)."""
+        """Micro-batch ``t``'s front from random state ``rng``, its graph kept in ``session`` while sessions are
+        kept: (wire form of the hidden states, their relative error through the codecs, the batch, the random
+        state after)."""
         batch = self._batch(client_id, indices)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        keep = self.keep_live
+        if keep:
+            self.meter.peak = 0
+        with (
+            torch.random.fork_rng(devices=[]),
+            self.meter.measure() if keep else torch.no_grad(),
+        ):
             torch.random.set_rng_state(rng)
-            hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
+            hidden = self.split.front(self._full(session.params), batch["input_ids"], batch["attention_mask"])
             after = torch.random.get_rng_state()
         b, n = batch["input_ids"].shape
-        meta[1] += self.cost.forward(self.split.client_blocks()[0], b, n)  # the first forward, graph not kept
+        meta[1] += self.cost.forward(self.split.client_blocks()[0], b, n)  # the first forward
+        if keep:
+            session.fronts[t] = hidden
+            meta[2] = max(float(meta[2]), self.meter.peak)
+        hidden = hidden.detach()
         wire = self.activations.encode({"h": hidden}, {}, torch_generator(SPLIT_FRONT, self.s.seed, r, client_id, t))[0]
         return wire, relative_error(hidden, self.activations.decode(wire, {"h": hidden})["h"]), batch, after
 
@@ -263,8 +314,7 @@ class SplitClient:
         self,
         client_id: int,
         own: Params,
-        params: dict,
-        opt: torch.optim.Optimizer,
+        session: _Live,
         batches: list,
         plan: StepPlan,
         t: int,
@@ -272,16 +322,23 @@ class SplitClient:
         server_sq: float | None,
         meta: torch.Tensor,
     ) -> float | None:
-        """Micro-batch ``t``'s front again, then its backward with the cut's gradient; at the end of its
-        optimizer step, global clipping and the step. Returns ‖client grads‖² when a step was taken."""
+        """Micro-batch ``t``'s backward with the cut's gradient, through its kept graph or its front run again;
+        at the end of its optimizer step, global clipping and the step. Returns ‖client grads‖² when a step
+        was taken."""
+        params = session.params
         batch = self._batch(client_id, batches[t])
-        self.meter.peak = 0
-        with torch.random.fork_rng(devices=[]), self.meter.measure():
-            torch.random.set_rng_state(own[_front_rng(t)])
-            hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
         b, n = batch["input_ids"].shape
-        meta[1] += TRAINING * self.cost.forward(self.split.client_blocks()[0], b, n)  # forward again + backward
-        meta[2] = max(float(meta[2]), self.meter.peak)
+        forward = self.cost.forward(self.split.client_blocks()[0], b, n)
+        hidden = session.fronts.pop(t, None)
+        if hidden is None:
+            self.meter.peak = 0
+            with torch.random.fork_rng(devices=[]), self.meter.measure():
+                torch.random.set_rng_state(own[_front_rng(t)])
+                hidden = self.split.front(self._full(params), batch["input_ids"], batch["attention_mask"])
+            meta[1] += TRAINING * forward  # forward again + backward
+            meta[2] = max(float(meta[2]), self.meter.peak)
+        else:
+            meta[1] += (TRAINING - 1) * forward  # backward: its forward was counted when it ran
         grad = self.activations.decode(grad_wire, {"h": hidden})["h"]
         if grad.shape != hidden.shape:
             raise ValueError(f"the gradient at the cut is {tuple(grad.shape)}, not {tuple(hidden.shape)}")
@@ -290,6 +347,7 @@ class SplitClient:
             return None
         client_sq = sq_norm(params.values())
         tensors = list(params.values())
+        opt = session.opt
         optimizer_step(opt, tensors, plan.lr(t), (), self.s.training.max_grad_norm, client_sq + float(server_sq or 0.0))
         return client_sq
 
