@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedtune.config import ExperimentConfig, validate_config
 from fedtune.runtime.flower_grid import FlowerRuntime
+from fedtune.runtime.polling import Poll
 
 log = logging.getLogger("fedtune")
 DEFAULT_DEADLINE_S = 3600.0  # without one, Flower would keep a request (and the round) open for 12 h
@@ -58,6 +59,7 @@ def serve(grid: Grid, spec_path: str) -> None:
     fl = cfg.runtime.flower
     config_path = Path(spec["config_path"]) if spec["config_path"] else None
     run = run_id(resolve_run_dir(cfg, config_path), spec["resume"])
-    runtime = FlowerRuntime(grid, spec["names"], reply_deadline(cfg), fl.poll_s, insecure=fl.insecure, run_id=run)
+    poll_s = Poll.of(fl.poll_s, 1).busy  # one asker, whatever the number of clients
+    runtime = FlowerRuntime(grid, spec["names"], reply_deadline(cfg), poll_s, insecure=fl.insecure, run_id=run)
     runtime.wait_for_clients(len(spec["names"]), cfg.federation.min_clients, fl.join_timeout_s)
     run_experiment(cfg, config_path, resume=spec["resume"], runtime=runtime)

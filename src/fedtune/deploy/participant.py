@@ -101,7 +101,7 @@ def serve_federation(
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        refused = run_node(link, worker, name, Poll.up_to(fl.poll_s), stop, refused_retry_s)
+        refused = run_node(link, worker, name, Poll.of(fl.poll_s, cfg.partition.num_clients), stop, refused_retry_s)
     except KeyboardInterrupt:
         log.info("stopping: leaving the federation")
         return 130

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+PER_CLIENT_S = 0.015  # auto's longest wait per client: an empty ask costs a SuperLink 7-9 ms of its one core
+
 
 @dataclass
 class Poll:
@@ -30,8 +32,14 @@ class Poll:
 
     @classmethod
     def up_to(cls, busy: float) -> Poll:
-        """Waits of at most ``busy`` while busy (starting at 2 ms, or ``busy`` if less), up to 1 s when idle."""
-        return cls(first=min(0.002, busy), busy=busy, idle=max(busy, 1.0))
+        """Waits of at most ``busy`` while busy (starting at 2 ms, or ``busy`` if less); when idle, up to
+        1 s or 10 x ``busy``, whichever is more."""
+        return cls(first=min(0.002, busy), busy=busy, idle=max(1.0, 10 * busy))
+
+    @classmethod
+    def of(cls, poll_s: float | str, clients: int) -> Poll:
+        """``runtime.flower.poll_s`` for a federation of ``clients``: auto is 0.05 s, or 15 ms per client."""
+        return cls.up_to(max(0.05, PER_CLIENT_S * clients) if poll_s == "auto" else float(poll_s))
 
     def got(self) -> None:
         """Something came: the next waits start short again."""
