@@ -3,8 +3,8 @@
 Three clients, each a real `fedtune client` process with its own data file, and a `fedtune
 server` coordinator on 127.0.0.1, against `fedtune run` in one process with the same config.
 Per round: wall time (request out to last reply in, aggregation and checkpoint included,
-evaluation excluded) and the clients' pure local-training time. Flower's components poll (the
-SuperNode every 3 s when idle), which sets a floor on a deployed round's latency.
+evaluation excluded) and the clients' pure local-training time. Both ends ask the SuperLink for
+messages (Flower has no push), which with its per-request cost sets a deployed round's floor.
 
     python benchmarks/deployment.py [--model tiny-llama] [--rounds 4]
 """

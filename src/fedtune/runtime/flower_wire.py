@@ -1,11 +1,11 @@
-"""A fedtune message inside Flower messages: raw uint8 Arrays plus a small config record.
+"""A fedtune message inside Flower messages: bytes in a small config record, or a raw uint8 Array beside it.
 
-Every fedtune message (a safetensors blob, bf16 intact, byte counts exact) travels as one raw
-uint8 ``Array`` with the target client's fedtune id beside it, when it fits in one piece
-(``PIECE_BYTES``). A larger one travels as several Flower messages of at most one piece each:
-Flower stores every message in the SuperLink's SQLite database and deletes it in one transaction
-once it is received (about 5 s per GB), which would block every other writer past SQLite's
-timeout, so no message may be large. The pieces of one exchange:
+Every fedtune message (a safetensors blob, bf16 intact, byte counts exact) travels with the target
+client's fedtune id beside it: inline in the config record up to ``INLINE_BYTES`` (three Flower
+objects to move), else as one raw uint8 ``Array``, when it fits in one piece (``PIECE_BYTES``). A
+larger one travels as several Flower messages of at most one piece each: the SuperLink holds a
+message whole until it is received (and a SQLite-backed one deletes it in one transaction, about
+5 s per GB, blocking every other writer), so no message may be large. The pieces of one exchange:
 
 * coordinator -> client: piece i of the request (``PIECE``, with ``TOTAL`` and ``SHA256`` of the
   whole); the client answers ``HAVE`` until it holds them all, then runs the request and answers
