@@ -21,7 +21,7 @@ def test_waits_start_short_after_a_message_double_to_the_cap_and_grow_to_idle_af
 
 
 def test_auto_scales_the_clients_wait_with_the_federation_and_a_number_is_taken_as_given():
-    assert Poll.of("auto", 3).busy == 0.05 and Poll.of("auto", 1).busy == 0.05
+    assert Poll.of("auto", 1).busy == 0.02 and Poll.of("auto", 3).busy == pytest.approx(0.045)
     assert Poll.of("auto", 100).busy == pytest.approx(1.5) and Poll.of("auto", 100).idle == pytest.approx(15.0)
     assert Poll.of(0.01, 100).busy == 0.01 and Poll.of(0.001, 1).first == 0.001
     with pytest.raises(ValueError, match="first <= busy <= idle"):

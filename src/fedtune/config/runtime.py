@@ -35,9 +35,10 @@ class FlowerConfig(Strict):
     poll_s: float | Literal["auto"] = Field(
         "auto",
         description="the longest the coordinator and each client wait before asking the SuperLink again while a "
-        "conversation is under way (waits start at 2 ms after each message and double up to this; after 60 s "
-        "without a message, up to 1 s or more). auto: 0.05 s, or 15 ms per client where that is more, so that "
-        "waiting clients keep the SuperLink's one core at most about half busy (an empty ask costs it 7-9 ms)",
+        "conversation is under way (waits start at 5 ms after each message and double up to this; after 60 s "
+        "without a message, up to 1 s or 10 times this). auto: 20 ms for the coordinator; for clients 20 ms, or "
+        "15 ms per client where that is more, so that waiting clients keep the SuperLink's one core at most about "
+        "half busy (an empty ask costs it 7-9 ms)",
     )
 
     @field_validator("poll_s")

@@ -182,7 +182,7 @@ class FlowerRuntime:
         grid: Grid,
         names: Sequence[str],
         round_timeout_s: float | None = None,
-        poll_s: float = 0.05,
+        poll_s: float = 0.02,
         insecure: bool = False,
         *,
         piece_bytes: int | None = None,

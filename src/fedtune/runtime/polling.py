@@ -11,13 +11,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+FIRST_S = 0.005  # the first wait after a message: nothing can answer faster than a SuperLink round trip or two
+AUTO_S = 0.02  # auto's longest wait while busy, for a coordinator (one asker) or a small federation's clients
 PER_CLIENT_S = 0.015  # auto's longest wait per client: an empty ask costs a SuperLink 7-9 ms of its one core
 
 
 @dataclass
 class Poll:
-    first: float = 0.002
-    busy: float = 0.05
+    first: float = FIRST_S
+    busy: float = AUTO_S
     idle: float = 1.0
     busy_for_s: float = 60.0
     _wait: float = field(default=0.0, init=False)
@@ -31,15 +33,15 @@ class Poll:
         self._wait = self.first
 
     @classmethod
-    def up_to(cls, busy: float) -> Poll:
-        """Waits of at most ``busy`` while busy (starting at 2 ms, or ``busy`` if less); when idle, up to
+    def up_to(cls, busy: float, first: float = FIRST_S) -> Poll:
+        """Waits of at most ``busy`` while busy (starting at ``first``, or ``busy`` if less); when idle, up to
         1 s or 10 x ``busy``, whichever is more."""
-        return cls(first=min(0.002, busy), busy=busy, idle=max(1.0, 10 * busy))
+        return cls(first=min(first, busy), busy=busy, idle=max(1.0, 10 * busy))
 
     @classmethod
     def of(cls, poll_s: float | str, clients: int) -> Poll:
-        """``runtime.flower.poll_s`` for a federation of ``clients``: auto is 0.05 s, or 15 ms per client."""
-        return cls.up_to(max(0.05, PER_CLIENT_S * clients) if poll_s == "auto" else float(poll_s))
+        """``runtime.flower.poll_s`` for a federation of ``clients``: auto is 20 ms, or 15 ms per client."""
+        return cls.up_to(max(AUTO_S, PER_CLIENT_S * clients) if poll_s == "auto" else float(poll_s))
 
     def got(self) -> None:
         """Something came: the next waits start short again."""
