@@ -4,7 +4,7 @@ flwr 1.41 serves every SuperLink API on one HTTP listener: the fleet API (SuperN
 API (enrol a node key, list runs, submit a run), the runtime API of the ServerApp (unauthenticated
 in subprocess isolation), ``/docs`` and ``/openapi.json``. It cannot bind them apart, and without
 flwr.ee the Control API has no authentication: on a network address, anyone holding the CA
-certificate could enrol a key of their own, or submit a run, i.e. code that every SuperNode executes.
+certificate could enrol a key of their own, or submit a run, i.e. code the coordinator machine executes.
 
 fedtune enrols keys and submits its run from the coordinator machine, and Flower's SuperExec
 connects locally too. So this wrapper has Flower build its app behind a guard: a peer on another
