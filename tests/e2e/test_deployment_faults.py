@@ -25,9 +25,9 @@ def test_a_killed_client_is_dropped_for_its_round_rejoins_later_and_an_unknown_k
     fed = Federation(
         tmp_path,
         {
-            # a deadline well above a round's ~6-10 s, even with three clients training on 2 busy cores
+            # a deadline well above a round's few seconds, even with three clients training on 2 busy cores
             "federation": {"rounds": 10, "min_clients": 2, "round_timeout_s": 30},
-            "training": {"local_steps": 4, "batch_size": 8},  # a training window to kill a client in
+            "training": {"local_steps": 15, "batch_size": 8},  # most of a second of training to kill a client in
         },
     )
     rogue = write_client_key(tmp_path / "rogue", "client-9")[0]
@@ -68,7 +68,7 @@ def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run
     settings = {
         "federation": {"rounds": 3, "min_clients": 3},
         "compression": {"uplink": ["int8"], "error_feedback": True},
-        "training": {"local_steps": 6, "batch_size": 8},
+        "training": {"local_steps": 15, "batch_size": 8},  # a round long enough to kill the coordinator in
     }
     fed = Federation(tmp_path, settings)
     try:
@@ -97,14 +97,19 @@ def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run
 def test_too_few_replies_stop_the_run_cleanly_with_the_last_checkpoint_intact(tmp_path):
     fed = Federation(
         tmp_path,
-        {"partition": {"num_clients": 2}, "federation": {"rounds": 3, "min_clients": 2, "round_timeout_s": 30}},
+        {
+            "partition": {"num_clients": 2},
+            "federation": {"rounds": 3, "min_clients": 2, "round_timeout_s": 30},
+            "training": {"local_steps": 15, "batch_size": 8},  # most of a second of training to kill a client in
+        },
     )
     try:
         fed.server()
         fed.client(0)
         fed.client(1)
         fed.wait_for("server", r"round 1/3", 180)
-        fed.kill("client-1")
+        fed.wait_for("client-1", r"round 2: train request", 60)
+        fed.kill("client-1")  # mid-round 2: it is training, its reply never comes
         code = fed.wait_exit("server", 180)
     finally:
         fed.close()
