@@ -271,6 +271,27 @@ def test_a_reply_that_breaks_the_piece_protocol_costs_only_its_client(client_app
     assert "client 1 (client-1)" in caplog.text and why in caplog.text
 
 
+@pytest.mark.parametrize("form", ["not-bytes", "inline-and-array"])
+def test_a_reply_whose_inline_payload_is_malformed_costs_only_its_client(client_app, caplog, form):
+    """The payload beside the meta (``flower_wire.INLINE_BYTES``) must be bytes, and not beside an array too."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    def rewrite(msg: Message, honest: Message) -> Message:
+        data, meta = unpack(honest.content)
+        if form == "not-bytes":
+            return Message(RecordDict({wire.META: ConfigRecord({**meta, wire.PAYLOAD: 12345})}), reply_to=msg)
+        array = Array(dtype="uint8", shape=(len(data),), stype="raw", data=data)
+        content = {wire.PAYLOAD: ArrayRecord({"payload": array}), wire.META: ConfigRecord({**meta, wire.PAYLOAD: data})}
+        return Message(RecordDict(content), reply_to=msg)
+
+    grid = FakeGrid(_dishonest(client_app, 1, rewrite))
+    sent = payloads([10, 10, 10])
+    with caplog.at_level(logging.WARNING, "fedtune"):
+        out = runtime(grid).send_and_receive(sent)
+    assert replies_by_client(out) == {c: transform(c, sent[c].payload) for c in (0, 2)}
+    assert "client 1 (client-1): its reply is not a fedtune message" in caplog.text
+
+
 def test_a_missing_piece_costs_its_client_at_the_deadline(client_app, caplog):
     def drop_fetch_2(msg, honest):
         return None if unpack(msg.content)[1].get(wire.FETCH) == 2 else honest

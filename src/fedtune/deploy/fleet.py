@@ -22,15 +22,16 @@ from pathlib import Path
 
 import httpx
 
+from fedtune.runtime.polling import OBJECT_WAIT_S
+
 log = logging.getLogger("fedtune")
 
 TESTED_FLWR = ">=1.41,<1.42"  # the range pyproject.toml allows; FLOWER_PARTS were checked against it
-FLOWER_PARTS = {  # module -> names this file (and superlink.py's guard, control.py) use from it
+FLOWER_PARTS = {  # module -> names this file uses from it
     "flwr.supernode.fleet_http_client": ("FleetHttpClient",),
     "flwr.supernode.node_auth_http_interceptor": ("NodeAuthHttpInterceptor",),
     "flwr.supercore.interceptors.http.runtime_version": ("RuntimeVersionHttpInterceptor",),
     "flwr.supercore.heartbeat": ("HeartbeatSender",),
-    "flwr.supercore.retry": ("make_simple_http_retry_invoker",),
     "flwr.supercore.primitives.asymmetric": ("generate_key_pairs", "public_key_to_bytes"),
     "flwr.supercore.inflatable.inflatable_utils": ("pull_and_inflate_object_from_tree", "push_objects"),
     "flwr.supercore.inflatable.inflatable_object": (
@@ -57,7 +58,6 @@ FLOWER_PARTS = {  # module -> names this file (and superlink.py's guard, control
     "flwr.proto.node_pb2": ("Node",),
     "flwr.supercore.error": ("FlowerError",),
 }
-OBJECT_WAIT_S = (0.002, 0.1)  # first and longest wait for a part of a message still on its way to the SuperLink
 FLEET_CALLS = ("ActivateNode", "DeactivateNode", "RegisterNode", "SendNodeHeartbeat", "PullMessages", "PushMessages")
 FLEET_CALLS += ("PullObject", "PushObject", "ConfirmMessageReceived")
 
@@ -106,7 +106,7 @@ class Incoming:
 class FleetLink:
     """One client's connection to a SuperLink's Fleet API: activate, pull, push, heartbeats, deactivate."""
 
-    def __init__(self, address: str, ca: Path | None, key: Path | None, call_timeout_s: float = 30.0):
+    def __init__(self, address: str, ca: Path | None, key: Path | None):
         """``ca`` None: plain text (no enrolment: the node registers a fresh key of its own)."""
         check()
         from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
@@ -125,7 +125,6 @@ class FleetLink:
                 NodeAuthHttpInterceptor(self.private_key, self.public_key),
             ],
         )
-        self.call_timeout_s = call_timeout_s
         self.node = None
         self.heartbeats = None
 
@@ -208,8 +207,8 @@ class FleetLink:
             make_pull_object_fn_protobuf(self.client.PullObject, self.node, run_id),
             make_confirm_message_received_fn_protobuf(self.client.ConfirmMessageReceived, self.node, run_id),
             return_type=Message,
-            initial_backoff=OBJECT_WAIT_S[0],  # a message is listed before its sender has pushed all of it:
-            backoff_cap=OBJECT_WAIT_S[1],  # Flower's default waits 1 s, then 2, 4, ... for the rest
+            initial_backoff=OBJECT_WAIT_S[0],
+            backoff_cap=OBJECT_WAIT_S[1],
         )
         message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message lacks its own id
         return Incoming(message, run_id)

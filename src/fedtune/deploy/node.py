@@ -19,6 +19,7 @@ import httpx
 from fedtune.core.errors import untrusted_text
 from fedtune.deploy.fleet import FleetLink, Incoming, Refused
 from fedtune.runtime import flower_wire as wire
+from fedtune.runtime.flower_grid import brief
 from fedtune.runtime.polling import Poll
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ log = logging.getLogger("fedtune")
 REJOIN_S = (1.0, 2.0, 5.0)  # waits before joining again after losing the coordinator (the last one repeats)
 
 
-def answer(message, worker: LocalWorker | None, name: str):
+def answer(message, worker: LocalWorker, name: str):
     """The reply to one coordinator message: the worker's answer (a step of a pieced exchange when the
     message names one), or this client's name when an insecure coordinator asks who this is."""
     from flwr.app import Message
@@ -37,8 +38,6 @@ def answer(message, worker: LocalWorker | None, name: str):
     payload, meta = wire.unpack(message.content)
     if "hello" in meta:  # insecure mode: the coordinator asks who this is
         return Message(wire.pack(b"", {"name": name}), reply_to=message)
-    if worker is None:
-        raise ValueError("this node serves no client")
     client_id = wire.checked_int(meta.get(wire.CLIENT), 0, 2**31 - 1, "a client id")
     if wire.EXCHANGE not in meta:
         reply = worker.serve_one(client_id, wire.checked_run(meta.get(wire.RUN)), payload)
@@ -57,19 +56,18 @@ def failure(message, exc: BaseException):
     return Message(Error(code=0, reason=f"fedtune client: {type(exc).__name__}: {exc}"[:2000]), reply_to=message)
 
 
-def serve(link: FleetLink, worker: LocalWorker | None, name: str, poll: Poll, stop: threading.Event) -> None:
+def serve(link: FleetLink, worker: LocalWorker, name: str, poll: Poll, stop: threading.Event) -> None:
     """Answer messages until ``stop``; returns on stop, raises httpx errors when the coordinator is lost."""
     while not stop.is_set():
         got = link.pull()
         if got is None:
             stop.wait(poll.next())
             continue
-        poll.got()
         _answer_one(link, got, worker, name)
         poll.got()  # the next request of a conversation follows its reply closely
 
 
-def _answer_one(link: FleetLink, got: Incoming, worker: LocalWorker | None, name: str) -> None:
+def _answer_one(link: FleetLink, got: Incoming, worker: LocalWorker, name: str) -> None:
     start = time.perf_counter()
     try:
         reply = answer(got.message, worker, name)
@@ -81,7 +79,7 @@ def _answer_one(link: FleetLink, got: Incoming, worker: LocalWorker | None, name
 
 def run_node(
     link: FleetLink,
-    worker: LocalWorker | None,
+    worker: LocalWorker,
     name: str,
     poll: Poll,
     stop: threading.Event,
@@ -104,7 +102,7 @@ def run_node(
         except httpx.HTTPError as exc:
             wait = REJOIN_S[min(lost, len(REJOIN_S) - 1)]
             lost += 1
-            log.warning("cannot reach the coordinator (%s); trying again in %.0fs", _brief(exc), wait)
+            log.warning("cannot reach the coordinator (%s); trying again in %.0fs", brief(exc), wait)
             stop.wait(wait)
             continue
         refused_since, lost = None, 0
@@ -112,14 +110,8 @@ def run_node(
         try:
             serve(link, worker, name, poll, stop)
         except Exception as exc:  # transport trouble, or a SuperLink that forgot this node: join again
-            log.warning("lost the coordinator (%s); joining again", _brief(exc))
+            log.warning("lost the coordinator (%s); joining again", brief(exc))
             link.deactivate()
             stop.wait(REJOIN_S[0])
     link.deactivate()
     return None
-
-
-def _brief(exc: BaseException) -> str:
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
-    return untrusted_text(f"{type(exc).__name__}: {exc}")[:200]

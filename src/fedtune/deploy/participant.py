@@ -79,7 +79,7 @@ def run_participant(
 
 
 def serve_federation(
-    cfg: ExperimentConfig, worker: LocalWorker | None, name: str, key: Path | None, refused_retry_s: float
+    cfg: ExperimentConfig, worker: LocalWorker, name: str, key: Path | None, refused_retry_s: float
 ) -> int:
     """Join the coordinator at runtime.flower.address and answer it until Ctrl-C or SIGTERM (130), or until
     refused for longer than refused_retry_s (2)."""

@@ -35,7 +35,7 @@ from fedtune.core.types import ClientState, Envelope
 from fedtune.runtime import flower_wire as wire
 from fedtune.runtime.base import PLAIN, Delivery
 from fedtune.runtime.flower_wire import MESSAGE_TYPE, pack, unpack
-from fedtune.runtime.polling import Poll
+from fedtune.runtime.polling import OBJECT_WAIT_S, Poll
 
 try:  # raised when the SuperLink did not store a pushed object (Flower never retries it)
     from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
@@ -49,7 +49,6 @@ REQUEST_RETRY_S = 30.0  # Flower retries one Runtime API request (now a 500 too)
 RETRY_S_WITHOUT_DEADLINE = 600.0  # how long a Grid call is retried when the exchange has no deadline
 HELLO_TIMEOUT_S = 60.0  # insecure mode: how long clients have to say their names
 RETRY_STATUS = frozenset({408, 429})  # 4xx worth another try; every 5xx is too
-OBJECT_WAIT_S = (0.002, 0.1)  # first and longest wait for a reply's content still on its way to the SuperLink
 _unwidened_logged = False
 _unquickened_logged = False
 
@@ -119,7 +118,8 @@ def _costs_only_clients(exc: BaseException) -> bool:
     return is_transient(exc) or isinstance(exc, httpx.HTTPStatusError)
 
 
-def _brief(exc: BaseException) -> str:
+def brief(exc: BaseException) -> str:
+    """A transport error in a line: the HTTP status, or the exception's (untrusted) text."""
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code}"
     return untrusted_text(f"{type(exc).__name__}: {exc}")[:200]
@@ -212,7 +212,7 @@ class FlowerRuntime:
         except Exception as exc:
             if not _costs_only_clients(exc):
                 raise
-            log.warning("could not ask the SuperLink who is online (%s): no client counts as online", _brief(exc))
+            log.warning("could not ask the SuperLink who is online (%s): no client counts as online", brief(exc))
             return {}
         nodes = {n.node_id: n.name for n in found}
         if self.insecure:  # nobody enrolled: clients name themselves (only their word for it)
@@ -415,7 +415,7 @@ class FlowerRuntime:
         except Exception as exc:
             if not _costs_only_clients(exc):
                 raise
-            ids, why = [], f"could not be delivered ({_brief(exc)})"
+            ids, why = [], f"could not be delivered ({brief(exc)})"
         if len(ids) != len(sent):  # Flower gives [] for a push too large for one HTTP request
             ids = [""] * len(sent)
         messages.clear()  # (the pieces' bytes go as soon as the SuperLink has them)
@@ -443,7 +443,7 @@ class FlowerRuntime:
                 raise
             for step in pending.values():
                 if not step.exchange.done:
-                    step.exchange.failed = f"its reply could not be pulled ({_brief(exc)})"
+                    step.exchange.failed = f"its reply could not be pulled ({brief(exc)})"
             pending.clear()
             return []
 
@@ -461,7 +461,7 @@ class FlowerRuntime:
                 wait = random.uniform(delay / 2, delay)
                 if not is_transient(exc) or time.monotonic() + wait >= limit:
                     raise
-                log.warning("%s failed (%s); try %d again in %.1f s", what, _brief(exc), tries + 1, wait)
+                log.warning("%s failed (%s); try %d again in %.1f s", what, brief(exc), tries + 1, wait)
                 time.sleep(wait)
                 delay = min(2 * delay, self.max_backoff_s)
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 FIRST_S = 0.005  # the first wait after a message: nothing can answer faster than a SuperLink round trip or two
 AUTO_S = 0.02  # auto's longest wait while busy, for a coordinator (one asker) or a small federation's clients
 PER_CLIENT_S = 0.015  # auto's longest wait per client: an empty ask costs a SuperLink 7-9 ms of its one core
+# first and longest wait for a message's content still on its way to the SuperLink (a message is listed before
+# its sender has pushed all of it; Flower's own default waits 1 s, then 2, 4, ...), at both ends
+OBJECT_WAIT_S = (0.002, 0.1)
 
 
 @dataclass
