@@ -150,7 +150,8 @@ class SplitClient:
         return out
 
     def _session(self, client_id: int, own: Params) -> _Live:
-        """The client's round in memory if ``own`` is the state it left, else one loaded from ``own``."""
+        """The client's round in memory if ``own`` is the state it left, else one loaded from ``own``; either way
+        out of the kept sessions until ``_keep`` puts it back."""
         live = self.live.pop(client_id, None)
         token = own.get("live")
         if live is not None and token is not None and int(token) == live.token:
@@ -191,8 +192,7 @@ class SplitClient:
         meta = own["meta"].clone()
         if t > 0:
             client_sq = self._finish(client_id, own, session, batches, plan, t - 1, req.grad, req.server_sq_norm, meta)
-        if t == plan.count:
-            self.live.pop(client_id, None)
+        if t == plan.count:  # the round ends: its session, taken out by _session, is not kept again
             meta[0] += time.perf_counter() - start
             return self._done(client_id, req, own, session.params, meta, plan, client_sq), {
                 k: v for k, v in state.items() if k != OWNER
