@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 
 import torch
@@ -37,6 +38,24 @@ def test_activation_bytes_are_what_autograd_keeps_and_grow_with_the_batch(tiny_a
     with counting_weights.measure():
         token_loss_sum(model, _batch(4, 16))[0].backward()
     assert counting_weights.peak > sizes[2]
+
+
+def test_a_graph_measured_and_dropped_without_backward_is_freed(tiny_adapter):
+    """A split client drops the kept front of a round cut short: no tensor of that graph may stay behind."""
+    model = tiny_adapter.model
+    model.train()
+    meter = ActivationMeter(model.parameters())
+
+    def tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor)
+
+    before = tensors()
+    with meter.measure():
+        loss, _ = token_loss_sum(model, _batch(2, 16))
+    assert meter.peak > 0 and tensors() > before
+    del loss
+    assert tensors() == before
 
 
 def test_tied_weights_count_once():

@@ -54,7 +54,9 @@ class ActivationMeter:
             ptr = storage.data_ptr()
             if ptr not in self._params:
                 kept[ptr] = storage.nbytes()
-            return t
+            # detached: a saved output packed as itself is a cycle through the graph that Python's collector
+            # cannot see, so a graph dropped without backward (a split client's round cut short) would leak
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
