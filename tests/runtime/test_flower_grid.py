@@ -20,7 +20,6 @@ pytest.importorskip("flwr")
 import httpx
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.core.types import Envelope
 from fedtune.deploy.local_worker import PieceExchanges
@@ -92,13 +91,6 @@ class FakeGrid:
                 self.in_flight[r.metadata.src_node_id] -= 1
                 out.append(r)
         return out[::-1]  # replies come in any order
-
-
-@pytest.fixture
-def flower_task():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 class _Worker:

@@ -41,6 +41,20 @@ class FlowerConfig(Strict):
         "half busy (an empty ask costs it 7-9 ms)",
     )
 
+    direct: bool = Field(
+        True,
+        description="in-round exchanges over a direct TLS channel each client opens to the coordinator (requests "
+        "signed with its enrolment key; Flower still admits clients, starts the run and reaches any client the "
+        "channel does not): a request and a response per exchange instead of polling the SuperLink. Needs TLS",
+    )
+    direct_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="the port the direct channel listens on, on the coordinator's listen host; 0: any free port "
+        "(clients learn it beside their first Flower message). Set one to open in a firewall",
+    )
+
     @field_validator("poll_s")
     @classmethod
     def _poll(cls, v: float | str) -> float | str:

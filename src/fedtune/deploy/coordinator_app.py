@@ -11,6 +11,9 @@ import yaml
 from flwr.serverapp import Grid
 
 from fedtune.config import ExperimentConfig, validate_config
+from fedtune.runtime.direct_grid import DirectGrid
+from fedtune.runtime.direct_hub import Hub, enrolled_keys
+from fedtune.runtime.direct_wire import META_MAX
 from fedtune.runtime.flower_grid import FlowerRuntime
 from fedtune.runtime.polling import Poll
 
@@ -60,6 +63,24 @@ def serve(grid: Grid, spec_path: str) -> None:
     config_path = Path(spec["config_path"]) if spec["config_path"] else None
     run = run_id(resolve_run_dir(cfg, config_path), spec["resume"])
     poll_s = Poll.of(fl.poll_s, 1).busy  # one asker, whatever the number of clients
-    runtime = FlowerRuntime(grid, spec["names"], reply_deadline(cfg), poll_s, insecure=fl.insecure, run_id=run)
-    runtime.wait_for_clients(len(spec["names"]), cfg.federation.min_clients, fl.join_timeout_s)
-    run_experiment(cfg, config_path, resume=spec["resume"], runtime=runtime)
+    hub = direct_hub(cfg) if fl.direct and not fl.insecure else None
+    routed = grid if hub is None else DirectGrid(grid, hub)
+    runtime = FlowerRuntime(routed, spec["names"], reply_deadline(cfg), poll_s, insecure=fl.insecure, run_id=run)
+    try:
+        runtime.wait_for_clients(len(spec["names"]), cfg.federation.min_clients, fl.join_timeout_s)
+        run_experiment(cfg, config_path, resume=spec["resume"], runtime=runtime)
+    finally:
+        if hub is not None:
+            hub.stop()
+
+
+def direct_hub(cfg: ExperimentConfig) -> Hub:
+    """The direct channel, listening with the coordinator's certificate for the enrolled clients' keys."""
+    from fedtune.runtime.flower_wire import default_piece_bytes
+
+    fl = cfg.runtime.flower
+    certs = Path(fl.certs)
+    hub = Hub(enrolled_keys(Path(fl.clients or certs / "clients")), default_piece_bytes() + META_MAX + 16)
+    port = hub.start(fl.host_port(listen=True)[0], fl.direct_port, certs / "server.pem", certs / "server.key")
+    log.info("direct channel listening on port %d", port)
+    return hub

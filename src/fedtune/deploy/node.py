@@ -9,6 +9,7 @@ the coordinator drops this client for that exchange instead of waiting out its d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,35 +19,49 @@ import httpx
 
 from fedtune.core.errors import untrusted_text
 from fedtune.deploy.fleet import FleetLink, Incoming, Refused
+from fedtune.runtime import direct_wire as dw
 from fedtune.runtime import flower_wire as wire
 from fedtune.runtime.flower_grid import brief
 from fedtune.runtime.polling import Poll
 
 if TYPE_CHECKING:
+    from fedtune.deploy.direct_link import DirectLoop
     from fedtune.deploy.local_worker import LocalWorker
 
 log = logging.getLogger("fedtune")
 
+_ANSWERING = threading.Lock()  # one message answered at a time, whichever way it came (Flower or direct)
 REJOIN_S = (1.0, 2.0, 5.0)  # waits before joining again after losing the coordinator (the last one repeats)
 
 
-def answer(message, worker: LocalWorker, name: str):
-    """The reply to one coordinator message: the worker's answer (a step of a pieced exchange when the
-    message names one), or this client's name when an insecure coordinator asks who this is."""
-    from flwr.app import Message
+def respond(payload: bytes, meta: dict, worker: LocalWorker, name: str) -> tuple[dict, bytes]:
+    """The reply's (meta, payload) to one coordinator message, however it came: the worker's answer (a step
+    of a pieced exchange when the message names one), or this client's name when an insecure coordinator
+    asks who this is. One message is answered at a time, whichever way it came."""
+    with _ANSWERING:
+        return _respond(payload, meta, worker, name)
 
-    payload, meta = wire.unpack(message.content)
+
+def _respond(payload: bytes, meta: dict, worker: LocalWorker, name: str) -> tuple[dict, bytes]:
     if "hello" in meta:  # insecure mode: the coordinator asks who this is
-        return Message(wire.pack(b"", {"name": name}), reply_to=message)
+        return {"name": name}, b""
     client_id = wire.checked_int(meta.get(wire.CLIENT), 0, 2**31 - 1, "a client id")
     if wire.EXCHANGE not in meta:
-        reply = worker.serve_one(client_id, wire.checked_run(meta.get(wire.RUN)), payload)
-        return Message(wire.pack(reply, {wire.CLIENT: client_id}), reply_to=message)
+        return {wire.CLIENT: client_id}, worker.serve_one(client_id, wire.checked_run(meta.get(wire.RUN)), payload)
     if wire.FETCH in meta:
         said, data = worker.pieces.fetch(client_id, meta)
     else:
         said, data = worker.pieces.piece(client_id, meta, payload)
-    return Message(wire.pack(bytes(data), {wire.CLIENT: client_id, **said}), reply_to=message)
+    return {wire.CLIENT: client_id, **said}, bytes(data)
+
+
+def answer(message, worker: LocalWorker, name: str):
+    """The reply to one coordinator message that came through Flower."""
+    from flwr.app import Message
+
+    payload, meta = wire.unpack(message.content)
+    said, data = respond(payload, meta, worker, name)
+    return Message(wire.pack(data, said), reply_to=message)
 
 
 def failure(message, exc: BaseException):
@@ -56,13 +71,19 @@ def failure(message, exc: BaseException):
     return Message(Error(code=0, reason=f"fedtune client: {type(exc).__name__}: {exc}"[:2000]), reply_to=message)
 
 
-def serve(link: FleetLink, worker: LocalWorker, name: str, poll: Poll, stop: threading.Event) -> None:
-    """Answer messages until ``stop``; returns on stop, raises httpx errors when the coordinator is lost."""
+def serve(
+    link: FleetLink, worker: LocalWorker, name: str, poll: Poll, stop: threading.Event, direct: DirectLoop | None = None
+) -> None:
+    """Answer messages until ``stop``; returns on stop, raises httpx errors when the coordinator is lost. With
+    ``direct``, the channel a message names beside it is opened and served too."""
     while not stop.is_set():
         got = link.pull()
         if got is None:
             stop.wait(poll.next())
             continue
+        if direct is not None:
+            with contextlib.suppress(Exception):  # a message that names no channel: Flower alone serves
+                direct.follow(wire.unpack(got.message.content)[1].get(dw.PORT))
         _answer_one(link, got, worker, name)
         poll.got()  # the next request of a conversation follows its reply closely
 
@@ -84,6 +105,7 @@ def run_node(
     poll: Poll,
     stop: threading.Event,
     refused_retry_s: float,
+    direct: DirectLoop | None = None,
 ) -> str | None:
     """Join, serve, and join again whenever the coordinator is lost, until ``stop``: None, or why this client
     was refused for longer than ``refused_retry_s`` (a key not enrolled, or a node still listed online)."""
@@ -108,7 +130,7 @@ def run_node(
         refused_since, lost = None, 0
         log.info("connected to the coordinator as node %s", node_id)
         try:
-            serve(link, worker, name, poll, stop)
+            serve(link, worker, name, poll, stop, direct)
         except Exception as exc:  # transport trouble, or a SuperLink that forgot this node: join again
             log.warning("lost the coordinator (%s); joining again", brief(exc))
             link.deactivate()

@@ -100,13 +100,23 @@ def serve_federation(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    direct = None
+    if not fl.insecure and fl.direct:
+        from fedtune.deploy.direct_link import DirectLoop
+        from fedtune.deploy.node import respond
+
+        host = fl.host_port()[0]
+        direct = DirectLoop(host, ca, link.private_key, link.public_key, lambda m, p: respond(p, m, worker, name), stop)
+    poll = Poll.of(fl.poll_s, cfg.partition.num_clients)
     try:
-        refused = run_node(link, worker, name, Poll.of(fl.poll_s, cfg.partition.num_clients), stop, refused_retry_s)
+        refused = run_node(link, worker, name, poll, stop, refused_retry_s, direct)
     except KeyboardInterrupt:
         log.info("stopping: leaving the federation")
         return 130
     finally:
         stop.set()
+        if direct is not None:
+            direct.close()
         link.close()
     pub = key.with_suffix(".pub") if key is not None else "its public key"
     log.error(

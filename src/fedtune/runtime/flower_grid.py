@@ -309,21 +309,35 @@ class FlowerRuntime:
             got = len(replies)
             while replies:  # each reply (up to a piece) is let go once taken, before more pieces are built
                 self._receive(replies.pop(), pending)
-            for msg_id in [i for i, s in pending.items() if s.exchange.done]:  # late answers are not waited for
+            over = [i for i, s in pending.items() if s.exchange.done]  # late answers are not waited for
+            for msg_id in over:
                 del pending[msg_id]
+            self._release(over)
             self._push_next(exchanges, pending, deadline)
             if pending and deadline is not None and time.monotonic() > deadline:
                 for x in exchanges:
                     if not x.done:
                         x.failed = f"missed the {timeout:.0f}s round deadline"
+                self._release(list(pending))
                 return
             if got:
                 self.poll.got()
             elif pending:
-                self.poll.sleep()
+                self._wait()
         for x in exchanges:
             if not x.done:
                 x.failed = "no reply"
+
+    def _wait(self) -> None:
+        """Until it is time to ask again: on a grid with a direct channel, until a reply comes over it."""
+        wait = getattr(self.grid, "wait", None)
+        (wait or time.sleep)(self.poll.next())
+
+    def _release(self, ids: list[str]) -> None:
+        """Tell a grid that keeps messages until their replies (the direct channel's) that these are over."""
+        release = getattr(self.grid, "release", None)
+        if release is not None and ids:
+            release(ids)
 
     def _receive(self, reply: Message, pending: dict[str, _InFlight]) -> None:
         step = pending.pop(reply.metadata.reply_to_message_id, None)
