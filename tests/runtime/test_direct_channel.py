@@ -211,3 +211,37 @@ def test_the_grid_sends_directly_to_a_connected_client_and_through_flower_otherw
     finally:
         stop.set()
         loop.close()
+
+
+def test_one_client_cannot_hold_more_than_its_share_of_open_takes(federation):
+    from fedtune.runtime.direct_hub import MAX_TAKES
+
+    hub, links, _ = federation
+    bob = links["bob"]
+    statuses = []
+
+    def hold():
+        res = _post(bob, "/take", b"", dw.sign(bob.key, bob.der, "POST", "/take", b""))
+        statuses.append(res.status_code)
+
+    until = time.monotonic() + 5
+    while hub.takers["bob"] and time.monotonic() < until:  # none left open by an earlier test
+        time.sleep(0.005)
+    held = [threading.Thread(target=hold) for _ in range(MAX_TAKES)]
+    for t in held:
+        t.start()
+    while hub.takers["bob"] < MAX_TAKES and time.monotonic() < until:
+        time.sleep(0.005)
+    res = _post(bob, "/take", b"", dw.sign(bob.key, bob.der, "POST", "/take", b""))
+    for t in held:
+        t.join()
+    assert res.status_code == 429 and statuses == [204] * MAX_TAKES
+
+
+def test_a_port_in_use_is_an_error_at_once(federation):
+    hub, _, root = federation
+    other = Hub(hub.keys, max_frame=1)
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        other.start("127.0.0.1", hub.port, root / "server.pem", root / "server.key")
+    assert time.monotonic() - started < 5

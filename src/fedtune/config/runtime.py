@@ -47,12 +47,13 @@ class FlowerConfig(Strict):
         "signed with its enrolment key; Flower still admits clients, starts the run and reaches any client the "
         "channel does not): a request and a response per exchange instead of polling the SuperLink. Needs TLS",
     )
-    direct_port: int = Field(
-        0,
+    direct_port: int | None = Field(
+        None,
         ge=0,
         le=65535,
-        description="the port the direct channel listens on, on the coordinator's listen host; 0: any free port "
-        "(clients learn it beside their first Flower message). Set one to open in a firewall",
+        description="the port the direct channel listens on, on the coordinator's listen host (open it to the "
+        "clients beside the SuperLink's); default: the SuperLink's port + 1; 0: any free port. Clients learn it "
+        "beside their first Flower message. If it cannot be bound, the run goes on through Flower alone",
     )
 
     @field_validator("poll_s")

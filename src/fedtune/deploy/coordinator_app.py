@@ -74,13 +74,27 @@ def serve(grid: Grid, spec_path: str) -> None:
             hub.stop()
 
 
-def direct_hub(cfg: ExperimentConfig) -> Hub:
-    """The direct channel, listening with the coordinator's certificate for the enrolled clients' keys."""
+def direct_hub(cfg: ExperimentConfig) -> Hub | None:
+    """The direct channel, listening with the coordinator's certificate for the enrolled clients' keys; None
+    (said why) where it cannot listen: the run then goes through Flower alone."""
     from fedtune.runtime.flower_wire import default_piece_bytes
 
     fl = cfg.runtime.flower
     certs = Path(fl.certs)
+    host, port = fl.host_port(listen=True)
+    port = port + 1 if fl.direct_port is None else fl.direct_port
     hub = Hub(enrolled_keys(Path(fl.clients or certs / "clients")), default_piece_bytes() + META_MAX + 16)
-    port = hub.start(fl.host_port(listen=True)[0], fl.direct_port, certs / "server.pem", certs / "server.key")
-    log.info("direct channel listening on port %d", port)
+    try:
+        bound = hub.start(host, port, certs / "server.pem", certs / "server.key")
+    except (OSError, RuntimeError) as exc:
+        log.warning(
+            "the direct channel cannot listen on %s:%d (%s): every exchange goes through the SuperLink, slower; "
+            "free the port or set runtime.flower.direct_port",
+            host,
+            port,
+            exc,
+        )
+        hub.stop()
+        return None
+    log.info("direct channel listening on %s:%d", host, bound)
     return hub

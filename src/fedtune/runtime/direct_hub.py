@@ -31,6 +31,7 @@ log = logging.getLogger("fedtune")
 
 TAKE_S = 5.0  # how long a take is held open when nothing is queued for its client
 RECENT_S = 5.0  # a client asked within this long counts as connected (it may be computing its reply)
+MAX_TAKES = 2  # takes one client may hold open at once (one, and its next while the first times out)
 START_S = 10.0  # how long the channel's server may take to start listening
 
 
@@ -105,29 +106,35 @@ class Hub:
     # ---- the server
 
     def start(self, host: str, port: int, certfile: Path, keyfile: Path) -> int:
-        """Listen on ``host:port`` (0: any free port) with TLS in a daemon thread; the port bound."""
+        """Listen on ``host:port`` (0: any free port) with TLS in a daemon thread; the port bound. OSError if it
+        cannot be bound."""
+        import socket
+
         import uvicorn
 
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family)  # here, so a port in use is an error here
         config = uvicorn.Config(
             self.app(),
-            host=host,
-            port=port,
             ssl_certfile=str(certfile),
             ssl_keyfile=str(keyfile),
             log_level="warning",
             access_log=False,
             lifespan="off",
-            limit_concurrency=4 * len(self.keys) + 16,  # takes held open, replies, and a few refused strangers
+            limit_concurrency=(MAX_TAKES + 2) * len(self.keys) + 16,  # takes, replies, and a few strangers refused
             timeout_keep_alive=int(TAKE_S) + 30,
         )
         self.server = uvicorn.Server(config)
-        threading.Thread(target=self.server.run, name="fedtune-direct", daemon=True).start()
+        thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="fedtune-direct")
+        thread.daemon = True
+        thread.start()
         until = time.monotonic() + START_S
         while not self.server.started:
-            if time.monotonic() > until or getattr(self.server, "should_exit", False):
-                raise RuntimeError(f"the direct channel could not listen on {host}:{port}")
+            if time.monotonic() > until or not thread.is_alive():
+                sock.close()
+                raise RuntimeError(f"the direct channel could not start on {host}:{port}")
             time.sleep(0.01)
-        self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
+        self.port = int(sock.getsockname()[1])
         return self.port
 
     def stop(self) -> None:
@@ -143,7 +150,7 @@ class Hub:
         )
 
     async def _take(self, request):
-        from starlette.responses import Response
+        from starlette.responses import PlainTextResponse, Response
 
         name, refused = await self._authenticated(request, "/take", 0)
         if refused is not None:
@@ -151,6 +158,8 @@ class Hub:
         self.loop = asyncio.get_running_loop()
         waker = self.wakers.setdefault(name, asyncio.Event())
         with self.lock:
+            if self.takers[name] >= MAX_TAKES:  # a client holds one open; more only crowd out the others
+                return PlainTextResponse(f"at most {MAX_TAKES} takes open per client", status_code=429)
             self.takers[name] += 1
         try:
             until = self.loop.time() + self.take_s
