@@ -163,7 +163,7 @@ def test_plug_in_packages_are_named_never_imported():
     ("library", "allowed"),
     [
         ("ray", {"fedtune.runtime.ray_pool"}),
-        ("flwr", {"fedtune.runtime.flower_grid", "fedtune.runtime.flower_wire"}),
+        ("flwr", {"fedtune.runtime.flower_grid", "fedtune.runtime.flower_wire", "fedtune.runtime.direct_grid"}),
     ],
 )
 def test_ray_and_flower_stay_in_their_runtime_and_deploy_modules(library, allowed):

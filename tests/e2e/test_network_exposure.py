@@ -54,6 +54,32 @@ def _train(fed: Federation) -> None:
     assert "refused" not in fed.output("server")
 
 
+def _direct_refuses_outsiders(tmp_path, port: int) -> None:
+    """The direct channel (SuperLink port + 1) answers nothing to a key that is not enrolled, nor unsigned."""
+    import time
+
+    from fedtune.deploy.direct_link import DirectLink
+    from fedtune.deploy.fleet import load_key
+
+    ca = tmp_path / "certs" / "ca.crt"
+    until = time.monotonic() + 120
+    while True:  # it listens once the run's ServerApp has started
+        with contextlib.suppress(OSError), socket.create_connection((NETWORK, port), timeout=1):
+            break
+        assert time.monotonic() < until, "the direct channel never listened"
+        time.sleep(0.2)
+    outsider = DirectLink(NETWORK, port, ca, *load_key(tmp_path / "x" / "outsider.key"))
+    try:
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            outsider.take()
+        assert refused.value.response.status_code == 401
+        for path in ("/take", "/reply"):
+            assert outsider.client.post(f"{outsider.base}{path}", content=b"x").status_code == 401
+        assert outsider.client.get(f"{outsider.base}/take").status_code == 405
+    finally:
+        outsider.close()
+
+
 def test_over_the_network_only_the_fleet_api_answers_and_the_federation_still_runs(tmp_path):
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
     from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest  # pylint: disable=no-name-in-module
@@ -89,6 +115,7 @@ def test_over_the_network_only_the_fleet_api_answers_and_the_federation_still_ru
             assert http.get(f"https://{NETWORK}:{fed.port}/health").status_code == 200
             # the fleet prefix leads nowhere else: the path is routed as it is, dots and all
             assert http.post(f"https://{NETWORK}:{fed.port}/v1/fleet/%2E%2E/control/list-runs").status_code == 404
+        _direct_refuses_outsiders(tmp_path, fed.port + 1)
         local = Control(f"127.0.0.1:{fed.port}", ca)
         try:
             assert sorted(name for name, _ in local.enrolled().values()) == ["client-0", "client-1"]

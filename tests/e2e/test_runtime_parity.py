@@ -201,6 +201,8 @@ def test_a_flower_deployment_gives_the_same_run_as_in_process(tmp_path, case):
         assert fed.wait_exit("server", 300) == 0, fed.output("server")
     finally:
         fed.close()
+    opened = [c for c in range(3) if "answering over the coordinator's direct channel" in fed.output(f"client-{c}")]
+    assert opened, "no client's exchanges went over the direct channel"  # the first ones go through Flower
     runs = {"flower": fed.run_dir, **_simulated(fed, "in_process")}
     _same_runs(runs)
     if own_checks is not None:

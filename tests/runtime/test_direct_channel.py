@@ -175,20 +175,13 @@ class _FlowerGrid:
 def test_the_grid_sends_directly_to_a_connected_client_and_through_flower_otherwise(federation, flower_task):
     from flwr.app import Message
 
-    hub, links, _ = federation
+    hub, _, root = federation
     flower = _FlowerGrid()
     grid = DirectGrid(flower, hub)
     grid.get_nodes()
     stop = threading.Event()
-    loop = DirectLoop.__new__(DirectLoop)  # alice's client, serving the hub with an answer of its own
-    loop.__init__(
-        "127.0.0.1",
-        federation[2] / "ca.crt",
-        links["alice"].key,
-        load_key(federation[2] / "clients" / "alice.key")[1],
-        lambda m, p: ({"seen": m["k"]}, p[::-1]),
-        stop,
-    )
+    answer = lambda m, p: ({"seen": m["k"]}, p[::-1])  # noqa: E731  (alice's client, reversing)
+    loop = DirectLoop("127.0.0.1", root / "ca.crt", *load_key(root / "clients" / "alice.key"), answer, stop)
     loop.follow(hub.port)
     until = time.monotonic() + 10
     while not hub.connected("alice") and time.monotonic() < until:
@@ -245,3 +238,25 @@ def test_a_port_in_use_is_an_error_at_once(federation):
     with pytest.raises(OSError):
         other.start("127.0.0.1", hub.port, root / "server.pem", root / "server.key")
     assert time.monotonic() - started < 5
+
+
+def test_a_request_the_client_cannot_serve_fails_its_exchange_with_the_clients_reason(federation):
+    hub, _, root = federation
+    stop = threading.Event()
+
+    def refuse(meta, payload):
+        raise ValueError("no such round")
+
+    loop = DirectLoop("127.0.0.1", root / "ca.crt", *load_key(root / "clients" / "bob.key"), refuse, stop)
+    loop.follow(hub.port)
+    try:
+        msg_id = hub.put("bob", {}, b"")
+        until, got = time.monotonic() + 10, []
+        while not got and time.monotonic() < until:
+            hub.wait(0.1)
+            got = hub.collect([msg_id])
+        [(_, name, reply, failed)] = got
+        assert name == "bob" and reply is None and "fedtune client: ValueError: no such round" in failed
+    finally:
+        stop.set()
+        loop.close()

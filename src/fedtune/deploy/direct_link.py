@@ -99,7 +99,7 @@ class DirectLoop:
                 self.thread.start()
 
     def _run(self) -> None:
-        failures = 0
+        failures, opened = 0, None
         while not self.stop.is_set():
             link = self.link
             if link is None:
@@ -107,6 +107,9 @@ class DirectLoop:
             try:
                 got = link.take()
                 failures = 0
+                if opened is not link:
+                    log.info("answering over the coordinator's direct channel (port %d)", link.port)
+                    opened = link
                 if got is not None:
                     self._answer(link, *got)
             except httpx.HTTPStatusError as exc:
