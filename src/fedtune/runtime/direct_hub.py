@@ -38,7 +38,8 @@ START_S = 10.0  # how long the channel's server may take to start listening
 @dataclass(eq=False)
 class _Sent:
     name: str
-    frame: bytes | None  # let go once taken
+    frame: tuple[bytes, bytes] | None  # (head, payload); let go once taken. The payload is not copied: a
+    # request sent to many clients is one bytes object however many frames queue it
     taken: bool = False
     reply: tuple[dict, bytes] | None = None
     failed: str | None = None
@@ -72,7 +73,7 @@ class Hub:
     def put(self, name: str, meta: dict, payload: bytes) -> str:
         """Queue a message for ``name``; its id."""
         msg_id = secrets.token_hex(16)
-        frame = dw.encode({**meta, dw.ID: msg_id}, payload)
+        frame = (dw.head({**meta, dw.ID: msg_id}), payload)
         with self.lock:
             self.sent[msg_id] = _Sent(name, frame)
             self.queues[name].append(msg_id)
@@ -167,7 +168,7 @@ class Hub:
                 waker.clear()
                 frame = self._next(name)
                 if frame is not None:
-                    return Response(frame, media_type="application/octet-stream")
+                    return _frame_response(*frame)
                 left = until - self.loop.time()
                 if left <= 0:
                     return Response(status_code=204)
@@ -180,7 +181,7 @@ class Hub:
                 self.takers[name] -= 1
                 self.seen[name] = time.monotonic()
 
-    def _next(self, name: str) -> bytes | None:
+    def _next(self, name: str) -> tuple[bytes, bytes] | None:
         with self.lock:
             queue = self.queues[name]
             while queue:
@@ -252,6 +253,20 @@ class Hub:
         waker, loop = self.wakers.get(name), self.loop
         if waker is not None and loop is not None:
             loop.call_soon_threadsafe(waker.set)
+
+
+def _frame_response(head: bytes, payload: bytes):
+    """A frame as a response, its payload written after its head in 1 MiB slices instead of joined to it."""
+    from starlette.responses import StreamingResponse
+
+    async def parts():
+        yield head
+        view = memoryview(payload)
+        for start in range(0, len(view), 2**20):
+            yield view[start : start + 2**20]
+
+    size = str(len(head) + len(payload))
+    return StreamingResponse(parts(), media_type="application/octet-stream", headers={"content-length": size})
 
 
 def enrolled_keys(folder: Path) -> dict[bytes, tuple[str, object]]:

@@ -35,8 +35,13 @@ PORT = "direct-port"  # beside a message sent through Flower: where the coordina
 
 
 def encode(meta: dict[str, int | str], payload: bytes = b"") -> bytes:
+    return head(meta) + bytes(payload)
+
+
+def head(meta: dict[str, int | str]) -> bytes:
+    """A frame up to its payload (a sender may write the payload after it without joining the two)."""
     raw = json.dumps(meta, separators=(",", ":")).encode()
-    return MAGIC + struct.pack(">I", len(raw)) + raw + bytes(payload)
+    return MAGIC + struct.pack(">I", len(raw)) + raw
 
 
 def decode(frame: bytes) -> tuple[dict[str, int | str], bytes]:
