@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +84,12 @@ class DirectLoop:
         self.link: DirectLink | None = None
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
+        self.answered_at = -1e9  # monotonic time of the last take the coordinator answered
+
+    @property
+    def open(self) -> bool:
+        """Whether the coordinator answered a take lately: its messages come this way, not through Flower."""
+        return time.monotonic() - self.answered_at < TAKE_S + 5.0
 
     def follow(self, port: object) -> None:
         """Serve the channel at ``port`` (as a coordinator's message says: untrusted), unless already there."""
@@ -106,7 +113,7 @@ class DirectLoop:
                 return
             try:
                 got = link.take()
-                failures = 0
+                failures, self.answered_at = 0, time.monotonic()
                 if opened is not link:
                     log.info("answering over the coordinator's direct channel (port %d)", link.port)
                     opened = link

@@ -78,8 +78,8 @@ def serve(
     ``direct``, the channel a message names beside it is opened and served too."""
     while not stop.is_set():
         got = link.pull()
-        if got is None:
-            stop.wait(poll.next())
+        if got is None:  # with the direct channel open, Flower brings a message only if the channel fails
+            stop.wait(poll.idle if direct is not None and direct.open else poll.next())
             continue
         if direct is not None:
             with contextlib.suppress(Exception):  # a message that names no channel: Flower alone serves
