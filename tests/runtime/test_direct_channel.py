@@ -260,3 +260,18 @@ def test_a_request_the_client_cannot_serve_fails_its_exchange_with_the_clients_r
     finally:
         stop.set()
         loop.close()
+
+
+def test_a_client_that_never_opens_the_channel_is_named_once(federation, flower_task, caplog):
+    from flwr.app import Message
+
+    from fedtune.runtime.direct_grid import UNOPENED_WARN
+
+    hub = federation[0]
+    grid = DirectGrid(_FlowerGrid(), hub)
+    grid.get_nodes()
+    for _ in range(2 * UNOPENED_WARN):
+        msg = Message(content=wire.pack(b"", {}), dst_node_id=12, message_type=wire.MESSAGE_TYPE)
+        assert grid.push_messages([msg])[0].startswith("flower-")
+    said = [r.getMessage() for r in caplog.records if "has not opened the direct channel" in r.getMessage()]
+    assert len(said) == 1 and "carol" in said[0] and str(hub.port) in said[0]

@@ -10,11 +10,16 @@ it, as Flower's node authentication says for a SuperLink reply.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 
 from fedtune.runtime import direct_wire as dw
 from fedtune.runtime import flower_wire as wire
 from fedtune.runtime.direct_hub import Hub
+
+log = logging.getLogger("fedtune")
+UNOPENED_WARN = 5  # messages through Flower to a client that never opened the channel before saying so
 
 
 @dataclass
@@ -40,6 +45,8 @@ class DirectGrid:
         self.grid, self.hub = grid, hub
         self.names: dict[int, str] = {}  # node id -> enrolled name, as the SuperLink last listed them
         self.nodes: dict[str, int] = {}  # direct message id -> the node it went to
+        self.through_flower: Counter[str] = Counter()  # per client never seen on the channel: messages sent by Flower
+        self.opened: set[str] = set()  # clients seen on the channel
 
     def __getattr__(self, attr):  # everything else (its retry invoker, run, ...) is the Grid's
         return getattr(self.grid, attr)
@@ -56,7 +63,12 @@ class DirectGrid:
         direct, flower = [], []
         for i, m in enumerate(messages):
             name = self.names.get(m.metadata.dst_node_id)
-            (direct if name is not None and self.hub.connected(name) else flower).append(i)
+            if name is not None and self.hub.connected(name):
+                direct.append(i)
+                self.opened.add(name)
+            else:
+                flower.append(i)
+                self._not_yet_open(name)
         if flower:
             for i in flower:
                 messages[i].content[wire.META][dw.PORT] = self.hub.port
@@ -70,6 +82,20 @@ class DirectGrid:
             ids[i] = self.hub.put(self.names[node], meta, payload)
             self.nodes[ids[i]] = node
         return ids
+
+    def _not_yet_open(self, name: str | None) -> None:
+        """Say once when a client has not opened the channel after ``UNOPENED_WARN`` messages through Flower."""
+        if name is None or name in self.opened:
+            return
+        self.through_flower[name] += 1
+        if self.through_flower[name] == UNOPENED_WARN:
+            log.warning(
+                "client %s has not opened the direct channel (port %d) after %d messages through the SuperLink: "
+                "its exchanges stay slower; check that the port is open to it (runtime.flower.direct_port)",
+                name,
+                self.hub.port,
+                UNOPENED_WARN,
+            )
 
     def pull_messages(self, ids) -> list:
         """The replies available now: the hub's at once, the SuperLink's when any message went that way."""
