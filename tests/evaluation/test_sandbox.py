@@ -7,7 +7,6 @@ be as it was.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ import pytest
 
 from fedtune.evaluation import sandbox
 from fedtune.evaluation.sandbox import Limits, pass_at_k, run
+from fedtune.evaluation.sandbox_boot import processes_of
 
 QUICK = Limits(timeout_s=5.0, cpu_s=5, memory_bytes=512 * 2**20, processes=8, file_bytes=2**20)
 ROOT = os.geteuid() == 0
@@ -50,25 +50,16 @@ def test_an_endless_loop_times_out():
     assert time.monotonic() - started < 10
 
 
-def _processes_of(uid: int) -> int:
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                count += os.stat(f"/proc/{entry}").st_uid == uid
-    return count
-
-
 def test_a_fork_bomb_fails_and_leaves_no_process_behind():
     uid = 65534 if ROOT else os.getuid()
-    before = _processes_of(uid)
+    before = processes_of(uid)
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     outcome = run(bomb, Limits(timeout_s=3.0, cpu_s=3, processes=8))
     assert not outcome.passed
     until = time.monotonic() + 10
-    while _processes_of(uid) > before and time.monotonic() < until:  # the kernel reaps the namespace's last
+    while processes_of(uid) > before and time.monotonic() < until:  # the kernel reaps the namespace's last
         time.sleep(0.05)
-    assert _processes_of(uid) <= before
+    assert processes_of(uid) <= before
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def main() -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     root = os.geteuid() == 0
     if not root:  # the limit counts every process of this user, the program's and the others it runs
-        processes += _processes_of(os.getuid())
+        processes += processes_of(os.getuid())
     flags = CLONE_NEWNET | CLONE_NEWPID | (0 if root else CLONE_NEWUSER)
     if libc.unshare(flags) != 0:
         why = os.strerror(ctypes.get_errno())
@@ -61,7 +61,8 @@ def main() -> int:
     return NOT_SET_UP
 
 
-def _processes_of(uid: int) -> int:
+def processes_of(uid: int) -> int:
+    """How many processes ``uid`` runs now."""
     count = 0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
