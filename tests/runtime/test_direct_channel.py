@@ -244,8 +244,10 @@ def test_a_request_the_client_cannot_serve_fails_its_exchange_with_the_clients_r
     hub, _, root = federation
     stop = threading.Event()
 
-    def refuse(meta, payload):
-        raise ValueError("no such round")
+    from fedtune.deploy.node import answer_direct
+
+    def refuse(meta, payload):  # a message naming no client id: the node's own answer refuses it
+        return answer_direct(meta, payload, None, "bob")
 
     loop = DirectLoop("127.0.0.1", root / "ca.crt", *load_key(root / "clients" / "bob.key"), refuse, stop)
     loop.follow(hub.port)
@@ -256,7 +258,7 @@ def test_a_request_the_client_cannot_serve_fails_its_exchange_with_the_clients_r
             hub.wait(0.1)
             got = hub.collect([msg_id])
         [(_, name, reply, failed)] = got
-        assert name == "bob" and reply is None and "fedtune client: ValueError: no such round" in failed
+        assert name == "bob" and reply is None and "fedtune client: ValueError: a client id must be" in failed
     finally:
         stop.set()
         loop.close()

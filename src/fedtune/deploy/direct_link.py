@@ -32,7 +32,8 @@ RETRY_S = (1.0, 2.0, 5.0)  # waits after the channel fails (the last repeats)
 REFUSED_S = 30.0  # wait after the coordinator refuses this client's signature (a clock far off, say)
 MAX_FRAME = wire.MAX_PIECE_BYTES + dw.META_MAX + 16  # the largest message taken (a larger one comes in pieces)
 
-Answer = Callable[[dict, bytes], tuple[dict, bytes]]  # (meta, payload) -> the reply's (meta, payload)
+# (meta, payload) -> the reply's (meta, payload); a request it cannot serve is answered with direct_wire.ERROR
+Answer = Callable[[dict, bytes], tuple[dict, bytes]]
 
 
 class DirectLink:
@@ -136,11 +137,7 @@ class DirectLoop:
         msg_id = meta.pop(dw.ID, None)
         if not isinstance(msg_id, str):
             raise ValueError("a message without its id")
-        try:
-            reply_meta, reply = self.answer(meta, payload)
-        except Exception as exc:  # a request it cannot serve: say why
-            log.exception("could not answer the coordinator's message: %s", untrusted_text(str(exc))[:200])
-            reply_meta, reply = {dw.ERROR: f"fedtune client: {type(exc).__name__}: {exc}"[:2000]}, b""
+        reply_meta, reply = self.answer(meta, payload)
         link.reply(msg_id, reply_meta, reply)
 
     def close(self) -> None:

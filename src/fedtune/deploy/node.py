@@ -55,6 +55,15 @@ def _respond(payload: bytes, meta: dict, worker: LocalWorker, name: str) -> tupl
     return {wire.CLIENT: client_id, **said}, bytes(data)
 
 
+def answer_direct(meta: dict, payload: bytes, worker: LocalWorker, name: str) -> tuple[dict, bytes]:
+    """The reply's (meta, payload) to a message that came over the direct channel; one that cannot be answered
+    gets the reason (``direct_wire.ERROR``)."""
+    try:
+        return respond(payload, meta, worker, name)
+    except Exception as exc:  # a request it cannot serve: say why, keep serving
+        return {dw.ERROR: unanswerable(exc)}, b""
+
+
 def answer(message, worker: LocalWorker, name: str):
     """The reply to one coordinator message that came through Flower."""
     from flwr.app import Message
@@ -64,11 +73,17 @@ def answer(message, worker: LocalWorker, name: str):
     return Message(wire.pack(data, said), reply_to=message)
 
 
+def unanswerable(exc: BaseException) -> str:
+    """Why a message could not be answered, logged here and told to the coordinator, whichever way it came."""
+    log.exception("could not answer the coordinator's message: %s", untrusted_text(str(exc))[:200])
+    return f"fedtune client: {type(exc).__name__}: {exc}"[:2000]
+
+
 def failure(message, exc: BaseException):
     """A Flower error reply saying why ``message`` could not be answered."""
     from flwr.app import Error, Message
 
-    return Message(Error(code=0, reason=f"fedtune client: {type(exc).__name__}: {exc}"[:2000]), reply_to=message)
+    return Message(Error(code=0, reason=unanswerable(exc)), reply_to=message)
 
 
 def serve(
@@ -93,7 +108,6 @@ def _answer_one(link: FleetLink, got: Incoming, worker: LocalWorker, name: str) 
     try:
         reply = answer(got.message, worker, name)
     except Exception as exc:  # a request it cannot serve: say why, keep serving
-        log.exception("could not answer the coordinator's message: %s", untrusted_text(str(exc))[:200])
         reply = failure(got.message, exc)
     link.push(reply, got.run_id, time.perf_counter() - start)
 

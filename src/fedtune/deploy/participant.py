@@ -103,10 +103,12 @@ def serve_federation(
     direct = None
     if not fl.insecure and fl.direct:
         from fedtune.deploy.direct_link import DirectLoop
-        from fedtune.deploy.node import respond
+        from fedtune.deploy.node import answer_direct
 
         host = fl.host_port()[0]
-        direct = DirectLoop(host, ca, link.private_key, link.public_key, lambda m, p: respond(p, m, worker, name), stop)
+        direct = DirectLoop(
+            host, ca, link.private_key, link.public_key, lambda m, p: answer_direct(m, p, worker, name), stop
+        )
     poll = Poll.of(fl.poll_s, cfg.partition.num_clients)
     try:
         refused = run_node(link, worker, name, poll, stop, refused_retry_s, direct)

@@ -67,7 +67,6 @@ def run(program: str, limits: Limits = Limits()) -> Outcome:
         try:
             _, err = proc.communicate(timeout=limits.timeout_s)
         except subprocess.TimeoutExpired:
-            _kill(proc)
             return Outcome(False, f"timed out after {limits.timeout_s:g}s")
         finally:
             _kill(proc)

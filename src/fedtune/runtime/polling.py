@@ -56,6 +56,3 @@ class Poll:
         wait = min(self._wait, cap)
         self._wait = min(self._wait * 2, self.idle)
         return wait
-
-    def sleep(self) -> None:
-        time.sleep(self.next())
