@@ -1,4 +1,8 @@
-"""Held-out evaluation: token-mean loss and perplexity; exact-match accuracy by greedy generation."""
+"""Held-out evaluation: token-mean loss and perplexity; exact-match accuracy by greedy generation.
+
+Both come from ``scoring.score``: one forward per batch scores the targets and leaves the attention
+cache that generation continues from, with the prompts' shared prefix run once.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.formats import Example
-from fedtune.data.tokenize import Encoded, Encoder, collate
-from fedtune.evaluation.generation import greedy_generate
+from fedtune.data.tokenize import Encoded, Encoder
 from fedtune.evaluation.metrics import exact_match, grouped_accuracy
-from fedtune.losses import token_loss_sum
+from fedtune.evaluation.scoring import score, shared_prefix
 
 
 @dataclass(frozen=True)
@@ -23,23 +26,29 @@ class EvalSet:
     examples: list[Example]
     encoded: list[Encoded]
     prompts: list[list[int]]
+    prefix: int = 0  # tokens every prompt starts with (scoring.shared_prefix)
 
     @classmethod
     def build(cls, examples: Sequence[Example], encoder: Encoder) -> EvalSet:
         encoded, _ = encoder.encode_all(examples)
-        return cls(list(examples), encoded, [list(e.input_ids[: e.prompt_len]) for e in encoded])
+        prompts = [list(e.input_ids[: e.prompt_len]) for e in encoded]
+        return cls(list(examples), encoded, prompts, shared_prefix(prompts))
+
+    def scored_rows(self) -> tuple[list[list[int]], list[list[int]], int]:
+        """(prompts, continuations, shared prefix) whose continuation log-likelihoods make the loss: the
+        target and EOS, or (trained on the prompt too) everything after the first token."""
+        if any(e.train_on_prompt for e in self.encoded):
+            ids = [list(e.input_ids) for e in self.encoded]
+            return [s[:1] for s in ids], [s[1:] for s in ids], 0
+        return self.prompts, [list(e.input_ids[e.prompt_len :]) for e in self.encoded], self.prefix
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_id: int, batch_size: int) -> float:
+def eval_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: EvalSet, batch_size: int) -> float:
     """Mean next-token loss over all target tokens of the set."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        loss_sum, n = token_loss_sum(model, collate(encoded[i : i + batch_size], pad_id))
-        total += loss_sum.item()
-        count += n
-    return total / max(1, count)
+    prompts, conts, prefix = data.scored_rows()
+    s = score(model, tokenizer, prompts, conts, batch_size=batch_size, prefix=prefix)
+    return -sum(s.log_likelihood) / max(1, sum(s.tokens))
 
 
 def evaluate(
@@ -53,10 +62,21 @@ def evaluate(
     prefix: str = "eval_",
 ) -> dict[str, float | dict[str, float]]:
     """Metrics dict: {prefix}loss, {prefix}ppl and, when exact, {prefix}accuracy (+ per group)."""
-    loss = eval_loss(model, data.encoded, tokenizer.pad_token_id, batch_size)
+    prompts, conts, shared = data.scored_rows()
+    joint = exact and prompts is data.prompts  # the scored prompts are the generation prompts: one pass
+    s = score(
+        model,
+        tokenizer,
+        prompts,
+        conts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens if joint else None,
+        prefix=shared,
+    )
+    loss = -sum(s.log_likelihood) / max(1, sum(s.tokens))
     out: dict[str, float | dict[str, float]] = {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0))}
     if exact:
-        preds = greedy_generate(model, tokenizer, data.prompts, max_new_tokens, batch_size)
+        preds = s.generations if joint else generate(model, tokenizer, data, max_new_tokens, batch_size)
         hits = [exact_match(p, ex.target) for p, ex in zip(preds, data.examples, strict=True)]
         out[f"{prefix}accuracy"] = sum(hits) / max(1, len(hits))
         if group_by:
@@ -65,3 +85,11 @@ def evaluate(
             if by_group:
                 out[f"{prefix}accuracy_by_{group_by}"] = by_group
     return out
+
+
+def generate(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: EvalSet, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy text after each prompt of the set."""
+    s = score(model, tokenizer, data.prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, prefix=data.prefix)
+    return s.generations or []

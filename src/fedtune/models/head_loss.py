@@ -127,3 +127,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
             None if grad_bias is None else (grad_bias * grad_loss).to(ctx.bias_dtype),
             None,
         )
+
+
+@torch.no_grad()
+def head_log_probs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(head(hidden_i))[targets_i] for hidden (P, H) and targets (P,), chunk by chunk: (P,)."""
+    parts = [
+        _chunk_log_probs(h, head.weight, head.bias).gather(1, t[:, None])[:, 0]
+        for h, t in _chunks(hidden, targets, head.weight)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=_wide(head.weight), device=hidden.device)

@@ -1,0 +1,189 @@
+"""Score continuations and generate from prompts, one forward per batch, sharing what the prompts share.
+
+Every evaluation kind reduces to three questions about (prompt, continuation) rows: the log-likelihood
+of the continuation (held-out loss, multiple choice by option), the next-token distribution at the
+prompt's end (multiple choice by answer letter, label choice), and the greedy continuation (exact
+match, answer extraction, ROUGE-L, code). ``score`` answers all three from one forward per batch.
+
+A set's prompts start alike (a chat template's system turn, a k-shot header): that common token prefix
+runs once per batch at batch size 1 and its attention cache is repeated to every row. Each row is laid
+out as ``[shared prefix][left padding][rest of prompt][continuation][right padding]``, so every prompt
+ends in the same column: the forward's kept positions give the continuation's log-probabilities and the
+prompt-end distribution, and the cache cropped at that column is what ``generate`` continues from.
+Position ids skip the padding, so a row sees the positions it would see alone (the plain path's
+numbers up to float summation order; tested). Models whose adapter prepends virtual tokens or owns the
+attention cache (peft prompt learning) take the plain path: right-padded rows for the likelihoods,
+``generate`` from the left-padded prompts for the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from fedtune.adapters.adapter_model import virtual_token_offset
+from fedtune.data.tokenize import IGNORE, left_pad
+from fedtune.models.device import model_device
+from fedtune.models.head_loss import head_bypassed, head_log_probs, plain_head
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per row, in the order the rows were given."""
+
+    log_likelihood: list[float]  # Σ_j log p(continuation_j | prompt, continuation_<j)
+    tokens: list[int]  # continuation tokens scored
+    choices: list[list[float]] | None  # log p(c | prompt) for each candidate token c, when asked
+    generations: list[str] | None  # greedy continuation text, when asked
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every prompt starts with, leaving each prompt at least one token."""
+    if not prompts:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def caches_prompts(model: torch.nn.Module) -> bool:
+    """Whether the shared-prefix cache path applies: no peft prompt learning (virtual tokens, prefix tuning)."""
+    return not (isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning)
+
+
+@torch.no_grad()
+def score(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]] | None = None,
+    *,
+    batch_size: int,
+    candidates: Sequence[int] | None = None,
+    max_new_tokens: int | None = None,
+    prefix: int | None = None,
+    cache_prompts: bool = True,
+) -> Scores:
+    """Log-likelihood of each continuation given its prompt (none given: empty), log-probabilities of the
+    ``candidates`` token ids at each prompt's end, and ``max_new_tokens`` of greedy text from each prompt.
+    ``prefix``: the prompts' shared prefix length if known (``shared_prefix``); ``cache_prompts`` False:
+    the plain path even where the cached one applies (a separate forward and ``generate``, for comparison)."""
+    model.eval()
+    conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in prompts]
+    cached = cache_prompts and caches_prompts(model)
+    p = (shared_prefix(prompts) if prefix is None else prefix) if cached else 0
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(conts[i])))  # similar widths
+    ll, n_tok = [0.0] * len(prompts), [0] * len(prompts)
+    choices: list[list[float]] = [[] for _ in prompts]
+    texts = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        rows = order[s : s + batch_size]
+        batch = _Batch(model, tokenizer, [prompts[i] for i in rows], [conts[i] for i in rows], p, cached)
+        row_ll, first = batch.likelihoods()
+        want = torch.tensor(list(candidates), device=first.device) if candidates else None
+        for k, i in enumerate(rows):
+            ll[i], n_tok[i] = float(row_ll[k]), len(conts[i])
+            if want is not None:
+                choices[i] = first[k, want].tolist()
+        if max_new_tokens:
+            for k, text in enumerate(batch.generate(max_new_tokens)):
+                texts[rows[k]] = text
+    return Scores(ll, n_tok, choices if candidates else None, texts if max_new_tokens else None)
+
+
+class _Batch:
+    """One batch of rows: the forward over their prompts and continuations, then (maybe) generation."""
+
+    def __init__(self, model, tokenizer, prompts, conts, p: int, cached: bool):
+        self.model, self.tokenizer, self.prompts, self.p, self.cached = model, tokenizer, prompts, p, cached
+        self.pad, self.device = tokenizer.pad_token_id, model_device(model)
+        self.cache: DynamicCache | None = None
+        b, c = len(prompts), max(1, max(len(x) for x in conts))
+        if cached:  # [prefix][left pad][rest of prompt][continuation][right pad]; prompts end at column p + w
+            w = max(len(x) for x in prompts) - p
+            ids = torch.full((b, w + c), self.pad, dtype=torch.long)  # (B, W + C): the prefix is in the cache
+            mask = torch.zeros((b, p + w + c), dtype=torch.long)  # (B, P + W + C)
+            mask[:, :p] = 1
+            ends = torch.full((b,), w - 1)  # (B,) column (of ids) of each prompt's last token
+            for i, (pr, co) in enumerate(zip(prompts, conts, strict=True)):
+                rest = pr[p:]
+                ids[i, w - len(rest) : w] = torch.tensor(rest)
+                ids[i, w : w + len(co)] = torch.tensor(co, dtype=torch.long)
+                mask[i, p + w - len(rest) : p + w + len(co)] = 1
+            self.width = w
+        else:  # [prompt][continuation][right pad]
+            t = max(len(pr) + len(co) for pr, co in zip(prompts, conts, strict=True))
+            ids = torch.full((b, t), self.pad, dtype=torch.long)  # (B, T)
+            mask = torch.zeros((b, t), dtype=torch.long)
+            ends = torch.tensor([len(pr) - 1 for pr in prompts])
+            for i, (pr, co) in enumerate(zip(prompts, conts, strict=True)):
+                ids[i, : len(pr) + len(co)] = torch.tensor([*pr, *co])
+                mask[i, : len(pr) + len(co)] = 1
+        self.ids, self.mask, self.ends, self.conts, self.c = ids, mask, ends, conts, c
+
+    def likelihoods(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ log p of each row's continuation (B,), log-probs at each prompt's end (B, V))."""
+        lo = int(self.ends.min())
+        keep = torch.arange(lo, int(self.ends.max()) + self.c)  # (K,) positions that predict what we score
+        kwargs = {"attention_mask": self.mask.to(self.device)}
+        if self.cached:
+            positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, self.p :]  # (B, W + C): padding skipped
+            self.cache = DynamicCache()
+            if self.p:
+                prefix = torch.tensor([self.prompts[0][: self.p]], device=self.device)  # (1, P)
+                self.model(input_ids=prefix, cache=self.cache, use_cache=True, logits_to_keep=1)
+                self.cache.batch_repeat_interleave(len(self.prompts))
+            kwargs |= {"position_ids": positions.to(self.device), "cache": self.cache, "use_cache": True}
+        offset = virtual_token_offset(self.model)
+        head = plain_head(self.model)
+        ids = self.ids.to(self.device)
+        if head is not None:
+            with head_bypassed(head):
+                out = self.model(input_ids=ids, logits_to_keep=(keep + offset).to(self.device), **kwargs).logits
+        else:
+            out = self.model(input_ids=ids, logits_to_keep=(keep + offset).to(self.device), **kwargs).logits
+        # out: (B, K, H) hidden states (plain head) or (B, K, V) logits
+        labels = torch.full(out.shape[:2], IGNORE, dtype=torch.long)  # (B, K): token predicted at each kept position
+        first = (self.ends - lo).tolist()  # row i's prompt end is kept position first[i]
+        for i, co in enumerate(self.conts):
+            labels[i, first[i] : first[i] + len(co)] = torch.tensor(co, dtype=torch.long)
+        labels = labels.to(out.device)
+        rows = torch.arange(len(first), device=out.device)
+        at_end = out[rows, torch.tensor(first, device=out.device)]  # (B, H) or (B, V)
+        scored = labels != IGNORE  # (B, K)
+        if head is not None:
+            tok_lp = head_log_probs(out[scored], head, labels[scored])  # (P,)
+            end_lp = torch.log_softmax(head(at_end).float(), dim=-1)  # (B, V)
+        else:
+            tok_lp = torch.log_softmax(out[scored].float(), dim=-1).gather(1, labels[scored][:, None])[:, 0]
+            end_lp = torch.log_softmax(at_end.float(), dim=-1)
+        per_row = torch.zeros(out.shape[:2], dtype=tok_lp.dtype, device=out.device)  # (B, K)
+        per_row[scored] = tok_lp
+        return per_row.sum(1).cpu(), end_lp.cpu()
+
+    def generate(self, max_new_tokens: int) -> list[str]:
+        """Greedy text after each prompt; the cached path continues from the forward's attention cache."""
+        tok = self.tokenizer
+        common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": self.pad, "use_cache": True}
+        common["eos_token_id"] = tok.eos_token_id
+        if self.cached and self.cache is not None:
+            w, p, b = self.width, self.p, len(self.prompts)
+            self.cache.crop(-(self.cache.get_seq_length() - (p + w - 1)))  # to before the prompts' last column
+            prefix = torch.tensor([self.prompts[0][:p]], dtype=torch.long).expand(b, p)  # (B, P)
+            ids = torch.cat([prefix, self.ids[:, :w]], dim=1).to(self.device)  # (B, P + W)
+            mask = self.mask[:, : p + w].to(self.device)
+            gen = self.model.generate(input_ids=ids, attention_mask=mask, cache=self.cache, **common)
+        else:
+            ids, mask = left_pad(self.prompts, self.pad)  # (B, T)
+            ids = ids.to(self.device)
+            gen = self.model.generate(input_ids=ids, attention_mask=mask.to(self.device), **common)
+        self.cache = None
+        return tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)

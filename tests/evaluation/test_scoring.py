@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from fedtune.evaluation.scoring import score, shared_prefix
+
+
+def _reference(model, prompt, cont, candidates, new_tokens):
+    """One row alone, no padding, no cache: (log-likelihood, candidate log-probs, greedy token ids)."""
+    ids = torch.tensor([[*prompt, *cont]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)  # (T, V)
+        ll = sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(cont))
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+    return ll, logp[len(prompt) - 1, candidates].tolist(), out[0, len(prompt) :].tolist()
+
+
+def _rows(tok):
+    head = tok("<|im_start|>system\nYou answer briefly.<|im_end|>\n<|im_start|>user\n")["input_ids"]
+    bodies = ["What is 2+2?", "Name a colour that is warm and bright.", "x", "Sort 3 1 2 then say done please."]
+    prompts = [head + tok(b)["input_ids"] for b in bodies]
+    conts = [tok(c)["input_ids"] for c in ["4", "orange, like a sunset", "y", ""]]
+    return head, prompts, conts
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_cached_rows_score_and_generate_as_each_row_alone(tiny_adapter, tiny, batch_size):
+    model = tiny_adapter.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a LoRA that changes the outputs
+    tok = tiny.tokenizer
+    head, prompts, conts = _rows(tok)
+    assert shared_prefix(prompts) >= len(head) - 1  # the system turn is shared
+    cand = [5, 17, 40]
+    got = score(model, tok, prompts, conts, batch_size=batch_size, candidates=cand, max_new_tokens=5)
+    for i, (pr, co) in enumerate(zip(prompts, conts, strict=True)):
+        ll, choice, gen = _reference(model, pr, co, cand, 5)
+        assert got.log_likelihood[i] == pytest.approx(ll, abs=1e-4) and got.tokens[i] == len(co)
+        assert got.choices[i] == pytest.approx(choice, abs=1e-4)
+        assert got.generations[i] == tok.decode(gen, skip_special_tokens=True)
+
+
+def test_prompt_learning_takes_the_plain_path_with_the_same_numbers(tiny):
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = get_peft_model(tiny.model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    tok = tiny.tokenizer
+    _, prompts, conts = _rows(tok)
+    got = score(model, tok, prompts, conts, batch_size=4, candidates=[5, 9])
+    alone = [score(model, tok, [p], [c], batch_size=1, candidates=[5, 9]) for p, c in zip(prompts, conts, strict=True)]
+    assert got.log_likelihood == pytest.approx([a.log_likelihood[0] for a in alone], abs=1e-4)
+    assert [c for c in got.choices] == [pytest.approx(a.choices[0], abs=1e-4) for a in alone]
+
+
+def test_shared_prefix_leaves_every_prompt_a_token():
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix([[7], [7, 8]]) == 0
+    assert shared_prefix([[1, 2], [3, 4]]) == 0
