@@ -23,14 +23,19 @@ def _reference(model, prompt, cont, candidates, new_tokens):
 
 def _rows(tok):
     head = tok("<|im_start|>system\nYou answer briefly.<|im_end|>\n<|im_start|>user\n")["input_ids"]
-    bodies = ["What is 2+2?", "Name a colour that is warm and bright.", "x", "Sort 3 1 2 then say done please."]
+    bodies = [
+        "What is 2+2?",
+        "Name a colour that is warm and bright.",
+        "x",
+        "Sort 3 1 2 and 9 8 7 6 5 4, then say that you are done.",
+    ]
     prompts = [head + tok(b)["input_ids"] for b in bodies]
-    conts = [tok(c)["input_ids"] for c in ["4", "orange, like a sunset", "y", ""]]
+    conts = [tok(c)["input_ids"] for c in ["4", "orange, like a sunset", "y", ""]]  # longest prompt: no continuation
     return head, prompts, conts
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 4])
-def test_cached_rows_score_and_generate_as_each_row_alone(tiny_adapter, tiny, batch_size):
+@pytest.mark.parametrize(("batch_size", "cached"), [(1, True), (3, True), (4, True), (4, False)])
+def test_rows_score_and_generate_as_each_row_alone(tiny_adapter, tiny, batch_size, cached):
     model = tiny_adapter.model
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -40,7 +45,9 @@ def test_cached_rows_score_and_generate_as_each_row_alone(tiny_adapter, tiny, ba
     head, prompts, conts = _rows(tok)
     assert shared_prefix(prompts) >= len(head) - 1  # the system turn is shared
     cand = [5, 17, 40]
-    got = score(model, tok, prompts, conts, batch_size=batch_size, candidates=cand, max_new_tokens=5)
+    got = score(
+        model, tok, prompts, conts, batch_size=batch_size, candidates=cand, max_new_tokens=5, cache_prompts=cached
+    )
     for i, (pr, co) in enumerate(zip(prompts, conts, strict=True)):
         ll, choice, gen = _reference(model, pr, co, cand, 5)
         assert got.log_likelihood[i] == pytest.approx(ll, abs=1e-4) and got.tokens[i] == len(co)

@@ -132,7 +132,8 @@ class _Batch:
     def likelihoods(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ log p of each row's continuation (B,), log-probs at each prompt's end (B, V))."""
         lo = int(self.ends.min())
-        keep = torch.arange(lo, int(self.ends.max()) + self.c)  # (K,) positions that predict what we score
+        stop = min(int(self.ends.max()) + self.c, self.ids.shape[1])  # each row's continuation ends inside
+        keep = torch.arange(lo, stop)  # (K,) positions that predict what we score
         kwargs = {"attention_mask": self.mask.to(self.device)}
         if self.cached:
             positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, self.p :]  # (B, W + C): padding skipped
