@@ -72,3 +72,21 @@ def test_shared_prefix_leaves_every_prompt_a_token():
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert shared_prefix([[7], [7, 8]]) == 0
     assert shared_prefix([[1, 2], [3, 4]]) == 0
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_row_given_up_stops_where_its_full_generation_went_on(tiny, cached):
+    tok = tiny.tokenizer
+    _, prompts, _ = _rows(tok)
+    full = score(tiny.model, tok, prompts, batch_size=4, max_new_tokens=8, cache_prompts=cached).generations
+    cut = score(
+        tiny.model,
+        tok,
+        prompts,
+        batch_size=4,
+        max_new_tokens=8,
+        cache_prompts=cached,
+        give_up=lambda i, text: i % 2 == 0 and len(text) >= 2,
+    ).generations
+    for i, (f, c) in enumerate(zip(full, cut, strict=True)):
+        assert f.startswith(c) and (c == f if i % 2 else len(c) < len(f) and len(c) >= 2)

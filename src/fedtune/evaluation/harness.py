@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.formats import Example
 from fedtune.data.tokenize import Encoded, Encoder
-from fedtune.evaluation.metrics import exact_match, grouped_accuracy
+from fedtune.evaluation.metrics import could_still_match, exact_match, grouped_accuracy
 from fedtune.evaluation.scoring import score, shared_prefix
 
 
@@ -72,6 +72,7 @@ def evaluate(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens if joint else None,
         prefix=shared,
+        give_up=_hopeless(data),
     )
     loss = -sum(s.log_likelihood) / max(1, sum(s.tokens))
     out: dict[str, float | dict[str, float]] = {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0))}
@@ -90,6 +91,19 @@ def evaluate(
 def generate(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: EvalSet, max_new_tokens: int, batch_size: int
 ) -> list[str]:
-    """Greedy text after each prompt of the set."""
-    s = score(model, tokenizer, data.prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, prefix=data.prefix)
+    """Greedy text after each prompt of the set, each row stopped once it cannot be an exact match."""
+    s = score(
+        model,
+        tokenizer,
+        data.prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        prefix=data.prefix,
+        give_up=_hopeless(data),
+    )
     return s.generations or []
+
+
+def _hopeless(data: EvalSet):
+    """Row i's text so far -> whether it can no longer be an exact match (its generation stops there)."""
+    return lambda i, text: not could_still_match(text, data.examples[i].target)

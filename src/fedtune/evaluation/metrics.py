@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -14,6 +15,17 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def could_still_match(partial: str, reference: str) -> bool:
+    """Whether some continuation of ``partial`` (generation so far) is an exact match of ``reference``;
+    never False for a prefix of a matching text (tested), so generation may stop a row it rejects."""
+    if "\ufffd" in partial:  # a character cut between tokens: undecided
+        return True
+    text, target = partial.lstrip(), normalize_answer(reference)
+    if target.startswith(text):
+        return True
+    return text.startswith(target) and re.fullmatch(r"\s*\.?\s*", text[len(target) :]) is not None
 
 
 def grouped_accuracy(hits: Sequence[bool], groups: Sequence[str | None]) -> dict[str, float]:

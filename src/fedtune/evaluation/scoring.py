@@ -18,12 +18,12 @@ attention cache (peft prompt learning) take the plain path: right-padded rows fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from fedtune.adapters.adapter_model import virtual_token_offset
 from fedtune.data.tokenize import IGNORE, left_pad
@@ -71,11 +71,13 @@ def score(
     max_new_tokens: int | None = None,
     prefix: int | None = None,
     cache_prompts: bool = True,
+    give_up: Callable[[int, str], bool] | None = None,
 ) -> Scores:
     """Log-likelihood of each continuation given its prompt (none given: empty), log-probabilities of the
     ``candidates`` token ids at each prompt's end, and ``max_new_tokens`` of greedy text from each prompt.
     ``prefix``: the prompts' shared prefix length if known (``shared_prefix``); ``cache_prompts`` False:
-    the plain path even where the cached one applies (a separate forward and ``generate``, for comparison)."""
+    the plain path even where the cached one applies (a separate forward and ``generate``, for comparison).
+    ``give_up(row, text so far)``: True stops that row's generation (its text can no longer score)."""
     model.eval()
     conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in prompts]
     cached = cache_prompts and caches_prompts(model)
@@ -94,7 +96,8 @@ def score(
             if want is not None:
                 choices[i] = first[k, want].tolist()
         if max_new_tokens:
-            for k, text in enumerate(batch.generate(max_new_tokens)):
+            hopeless = None if give_up is None else (lambda k, text, rows=rows: give_up(rows[k], text))
+            for k, text in enumerate(batch.generate(max_new_tokens, hopeless)):
                 texts[rows[k]] = text
     return Scores(ll, n_tok, choices if candidates else None, texts if max_new_tokens else None)
 
@@ -170,21 +173,39 @@ class _Batch:
         per_row[scored] = tok_lp
         return per_row.sum(1).cpu(), end_lp.cpu()
 
-    def generate(self, max_new_tokens: int) -> list[str]:
+    def generate(self, max_new_tokens: int, give_up: Callable[[int, str], bool] | None = None) -> list[str]:
         """Greedy text after each prompt; the cached path continues from the forward's attention cache."""
         tok = self.tokenizer
-        common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": self.pad, "use_cache": True}
-        common["eos_token_id"] = tok.eos_token_id
         if self.cached and self.cache is not None:
             w, p, b = self.width, self.p, len(self.prompts)
             self.cache.crop(-(self.cache.get_seq_length() - (p + w - 1)))  # to before the prompts' last column
             prefix = torch.tensor([self.prompts[0][:p]], dtype=torch.long).expand(b, p)  # (B, P)
-            ids = torch.cat([prefix, self.ids[:, :w]], dim=1).to(self.device)  # (B, P + W)
-            mask = self.mask[:, : p + w].to(self.device)
-            gen = self.model.generate(input_ids=ids, attention_mask=mask, cache=self.cache, **common)
+            ids = torch.cat([prefix, self.ids[:, :w]], dim=1)  # (B, P + W)
+            mask, extra = self.mask[:, : p + w], {"cache": self.cache}
         else:
-            ids, mask = left_pad(self.prompts, self.pad)  # (B, T)
-            ids = ids.to(self.device)
-            gen = self.model.generate(input_ids=ids, attention_mask=mask.to(self.device), **common)
+            (ids, mask), extra = left_pad(self.prompts, self.pad), {}  # (B, T) each
+        if give_up is not None:
+            extra["stopping_criteria"] = StoppingCriteriaList([_GiveUp(tok, ids.shape[1], give_up)])
+        gen = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad,
+            eos_token_id=tok.eos_token_id,
+            use_cache=True,
+            **extra,
+        )
         self.cache = None
         return tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+
+
+class _GiveUp(StoppingCriteria):
+    """Stops each row whose text so far ``give_up`` rejects (generate pads a stopped row from then on)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, start: int, give_up: Callable[[int, str], bool]):
+        self.tokenizer, self.start, self.give_up = tokenizer, start, give_up
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)  # (B,) so far
+        return torch.tensor([self.give_up(k, t) for k, t in enumerate(texts)], device=input_ids.device)
