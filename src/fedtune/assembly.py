@@ -20,8 +20,15 @@ from fedtune.client.data import ClientData, EvalSettings
 from fedtune.config import ExperimentConfig, resolve
 from fedtune.config.experiment import gpu_misfit, joint_misfit
 from fedtune.core.errors import DataError
-from fedtune.data.formats import Example, load_examples
-from fedtune.data.prepare import BUILTIN, FederatedData, holdout_split, load_splits, prepare_federated_data
+from fedtune.data.formats import Example
+from fedtune.data.prepare import (
+    BUILTIN,
+    FederatedData,
+    holdout_split,
+    load_data_file,
+    load_splits,
+    prepare_federated_data,
+)
 from fedtune.data.templates import resolve_template
 from fedtune.data.tokenize import Encoder
 from fedtune.evaluation.harness import EvalSet
@@ -136,7 +143,7 @@ def federation_eval_set(cfg: ExperimentConfig, encoder: Encoder) -> EvalSet | No
         if d.dataset.startswith("builtin:") or d.eval_dataset is None:
             examples = load_splits(d, cfg.split_seed())[1]
         else:
-            examples = load_examples(d.eval_dataset)
+            examples = load_data_file(d, d.eval_dataset)
     except DataError as exc:
         log.info("no federation evaluation set on this machine (%s)", exc)
         return None

@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fedtune.config.base import Strict
+from fedtune.core.registry import DATASET_RECIPES
+
+TRAINING_RECIPES = tuple(e.name for e in DATASET_RECIPES if "training" in e.info.get("uses", ()))
 
 
 class BuiltinTasksConfig(Strict):
@@ -31,6 +34,16 @@ class DataConfig(Strict):
     )
     eval_dataset: str | None = Field(None, description="held-out file; default: split eval_fraction off dataset")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share of dataset when no eval_dataset")
+    recipe: DATASET_RECIPES.literal() | None = Field(
+        None,
+        description="the public set whose columns dataset and eval_dataset come in (docs/data.md); default: "
+        "fedtune's own instruction/chat records. "
+        + "; ".join(f"{e.name}: {e.summary}" for e in DATASET_RECIPES if e.name in TRAINING_RECIPES),
+    )
+    on_error: Literal["raise", "skip"] = Field(
+        "raise",
+        description="bad records: raise (all of them listed in one error) or skip (counted, first reasons logged)",
+    )
     public_dataset: str | None = Field(
         None, description="paradigm kd: the public set every party may see (a local file); default built-in"
     )
@@ -42,6 +55,15 @@ class DataConfig(Strict):
     split_seed: int | None = Field(
         None, description="seeds the held-out split and the partition across clients; default: the top-level seed"
     )
+
+    @model_validator(mode="after")
+    def _recipe_trains(self) -> DataConfig:
+        if self.recipe is not None and self.recipe not in TRAINING_RECIPES:
+            raise ValueError(
+                f"data.recipe={self.recipe!r} is an evaluation set (use it in evaluation.tasks); training recipes: "
+                f"{', '.join(TRAINING_RECIPES)}"
+            )
+        return self
 
 
 class PartitionConfig(Strict):

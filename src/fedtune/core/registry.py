@@ -228,3 +228,48 @@ def is_import_path(name: str) -> bool:
     """``package.module:ATTRIBUTE``: dotted identifiers, one colon, one identifier."""
     module, sep, attr = name.partition(":")
     return bool(sep) and attr.isidentifier() and all(part.isidentifier() for part in module.split("."))
+
+
+_R = "fedtune.data.recipes:"
+_TRAIN, _EVAL = {"uses": "training"}, {"uses": "evaluation"}
+DATASET_RECIPES = Registry(
+    "dataset recipe",
+    "data.recipe / evaluation.tasks[].recipe",
+    [
+        Entry("alpaca", "Alpaca (tatsu-lab/alpaca): instruction, input, output", _R + "ALPACA", info=_TRAIN),
+        Entry("alpaca_gpt4", "alpaca-gpt4 (vicgalle/alpaca-gpt4): Alpaca's columns", _R + "ALPACA_GPT4", info=_TRAIN),
+        Entry(
+            "dolly", "Dolly-15k: instruction, context, response; split by category", _R + "DOLLY", info=_TRAIN | _EVAL
+        ),
+        Entry("code_alpaca", "Code-Alpaca-20k: Alpaca's columns", _R + "CODE_ALPACA", info=_TRAIN),
+        Entry("gsm8k", "GSM8K: question, answer ending '#### n'", _R + "GSM8K", info=_TRAIN | _EVAL),
+        Entry(
+            "fingpt_sentiment",
+            "fingpt-sentiment-train: instruction, input, output",
+            _R + "FINGPT_SENTIMENT",
+            info=_TRAIN,
+        ),
+        Entry(
+            "medical_meadow_flashcards",
+            "medical-meadow flashcards: instruction, input, output",
+            _R + "MEDICAL_MEADOW",
+            info=_TRAIN,
+        ),
+        Entry("aya", "Aya dataset: inputs, targets; split by language", _R + "AYA", info=_TRAIN),
+        Entry(
+            "fedllm_bench",
+            "FedLLM-Bench: {client: [{conversations}]}; split by client",
+            _R + "FEDLLM_BENCH",
+            info=_TRAIN,
+        ),
+        Entry("mmlu", "MMLU: question, choices, answer; by subject", _R + "MMLU", info=_EVAL),
+        Entry("medmcqa", "MedMCQA: question, opa..opd, cop; by subject_name", _R + "MEDMCQA", info=_EVAL),
+        Entry("medqa", "MedQA (USMLE, 4 options): question, options, answer_idx", _R + "MEDQA", info=_EVAL),
+        Entry("pubmedqa", "PubMedQA: question, context, final_decision yes/no/maybe", _R + "PUBMEDQA", info=_EVAL),
+        Entry("fpb", "Financial PhraseBank: sentence, label 0-2", _R + "FPB", info=_EVAL),
+        Entry("fiqa", "FiQA-2018 sentiment: sentence, sentiment_score", _R + "FIQA", info=_EVAL),
+        Entry("tfns", "Twitter financial news sentiment: text, label", _R + "TFNS", info=_EVAL),
+        Entry("humaneval", "HumanEval: prompt, test, entry_point", _R + "HUMANEVAL", info=_EVAL),
+        Entry("mbpp", "MBPP: text, test_list, test_setup_code", _R + "MBPP", info=_EVAL),
+    ],
+)

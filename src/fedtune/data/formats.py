@@ -4,13 +4,17 @@ Two record shapes are accepted:
   instruction: {"instruction": str, "input": str (optional), "output": str, ...extra fields}
   chat:        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], ...}
 The last chat message must come from the assistant: it is the training target. Extra scalar
-fields (e.g. ``task``, ``category``) are kept as metadata for partitioning and reporting.
-A malformed record raises DataError naming the file, the line (or record index) and what was expected.
+fields (e.g. ``task``, ``category``) are kept as metadata for partitioning and reporting. A public
+set in its own columns is read through its recipe (``data.recipes``). Every malformed record is found
+in one pass: one DataError names the file, the line (or record index) and what was expected for each
+(up to ``SHOWN``), or with ``on_error="skip"`` they are dropped and counted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +22,10 @@ from typing import Any
 
 from fedtune.core.errors import DataError
 
+log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
+SHOWN = 20  # bad records listed in one error
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: a dataset id on the hub
 _SHAPES = (
     "expected either 'messages' (a list of {role, content}) or 'instruction' and 'output' "
     "strings (with an optional 'input')"
@@ -89,33 +96,72 @@ def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
     return tuple(out)
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """Load every record of a local data file or saved HF dataset directory."""
+def load_examples(path: str | Path, recipe: Any = None, on_error: str = "raise") -> list[Example]:
+    """Every record of a local data file, saved HF dataset directory or (hub reachable) HF dataset id as an
+    Example: fedtune's shapes, or ``recipe``'s (``data.recipes.Recipe``) mapping of a public set's columns."""
+    convert = record_to_example if recipe is None else recipe.example
+    if convert is None:
+        raise DataError(f"dataset recipe {recipe.name!r} gives evaluation items, not training examples")
+    grouped = recipe is not None and recipe.grouped_file
+    return collect(read_rows(path, grouped=grouped), convert, str(path), on_error)
+
+
+def read_rows(path: str | Path, split: str = "train", grouped: bool = False) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each record of ``path``; an unreadable line gives (where, DataError) and reading
+    goes on. ``grouped``: a .json file is one object {group: [records]}, each record given ``client: group``."""
     p = Path(path).expanduser()
     if not p.exists():
+        if _HUB_ID.fullmatch(str(path)):
+            return _hub_rows(str(path), split)
         raise DataError(f"data file {p} does not exist (data.dataset / data.eval_dataset); check the path")
     if p.is_dir():
-        rows: Iterable[tuple[str, Any]] = _hf_rows(p)
-    elif p.suffix == ".jsonl":
-        rows = _jsonl_rows(p)
-    elif p.suffix == ".json":
-        rows = _json_rows(p)
-    elif p.suffix == ".parquet":
-        rows = _parquet_rows(p)
-    else:
-        raise DataError(f"{p}: unknown data format {p.suffix!r}; use .jsonl, .json, .parquet or a saved HF dataset dir")
-    examples = [record_to_example(rec, where) for where, rec in rows]
-    if not examples:
-        raise DataError(f"{p}: no records found")
-    return examples
+        return _hf_rows(p)
+    if p.suffix == ".jsonl":
+        return _jsonl_rows(p)
+    if p.suffix == ".json":
+        return _grouped_rows(p) if grouped else _json_rows(p)
+    if p.suffix == ".parquet":
+        return _parquet_rows(p)
+    raise DataError(f"{p}: unknown data format {p.suffix!r}; use .jsonl, .json, .parquet or a saved HF dataset dir")
+
+
+def collect(rows: Iterable[tuple[str, Any]], convert, source: str, on_error: str = "raise", cap: int = SHOWN) -> list:
+    """``convert(record, where)`` of every row. Bad rows are all found in one pass: ``on_error="raise"``
+    raises one DataError listing the first ``cap`` of them and their count; ``"skip"`` drops them, logging
+    the count and the first reasons. No good row at all is an error either way."""
+    out, bad, seen = [], [], 0
+    for where, record in rows:
+        seen += 1
+        try:
+            if isinstance(record, DataError):
+                raise record
+            out.append(convert(record, where))
+        except DataError as exc:
+            bad.append(str(exc))
+    if bad and on_error != "skip":
+        listed = "\n  ".join(bad[:cap])
+        more = f"\n  ... and {len(bad) - cap} more" if len(bad) > cap else ""
+        raise DataError(
+            f"{source}: {len(bad)} of {seen} records are bad (data.on_error: skip drops them):\n  {listed}{more}"
+        )
+    if bad:
+        log.warning(
+            "%s: skipped %d of %d records (data.on_error: skip); first: %s", source, len(bad), seen, "; ".join(bad[:3])
+        )
+    if not out:
+        raise DataError(f"{source}: no records found" if not seen else f"{source}: every one of {seen} records is bad")
+    return out
 
 
 def _jsonl_rows(p: Path) -> Iterator[tuple[str, Any]]:
     with p.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = _utf8(raw, p, lineno)
-            if line.strip():
-                yield f"{p}:{lineno}", _parse_json(line, p, lineno)
+            try:
+                line = _utf8(raw, p, lineno)
+                if line.strip():
+                    yield f"{p}:{lineno}", _parse_json(line, p, lineno)
+            except DataError as exc:
+                yield f"{p}:{lineno}", exc
 
 
 def _json_rows(p: Path) -> Iterator[tuple[str, Any]]:
@@ -131,6 +177,34 @@ def _json_rows(p: Path) -> Iterator[tuple[str, Any]]:
         line = text.count("\n", 0, pos) + 1
         _, pos = decoder.raw_decode(text, pos)
         yield f"{p}:{line} (record {i})", rec
+
+
+def _grouped_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    data = _parse_json(_utf8(p.read_bytes(), p, None), p, None)
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise DataError(f"{p}: expected one object {{client: [records, ...]}} (FedLLM-Bench's layout)")
+    for group, records in data.items():
+        for i, rec in enumerate(records):
+            yield f"{p}: {group!r} record {i}", {**rec, "client": group} if isinstance(rec, dict) else rec
+
+
+def _hub_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    from fedtune.models.loading import hub_reachable
+
+    try:
+        if not hub_reachable():
+            raise OSError("the hub is out of reach from this machine")
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise DataError(
+            f"{name}: not a local path, and loading it from the Hugging Face hub failed ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). Where the hub is out of reach, save a copy elsewhere with "
+            f"datasets.load_dataset({name!r}, split={split!r}).save_to_disk(DIR) (or as Parquet/JSONL) and give DIR"
+        ) from None
+    for i, rec in enumerate(ds):
+        yield f"{name}[{split}]: row {i}", rec
 
 
 def _utf8(raw: bytes, p: Path, lineno: int | None) -> str:

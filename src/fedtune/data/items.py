@@ -98,3 +98,21 @@ def item_from_record(shape: str, record: Any, where: str) -> Item:
     entry = text(record, "entry_point", where) if record.get("entry_point") is not None else None
     prompt, tests = text(record, "prompt", where), text(record, "tests", where)
     return CodeItem(prompt, tests, prefix, entry, group_of(record, "group"))
+
+
+def load_items(
+    path: str, recipe: Any = None, shape: str | None = None, on_error: str = "raise", split: str = "test"
+) -> list[Item]:
+    """The items of a local file / saved dataset / hub id (its ``split``): read through ``recipe``
+    (``data.recipes.Recipe``), or, without one, as records of the native ``shape``."""
+    from fedtune.data.formats import collect, read_rows
+
+    if recipe is not None:
+        if recipe.item is None:
+            raise DataError(f"dataset recipe {recipe.name!r} gives training examples, not evaluation items")
+        convert = recipe.item
+    elif shape in SHAPES:
+        convert = lambda record, where: item_from_record(shape, record, where)  # noqa: E731
+    else:
+        raise DataError(f"{path}: no recipe and no item shape (one of {', '.join(SHAPES)}) to read it with")
+    return collect(read_rows(path, split=split), convert, str(path), on_error)

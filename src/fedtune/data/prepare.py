@@ -9,6 +9,7 @@ import numpy as np
 from fedtune.config import DataConfig, PartitionConfig
 from fedtune.core import rng
 from fedtune.core.errors import DataError
+from fedtune.core.registry import DATASET_RECIPES
 from fedtune.data import partitioners
 from fedtune.data.builtin.tasks import generate_tasks
 from fedtune.data.formats import Example, load_examples
@@ -32,15 +33,21 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example
         b = cfg.builtin
         train, evaluation = generate_tasks(b.tasks, b.train_per_task, b.eval_per_task)
         return train, evaluation, True
-    examples = load_examples(cfg.dataset)
+    examples = load_data_file(cfg, cfg.dataset)
     if cfg.eval_dataset:
-        return examples, load_examples(cfg.eval_dataset), False
+        return examples, load_data_file(cfg, cfg.eval_dataset), False
     order = rng.numpy_rng(rng.HELD_OUT, seed).permutation(len(examples))
     n_eval = max(1, round(cfg.eval_fraction * len(examples)))
     if n_eval >= len(examples):
         raise DataError(f"{cfg.dataset}: {len(examples)} examples are too few to hold out data.eval_fraction")
     eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
     return [examples[i] for i in train_idx], [examples[i] for i in eval_idx], False
+
+
+def load_data_file(cfg: DataConfig, path: str) -> list[Example]:
+    """The examples of one of the config's data files, read through ``data.recipe`` under ``data.on_error``."""
+    recipe = None if cfg.recipe is None else DATASET_RECIPES.load(cfg.recipe)
+    return load_examples(path, recipe, cfg.on_error)
 
 
 def field_values(examples: list[Example], field: str, source: str) -> list[str]:

@@ -40,7 +40,7 @@ def run_participant(
     A refusal is retried for a while: a coordinator may enrol keys after its clients start, and a
     client restarted right after a crash is still listed as online for about a minute.
     """
-    from fedtune.data.formats import load_examples
+    from fedtune.data.prepare import load_data_file
     from fedtune.experiment import resolve_run_dir
     from fedtune.reporting.console import TqdmHandler
 
@@ -55,7 +55,7 @@ def run_participant(
         if not ca.is_file():
             raise ConfigError(f"{ca} is missing (runtime.flower.certs): copy the federation's ca.crt there")
     name = name or (key.stem if key is not None else data.stem)
-    examples = load_examples(data)
+    examples = load_data_file(cfg.data, str(data))
     state_dir = (state_dir or Path(f"{resolve_run_dir(cfg, config_path)}.client-{name}")).resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)  # its state, key material of secure rounds and log are this user's alone

@@ -95,7 +95,7 @@ def load_model(
         try:  # a local dir, or a hub id already in the HF cache: no network needed
             tokenizer, model = _from_pretrained(where, dtype, local_files_only=True, **kwargs)
         except OSError:
-            if local or not _hub_reachable():
+            if local or not hub_reachable():
                 raise
             tokenizer, model = _from_pretrained(where, dtype, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
@@ -160,7 +160,7 @@ def adopt_meta(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> None
         raise ValueError("lent weights left parameters without values")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect instead of huggingface_hub's minute of retries when offline."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False

@@ -21,8 +21,8 @@ from fedtune.config.data import DataConfig
 from fedtune.core import rng
 from fedtune.core.errors import ConfigError, DataError
 from fedtune.data.builtin.tasks import generate_public
-from fedtune.data.formats import Example, load_examples
-from fedtune.data.prepare import BUILTIN
+from fedtune.data.formats import Example
+from fedtune.data.prepare import BUILTIN, load_data_file
 from fedtune.data.tokenize import Encoded, Encoder, collate
 
 log = logging.getLogger("fedtune")
@@ -65,7 +65,7 @@ class PublicSet:
 def public_examples(d: DataConfig) -> tuple[list[Example], str]:
     """(examples, where they came from): ``data.public_dataset``, or the built-in generator."""
     if d.public_dataset:
-        return load_examples(d.public_dataset), d.public_dataset
+        return load_data_file(d, d.public_dataset), d.public_dataset
     if d.dataset != BUILTIN:
         raise ConfigError(
             f"paradigm kd needs a public set that every party may see: set data.public_dataset to a local file "
