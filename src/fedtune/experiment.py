@@ -26,6 +26,7 @@ from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.core.types import Params, ServerState
 from fedtune.data.prepare import FederatedData, prepare_federated_data
 from fedtune.evaluation.harness import EvalSet, evaluate
+from fedtune.evaluation.tasks import build_tasks, run_tasks
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
 from fedtune.reporting.metrics import MetricsWriter, summarize
@@ -130,11 +131,14 @@ def _run(
         lambda: (cfg.model.name, *adapter.lendable()),
     )
 
+    tasks = build_tasks(cfg.evaluation.tasks, bench.encoder)
+
     def evaluate_adapter(params: Params, r: int) -> dict[str, Any]:
         adapter.activate(adapter.global_rank)
         adapter.set_state(params)
         s = eval_settings
-        return evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact_at(r), s.max_new_tokens, s.group_by)
+        out = evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact_at(r), s.max_new_tokens, s.group_by)
+        return out | run_tasks(tasks, adapter.model, s.batch_size, r, plan.rounds_to_run)
 
     paradigm = cfg.plugin().halves().server(plan, bench, evaluate_adapter, weight_cap(cfg, data))
     fresh = paradigm.initial_state()

@@ -212,3 +212,31 @@ def test_a_variant_can_turn_privacy_on_over_a_base_without_it(tmp_path):
         c = by[name]
         assert (c.privacy.client_dp, c.privacy.clip_norm, c.privacy.noise_multiplier) == ("central", 0.3, z)
         assert c.aggregation.weighting == "uniform" and c.aggregation.lora == "ffa"
+
+
+def test_benchmark_scores_become_measures_columns_and_rankings():
+    from fedtune.compare.report import _columns, _ranked, markdown
+    from fedtune.reporting.stats import interval
+
+    def history(acc):
+        return [
+            {"round": 0, "eval_loss": 3.0, "mmlu_accuracy": 0.2},
+            {"round": 1, "clients": [0], "bytes_up": 1, "bytes_down": 1, "local_train_s": 1.0, "train_s": 1.0,
+             "eval_loss": 2.0, "mmlu_accuracy": acc, "mmlu_accuracy_by_group": {"a": acc}, "mmlu_s": 3.0},
+        ]  # fmt: skip
+
+    m = run_measures(history(0.5), num_clients=1, target_loss=None)["measures"]
+    assert m["final_mmlu_accuracy"] == 0.5 and not any("by_group" in k or (k.endswith("_s") and "mmlu" in k) for k in m)
+    summaries = {
+        name: {"final_eval_loss": interval([2.0, 2.1]).as_dict(), "final_mmlu_accuracy": interval(accs).as_dict()}
+        for name, accs in (("low", [0.10, 0.11]), ("high", [0.80, 0.81]))
+    }
+    variants = {n: {"summary": s, "seeds_done": 2} for n, s in summaries.items()}
+    assert _columns(variants)["final_mmlu_accuracy"][0] == "mmlu accuracy %"
+    assert _ranked(variants)["final_mmlu_accuracy"] is False  # higher is better
+    from fedtune.reporting.stats import tiers
+
+    order = tiers({n: interval(a) for n, a in (("low", [0.10, 0.11]), ("high", [0.80, 0.81]))}, False)
+    text = markdown({"command": "c", "seeds": [0, 1], "target_loss": None, "variants": variants, "failed": {},
+                     "ranking": {"final_mmlu_accuracy": order}}, [])  # fmt: skip
+    assert "mmlu accuracy %" in text and "mmlu accuracy % (higher is better), in tiers" in text

@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fedtune.reporting.metrics import benchmark_metrics
+
 MEASURES: dict[str, str] = {  # name -> what it is (comparison.json and the table use these names)
     "final_eval_loss": "eval loss after the last round",
     "final_accuracy": "exact-match (or the task's metric) after the last round",
@@ -68,6 +70,8 @@ def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: f
         "server_s_per_round": statistics.fmean(max(0.0, r["train_s"] - _clients_s(r)) for r in trained),
         "epsilon": next((r["dp_epsilon"] for r in reversed(history) if "dp_epsilon" in r), None),
     }
+    scored = [r for r in evals if benchmark_metrics(r)]  # evaluation.tasks: final_{task}_{metric}
+    measures |= {f"final_{k}": v for k, v in benchmark_metrics(scored[-1]).items()} if scored else {}
     return {"measures": measures, "curves": curves(history, num_clients)}
 
 

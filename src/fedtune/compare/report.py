@@ -43,8 +43,8 @@ def collect(plan: Plan) -> dict[str, Any]:
             measured = run_measures(read_history(run.run_dir), run.config.partition.num_clients, target)
             runs.append({"seed": run.seed, "run_dir": str(run.run_dir), **measured})
         stats: dict[str, Any] = {}
-        for key in MEASURES:
-            values = [r["measures"][key] for r in runs if r["measures"][key] is not None]
+        for key in [*MEASURES, *_benchmarks(runs)]:
+            values = [r["measures"][key] for r in runs if r["measures"].get(key) is not None]
             stats[key] = interval(values).as_dict() if values else None
         if target is not None:
             stats["rounds_to_target_reached"] = f"{sum(r['measures']['rounds_to_target'] is not None for r in runs)}"
@@ -52,10 +52,29 @@ def collect(plan: Plan) -> dict[str, Any]:
         variants[name] = {"overrides": plan.base.compare.variants[name], "seeds_done": len(runs), "runs": runs}
         variants[name]["summary"] = stats
     ranking = {}
-    for key, lower in RANKED.items():
-        found = {n: _interval(v["summary"][key]) for n, v in variants.items() if v["summary"][key] is not None}
+    for key, lower in _ranked(variants).items():
+        found = {n: _interval(v["summary"][key]) for n, v in variants.items() if v["summary"].get(key) is not None}
         ranking[key] = tiers(found, lower) if len(found) == len(variants) else None
     return {"variants": variants, "ranking": ranking}
+
+
+def _benchmarks(runs: list[dict[str, Any]]) -> list[str]:
+    """The evaluation.tasks measures (``final_{task}_{metric}``) any run has, in first-seen order."""
+    return list(dict.fromkeys(k for r in runs for k in r["measures"] if k not in MEASURES))
+
+
+def _ranked(variants: dict[str, Any]) -> dict[str, bool]:
+    """Measures ranked (-> lower is better): the loss, exact-match, and every benchmark score (higher is better)."""
+    found = dict.fromkeys(k for v in variants.values() for k in v["summary"] if k.startswith("final_"))
+    return RANKED | {k: False for k in found if k not in COLUMNS}
+
+
+def _columns(variants: dict[str, Any]) -> dict[str, tuple[str, str, float]]:
+    """The table's columns: the fixed ones and one per benchmark score (as a percentage)."""
+    extra = dict.fromkeys(k for v in variants.values() for k in v["summary"] if k.startswith("final_"))
+    return COLUMNS | {
+        k: (k.removeprefix("final_").replace("_", " ") + " %", ".1f", 100.0) for k in extra if k not in COLUMNS
+    }
 
 
 def _interval(d: dict[str, Any]) -> Interval:
@@ -87,7 +106,8 @@ def write_report(plan: Plan, command: str, plots: bool, failed: dict[str, str] |
 
 def markdown(result: dict[str, Any], images: list[Path]) -> str:
     variants = result["variants"]
-    columns = [k for k in COLUMNS if any(v["summary"][k] is not None for v in variants.values())]
+    table = _columns(variants)
+    columns = [k for k in table if any(v["summary"].get(k) is not None for v in variants.values())]
     lines = [
         "# Comparison",
         "",
@@ -97,22 +117,22 @@ def markdown(result: dict[str, Any], images: list[Path]) -> str:
         "95% t-interval (a lone value: one seed). Per client figures are per sampled client and round, bytes "
         "over the whole run.",
         "",
-        "| variant | seeds | " + " | ".join(COLUMNS[k][0] for k in columns) + " |",
+        "| variant | seeds | " + " | ".join(table[k][0] for k in columns) + " |",
         "|---|---:|" + "---:|" * len(columns),
     ]
     for name, v in variants.items():
         cells = []
         for key in columns:
-            stat = v["summary"][key]
-            title, fmt, scale = COLUMNS[key]
+            stat = v["summary"].get(key)
+            title, fmt, scale = table[key]
             cells.append(_interval(stat).text(fmt, scale) if stat is not None else "–")
             if key == "rounds_to_target" and result.get("target_loss") is not None:
                 cells[-1] += f" ({v['summary']['rounds_to_target_reached']} reached)"
         lines.append(f"| {name} | {v['seeds_done']} | " + " | ".join(cells) + " |")
     lines += ["", "## Ranking", ""]
-    for key, lower in RANKED.items():
+    for key, lower in _ranked(variants).items():
         order = result["ranking"].get(key)
-        title = COLUMNS[key][0]
+        title = table[key][0]
         if order is None:
             lines.append(f"- {title}: not ranked (a variant has fewer than 2 finished seeds or no value).")
             continue

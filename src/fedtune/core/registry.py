@@ -273,3 +273,43 @@ DATASET_RECIPES = Registry(
         Entry("mbpp", "MBPP: text, test_list, test_setup_code", _R + "MBPP", info=_EVAL),
     ],
 )
+
+_E = "fedtune.evaluation."
+EVAL_KINDS = Registry(
+    "evaluation kind",
+    "evaluation.tasks[].kind",
+    [
+        Entry(
+            "multiple_choice",
+            "MMLU-style questions, k-shot, scored by the answer letter's next-token log-probability or each "
+            "option's log-likelihood; accuracy overall, per group and averaged over groups",
+            _E + "choice:MultipleChoice",
+            info={"shape": "choice", "options": ("shots", "method")},
+        ),
+        Entry(
+            "label_choice",
+            "classification (e.g. negative/neutral/positive): the label with the highest log-likelihood after "
+            "the run's prompt; accuracy and macro-F1",
+            _E + "choice:LabelChoice",
+            info={"shape": "choice", "options": ()},
+        ),
+        Entry(
+            "answer_extraction",
+            "generate, extract the final answer (GSM8K's '#### n', else the last number), compare numerically",
+            _E + "generated:AnswerExtraction",
+            info={"shape": "answer", "options": ("shots", "max_new_tokens", "chain_of_thought")},
+        ),
+        Entry(
+            "rouge_l",
+            "generate and score ROUGE-L F1 against the reference (rouge-score)",
+            _E + "generated:RougeL",
+            info={"shape": "answer", "options": ("max_new_tokens",)},
+        ),
+        Entry(
+            "pass_at_k",
+            "generate programs and run each with its tests in the sandbox; pass@k by the unbiased estimator",
+            _E + "code:PassAtK",
+            info={"shape": "code", "options": ("max_new_tokens", "samples", "k", "temperature", "timeout_s")},
+        ),
+    ],
+)

@@ -11,6 +11,7 @@ disk, allocates without end, deletes files or opens a connection fails, and only
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -135,3 +136,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+@functools.cache
+def check_available() -> None:
+    """SandboxUnavailable (naming why) unless a trivial program runs in the sandbox here; checked once."""
+    outcome = run("pass", Limits(timeout_s=60))
+    if not outcome.passed:
+        raise SandboxUnavailable(f"the sandbox cannot run even an empty program here: {outcome.reason}")

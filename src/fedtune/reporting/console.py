@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from fedtune.reporting.metrics import benchmark_metrics
+
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
@@ -57,6 +59,7 @@ def round_line(rec: dict[str, Any], rounds: int) -> str:
         parts += [f"up {_mb(rec['bytes_up'])} MB", f"down {_mb(rec['bytes_down'])} MB"]
     if rec.get("dp_epsilon") is not None:
         parts.append(f"epsilon {rec['dp_epsilon']:.3g}")
+    parts += [f"{k} {v:.1%}" for k, v in benchmark_metrics(rec).items()]
     parts.append(f"{rec['wall_s']:.1f}s")
     return " | ".join(parts)
 
@@ -95,6 +98,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
             for group, acc in fin[key].items():
                 start = (ini.get(key) or {}).get(group)
                 table.add_row(f"  {group}", f"{_f(start, '.0%')} -> {acc:.0%}")
+    for key in benchmark_metrics(fin):  # evaluation.tasks
+        table.add_row(f"{key} (start -> end)", f"{_f(ini.get(key), '.1%')} -> {fin[key]:.1%}")
     table.add_row("rounds", str(summary["rounds_completed"]))
     privacy = summary.get("privacy")
     if privacy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# the scalar metrics of evaluation.tasks (``{task}_accuracy``, ``{task}_rouge_l``, ``{task}_pass_at_1``, ...):
+# what summaries and comparisons report of each benchmark (the kinds' tests hold them to this pattern)
+BENCHMARK_METRIC = re.compile(r"^(?!eval_)[a-z][a-z0-9_]*_(accuracy|accuracy_macro|macro_f1|rouge_l|pass_at_\d+)$")
+
+
+def benchmark_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The benchmark scores in one round's record."""
+    return {k: v for k, v in record.items() if BENCHMARK_METRIC.match(k) and isinstance(v, (int, float))}
+
+
 def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
     """Start vs end of the run, totals, and the best round."""
     evals = [r for r in history if r.get("eval_loss") is not None]
@@ -83,6 +94,10 @@ def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         out["train_tokens_per_s"] = out["train_tokens"] / max(1e-9, sum(r["train_s"] for r in fed))
     for k in (k for k in last if k.startswith("eval_accuracy_by_")):  # per task (or other group_by field)
         out["initial"][k], out["final"][k] = first.get(k), last[k]
+    benchmarks = [r for r in evals if benchmark_metrics(r)]  # evaluation.tasks: scored at the start and the end
+    if benchmarks:
+        out["initial"] |= benchmark_metrics(benchmarks[0]) if benchmarks[0]["round"] == 0 else {}
+        out["final"] |= benchmark_metrics(benchmarks[-1])
     scored = [r for r in evals if r.get("eval_accuracy") is not None]  # exact_match=final: the last one only
     if scored and "eval_accuracy" in last:
         best = max(scored, key=lambda r: r["eval_accuracy"])

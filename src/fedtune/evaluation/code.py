@@ -1,0 +1,97 @@
+"""Code tasks: generate programs, run each with its tests in the sandbox, report pass@k.
+
+A candidate program is the first fenced code block of the generation (else the whole text), after
+the task's ``code_prefix`` (HumanEval's signature and docstring) when it does not define the entry
+point itself, followed by the task's tests; it passes when it exits 0 within the limits
+(``sandbox.run``: no network, own process tree, CPU / memory / process / file limits, a wall-clock
+timeout). With ``samples`` n per task (greedy when 1, else sampled at ``temperature`` from a fixed
+seed) and c of them passing, pass@k = 1 - C(n-c, k) / C(n, k), averaged over tasks (Chen et al. 2021).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from fedtune.core.errors import ConfigError
+from fedtune.data.items import CodeItem
+from fedtune.data.tokenize import Encoder, left_pad
+from fedtune.evaluation import sandbox
+from fedtune.evaluation.answers import code_of
+from fedtune.evaluation.prompting import chat_prompt
+from fedtune.evaluation.scoring import score
+from fedtune.models.device import model_device
+
+SAMPLING_SEED = 1234
+
+
+def program(item: CodeItem, generation: str) -> str:
+    """The Python a candidate runs as: its code (after the task's prefix where it continues it), then the tests."""
+    code = code_of(generation)
+    if item.code_prefix and not (item.entry_point and f"def {item.entry_point}" in code):
+        code = item.code_prefix + code
+    return f"{code}\n\n{item.tests}"
+
+
+class PassAtK:
+    def __init__(
+        self,
+        name: str,
+        items: Sequence[CodeItem],
+        encoder: Encoder,
+        max_new_tokens: int = 256,
+        samples: int = 1,
+        k: Sequence[int] = (1,),
+        temperature: float = 0.8,
+        timeout_s: float = 10.0,
+    ):
+        self.name, self.items, self.tokenizer = name, list(items), encoder.tokenizer
+        self.max_new_tokens, self.samples, self.k, self.temperature = max_new_tokens, samples, list(k), temperature
+        self.limits = sandbox.Limits(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
+        self.prompts = [chat_prompt(encoder, [], it.prompt) for it in self.items]
+        try:
+            sandbox.check_available()  # a machine that cannot isolate a program runs none
+        except sandbox.SandboxUnavailable as exc:
+            raise ConfigError(f"evaluation.tasks ({name}): kind pass_at_k runs no program unsandboxed: {exc}") from None
+
+    def run(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
+        texts = self._generate(model, batch_size)  # per item, its samples
+        jobs = [program(it, t) for it, ts in zip(self.items, texts, strict=True) for t in ts]
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            passed = [o.passed for o in pool.map(lambda p: sandbox.run(p, self.limits), jobs)]
+        out: dict[str, Any] = {}
+        per_item = [sum(passed[i * self.samples : (i + 1) * self.samples]) for i in range(len(self.items))]
+        for k in self.k:
+            values = [sandbox.pass_at_k(self.samples, c, k) for c in per_item]
+            out[f"{self.name}_pass_at_{k}"] = sum(values) / len(values)
+        return out
+
+    def _generate(self, model: torch.nn.Module, batch_size: int) -> list[list[str]]:
+        if self.samples == 1:
+            s = score(model, self.tokenizer, self.prompts, batch_size=batch_size, max_new_tokens=self.max_new_tokens)
+            return [[g] for g in s.generations]
+        tok, device, n = self.tokenizer, model_device(model), self.samples
+        rows = [p for p in self.prompts for _ in range(n)]
+        texts: list[str] = []
+        model.eval()
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), torch.no_grad():
+            torch.manual_seed(SAMPLING_SEED)
+            for start in range(0, len(rows), batch_size):
+                ids, mask = left_pad(rows[start : start + batch_size], tok.pad_token_id)  # (B, T)
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=True,
+                    temperature=self.temperature,
+                    top_p=0.95,
+                    max_new_tokens=self.max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                texts += tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+        return [texts[i * n : (i + 1) * n] for i in range(len(self.items))]
