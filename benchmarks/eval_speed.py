@@ -6,8 +6,8 @@ exact-match ``--repeats`` times, alternating, in one process:
 
 - ``plain``: a forward over the right-padded prompt+target sequences for the loss, then ``generate``
   from the left-padded prompts (the prompts run twice, the shared system turn in every row);
-- ``cached``: what ``evaluation.harness.evaluate`` does: one forward per batch with the shared prefix
-  run once, ``generate`` continuing from its attention cache, and each row's generation stopped once
+- ``cached``: what ``evaluation.harness.evaluate`` does: one forward per batch with each run of prompts'
+  shared prefix computed once, ``generate`` continuing from its attention cache, and each row's generation stopped once
   its text can no longer be an exact match (``metrics.could_still_match``).
 
     python benchmarks/eval_speed.py [--repeats 3] [--batch-sizes 20 40]
@@ -34,7 +34,7 @@ def main() -> None:
     from fedtune.data.prepare import prepare_federated_data
     from fedtune.evaluation.harness import EvalSet
     from fedtune.evaluation.metrics import could_still_match, exact_match
-    from fedtune.evaluation.scoring import score
+    from fedtune.evaluation.scoring import score, shared_prefix
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("examples/quickstart.yaml", [f"output.dir={tmp}"])
@@ -42,7 +42,7 @@ def main() -> None:
         data = prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed())
         eval_set = EvalSet.build(eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
     model, tok = bench.adapter.model, bench.tokenizer
-    prompts, conts, prefix = eval_set.scored_rows()
+    prompts, conts = eval_set.scored_rows()
     new = cfg.evaluation.max_new_tokens
 
     def hopeless(i: int, text: str) -> bool:
@@ -57,7 +57,6 @@ def main() -> None:
             conts,
             batch_size=batch,
             max_new_tokens=new,
-            prefix=prefix,
             cache_prompts=variant == "cached",
             give_up=hopeless if variant == "cached" else None,
         )
@@ -98,7 +97,7 @@ def main() -> None:
                 0,
                 0,
                 max_new_tokens=new,
-                shared_prefix_tokens=prefix,
+                shared_prefix_tokens=shared_prefix(prompts),
                 prompt_tokens=[min(map(len, prompts)), max(map(len, prompts))],
             ),
             "repeats": args.repeats,

@@ -90,3 +90,29 @@ def test_a_row_given_up_stops_where_its_full_generation_went_on(tiny, cached):
     ).generations
     for i, (f, c) in enumerate(zip(full, cut, strict=True)):
         assert f.startswith(c) and (c == f if i % 2 else len(c) < len(f) and len(c) >= 2)
+
+
+def test_runs_of_prompts_sharing_more_get_their_own_prefix():
+    from fedtune.evaluation.scoring import prefix_groups
+
+    a, b = [1] * 2 + [5] * 30, [1] * 2 + [6] * 30  # two families sharing 2 tokens, then 30 of their own
+    prompts = sorted([[*a, 7], [*a, 8, 9], [*b, 7], [*b, 8]])
+    assert prefix_groups(prompts) == [(0, 2, 32), (2, 4, 32)]
+    assert prefix_groups([[1, 2, 3], [1, 2, 4]]) == [(0, 2, 2)]  # one run: nothing to gain from splitting
+    assert prefix_groups([[4]]) == [(0, 1, 0)]
+
+
+@pytest.mark.parametrize("batch_size", [2, 4, 5])
+def test_families_of_prompts_score_and_generate_as_each_row_alone(tiny, batch_size):
+    tok, model = tiny.tokenizer, tiny.model
+    head = tok("<|im_start|>system\nShort answers.<|im_end|>\n<|im_start|>user\n")["input_ids"]
+    shots = {f: tok(f"Examples about {f}: one, two, three, four, five, six, seven.\n")["input_ids"]
+             for f in ("apples", "rivers")}  # fmt: skip
+    prompts = [head + shots[f] + tok(q)["input_ids"] for f in shots for q in ("First?", "And the second one?", "3")]
+    conts = [tok(c)["input_ids"] for c in ("yes", "no", "a b c", "", "x", "long answer here")]
+    got = score(model, tok, prompts, conts, batch_size=batch_size, candidates=[5, 9], max_new_tokens=4)
+    for i, (pr, co) in enumerate(zip(prompts, conts, strict=True)):
+        ll, choice, gen = _reference(model, pr, co, [5, 9], 4)
+        assert got.log_likelihood[i] == pytest.approx(ll, abs=1e-4)
+        assert got.choices[i] == pytest.approx(choice, abs=1e-4)
+        assert got.generations[i] == tok.decode(gen, skip_special_tokens=True)

@@ -1,7 +1,7 @@
 """Held-out evaluation: token-mean loss and perplexity; exact-match accuracy by greedy generation.
 
 Both come from ``scoring.score``: one forward per batch scores the targets and leaves the attention
-cache that generation continues from, with the prompts' shared prefix run once.
+cache that generation continues from, with the prefixes that prompts share run once.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.data.formats import Example
 from fedtune.data.tokenize import Encoded, Encoder
 from fedtune.evaluation.metrics import could_still_match, exact_match, grouped_accuracy
-from fedtune.evaluation.scoring import score, shared_prefix
+from fedtune.evaluation.scoring import score
 
 
 @dataclass(frozen=True)
@@ -26,28 +26,27 @@ class EvalSet:
     examples: list[Example]
     encoded: list[Encoded]
     prompts: list[list[int]]
-    prefix: int = 0  # tokens every prompt starts with (scoring.shared_prefix)
 
     @classmethod
     def build(cls, examples: Sequence[Example], encoder: Encoder) -> EvalSet:
         encoded, _ = encoder.encode_all(examples)
         prompts = [list(e.input_ids[: e.prompt_len]) for e in encoded]
-        return cls(list(examples), encoded, prompts, shared_prefix(prompts))
+        return cls(list(examples), encoded, prompts)
 
-    def scored_rows(self) -> tuple[list[list[int]], list[list[int]], int]:
-        """(prompts, continuations, shared prefix) whose continuation log-likelihoods make the loss: the
+    def scored_rows(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompts, continuations) whose continuation log-likelihoods make the loss: the
         target and EOS, or (trained on the prompt too) everything after the first token."""
         if any(e.train_on_prompt for e in self.encoded):
             ids = [list(e.input_ids) for e in self.encoded]
-            return [s[:1] for s in ids], [s[1:] for s in ids], 0
-        return self.prompts, [list(e.input_ids[e.prompt_len :]) for e in self.encoded], self.prefix
+            return [s[:1] for s in ids], [s[1:] for s in ids]
+        return self.prompts, [list(e.input_ids[e.prompt_len :]) for e in self.encoded]
 
 
 @torch.no_grad()
 def eval_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: EvalSet, batch_size: int) -> float:
     """Mean next-token loss over all target tokens of the set."""
-    prompts, conts, prefix = data.scored_rows()
-    s = score(model, tokenizer, prompts, conts, batch_size=batch_size, prefix=prefix)
+    prompts, conts = data.scored_rows()
+    s = score(model, tokenizer, prompts, conts, batch_size=batch_size)
     return -sum(s.log_likelihood) / max(1, sum(s.tokens))
 
 
@@ -62,7 +61,7 @@ def evaluate(
     prefix: str = "eval_",
 ) -> dict[str, float | dict[str, float]]:
     """Metrics dict: {prefix}loss, {prefix}ppl and, when exact, {prefix}accuracy (+ per group)."""
-    prompts, conts, shared = data.scored_rows()
+    prompts, conts = data.scored_rows()
     joint = exact and prompts is data.prompts  # the scored prompts are the generation prompts: one pass
     s = score(
         model,
@@ -71,7 +70,6 @@ def evaluate(
         conts,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens if joint else None,
-        prefix=shared,
         give_up=_hopeless(data),
     )
     loss = -sum(s.log_likelihood) / max(1, sum(s.tokens))
@@ -98,7 +96,6 @@ def generate(
         data.prompts,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        prefix=data.prefix,
         give_up=_hopeless(data),
     )
     return s.generations or []

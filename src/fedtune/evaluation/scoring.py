@@ -69,26 +69,26 @@ def score(
     batch_size: int,
     candidates: Sequence[int] | None = None,
     max_new_tokens: int | None = None,
-    prefix: int | None = None,
     cache_prompts: bool = True,
     give_up: Callable[[int, str], bool] | None = None,
 ) -> Scores:
     """Log-likelihood of each continuation given its prompt (none given: empty), log-probabilities of the
     ``candidates`` token ids at each prompt's end, and ``max_new_tokens`` of greedy text from each prompt.
-    ``prefix``: the prompts' shared prefix length if known (``shared_prefix``); ``cache_prompts`` False:
-    the plain path even where the cached one applies (a separate forward and ``generate``, for comparison).
-    ``give_up(row, text so far)``: True stops that row's generation (its text can no longer score)."""
+    ``cache_prompts`` False: the plain path even where the cached one applies (a separate forward and
+    ``generate``, for comparison). ``give_up(row, text so far)``: True stops that row's generation."""
     model.eval()
     conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in prompts]
     cached = cache_prompts and caches_prompts(model)
-    p = (shared_prefix(prompts) if prefix is None else prefix) if cached else 0
-    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(conts[i])))  # similar widths
+    if cached:  # rows sharing a prefix side by side
+        order = sorted(range(len(prompts)), key=lambda i: (list(prompts[i]), conts[i]))
+    else:  # rows of similar widths side by side
+        order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(conts[i])))
     ll, n_tok = [0.0] * len(prompts), [0] * len(prompts)
     choices: list[list[float]] = [[] for _ in prompts]
     texts = [""] * len(prompts)
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
-        batch = _Batch(model, tokenizer, [prompts[i] for i in rows], [conts[i] for i in rows], p, cached)
+        batch = _Batch(model, tokenizer, [prompts[i] for i in rows], [conts[i] for i in rows], cached)
         row_ll, first = batch.likelihoods()
         want = torch.tensor(list(candidates), device=first.device) if candidates else None
         for k, i in enumerate(rows):
@@ -102,26 +102,53 @@ def score(
     return Scores(ll, n_tok, choices if candidates else None, texts if max_new_tokens else None)
 
 
+def prefix_groups(prompts: Sequence[Sequence[int]], extra: int = 0) -> list[tuple[int, int, int]]:
+    """Runs of consecutive (sorted) prompts and the prefix each run shares: [(start, stop, length)], chosen to
+    cost the fewest token positions, G·max P (the runs' prefixes, one padded forward) + B·(max suffix + extra).
+    Every prompt keeps at least one token outside its run's prefix."""
+    n = len(prompts)
+    lcp = [shared_prefix([prompts[i - 1], prompts[i]]) for i in range(1, n)]  # capped to leave a token each
+
+    def runs(cut: int) -> list[tuple[int, int, int]]:
+        out, start = [], 0
+        for i in range(1, n + 1):
+            if i == n or lcp[i - 1] < cut:
+                out.append((start, i, shared_prefix(prompts[start:i]) if i - start > 1 else len(prompts[start]) - 1))
+                start = i
+        return out
+
+    def cost(groups: list[tuple[int, int, int]]) -> int:
+        widest = max(len(prompts[i]) - length for a, b, length in groups for i in range(a, b))
+        return len(groups) * max(length for *_, length in groups) + n * (widest + extra)
+
+    options = [runs(cut) for cut in sorted({0, *lcp, max(lcp, default=0) + 1})]
+    return min(options, key=cost)
+
+
 class _Batch:
     """One batch of rows: the forward over their prompts and continuations, then (maybe) generation."""
 
-    def __init__(self, model, tokenizer, prompts, conts, p: int, cached: bool):
-        self.model, self.tokenizer, self.prompts, self.p, self.cached = model, tokenizer, prompts, p, cached
+    def __init__(self, model, tokenizer, prompts, conts, cached: bool):
+        self.model, self.tokenizer, self.prompts, self.cached = model, tokenizer, prompts, cached
         self.pad, self.device = tokenizer.pad_token_id, model_device(model)
         self.cache: DynamicCache | None = None
         b, c = len(prompts), max(1, max(len(x) for x in conts))
-        if cached:  # [prefix][left pad][rest of prompt][continuation][right pad]; prompts end at column p + w
-            w = max(len(x) for x in prompts) - p
-            ids = torch.full((b, w + c), self.pad, dtype=torch.long)  # (B, W + C): the prefix is in the cache
+        if cached:  # [group prefix][left pad][rest of prompt][continuation][right pad]: prompts end at one column
+            groups = prefix_groups(prompts, c)
+            self.group_of = [g for g, (start, stop, _) in enumerate(groups) for _ in range(start, stop)]
+            self.heads = [list(prompts[start][:length]) for start, _, length in groups]  # each group's prefix
+            p = max(len(h) for h in self.heads)
+            rests = [pr[len(self.heads[g]) :] for pr, g in zip(prompts, self.group_of, strict=True)]
+            w = max(len(r) for r in rests)
+            ids = torch.full((b, w + c), self.pad, dtype=torch.long)  # (B, W + C): the prefixes are in the cache
             mask = torch.zeros((b, p + w + c), dtype=torch.long)  # (B, P + W + C)
-            mask[:, :p] = 1
             ends = torch.full((b,), w - 1)  # (B,) column (of ids) of each prompt's last token
-            for i, (pr, co) in enumerate(zip(prompts, conts, strict=True)):
-                rest = pr[p:]
-                ids[i, w - len(rest) : w] = torch.tensor(rest)
+            for i, (rest, co) in enumerate(zip(rests, conts, strict=True)):
+                mask[i, p - len(self.heads[self.group_of[i]]) : p] = 1
+                ids[i, w - len(rest) : w] = torch.tensor(rest, dtype=torch.long)
                 ids[i, w : w + len(co)] = torch.tensor(co, dtype=torch.long)
                 mask[i, p + w - len(rest) : p + w + len(co)] = 1
-            self.width = w
+            self.p, self.width = p, w
         else:  # [prompt][continuation][right pad]
             t = max(len(pr) + len(co) for pr, co in zip(prompts, conts, strict=True))
             ids = torch.full((b, t), self.pad, dtype=torch.long)  # (B, T)
@@ -132,6 +159,13 @@ class _Batch:
                 mask[i, : len(pr) + len(co)] = 1
         self.ids, self.mask, self.ends, self.conts, self.c = ids, mask, ends, conts, c
 
+    def _prefix_ids(self) -> torch.Tensor:
+        """(B, P): each row's group prefix, left-padded to the longest."""
+        if not self.p:
+            return torch.zeros((len(self.prompts), 0), dtype=torch.long)
+        heads, _ = left_pad(self.heads, self.pad)  # (G, P)
+        return heads[torch.tensor(self.group_of)]
+
     def likelihoods(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ log p of each row's continuation (B,), log-probs at each prompt's end (B, V))."""
         lo = int(self.ends.min())
@@ -141,10 +175,18 @@ class _Batch:
         if self.cached:
             positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, self.p :]  # (B, W + C): padding skipped
             self.cache = DynamicCache()
-            if self.p:
-                prefix = torch.tensor([self.prompts[0][: self.p]], device=self.device)  # (1, P)
-                self.model(input_ids=prefix, cache=self.cache, use_cache=True, logits_to_keep=1)
-                self.cache.batch_repeat_interleave(len(self.prompts))
+            if self.p:  # every group's prefix in one forward (G, P), then each row takes its group's cache
+                heads, head_mask = left_pad(self.heads, self.pad)  # (G, P) each
+                head_pos = (head_mask.cumsum(1) - 1).clamp(min=0)
+                self.model(
+                    input_ids=heads.to(self.device),
+                    attention_mask=head_mask.to(self.device),
+                    position_ids=head_pos.to(self.device),
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                self.cache.batch_select_indices(torch.tensor(self.group_of, device=self.device))
             kwargs |= {"position_ids": positions.to(self.device), "cache": self.cache, "use_cache": True}
         offset = virtual_token_offset(self.model)
         head = plain_head(self.model)
@@ -177,10 +219,9 @@ class _Batch:
         """Greedy text after each prompt; the cached path continues from the forward's attention cache."""
         tok = self.tokenizer
         if self.cached and self.cache is not None:
-            w, p, b = self.width, self.p, len(self.prompts)
+            w, p = self.width, self.p
             self.cache.crop(-(self.cache.get_seq_length() - (p + w - 1)))  # to before the prompts' last column
-            prefix = torch.tensor([self.prompts[0][:p]], dtype=torch.long).expand(b, p)  # (B, P)
-            ids = torch.cat([prefix, self.ids[:, :w]], dim=1)  # (B, P + W)
+            ids = torch.cat([self._prefix_ids(), self.ids[:, :w]], dim=1)  # (B, P + W)
             mask, extra = self.mask[:, : p + w], {"cache": self.cache}
         else:
             (ids, mask), extra = left_pad(self.prompts, self.pad), {}  # (B, T) each
