@@ -8,11 +8,11 @@ checks it, docs/architecture.md explains it):
   codecs       compression stages for what crosses the wire
   wire         messages as bytes, one direction's codec chain, the header protocol
   models       loading, placement, block layouts, device moves, the fused head loss
-  data         formats, built-in tasks, partitioners, templates, tokenisation
-  adapters     a base model with its PEFT adapter, LoRA algebra, routing, the split cut
+  data         formats, dataset recipes, evaluation items, built-in tasks, partitioners, templates, tokenisation
+  adapters     a base model with its PEFT adapter, LoRA algebra, routing, the split cut, merging
   reporting    console, metrics files, statistics
   losses       losses over the positions that predict target tokens
-  evaluation   held-out loss, perplexity, exact-match
+  evaluation   held-out loss and exact-match, benchmark kinds (choice, extraction, ROUGE-L, pass@k), the sandbox
   aggregation  server aggregators: clip -> combine -> server optimizer, LoRA-aware, SCAFFOLD
   privacy      DP accounting, DP-FedAvg's noised mean, the privacy plan, secure aggregation's crypto
   client       a client's local training round, its corrections and cost

@@ -175,8 +175,11 @@ def certs(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    """Print the per-round table and summary of a run."""
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    plot: Annotated[bool, typer.Option("--plot", help="also draw the run's curves to RUN_DIR/curves.png")] = False,
+) -> None:
+    """Print the per-round table and summary of a run (with --plot, draw its curves)."""
     from fedtune.reporting.console import console, rounds_table, summary_table
     from fedtune.reporting.metrics import read_metrics
 
@@ -187,6 +190,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     summary = run_dir / "summary.json"
     if summary.is_file():
         console.print(summary_table(json.loads(summary.read_text())))
+    if plot:
+        from fedtune.reporting.plots import draw_run
+
+        console.print(f"wrote {draw_run(read_metrics(metrics), run_dir / 'curves.png')}")
 
 
 @app.command()

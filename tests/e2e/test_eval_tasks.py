@@ -52,8 +52,10 @@ def test_every_kind_is_scored_at_the_start_and_the_end_and_summarised(tmp_path):
     assert "mmlu_accuracy" not in metrics[1] and "dolly_rouge_l" in metrics[1]  # every_round: every evaluation
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert all(k in summary["initial"] and k in summary["final"] for k in scores)
-    code, out = cli("report", str(tmp_path / "tiny"))
-    assert code == 0 and "mmlu_accuracy" in out, out
+    code, out = cli("report", str(tmp_path / "tiny"), "--plot")
+    assert code == 0 and "mmlu_accuracy" in out and "curves.png" in out, out
+    png = (tmp_path / "tiny" / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def test_export_writes_a_merged_model_plain_transformers_loads(tmp_path):
