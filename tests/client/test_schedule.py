@@ -34,6 +34,21 @@ def test_cosine_and_warmup():
     assert lrs[5] == 1.0 and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 14 / 15)))
 
 
+def test_by_round_scope_is_flowertunes_per_round_cosine():
+    rounds, lo, hi = 10, 1e-6, 5e-5
+    for r in range(1, rounds + 1):
+        expected = lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * r / rounds))  # FlowerTune's cosine_annealing
+        within = [lr_at(hi, "cosine", 0.0, s, 10, r, rounds, "by_round", lo) for s in range(10)]
+        assert within == pytest.approx([expected] * 10)  # one rate through the round
+    assert lr_at(hi, "cosine", 0.0, 0, 10, rounds, rounds, "by_round", lo) == pytest.approx(lo)
+
+
+def test_decay_ends_at_lr_min():
+    assert lr_at(1.0, "linear", 0.0, 19, 20, 1, 1, "federation", 0.1) == pytest.approx(0.1 + 0.9 / 20)
+    with pytest.raises(ValueError, match="lr_min"):
+        TrainingConfig(lr=1e-3, lr_min=1e-2)
+
+
 def test_constant():
     assert set(_run("constant", "federation")) == {1.0}
 

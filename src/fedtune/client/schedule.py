@@ -4,6 +4,9 @@ Peer frameworks restart the schedule every round because local training is split
 rounds; here scope='federation' places local step s of round r at global step
 (r - 1) * S + s of R * S (S steps per round, R rounds), which under full participation is
 exactly the client's own global step. scope='round' restarts each round, on request.
+scope='by_round' holds one rate through a round and decays it over rounds, at progress r / R
+(FlowerTune's per-round cosine: lr_min + (lr - lr_min)·(1 + cos(π r / R)) / 2). Linear and cosine
+decay towards ``lr_min`` (default 0).
 """
 
 from __future__ import annotations
@@ -31,24 +34,32 @@ def lr_at(
     round_index: int,
     total_rounds: int,
     scope: str = "federation",
+    lr_min: float = 0.0,
 ) -> float:
     """Learning rate for 0-based local ``step`` of 1-based round ``round_index``."""
-    if scope == "federation":
-        t, total = (round_index - 1) * steps_per_round + step, total_rounds * steps_per_round
-    elif scope == "round":
-        t, total = step, steps_per_round
+    if scope == "by_round":  # one rate per round; warmup counts rounds
+        t, total = round_index, total_rounds
+        warmup = round(warmup_ratio * total)
+        if t <= warmup:
+            return base_lr * t / max(1, warmup)
+        progress = (t - warmup) / max(1, total - warmup)
     else:
-        raise ValueError(f"training.schedule_scope={scope!r}; allowed: federation, round")
-    warmup = round(warmup_ratio * total)
-    if t < warmup:
-        return base_lr * (t + 1) / warmup
+        if scope == "federation":
+            t, total = (round_index - 1) * steps_per_round + step, total_rounds * steps_per_round
+        elif scope == "round":
+            t, total = step, steps_per_round
+        else:
+            raise ValueError(f"training.schedule_scope={scope!r}; allowed: federation, round, by_round")
+        warmup = round(warmup_ratio * total)
+        if t < warmup:
+            return base_lr * (t + 1) / warmup
+        progress = (t - warmup) / max(1, total - warmup)  # 0 at the end of warmup, -> 1 at the end
     if schedule == "constant":
         return base_lr
-    progress = (t - warmup) / max(1, total - warmup)  # 0 at the end of warmup, -> 1 at the end
     if schedule == "linear":
-        return base_lr * (1.0 - progress)
+        return lr_min + (base_lr - lr_min) * (1.0 - progress)
     if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr_min + (base_lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"training.lr_schedule={schedule!r}; allowed: constant, linear, cosine")
 
 
@@ -65,6 +76,7 @@ class RoundSchedule:
     grad_accum: int
     local_steps: int | None  # steps mode: every client takes exactly this many
     local_epochs: float | None  # epochs mode: the steps follow the client's example count
+    lr_min: float = 0.0
 
     @classmethod
     def of(cls, t: TrainingConfig, total_rounds: int) -> RoundSchedule:
@@ -78,6 +90,7 @@ class RoundSchedule:
             t.grad_accum,
             t.local_steps,
             t.local_epochs,
+            t.lr_min,
         )
 
     def steps(self, num_examples: int) -> int:
@@ -87,7 +100,17 @@ class RoundSchedule:
 
     def lr_at(self, round_index: int, step: int, steps: int) -> float:
         """The learning rate of 0-based local ``step`` of ``steps`` in 1-based round ``round_index``."""
-        return lr_at(self.lr, self.schedule, self.warmup_ratio, step, steps, round_index, self.total_rounds, self.scope)
+        return lr_at(
+            self.lr,
+            self.schedule,
+            self.warmup_ratio,
+            step,
+            steps,
+            round_index,
+            self.total_rounds,
+            self.scope,
+            self.lr_min,
+        )
 
     def lr_sum(self, round_index: int, steps: int) -> float:
         """The learning rates of a round's ``steps`` local steps, summed in step order as a client sums them

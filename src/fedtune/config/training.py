@@ -18,9 +18,12 @@ class TrainingConfig(Strict):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(1e-3, gt=0, description="peak learning rate of the local optimizer")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup")
+    lr_min: float = Field(0.0, ge=0, description="where linear and cosine decay end")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the schedule spent warming up linearly")
-    schedule_scope: Literal["federation", "round"] = Field(
-        "federation", description="federation: schedule follows the run's global step; round: restarts each round"
+    schedule_scope: Literal["federation", "round", "by_round"] = Field(
+        "federation",
+        description="federation: schedule follows the run's global step; round: restarts each round; by_round: one "
+        "rate per round, decayed over rounds at progress round / rounds (FlowerTune's per-round cosine)",
     )
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer (fresh state every round)")
     weight_decay: float = Field(0.0, ge=0, description="weight decay of the local optimizer")
@@ -46,6 +49,12 @@ class TrainingConfig(Strict):
         if isinstance(data, dict) and data.get("local_epochs") is not None and "local_steps" not in data:
             data = {**data, "local_steps": None}  # giving epochs sets the default steps aside
         return data
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self) -> TrainingConfig:
+        if self.lr_min > self.lr:
+            raise ValueError(f"training.lr_min={self.lr_min} is above training.lr={self.lr}")
+        return self
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:
