@@ -37,6 +37,7 @@ LAYERS = [
     "server",
     "experiment",
     "compare",
+    "flowertune",
     "deploy",
     "cli",
 ]

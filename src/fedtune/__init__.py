@@ -3,7 +3,7 @@
 Its parts, lowest layer first; a part imports only parts above it in this list (tests/test_architecture.py
 checks it, docs/architecture.md explains it):
 
-  core         errors, shared types, the plug-in registries, the named random streams
+  core         errors, shared types, the plug-in registries, the named random streams, a robust SVD
   config       the experiment's sections, the paradigm declaration, validation, resolution, loading
   codecs       compression stages for what crosses the wire
   wire         messages as bytes, one direction's codec chain, the header protocol
@@ -22,6 +22,7 @@ checks it, docs/architecture.md explains it):
   server       the one round loop, checkpoints, sampling
   experiment   the recipe `fedtune run` runs
   compare      `fedtune compare`
+  flowertune   `fedtune flowertune`: a FlowerTune LLM challenge's pyproject.toml run and reported
   deploy       `fedtune server` / `fedtune client`
   cli          the command line
 """

@@ -94,6 +94,44 @@ def compare(
 
 
 @app.command()
+def flowertune(
+    pyproject: Annotated[Path, typer.Argument(help="a FlowerTune challenge's pyproject.toml")],
+    overrides: Overrides = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="a local copy of the static dataset (default: its hub id)")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="another base than the project's model.name")] = None,
+    out: Annotated[str, typer.Option("--out", help="parent directory of the run")] = "runs",
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run from its last round")] = False,
+) -> None:
+    """Run a FlowerTune LLM challenge as its pyproject.toml sets it (static dataset with the challenge's
+    preprocessing, clients, fraction, per-round cosine learning rate, LoRA, FedAvg), and report the
+    communication against the leaderboard's 200,000 MB budget and whether the run could be an entry."""
+    from fedtune.reporting.console import console
+
+    with _reported():
+        from fedtune.flowertune.runner import run_challenge
+
+        done = run_challenge(pyproject, dataset, model, out, overrides, resume)
+    r = done.report
+    table = Table(title=f"FlowerTune {r['challenge']} challenge", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    c = r["communication"]
+    table.add_row("communication (up + down)", f"{c['total_mb']:,.1f} MB = {c['total_gb']:.3f} GB")
+    table.add_row(
+        "of the 200,000 MB budget", f"{100 * c['share_of_budget']:.3f}%" + ("" if c["within_budget"] else " (over)")
+    )
+    for column, value in r["columns"].items():
+        table.add_row(column, "not evaluated" if value is None else f"{100 * value:.2f}")
+    table.add_row("leaderboard-valid", "yes" if r["leaderboard_valid"] else "no")
+    console.print(table)
+    for why in r["not_valid_because"]:
+        console.print(f"  not leaderboard-valid: {why}")
+    console.print(f"report: {done.run_dir / 'challenge.json'}")
+
+
+@app.command()
 def server(
     config: Annotated[Path, typer.Argument(help="experiment YAML with runtime.name=flower")],
     overrides: Overrides = None,

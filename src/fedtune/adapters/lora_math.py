@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.core import linalg
+
 _A, _B = ".lora_A.", ".lora_B."
 
 
@@ -62,7 +64,7 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
     """U (out, k), S (k,), Vh (k, in) with U diag(S) Vh = b @ a, without forming b @ a."""
     qb, rb = torch.linalg.qr(b)  # (out, k1), (k1, R)
     qa, ra = torch.linalg.qr(a.T)  # (in, k2), (k2, R)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # core (k1, k2)
+    u, s, vh = linalg.svd(rb @ ra.T)  # core (k1, k2)
     return qb @ u, s, vh @ qa.T
 
 
@@ -95,7 +97,7 @@ def refactor(
     a[:keep] = root[:, None] * vh[:keep]
     if near is not None:
         a_prev, b_prev = (t.double() for t in near)
-        w, _, zh = torch.linalg.svd(b.T @ b_prev + a @ a_prev.T)  # (rank, rank) each
+        w, _, zh = linalg.svd(b.T @ b_prev + a @ a_prev.T)  # (rank, rank) each
         q = w @ zh  # orthogonal
         b, a = b @ q, q.T @ a
     tail = float(s[keep:].pow(2).sum())

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from fedtune.codecs.base import PerTensorCodec, dtype_from_name, is_float
+from fedtune.core import linalg
 from fedtune.core.types import Params
 
 
@@ -38,7 +39,7 @@ class LowRank(PerTensorCodec):
 
     def encode_one(self, t: torch.Tensor, gen: torch.Generator) -> tuple[Params, dict]:
         r = min(self.rank, *t.shape)
-        u, s, vh = torch.linalg.svd(t.detach().float(), full_matrices=False)  # (m, p), (p,), (p, n); p = min(m, n)
+        u, s, vh = linalg.svd(t.detach().float())  # (m, p), (p,), (p, n); p = min(m, n)
         return {"u": (u[:, :r] * s[:r]).to(t.dtype).contiguous(), "v": vh[:r].to(t.dtype).contiguous()}, {}
 
     def decode_one(self, parts: Params, info: dict) -> torch.Tensor:

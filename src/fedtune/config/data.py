@@ -47,7 +47,9 @@ class DataConfig(Strict):
     public_dataset: str | None = Field(
         None, description="paradigm kd: the public set every party may see (a local file); default built-in"
     )
-    template: Literal["auto", "chat", "alpaca"] = Field("auto", description="auto: tokenizer's chat template if any")
+    template: Literal["auto", "chat", "alpaca", "flowertune"] = Field(
+        "auto", description="auto: tokenizer's chat template if any; flowertune: FlowerTune's Alpaca-style prompt"
+    )
     system_prompt: str | None = Field(None, description="system turn added to every prompt (train and eval)")
     max_seq_len: int = Field(256, ge=8, description="longer examples lose the start of the prompt")
     train_on_prompt: bool = Field(False, description="loss on prompt tokens too (default: response only)")

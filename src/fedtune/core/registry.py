@@ -262,6 +262,15 @@ DATASET_RECIPES = Registry(
             _R + "FEDLLM_BENCH",
             info=_TRAIN,
         ),
+        *(
+            Entry(
+                f"flowertune_{t}",
+                f"FlowerTune's {t.replace('_', ' ')} challenge set with its preprocessing (docs/flowertune.md)",
+                _R + f"FLOWERTUNE_{t.upper()}",
+                info=_TRAIN,
+            )
+            for t in ("general_nlp", "finance", "medical", "code")
+        ),
         Entry("mmlu", "MMLU: question, choices, answer; by subject", _R + "MMLU", info=_EVAL),
         Entry("medmcqa", "MedMCQA: question, opa..opd, cop; by subject_name", _R + "MEDMCQA", info=_EVAL),
         Entry("medqa", "MedQA (USMLE, 4 options): question, options, answer_idx", _R + "MEDQA", info=_EVAL),

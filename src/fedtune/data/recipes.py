@@ -41,6 +41,26 @@ def _alpaca(r: Record, where: str) -> Example:
     )
 
 
+def _flowertune(task: str):
+    """FlowerTune's ``reformat`` of a challenge's dataset: output -> response; finance and code join
+    instruction and input with a space; medical asks the input (its instruction column is dropped);
+    general NLP keeps the instruction alone (its input is dropped, as FlowerTune's prompt never shows it)."""
+
+    def convert(r: Record, where: str) -> Example:
+        response = text(r, "output", where)
+        if task in ("finance", "code"):
+            ask = text(r, "instruction", where, empty=True) + " " + _opt(r, "input", where)
+        elif task == "medical":
+            ask = text(r, "input", where)
+        else:
+            ask = text(r, "instruction", where)
+        if not ask.strip():
+            raise DataError(f"{where}: the challenge's instruction is empty")
+        return from_instruction(ask, response)
+
+    return convert
+
+
 def _dolly(r: Record, where: str) -> Example:
     ex = from_instruction(text(r, "instruction", where), text(r, "response", where), _opt(r, "context", where))
     return _scalars(ex, {"category": text(r, "category", where)})
@@ -127,11 +147,11 @@ def _fpb(r: Record, where: str) -> ChoiceItem:
 
 
 def _fiqa(r: Record, where: str) -> ChoiceItem:
-    """FiQA-2018 sentiment: a score in [-1, 1], bucketed as FinGPT's benchmark does (< -0.1, > 0.1)."""
+    """FiQA-2018 sentiment: a score in [-1, 1], bucketed as FinGPT's benchmark does (< -0.1, >= 0.1)."""
     score = r.get("sentiment_score")
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not -1 <= score <= 1:
         raise DataError(f"{where}: sentiment_score must be a number in [-1, 1], got {score!r:.40}")
-    label = 0 if score < -0.1 else 2 if score > 0.1 else 1
+    label = 0 if score < -0.1 else 2 if score >= 0.1 else 1  # FinGPT's buckets
     return ChoiceItem(text(r, "sentence", where), SENTIMENTS, label)
 
 
@@ -191,6 +211,12 @@ MEDMCQA = Recipe("medmcqa", "openlifescienceai/medmcqa", "subject_name", item=_m
 MEDQA = Recipe("medqa", "GBaker/MedQA-USMLE-4-options", item=_medqa, shape="choice")
 PUBMEDQA = Recipe("pubmedqa", "qiaojin/PubMedQA", item=_pubmedqa, shape="choice")
 FPB = Recipe("fpb", "takala/financial_phrasebank", item=_fpb, shape="choice")
+FLOWERTUNE_GENERAL_NLP = Recipe("flowertune_general_nlp", "vicgalle/alpaca-gpt4", example=_flowertune("general_nlp"))
+FLOWERTUNE_FINANCE = Recipe("flowertune_finance", "FinGPT/fingpt-sentiment-train", example=_flowertune("finance"))
+FLOWERTUNE_MEDICAL = Recipe(
+    "flowertune_medical", "medalpaca/medical_meadow_medical_flashcards", example=_flowertune("medical")
+)
+FLOWERTUNE_CODE = Recipe("flowertune_code", "flwrlabs/code-alpaca-20k", example=_flowertune("code"))
 FIQA = Recipe("fiqa", "pauri32/fiqa-2018", item=_fiqa, shape="choice")
 TFNS = Recipe("tfns", "zeroshot/twitter-financial-news-sentiment", item=_tfns, shape="choice")
 HUMANEVAL = Recipe("humaneval", "openai/openai_humaneval", item=_humaneval, shape="code")

@@ -36,7 +36,19 @@ def _alpaca(example: Example, tokenizer: PreTrainedTokenizerBase, system: str | 
     return "".join(parts)
 
 
-TEMPLATES: dict[str, Template] = {"chat": _chat, "alpaca": _alpaca}
+_FLOWERTUNE_HEAD = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
+def _flowertune(example: Example, tokenizer: PreTrainedTokenizerBase, system: str | None) -> str:
+    """FlowerTune's training prompt: its Alpaca header, the instruction, "### Response:" (then " answer")."""
+    ask = "\n".join(m["content"] for m in example.prompt_messages if m["role"] != "assistant")
+    return f"{system or _FLOWERTUNE_HEAD}\n### Instruction:\n{ask}\n### Response:"
+
+
+TEMPLATES: dict[str, Template] = {"chat": _chat, "alpaca": _alpaca, "flowertune": _flowertune}
+TARGET_PREFIX = {"flowertune": " "}  # text between a template's prompt and the target, tokenised with the target
 
 
 def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> str:

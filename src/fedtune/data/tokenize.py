@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.formats import Example
-from fedtune.data.templates import render_prompt
+from fedtune.data.templates import TARGET_PREFIX, render_prompt
 
 IGNORE = -100
 
@@ -47,7 +47,8 @@ class Encoder:
     def encode(self, example: Example) -> tuple[Encoded, bool]:
         """Return (encoded, truncated). Over-long prompts lose their start; the target is kept."""
         prompt = self.encode_prompt(example)
-        target = self.tokenizer(example.target, add_special_tokens=False)["input_ids"]
+        target_text = TARGET_PREFIX.get(self.template, "") + example.target
+        target = self.tokenizer(target_text, add_special_tokens=False)["input_ids"]
         target = [*target, self.tokenizer.eos_token_id]
         truncated = len(prompt) + len(target) > self.max_seq_len
         if truncated:

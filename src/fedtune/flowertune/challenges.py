@@ -1,0 +1,59 @@
+"""The four FlowerTune LLM leaderboard challenges: their static datasets, client counts and columns.
+
+A challenge is known by its static dataset (``[tool.flwr.app.config.static] dataset.name``), under the
+hub names FlowerTune has published it as. The leaderboard fixes that dataset and the number of
+SuperNodes; ``COMMUNICATION_BUDGET_MB`` is its cap on the bytes sent both ways over a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COMMUNICATION_BUDGET_MB = 200_000  # the leaderboard's cap, up and down together, MB = 10^6 bytes
+
+
+@dataclass(frozen=True)
+class Challenge:
+    name: str
+    datasets: tuple[str, ...]  # hub ids its static dataset.name may be
+    recipe: str  # the dataset recipe with the challenge's preprocessing
+    supernodes: int  # options.num-supernodes the leaderboard fixes
+    columns: tuple[str, ...]  # the leaderboard's evaluation columns (averaged into "Average")
+
+
+CHALLENGES = (
+    Challenge(
+        "general_nlp",
+        ("vicgalle/alpaca-gpt4", "flwrlabs/alpaca-gpt4"),
+        "flowertune_general_nlp",
+        20,
+        ("STEM", "SocialSciences", "Humanities"),
+    ),
+    Challenge(
+        "finance",
+        ("FinGPT/fingpt-sentiment-train", "flwrlabs/fingpt-sentiment-train"),
+        "flowertune_finance",
+        50,
+        ("FPB", "FIQA", "TFNS"),
+    ),
+    Challenge(
+        "medical",
+        ("medalpaca/medical_meadow_medical_flashcards", "flwrlabs/medical-meadow-medical-flashcards"),
+        "flowertune_medical",
+        20,
+        ("PubMedQA", "MedMCQA", "MedQA", "CareQA"),
+    ),
+    Challenge(
+        "code",
+        ("flwrlabs/code-alpaca-20k", "sahil2801/CodeAlpaca-20k"),
+        "flowertune_code",
+        10,
+        ("MBPP", "HumanEval", "MultiPL-E (JS)", "MultiPL-E (C++)"),
+    ),
+)
+
+
+def challenge_of(dataset: str) -> Challenge | None:
+    """The challenge whose static dataset this is (hub ids compare case-insensitively), or None."""
+    key = dataset.strip().lower()
+    return next((c for c in CHALLENGES if key in (d.lower() for d in c.datasets)), None)

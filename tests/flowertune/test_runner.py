@@ -1,0 +1,41 @@
+"""A challenge from the fixtures through the real CLI: 2 rounds on the tiny model, budget and columns reported."""
+
+import json
+
+import pytest
+
+from tests.flowertune.fixtures import challenge_data, challenge_project
+from tests.helpers.cli import cli, read_metrics
+
+
+def test_a_challenge_runs_two_rounds_and_reports_its_budget_and_columns(tmp_path):
+    project = challenge_project(tmp_path, "finance")
+    data = challenge_data(tmp_path, "finance", 150)
+    code, out = cli(
+        "flowertune", str(project), "--dataset", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "runs"),
+        "federation.rounds=2", "training.local_steps=2", "training.batch_size=2", "data.max_seq_len=96",
+        "evaluation.max_samples=8",
+    )  # fmt: skip
+    assert code == 0, out
+    run_dir = tmp_path / "runs" / "flowertune-finance"
+    metrics = read_metrics(run_dir)
+    assert [m["round"] for m in metrics] == [0, 1, 2] and all(len(m["clients"]) == 2 for m in metrics[1:])
+    report = json.loads((run_dir / "challenge.json").read_text())
+    sent = sum(m["bytes_up"] + m["bytes_down"] for m in metrics[1:])
+    c = report["communication"]
+    assert c["bytes_up"] + c["bytes_down"] == sent and c["total_mb"] == pytest.approx(sent / 1e6)
+    assert c["total_gb"] == pytest.approx(sent / 1e9)
+    assert c["budget_mb"] == 200_000 and c["within_budget"]
+    assert list(report["columns"]) == ["FPB", "FIQA", "TFNS", "Average"]
+    assert report["leaderboard_valid"] is False
+    reasons = " ".join(report["not_valid_because"])
+    assert "4-bit" in reasons and "tiny-llama" in reasons and "2 rounds" in reasons and "local copy" in reasons
+    assert "of the 200,000 MB budget" in out and "not leaderboard-valid" in out
+    # what the clients trained on: FlowerTune's prompt, instruction and input joined by a space
+    saved = (run_dir / "config.yaml").read_text()
+    assert "template: flowertune" in saved and "schedule_scope: by_round" in saved
+
+
+def test_a_missing_local_copy_is_named(tmp_path):
+    code, out = cli("flowertune", str(challenge_project(tmp_path, "code")), "--dataset", str(tmp_path / "nope.jsonl"))
+    assert code != 0 and "nope.jsonl: no such file" in out
