@@ -84,7 +84,8 @@ def test_columns_map_as_the_sets_define_them(tmp_path):
     pub = records("pubmedqa", 3)[1]  # "no"
     assert item("pubmedqa", pub).choices[item("pubmedqa", pub).answer] == "no"
     # the sentiment sets' own label orders, all mapped to negative / neutral / positive
-    assert item("fpb", {"sentence": "s", "label": 2}).answer == 2
+    assert item("fpb", {"sentence": "s", "label": 2}) == ChoiceItem("s", ("negative", "neutral", "positive"), 2, "news")
+    assert item("fiqa", {"sentence": "s", "sentiment_score": 0.1, "format": "post"}).group == "tweet"
     assert item("tfns", {"text": "t", "label": 0}).answer == 0  # bearish
     assert item("tfns", {"text": "t", "label": 1}).answer == 2  # bullish
     assert item("tfns", {"text": "t", "label": 2}).answer == 1  # neutral

@@ -198,6 +198,7 @@ def test_every_kind_reports_metrics_summaries_and_comparisons_pick_up():
         "multiple_choice": ["t_accuracy", "t_accuracy_macro"],
         "label_choice": ["t_accuracy", "t_macro_f1"],
         "answer_extraction": ["t_accuracy"],
+        "sentiment_generation": ["t_accuracy", "t_macro_f1"],
         "rouge_l": ["t_rouge_l"],
         "pass_at_k": ["t_pass_at_1", "t_pass_at_10"],
     }
@@ -232,3 +233,51 @@ def test_a_tokenizer_that_cannot_name_letters_in_one_token_is_told_to_use_option
     monkeypatch.setattr(tiny.tokenizer.__class__, "__call__", split_letters)
     with pytest.raises(ConfigError, match="use method: option"):
         MultipleChoice("mc", items, enc)
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("positive", "positive"),
+        ("Negative, not Positive", "positive"),
+        ("negative.", "negative"),
+        ("Neutral", "neutral"),
+        ("I am not sure", "neutral"),
+        ("NEGATIVE", "neutral"),
+    ],
+)
+def test_fingpts_label_rule(text, label):
+    from fedtune.evaluation.sentiment import fingpt_label
+
+    assert fingpt_label(text) == label
+
+
+def test_sentiment_generation_asks_fingpts_prompt_and_reads_its_labels(tiny, monkeypatch):
+    from fedtune.evaluation import sentiment
+    from fedtune.evaluation.sentiment import SentimentGeneration
+
+    labels = ("negative", "neutral", "positive")
+    items = [
+        ChoiceItem("Profits fell.", labels, 0, "news"),
+        ChoiceItem("$X flat", labels, 1, "tweet"),
+        ChoiceItem("Shares rose.", labels, 2, "news"),
+        ChoiceItem("Costs up.", labels, 0, "news"),
+    ]
+    generations = [" negative", " It is Neutral.", " positive", " positive"]  # right, right, right, wrong
+    seen = {}
+
+    def fake(model, tok, prompts, **kw):
+        seen["prompts"], seen["give_up"] = prompts, kw["give_up"]
+        return Scores([], [], None, generations)
+
+    monkeypatch.setattr(sentiment, "score", fake)
+    task = SentimentGeneration("fpb", items, _encoder(tiny))
+    got = task.run(tiny.model, 4)
+    assert got["fpb_accuracy"] == 0.75 and got["fpb_accuracy_by_group"] == {"news": 2 / 3, "tweet": 1.0}
+    assert tiny.tokenizer.decode(seen["prompts"][1], skip_special_tokens=True) == (
+        "Instruction: What is the sentiment of this tweet? Please choose an answer from "
+        "{negative/neutral/positive}.\nInput: $X flat\nAnswer: "
+    )
+    assert seen["give_up"](0, " Positive") and not seen["give_up"](0, " negative")
+    with pytest.raises(ConfigError, match="use label_choice"):
+        SentimentGeneration("x", [ChoiceItem("q", ("yes", "no"), 0)], _encoder(tiny))

@@ -303,6 +303,13 @@ EVAL_KINDS = Registry(
             info={"shape": "choice", "options": ()},
         ),
         Entry(
+            "sentiment_generation",
+            "financial sentiment as FinGPT and FlowerTune's finance evaluation score it: their prompt, greedy "
+            "text, the label read by their rule; accuracy and macro-F1",
+            _E + "sentiment:SentimentGeneration",
+            info={"shape": "choice", "options": ("max_new_tokens",)},
+        ),
+        Entry(
             "answer_extraction",
             "generate, extract the final answer (GSM8K's '#### n', else the last number), compare numerically",
             _E + "generated:AnswerExtraction",

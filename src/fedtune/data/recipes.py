@@ -142,8 +142,8 @@ def _pubmedqa(r: Record, where: str) -> ChoiceItem:
 
 
 def _fpb(r: Record, where: str) -> ChoiceItem:
-    """financial_phrasebank: label 0 negative, 1 neutral, 2 positive."""
-    return choice_item(text(r, "sentence", where), list(SENTIMENTS), _label(r, "label", 3, where), where)
+    """financial_phrasebank: label 0 negative, 1 neutral, 2 positive; news (the group names the medium)."""
+    return choice_item(text(r, "sentence", where), list(SENTIMENTS), _label(r, "label", 3, where), where, "news")
 
 
 def _fiqa(r: Record, where: str) -> ChoiceItem:
@@ -152,13 +152,14 @@ def _fiqa(r: Record, where: str) -> ChoiceItem:
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not -1 <= score <= 1:
         raise DataError(f"{where}: sentiment_score must be a number in [-1, 1], got {score!r:.40}")
     label = 0 if score < -0.1 else 2 if score >= 0.1 else 1  # FinGPT's buckets
-    return ChoiceItem(text(r, "sentence", where), SENTIMENTS, label)
+    medium = "tweet" if r.get("format") == "post" else "news"  # FiQA's microblog posts and headlines
+    return ChoiceItem(text(r, "sentence", where), SENTIMENTS, label, medium)
 
 
 def _tfns(r: Record, where: str) -> ChoiceItem:
     """twitter-financial-news-sentiment: label 0 bearish, 1 bullish, 2 neutral."""
     label = (0, 2, 1)[_label(r, "label", 3, where)]
-    return ChoiceItem(text(r, "text", where), SENTIMENTS, label)
+    return ChoiceItem(text(r, "text", where), SENTIMENTS, label, "tweet")
 
 
 def _humaneval(r: Record, where: str) -> CodeItem:

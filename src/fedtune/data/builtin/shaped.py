@@ -175,6 +175,7 @@ def _fiqa(rng: random.Random, n: int) -> list[Record]:
             "target": f"firm {i}",
             "sentiment_score": score[lab],
             "aspects": "Stock",
+            "format": ("post", "headline")[i % 2],
         }
         for i in range(n)
         for m, lab in [_MOODS[rng.randrange(3)]]
