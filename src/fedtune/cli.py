@@ -103,6 +103,10 @@ def flowertune(
     model: Annotated[str | None, typer.Option("--model", help="another base than the project's model.name")] = None,
     out: Annotated[str, typer.Option("--out", help="parent directory of the run")] = "runs",
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its last round")] = False,
+    evals: Annotated[
+        list[str] | None,
+        typer.Option("--eval", help="COLUMN=PATH: a local copy of a leaderboard column's benchmark set (e.g. fpb=...)"),
+    ] = None,
 ) -> None:
     """Run a FlowerTune LLM challenge as its pyproject.toml sets it (static dataset with the challenge's
     preprocessing, clients, fraction, per-round cosine learning rate, LoRA, FedAvg), and report the
@@ -112,7 +116,11 @@ def flowertune(
     with _reported():
         from fedtune.flowertune.runner import run_challenge
 
-        done = run_challenge(pyproject, dataset, model, out, overrides, resume)
+        pairs = [e.partition("=") for e in evals or []]
+        bad = [e for e, (_, eq, path) in zip(evals or [], pairs, strict=True) if not eq or not path]
+        if bad:
+            raise FedtuneError(f"--eval {bad[0]}: give COLUMN=PATH, e.g. --eval fpb=data/fpb.parquet")
+        done = run_challenge(pyproject, dataset, model, out, overrides, resume, {k: p for k, _, p in pairs})
     r = done.report
     table = Table(title=f"FlowerTune {r['challenge']} challenge", title_justify="left", show_header=False)
     table.add_column("what")

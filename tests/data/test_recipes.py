@@ -142,6 +142,7 @@ def test_recipes_of_the_wrong_use_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="evaluation set"):
         DataConfig(recipe="mmlu")
+    assert DataConfig(recipe="dolly").recipe == "dolly"  # Dolly and GSM8K serve both
     path = _write(records("alpaca", 2), tmp_path, "jsonl")
     with pytest.raises(DataError, match="not evaluation items"):
         load_items(str(path), DATASET_RECIPES.load("alpaca"))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from fedtune.data.builtin.shaped import records
 from tests.flowertune.fixtures import challenge_data, challenge_project
 from tests.helpers.cli import cli, read_metrics
 
@@ -11,9 +12,14 @@ from tests.helpers.cli import cli, read_metrics
 def test_a_challenge_runs_two_rounds_and_reports_its_budget_and_columns(tmp_path):
     project = challenge_project(tmp_path, "finance")
     data = challenge_data(tmp_path, "finance", 150)
+    sets = {}
+    for name in ("fpb", "fiqa", "tfns"):
+        sets[name] = tmp_path / f"{name}.jsonl"
+        sets[name].write_text("".join(json.dumps(r) + "\n" for r in records(name, 6)))
     code, out = cli(
         "flowertune", str(project), "--dataset", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "runs"),
-        "federation.rounds=2", "training.local_steps=2", "training.batch_size=2", "data.max_seq_len=96",
+        "--eval", f"fpb={sets['fpb']}", "--eval", f"FIQA={sets['fiqa']}", "--eval", f"tfns={sets['tfns']}",
+        "federation.rounds=2", "training.local_steps=2", "training.batch_size=2", "data.max_seq_len=256",
         "evaluation.max_samples=8",
     )  # fmt: skip
     assert code == 0, out
@@ -26,7 +32,12 @@ def test_a_challenge_runs_two_rounds_and_reports_its_budget_and_columns(tmp_path
     assert c["bytes_up"] + c["bytes_down"] == sent and c["total_mb"] == pytest.approx(sent / 1e6)
     assert c["total_gb"] == pytest.approx(sent / 1e9)
     assert c["budget_mb"] == 200_000 and c["within_budget"]
-    assert list(report["columns"]) == ["FPB", "FIQA", "TFNS", "Average"]
+    columns = report["columns"]
+    assert list(columns) == ["FPB", "FIQA", "TFNS", "Average"] and all(0 <= v <= 1 for v in columns.values())
+    assert columns["FPB"] == metrics[-1]["fpb_accuracy"] and columns["Average"] == pytest.approx(
+        sum(columns[c] for c in ("FPB", "FIQA", "TFNS")) / 3
+    )
+    assert "fpb_accuracy" in metrics[0]  # the base model scored too
     assert report["leaderboard_valid"] is False
     reasons = " ".join(report["not_valid_because"])
     assert "4-bit" in reasons and "tiny-llama" in reasons and "2 rounds" in reasons and "local copy" in reasons
@@ -39,3 +50,15 @@ def test_a_challenge_runs_two_rounds_and_reports_its_budget_and_columns(tmp_path
 def test_a_missing_local_copy_is_named(tmp_path):
     code, out = cli("flowertune", str(challenge_project(tmp_path, "code")), "--dataset", str(tmp_path / "nope.jsonl"))
     assert code != 0 and "nope.jsonl: no such file" in out
+
+
+def test_columns_fedtune_cannot_score_as_flowertune_does_are_refused(tmp_path):
+    from fedtune.core.errors import ConfigError
+    from fedtune.flowertune.project import evaluation_tasks, read_project
+
+    with pytest.raises(ConfigError, match="columns as FlowerTune does for: none yet"):
+        evaluation_tasks(read_project(challenge_project(tmp_path, "code")), {"humaneval": "he.jsonl"})
+    with pytest.raises(ConfigError, match="for: FPB, FIQA, TFNS"):
+        evaluation_tasks(read_project(challenge_project(tmp_path, "finance")), {"mmlu": "m.jsonl"})
+    code, out = cli("flowertune", str(challenge_project(tmp_path, "finance")), "--eval", "fpb")
+    assert code != 0 and "give COLUMN=PATH" in out

@@ -231,18 +231,16 @@ def is_import_path(name: str) -> bool:
 
 
 _R = "fedtune.data.recipes:"
-_TRAIN, _EVAL = {"uses": "training"}, {"uses": "evaluation"}
+_TRAIN, _EVAL, _BOTH = {"uses": ("training",)}, {"uses": ("evaluation",)}, {"uses": ("training", "evaluation")}
 DATASET_RECIPES = Registry(
     "dataset recipe",
     "data.recipe / evaluation.tasks[].recipe",
     [
         Entry("alpaca", "Alpaca (tatsu-lab/alpaca): instruction, input, output", _R + "ALPACA", info=_TRAIN),
         Entry("alpaca_gpt4", "alpaca-gpt4 (vicgalle/alpaca-gpt4): Alpaca's columns", _R + "ALPACA_GPT4", info=_TRAIN),
-        Entry(
-            "dolly", "Dolly-15k: instruction, context, response; split by category", _R + "DOLLY", info=_TRAIN | _EVAL
-        ),
+        Entry("dolly", "Dolly-15k: instruction, context, response; split by category", _R + "DOLLY", info=_BOTH),
         Entry("code_alpaca", "Code-Alpaca-20k: Alpaca's columns", _R + "CODE_ALPACA", info=_TRAIN),
-        Entry("gsm8k", "GSM8K: question, answer ending '#### n'", _R + "GSM8K", info=_TRAIN | _EVAL),
+        Entry("gsm8k", "GSM8K: question, answer ending '#### n'", _R + "GSM8K", info=_BOTH),
         Entry(
             "fingpt_sentiment",
             "fingpt-sentiment-train: instruction, input, output",

@@ -19,6 +19,7 @@ class Challenge:
     recipe: str  # the dataset recipe with the challenge's preprocessing
     supernodes: int  # options.num-supernodes the leaderboard fixes
     columns: tuple[str, ...]  # the leaderboard's evaluation columns (averaged into "Average")
+    evaluations: tuple[tuple[str, str, str], ...] = ()  # (column, recipe, kind) fedtune scores as FlowerTune does
 
 
 CHALLENGES = (
@@ -35,6 +36,11 @@ CHALLENGES = (
         "flowertune_finance",
         50,
         ("FPB", "FIQA", "TFNS"),
+        (
+            ("FPB", "fpb", "sentiment_generation"),
+            ("FIQA", "fiqa", "sentiment_generation"),
+            ("TFNS", "tfns", "sentiment_generation"),
+        ),
     ),
     Challenge(
         "medical",

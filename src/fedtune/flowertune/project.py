@@ -121,9 +121,11 @@ def experiment_config(
     model_type: str | None,
     output_dir: str,
     overrides: list[str] | None = None,
+    evaluations: dict[str, str] | None = None,
 ) -> ExperimentConfig:
     """The fedtune config that runs ``project``: ``dataset`` a local copy of its static dataset (default: the
-    hub id), ``model`` another base than its model.name (reported as not leaderboard-valid)."""
+    hub id), ``model`` another base than its model.name (reported as not leaderboard-valid), ``evaluations``
+    leaderboard column -> a local copy of its benchmark set, scored at the start and the end."""
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
         if any(key == f.rstrip(".") or key.startswith(f) for f in FIXED):
@@ -168,12 +170,29 @@ def experiment_config(
         "evaluation": {"max_samples": 100, "exact_match": False},
         "output": {"dir": output_dir, "name": p.name},
     }
+    raw["evaluation"]["tasks"] = evaluation_tasks(project, evaluations or {})
     targets = lora_targets(model_type)
     if targets is not None:
         raw["adapter"]["target_modules"] = targets
     for item in overrides or []:
         apply_override(raw, item)
     return validate_config(raw, str(p.path))
+
+
+def evaluation_tasks(project: Project, evaluations: dict[str, str]) -> list[dict[str, Any]]:
+    """``evaluation.tasks`` scoring the given leaderboard columns as FlowerTune's evaluation does."""
+    known = {column.lower(): (column, recipe, kind) for column, recipe, kind in project.challenge.evaluations}
+    tasks = []
+    for name, path in evaluations.items():
+        if name.lower() not in known:
+            offered = ", ".join(c for c, *_ in project.challenge.evaluations) or "none yet"
+            raise ConfigError(
+                f"--eval {name}={path}: fedtune scores the {project.challenge.name} challenge's columns as FlowerTune "
+                f"does for: {offered}"
+            )
+        _, recipe, kind = known[name.lower()]
+        tasks.append({"kind": kind, "dataset": path, "recipe": recipe, "name": recipe})
+    return tasks
 
 
 def deviations(project: Project, cfg: ExperimentConfig, model_type: str | None, local_copy: bool) -> list[str]:

@@ -40,7 +40,12 @@ def model_type(name: str) -> str | None:
 
 
 def prepare(
-    pyproject: Path, dataset: str | None, model: str | None, output_dir: str, overrides: list[str] | None
+    pyproject: Path,
+    dataset: str | None,
+    model: str | None,
+    output_dir: str,
+    overrides: list[str] | None,
+    evaluations: dict[str, str] | None = None,
 ) -> tuple[Project, Any, list[str]]:
     """(the project, the fedtune config that runs it, why it is not a leaderboard entry)."""
     project = read_project(pyproject)
@@ -49,7 +54,7 @@ def prepare(
             f"--dataset {dataset}: no such file or directory (a local copy of {project.static['dataset.name']})"
         )
     kind = model_type(model or str(project.config.get("model.name", "")))
-    cfg = experiment_config(project, dataset, model, kind, output_dir, overrides)
+    cfg = experiment_config(project, dataset, model, kind, output_dir, overrides, evaluations)
     return project, cfg, deviations(project, cfg, kind, dataset is not None)
 
 
@@ -70,8 +75,18 @@ def challenge_report(project: Project, summary: dict[str, Any], reasons: list[st
             "share_of_budget": total_mb / COMMUNICATION_BUDGET_MB,
             "within_budget": total_mb <= COMMUNICATION_BUDGET_MB,
         },
-        "columns": {c: None for c in (*project.challenge.columns, "Average")},  # FlowerTune's evaluations: to come
+        "columns": columns(project, summary),
     }
+
+
+def columns(project: Project, summary: dict[str, Any]) -> dict[str, float | None]:
+    """The leaderboard's columns from the final scores (None: not evaluated), and their average when all are."""
+    final = summary.get("final", {})
+    by_column = {column: recipe for column, recipe, _ in project.challenge.evaluations}
+    out = {c: final.get(f"{by_column[c]}_accuracy") if c in by_column else None for c in project.challenge.columns}
+    scored = [v for v in out.values() if v is not None]
+    out["Average"] = sum(scored) / len(scored) if scored and len(scored) == len(project.challenge.columns) else None
+    return out
 
 
 def run_challenge(
@@ -81,10 +96,11 @@ def run_challenge(
     output_dir: str = "runs",
     overrides: list[str] | None = None,
     resume: bool = False,
+    evaluations: dict[str, str] | None = None,
 ) -> ChallengeRun:
     from fedtune.experiment import run_experiment
 
-    project, cfg, reasons = prepare(pyproject, dataset, model, output_dir, overrides)
+    project, cfg, reasons = prepare(pyproject, dataset, model, output_dir, overrides, evaluations)
     result = run_experiment(cfg, project.path, resume=resume)
     report = challenge_report(project, result.summary, reasons)
     (result.run_dir / "challenge.json").write_text(json.dumps(report, indent=2) + "\n")
