@@ -107,6 +107,9 @@ def flowertune(
         list[str] | None,
         typer.Option("--eval", help="COLUMN=PATH: a local copy of a leaderboard column's benchmark set (e.g. fpb=...)"),
     ] = None,
+    eval_tokens: Annotated[
+        int | None, typer.Option("--eval-tokens", min=1, help="most tokens generated per answer in --eval scoring")
+    ] = None,
 ) -> None:
     """Run a FlowerTune LLM challenge as its pyproject.toml sets it (static dataset with the challenge's
     preprocessing, clients, fraction, per-round cosine learning rate, LoRA, FedAvg), and report the
@@ -120,7 +123,8 @@ def flowertune(
         bad = [e for e, (_, eq, path) in zip(evals or [], pairs, strict=True) if not eq or not path]
         if bad:
             raise FedtuneError(f"--eval {bad[0]}: give COLUMN=PATH, e.g. --eval fpb=data/fpb.parquet")
-        done = run_challenge(pyproject, dataset, model, out, overrides, resume, {k: p for k, _, p in pairs})
+        evaluations = {k: p for k, _, p in pairs}
+        done = run_challenge(pyproject, dataset, model, out, overrides, resume, evaluations, eval_tokens)
     r = done.report
     table = Table(title=f"FlowerTune {r['challenge']} challenge", title_justify="left", show_header=False)
     table.add_column("what")

@@ -29,6 +29,7 @@ from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.evaluation.tasks import build_tasks, run_tasks
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
+from fedtune.reporting.loggers import open_sinks
 from fedtune.reporting.metrics import MetricsWriter, summarize
 from fedtune.runtime import build_runtime
 from fedtune.runtime.base import Runtime
@@ -150,9 +151,12 @@ def _run(
         state = fresh
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     writer.rewrite(state.history)
+    sinks = open_sinks(cfg.output.loggers, run_dir, run_dir.name, cfg.model_dump(mode="json"))
 
     def record_round(rec: dict[str, Any]) -> None:
         writer.append(rec)
+        for sink in sinks:
+            sink.log(rec)
         log.info(round_line(rec, rounds))
         if on_record is not None:
             on_record(rec)
@@ -185,6 +189,8 @@ def _run(
         )
     finally:
         runtime.close()
+        for sink in sinks:
+            sink.close()
 
     final_dir = run_dir / "final_adapter"
     exported = _export_adapters(adapter, paradigm.final_adapters(state), final_dir)

@@ -19,6 +19,7 @@ def test_a_challenge_runs_two_rounds_and_reports_its_budget_and_columns(tmp_path
     code, out = cli(
         "flowertune", str(project), "--dataset", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "runs"),
         "--eval", f"fpb={sets['fpb']}", "--eval", f"FIQA={sets['fiqa']}", "--eval", f"tfns={sets['tfns']}",
+        "--eval-tokens", "4",
         "federation.rounds=2", "training.local_steps=2", "training.batch_size=2", "data.max_seq_len=256",
         "evaluation.max_samples=8",
     )  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from fedtune.config.base import Strict
@@ -14,3 +16,8 @@ class OutputConfig(Strict):
     name: str | None = Field(None, description="run directory name; default: the config file's stem")
     keep_checkpoints: int | None = Field(None, ge=1, description="keep the last N round checkpoints (default all)")
     progress: bool = Field(True, description="progress bars")
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="also stream each round's metrics to TensorBoard (RUN_DIR/tensorboard) and/or MLflow "
+        "(MLFLOW_TRACKING_URI, else RUN_DIR/mlflow.db); optional extras fedtune[tensorboard], fedtune[mlflow]",
+    )

@@ -122,6 +122,7 @@ def experiment_config(
     output_dir: str,
     overrides: list[str] | None = None,
     evaluations: dict[str, str] | None = None,
+    eval_tokens: int | None = None,
 ) -> ExperimentConfig:
     """The fedtune config that runs ``project``: ``dataset`` a local copy of its static dataset (default: the
     hub id), ``model`` another base than its model.name (reported as not leaderboard-valid), ``evaluations``
@@ -170,7 +171,7 @@ def experiment_config(
         "evaluation": {"max_samples": 100, "exact_match": False},
         "output": {"dir": output_dir, "name": p.name},
     }
-    raw["evaluation"]["tasks"] = evaluation_tasks(project, evaluations or {})
+    raw["evaluation"]["tasks"] = evaluation_tasks(project, evaluations or {}, eval_tokens)
     targets = lora_targets(model_type)
     if targets is not None:
         raw["adapter"]["target_modules"] = targets
@@ -179,8 +180,11 @@ def experiment_config(
     return validate_config(raw, str(p.path))
 
 
-def evaluation_tasks(project: Project, evaluations: dict[str, str]) -> list[dict[str, Any]]:
-    """``evaluation.tasks`` scoring the given leaderboard columns as FlowerTune's evaluation does."""
+def evaluation_tasks(
+    project: Project, evaluations: dict[str, str], max_new_tokens: int | None = None
+) -> list[dict[str, Any]]:
+    """``evaluation.tasks`` scoring the given leaderboard columns as FlowerTune's evaluation does (``max_new_tokens``:
+    the most generated per answer, default the kind's)."""
     known = {column.lower(): (column, recipe, kind) for column, recipe, kind in project.challenge.evaluations}
     tasks = []
     for name, path in evaluations.items():
@@ -191,7 +195,8 @@ def evaluation_tasks(project: Project, evaluations: dict[str, str]) -> list[dict
                 f"does for: {offered}"
             )
         _, recipe, kind = known[name.lower()]
-        tasks.append({"kind": kind, "dataset": path, "recipe": recipe, "name": recipe})
+        task = {"kind": kind, "dataset": path, "recipe": recipe, "name": recipe}
+        tasks.append(task if max_new_tokens is None else task | {"max_new_tokens": max_new_tokens})
     return tasks
 
 

@@ -46,6 +46,7 @@ def prepare(
     output_dir: str,
     overrides: list[str] | None,
     evaluations: dict[str, str] | None = None,
+    eval_tokens: int | None = None,
 ) -> tuple[Project, Any, list[str]]:
     """(the project, the fedtune config that runs it, why it is not a leaderboard entry)."""
     project = read_project(pyproject)
@@ -54,7 +55,7 @@ def prepare(
             f"--dataset {dataset}: no such file or directory (a local copy of {project.static['dataset.name']})"
         )
     kind = model_type(model or str(project.config.get("model.name", "")))
-    cfg = experiment_config(project, dataset, model, kind, output_dir, overrides, evaluations)
+    cfg = experiment_config(project, dataset, model, kind, output_dir, overrides, evaluations, eval_tokens)
     return project, cfg, deviations(project, cfg, kind, dataset is not None)
 
 
@@ -97,10 +98,11 @@ def run_challenge(
     overrides: list[str] | None = None,
     resume: bool = False,
     evaluations: dict[str, str] | None = None,
+    eval_tokens: int | None = None,
 ) -> ChallengeRun:
     from fedtune.experiment import run_experiment
 
-    project, cfg, reasons = prepare(pyproject, dataset, model, output_dir, overrides, evaluations)
+    project, cfg, reasons = prepare(pyproject, dataset, model, output_dir, overrides, evaluations, eval_tokens)
     result = run_experiment(cfg, project.path, resume=resume)
     report = challenge_report(project, result.summary, reasons)
     (result.run_dir / "challenge.json").write_text(json.dumps(report, indent=2) + "\n")
