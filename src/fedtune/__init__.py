@@ -3,7 +3,7 @@
 Its parts, lowest layer first; a part imports only parts above it in this list (tests/test_architecture.py
 checks it, docs/architecture.md explains it):
 
-  core         errors, shared types, the plug-in registries, the named random streams, a robust SVD
+  core         errors, shared types, the plug-in registries, the named random streams, a robust SVD, whole folders
   config       the experiment's sections, the paradigm declaration, validation, resolution, loading
   codecs       compression stages for what crosses the wire
   wire         messages as bytes, one direction's codec chain, the header protocol

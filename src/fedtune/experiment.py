@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +20,7 @@ from fedtune.aggregation.weighting import WeightCap
 from fedtune.assembly import build_client_data, build_workbench, eval_subset, make_handler, plan_of, simulation_handler
 from fedtune.config import ExperimentConfig, config_diff, resolve, to_yaml, validate_config
 from fedtune.core.errors import ConfigError, FedtuneError
+from fedtune.core.files import replace_dir
 from fedtune.core.types import Params, ServerState
 from fedtune.data.prepare import FederatedData, prepare_federated_data
 from fedtune.evaluation.harness import EvalSet, evaluate
@@ -276,16 +274,12 @@ def _export_adapters(adapter: AdapterModel, adapters: dict[str, Params], final_d
         log.info("final adapter %s belongs to another model than model.name: its client keeps it", name)
     if not fits:
         return False
-    tmp = Path(tempfile.mkdtemp(prefix=".final_adapter-", dir=final_dir.parent))
-    try:
+
+    def write(folder: Path) -> None:
         for name, params in sorted(fits.items()):
-            adapter.save(tmp / name if name else tmp, params)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.rename(tmp, final_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            adapter.save(folder / name if name else folder, params)
+
+    replace_dir(final_dir, write)
     return True
 
 

@@ -75,6 +75,7 @@ def test_cut_points_outside_the_model_are_refused_before_any_round(tmp_path):
     assert result.exit_code != 0 and "leaves no block of the model's 4" in result.output
 
 
+@pytest.mark.slow  # about 50 s: a killed split run and its resume, in subprocesses
 def test_resume_after_a_kill_is_bit_identical(tmp_path):
     """SIGKILL a real CLI process mid-run and resume: the same adapter and metrics as an uninterrupted run."""
     args = ["examples/tiny.yaml", *SPLIT, "federation.rounds=5", "training.local_steps=6", f"output.dir={tmp_path}"]

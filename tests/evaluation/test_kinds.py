@@ -199,6 +199,7 @@ def test_every_kind_reports_metrics_summaries_and_comparisons_pick_up():
         "label_choice": ["t_accuracy", "t_macro_f1"],
         "answer_extraction": ["t_accuracy"],
         "sentiment_generation": ["t_accuracy", "t_macro_f1"],
+        "flowertune_mmlu": ["t_accuracy", "t_accuracy_macro"],
         "rouge_l": ["t_rouge_l"],
         "pass_at_k": ["t_pass_at_1", "t_pass_at_10"],
     }
@@ -281,3 +282,30 @@ def test_sentiment_generation_asks_fingpts_prompt_and_reads_its_labels(tiny, mon
     assert seen["give_up"](0, " Positive") and not seen["give_up"](0, " negative")
     with pytest.raises(ConfigError, match="use label_choice"):
         SentimentGeneration("x", [ChoiceItem("q", ("yes", "no"), 0)], _encoder(tiny))
+
+
+@pytest.mark.parametrize(
+    ("output", "letter"),
+    [("A", "a"), (" b) because", "b"), ("(C)", "c"), ("e", "e"), ("F", None), ("", None), ("x\n## D\nmore", "d")],
+)
+def test_flowertunes_answer_parsing(output, letter):
+    from fedtune.evaluation.flowertune_mmlu import flowertune_answer
+
+    assert flowertune_answer(output) == letter
+
+
+def test_flowertune_mmlu_writes_its_prompt_and_scores_by_category(tiny, monkeypatch):
+    from fedtune.evaluation import flowertune_mmlu as ft
+
+    items = [ChoiceItem("What is 2 + 2", ("3", "4"), 1, "elementary_mathematics"),
+             ChoiceItem("Who wrote it?", ("x", "y"), 0, "philosophy"),
+             ChoiceItem("Q.", ("x", "y"), 0, "virology")]  # fmt: skip
+    assert ft.flowertune_prompt(items[0]) == (
+        "<|im_start|>question\nAnswer the following multiple choice question.\nQuestion: What is 2 + 2?\n\n"
+        "Options:\nA. 3\nB. 4\nThe answer is:\n<|im_end|>\n<|im_start|>answer\n"
+    )
+    monkeypatch.setattr(ft, "score", lambda *a, **k: Scores([], [], None, ["B", "b", "A"]))
+    got = ft.FlowerTuneMmlu("mmlu", items, _encoder(tiny)).run(tiny.model, 2)
+    assert got["mmlu_accuracy_by_group"] == {"humanities": 0.0, "other": 1.0, "stem": 1.0}
+    categories = [s for subjects in ft.CATEGORIES.values() for s in subjects]
+    assert len(categories) == len(set(categories)) == 57  # MMLU's subjects, each in one category

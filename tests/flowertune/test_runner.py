@@ -57,9 +57,37 @@ def test_columns_fedtune_cannot_score_as_flowertune_does_are_refused(tmp_path):
     from fedtune.core.errors import ConfigError
     from fedtune.flowertune.project import evaluation_tasks, read_project
 
-    with pytest.raises(ConfigError, match="columns as FlowerTune does for: none yet"):
+    with pytest.raises(ConfigError, match="columns as FlowerTune does from these sets: none yet"):
         evaluation_tasks(read_project(challenge_project(tmp_path, "code")), {"humaneval": "he.jsonl"})
-    with pytest.raises(ConfigError, match="for: FPB, FIQA, TFNS"):
+    with pytest.raises(ConfigError, match="from these sets: fiqa, fpb, tfns"):
         evaluation_tasks(read_project(challenge_project(tmp_path, "finance")), {"mmlu": "m.jsonl"})
     code, out = cli("flowertune", str(challenge_project(tmp_path, "finance")), "--eval", "fpb")
     assert code != 0 and "give COLUMN=PATH" in out
+
+
+def test_the_general_nlp_columns_are_flowertunes_mmlu_categories(tmp_path):
+    rows = records("mmlu", 9)  # 3 subjects: elementary_mathematics, high_school_statistics (stem), computer_science
+    subjects = ["elementary_mathematics", "econometrics", "philosophy"]  # one of each column's category
+    for i, row in enumerate(rows):
+        row["subject"] = subjects[i % 3]
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    project = challenge_project(tmp_path, "general_nlp")
+    data = challenge_data(tmp_path, "general_nlp", 60)
+    code, out = cli(
+        "flowertune", str(project), "--dataset", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "runs"),
+        "--eval", f"mmlu={mmlu}", "federation.rounds=1", "training.local_steps=1", "training.batch_size=2",
+        "data.max_seq_len=256", "evaluation.max_samples=4",
+    )  # fmt: skip
+    assert code == 0, out
+    run_dir = tmp_path / "runs" / "flowertune-general-nlp"
+    last = read_metrics(run_dir)[-1]
+    report = json.loads((run_dir / "challenge.json").read_text())
+    groups = last["mmlu_accuracy_by_group"]
+    assert set(groups) == {"stem", "social_sciences", "humanities"}
+    assert report["columns"] == {
+        "STEM": groups["stem"],
+        "SocialSciences": groups["social_sciences"],
+        "Humanities": groups["humanities"],
+        "Average": pytest.approx(sum(groups.values()) / 3),
+    }

@@ -12,6 +12,7 @@ def test_scalars_flatten_groups_and_skip_what_is_not_a_number():
     assert scalars(rec) == {"eval_loss": 1.5, "by/a": 0.5, "by/b/c": 1.0}
 
 
+@pytest.mark.slow  # the optional extras' imports and MLflow's store migrations take seconds
 def test_tensorboard_and_mlflow_receive_every_rounds_metrics(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     code, out = run_tiny(tmp_path, "federation.rounds=2", "output.loggers=[tensorboard, mlflow]")

@@ -11,9 +11,6 @@ error says how to load them instead.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import NATIVE_CONFIG, load_adapter
 from fedtune.core.errors import ConfigError
+from fedtune.core.files import replace_dir
 
 MERGEABLE = ("LORA", "IA3")  # peft types merge_and_unload folds into the base weights
 
@@ -68,17 +66,12 @@ def merged_model(base: PreTrainedModel, folder: Path) -> PreTrainedModel:
 
 
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
-    """Write model (safetensors) and tokenizer to ``out`` atomically: a temporary folder renamed over it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.config.use_cache = True  # the model's own default, for whoever loads it
+    """Write model (safetensors) and tokenizer to ``out``, whole or not at all (``core.files.replace_dir``)."""
+    model.config.use_cache = True  # the model's own default, for whoever loads it
+
+    def write(folder: Path) -> None:
         with torch.no_grad():
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(folder), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
+
+    replace_dir(out, write)

@@ -308,6 +308,13 @@ EVAL_KINDS = Registry(
             info={"shape": "choice", "options": ("max_new_tokens",)},
         ),
         Entry(
+            "flowertune_mmlu",
+            "MMLU as FlowerTune's general-NLP evaluation scores it: its prompt, one generated token, its "
+            "answer parsing; accuracy per category (stem, social_sciences, humanities, other)",
+            _E + "flowertune_mmlu:FlowerTuneMmlu",
+            info={"shape": "choice", "options": ()},
+        ),
+        Entry(
             "answer_extraction",
             "generate, extract the final answer (GSM8K's '#### n', else the last number), compare numerically",
             _E + "generated:AnswerExtraction",

@@ -13,13 +13,26 @@ COMMUNICATION_BUDGET_MB = 200_000  # the leaderboard's cap, up and down together
 
 
 @dataclass(frozen=True)
+class Column:
+    """A leaderboard column fedtune scores as FlowerTune does: task ``task`` (``--eval TASK=PATH``, read
+    through ``recipe``, scored by ``kind``); the value is ``{task}_accuracy``, or with ``group`` that
+    group's entry of ``{task}_accuracy_by_group``."""
+
+    name: str
+    task: str
+    recipe: str
+    kind: str
+    group: str | None = None
+
+
+@dataclass(frozen=True)
 class Challenge:
     name: str
     datasets: tuple[str, ...]  # hub ids its static dataset.name may be
     recipe: str  # the dataset recipe with the challenge's preprocessing
     supernodes: int  # options.num-supernodes the leaderboard fixes
     columns: tuple[str, ...]  # the leaderboard's evaluation columns (averaged into "Average")
-    evaluations: tuple[tuple[str, str, str], ...] = ()  # (column, recipe, kind) fedtune scores as FlowerTune does
+    evaluations: tuple[Column, ...] = ()  # the columns fedtune scores as FlowerTune does
 
 
 CHALLENGES = (
@@ -29,6 +42,10 @@ CHALLENGES = (
         "flowertune_general_nlp",
         20,
         ("STEM", "SocialSciences", "Humanities"),
+        tuple(
+            Column(name, "mmlu", "mmlu", "flowertune_mmlu", group)
+            for name, group in (("STEM", "stem"), ("SocialSciences", "social_sciences"), ("Humanities", "humanities"))
+        ),
     ),
     Challenge(
         "finance",
@@ -36,11 +53,7 @@ CHALLENGES = (
         "flowertune_finance",
         50,
         ("FPB", "FIQA", "TFNS"),
-        (
-            ("FPB", "fpb", "sentiment_generation"),
-            ("FIQA", "fiqa", "sentiment_generation"),
-            ("TFNS", "tfns", "sentiment_generation"),
-        ),
+        tuple(Column(name, name.lower(), name.lower(), "sentiment_generation") for name in ("FPB", "FIQA", "TFNS")),
     ),
     Challenge(
         "medical",

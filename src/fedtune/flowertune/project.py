@@ -22,6 +22,8 @@ import tomllib
 from fedtune.config import ExperimentConfig
 from fedtune.config.loading import apply_override, validate_config
 from fedtune.core.errors import ConfigError
+from fedtune.core.files import flatten
+from fedtune.core.registry import EVAL_KINDS
 from fedtune.flowertune.challenges import CHALLENGES, Challenge, challenge_of
 
 LORA_DROPOUT = 0.075  # FlowerTune's LoraConfig
@@ -73,7 +75,7 @@ def read_project(path: str | Path) -> Project:
         raise ConfigError(
             f"{path}: no [tool.flwr.app.config] section: is this a FlowerTune challenge's pyproject.toml?"
         )
-    config = _flat(app)
+    config = flatten(app)
     static = {k.removeprefix("static."): v for k, v in config.items() if k.startswith("static.")}
     config = {k: v for k, v in config.items() if not k.startswith("static.")}
     dataset = static.get("dataset.name")
@@ -86,7 +88,7 @@ def read_project(path: str | Path) -> Project:
         )
     federations = data.get("tool", {}).get("flwr", {}).get("federations", {})
     default = federations.get("default", "local-simulation")
-    nodes = _flat(federations.get(default, {})).get("options.num-supernodes")
+    nodes = flatten(federations.get(default, {})).get("options.num-supernodes")
     if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
         raise ConfigError(
             f"{path}: [tool.flwr.federations.{default}] options.num-supernodes = {nodes!r}: the challenge's client "
@@ -94,16 +96,6 @@ def read_project(path: str | Path) -> Project:
         )
     name = data.get("project", {}).get("name") or path.parent.name
     return Project(path, str(name), challenge, config, static, nodes)
-
-
-def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def lora_targets(model_type: str | None) -> list[str] | None:
@@ -183,20 +175,23 @@ def experiment_config(
 def evaluation_tasks(
     project: Project, evaluations: dict[str, str], max_new_tokens: int | None = None
 ) -> list[dict[str, Any]]:
-    """``evaluation.tasks`` scoring the given leaderboard columns as FlowerTune's evaluation does (``max_new_tokens``:
-    the most generated per answer, default the kind's)."""
-    known = {column.lower(): (column, recipe, kind) for column, recipe, kind in project.challenge.evaluations}
+    """``evaluation.tasks`` scoring the leaderboard columns as FlowerTune's evaluation does: ``evaluations``
+    maps a task (fpb, fiqa, tfns; mmlu) to a local copy of its set; ``max_new_tokens``: the most generated
+    per answer, default the kind's."""
+    known = {c.task: c for c in project.challenge.evaluations}
     tasks = []
     for name, path in evaluations.items():
-        if name.lower() not in known:
-            offered = ", ".join(c for c, *_ in project.challenge.evaluations) or "none yet"
+        column = known.get(name.lower())
+        if column is None:
+            offered = ", ".join(sorted(known)) or "none yet"
             raise ConfigError(
                 f"--eval {name}={path}: fedtune scores the {project.challenge.name} challenge's columns as FlowerTune "
-                f"does for: {offered}"
+                f"does from these sets: {offered}"
             )
-        _, recipe, kind = known[name.lower()]
-        task = {"kind": kind, "dataset": path, "recipe": recipe, "name": recipe}
-        tasks.append(task if max_new_tokens is None else task | {"max_new_tokens": max_new_tokens})
+        task = {"kind": column.kind, "dataset": path, "recipe": column.recipe, "name": column.task}
+        if max_new_tokens is not None and "max_new_tokens" in EVAL_KINDS.entry(column.kind).info["options"]:
+            task["max_new_tokens"] = max_new_tokens
+        tasks.append(task)
     return tasks
 
 

@@ -59,7 +59,9 @@ def prepare(
     return project, cfg, deviations(project, cfg, kind, dataset is not None)
 
 
-def challenge_report(project: Project, summary: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
+def challenge_report(
+    project: Project, summary: dict[str, Any], history: list[dict[str, Any]], reasons: list[str]
+) -> dict[str, Any]:
     up, down = summary["total_bytes_up"], summary["total_bytes_down"]
     total_mb = (up + down) / 1e6
     return {
@@ -76,17 +78,22 @@ def challenge_report(project: Project, summary: dict[str, Any], reasons: list[st
             "share_of_budget": total_mb / COMMUNICATION_BUDGET_MB,
             "within_budget": total_mb <= COMMUNICATION_BUDGET_MB,
         },
-        "columns": columns(project, summary),
+        "columns": columns(project, history),
     }
 
 
-def columns(project: Project, summary: dict[str, Any]) -> dict[str, float | None]:
-    """The leaderboard's columns from the final scores (None: not evaluated), and their average when all are."""
-    final = summary.get("final", {})
-    by_column = {column: recipe for column, recipe, _ in project.challenge.evaluations}
-    out = {c: final.get(f"{by_column[c]}_accuracy") if c in by_column else None for c in project.challenge.columns}
-    scored = [v for v in out.values() if v is not None]
-    out["Average"] = sum(scored) / len(scored) if scored and len(scored) == len(project.challenge.columns) else None
+def columns(project: Project, history: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The leaderboard's columns from the last scores of the run (None: not evaluated), and their average
+    once every column is scored."""
+    out: dict[str, float | None] = {c: None for c in project.challenge.columns}
+    for column in project.challenge.evaluations:
+        scored = [r for r in history if f"{column.task}_accuracy" in r]
+        if scored:
+            last = scored[-1]
+            by_group = last.get(f"{column.task}_accuracy_by_group") or {}
+            out[column.name] = last[f"{column.task}_accuracy"] if column.group is None else by_group.get(column.group)
+    values = [v for v in out.values() if v is not None]
+    out["Average"] = sum(values) / len(values) if len(values) == len(project.challenge.columns) else None
     return out
 
 
@@ -104,6 +111,6 @@ def run_challenge(
 
     project, cfg, reasons = prepare(pyproject, dataset, model, output_dir, overrides, evaluations, eval_tokens)
     result = run_experiment(cfg, project.path, resume=resume)
-    report = challenge_report(project, result.summary, reasons)
+    report = challenge_report(project, result.summary, result.state.history, reasons)
     (result.run_dir / "challenge.json").write_text(json.dumps(report, indent=2) + "\n")
     return ChallengeRun(project, result.run_dir, report)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedtune.core.errors import ConfigError
+from fedtune.core.files import flatten
 
 _KEY = re.compile(r"[^\w\-. /]")  # what MLflow accepts in a metric name
 
@@ -27,16 +28,12 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The record's numbers by name (nested dicts joined with '/'), without the round itself."""
-    out: dict[str, float] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out |= scalars(value, f"{name}/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name != "round":
-            out[name] = float(value)
-    return out
+    flat = flatten(record, "/")
+    return {
+        k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round"
+    }
 
 
 class TensorBoardSink:
@@ -74,7 +71,7 @@ class MlflowSink:
         else:
             self.run = mlflow.start_run(run_name=name)
             marker.write_text(self.run.info.run_id)
-            flat = {k: str(v)[:500] for k, v in _flat(params).items()}
+            flat = {k: str(v)[:500] for k, v in flatten(params).items()}
             for start in range(0, len(flat), 100):  # MLflow takes at most 100 parameters a call
                 mlflow.log_params(dict(list(flat.items())[start : start + 100]))
 
@@ -89,16 +86,6 @@ class MlflowSink:
 def tracking_uri(run_dir: Path) -> str:
     """The run's own MLflow store: an SQLite file in the run directory."""
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-
-
-def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def open_sinks(names: list[str], run_dir: Path, name: str, params: dict[str, Any]) -> list[Sink]:
