@@ -310,7 +310,7 @@ def test_a_round_repeated_with_any_clients_late_never_gives_two_sums(first, seco
 # ---- generated: a few thousand attacks per category ------------------------------------------------------
 
 CASES = int(os.environ.get("FEDTUNE_SECURE_ATTACK_CASES", 200))  # per category in the default run
-SLOW_CASES = 3000  # per category in the slow set (.ci/run)
+SLOW_CASES = 2000  # per category in the slow set (.ci/run)
 
 
 @st.composite

@@ -40,7 +40,7 @@ from tests.helpers.hostile import (
 )
 
 CASES = int(os.environ.get("FEDTUNE_SPLIT_HOSTILE_CASES", 60))  # per setting: each case is a whole round
-SLOW_CASES = 600  # per setting in the slow set (.ci/run): 1,800 mutated split rounds in all
+SLOW_CASES = 400  # per setting in the slow set (.ci/run): 1,200 mutated split rounds in all
 SETUPS = {
     "u shared": ["paradigm.server_part=shared"],
     "u per_client": ["paradigm.server_part=per_client"],
