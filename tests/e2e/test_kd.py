@@ -201,7 +201,7 @@ def test_top_k_must_leave_a_tail(tmp_path):
         _run(tmp_path, "k", "paradigm.top_k=260")
 
 
-@pytest.mark.parametrize("downlink", ["logits", "adapter"])
+@pytest.mark.parametrize("downlink", ["logits", pytest.param("adapter", marks=pytest.mark.slow)])
 def test_resume_after_a_kill_is_bit_identical(tmp_path, downlink):
     """SIGKILL a real CLI process mid-run and resume: the same state as an uninterrupted run."""
     args = ["examples/tiny.yaml", *TINY_OVERRIDES, *KD, "federation.rounds=5", "training.local_steps=6"]

@@ -56,6 +56,7 @@ def test_the_toy_resumes_from_its_checkpoint(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["toy_mean"] == EXPECTED
 
 
+@pytest.mark.slow  # about 18 s of Ray start-up; the runtime parity test runs the toy on Ray in the default set
 def test_the_toy_runs_on_ray(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the workers import the toy from there
