@@ -42,6 +42,6 @@ def test_eval_loss_is_the_training_loss_on_the_same_sequences(tiny, train_on_pro
     pad = tiny.tokenizer.pad_token_id
     total, n = token_loss_sum(tiny.model, collate(data.encoded, pad))
     for batch_size in (1, 5, 12):
-        assert harness.eval_loss(tiny.model, tiny.tokenizer, data, batch_size) == pytest.approx(
+        assert evaluate(tiny.model, tiny.tokenizer, data, batch_size, False, 1, None)["eval_loss"] == pytest.approx(
             total.item() / n, abs=1e-4
         )

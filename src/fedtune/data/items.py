@@ -11,6 +11,7 @@ Each has ``group`` (a subject, a category) for per-group scores, and a native re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fedtune.core.errors import DataError
@@ -112,7 +113,7 @@ def load_items(
             raise DataError(f"dataset recipe {recipe.name!r} gives training examples, not evaluation items")
         convert = recipe.item
     elif shape in SHAPES:
-        convert = lambda record, where: item_from_record(shape, record, where)  # noqa: E731
+        convert = partial(item_from_record, shape)
     else:
         raise DataError(f"{path}: no recipe and no item shape (one of {', '.join(SHAPES)}) to read it with")
     return collect(read_rows(path, split=split), convert, str(path), on_error)

@@ -42,14 +42,6 @@ class EvalSet:
         return self.prompts, [list(e.input_ids[e.prompt_len :]) for e in self.encoded]
 
 
-@torch.no_grad()
-def eval_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: EvalSet, batch_size: int) -> float:
-    """Mean next-token loss over all target tokens of the set."""
-    prompts, conts = data.scored_rows()
-    s = score(model, tokenizer, prompts, conts, batch_size=batch_size)
-    return -sum(s.log_likelihood) / max(1, sum(s.tokens))
-
-
 def evaluate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,

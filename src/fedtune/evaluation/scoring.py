@@ -5,19 +5,22 @@ of the continuation (held-out loss, multiple choice by option), the next-token d
 prompt's end (multiple choice by answer letter, label choice), and the greedy continuation (exact
 match, answer extraction, ROUGE-L, code). ``score`` answers all three from one forward per batch.
 
-A set's prompts start alike (a chat template's system turn, a k-shot header): that common token prefix
-runs once per batch at batch size 1 and its attention cache is repeated to every row. Each row is laid
-out as ``[shared prefix][left padding][rest of prompt][continuation][right padding]``, so every prompt
-ends in the same column: the forward's kept positions give the continuation's log-probabilities and the
-prompt-end distribution, and the cache cropped at that column is what ``generate`` continues from.
-Position ids skip the padding, so a row sees the positions it would see alone (the plain path's
-numbers up to float summation order; tested). Models whose adapter prepends virtual tokens or owns the
+Prompts start alike (a chat template's system turn, a task's instruction, a k-shot header). Rows are
+sorted so that prompts sharing a prefix sit together; each batch is split into runs of rows
+(``prefix_groups``: the split costing the fewest token positions), every run's shared prefix runs once
+in one padded forward, and each row takes its run's attention cache. A row is then laid out as
+``[run prefix][left padding][rest of prompt][continuation][right padding]``, so every prompt ends in the
+same column: the forward's kept positions give the continuation's log-probabilities and the prompt-end
+distribution, and the cache cropped at that column is what ``generate`` continues from. Position ids
+skip the padding, so a row sees the positions it would see alone (the numbers of scoring each row alone
+up to float summation order; tested). Models whose adapter prepends virtual tokens or owns the
 attention cache (peft prompt learning) take the plain path: right-padded rows for the likelihoods,
 ``generate`` from the left-padded prompts for the text.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -191,10 +194,7 @@ class _Batch:
         offset = virtual_token_offset(self.model)
         head = plain_head(self.model)
         ids = self.ids.to(self.device)
-        if head is not None:
-            with head_bypassed(head):
-                out = self.model(input_ids=ids, logits_to_keep=(keep + offset).to(self.device), **kwargs).logits
-        else:
+        with head_bypassed(head) if head is not None else contextlib.nullcontext():
             out = self.model(input_ids=ids, logits_to_keep=(keep + offset).to(self.device), **kwargs).logits
         # out: (B, K, H) hidden states (plain head) or (B, K, V) logits
         labels = torch.full(out.shape[:2], IGNORE, dtype=torch.long)  # (B, K): token predicted at each kept position
