@@ -81,8 +81,18 @@ def test_columns_map_as_the_sets_define_them(tmp_path):
     assert item("medmcqa", med) == ChoiceItem("q", ("a", "b", "c", "d"), 2, "Anatomy")
     medqa = {"question": "q", "options": {"B": "two", "A": "one", "C": "three", "D": "four"}, "answer_idx": "C"}
     assert item("medqa", medqa) == ChoiceItem("q", ("one", "two", "three", "four"), 2)
+    options = [{"key": "A", "value": "one"}, {"key": "B", "value": "two"}]
+    bigbio = {"question": "q", "options": options, "answer_idx": "B"}
+    assert item("medqa", bigbio) == ChoiceItem("q", ("one", "two"), 1)  # BigBIO's source schema (FlowerTune's copy)
     pub = records("pubmedqa", 3)[1]  # "no"
     assert item("pubmedqa", pub).choices[item("pubmedqa", pub).answer] == "no"
+    assert item("pubmedqa", pub).context == pub["context"]["contexts"][0]
+    source = {"QUESTION": "Is it?", "CONTEXTS": ["One.", "Two."], "final_decision": "maybe", "LONG_ANSWER": "."}
+    assert item("pubmedqa", source) == ChoiceItem("Is it?", ("yes", "no", "maybe"), 2, context="One.\nTwo.")
+    care = {"question": "q", "op1": "a", "op2": "b", "op3": "c", "op4": "d", "cop": 1, "category": "Nursing"}
+    assert item("careqa", care) == ChoiceItem("q", ("a", "b", "c", "d"), 0, "Nursing")
+    with pytest.raises(DataError, match="'cop' must be the right option's number 1..4"):
+        item("careqa", {**care, "cop": 0})
     # the sentiment sets' own label orders, all mapped to negative / neutral / positive
     assert item("fpb", {"sentence": "s", "label": 2}) == ChoiceItem("s", ("negative", "neutral", "positive"), 2, "news")
     assert item("fiqa", {"sentence": "s", "sentiment_score": 0.1, "format": "post"}).group == "tweet"

@@ -200,6 +200,7 @@ def test_every_kind_reports_metrics_summaries_and_comparisons_pick_up():
         "answer_extraction": ["t_accuracy"],
         "sentiment_generation": ["t_accuracy", "t_macro_f1"],
         "flowertune_mmlu": ["t_accuracy", "t_accuracy_macro"],
+        "flowertune_medical": ["t_accuracy"],
         "rouge_l": ["t_rouge_l"],
         "pass_at_k": ["t_pass_at_1", "t_pass_at_10"],
     }
@@ -218,6 +219,10 @@ def test_task_configs_refuse_what_does_not_fit_their_kind():
     with pytest.raises(ValueError, match="between 1 and samples=1"):
         EvalTaskConfig(kind="pass_at_k", dataset="d.jsonl", k=[5])
     assert EvalTaskConfig(kind="rouge_l", dataset="d.jsonl", recipe="dolly").metric_prefix() == "dolly"
+    with pytest.raises(ValueError, match="needs benchmark"):
+        EvalTaskConfig(kind="flowertune_medical", dataset="d.jsonl", recipe="mmlu")
+    assert EvalTaskConfig(kind="flowertune_medical", dataset="d.jsonl", recipe="careqa").benchmark == "careqa"
+    assert EvalTaskConfig(kind="flowertune_medical", dataset="d.jsonl", benchmark="medqa").benchmark == "medqa"
 
 
 def test_a_tokenizer_that_cannot_name_letters_in_one_token_is_told_to_use_options(tiny, monkeypatch):
@@ -285,17 +290,30 @@ def test_sentiment_generation_asks_fingpts_prompt_and_reads_its_labels(tiny, mon
 
 
 @pytest.mark.parametrize(
-    ("output", "letter"),
-    [("A", "a"), (" b) because", "b"), ("(C)", "c"), ("e", "e"), ("F", None), ("", None), ("x\n## D\nmore", "d")],
+    ("output", "boolean", "read"),
+    [
+        ("A", False, "a"),
+        (" b) because", False, "b"),
+        ("(C)", False, "c"),
+        ("e", False, "e"),
+        ("F", False, "f"),  # no letter a-e: the whole text is what is compared
+        ("", False, ""),
+        ("x\n## D\nmore", False, "d"),
+        ("Yes.", True, "yes"),
+        ("noyes", True, "no"),
+        ("Maybe", True, "maybe"),  # not cleaned (FlowerTune cleans only yes/no) but equal as a whole
+        ("Maybe.", True, "maybe."),  # so this one never matches "maybe"
+        ("yes it is", True, "yes it is"),
+    ],
 )
-def test_flowertunes_answer_parsing(output, letter):
-    from fedtune.evaluation.flowertune_mmlu import flowertune_answer
+def test_flowertunes_answer_parsing(output, boolean, read):
+    from fedtune.evaluation.flowertune_qa import flowertune_answer
 
-    assert flowertune_answer(output) == letter
+    assert flowertune_answer(output, boolean) == read
 
 
 def test_flowertune_mmlu_writes_its_prompt_and_scores_by_category(tiny, monkeypatch):
-    from fedtune.evaluation import flowertune_mmlu as ft
+    from fedtune.evaluation import flowertune_qa as ft
 
     items = [ChoiceItem("What is 2 + 2", ("3", "4"), 1, "elementary_mathematics"),
              ChoiceItem("Who wrote it?", ("x", "y"), 0, "philosophy"),
@@ -309,3 +327,35 @@ def test_flowertune_mmlu_writes_its_prompt_and_scores_by_category(tiny, monkeypa
     assert got["mmlu_accuracy_by_group"] == {"humanities": 0.0, "other": 1.0, "stem": 1.0}
     categories = [s for subjects in ft.CATEGORIES.values() for s in subjects]
     assert len(categories) == len(set(categories)) == 57  # MMLU's subjects, each in one category
+
+
+def test_flowertune_medical_asks_each_benchmark_its_way_with_the_gold_answers_length(tiny, monkeypatch):
+    from fedtune.evaluation import flowertune_qa as ft
+
+    pub = ChoiceItem("Is it?", ("yes", "no", "maybe"), 2, context="First.\nSecond.")
+    assert ft.flowertune_prompt(pub, "pubmedqa") == (
+        "<|im_start|>question\n" + ft.INSTRUCTIONS["pubmedqa"] + "\nFirst.\nSecond.\nIs it?\nThe answer is:\n"
+        "<|im_end|>\n<|im_start|>answer\n"
+    )
+    mcq = ChoiceItem("Which one", ("x", "y", "z", "w"), 3)
+    assert ft.flowertune_prompt(mcq, "careqa").startswith("<|im_start|>question\nYou are a medical doctor answering")
+    assert "\nQuestion: Which one?\n\nOptions:\nA. x\nB. y\nC. z\nD. w\nThe answer is:\n" in ft.flowertune_prompt(
+        mcq, "medqa"
+    )
+    seen = []
+
+    def fake(model, tok, prompts, batch_size, max_new_tokens):  # "maybe" for every prompt
+        seen.append((len(prompts), max_new_tokens))
+        return Scores([], [], None, ["maybe"] * len(prompts))
+
+    monkeypatch.setattr(ft, "score", fake)
+    golds = [("maybe", 2)] + [("yes", 0)] * 16 + [("maybe", 2)]  # batches of 16 led by "maybe", then "yes"
+    items = [ChoiceItem("q", ("yes", "no", "maybe"), a, context="c") for _, a in golds]
+    got = ft.FlowerTuneMedical("pubmedqa", items, _encoder(tiny), "pubmedqa").run(tiny.model, 4)
+    assert got["pubmedqa_accuracy"] == pytest.approx(2 / 18)
+    tok = tiny.tokenizer
+    lengths = {len(tok(w, add_special_tokens=False)["input_ids"]) for w in ("maybe", "yes")}
+    budget = {n for _, n in seen}
+    assert budget == lengths and sum(n for n, _ in seen) == 18  # each batch's budget: its first gold's tokens
+    with pytest.raises(ValueError, match="benchmark must be one of"):
+        ft.FlowerTuneMedical("x", items, _encoder(tiny), None)

@@ -91,3 +91,25 @@ def test_the_general_nlp_columns_are_flowertunes_mmlu_categories(tmp_path):
         "Humanities": groups["humanities"],
         "Average": pytest.approx(sum(groups.values()) / 3),
     }
+
+
+def test_the_medical_columns_are_flowertunes_four_benchmarks(tmp_path):
+    sets = {}
+    for name in ("pubmedqa", "medmcqa", "medqa", "careqa"):
+        sets[name] = tmp_path / f"{name}.jsonl"
+        sets[name].write_text("".join(json.dumps(r) + "\n" for r in records(name, 5)))
+    project = challenge_project(tmp_path, "medical")
+    data = challenge_data(tmp_path, "medical", 60)
+    evals = [a for name, path in sets.items() for a in ("--eval", f"{name}={path}")]
+    code, out = cli(
+        "flowertune", str(project), "--dataset", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "runs"),
+        *evals, "federation.rounds=1", "training.local_steps=1", "training.batch_size=2", "data.max_seq_len=256",
+    )  # fmt: skip
+    assert code == 0, out
+    run_dir = tmp_path / "runs" / "flowertune-medical"
+    last = read_metrics(run_dir)[-1]
+    columns = json.loads((run_dir / "challenge.json").read_text())["columns"]
+    assert list(columns) == ["PubMedQA", "MedMCQA", "MedQA", "CareQA", "Average"]
+    for column, task in (("PubMedQA", "pubmedqa"), ("MedMCQA", "medmcqa"), ("MedQA", "medqa"), ("CareQA", "careqa")):
+        assert columns[column] == last[f"{task}_accuracy"] and last[f"{task}_accuracy"] in {0, 0.2, 0.4, 0.6, 0.8, 1}
+    assert columns["Average"] == pytest.approx(sum(v for k, v in columns.items() if k != "Average") / 4)

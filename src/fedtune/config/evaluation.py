@@ -10,7 +10,10 @@ from fedtune.config.base import Strict
 from fedtune.core.registry import DATASET_RECIPES, EVAL_KINDS
 
 EVAL_RECIPES = tuple(e.name for e in DATASET_RECIPES if "evaluation" in e.info.get("uses", ()))
-KIND_OPTIONS = ("shots", "method", "max_new_tokens", "chain_of_thought", "samples", "k", "temperature", "timeout_s")
+MEDICAL_BENCHMARKS = ("pubmedqa", "medmcqa", "medqa", "careqa")  # flowertune_qa.MEDICAL
+KIND_OPTIONS = (
+    "benchmark", "shots", "method", "max_new_tokens", "chain_of_thought", "samples", "k", "temperature", "timeout_s"
+)  # fmt: skip
 
 
 class EvalTaskConfig(Strict):
@@ -32,6 +35,9 @@ class EvalTaskConfig(Strict):
     on_error: Literal["raise", "skip"] = Field("raise", description="bad records: raise (all listed) or skip")
     every_round: bool = Field(
         False, description="also after every evaluated round (default: at the start, if evaluated, and the end)"
+    )
+    benchmark: Literal[MEDICAL_BENCHMARKS] | None = Field(
+        None, description="flowertune_medical: whose instruction and answer form to use; default: the recipe"
     )
     shots: int = Field(0, ge=0, le=25, description="multiple_choice, answer_extraction: solved examples shown first")
     method: Literal["letter", "option"] = Field(
@@ -72,6 +78,13 @@ class EvalTaskConfig(Strict):
                 raise ValueError(
                     f"recipe {recipe.name!r} gives {shape} items; kind {self.kind!r} scores {entry.info['shape']} items"
                 )
+        if "benchmark" in entry.info["options"] and self.benchmark is None:
+            if self.recipe not in MEDICAL_BENCHMARKS:
+                raise ValueError(
+                    f"kind {self.kind!r} needs benchmark: one of {', '.join(MEDICAL_BENCHMARKS)} (it defaults to "
+                    f"the recipe when that is one of them; recipe is {self.recipe!r})"
+                )
+            self.benchmark = self.recipe
         bad_k = [k for k in self.k if not 1 <= k <= self.samples]
         if bad_k:
             raise ValueError(f"k={bad_k}: each k must be between 1 and samples={self.samples}")

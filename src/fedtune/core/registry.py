@@ -271,8 +271,19 @@ DATASET_RECIPES = Registry(
         ),
         Entry("mmlu", "MMLU: question, choices, answer; by subject", _R + "MMLU", info=_EVAL),
         Entry("medmcqa", "MedMCQA: question, opa..opd, cop; by subject_name", _R + "MEDMCQA", info=_EVAL),
-        Entry("medqa", "MedQA (USMLE, 4 options): question, options, answer_idx", _R + "MEDQA", info=_EVAL),
-        Entry("pubmedqa", "PubMedQA: question, context, final_decision yes/no/maybe", _R + "PUBMEDQA", info=_EVAL),
+        Entry(
+            "medqa",
+            "MedQA (USMLE, 4 options): question, options ({A: text} or BigBIO's [{key, value}]), answer_idx",
+            _R + "MEDQA",
+            info=_EVAL,
+        ),
+        Entry(
+            "pubmedqa",
+            "PubMedQA: question, context, final_decision yes/no/maybe (or BigBIO's QUESTION, CONTEXTS)",
+            _R + "PUBMEDQA",
+            info=_EVAL,
+        ),
+        Entry("careqa", "CareQA (English): question, op1..op4, cop 1-4; by category", _R + "CAREQA", info=_EVAL),
         Entry("fpb", "Financial PhraseBank: sentence, label 0-2", _R + "FPB", info=_EVAL),
         Entry("fiqa", "FiQA-2018 sentiment: sentence, sentiment_score", _R + "FIQA", info=_EVAL),
         Entry("tfns", "Twitter financial news sentiment: text, label", _R + "TFNS", info=_EVAL),
@@ -311,8 +322,15 @@ EVAL_KINDS = Registry(
             "flowertune_mmlu",
             "MMLU as FlowerTune's general-NLP evaluation scores it: its prompt, one generated token, its "
             "answer parsing; accuracy per category (stem, social_sciences, humanities, other)",
-            _E + "flowertune_mmlu:FlowerTuneMmlu",
+            _E + "flowertune_qa:FlowerTuneMmlu",
             info={"shape": "choice", "options": ()},
+        ),
+        Entry(
+            "flowertune_medical",
+            "PubMedQA, MedMCQA, MedQA or CareQA as FlowerTune's medical evaluation scores them: its instruction "
+            "for the benchmark, greedy tokens as long as the gold answer, its answer parsing; accuracy",
+            _E + "flowertune_qa:FlowerTuneMedical",
+            info={"shape": "choice", "options": ("benchmark",)},
         ),
         Entry(
             "answer_extraction",

@@ -25,6 +25,12 @@ class ChoiceItem:
     choices: tuple[str, ...]
     answer: int  # index into choices
     group: str | None = None
+    context: str = ""  # the passage the question is about (PubMedQA's abstract), if any
+
+    @property
+    def asked(self) -> str:
+        """The question as a generic prompt shows it: its context, if any, then "Question: ..."."""
+        return f"{self.context}\n\nQuestion: {self.question}" if self.context.strip() else self.question
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class CodeItem:
 
 Item = ChoiceItem | AnswerItem | CodeItem
 SHAPES = {
-    "choice": "{question, choices: [str, ...], answer: index or letter, group?}",
+    "choice": "{question, choices: [str, ...], answer: index or letter, group?, context?}",
     "answer": "{prompt, reference, group?}",
     "code": "{prompt, tests, code_prefix?, entry_point?, group?}",
 }
@@ -68,7 +74,9 @@ def group_of(record: dict[str, Any], key: str | None) -> str | None:
     return None if value is None else str(value)
 
 
-def choice_item(question: str, choices: Any, answer: Any, where: str, group: str | None = None) -> ChoiceItem:
+def choice_item(
+    question: str, choices: Any, answer: Any, where: str, group: str | None = None, context: str = ""
+) -> ChoiceItem:
     """A ChoiceItem after checking: 2-10 string options, the answer an index or a letter within them."""
     if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS):
         raise DataError(f"{where}: choices must be a list of 2 to {len(LETTERS)} strings, got {choices!r:.80}")
@@ -81,7 +89,7 @@ def choice_item(question: str, choices: Any, answer: Any, where: str, group: str
             f"{where}: answer must be an index 0..{len(choices) - 1} or a letter A..{LETTERS[len(choices) - 1]}, "
             f"got {answer!r:.40}"
         )
-    return ChoiceItem(question, tuple(choices), answer, group)
+    return ChoiceItem(question, tuple(choices), answer, group, context)
 
 
 def item_from_record(shape: str, record: Any, where: str) -> Item:
@@ -92,7 +100,8 @@ def item_from_record(shape: str, record: Any, where: str) -> Item:
         if "choices" not in record or "answer" not in record:
             raise DataError(f"{where}: expected {SHAPES[shape]}; this record has keys {sorted(record)}")
         q = text(record, "question", where)
-        return choice_item(q, record["choices"], record["answer"], where, group_of(record, "group"))
+        context = text(record, "context", where, empty=True) if record.get("context") is not None else ""
+        return choice_item(q, record["choices"], record["answer"], where, group_of(record, "group"), context)
     if shape == "answer":
         return AnswerItem(text(record, "prompt", where), text(record, "reference", where), group_of(record, "group"))
     prefix = text(record, "code_prefix", where, empty=True) if "code_prefix" in record else ""

@@ -120,25 +120,42 @@ def _medmcqa(r: Record, where: str) -> ChoiceItem:
 
 
 def _medqa(r: Record, where: str) -> ChoiceItem:
+    """GBaker's options {A: text, ...} with answer_idx, or BigBIO's source [{key, value}, ...] with answer_idx."""
     options = r.get("options")
+    if isinstance(options, list) and all(isinstance(o, dict) and {"key", "value"} <= set(o) for o in options):
+        options = {o["key"]: o["value"] for o in options}
     if not isinstance(options, dict) or not options:
-        raise DataError(f"{where}: 'options' must be an object {{A: text, B: text, ...}}, got {options!r:.80}")
+        raise DataError(
+            f"{where}: 'options' must be {{A: text, B: text, ...}} or [{{key, value}}, ...], got {options!r:.80}"
+        )
     letters = sorted(options)
     answer = r.get("answer_idx")
     return choice_item(text(r, "question", where), [options[k] for k in letters], answer, where)
 
 
 def _pubmedqa(r: Record, where: str) -> ChoiceItem:
-    context = r.get("context", {})
-    passages = context.get("contexts", []) if isinstance(context, dict) else []
+    """qiaojin/PubMedQA (question, context.contexts) or BigBIO's source (QUESTION, CONTEXTS); final_decision."""
+    if "QUESTION" in r:
+        question, passages = text(r, "QUESTION", where), r.get("CONTEXTS", [])
+    else:
+        question, context = text(r, "question", where), r.get("context", {})
+        passages = context.get("contexts", []) if isinstance(context, dict) else None
     if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
-        raise DataError(f"{where}: 'context.contexts' must be a list of strings")
+        raise DataError(f"{where}: the contexts ('context.contexts' or 'CONTEXTS') must be a list of strings")
     decision = text(r, "final_decision", where)
     choices = ("yes", "no", "maybe")
     if decision not in choices:
         raise DataError(f"{where}: final_decision must be yes, no or maybe, got {decision!r}")
-    question = _joined("\n".join(passages), f"Question: {text(r, 'question', where)}") if passages else r["question"]
-    return ChoiceItem(question, choices, choices.index(decision))
+    return ChoiceItem(question, choices, choices.index(decision), context="\n".join(passages))
+
+
+def _careqa(r: Record, where: str) -> ChoiceItem:
+    """CareQA (English): op1..op4 and cop counted from 1."""
+    options = [text(r, k, where, empty=True) for k in ("op1", "op2", "op3", "op4")]
+    cop = r.get("cop")
+    if isinstance(cop, bool) or not isinstance(cop, int) or not 1 <= cop <= 4:
+        raise DataError(f"{where}: 'cop' must be the right option's number 1..4, got {cop!r:.40}")
+    return choice_item(text(r, "question", where), options, cop - 1, where, group_of(r, "category"))
 
 
 def _fpb(r: Record, where: str) -> ChoiceItem:
@@ -211,6 +228,7 @@ MMLU = Recipe("mmlu", "cais/mmlu", "subject", item=_mmlu, shape="choice")
 MEDMCQA = Recipe("medmcqa", "openlifescienceai/medmcqa", "subject_name", item=_medmcqa, shape="choice")
 MEDQA = Recipe("medqa", "GBaker/MedQA-USMLE-4-options", item=_medqa, shape="choice")
 PUBMEDQA = Recipe("pubmedqa", "qiaojin/PubMedQA", item=_pubmedqa, shape="choice")
+CAREQA = Recipe("careqa", "HPAI-BSC/CareQA", "category", item=_careqa, shape="choice")
 FPB = Recipe("fpb", "takala/financial_phrasebank", item=_fpb, shape="choice")
 FLOWERTUNE_GENERAL_NLP = Recipe("flowertune_general_nlp", "vicgalle/alpaca-gpt4", example=_flowertune("general_nlp"))
 FLOWERTUNE_FINANCE = Recipe("flowertune_finance", "FinGPT/fingpt-sentiment-train", example=_flowertune("finance"))

@@ -89,7 +89,7 @@ class LabelChoice:
         tok = encoder.tokenizer
         self.prompts, self.labels = [], []
         for item in self.items:
-            ask = f"{item.question.strip()}\nAnswer with one of: {', '.join(item.choices)}."
+            ask = f"{item.asked.strip()}\nAnswer with one of: {', '.join(item.choices)}."
             self.prompts.append(chat_prompt(encoder, [], ask))
             self.labels.append(
                 [[*tok(c, add_special_tokens=False)["input_ids"], tok.eos_token_id] for c in item.choices]

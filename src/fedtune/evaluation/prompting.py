@@ -20,7 +20,7 @@ def mmlu_block(item: ChoiceItem, with_answer: bool) -> str:
     """One question as MMLU's evaluation writes it: the question, lettered options, "Answer:"."""
     options = "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(item.choices))
     answer = f" {LETTERS[item.answer]}\n\n" if with_answer else ""
-    return f"{item.question.strip()}\n{options}Answer:{answer}"
+    return f"{item.asked.strip()}\n{options}Answer:{answer}"
 
 
 def mmlu_header(group: str | None) -> str:

@@ -61,6 +61,10 @@ CHALLENGES = (
         "flowertune_medical",
         20,
         ("PubMedQA", "MedMCQA", "MedQA", "CareQA"),
+        tuple(
+            Column(name, name.lower(), name.lower(), "flowertune_medical")
+            for name in ("PubMedQA", "MedMCQA", "MedQA", "CareQA")
+        ),
     ),
     Challenge(
         "code",

@@ -155,6 +155,21 @@ def _pubmedqa(rng: random.Random, n: int) -> list[Record]:
     return rows
 
 
+def _careqa(rng: random.Random, n: int) -> list[Record]:
+    return [
+        {
+            "exam_id": 1,
+            "question": r["question"],
+            **{f"op{i + 1}": c for i, c in enumerate(r["choices"])},
+            "cop": r["answer"] + 1,
+            "year": 2024,
+            "category": ("Medicine", "Nursing")[i % 2],
+            "unique_id": f"u{i}",
+        }
+        for i, r in enumerate(_mmlu(rng, n))
+    ]
+
+
 _MOODS = (("fell sharply", 0), ("were flat", 1), ("rose strongly", 2))
 
 
@@ -258,6 +273,7 @@ _MAKERS: dict[str, Callable[[random.Random, int], Any]] = {
     "medmcqa": _medmcqa,
     "medqa": _medqa,
     "pubmedqa": _pubmedqa,
+    "careqa": _careqa,
     "fpb": _fpb,
     "fiqa": _fiqa,
     "tfns": _tfns,
