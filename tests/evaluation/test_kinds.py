@@ -201,6 +201,7 @@ def test_every_kind_reports_metrics_summaries_and_comparisons_pick_up():
         "sentiment_generation": ["t_accuracy", "t_macro_f1"],
         "flowertune_mmlu": ["t_accuracy", "t_accuracy_macro"],
         "flowertune_medical": ["t_accuracy"],
+        "flowertune_code": ["t_pass_at_1"],
         "rouge_l": ["t_rouge_l"],
         "pass_at_k": ["t_pass_at_1", "t_pass_at_10"],
     }

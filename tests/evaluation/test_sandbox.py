@@ -117,6 +117,47 @@ def test_its_folder_is_gone_afterwards(public_folder, monkeypatch):
     assert list(public_folder.iterdir()) == []
 
 
+NODE, GXX = shutil.which("node", path="/usr/bin:/bin"), shutil.which("g++", path="/usr/bin:/bin")
+SLOW_TOOLS = Limits(timeout_s=30.0, cpu_s=20, memory_bytes=2**30, processes=16, file_bytes=16 * 2**20)
+
+
+@pytest.mark.skipif(NODE is None, reason="no node on this machine")
+def test_javascript_candidates_run_on_node_and_fail_with_their_error(public_folder):
+    program = "function add(a, b) { return a + b; }\nconst assert = require('node:assert');\n"
+    assert run(program + "assert.deepEqual(add(2, 3), 5);\n", SLOW_TOOLS, "js").passed
+    failed = run(program + "assert.deepEqual(add(2, 3), 6);\n", SLOW_TOOLS, "js")
+    assert not failed.passed and "AssertionError" in failed.reason
+    assert "timed out" in run("while (true) {}\n", Limits(timeout_s=1.0, cpu_s=30, memory_bytes=2**30), "js").reason
+    if ROOT:  # as an ordinary user a candidate keeps that user's file permissions
+        canary = public_folder / "canary.txt"
+        canary.write_text("intact")
+        remove = f"require('fs').rmSync({str(public_folder)!r}, {{recursive: true, force: true}});\n"
+        assert not run(remove, SLOW_TOOLS, "js").passed and canary.read_text() == "intact"
+
+
+@pytest.mark.skipif(GXX is None, reason="no g++ on this machine")
+def test_cpp_candidates_compile_and_run_inside_the_sandbox():
+    program = "#include<assert.h>\n#include<bits/stdc++.h>\nint add(int a, int b) { return a + b; }\n"
+    assert run(program + "int main() { assert(add(2, 3) == 5); }\n", SLOW_TOOLS, "cpp").passed
+    wrong = run(program + "int main() { assert(add(2, 3) == 6); }\n", SLOW_TOOLS, "cpp")
+    assert not wrong.passed and "Assertion" in wrong.reason, wrong
+    broken = run("int main() { return nope; }\n", SLOW_TOOLS, "cpp")
+    assert not broken.passed and "error" in broken.reason and "nope" in broken.reason
+    net = run(
+        "#include<sys/socket.h>\n#include<netinet/in.h>\n#include<arpa/inet.h>\nint main() {\n"
+        "  int s = socket(AF_INET, SOCK_STREAM, 0); sockaddr_in a{}; a.sin_family = AF_INET; a.sin_port = htons(80);\n"
+        '  inet_pton(AF_INET, "1.1.1.1", &a.sin_addr); return connect(s, (sockaddr*)&a, sizeof a) == 0 ? 0 : 1; }\n',
+        SLOW_TOOLS,
+        "cpp",
+    )
+    assert not net.passed
+
+
+def test_an_unknown_language_is_refused():
+    with pytest.raises(ValueError, match="runs python, js, cpp"):
+        run("x", QUICK, "ruby")
+
+
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 20, 200])
 def test_pass_at_k_is_the_closed_form(n):
     for c in range(n + 1):

@@ -57,8 +57,8 @@ def test_columns_fedtune_cannot_score_as_flowertune_does_are_refused(tmp_path):
     from fedtune.core.errors import ConfigError
     from fedtune.flowertune.project import evaluation_tasks, read_project
 
-    with pytest.raises(ConfigError, match="columns as FlowerTune does from these sets: none yet"):
-        evaluation_tasks(read_project(challenge_project(tmp_path, "code")), {"humaneval": "he.jsonl"})
+    with pytest.raises(ConfigError, match="from these sets: humaneval, mbpp, multiple_cpp, multiple_js"):
+        evaluation_tasks(read_project(challenge_project(tmp_path, "code")), {"mmlu": "m.jsonl"})
     with pytest.raises(ConfigError, match="from these sets: fiqa, fpb, tfns"):
         evaluation_tasks(read_project(challenge_project(tmp_path, "finance")), {"mmlu": "m.jsonl"})
     code, out = cli("flowertune", str(challenge_project(tmp_path, "finance")), "--eval", "fpb")
@@ -113,3 +113,32 @@ def test_the_medical_columns_are_flowertunes_four_benchmarks(tmp_path):
     for column, task in (("PubMedQA", "pubmedqa"), ("MedMCQA", "medmcqa"), ("MedQA", "medqa"), ("CareQA", "careqa")):
         assert columns[column] == last[f"{task}_accuracy"] and last[f"{task}_accuracy"] in {0, 0.2, 0.4, 0.6, 0.8, 1}
     assert columns["Average"] == pytest.approx(sum(v for k, v in columns.items() if k != "Average") / 4)
+
+
+def test_the_code_columns_are_pass_at_1_of_the_harness_benchmarks(tmp_path):
+    sets = {}
+    for task, recipe, language in (
+        ("mbpp", "mbpp", None), ("humaneval", "humaneval", None),
+        ("multiple_js", "multipl_e", "js"), ("multiple_cpp", "multipl_e", "cpp"),
+    ):  # fmt: skip
+        rows = [r for r in records(recipe, 4) if language is None or r["language"] == language][:2]
+        sets[task] = tmp_path / f"{task}.jsonl"
+        sets[task].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    project = challenge_project(tmp_path, "code")
+    data = challenge_data(tmp_path, "code", 40)
+    evals = [a for name, path in sets.items() for a in ("--eval", f"{name}={path}")]
+    code, out = cli(
+        "flowertune", str(project), "--dataset", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "runs"),
+        *evals, "--eval-tokens", "6", "federation.rounds=1", "training.local_steps=1", "training.batch_size=2",
+        "data.max_seq_len=256",
+    )  # fmt: skip
+    assert code == 0, out
+    run_dir = tmp_path / "runs" / "flowertune-code"
+    last = read_metrics(run_dir)[-1]
+    columns = json.loads((run_dir / "challenge.json").read_text())["columns"]
+    assert list(columns) == ["MBPP", "HumanEval", "MultiPL-E (JS)", "MultiPL-E (C++)", "Average"]
+    for column, task in (("MBPP", "mbpp"), ("HumanEval", "humaneval"), ("MultiPL-E (JS)", "multiple_js")):
+        assert columns[column] == last[f"{task}_pass_at_1"]
+    assert columns["MultiPL-E (C++)"] == last["multiple_cpp_pass_at_1"]
+    saved = (run_dir / "config.yaml").read_text()
+    assert "benchmark: multiple_cpp" in saved and "max_new_tokens: 6" in saved

@@ -10,7 +10,6 @@ from fedtune.config.base import Strict
 from fedtune.core.registry import DATASET_RECIPES, EVAL_KINDS
 
 EVAL_RECIPES = tuple(e.name for e in DATASET_RECIPES if "evaluation" in e.info.get("uses", ()))
-MEDICAL_BENCHMARKS = ("pubmedqa", "medmcqa", "medqa", "careqa")  # flowertune_qa.MEDICAL
 KIND_OPTIONS = (
     "benchmark", "shots", "method", "max_new_tokens", "chain_of_thought", "samples", "k", "temperature", "timeout_s"
 )  # fmt: skip
@@ -36,15 +35,22 @@ class EvalTaskConfig(Strict):
     every_round: bool = Field(
         False, description="also after every evaluated round (default: at the start, if evaluated, and the end)"
     )
-    benchmark: Literal[MEDICAL_BENCHMARKS] | None = Field(
-        None, description="flowertune_medical: whose instruction and answer form to use; default: the recipe"
+    benchmark: str | None = Field(
+        None,
+        description="flowertune_medical (pubmedqa, medmcqa, medqa, careqa), flowertune_code (humaneval, mbpp, "
+        "multiple_js, multiple_cpp): whose prompt, parsing and limits to use; default: the recipe where it names one",
     )
     shots: int = Field(0, ge=0, le=25, description="multiple_choice, answer_extraction: solved examples shown first")
     method: Literal["letter", "option"] = Field(
         "letter",
         description="multiple_choice: the answer letter's next-token log-prob, or each option's log-likelihood",
     )
-    max_new_tokens: int = Field(256, ge=1, description="generated kinds: tokens per answer")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="generated kinds: tokens per answer (default 256; flowertune_code: FlowerTune's, up to 1024 "
+        "tokens with the prompt, 2048 for MBPP)",
+    )
     chain_of_thought: bool = Field(False, description="answer_extraction: ask the model to think step by step")
     samples: int = Field(1, ge=1, le=200, description="pass_at_k: programs per problem (1: greedy)")
     k: list[int] = Field(default_factory=lambda: [1], description="pass_at_k: the k of each pass@k reported")
@@ -78,13 +84,20 @@ class EvalTaskConfig(Strict):
                 raise ValueError(
                     f"recipe {recipe.name!r} gives {shape} items; kind {self.kind!r} scores {entry.info['shape']} items"
                 )
-        if "benchmark" in entry.info["options"] and self.benchmark is None:
-            if self.recipe not in MEDICAL_BENCHMARKS:
+        benchmarks = entry.info.get("benchmarks", ())
+        if benchmarks and self.benchmark is None:
+            default = {"multipl_e": None}.get(self.recipe, self.recipe)  # MultiPL-E holds both languages
+            if default not in benchmarks:
                 raise ValueError(
-                    f"kind {self.kind!r} needs benchmark: one of {', '.join(MEDICAL_BENCHMARKS)} (it defaults to "
-                    f"the recipe when that is one of them; recipe is {self.recipe!r})"
+                    f"kind {self.kind!r} needs benchmark: one of {', '.join(benchmarks)} (it defaults to the recipe "
+                    f"when that is one of them; recipe is {self.recipe!r})"
                 )
-            self.benchmark = self.recipe
+            self.benchmark = default
+        elif self.benchmark is not None and self.benchmark not in benchmarks:
+            raise ValueError(
+                f"benchmark {self.benchmark!r}: kind {self.kind!r} scores "
+                + (", ".join(benchmarks) if benchmarks else "no named benchmark")
+            )
         bad_k = [k for k in self.k if not 1 <= k <= self.samples]
         if bad_k:
             raise ValueError(f"k={bad_k}: each k must be between 1 and samples={self.samples}")

@@ -289,6 +289,13 @@ DATASET_RECIPES = Registry(
         Entry("tfns", "Twitter financial news sentiment: text, label", _R + "TFNS", info=_EVAL),
         Entry("humaneval", "HumanEval: prompt, test, entry_point", _R + "HUMANEVAL", info=_EVAL),
         Entry("mbpp", "MBPP: text, test_list, test_setup_code", _R + "MBPP", info=_EVAL),
+        Entry(
+            "multipl_e",
+            "MultiPL-E's HumanEval in JavaScript or C++ (humaneval-js, humaneval-cpp): name, language, prompt, "
+            "tests, stop_tokens",
+            _R + "MULTIPL_E",
+            info=_EVAL,
+        ),
     ],
 )
 
@@ -330,7 +337,23 @@ EVAL_KINDS = Registry(
             "PubMedQA, MedMCQA, MedQA or CareQA as FlowerTune's medical evaluation scores them: its instruction "
             "for the benchmark, greedy tokens as long as the gold answer, its answer parsing; accuracy",
             _E + "flowertune_qa:FlowerTuneMedical",
-            info={"shape": "choice", "options": ("benchmark",)},
+            info={
+                "shape": "choice",
+                "options": ("benchmark",),
+                "benchmarks": ("pubmedqa", "medmcqa", "medqa", "careqa"),
+            },
+        ),
+        Entry(
+            "flowertune_code",
+            "HumanEval, MBPP or MultiPL-E (JS, C++) as FlowerTune's code evaluation (bigcode-evaluation-harness) "
+            "scores them: the harness's raw prompt, one sample at temperature 0.2 cut at its stop words, the "
+            "program run with its tests in the sandbox; pass@1",
+            _E + "flowertune_code:FlowerTuneCode",
+            info={
+                "shape": "code",
+                "options": ("benchmark", "max_new_tokens"),
+                "benchmarks": ("humaneval", "mbpp", "multiple_js", "multiple_cpp"),
+            },
         ),
         Entry(
             "answer_extraction",

@@ -2,7 +2,7 @@
 
   ChoiceItem  a question, its options and the index of the right one (MMLU, MedMCQA, PubMedQA, FPB)
   AnswerItem  a prompt and the reference a generation is scored against (GSM8K, Dolly, ROUGE-L sets)
-  CodeItem    a programming task and the tests a candidate program must pass (HumanEval, MBPP)
+  CodeItem    a programming task and the tests a candidate program must pass (HumanEval, MBPP, MultiPL-E)
 
 Each has ``group`` (a subject, a category) for per-group scores, and a native record shape that
 ``item_from_record`` reads (docs/evaluation.md): a local file in that shape needs no recipe.
@@ -47,6 +47,9 @@ class CodeItem:
     code_prefix: str = ""  # code a completion continues (HumanEval's signature and docstring)
     entry_point: str | None = None  # the function the tests call
     group: str | None = None
+    language: str = "python"  # python, js or cpp (MultiPL-E)
+    completion: str = ""  # the text a base model continues (bigcode-evaluation-harness's prompt), if the set has one
+    stop: tuple[str, ...] = ()  # where that continuation ends (MultiPL-E's stop_tokens); the kind adds its own
 
 
 Item = ChoiceItem | AnswerItem | CodeItem

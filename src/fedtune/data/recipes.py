@@ -183,7 +183,7 @@ def _humaneval(r: Record, where: str) -> CodeItem:
     prefix, entry = text(r, "prompt", where), text(r, "entry_point", where)
     tests = f"{text(r, 'test', where)}\n\ncheck({entry})\n"
     ask = f"Complete the following Python function.\n\n```python\n{prefix}```"
-    return CodeItem(ask, tests, prefix, entry, group_of(r, "task_id"))
+    return CodeItem(ask, tests, prefix, entry, group_of(r, "task_id"), completion=prefix.strip())
 
 
 def _mbpp(r: Record, where: str) -> CodeItem:
@@ -191,8 +191,27 @@ def _mbpp(r: Record, where: str) -> CodeItem:
     if not isinstance(cases, list) or not cases or not all(isinstance(c, str) for c in cases):
         raise DataError(f"{where}: 'test_list' must be a non-empty list of assert statements")
     setup = r.get("test_setup_code") or ""
-    ask = f"{text(r, 'text', where)}\nYour code should pass these tests:\n" + "\n".join(cases)
-    return CodeItem(ask, f"{setup}\n" + "\n".join(cases) + "\n", group=group_of(r, "task_id"))
+    task = text(r, "text", where)
+    ask = f"{task}\nYour code should pass these tests:\n" + "\n".join(cases)
+    completion = f'"""\n{task}\n{cases[0]}\n"""\n'  # bigcode's MBPP prompt: the task and its first test
+    return CodeItem(ask, f"{setup}\n" + "\n".join(cases) + "\n", group=group_of(r, "task_id"), completion=completion)
+
+
+_MULTIPLE_LANGUAGES = {"js": "JavaScript", "cpp": "C++"}
+
+
+def _multipl_e(r: Record, where: str) -> CodeItem:
+    """MultiPL-E's HumanEval in JavaScript or C++: the prompt a completion continues, its tests, stop tokens."""
+    language = text(r, "language", where)
+    if language not in _MULTIPLE_LANGUAGES:
+        raise DataError(f"{where}: language must be one of {', '.join(_MULTIPLE_LANGUAGES)}, got {language!r}")
+    stop = r.get("stop_tokens")
+    if not isinstance(stop, list) or not all(isinstance(t, str) and t for t in stop):
+        raise DataError(f"{where}: 'stop_tokens' must be a list of non-empty strings, got {stop!r:.80}")
+    prompt, name = text(r, "prompt", where), text(r, "name", where)
+    ask = f"Complete the following {_MULTIPLE_LANGUAGES[language]} function.\n\n```{language}\n{prompt}```"
+    tests = text(r, "tests", where)
+    return CodeItem(ask, tests, prompt, None, name, language, prompt.strip(), tuple(stop))
 
 
 def _opt(r: Record, key: str, where: str) -> str:
@@ -240,3 +259,4 @@ FIQA = Recipe("fiqa", "pauri32/fiqa-2018", item=_fiqa, shape="choice")
 TFNS = Recipe("tfns", "zeroshot/twitter-financial-news-sentiment", item=_tfns, shape="choice")
 HUMANEVAL = Recipe("humaneval", "openai/openai_humaneval", item=_humaneval, shape="code")
 MBPP = Recipe("mbpp", "google-research-datasets/mbpp", item=_mbpp, shape="code")
+MULTIPL_E = Recipe("multipl_e", "nuprl/MultiPL-E", item=_multipl_e, shape="code")

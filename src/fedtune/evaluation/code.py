@@ -53,6 +53,12 @@ class PassAtK:
         self.name, self.items, self.tokenizer = name, list(items), encoder.tokenizer
         self.max_new_tokens, self.samples, self.k, self.temperature = max_new_tokens, samples, list(k), temperature
         self.limits = sandbox.Limits(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
+        other = sorted({it.language for it in self.items} - {"python"})
+        if other:
+            raise ConfigError(
+                f"evaluation.tasks ({name}): kind pass_at_k runs Python; these items are {', '.join(other)} "
+                "(MultiPL-E): score them with kind flowertune_code"
+            )
         self.prompts = [chat_prompt(encoder, [], it.prompt) for it in self.items]
         try:
             sandbox.check_available()  # a machine that cannot isolate a program runs none
@@ -75,23 +81,58 @@ class PassAtK:
         if self.samples == 1:
             s = score(model, self.tokenizer, self.prompts, batch_size=batch_size, max_new_tokens=self.max_new_tokens)
             return [[g] for g in s.generations]
-        tok, device, n = self.tokenizer, model_device(model), self.samples
+        n = self.samples
         rows = [p for p in self.prompts for _ in range(n)]
-        texts: list[str] = []
-        model.eval()
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), torch.no_grad():
-            torch.manual_seed(SAMPLING_SEED)
-            for start in range(0, len(rows), batch_size):
-                ids, mask = left_pad(rows[start : start + batch_size], tok.pad_token_id)  # (B, T)
-                gen = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=True,
-                    temperature=self.temperature,
-                    top_p=0.95,
-                    max_new_tokens=self.max_new_tokens,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-                texts += tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+        ids = sample(model, self.tokenizer, rows, batch_size, self.max_new_tokens, self.temperature)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [texts[i * n : (i + 1) * n] for i in range(len(self.items))]
+
+
+def sample(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: Sequence[Sequence[int]],
+    batch_size: int,
+    max_new_tokens: int | Sequence[int],
+    temperature: float,
+    top_p: float = 0.95,
+    seed: int = SAMPLING_SEED,
+    stop_strings: Sequence[str] = (),
+) -> list[list[int]]:
+    """Sampled continuations of ``prompts`` (token ids after each prompt, padding dropped), from a fixed seed
+    without touching the caller's random state. ``max_new_tokens``: one bound, or one per prompt (each row
+    is cut to its own); ``stop_strings``: a batch stops once every row has written one of them."""
+    device = model_device(model)
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    out: list[list[int]] = []
+    model.eval()
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            batch, limits = prompts[start : start + batch_size], budgets[start : start + batch_size]
+            ids, mask = left_pad(batch, tok.pad_token_id)  # (B, T)
+            extra = {"stop_strings": list(stop_strings), "tokenizer": tok} if stop_strings else {}
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                max_new_tokens=max(limits),
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                **extra,
+            )  # (B, T + new)
+            for row, limit in zip(gen[:, ids.shape[1] :].tolist(), limits, strict=True):
+                out.append(_unpadded(row, tok.pad_token_id, tok.eos_token_id)[:limit])
+    return out
+
+
+def _unpadded(row: list[int], pad: int | None, eos: int | None) -> list[int]:
+    """A generated row without the padding ``generate`` appends after it ended (its eos kept)."""
+    if eos is not None and eos in row:
+        return row[: row.index(eos) + 1]
+    while row and pad is not None and row[-1] == pad and pad != eos:
+        row = row[:-1]
+    return row

@@ -5,7 +5,9 @@ with no interface up), its own process tree (a PID namespace: everything it star
 as ``nobody`` where fedtune runs as root, in a temporary directory that is deleted afterwards, under
 limits on CPU time, address space, processes, file size and open files, and a wall-clock timeout
 after which its whole process group is killed. A candidate that loops, forks without end, fills the
-disk, allocates without end, deletes files or opens a connection fails, and only itself.
+disk, allocates without end, deletes files or opens a connection fails, and only itself. Python runs on
+an interpreter with its standard library only; JavaScript on ``node``; C++ is compiled with ``g++
+-std=c++17`` and run, both inside the sandbox (MultiPL-E's commands).
 """
 
 from __future__ import annotations
@@ -46,16 +48,22 @@ class Outcome:
     reason: str  # "passed", or why not: the error's last line, "timed out", an exit code
 
 
-def run(program: str, limits: Limits = Limits()) -> Outcome:
-    """Run ``program`` (Python source: a candidate followed by its tests) in the sandbox; passed if it exits 0."""
+LANGUAGES = ("python", "js", "cpp")
+
+
+def run(program: str, limits: Limits = Limits(), language: str = "python") -> Outcome:
+    """Run ``program`` (source in ``language``: a candidate followed by its tests) in the sandbox; passed if it
+    exits 0 (C++: compiles, then its binary exits 0)."""
+    command = _command(language)
     folder = Path(tempfile.mkdtemp(prefix="fedtune-sandbox-", dir=_scratch_root()))
     try:
-        (folder / "candidate.py").write_text(program)
+        (folder / f"candidate.{'py' if language == 'python' else language}").write_text(program)
         if os.geteuid() == 0:  # the program runs as nobody: its folder is the one place it may write
             os.chown(folder, 65534, 65534)
         os.chmod(folder, 0o700)
-        cmd = [sys.executable, "-I", "-S", str(BOOT), _interpreter(), str(folder)]
+        cmd = [sys.executable, "-I", "-S", str(BOOT), str(folder)]
         cmd += [str(v) for v in (limits.cpu_s, limits.memory_bytes, limits.processes, limits.file_bytes)]
+        cmd += command
         proc = subprocess.Popen(
             cmd,
             cwd=folder,
@@ -76,10 +84,24 @@ def run(program: str, limits: Limits = Limits()) -> Outcome:
             raise SandboxUnavailable(text)
         if proc.returncode == 0:
             return Outcome(True, "passed")
-        last = text.splitlines()[-1][:300] if text else ""
-        return Outcome(False, last or _exit_reason(proc.returncode))
+        return Outcome(False, _reason(text) or _exit_reason(proc.returncode))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _command(language: str) -> list[str]:
+    """What runs ``candidate.*`` in its folder, by absolute path; SandboxUnavailable if this machine lacks it."""
+    if language == "python":
+        return [_interpreter(), "-I", "-S", "candidate.py"]
+    tool = {"js": "node", "cpp": "g++"}.get(language)
+    if tool is None:
+        raise ValueError(f"the sandbox runs {', '.join(LANGUAGES)}, not {language!r}")
+    found = shutil.which(tool, path="/usr/local/bin:/usr/bin:/bin")
+    if found is None:
+        raise SandboxUnavailable(f"{language} candidates need {tool} in /usr/local/bin, /usr/bin or /bin")
+    if language == "js":
+        return [found, "candidate.js"]
+    return ["/bin/sh", "-c", f"{found} candidate.cpp -o candidate -std=c++17 && exec ./candidate"]
 
 
 def _interpreter() -> str:
@@ -121,6 +143,13 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.communicate(timeout=5)
 
 
+def _reason(stderr: str) -> str:
+    """The line of a failed candidate's stderr that says why: the last naming an error, else the last."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    named = [line for line in lines if "error" in line.lower()]
+    return (named or lines or [""])[-1][:300]
+
+
 def _exit_reason(code: int) -> str:
     if code > 128:
         with contextlib.suppress(ValueError):
@@ -138,9 +167,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+EMPTY = {"python": "pass", "js": "", "cpp": "int main() { return 0; }"}
+
+
 @functools.cache
-def check_available() -> None:
-    """SandboxUnavailable (naming why) unless a trivial program runs in the sandbox here; checked once."""
-    outcome = run("pass", Limits(timeout_s=60))
+def check_available(language: str = "python") -> None:
+    """SandboxUnavailable (naming why) unless a trivial ``language`` program runs in the sandbox here; checked
+    once per language."""
+    outcome = run(EMPTY[language], Limits(timeout_s=60, cpu_s=30), language)
     if not outcome.passed:
-        raise SandboxUnavailable(f"the sandbox cannot run even an empty program here: {outcome.reason}")
+        raise SandboxUnavailable(f"the sandbox cannot run even an empty {language} program here: {outcome.reason}")

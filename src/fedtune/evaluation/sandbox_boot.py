@@ -1,11 +1,12 @@
-"""Starts one untrusted program in its sandbox: ``python -I -S sandbox_boot.py PYTHON DIR CPU MEM PROCS FSIZE``.
+"""Starts one untrusted program in its sandbox: ``python -I -S sandbox_boot.py DIR CPU MEM PROCS FSIZE CMD...``.
 
 Standard library only, and nothing of fedtune's: it runs before the program, in a fresh process. It
 leaves the network (a network namespace with no interface up) and the process tree (a PID namespace:
 when the program's first process ends, the kernel kills every process it left), then in the
 namespace's first process gives up root for ``nobody`` where it runs as root, sets the resource
-limits, asks to be killed with this process, and replaces itself with ``PYTHON -I -S
-DIR/candidate.py`` (an interpreter ``nobody`` may run: the standard library is all a candidate gets).
+limits, asks to be killed with this process, and replaces itself with ``CMD`` (run in DIR: an
+interpreter ``nobody`` may run with the candidate's file, e.g. ``python -I -S candidate.py``, where the
+standard library is all a candidate gets, or ``node candidate.js``, or a shell compiling and running it).
 Exit code 125 and a line on stderr: the sandbox could not be set up (nothing of the program ran).
 """
 
@@ -23,8 +24,9 @@ NOT_SET_UP = 125
 
 
 def main() -> int:
-    python, folder = sys.argv[1:3]
-    cpu_s, memory, processes, file_bytes = map(int, sys.argv[3:7])
+    folder = sys.argv[1]
+    cpu_s, memory, processes, file_bytes = map(int, sys.argv[2:6])
+    command = sys.argv[6:]
     libc = ctypes.CDLL(None, use_errno=True)
     root = os.geteuid() == 0
     if not root:  # the limit counts every process of this user, the program's and the others it runs
@@ -53,8 +55,8 @@ def main() -> int:
             (resource.RLIMIT_CORE, 0),
         ):
             resource.setrlimit(limit, (value, value))
-        program = os.path.join(folder, "candidate.py")
-        os.execve(python, [python, "-I", "-S", program], {"PATH": "/usr/bin:/bin", "HOME": folder})
+        os.chdir(folder)
+        os.execve(command[0], command, {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder})
     except Exception as exc:  # anything here means the program did not start
         print(f"sandbox: cannot start the program ({type(exc).__name__}: {exc})", file=sys.stderr)
         os._exit(NOT_SET_UP)

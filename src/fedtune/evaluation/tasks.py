@@ -48,7 +48,7 @@ def build_tasks(configs: Sequence[EvalTaskConfig], encoder: Encoder) -> list[Tas
         except DataError as exc:
             raise DataError(f"evaluation.tasks[{i}] ({cfg.metric_prefix()}): {exc}") from None
         items = items[: cfg.max_samples] if cfg.max_samples else items
-        options = {o: getattr(cfg, o) for o in entry.info["options"]}
+        options = {o: getattr(cfg, o) for o in entry.info["options"] if getattr(cfg, o) is not None}
         scorer = EVAL_KINDS.load(cfg.kind)(cfg.metric_prefix(), items, encoder, **options)
         tasks.append(Task(cfg, scorer))
         log.info("evaluation task %s: %s on %d items of %s", cfg.metric_prefix(), cfg.kind, len(items), cfg.dataset)

@@ -15,14 +15,16 @@ COMMUNICATION_BUDGET_MB = 200_000  # the leaderboard's cap, up and down together
 @dataclass(frozen=True)
 class Column:
     """A leaderboard column fedtune scores as FlowerTune does: task ``task`` (``--eval TASK=PATH``, read
-    through ``recipe``, scored by ``kind``); the value is ``{task}_accuracy``, or with ``group`` that
-    group's entry of ``{task}_accuracy_by_group``."""
+    through ``recipe``, scored by ``kind`` as ``benchmark``); the value is ``{task}_{metric}``, or with
+    ``group`` that group's entry of ``{task}_{metric}_by_group``."""
 
     name: str
     task: str
     recipe: str
     kind: str
     group: str | None = None
+    metric: str = "accuracy"
+    benchmark: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,15 @@ CHALLENGES = (
         "flowertune_code",
         10,
         ("MBPP", "HumanEval", "MultiPL-E (JS)", "MultiPL-E (C++)"),
+        tuple(
+            Column(name, task, recipe, "flowertune_code", metric="pass_at_1", benchmark=task)
+            for name, task, recipe in (
+                ("MBPP", "mbpp", "mbpp"),
+                ("HumanEval", "humaneval", "humaneval"),
+                ("MultiPL-E (JS)", "multiple_js", "multipl_e"),
+                ("MultiPL-E (C++)", "multiple_cpp", "multipl_e"),
+            )
+        ),
     ),
 )
 

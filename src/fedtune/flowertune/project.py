@@ -176,8 +176,8 @@ def evaluation_tasks(
     project: Project, evaluations: dict[str, str], max_new_tokens: int | None = None
 ) -> list[dict[str, Any]]:
     """``evaluation.tasks`` scoring the leaderboard columns as FlowerTune's evaluation does: ``evaluations``
-    maps a task (fpb, fiqa, tfns; mmlu) to a local copy of its set; ``max_new_tokens``: the most generated
-    per answer, default the kind's."""
+    maps a column's task (fpb, mmlu, pubmedqa, humaneval, ...) to a local copy of its set;
+    ``max_new_tokens``: the most generated per answer, default the kind's."""
     known = {c.task: c for c in project.challenge.evaluations}
     tasks = []
     for name, path in evaluations.items():
@@ -189,6 +189,8 @@ def evaluation_tasks(
                 f"does from these sets: {offered}"
             )
         task = {"kind": column.kind, "dataset": path, "recipe": column.recipe, "name": column.task}
+        if column.benchmark is not None:
+            task["benchmark"] = column.benchmark
         if max_new_tokens is not None and "max_new_tokens" in EVAL_KINDS.entry(column.kind).info["options"]:
             task["max_new_tokens"] = max_new_tokens
         tasks.append(task)

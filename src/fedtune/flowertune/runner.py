@@ -87,11 +87,12 @@ def columns(project: Project, history: list[dict[str, Any]]) -> dict[str, float 
     once every column is scored."""
     out: dict[str, float | None] = {c: None for c in project.challenge.columns}
     for column in project.challenge.evaluations:
-        scored = [r for r in history if f"{column.task}_accuracy" in r]
+        key = f"{column.task}_{column.metric}"
+        scored = [r for r in history if key in r]
         if scored:
             last = scored[-1]
-            by_group = last.get(f"{column.task}_accuracy_by_group") or {}
-            out[column.name] = last[f"{column.task}_accuracy"] if column.group is None else by_group.get(column.group)
+            by_group = last.get(f"{key}_by_group") or {}
+            out[column.name] = last[key] if column.group is None else by_group.get(column.group)
     values = [v for v in out.values() if v is not None]
     out["Average"] = sum(values) / len(values) if len(values) == len(project.challenge.columns) else None
     return out

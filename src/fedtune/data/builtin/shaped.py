@@ -255,6 +255,42 @@ def _mbpp(rng: random.Random, n: int) -> list[Record]:
     return rows
 
 
+MULTIPLE_STOPS = {"js": ["\nfunction ", "\n/*", "\n//", "\nconsole.log"], "cpp": ["\n}"]}
+
+
+def _multipl_e(rng: random.Random, n: int) -> list[Record]:
+    """MultiPL-E's humaneval-js / humaneval-cpp rows (alternating), as its prompt translators write them."""
+    rows = []
+    for i, (name, text, _, k, kind) in enumerate(_code(rng, n)):
+        cases = [(x, _apply(kind, k, x)) for x in (0, 3, -2)]
+        if i % 2 == 0:
+            prompt = f"//{text}\nfunction {name}(x){{\n"
+            checks = "".join(f"  assert.deepEqual(candidate({x}),{y});\n" for x, y in cases)
+            tests = (
+                "const assert = require('node:assert');\n\n\nfunction test() {\n"
+                f"  let candidate = {name};\n{checks}}}\n\ntest();"
+            )
+            language = "js"
+        else:
+            prompt = f"#include<assert.h>\n#include<bits/stdc++.h>\n// {text}\nlong {name}(long x) {{\n"
+            checks = "".join(f"    assert(candidate(({x})) == ({y}));\n" for x, y in cases)
+            tests = f"}}\nint main() {{\n    auto candidate = {name};\n{checks}}}\n"
+            language = "cpp"
+        rows.append(
+            {
+                "name": f"HumanEval_{i}_{name}",
+                "language": language,
+                "prompt": prompt,
+                "doctests": "transform",
+                "original": f"../originals/HumanEval_{i}_{name}.py",
+                "prompt_terminology": "reworded",
+                "tests": tests,
+                "stop_tokens": MULTIPLE_STOPS[language],
+            }
+        )
+    return rows
+
+
 _MAKERS: dict[str, Callable[[random.Random, int], Any]] = {
     "alpaca": _instruction_rows,
     "alpaca_gpt4": _instruction_rows,
@@ -279,4 +315,5 @@ _MAKERS: dict[str, Callable[[random.Random, int], Any]] = {
     "tfns": _tfns,
     "humaneval": _humaneval,
     "mbpp": _mbpp,
+    "multipl_e": _multipl_e,
 }
