@@ -282,6 +282,41 @@ def export(
             console.print(f"wrote {path}")
 
 
+@app.command("lm-eval")
+def lm_eval(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory (holds config.yaml and final_adapter/)")],
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated lm-eval task names")],
+    include_path: Annotated[
+        Path | None, typer.Option("--include-path", help="a folder of lm-eval task YAML files (local data)")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="which named final adapter (KD: one per client)")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="the first N examples of each task")] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="few-shot examples")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per batch")] = 8,
+    base: Annotated[bool, typer.Option("--base", help="also score the base model, for comparison")] = False,
+) -> None:
+    """Score a run's final model with lm-evaluation-harness on tasks whose data you have (RUN_DIR/lm_eval.json)."""
+    from fedtune.evaluation.lm_eval_handoff import evaluate_run
+    from fedtune.reporting.console import console
+
+    with _reported():
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        report = evaluate_run(run_dir, names, include_path, adapter, limit, num_fewshot, batch_size, base)
+        table = Table(title="lm-eval")
+        columns = list(report["scores"])
+        for header in ("task", "metric", *columns):
+            table.add_column(header, justify="left" if header in ("task", "metric") else "right")
+        final = report["scores"]["final"]
+        for task in sorted(final):
+            for metric in sorted(final[task]):
+                cells = [f"{report['scores'][c].get(task, {}).get(metric, float('nan')):.4f}" for c in columns]
+                table.add_row(task, metric, *cells)
+        console.print(table)
+        console.print(f"wrote {run_dir / 'lm_eval.json'}")
+
+
 @app.command()
 def data(
     config: Annotated[Path, typer.Argument(help="experiment YAML")],
