@@ -10,15 +10,22 @@ exact-match ``--repeats`` times, alternating, in one process:
   shared prefix computed once, ``generate`` continuing from its attention cache, and each row's generation stopped once
   its text can no longer be an exact match (``metrics.could_still_match``).
 
-    python benchmarks/eval_speed.py [--repeats 3] [--batch-sizes 20 40]
+With ``--trained-rounds R`` (default 2) the quickstart is first trained for R rounds (``fedtune run``,
+no evaluation) and the same comparison runs again on its adapter: a trained model's rows match their
+targets longer, so they generate more before they stop.
+
+    python benchmarks/eval_speed.py [--repeats 3] [--batch-sizes 20 40] [--trained-rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from common import quickstart_setup, write_result
 
@@ -27,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[20, 40])
+    ap.add_argument("--trained-rounds", type=int, default=2, help="0: the untrained adapter only")
     args = ap.parse_args()
 
     from fedtune.assembly import build_workbench, eval_subset, plan_of
@@ -65,31 +73,47 @@ def main() -> None:
         hits = sum(exact_match(p, ex.target) for p, ex in zip(s.generations, eval_set.examples, strict=True))
         return {"seconds": seconds, "loss": loss, "generations": s.generations, "hits": hits}
 
-    once("cached", args.batch_sizes[0])  # warm-up: first-call allocations
-    rows = []
-    for batch in args.batch_sizes:
-        runs: dict[str, list[dict]] = {"plain": [], "cached": []}
-        for _ in range(args.repeats):
-            for variant in runs:
-                runs[variant].append(once(variant, batch))
-        plain, cached = runs["plain"], runs["cached"]
-        rows.append(
-            {
-                "batch_size": batch,
-                "plain_s": [r["seconds"] for r in plain],
-                "cached_s": [r["seconds"] for r in cached],
-                "plain_median_s": statistics.median(r["seconds"] for r in plain),
-                "cached_median_s": statistics.median(r["seconds"] for r in cached),
-                "speedup": statistics.median(r["seconds"] for r in plain)
-                / statistics.median(r["seconds"] for r in cached),
-                "loss_plain": plain[0]["loss"],
-                "loss_cached": cached[0]["loss"],
-                "same_generations": sum(  # rows given up early differ; their exact-match cannot
-                    a == b for a, b in zip(plain[0]["generations"], cached[0]["generations"], strict=True)
-                ),
-                "exact_match_hits": [plain[0]["hits"], cached[0]["hits"]],
-            }
-        )
+    def compare() -> list[dict]:
+        once("cached", args.batch_sizes[0])  # warm-up: first-call allocations
+        rows = []
+        for batch in args.batch_sizes:
+            runs: dict[str, list[dict]] = {"plain": [], "cached": []}
+            for _ in range(args.repeats):
+                for variant in runs:
+                    runs[variant].append(once(variant, batch))
+            plain, cached = runs["plain"], runs["cached"]
+            rows.append(
+                {
+                    "batch_size": batch,
+                    "plain_s": [r["seconds"] for r in plain],
+                    "cached_s": [r["seconds"] for r in cached],
+                    "plain_median_s": statistics.median(r["seconds"] for r in plain),
+                    "cached_median_s": statistics.median(r["seconds"] for r in cached),
+                    "speedup": statistics.median(r["seconds"] for r in plain)
+                    / statistics.median(r["seconds"] for r in cached),
+                    "loss_plain": plain[0]["loss"],
+                    "loss_cached": cached[0]["loss"],
+                    "same_generations": sum(  # rows given up early differ; their exact-match cannot
+                        a == b for a, b in zip(plain[0]["generations"], cached[0]["generations"], strict=True)
+                    ),
+                    "exact_match_hits": [plain[0]["hits"], cached[0]["hits"]],
+                }
+            )
+        return rows
+
+    rows = compare()
+    trained = []
+    if args.trained_rounds:
+        from safetensors.torch import load_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "fedtune.cli", "run", "examples/quickstart.yaml", f"output.dir={tmp}"]
+            cmd += [f"federation.rounds={args.trained_rounds}", "evaluation.every=0", "evaluation.at_start=false"]
+            subprocess.run(cmd, check=True, capture_output=True)
+            latest = Path(tmp, "quickstart", "checkpoints", "LATEST").read_text().strip()
+            state = load_file(str(Path(tmp, "quickstart", "checkpoints", latest, "params.safetensors")))
+        bench.adapter.set_state(state)
+        trained = compare()
     write_result(
         "eval_speed",
         {
@@ -102,6 +126,8 @@ def main() -> None:
             ),
             "repeats": args.repeats,
             "rows": rows,
+            "trained_rounds": args.trained_rounds,
+            "trained_rows": trained,
         },
     )
 
