@@ -19,7 +19,7 @@ def test_readme_starts_with_install_and_quickstart_then_tests():
 def test_ci_runs_the_readme_test_command_then_the_slow_set():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert _commands()[1] in ci
-    assert ci[ci.index(_commands()[1]) + 1 :] == ["pytest -m slow"]
+    assert ci[ci.index(_commands()[1]) + 1 :] == ["pip install -e '.[ci-slow]'", "pytest -m slow"]
 
 
 def test_quickstart_config_exists_and_validates():

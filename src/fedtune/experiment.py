@@ -159,6 +159,11 @@ def _run(
         if on_record is not None:
             on_record(rec)
 
+    def save_adapter(st: ServerState) -> None:
+        n = cfg.output.save_adapter_every
+        if n is not None and (st.round % n == 0 or st.round == plan.rounds_to_run):
+            _export_adapters(adapter, paradigm.final_adapters(st), run_dir / "adapters" / f"round_{st.round:04d}")
+
     privacy = plan.privacy_plan
     if privacy is not None:
         _announce_privacy(privacy)
@@ -184,6 +189,7 @@ def _run(
             run_dir,
             eval_due=lambda r: (every > 0 and r % every == 0) or r == rounds,
             on_record=record_round,
+            on_state=save_adapter,
         )
     finally:
         runtime.close()

@@ -54,6 +54,26 @@ def test_run_writes_a_complete_run_directory(tmp_path):
     assert loaded.keys() == last.keys() and all(torch.equal(loaded[k], last[k]) for k in last)
 
 
+def test_adapters_saved_every_n_rounds_are_those_rounds_global_adapters(tmp_path):
+    code, out = run_tiny(tmp_path, "output.save_adapter_every=2")
+    assert code == 0, out
+    run_dir = tmp_path / "tiny"
+    saved = sorted(p.name for p in (run_dir / "adapters").iterdir())
+    assert saved == ["round_0002", "round_0003"]  # every 2nd round and the last (FlowerTune's save-every-round)
+    for name in saved:
+        base = AutoModelForCausalLM.from_pretrained(
+            json.loads((run_dir / "adapters" / name / "adapter_config.json").read_text())["base_model_name_or_path"]
+        )
+        model = PeftModel.from_pretrained(base, run_dir / "adapters" / name)
+        want = load_file(run_dir / "checkpoints" / name / "params.safetensors")
+        got = {n.replace(".default.", "."): p for n, p in model.named_parameters() if "lora_" in n}
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    code, out = run_tiny(tmp_path, name="plain")
+    assert code == 0, out
+    losses = lambda d: [(m.get("train_loss"), m["eval_loss"]) for m in read_metrics(d)]  # noqa: E731
+    assert losses(run_dir) == losses(tmp_path / "plain")  # saving along the way changes nothing of the run
+
+
 def test_bad_config_is_rejected_before_any_work(tmp_path):
     code, out = run_tiny(tmp_path, "training.lr_schedul=cosine")
     assert code == 2
@@ -88,28 +108,37 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
             "training.proximal_mu=0.01",
             "federation.clients_per_round=3",
         ],
-        ["adapter.client_ranks=[2,4,8]", "federation.clients_per_round=3"],
-        [
-            "compression.uplink=[{name: randk, fraction: 0.2}, {name: int8, rounding: stochastic}]",
-            "compression.error_feedback=true",
-            "compression.downlink=[int8]",
-            "federation.clients_per_round=3",
-        ],
-        [
-            "compression.uplink=[{name: topk, fraction: 0.1}]",
-            "compression.error_feedback=true",
-            "compression.downlink=[{name: topk, fraction: 0.2}, int4]",
-            "compression.downlink_updates=true",
-            "federation.clients_per_round=2",
-        ],
-        [
-            "privacy.client_dp=central",
-            "privacy.noise_multiplier=0.8",
-            "privacy.clip_norm=0.05",
-            "privacy.adaptive_clip={lr: 0.3}",
-            "privacy.noise_seed=3",  # the two runs compared must draw the same noise; resume reads the checkpoint's
-            "federation.clients_per_round=2",
-        ],
+        pytest.param(["adapter.client_ranks=[2,4,8]", "federation.clients_per_round=3"], marks=pytest.mark.slow),
+        pytest.param(
+            [
+                "compression.uplink=[{name: randk, fraction: 0.2}, {name: int8, rounding: stochastic}]",
+                "compression.error_feedback=true",
+                "compression.downlink=[int8]",
+                "federation.clients_per_round=3",
+            ],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            [
+                "compression.uplink=[{name: topk, fraction: 0.1}]",
+                "compression.error_feedback=true",
+                "compression.downlink=[{name: topk, fraction: 0.2}, int4]",
+                "compression.downlink_updates=true",
+                "federation.clients_per_round=2",
+            ],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            [
+                "privacy.client_dp=central",
+                "privacy.noise_multiplier=0.8",
+                "privacy.clip_norm=0.05",
+                "privacy.adaptive_clip={lr: 0.3}",
+                "privacy.noise_seed=3",  # the two runs compared must draw the same noise; resume reads the checkpoint's
+                "federation.clients_per_round=2",
+            ],
+            marks=pytest.mark.slow,
+        ),
         [
             "privacy.client_dp=distributed",
             "privacy.noise_multiplier=0.8",

@@ -24,6 +24,7 @@ def test_each_challenges_project_becomes_the_run_it_describes(tmp_path, challeng
     d = cfg.data
     assert (d.template, d.recipe, d.max_seq_len) == ("flowertune", f"flowertune_{challenge}", 512)
     assert d.dataset == d.eval_dataset == TEMPLATES[challenge][0]
+    assert cfg.output.save_adapter_every == 5  # train.save-every-round
 
 
 def test_an_edited_static_section_is_refused(tmp_path):

@@ -161,7 +161,7 @@ def experiment_config(
             "gradient_checkpointing": bool(p.config.get("model.gradient-checkpointing", False)),
         },
         "evaluation": {"max_samples": 100, "exact_match": False},
-        "output": {"dir": output_dir, "name": p.name},
+        "output": {"dir": output_dir, "name": p.name, "save_adapter_every": _save_every(p)},
     }
     raw["evaluation"]["tasks"] = evaluation_tasks(project, evaluations or {}, eval_tokens)
     targets = lora_targets(model_type)
@@ -170,6 +170,16 @@ def experiment_config(
     for item in overrides or []:
         apply_override(raw, item)
     return validate_config(raw, str(p.path))
+
+
+def _save_every(p: Project) -> int | None:
+    """``train.save-every-round``: FlowerTune's server saves the global adapter every N rounds and after the last."""
+    n = p.config.get("train.save-every-round")
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{p.path}: train.save-every-round = {n!r} must be a whole number of rounds, 1 or more")
+    return n
 
 
 def evaluation_tasks(

@@ -125,8 +125,10 @@ def run_rounds(
     run_dir: Path,
     eval_due: Callable[[int], bool] = lambda r: False,
     on_record: Callable[[dict[str, Any]], None] = lambda rec: None,
+    on_state: Callable[[ServerState], None] = lambda state: None,
 ) -> ServerState:
-    """Run rounds state.round+1 .. settings.rounds; checkpoint after each; return the final state.
+    """Run rounds state.round+1 .. settings.rounds; checkpoint after each (then ``on_state`` and ``on_record``
+    see it); return the final state.
 
     A fresh state (round 0, no history) is first evaluated, if ``evaluate_at_start``, and checkpointed.
     """
@@ -175,6 +177,7 @@ def run_rounds(
         record["wall_s"] = time.perf_counter() - start
         state = replace(new_state, round=r, history=[*state.history, record], clients=runtime.client_states())
         save_checkpoint(run_dir, state, settings.keep_checkpoints)
+        on_state(state)
         on_record(record)
         bar.update(1)
     bar.close()

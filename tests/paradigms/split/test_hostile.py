@@ -39,7 +39,7 @@ from tests.helpers.hostile import (
     run_category,
 )
 
-CASES = int(os.environ.get("FEDTUNE_SPLIT_HOSTILE_CASES", 60))  # per setting: each case is a whole round
+CASES = int(os.environ.get("FEDTUNE_SPLIT_HOSTILE_CASES", 30))  # per setting: each case is a whole round
 SLOW_CASES = 400  # per setting in the slow set (.ci/run): 1,200 mutated split rounds in all
 SETUPS = {
     "u shared": ["paradigm.server_part=shared"],
