@@ -93,22 +93,28 @@ def test_the_general_nlp_columns_are_flowertunes_mmlu_categories(tmp_path):
     }
 
 
-def test_the_medical_columns_are_flowertunes_four_benchmarks(tmp_path):
-    sets = {}
-    for name in ("pubmedqa", "medmcqa", "medqa", "careqa"):
-        sets[name] = tmp_path / f"{name}.jsonl"
-        sets[name].write_text("".join(json.dumps(r) + "\n" for r in records(name, 5)))
-    project = challenge_project(tmp_path, "medical")
-    data = challenge_data(tmp_path, "medical", 60)
-    evals = [a for name, path in sets.items() for a in ("--eval", f"{name}={path}")]
+def _scored_run(tmp_path, challenge, sets, *extra):
+    """A 1-round run of ``challenge`` on the tiny model with ``sets`` ({task: rows}) as --eval: the last
+    metrics record and challenge.json's columns."""
+    evals = []
+    for task, rows in sets.items():
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        evals += ["--eval", f"{task}={path}"]
+    data = challenge_data(tmp_path, challenge, 60)
     code, out = cli(
-        "flowertune", str(project), "--dataset", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "runs"),
-        *evals, "federation.rounds=1", "training.local_steps=1", "training.batch_size=2", "data.max_seq_len=256",
+        "flowertune", str(challenge_project(tmp_path, challenge)), "--dataset", str(data), "--model", "tiny-llama",
+        "--out", str(tmp_path / "runs"), *evals, *extra, "federation.rounds=1", "training.local_steps=1",
+        "training.batch_size=2", "data.max_seq_len=256",
     )  # fmt: skip
     assert code == 0, out
-    run_dir = tmp_path / "runs" / "flowertune-medical"
-    last = read_metrics(run_dir)[-1]
-    columns = json.loads((run_dir / "challenge.json").read_text())["columns"]
+    run_dir = tmp_path / "runs" / f"flowertune-{challenge.replace('_', '-')}"
+    return read_metrics(run_dir)[-1], json.loads((run_dir / "challenge.json").read_text())["columns"]
+
+
+def test_the_medical_columns_are_flowertunes_four_benchmarks(tmp_path):
+    sets = {name: records(name, 5) for name in ("pubmedqa", "medmcqa", "medqa", "careqa")}
+    last, columns = _scored_run(tmp_path, "medical", sets)
     assert list(columns) == ["PubMedQA", "MedMCQA", "MedQA", "CareQA", "Average"]
     for column, task in (("PubMedQA", "pubmedqa"), ("MedMCQA", "medmcqa"), ("MedQA", "medqa"), ("CareQA", "careqa")):
         assert columns[column] == last[f"{task}_accuracy"] and last[f"{task}_accuracy"] in {0, 0.2, 0.4, 0.6, 0.8, 1}
@@ -116,29 +122,19 @@ def test_the_medical_columns_are_flowertunes_four_benchmarks(tmp_path):
 
 
 def test_the_code_columns_are_pass_at_1_of_the_harness_benchmarks(tmp_path):
-    sets = {}
-    for task, recipe, language in (
-        ("mbpp", "mbpp", None), ("humaneval", "humaneval", None),
-        ("multiple_js", "multipl_e", "js"), ("multiple_cpp", "multipl_e", "cpp"),
-    ):  # fmt: skip
-        rows = [r for r in records(recipe, 4) if language is None or r["language"] == language][:2]
-        sets[task] = tmp_path / f"{task}.jsonl"
-        sets[task].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    project = challenge_project(tmp_path, "code")
-    data = challenge_data(tmp_path, "code", 40)
-    evals = [a for name, path in sets.items() for a in ("--eval", f"{name}={path}")]
-    code, out = cli(
-        "flowertune", str(project), "--dataset", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "runs"),
-        *evals, "--eval-tokens", "6", "federation.rounds=1", "training.local_steps=1", "training.batch_size=2",
-        "data.max_seq_len=256",
-    )  # fmt: skip
-    assert code == 0, out
-    run_dir = tmp_path / "runs" / "flowertune-code"
-    last = read_metrics(run_dir)[-1]
-    columns = json.loads((run_dir / "challenge.json").read_text())["columns"]
+    sets = {
+        task: [r for r in records(recipe, 4) if language is None or r["language"] == language][:2]
+        for task, recipe, language in (
+            ("mbpp", "mbpp", None), ("humaneval", "humaneval", None),
+            ("multiple_js", "multipl_e", "js"), ("multiple_cpp", "multipl_e", "cpp"),
+        )
+    }  # fmt: skip
+    last, columns = _scored_run(tmp_path, "code", sets, "--eval-tokens", "6")
     assert list(columns) == ["MBPP", "HumanEval", "MultiPL-E (JS)", "MultiPL-E (C++)", "Average"]
-    for column, task in (("MBPP", "mbpp"), ("HumanEval", "humaneval"), ("MultiPL-E (JS)", "multiple_js")):
+    for column, task in (
+        ("MBPP", "mbpp"), ("HumanEval", "humaneval"), ("MultiPL-E (JS)", "multiple_js"),
+        ("MultiPL-E (C++)", "multiple_cpp"),
+    ):  # fmt: skip
         assert columns[column] == last[f"{task}_pass_at_1"]
-    assert columns["MultiPL-E (C++)"] == last["multiple_cpp_pass_at_1"]
-    saved = (run_dir / "config.yaml").read_text()
+    saved = (tmp_path / "runs" / "flowertune-code" / "config.yaml").read_text()
     assert "benchmark: multiple_cpp" in saved and "max_new_tokens: 6" in saved
