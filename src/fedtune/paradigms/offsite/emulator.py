@@ -1,0 +1,162 @@
+"""Offsite-tuning's emulator: the model's middle compressed, sandwiched between the blocks clients tune.
+
+The full model's L decoder blocks are split into ``bottom`` adapter blocks, a middle, and ``top``
+adapter blocks (Xiao et al. 2023, "Offsite-Tuning: Transfer Learning without Full Model"). The
+emulator keeps the adapter blocks and, of the middle's M blocks, n = round(M·(1 - drop_ratio)) spread
+evenly (uniform layer drop: middle block ⌊j·(M-1)/(n-1)⌉ for j = 0..n-1, the first and the last of the
+middle kept; n = 1 keeps its centre), with the embeddings, final norm and LM head. It is a model of
+the same class with fewer blocks (``config.num_hidden_layers`` = bottom + n + top), so a client can
+build it from its config and the tensors sent to it, never holding the full model. A tuned adapter
+on the emulator's adapter blocks plugs into the full model's blocks of the same depth from the bottom
+or the top (``to_full`` renames its tensors).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from fedtune.core.errors import ConfigError
+from fedtune.core.types import Params
+from fedtune.models.blocks import causal_lm, layout_of
+
+
+@dataclass(frozen=True)
+class Sandwich:
+    """Which of the full model's ``layers`` blocks the emulator holds: ``bottom`` and ``top`` adapter blocks
+    and the ``kept`` middle blocks (full-model indices, ascending)."""
+
+    layers: int
+    bottom: int
+    top: int
+    kept: tuple[int, ...]
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The full model's index of each emulator block, in order."""
+        return (*range(self.bottom), *self.kept, *range(self.layers - self.top, self.layers))
+
+    @property
+    def adapter_blocks(self) -> tuple[int, ...]:
+        """The full model's indices of the blocks clients tune."""
+        return (*range(self.bottom), *range(self.layers - self.top, self.layers))
+
+    def describe(self) -> str:
+        return (
+            f"blocks 0-{self.bottom - 1} and {self.layers - self.top}-{self.layers - 1} tuned, "
+            f"{len(self.kept)} of the {self.layers - self.bottom - self.top} middle blocks kept "
+            f"({', '.join(map(str, self.kept))})"
+        )
+
+
+def layer_drop(layers: int, bottom: int, top: int, drop_ratio: float) -> Sandwich:
+    """The uniform layer drop of the middle of a ``layers``-block model (ConfigError on impossible settings)."""
+    if bottom < 1 or top < 1:
+        raise ConfigError(f"paradigm.bottom={bottom} and paradigm.top={top}: each must be at least 1 block")
+    middle = layers - bottom - top
+    if middle < 1:
+        raise ConfigError(
+            f"paradigm.bottom={bottom} + paradigm.top={top} leave none of the model's {layers} blocks to emulate; "
+            f"tune at most {layers - 1} blocks"
+        )
+    if not 0 <= drop_ratio < 1:
+        raise ConfigError(f"paradigm.drop_ratio={drop_ratio}: must be in [0, 1) (the emulator keeps a middle block)")
+    n = max(1, round(middle * (1 - drop_ratio)))
+    if n == 1:
+        kept = (bottom + (middle - 1) // 2,)
+    else:
+        kept = tuple(bottom + round(j * (middle - 1) / (n - 1)) for j in range(n))
+    return Sandwich(layers, bottom, top, kept)
+
+
+def num_blocks(model: nn.Module) -> int:
+    lm = causal_lm(model)
+    layout = layout_of(lm)
+    return len(getattr(getattr(lm, layout.inner), layout.blocks))
+
+
+def emulator_config(config, sandwich: Sandwich):
+    """A copy of ``config`` for the emulator: as many blocks as it holds (per-block lists sliced to match)."""
+    out = copy.deepcopy(config)
+    n = len(sandwich.blocks)
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(out, key):
+            setattr(out, key, n)
+    per_block = getattr(out, "layer_types", None)
+    if isinstance(per_block, list) and len(per_block) == sandwich.layers:
+        out.layer_types = [per_block[i] for i in sandwich.blocks]
+    return out
+
+
+def _renamer(model: nn.Module, mapping: dict[int, int]):
+    pattern: re.Pattern = layout_of(model).block_name
+
+    def rename(name: str) -> str | None:
+        m = pattern.search(name)
+        if m is None:
+            return name
+        block = int(m.group(1))
+        if block not in mapping:
+            return None
+        return name[: m.start(1)] + str(mapping[block]) + name[m.end(1) :]
+
+    return rename
+
+
+def build_emulator(full: PreTrainedModel, sandwich: Sandwich, share: bool = False) -> PreTrainedModel:
+    """The emulator of ``full`` (a plain causal LM, not peft-wrapped): a model of its class holding the
+    sandwich's blocks, the embeddings, final norm and head. ``share``: its tensors are ``full``'s own (no
+    copy; in-process simulation), else copies (what is sent to a client)."""
+    if full is not causal_lm(full):
+        raise ConfigError("build_emulator takes the base model, before an adapter wraps it")
+    if num_blocks(full) != sandwich.layers:
+        raise ConfigError(f"the sandwich is for {sandwich.layers} blocks; the model has {num_blocks(full)}")
+    to_emulator = {b: i for i, b in enumerate(sandwich.blocks)}
+    rename = _renamer(full, to_emulator)
+    state = {}
+    for name, tensor in full.state_dict(keep_vars=False).items():
+        new = rename(name)
+        if new is not None:
+            state[new] = tensor if share else tensor.detach().clone()
+    with torch.device("meta"):
+        emulator = type(full)(emulator_config(full.config, sandwich))
+    missing, unexpected = emulator.load_state_dict(state, strict=False, assign=True)
+    tied = {k for k in missing if getattr(full.config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"emulator weights do not fit: missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        emulator.tie_weights()
+    _materialise_buffers(emulator, full)
+    return emulator.eval()
+
+
+def _materialise_buffers(emulator: nn.Module, full: nn.Module) -> None:
+    """Non-persistent buffers (rotary frequencies) are not in a state dict: take the full model's, by name."""
+    theirs = dict(full.named_buffers())
+    for name, buf in list(emulator.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            module = emulator.get_submodule(owner) if owner else emulator
+            source = theirs.get(name)
+            if source is None:
+                raise RuntimeError(f"emulator buffer {name} has no counterpart in the full model")
+            module.register_buffer(attr, source.clone(), persistent=False)
+
+
+def to_full(params: Params, emulator: nn.Module, sandwich: Sandwich) -> Params:
+    """An adapter tuned on the emulator, renamed onto the full model: emulator block i -> full block
+    ``sandwich.blocks[i]``; only tensors of adapter blocks (or of no block) are allowed."""
+    rename = _renamer(emulator, dict(enumerate(sandwich.blocks)))
+    out = {}
+    for name, tensor in params.items():
+        new = rename(name)
+        block = layout_of(emulator).block_name.search(new or "")
+        if new is None or (block is not None and int(block.group(1)) not in sandwich.adapter_blocks):
+            raise ConfigError(f"adapter tensor {name} lies in an emulated middle block; only adapter blocks are tuned")
+        out[new] = tensor
+    return out

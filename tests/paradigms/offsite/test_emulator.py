@@ -1,0 +1,93 @@
+"""The offsite-tuning emulator: uniform layer drop, a standalone model of the kept blocks, adapters renamed back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from fedtune.core.errors import ConfigError
+from fedtune.models.tiny import build_tiny_llama
+from fedtune.paradigms.offsite.emulator import Sandwich, build_emulator, layer_drop, to_full
+
+
+@pytest.mark.parametrize(
+    ("layers", "bottom", "top", "ratio", "kept"),
+    [
+        (30, 2, 2, 0.0, tuple(range(2, 28))),  # nothing dropped
+        (30, 2, 2, 0.5, tuple(2 + round(j * 25 / 12) for j in range(13))),  # SmolLM2: 26 middle blocks -> 13
+        (8, 1, 1, 0.5, (1, 3, 6)),  # 6 middle blocks -> 3: the first, the last and one between
+        (8, 1, 1, 0.9, (3,)),  # one block left: the middle's centre
+        (3, 1, 1, 0.5, (1,)),
+    ],
+)
+def test_layer_drop_keeps_an_even_spread_of_the_middle(layers, bottom, top, ratio, kept):
+    s = layer_drop(layers, bottom, top, ratio)
+    assert s.kept == kept and len(set(s.kept)) == len(s.kept)
+    assert s.blocks == (*range(bottom), *kept, *range(layers - top, layers))
+    assert len(s.kept) == max(1, round((layers - bottom - top) * (1 - ratio)))
+
+
+@pytest.mark.parametrize(("args", "message"), [((4, 2, 2, 0.5), "leave none"), ((8, 0, 1, 0.5), "at least 1"),
+                                              ((8, 1, 1, 1.0), "must be in")])  # fmt: skip
+def test_impossible_sandwiches_are_refused(args, message):
+    with pytest.raises(ConfigError, match=message):
+        layer_drop(*args)
+
+
+def _llama(layers=6):
+    model, _ = build_tiny_llama(seed=1, layers=layers)
+    return model.eval()
+
+
+def _gpt2(layers=6):
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=100, n_positions=64)).eval()
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2])
+def test_an_emulator_dropping_nothing_is_the_full_model(make):
+    full = make()
+    emulator = build_emulator(full, layer_drop(6, 1, 1, 0.0))
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(emulator(input_ids=ids).logits, full(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2])
+def test_an_emulator_is_a_smaller_model_of_the_kept_blocks(make):
+    full = make(8)
+    s = layer_drop(8, 2, 1, 0.6)  # middle 3..: blocks 2..6 -> 2 kept
+    emulator = build_emulator(full, s)
+    blocks = lambda m: m.model.layers if hasattr(m, "model") else m.transformer.h  # noqa: E731
+    assert len(blocks(emulator)) == len(s.blocks) == 5 and emulator.config.to_dict().get("n_layer", 5) == 5
+    for i, b in enumerate(s.blocks):
+        ours, theirs = blocks(emulator)[i].state_dict(), blocks(full)[b].state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert all(ours[k].data_ptr() != theirs[k].data_ptr() for k in ours)  # copies: what a client is sent
+    assert sum(p.numel() for p in emulator.parameters()) < sum(p.numel() for p in full.parameters())
+    with torch.no_grad():
+        out = emulator(input_ids=torch.tensor([[1, 2, 3]])).logits  # (1, 3, V)
+    assert out.shape == (1, 3, full.config.vocab_size) and torch.isfinite(out).all()
+    shared = build_emulator(full, s, share=True)
+    assert blocks(shared)[0].state_dict()[next(iter(blocks(shared)[0].state_dict()))].data_ptr() == (
+        blocks(full)[0].state_dict()[next(iter(blocks(full)[0].state_dict()))].data_ptr()
+    )
+
+
+def test_a_tuned_adapter_goes_back_to_the_full_models_blocks():
+    full = _llama(8)
+    s = layer_drop(8, 2, 2, 0.5)  # emulator blocks: 0, 1, (2, 5 of the middle 2..5), 6, 7
+    emulator = build_emulator(full, s)
+    assert s.blocks == (0, 1, 2, 5, 6, 7)
+    tuned = {
+        "model.layers.1.self_attn.q_proj.lora_A.weight": torch.ones(1),
+        "model.layers.4.mlp.up_proj.w": torch.zeros(1),
+    }
+    assert set(to_full(tuned, emulator, s)) == {
+        "model.layers.1.self_attn.q_proj.lora_A.weight",
+        "model.layers.6.mlp.up_proj.w",
+    }
+    with pytest.raises(ConfigError, match="emulated middle block"):
+        to_full({"model.layers.2.mlp.up_proj.w": torch.zeros(1)}, emulator, s)
+    assert isinstance(s, Sandwich) and "kept" in s.describe()
