@@ -13,6 +13,7 @@ results go to ``RUN_DIR/lm_eval.json``; the scratch folder is removed afterwards
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -63,7 +64,7 @@ def scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
         out[task] = {
             k: float(v)
             for k, v in values.items()
-            if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+            if "," in k and isinstance(v, numbers.Real) and not isinstance(v, bool)  # numpy scalars too
         }
     return out
 
