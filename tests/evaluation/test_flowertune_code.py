@@ -103,6 +103,8 @@ def test_real_sampling_is_seeded_and_keeps_each_rows_budget(tiny, tmp_path):
     first = ft.sample(tiny.model, tiny.tokenizer, task.prompts, 2, task.budgets, 0.2, 0.95, 0, ["\ndef"])
     again = ft.sample(tiny.model, tiny.tokenizer, task.prompts, 2, task.budgets, 0.2, 0.95, 0, ["\ndef"])
     assert first == again and all(len(ids) <= b for ids, b in zip(first, task.budgets, strict=True))
+    full = ft.sample(tiny.model, tiny.tokenizer, task.prompts[:2], 2, [0, 0], 0.2, 0.95, 0)
+    assert full == [[], []]  # prompts that already fill max_length get no continuation
 
 
 def test_the_benchmark_must_fit_the_items(tiny, tmp_path):

@@ -110,6 +110,9 @@ def sample(
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             batch, limits = prompts[start : start + batch_size], budgets[start : start + batch_size]
+            if max(limits) <= 0:  # prompts that fill the whole length: nothing to continue (the harness's rule)
+                out += [[] for _ in batch]
+                continue
             ids, mask = left_pad(batch, tok.pad_token_id)  # (B, T)
             extra = {"stop_strings": list(stop_strings), "tokenizer": tok} if stop_strings else {}
             gen = model.generate(
