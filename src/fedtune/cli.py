@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides, e.g. federation.rounds=3")]
+FinishedRun = Annotated[Path, typer.Argument(help="a finished run directory (holds config.yaml and final_adapter/)")]
+AdapterName = Annotated[str | None, typer.Option("--adapter", help="which named final adapter (KD: one per client)")]
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -248,13 +250,11 @@ def report(
 
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run directory (holds config.yaml and final_adapter/)")],
+    run_dir: FinishedRun,
     out: Annotated[
         Path | None, typer.Option("--out", help="where the merged model goes (default RUN_DIR/merged)")
     ] = None,
-    adapter: Annotated[
-        str | None, typer.Option("--adapter", help="which named final adapter (KD: one per client)")
-    ] = None,
+    adapter: AdapterName = None,
     gguf: Annotated[bool, typer.Option("--gguf", help="also write OUT/model.gguf (Llama-family models)")] = False,
 ) -> None:
     """Fold a run's final adapter into its base model: a plain transformers checkpoint (safetensors and
@@ -284,14 +284,12 @@ def export(
 
 @app.command("lm-eval")
 def lm_eval(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run directory (holds config.yaml and final_adapter/)")],
+    run_dir: FinishedRun,
     tasks: Annotated[str, typer.Option("--tasks", help="comma-separated lm-eval task names")],
     include_path: Annotated[
         Path | None, typer.Option("--include-path", help="a folder of lm-eval task YAML files (local data)")
     ] = None,
-    adapter: Annotated[
-        str | None, typer.Option("--adapter", help="which named final adapter (KD: one per client)")
-    ] = None,
+    adapter: AdapterName = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="the first N examples of each task")] = None,
     num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="few-shot examples")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per batch")] = 8,
