@@ -88,3 +88,31 @@ def test_one_model_holds_an_adapter_per_rank(tiny):
         assert torch.equal(adapter.model(ids).logits, before)
     with pytest.raises(ValueError, match="no adapter of rank 3"):
         adapter.activate(3)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_confined_to_some_blocks_trains_only_there_and_exports_so(tmp_path, dora):
+    from fedtune.models.tiny import build_tiny_llama
+
+    model, _ = build_tiny_llama(layers=4)
+    adapter = AdapterModel(model, AdapterConfig(r=2, dora=dora, layers=[0, -1]), seed=0)
+    blocks = {int(k.split(".layers.")[1].split(".")[0]) for k in adapter.params}
+    assert blocks == {0, 3}  # -1: the top block
+    state = {k: torch.randn_like(v) * 0.1 for k, v in adapter.get_state().items()}
+    adapter.save(tmp_path / "a", state)
+    fresh, _ = build_tiny_llama(layers=4)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "a")  # peft reads layers_to_transform back
+    got = {n.replace(".default.", "."): p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_blocks_outside_the_model_or_other_methods_are_refused():
+    from fedtune.models.tiny import build_tiny_llama
+
+    model, _ = build_tiny_llama(layers=4)
+    with pytest.raises(ConfigError, match=r"has 4 blocks \(0..3, or -4..-1 from the top\)"):
+        AdapterModel(model, AdapterConfig(r=2, layers=[0, 4]), seed=0)
+    with pytest.raises(ConfigError, match="each named once"):
+        AdapterModel(model, AdapterConfig(r=2, layers=[3, -1]), seed=0)
+    with pytest.raises(ValueError, match="applies to methods lora"):
+        AdapterConfig(method="ia3", layers=[1])

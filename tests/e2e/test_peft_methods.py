@@ -105,3 +105,12 @@ def test_method_resumes_bit_identically(tmp_path, method):
     resumed = _run(tmp_path, method, "output.name=split", resume=True)[1].state.params
     assert resumed.keys() == straight.state.params.keys()
     assert all(torch.equal(resumed[k], straight.state.params[k]) for k in resumed)
+
+
+def test_lora_on_the_top_block_only_runs_federated(tmp_path):
+    from tests.helpers.cli import run_tiny
+
+    code, out = run_tiny(tmp_path, "adapter.layers=[-1]", "federation.rounds=1")
+    assert code == 0, out
+    saved = load_file(tmp_path / "tiny" / "final_adapter" / "adapter_model.safetensors")
+    assert saved and all(".layers.1." in k for k in saved)  # tiny-llama's 2 blocks: -1 is block 1

@@ -26,6 +26,7 @@ from fedtune.config import AdapterConfig
 from fedtune.core.errors import ConfigError
 from fedtune.core.registry import PEFT_METHODS
 from fedtune.core.types import Params
+from fedtune.models.blocks import blocks_of, layout_of
 
 ADAPTER = "default"
 NATIVE_CONFIG = "fedtune_adapter.json"  # marks an exported adapter of one of our own tuners
@@ -77,10 +78,11 @@ class AdapterModel:
                 return base
             with warnings.catch_warnings():  # transformers deprecation noise raised inside peft
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                model = get_peft_model(base, peft_config(cfg))
+                blocks = _blocks(base, cfg)
+                model = get_peft_model(base, peft_config(cfg, None, blocks))
                 for r, name in self.adapter_names.items():
                     if name != ADAPTER:
-                        model.add_adapter(name, peft_config(cfg, r))
+                        model.add_adapter(name, peft_config(cfg, r, blocks))
         except ValueError as exc:
             raise _bad_targets(cfg, base, str(exc)) from None
         return model
@@ -196,6 +198,21 @@ def load_adapter(base: PreTrainedModel, path: str | Path) -> torch.nn.Module:
         for k, p in params.items():
             p.copy_(state[k])
     return base.eval()
+
+
+def _blocks(base: PreTrainedModel, cfg: AdapterConfig) -> tuple[list[int], str] | None:
+    """``adapter.layers`` resolved for ``base``: (block indices, the blocks' attribute), or None for every block."""
+    if cfg.layers is None:
+        return None
+    found = blocks_of(base)
+    if found is None:
+        kind = getattr(base.config, "model_type", None)
+        raise ConfigError(f"adapter.layers: fedtune does not know where model type {kind!r} keeps its blocks")
+    blocks, lm = found
+    try:
+        return cfg.blocks(len(blocks)), layout_of(lm).blocks
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _own_tuner(method: str):

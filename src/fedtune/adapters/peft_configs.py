@@ -20,8 +20,15 @@ FEEDFORWARD_NAMES = ("down_proj", "fc2", "w2", "dense_4h_to_h")  # MLP output la
 TASK = "CAUSAL_LM"
 
 
-def lora(cfg: AdapterConfig, rank: int | None = None) -> LoraConfig:
-    """LoRA (or DoRA) at ``rank``, default the global rank ``cfg.r``."""
+Blocks = tuple[list[int], str]  # (block indices, the attribute holding the blocks): peft's layers_to_transform
+
+
+def _confined(blocks: Blocks | None) -> dict:
+    return {} if blocks is None else {"layers_to_transform": blocks[0], "layers_pattern": blocks[1]}
+
+
+def lora(cfg: AdapterConfig, rank: int | None = None, blocks: Blocks | None = None) -> LoraConfig:
+    """LoRA (or DoRA) at ``rank``, default the global rank ``cfg.r``; on ``blocks`` only, when given."""
     return LoraConfig(
         r=rank or cfg.r,
         lora_alpha=cfg.alpha,
@@ -29,10 +36,11 @@ def lora(cfg: AdapterConfig, rank: int | None = None) -> LoraConfig:
         target_modules=cfg.targets(),
         use_dora=cfg.dora,
         task_type=TASK,
+        **_confined(blocks),
     )
 
 
-def ia3(cfg: AdapterConfig, rank: int | None = None) -> IA3Config:
+def ia3(cfg: AdapterConfig, rank: int | None = None, blocks: Blocks | None = None) -> IA3Config:
     targets = cfg.targets()
     ff = cfg.feedforward_modules
     ff = [t for t in targets if t in FEEDFORWARD_NAMES] if ff is None else ff
@@ -41,27 +49,28 @@ def ia3(cfg: AdapterConfig, rank: int | None = None) -> IA3Config:
     return IA3Config(target_modules=targets, feedforward_modules=ff, task_type=TASK)
 
 
-def prompt_tuning(cfg: AdapterConfig, rank: int | None = None) -> PromptTuningConfig:
+def prompt_tuning(cfg: AdapterConfig, rank: int | None = None, blocks: Blocks | None = None) -> PromptTuningConfig:
     """Initialised from embeddings of random vocabulary tokens."""
     return PromptTuningConfig(
         num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB, task_type=TASK
     )
 
 
-def prefix_tuning(cfg: AdapterConfig, rank: int | None = None) -> PrefixTuningConfig:
+def prefix_tuning(cfg: AdapterConfig, rank: int | None = None, blocks: Blocks | None = None) -> PrefixTuningConfig:
     return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=TASK)
 
 
-def p_tuning(cfg: AdapterConfig, rank: int | None = None) -> PromptEncoderConfig:
+def p_tuning(cfg: AdapterConfig, rank: int | None = None, blocks: Blocks | None = None) -> PromptEncoderConfig:
     return PromptEncoderConfig(
         num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.encoder_hidden_size, task_type=TASK
     )
 
 
-def peft_config(cfg: AdapterConfig, rank: int | None = None) -> PeftConfig:
-    """The peft config of ``cfg.method`` (LoRA at ``rank``, default the global rank ``cfg.r``)."""
+def peft_config(cfg: AdapterConfig, rank: int | None = None, blocks: Blocks | None = None) -> PeftConfig:
+    """The peft config of ``cfg.method`` (LoRA at ``rank``, default the global rank ``cfg.r``), confined to
+    ``blocks`` (``adapter.layers`` resolved for the model) when given."""
     entry = PEFT_METHODS.entry(cfg.method)
     if not entry.info.get("peft"):
         peft_names = [e.name for e in PEFT_METHODS if e.info.get("peft")]
         raise ValueError(f"{cfg.method} is not a peft method; peft methods: {', '.join(peft_names)}")
-    return PEFT_METHODS.load(cfg.method)(cfg, rank)
+    return PEFT_METHODS.load(cfg.method)(cfg, rank, blocks)

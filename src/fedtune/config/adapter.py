@@ -8,6 +8,7 @@ from fedtune.config.base import Strict
 from fedtune.core.registry import PEFT_METHODS
 
 DEFAULT_TARGETS = {e.name: list(e.info["targets"]) for e in PEFT_METHODS if "targets" in e.info}
+LAYERED = ("lora",)  # methods peft can confine to some blocks (layers_to_transform; DoRA too)
 
 
 class AdapterConfig(Strict):
@@ -22,6 +23,11 @@ class AdapterConfig(Strict):
         None,
         description="Linear layers the method wraps (an error lists the model's own); default per method: "
         + "; ".join(f"{m} {', '.join(t)}" for m, t in DEFAULT_TARGETS.items()),
+    )
+    layers: list[int] | None = Field(
+        None,
+        description="lora: only these decoder blocks get the adapter (0 the first; negative counts from the top, "
+        "-1 the last); default: every block",
     )
     feedforward_modules: list[str] | None = Field(
         None, description="ia3: which target_modules scale their input (MLP); default: down_proj among the targets"
@@ -49,6 +55,11 @@ class AdapterConfig(Strict):
                 f"adapter.target_modules does not apply to method {self.method!r} "
                 f"(it applies to {', '.join(DEFAULT_TARGETS)}); remove it"
             )
+        if self.layers is not None:
+            if self.method not in LAYERED:
+                raise ValueError(f"adapter.layers applies to methods {', '.join(LAYERED)}, not {self.method!r}")
+            if not self.layers or len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"adapter.layers={self.layers}: give a non-empty list of distinct block indices")
         if self.feedforward_modules is not None and self.method != "ia3":
             raise ValueError("adapter.feedforward_modules applies to method ia3 only; remove it")
         return self
@@ -56,6 +67,19 @@ class AdapterConfig(Strict):
     def targets(self) -> list[str]:
         """target_modules, or the method's default ([] for methods that wrap no layers)."""
         return list(self.target_modules if self.target_modules is not None else DEFAULT_TARGETS.get(self.method, []))
+
+    def blocks(self, num_blocks: int) -> list[int] | None:
+        """``layers`` as ascending block indices of a model with ``num_blocks`` blocks (None: every block);
+        ValueError naming the model's range when one is outside it or two name the same block."""
+        if self.layers is None:
+            return None
+        out = sorted({b % num_blocks for b in self.layers if -num_blocks <= b < num_blocks})
+        if len(out) != len(self.layers):
+            raise ValueError(
+                f"adapter.layers={self.layers}: this model has {num_blocks} blocks (0..{num_blocks - 1}, or "
+                f"-{num_blocks}..-1 from the top), each named once"
+            )
+        return out
 
     def is_lora(self) -> bool:
         return self.method == "lora"
