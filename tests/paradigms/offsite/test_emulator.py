@@ -91,3 +91,17 @@ def test_a_tuned_adapter_goes_back_to_the_full_models_blocks():
     with pytest.raises(ConfigError, match="emulated middle block"):
         to_full({"model.layers.2.mlp.up_proj.w": torch.zeros(1)}, emulator, s)
     assert isinstance(s, Sandwich) and "kept" in s.describe()
+
+
+def test_the_emulator_of_a_model_an_adapter_wraps_is_built_from_its_base_tensors():
+    from fedtune.adapters.adapter_model import AdapterModel
+    from fedtune.config import AdapterConfig
+
+    plain = _llama(6)
+    wrapped = AdapterModel(_llama(6), AdapterConfig(r=2), seed=0)
+    s = layer_drop(6, 1, 1, 0.5)
+    with pytest.raises(ConfigError, match="base_params"):
+        build_emulator(wrapped.model, s)
+    ours = build_emulator(wrapped.model, s, state=wrapped.base_params).state_dict()
+    theirs = build_emulator(plain, s).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -108,30 +108,36 @@ def _renamer(model: nn.Module, mapping: dict[int, int]):
     return rename
 
 
-def build_emulator(full: PreTrainedModel, sandwich: Sandwich, share: bool = False) -> PreTrainedModel:
-    """The emulator of ``full`` (a plain causal LM, not peft-wrapped): a model of its class holding the
-    sandwich's blocks, the embeddings, final norm and head. ``share``: its tensors are ``full``'s own (no
-    copy; in-process simulation), else copies (what is sent to a client)."""
-    if full is not causal_lm(full):
-        raise ConfigError("build_emulator takes the base model, before an adapter wraps it")
-    if num_blocks(full) != sandwich.layers:
-        raise ConfigError(f"the sandwich is for {sandwich.layers} blocks; the model has {num_blocks(full)}")
-    to_emulator = {b: i for i, b in enumerate(sandwich.blocks)}
-    rename = _renamer(full, to_emulator)
-    state = {}
-    for name, tensor in full.state_dict(keep_vars=False).items():
+def build_emulator(
+    full: nn.Module, sandwich: Sandwich, share: bool = False, state: dict[str, torch.Tensor] | None = None
+) -> PreTrainedModel:
+    """The emulator of ``full``: a model of its class holding the sandwich's blocks, the embeddings, final norm
+    and head. ``state``: the base model's tensors by their own names (``AdapterModel.base_params`` where an
+    adapter wraps ``full``); default ``full``'s state dict, which must then be a plain model's. ``share``:
+    the emulator's tensors are those very tensors (no copy; in-process simulation), else copies (what is
+    sent to a client)."""
+    lm = causal_lm(full)
+    if num_blocks(lm) != sandwich.layers:
+        raise ConfigError(f"the sandwich is for {sandwich.layers} blocks; the model has {num_blocks(lm)}")
+    if state is None:
+        state = lm.state_dict()
+        if any(".base_layer." in k for k in state):
+            raise ConfigError("an adapter wraps this model: pass its base tensors (AdapterModel.base_params) as state")
+    rename = _renamer(lm, {b: i for i, b in enumerate(sandwich.blocks)})
+    kept = {}
+    for name, tensor in state.items():
         new = rename(name)
         if new is not None:
-            state[new] = tensor if share else tensor.detach().clone()
+            kept[new] = tensor.detach() if share else tensor.detach().clone()
     with torch.device("meta"):
-        emulator = type(full)(emulator_config(full.config, sandwich))
-    missing, unexpected = emulator.load_state_dict(state, strict=False, assign=True)
-    tied = {k for k in missing if getattr(full.config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
+        emulator = type(lm)(emulator_config(lm.config, sandwich))
+    missing, unexpected = emulator.load_state_dict(kept, strict=False, assign=True)
+    tied = {k for k in missing if getattr(lm.config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"emulator weights do not fit: missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
     if tied:
         emulator.tie_weights()
-    _materialise_buffers(emulator, full)
+    _materialise_buffers(emulator, lm)
     return emulator.eval()
 
 
