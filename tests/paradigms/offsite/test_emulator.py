@@ -105,3 +105,34 @@ def test_the_emulator_of_a_model_an_adapter_wraps_is_built_from_its_base_tensors
     ours = build_emulator(wrapped.model, s, state=wrapped.base_params).state_dict()
     theirs = build_emulator(plain, s).state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_distillation_moves_only_the_middle_and_brings_the_emulator_closer():
+    from fedtune.paradigms.offsite.distill import DistillSettings, distil, kd_lm_loss
+
+    full = _llama(6)
+    s = layer_drop(6, 1, 1, 0.5)
+    emulator = build_emulator(full, s)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(4, 200, (8, 32), generator=gen), torch.ones(8, 32, dtype=torch.long)) for _ in range(8)]
+    held = (torch.randint(4, 200, (8, 32), generator=gen), torch.ones(8, 32, dtype=torch.long))
+
+    def kl(model):
+        with torch.no_grad():
+            return float(kd_lm_loss(model(input_ids=held[0]).logits, full(input_ids=held[0]).logits, *held, 1.0))
+
+    before = {k: v.clone() for k, v in emulator.state_dict().items()}
+    start = kl(emulator)
+    settings = DistillSettings(steps=60, lr=1e-3, alpha=1.0)  # random text: the LM term would pull elsewhere
+    losses = distil(emulator, full, s, batches, settings)
+    assert kl(emulator) < 0.5 * start and losses[-1] < losses[0]
+    middle = {f"model.layers.{i}." for i in range(s.bottom, s.bottom + len(s.kept))}
+    changed = {k for k, v in emulator.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(any(k.startswith(m) for m in middle) for k in changed)  # adapter blocks, head: untouched
+    again = build_emulator(full, s)
+    assert distil(again, full, s, batches, settings) == losses  # seeded: repeatable
+    logits = torch.randn(2, 5, 7)
+    ids, mask = torch.randint(0, 7, (2, 5)), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (2, 4)
+    want = nll[torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]).bool()].mean()  # positions whose next token is real
+    assert torch.allclose(kd_lm_loss(logits, logits, ids, mask, 0.9), 0.1 * want)  # no KL against itself
