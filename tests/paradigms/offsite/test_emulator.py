@@ -136,3 +136,32 @@ def test_distillation_moves_only_the_middle_and_brings_the_emulator_closer():
     nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (2, 4)
     want = nll[torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]).bool()].mean()  # positions whose next token is real
     assert torch.allclose(kd_lm_loss(logits, logits, ids, mask, 0.9), 0.1 * want)  # no KL against itself
+
+
+def test_a_distillation_done_before_is_loaded_not_repeated(tmp_path, monkeypatch):
+    from fedtune.paradigms.offsite import distill as d
+
+    full = _llama(6)
+    s = layer_drop(6, 1, 1, 0.5)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(4, 200, (2, 16), generator=gen), torch.ones(2, 16, dtype=torch.long)) for _ in range(2)]
+    settings = d.DistillSettings(steps=5, lr=1e-3)
+    first = build_emulator(full, s)
+    losses, hit = d.cached_distil(first, full, full.state_dict(), s, batches, settings, tmp_path)
+    assert not hit and len(losses) == 5
+
+    def no_training(*a, **k):
+        raise AssertionError("distilled again")
+
+    monkeypatch.setattr(d, "distil", no_training)
+    second = build_emulator(full, s)
+    again, hit = d.cached_distil(second, full, full.state_dict(), s, batches, settings, tmp_path)
+    assert hit and again == losses
+    ours, theirs = first.state_dict(), second.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    other = d.DistillSettings(steps=5, lr=2e-3)
+    assert d.content_key(full.state_dict(), s, other, batches) != d.content_key(full.state_dict(), s, settings, batches)
+    nudged = {**full.state_dict()}
+    k = next(iter(nudged))
+    nudged[k] = nudged[k] + 1e-6
+    assert d.content_key(nudged, s, settings, batches) != d.content_key(full.state_dict(), s, settings, batches)

@@ -6,15 +6,23 @@ full model's. Each step on a batch of public token ids minimises, over the non-p
     L = α · KL(p_full(· | x_<t) ‖ p_emu(· | x_<t)) + (1 - α) · (−log p_emu(x_t | x_<t)),
 
 α = 0.9 by default (FS-LLM's 0.9 KD + 0.1 LM), with AdamW at ``lr``. The full model is only read.
+``cached_distil`` keys the result by the content of everything it depends on (the full model's tensors,
+the sandwich, the settings, the public batches), so a rerun loads the distilled blocks instead of
+training them again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedtune.models.blocks import causal_lm, layout_of
@@ -88,3 +96,61 @@ def distil(
     for p in emulator.parameters():
         p.requires_grad_(False)
     return losses
+
+
+def content_key(
+    full_state: Mapping[str, torch.Tensor],
+    sandwich: Sandwich,
+    settings: DistillSettings,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> str:
+    """SHA-256 over the full model's tensors (names, dtypes, shapes, bytes), the sandwich, the settings and
+    the public batches: equal exactly when a distillation would repeat itself."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"sandwich": asdict(sandwich), "settings": asdict(settings)}, sort_keys=True).encode())
+    for name in sorted(full_state):
+        t = full_state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for ids, mask in batches:
+        for t in (ids, mask):
+            h.update(t.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_distil(
+    emulator: nn.Module,
+    full: nn.Module,
+    full_state: Mapping[str, torch.Tensor],
+    sandwich: Sandwich,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    settings: DistillSettings,
+    cache: Path,
+) -> tuple[list[float], bool]:
+    """``distil``, or its result loaded from ``cache`` when the same distillation ran before: (the losses of
+    its steps, whether it came from the cache). Written whole or not at all (a temporary file, renamed)."""
+    batches = list(batches)
+    key = content_key(full_state, sandwich, settings, batches)
+    path = cache / f"{key}.safetensors"
+    names = _middle_names(emulator, sandwich)
+    if path.is_file():
+        stored = load_file(str(path))
+        meta = json.loads((cache / f"{key}.json").read_text())
+        with torch.no_grad():
+            own = dict(emulator.named_parameters())
+            for name in names:
+                own[name].copy_(stored[name])
+        return list(meta["losses"]), True
+    losses = distil(emulator, full, sandwich, batches, settings)
+    cache.mkdir(parents=True, exist_ok=True)
+    own = dict(emulator.named_parameters())
+    tmp = cache / f".{key}.{os.getpid()}.tmp"
+    save_file({n: own[n].detach().cpu().contiguous() for n in names}, str(tmp))
+    (cache / f"{key}.json").write_text(json.dumps({"losses": losses, "settings": asdict(settings)}))
+    os.replace(tmp, path)  # the weights last: a key with weights has its losses
+    return losses, False
+
+
+def _middle_names(emulator: nn.Module, sandwich: Sandwich) -> list[str]:
+    ids = {id(p) for p in middle_parameters(emulator, sandwich)}
+    return [n for n, p in emulator.named_parameters() if id(p) in ids]
