@@ -86,13 +86,12 @@ class EvalTaskConfig(Strict):
                 )
         benchmarks = entry.info.get("benchmarks", ())
         if benchmarks and self.benchmark is None:
-            default = {"multipl_e": None}.get(self.recipe, self.recipe)  # MultiPL-E holds both languages
-            if default not in benchmarks:
+            if self.recipe not in benchmarks:  # e.g. multipl_e, which holds both languages
                 raise ValueError(
                     f"kind {self.kind!r} needs benchmark: one of {', '.join(benchmarks)} (it defaults to the recipe "
                     f"when that is one of them; recipe is {self.recipe!r})"
                 )
-            self.benchmark = default
+            self.benchmark = self.recipe
         elif self.benchmark is not None and self.benchmark not in benchmarks:
             raise ValueError(
                 f"benchmark {self.benchmark!r}: kind {self.kind!r} scores "

@@ -11,9 +11,7 @@ seed) and c of them passing, pass@k = 1 - C(n-c, k) / C(n, k), averaged over tas
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -68,8 +66,7 @@ class PassAtK:
     def run(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
         texts = self._generate(model, batch_size)  # per item, its samples
         jobs = [program(it, t) for it, ts in zip(self.items, texts, strict=True) for t in ts]
-        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-            passed = [o.passed for o in pool.map(lambda p: sandbox.run(p, self.limits), jobs)]
+        passed = [o.passed for o in sandbox.run_all(jobs, self.limits)]
         out: dict[str, Any] = {}
         per_item = [sum(passed[i * self.samples : (i + 1) * self.samples]) for i in range(len(self.items))]
         for k in self.k:

@@ -12,9 +12,7 @@ whose program passed (with one sample the unbiased estimator is that share).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -94,6 +92,5 @@ class FlowerTuneCode:
 
     def run(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
         jobs = self.programs(model, batch_size)
-        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-            passed = [o.passed for o in pool.map(lambda p: sandbox.run(p, self.limits, self.language), jobs)]
+        passed = [o.passed for o in sandbox.run_all(jobs, self.limits, self.language)]
         return {f"{self.name}_pass_at_1": sum(passed) / max(1, len(passed))}

@@ -97,15 +97,15 @@ def flowertune_answer(output: str, boolean: bool = False) -> str:
     text = full
     if "\n##" in text:
         text = text.split("\n##")[1].split("\n")[0].strip().lower()
+    # ASCII letters, digits and spaces from here, so FlowerTune's clean_answer (dropping non-ASCII) is a no-op
     text = re.sub(" +", " ", re.sub(r"[^a-zA-Z0-9]", " ", text).strip())
     if boolean:
         for doubled, single in (("yesyes", "yes"), ("nono", "no"), ("yesno", "yes"), ("noyes", "no")):
             if doubled in text:
                 text = text.replace(doubled, single)
                 break
-        text = text.encode("ascii", "ignore").decode("ascii")
     else:
-        text = text.encode("ascii", "ignore").decode("ascii")[:1]
+        text = text[:1]
     return text if text in ("a", "b", "c", "d", "e", "yes", "no") else full
 
 

@@ -158,10 +158,11 @@ def to_full(params: Params, emulator: nn.Module, sandwich: Sandwich) -> Params:
     """An adapter tuned on the emulator, renamed onto the full model: emulator block i -> full block
     ``sandwich.blocks[i]``; only tensors of adapter blocks (or of no block) are allowed."""
     rename = _renamer(emulator, dict(enumerate(sandwich.blocks)))
+    pattern = layout_of(emulator).block_name
     out = {}
     for name, tensor in params.items():
         new = rename(name)
-        block = layout_of(emulator).block_name.search(new or "")
+        block = pattern.search(new or "")
         if new is None or (block is not None and int(block.group(1)) not in sandwich.adapter_blocks):
             raise ConfigError(f"adapter tensor {name} lies in an emulated middle block; only adapter blocks are tuned")
         out[new] = tensor
