@@ -27,7 +27,7 @@ def test_a_killed_client_is_dropped_for_its_round_rejoins_later_and_an_unknown_k
         {
             # a deadline well above a round's few seconds, even with three clients training on 2 busy cores
             "federation": {"rounds": 10, "min_clients": 2, "round_timeout_s": 30},
-            "training": {"local_steps": 15, "batch_size": 8},  # most of a second of training to kill a client in
+            "training": {"local_steps": 40, "batch_size": 8},  # a second or more of training to kill a client in
         },
     )
     rogue = write_client_key(tmp_path / "rogue", "client-9")[0]
@@ -68,7 +68,7 @@ def test_a_coordinator_killed_mid_round_resumes_and_matches_an_uninterrupted_run
     settings = {
         "federation": {"rounds": 3, "min_clients": 3},
         "compression": {"uplink": ["int8"], "error_feedback": True},
-        "training": {"local_steps": 15, "batch_size": 8},  # a round long enough to kill the coordinator in
+        "training": {"local_steps": 40, "batch_size": 8},  # a round long enough to kill the coordinator in
     }
     fed = Federation(tmp_path, settings)
     try:
