@@ -33,6 +33,7 @@ from fedtune.data.templates import resolve_template
 from fedtune.data.tokenize import Encoder
 from fedtune.evaluation.harness import EvalSet
 from fedtune.models.device import model_device
+from fedtune.models.loading import load_tokenizer
 from fedtune.models.placement import Placement, place
 from fedtune.paradigms.handler import ClientHandler
 from fedtune.paradigms.plan import ParadigmPlan, Workbench
@@ -76,9 +77,16 @@ def plan_of(cfg: ExperimentConfig, privacy: PrivacyPlan | object | None = _PLAN_
     )
 
 
-def build_workbench(cfg: ExperimentConfig, plan: ParadigmPlan, announce: bool = True) -> Workbench:
-    """Load the base model, attach the seeded adapter, and build the encoder and codec links."""
+def build_workbench(cfg: ExperimentConfig, plan: ParadigmPlan, announce: bool = True, model: bool = True) -> Workbench:
+    """Load the base model, attach the seeded adapter, and build the encoder and codec links.
+
+    ``model=False``: the tokenizer alone (no weights read), for a client process of a paradigm whose clients
+    get their model in messages (``Capabilities.client_base``); the workbench then has no adapter."""
     t = time.perf_counter()
+    if not model:
+        m = cfg.model
+        tokenizer = load_tokenizer(m.name, m.revision, m.trust_remote_code, m.gguf_file)
+        return _workbench(cfg, plan, None, tokenizer)
     adapter, tokenizer = seeded_adapter(plan.adapter_recipe())
     if announce:
         log.info(
@@ -91,6 +99,15 @@ def build_workbench(cfg: ExperimentConfig, plan: ParadigmPlan, announce: bool = 
             f"{adapter.num_total:,}",
             100 * adapter.num_trainable / adapter.num_total,
         )
+    return _workbench(cfg, plan, adapter, tokenizer)
+
+
+def client_workbench(cfg: ExperimentConfig, plan: ParadigmPlan, announce: bool = False) -> Workbench:
+    """A client process's workbench: with the base model unless its paradigm's clients are sent theirs."""
+    return build_workbench(cfg, plan, announce, model=cfg.plugin().capabilities.client_base)
+
+
+def _workbench(cfg: ExperimentConfig, plan: ParadigmPlan, adapter, tokenizer) -> Workbench:
     d = cfg.data
     template = resolve_template(d.template, tokenizer)
     encoder = Encoder(tokenizer, template, d.system_prompt, d.max_seq_len, d.train_on_prompt)
@@ -102,7 +119,7 @@ def build_workbench(cfg: ExperimentConfig, plan: ParadigmPlan, announce: bool = 
         adapter,
         tokenizer,
         encoder,
-        adapter.get_state(),
+        adapter.get_state() if adapter is not None else {},
         Link.from_specs([c.spec() for c in comp.uplink], comp.error_feedback),
         Link.from_specs([c.spec() for c in comp.downlink]),
         EvalSettings(e.batch_size, exact, e.max_new_tokens, e.group_by, final),
@@ -126,7 +143,7 @@ def simulation_handler(cfg_json: dict[str, Any], privacy: PrivacyPlan | None) ->
     cfg = ExperimentConfig.model_validate(cfg_json)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"progress": False})})
     plan = plan_of(cfg, privacy)
-    bench = build_workbench(cfg, plan, announce=False)
+    bench = client_workbench(cfg, plan)
     data = prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed())
     eval_set = EvalSet.build(eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
     return make_handler(plan, bench, build_client_data(data, bench.encoder, cfg), eval_set).handle

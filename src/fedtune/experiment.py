@@ -103,6 +103,7 @@ def _run(
     plan = plan_of(cfg)  # privacy is planned here, once
     bench = build_workbench(cfg, plan)
     adapter, tokenizer, eval_settings = bench.adapter, bench.tokenizer, bench.eval_settings
+    assert adapter is not None  # the server's workbench always holds the model
     clients = build_client_data(data, bench.encoder, cfg)
     eval_set = EvalSet.build(eval_subset(data.eval, cfg.evaluation.max_samples), bench.encoder)
     log.info(
@@ -127,17 +128,18 @@ def _run(
         cfg.clients_per_round(),
         lambda: make_handler(plan, bench, clients, eval_set),
         partial(simulation_handler, cfg.model_dump(mode="json"), plan.privacy_plan),
-        lambda: (cfg.model.name, *adapter.lendable()),
+        (lambda: (cfg.model.name, *adapter.lendable())) if cfg.plugin().capabilities.client_base else None,
     )
 
     tasks = build_tasks(cfg.evaluation.tasks, bench.encoder)
 
-    def evaluate_adapter(params: Params, r: int) -> dict[str, Any]:
-        adapter.activate(adapter.global_rank)
-        adapter.set_state(params)
+    def evaluate_adapter(params: Params, r: int, on: AdapterModel | None = None) -> dict[str, Any]:
+        model = on or adapter
+        model.activate(model.global_rank)
+        model.set_state(params)
         s = eval_settings
-        out = evaluate(adapter.model, tokenizer, eval_set, s.batch_size, s.exact_at(r), s.max_new_tokens, s.group_by)
-        return out | run_tasks(tasks, adapter.model, s.batch_size, r, plan.rounds_to_run)
+        out = evaluate(model.model, tokenizer, eval_set, s.batch_size, s.exact_at(r), s.max_new_tokens, s.group_by)
+        return out | run_tasks(tasks, model.model, s.batch_size, r, plan.rounds_to_run)
 
     paradigm = cfg.plugin().halves().server(plan, bench, evaluate_adapter, weight_cap(cfg, data))
     fresh = paradigm.initial_state()

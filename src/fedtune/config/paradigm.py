@@ -49,6 +49,7 @@ class Capabilities:
     per_client_eval: bool = False  # clients evaluate on their own held-out share (evaluation.per_client)
     gradient_checkpointing: bool = False  # training.gradient_checkpointing
     continues_mid_round: bool = False  # its requests may continue a round (``continues``, wire/protocol.py)
+    client_base: bool = True  # a client process loads the base model (False: it gets its model in messages)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Paradigm:
     an entry starting with ``-`` takes a key back out (``"training", "-training.proximal_mu"``).
     ``setup``: the module with ``server(plan, bench, evaluate_adapter, weight_cap)`` and
     ``client(plan, bench, data, eval_set)`` (``paradigms/plan.py``; docs/architecture.md, "Adding a paradigm").
+    ``extends``: a paradigm that reuses another's halves (offsite-tuning wraps parameter sharing's round
+    around an emulator) names it here; it is then the one plug-in its package may import.
     """
 
     name: str
@@ -69,6 +72,8 @@ class Paradigm:
     setup: str
     check: Callable[[Any], None] | None = None  # its own rules on an ExperimentConfig: ValueError naming the key
     docs: str = ""  # its page under docs/, for error messages and the reference
+    resolve: Callable[[Any], Any] | None = None  # its config-determined defaults: ExperimentConfig -> a new one
+    extends: str | None = None  # the paradigm whose halves it builds on (the only plug-in it may import)
 
     def reads_key(self, key: str) -> bool:
         """Whether the paradigm reads dotted ``key``: the longest matching entry of ``reads`` decides."""

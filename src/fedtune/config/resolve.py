@@ -14,10 +14,15 @@ from fedtune.config.experiment import ExperimentConfig
 def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with its config-determined ``auto`` values resolved; the same object when there are none.
 
+    The paradigm's own ``resolve`` (``Paradigm.resolve``) runs first.
+
     With client-level DP or secure aggregation, server-side updates are summed: aggregation.lora auto
     becomes ffa (FFA-LoRA: only B is averaged, so a sum of updates stays exact) and every client counts
     once (aggregation.weighting uniform).
     """
+    own = cfg.plugin().resolve
+    if own is not None:
+        cfg = own(cfg)  # the paradigm's own defaults first: what follows reads them
     p, agg = cfg.privacy, cfg.aggregation
     if not (p.on() or p.secure_aggregation is not None):
         return cfg

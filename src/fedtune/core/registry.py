@@ -108,6 +108,7 @@ PARADIGMS = Registry(
         Entry("parameter_sharing", "", "fedtune.paradigms.parameter_sharing:PARADIGM"),
         Entry("kd", "", "fedtune.paradigms.kd:PARADIGM"),
         Entry("split", "", "fedtune.paradigms.split:PARADIGM"),
+        Entry("offsite", "", "fedtune.paradigms.offsite:PARADIGM"),
     ],
     external=True,
 )

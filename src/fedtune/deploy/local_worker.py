@@ -196,11 +196,11 @@ class LocalWorker:
     """Serves requests for whatever client id the coordinator assigned this participant."""
 
     def __init__(self, cfg, examples: list, state_dir: Path):
-        from fedtune.assembly import build_workbench, federation_eval_set, make_handler, plan_of
+        from fedtune.assembly import client_workbench, federation_eval_set, make_handler, plan_of
 
         self.cfg, self.examples, self.state_dir = cfg, examples, state_dir
         plan = plan_of(cfg)
-        self.bench = build_workbench(cfg, plan)
+        self.bench = client_workbench(cfg, plan, announce=True)
         self.handler = make_handler(plan, self.bench, {}, federation_eval_set(cfg, self.bench.encoder))
         self.lock = threading.Lock()
         self.pieces = PieceExchanges(self.serve_one)

@@ -23,7 +23,14 @@ from urllib.parse import urlparse
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from fedtune.core.errors import ModelLoadError
 from fedtune.models.shared import lent
@@ -116,16 +123,50 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, path=where, source=name)
 
 
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A model's tokenizer alone, from the same places ``load_model`` looks (a cheap check before a model)."""
-    where, gguf = resolve_model_dir(name)
-    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
-    if gguf:
-        kwargs["gguf_file"] = gguf
+def _weightless_source(name: str, gguf_file: str | None) -> tuple[str, dict]:
+    """Where a model's config and tokenizer are read without its weights: the bundled model's converted
+    directory when there is one, else its GGUF file's metadata (converting would load the weights)."""
+    if name.strip().lower() in SMOLLM2_ALIASES:
+        converted = cache_dir() / "models" / "smollm2-135m-instruct"
+        if (converted / "config.json").is_file():
+            return str(converted), {}
+        gguf = bundled_gguf()
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    where, gguf = resolve_model_dir(name, gguf_file)
+    return where, ({"gguf_file": gguf} if gguf else {})
+
+
+def load_tokenizer(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> PreTrainedTokenizerBase:
+    """A model's tokenizer alone, from the same places ``load_model`` looks, no weights read (a cheap check
+    before a model, or all a client that is sent its model needs); the pad token as ``load_model`` sets it."""
+    where, kwargs = _weightless_source(name, gguf_file)
     try:
-        return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            where, local_files_only=True, revision=revision, trust_remote_code=trust_remote_code, **kwargs
+        )
     except Exception as exc:
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {type(exc).__name__}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> PretrainedConfig:
+    """A model's config alone, no weights read (what a model sent in pieces is built from)."""
+    where, kwargs = _weightless_source(name, gguf_file)
+    try:
+        config = AutoConfig.from_pretrained(
+            where, local_files_only=True, revision=revision, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the config of {name!r}: {type(exc).__name__}: {exc}") from exc
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # as the converted bundled model: weights travel dequantised
+    return config
 
 
 def _from_pretrained(where: str, dtype: str, **kwargs) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:

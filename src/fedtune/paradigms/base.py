@@ -38,7 +38,16 @@ from fedtune.wire.link import Link
 from fedtune.wire.messages import Message
 
 T = TypeVar("T")
-EvaluateAdapter = Callable[[Params, int], dict[str, Any]]  # (a global adapter, round) -> held-out metrics
+
+
+class EvaluateAdapter(Protocol):
+    """Held-out metrics of a global adapter after round ``r`` on the server's eval set (and its tasks);
+    ``on``: the adapter model to evaluate it on (an ``AdapterModel`` other than the server's: offsite-tuning's
+    emulator), default the server's base model with its adapter."""
+
+    def __call__(self, params: Params, r: int, on: Any = None) -> dict[str, Any]: ...
+
+
 Signature = dict[str, tuple[torch.Size, torch.dtype]]  # name -> (shape, dtype): what an update must look like
 __all__ = [
     "BadReply",

@@ -103,7 +103,7 @@ class ParadigmPlan:
 class Workbench:
     """One process's model side: the base model with its adapter, and how text and tensors are encoded."""
 
-    adapter: AdapterModel
+    adapter: AdapterModel | None  # None in a client process of a paradigm whose clients are sent their model
     tokenizer: PreTrainedTokenizerBase
     encoder: Encoder
     initial: Params  # the seeded initial adapter: what every client holds before round 1

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedtune.core.types import ClientState, Envelope
 
@@ -77,3 +77,31 @@ class SimulatedClients:
 
     def load_client_states(self, states: dict[int, ClientState]) -> None:
         self.states = dict(states)
+
+
+class Affinity:
+    """Which worker (lane, Ray actor) served each client last, so that its next job goes there when it is free.
+
+    Replies never depend on the worker; what a worker's process holds for the clients it served does (an
+    offsite-tuning emulator is sent to a client and kept by the process that received it): keeping a
+    client on its worker keeps a round's exchanges with it in one process."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, Any] = {}
+
+    def pick(self, client_id: int, idle: list, pending: Iterable[int]) -> Any:
+        """Take the worker for ``client_id`` out of ``idle`` (non-empty): its last one if free, else one that no
+        ``pending`` client was last served by, else any."""
+        want = self.last.get(client_id)
+        for i, w in enumerate(idle):
+            if w is want:
+                return idle.pop(i)
+        others = {id(self.last[c]) for c in pending if c in self.last}
+        for i, w in enumerate(idle):
+            if id(w) not in others:
+                return idle.pop(i)
+        return idle.pop()
+
+    def served(self, client_id: int, worker: Any) -> None:
+        self.last[client_id] = worker
+

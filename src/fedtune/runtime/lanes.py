@@ -37,7 +37,7 @@ import torch
 
 from fedtune.core.types import ClientState
 from fedtune.reporting.console import silence_bars
-from fedtune.runtime.base import Handle
+from fedtune.runtime.base import Affinity, Handle
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,14 @@ class Lane:
 
 
 class LanePool:
-    """``lanes`` forked children serving ``handle``; jobs go to whichever lane is free."""
+    """``lanes`` forked children serving ``handle``; a job goes to the lane that served its client last when that
+    one is free, else to whichever lane is (``base.Affinity``)."""
 
     def __init__(self, handle: Handle, lanes: int, timeout_s: float | None = None):
         self.handle, self.timeout = handle, timeout_s
         self.lanes: list[Lane] = []
         self.size = lanes
+        self.affinity = Affinity()
 
     def run(self, jobs: Sequence[Job]) -> dict[int, tuple[bytes, ClientState]]:
         """Serve every job; client id -> (reply, state) for each that came back (dropped ones are absent)."""
@@ -136,8 +138,10 @@ class LanePool:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while pending or busy:
             while pending and idle:
-                lane = idle.pop()
-                lane.submit(pending.popleft())
+                job = pending.popleft()
+                lane = self.affinity.pick(job[0], idle, (j[0] for j in pending))
+                lane.submit(job)
+                self.affinity.served(job[0], lane)
                 busy[lane.conn] = lane
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = wait(list(busy), timeout=left)

@@ -4,7 +4,8 @@ The driver puts its base weights in Ray's object store once; every worker on the
 driver itself) maps that copy read-only and builds its model over it, so a worker's memory is its
 adapters, optimizer state and activations, not a model of its own.
 
-Client jobs are scheduled onto idle workers; each job carries the client's persistent state
+Client jobs are scheduled onto idle workers (the one that served the client last, when it is idle:
+``runtime.base.Affinity``); each job carries the client's persistent state
 (SCAFFOLD's c_i, error-feedback residuals, a held adapter) in and out, and the driver keeps it,
 so worker memory stays flat however many clients are simulated and checkpoints hold every
 client's state exactly as in_process does. A worker that dies (killed, out of memory) or misses
@@ -30,7 +31,7 @@ from fedtune.config.runtime import RayConfig
 from fedtune.core.errors import ConfigError
 from fedtune.core.types import Envelope
 from fedtune.models.shared import adopt, from_arrays, to_arrays
-from fedtune.runtime.base import PLAIN, Delivery, Handle, SimulatedClients
+from fedtune.runtime.base import PLAIN, Affinity, Delivery, Handle, SimulatedClients
 from fedtune.runtime.worker import ClientWorker
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class RayRuntime(SimulatedClients):
         super().__init__()
         self.timeout = timeout_s
         self.started = False
+        self.affinity = Affinity()  # a client's jobs go to the worker that served it last, when free
         if not ray.is_initialized():
             env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
             kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
@@ -120,7 +122,9 @@ class RayRuntime(SimulatedClients):
         replies: list[Envelope] = []
         while pending or inflight:
             while pending and idle:
-                e, w = pending.popleft(), idle.pop()
+                e = pending.popleft()
+                w = self.affinity.pick(e.client_id, idle, (p.client_id for p in pending))
+                self.affinity.served(e.client_id, w)
                 inflight[w.handle.remote(e.client_id, e.payload, self.state_of(e.client_id))] = (e, w)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:

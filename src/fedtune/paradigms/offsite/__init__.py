@@ -1,5 +1,42 @@
-"""Offsite-tuning: clients tune adapter blocks around an emulator of the model's middle, never the full model.
+"""Offsite-tuning: clients tune the outer blocks of a model whose middle they only see as an emulator.
 
-``emulator.py`` builds the emulator (uniform layer drop) and maps a tuned adapter back onto the full
-model. The package is not a registered paradigm yet: it has no server or client half.
+The server compresses the middle of the full model (``emulator.py``: uniform layer drop, optionally
+distilled, ``distill.py``) and sends clients that emulator once; they tune LoRA on the first and last
+blocks around it, and the federation is parameter sharing's round on those adapters (this paradigm
+extends it). The server plugs the aggregated adapter into the full model, and evaluates both.
 """
+
+from fedtune.config.paradigm import Capabilities, Paradigm
+from fedtune.paradigms.offsite.settings import OffsiteConfig, check, resolve
+
+PARADIGM = Paradigm(
+    name="offsite",
+    summary="clients tune the first and last blocks around a compressed emulator of the middle; the server "
+    "plugs the adapter into the full model (Offsite-Tuning)",
+    settings=OffsiteConfig,
+    # parameter sharing's round on the adapter blocks: every update-shaped setting applies; LoRA on blocks
+    # only (one rank: heterogeneous ranks would need an emulator per rank)
+    reads=(
+        "adapter",
+        "-adapter.client_ranks",
+        "training",
+        "aggregation",
+        "compression",
+        "privacy",
+        "data.public_dataset",
+        "data.builtin.public_per_task",
+    ),
+    capabilities=Capabilities(
+        client_dp=True,
+        secure_agg=True,
+        dp_sgd=True,
+        gradient_checkpointing=True,
+        continues_mid_round=True,  # secure aggregation's exchanges, as in parameter sharing
+        client_base=False,  # a client builds the emulator it is sent, never the full model
+    ),
+    setup="fedtune.paradigms.offsite.setup",
+    check=check,
+    resolve=resolve,
+    docs="docs/algorithms/offsite.md",
+    extends="parameter_sharing",
+)

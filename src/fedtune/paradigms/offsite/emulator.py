@@ -14,12 +14,14 @@ or the top (``to_full`` renames its tensors).
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from dataclasses import dataclass
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fedtune.core.errors import ConfigError
 from fedtune.core.types import Params
@@ -80,6 +82,14 @@ def num_blocks(model: nn.Module) -> int:
     return len(getattr(getattr(lm, layout.inner), layout.blocks))
 
 
+def config_blocks(config) -> int:
+    """How many decoder blocks a model of ``config`` has."""
+    for key in ("num_hidden_layers", "n_layer"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise ConfigError(f"model type {getattr(config, 'model_type', None)!r}: its config does not say its block count")
+
+
 def emulator_config(config, sandwich: Sandwich):
     """A copy of ``config`` for the emulator: as many blocks as it holds (per-block lists sliced to match)."""
     out = copy.deepcopy(config)
@@ -124,16 +134,17 @@ def build_emulator(
         if any(".base_layer." in k for k in state):
             raise ConfigError("an adapter wraps this model: pass its base tensors (AdapterModel.base_params) as state")
     rename = _renamer(lm, {b: i for i, b in enumerate(sandwich.blocks)})
+    head = next((f"{n}.weight" for n, m in lm.named_modules() if m is lm.get_output_embeddings()), None)
+    tied = getattr(lm.config, "tie_word_embeddings", False)
     kept = {}
     for name, tensor in state.items():
         new = rename(name)
-        if new is not None:
+        if new is not None and not (tied and new == head):  # a tied head is the embedding, tied again below
             kept[new] = tensor.detach() if share else tensor.detach().clone()
     with torch.device("meta"):
         emulator = type(lm)(emulator_config(lm.config, sandwich))
     missing, unexpected = emulator.load_state_dict(kept, strict=False, assign=True)
-    tied = {k for k in missing if getattr(lm.config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
+    if set(missing) - ({head} if tied else set()) or unexpected:
         raise RuntimeError(f"emulator weights do not fit: missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
     if tied:
         emulator.tie_weights()
@@ -152,6 +163,61 @@ def _materialise_buffers(emulator: nn.Module, full: nn.Module) -> None:
             if source is None:
                 raise RuntimeError(f"emulator buffer {name} has no counterpart in the full model")
             module.register_buffer(attr, source.clone(), persistent=False)
+
+
+def weights(emulator: nn.Module) -> Params:
+    """What a client is sent: the emulator's parameters by its own names (a tied head once, as its embedding)."""
+    return {n: p.detach() for n, p in causal_lm(emulator).named_parameters()}
+
+
+def digest(tensors: Params) -> str:
+    """sha256 over names, dtypes, shapes and bytes: the emulator a request names, checked on arrival."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def emulator_from(config, sandwich: Sandwich, tensors: Params, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A client's emulator: the model of ``config`` (the full model's) with the sandwich's blocks, built without
+    weights and given ``tensors``, which must be exactly its parameters (names, shapes, dtypes; ValueError
+    naming the first that is not). Buffers (rotary frequencies) are computed from the config as usual."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(emulator_config(config, sandwich), dtype=dtype)
+    model.tie_weights()  # a tied head is the embedding: one tensor, sent once
+    own = dict(model.named_parameters())
+    if own.keys() != tensors.keys():
+        missing, extra = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
+        raise ValueError(f"the emulator sent does not fit: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, p in own.items():
+        t = tensors[name]
+        if t.shape != p.shape or t.dtype != p.dtype:
+            raise ValueError(f"emulator tensor {name}: {t.dtype} {tuple(t.shape)}, expected {p.dtype} {tuple(p.shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def _rename_blocks(params: Params, model: nn.Module, mapping: dict[int, int], what: str) -> Params:
+    rename = _renamer(model, mapping)
+    out = {}
+    for name, tensor in params.items():
+        new = rename(name)
+        if new is None:
+            raise ConfigError(f"adapter tensor {name} lies in {what}; only adapter blocks are tuned")
+        out[new] = tensor
+    return out
+
+
+def from_full(params: Params, full: nn.Module, sandwich: Sandwich) -> Params:
+    """An adapter on the full model's adapter blocks, renamed onto the emulator (``to_full``'s inverse)."""
+    mapping = {b: i for i, b in enumerate(sandwich.blocks) if b in sandwich.adapter_blocks}
+    return _rename_blocks(params, full, mapping, "a block the emulator does not tune")
 
 
 def to_full(params: Params, emulator: nn.Module, sandwich: Sandwich) -> Params:

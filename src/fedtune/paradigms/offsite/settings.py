@@ -1,0 +1,69 @@
+"""Offsite-tuning's settings (``paradigm: {name: offsite, ...}``): the sandwich and how its middle is compressed.
+
+docs/algorithms/offsite.md has the formulas.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from fedtune.config.base import Strict
+from fedtune.config.paradigm import ParadigmConfig
+
+if TYPE_CHECKING:
+    from fedtune.config.experiment import ExperimentConfig
+
+
+class DistillConfig(Strict):
+    """Distilling the emulator's middle toward the full model on the public set, before round 1 (cached)."""
+
+    steps: int = Field(100, ge=1, description="optimizer steps (AdamW) distilling the kept middle blocks")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the distillation")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of KL(full || emulator); 1 - alpha on the LM loss")
+    batch_size: int = Field(4, ge=1, description="public examples per distillation step")
+
+
+class OffsiteConfig(ParadigmConfig):
+    """Offsite-tuning (paradigm offsite): clients tune the outer blocks around an emulator of the middle."""
+
+    bottom: int = Field(2, ge=1, description="adapter blocks at the bottom: the first blocks, tuned by clients")
+    top: int = Field(2, ge=1, description="adapter blocks at the top: the last blocks, tuned by clients")
+    drop_ratio: float = Field(
+        0.5, ge=0, lt=1, description="share of the middle blocks the emulator drops (uniform layer drop)"
+    )
+    emulator: Literal["layer_drop", "distil"] = Field(
+        "layer_drop",
+        description="layer_drop: the kept middle blocks as they are; distil: then trained toward the full model "
+        "on the public set (paradigm.distil), cached by content",
+    )
+    distil: DistillConfig = Field(default_factory=DistillConfig, description="emulator=distil: how")
+
+    def adapter_layers(self) -> list[int]:
+        """The blocks clients tune, as ``adapter.layers`` names them: the first ``bottom``, the last ``top``."""
+        return [*range(self.bottom), *range(-self.top, 0)]
+
+
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``adapter.layers`` defaults to the sandwich's adapter blocks: the adapter lives there only."""
+    s: OffsiteConfig = cfg.paradigm  # type: ignore[assignment]
+    if cfg.adapter.layers is not None:
+        return cfg
+    return cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"layers": s.adapter_layers()})})
+
+
+def check(cfg: ExperimentConfig) -> None:
+    """The adapter must live on the adapter blocks (the emulator's middle is frozen and not the full model's)."""
+    s: OffsiteConfig = cfg.paradigm  # type: ignore[assignment]
+    a = cfg.adapter
+    if not a.is_lora():
+        raise ValueError(
+            f"paradigm offsite tunes LoRA on its adapter blocks; adapter.method={a.method!r} cannot be confined to "
+            "blocks: use adapter.method=lora"
+        )
+    if a.layers is not None and sorted(a.layers) != sorted(s.adapter_layers()):
+        raise ValueError(
+            f"adapter.layers={a.layers} differs from the sandwich's adapter blocks {s.adapter_layers()} "
+            "(paradigm.bottom and paradigm.top); leave adapter.layers out"
+        )
