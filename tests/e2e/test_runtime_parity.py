@@ -71,6 +71,17 @@ def _secure(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
         assert [r["dp_epsilon"] for r in rows] == [r["dp_epsilon"] for r in _history(runs["in_process"])[1:]]
 
 
+def _offsite(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
+    """Each deployed client built the emulator it was sent, once, and never loaded a model of its own."""
+    for c in range(3):
+        out = fed.output(f"client-{c}")
+        assert out.count("emulator built") == 1 and "loaded in" not in out, out
+    assert "model tiny-llama-deep loaded in" in fed.output("server")
+    for run in runs.values():  # the emulator went down in round 1 only
+        down = [r["bytes_down"] for r in _history(run)[1:]]
+        assert down[0] > 5 * down[1], down
+
+
 # name -> (settings over tests.helpers.deployment.BASE, the case's own checks)
 CASES: dict[str, tuple[dict, Callable | None]] = {
     # int8 + error feedback up (client state), bf16 down (a dtype numpy would lose)
@@ -131,6 +142,16 @@ CASES: dict[str, tuple[dict, Callable | None]] = {
             }
         },
         _secure,
+    ),
+    # offsite-tuning: each client process is sent the emulator once (asked by digest every round) and builds it
+    # from its config alone; forked lanes and Ray workers keep a client where its emulator is
+    "offsite": (
+        {
+            "paradigm": {"name": "offsite", "bottom": 1, "top": 1, "drop_ratio": 0.5},
+            "model": {"name": "tiny-llama-deep"},
+            "evaluation": {"exact_match": False},
+        },
+        _offsite,
     ),
     # a paradigm defined only in tests (tests/paradigms/toy): each process imports it by its import path
     "toy": (
