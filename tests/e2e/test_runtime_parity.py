@@ -72,14 +72,15 @@ def _secure(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
 
 
 def _offsite(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
-    """Each deployed client built the emulator it was sent, once, and never loaded a model of its own."""
+    """Each deployed client built the emulator it was sent, once, and never loaded a model of its own; after the
+    first round only the re-aligned middle went down."""
     for c in range(3):
         out = fed.output(f"client-{c}")
         assert out.count("emulator built") == 1 and "loaded in" not in out, out
     assert "model tiny-llama-deep loaded in" in fed.output("server")
-    for run in runs.values():  # the emulator went down in round 1 only
+    for run in runs.values():
         down = [r["bytes_down"] for r in _history(run)[1:]]
-        assert down[0] > 5 * down[1], down
+        assert down[0] > 2 * down[1], down
 
 
 # name -> (settings over tests.helpers.deployment.BASE, the case's own checks)
@@ -143,12 +144,21 @@ CASES: dict[str, tuple[dict, Callable | None]] = {
         },
         _secure,
     ),
-    # offsite-tuning: each client process is sent the emulator once (asked by digest every round) and builds it
-    # from its config alone; forked lanes and Ray workers keep a client where its emulator is
+    # offsite-tuning (FedBiOT): each client process is sent the distilled emulator once (asked by digest every
+    # round) and builds it from its config alone, then the re-aligned middle alone; forked lanes and Ray workers
+    # keep a client where its emulator is
     "offsite": (
         {
-            "paradigm": {"name": "offsite", "bottom": 1, "top": 1, "drop_ratio": 0.5},
+            "paradigm": {
+                "name": "offsite",
+                "bottom": 1,
+                "top": 1,
+                "emulator": "distil",
+                "distil": {"steps": 3},
+                "realign": {"steps": 2},
+            },
             "model": {"name": "tiny-llama-deep"},
+            "data": {"builtin": {"public_per_task": 4}},
             "evaluation": {"exact_match": False},
         },
         _offsite,

@@ -8,10 +8,10 @@ import numpy as np
 
 from fedtune.config import DataConfig, PartitionConfig
 from fedtune.core import rng
-from fedtune.core.errors import DataError
+from fedtune.core.errors import ConfigError, DataError
 from fedtune.core.registry import DATASET_RECIPES
 from fedtune.data import partitioners
-from fedtune.data.builtin.tasks import generate_tasks
+from fedtune.data.builtin.tasks import generate_public, generate_tasks
 from fedtune.data.formats import Example, load_examples
 
 BUILTIN = "builtin:tasks"
@@ -86,3 +86,19 @@ def holdout_split(indices: np.ndarray, fraction: float, seed: int, client_id: in
         return indices, indices[:0]
     order = rng.numpy_rng(rng.CLIENT_HOLDOUT, seed, client=client_id).permutation(len(indices))
     return np.sort(indices[order[n_hold:]]), np.sort(indices[order[:n_hold]])
+
+
+def public_examples(d: DataConfig, who: str) -> tuple[list[Example], str]:
+    """(examples, where they came from) of the public set every party may see: ``data.public_dataset``, or the
+    built-in generator's (disjoint from training and evaluation). ``who``: what needs it, for the error."""
+    if d.public_dataset:
+        return load_data_file(d, d.public_dataset), d.public_dataset
+    if d.dataset != BUILTIN:
+        raise ConfigError(
+            f"{who} needs a public set that every party may see: set data.public_dataset to a local file "
+            f"(.jsonl/.json/.parquet or a saved HF dataset); data.dataset={d.dataset!r} has no built-in one"
+        )
+    b = d.builtin
+    examples = generate_public(b.tasks, b.train_per_task, b.eval_per_task, b.public_per_task)
+    return examples, f"built-in tasks ({b.public_per_task} per task, disjoint from training and evaluation)"
+

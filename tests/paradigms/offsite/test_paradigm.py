@@ -67,6 +67,14 @@ def _round(at: int = -1, hostile=None):
     return net.dropped, state.params, net.bytes["train"][0]
 
 
+def _package(server):
+    """The server's emulator as it is sent: weights, digest, initial adapter."""
+    from types import SimpleNamespace
+
+    host = server.host
+    return SimpleNamespace(weights=host.weights(), digest=host.digest(), initial=host.initial)
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -76,7 +84,7 @@ def test_a_round_sends_the_emulator_to_each_client_that_lacks_it_and_trains_on_i
     assert not dropped
     b = _built()
     server = b.server(lambda params, r, on=None: {})
-    weights = server.emulator.weights
+    weights = server.host.weights()
     assert down > 3 * sum(t.numel() * t.element_size() for t in weights.values())  # sent whole to each of 3
     assert not _same(params, server.inner.initial)  # the clients' updates moved the global adapter
     blocks = {int(k.split(".layers.")[1].split(".")[0]) for k in params}
@@ -128,7 +136,7 @@ def test_the_train_request_reaches_parameter_sharing_clients_over_the_emulator()
     b = _built()
     server = b.server(lambda params, r, on=None: {})
     handler = b.handler()
-    e = server.emulator
+    e = _package(server)
     req = encode_message(TrainRequest(1, params=server.inner.downlink.encode(e.initial, {}, None)[0]))
     lost = decode_message(handler.handle(0, req)[0], EmulatorReply, TrainReply)
     assert isinstance(lost, EmulatorReply) and lost.status == "missing"
@@ -179,7 +187,7 @@ def test_a_client_process_never_holds_a_dropped_block(tmp_path):
     middle block the emulator dropped, while it does hold the kept ones (the probe can see)."""
     b = _built()
     server = b.server(lambda params, r, on=None: {})
-    e = server.emulator
+    e = _package(server)
     config = tmp_path / "offsite.yaml"
     config.write_text(json.dumps(b.cfg.model_dump(mode="json")))
     requests = [

@@ -19,10 +19,9 @@ import torch
 
 from fedtune.config.data import DataConfig
 from fedtune.core import rng
-from fedtune.core.errors import ConfigError, DataError
-from fedtune.data.builtin.tasks import generate_public
+from fedtune.core.errors import DataError
 from fedtune.data.formats import Example
-from fedtune.data.prepare import BUILTIN, load_data_file
+from fedtune.data.prepare import public_examples
 from fedtune.data.tokenize import Encoded, Encoder, collate
 
 log = logging.getLogger("fedtune")
@@ -62,22 +61,8 @@ class PublicSet:
             raise ValueError("repeated public indices")
 
 
-def public_examples(d: DataConfig) -> tuple[list[Example], str]:
-    """(examples, where they came from): ``data.public_dataset``, or the built-in generator."""
-    if d.public_dataset:
-        return load_data_file(d, d.public_dataset), d.public_dataset
-    if d.dataset != BUILTIN:
-        raise ConfigError(
-            f"paradigm kd needs a public set that every party may see: set data.public_dataset to a local file "
-            f"(.jsonl/.json/.parquet or a saved HF dataset); data.dataset={d.dataset!r} has no built-in one"
-        )
-    b = d.builtin
-    examples = generate_public(b.tasks, b.train_per_task, b.eval_per_task, b.public_per_task)
-    return examples, f"built-in tasks ({b.public_per_task} per task, disjoint from training and evaluation)"
-
-
 def build_public(data: DataConfig, encoder: Encoder, announce: bool = False) -> PublicSet:
-    examples, source = public_examples(data)
+    examples, source = public_examples(data, "paradigm kd")
     encoded, n_trunc = replace(encoder, train_on_prompt=False).encode_all(examples)  # response positions only
     empty = [i for i, e in enumerate(encoded) if e.prompt_len < 1]
     if empty:  # position t predicts token t+1: a response needs a prompt token before it

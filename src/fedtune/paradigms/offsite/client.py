@@ -38,6 +38,7 @@ class OffsiteClient:
         self.plan, self.bench, self.build_inner = plan, bench, build_inner
         self.inner: Any = None
         self.digest: str | None = None
+        self.own: dict[str, torch.nn.Parameter] = {}  # the emulator's parameters by the plain model's names
 
     def serve(self, client_id: int, request: Any, state: ClientState) -> tuple[Any, ClientState]:
         if isinstance(request, EmulatorRequest):
@@ -50,15 +51,30 @@ class OffsiteClient:
     def _emulator(self, req: EmulatorRequest) -> EmulatorReply:
         if req.digest == self.digest:
             return EmulatorReply(req.round, req.digest, "held")
-        if not req.weights:
-            return EmulatorReply(req.round, req.digest, "missing")
-        if digest(req.weights) != req.digest:
-            raise ValueError("the emulator arrived with other contents than its digest says; not built")
-        self.inner = self.build_inner(
-            replace(self.bench, adapter=self._adapter(req.weights, req.initial), initial=dict(req.initial))
-        )
+        if not req.weights or (req.base and req.base != self.digest):
+            return EmulatorReply(req.round, req.digest, "missing", holds=self.digest or "")
+        if req.base:  # the middle blocks alone, onto the emulator held
+            self._update(req.weights, req.digest)
+        else:
+            if digest(req.weights) != req.digest:
+                raise ValueError("the emulator arrived with other contents than its digest says; not built")
+            adapter = self._adapter(req.weights, req.initial)
+            self.inner = self.build_inner(replace(self.bench, adapter=adapter, initial=dict(req.initial)))
         self.digest = req.digest
         return EmulatorReply(req.round, req.digest, "held")
+
+    def _update(self, part: Params, expected: str) -> None:
+        """Copy ``part`` into the emulator held; its digest must then be ``expected`` (else it is dropped whole)."""
+        for name, t in part.items():
+            own = self.own.get(name)
+            if own is None or own.shape != t.shape or own.dtype != t.dtype:
+                raise ValueError(f"an emulator update names {name!r}, which the emulator holds otherwise or not")
+        with torch.no_grad():
+            for name, t in part.items():
+                self.own[name].copy_(t)
+        if digest({n: p.detach() for n, p in self.own.items()}) != expected:
+            self.inner, self.digest, self.own = None, None, {}  # what it holds is no emulator the server sent
+            raise ValueError("the emulator update does not give the emulator its digest names; dropped")
 
     def _adapter(self, weights: Params, initial: Params) -> AdapterModel:
         """The emulator built from ``weights`` alone, the plan's adapter on its adapter blocks set to ``initial``."""
@@ -66,6 +82,7 @@ class OffsiteClient:
         config = load_config(m.name, m.revision, m.trust_remote_code, m.gguf_file)
         sandwich = layer_drop(config_blocks(config), s.bottom, s.top, s.drop_ratio)  # type: ignore[attr-defined]
         model = emulator_from(config, sandwich, weights, getattr(torch, m.dtype))
+        self.own = dict(model.named_parameters())  # by the plain model's names, before the tuner wraps it
         a = self.plan.adapter
         adapter = AdapterModel(model, a, a.init_seed if a.init_seed is not None else self.plan.seed)
         adapter.set_state(initial)  # ValueError unless it fits the emulator's adapter blocks exactly

@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from fedtune.models.blocks import causal_lm, layout_of
 from fedtune.paradigms.offsite.emulator import Sandwich
+from fedtune.reporting.console import bar_disabled
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ def distil(
     sandwich: Sandwich,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     settings: DistillSettings = DistillSettings(),
+    progress: bool = False,
 ) -> list[float]:
     """Train the emulator's middle blocks toward ``full`` for ``settings.steps`` steps over ``batches``
     ((input_ids, attention_mask), each (B, T), cycled); the losses of the steps, in order."""
@@ -82,7 +85,8 @@ def distil(
     full.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        for step in range(settings.steps):
+        bar = tqdm(range(settings.steps), desc="distilling the emulator", unit="step", disable=bar_disabled(progress))
+        for step in bar:
             ids, mask = batches[step % len(batches)]
             with torch.no_grad():
                 teacher = full(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
@@ -92,6 +96,8 @@ def distil(
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        bar.close()
     emulator.eval()
     for p in emulator.parameters():
         p.requires_grad_(False)
@@ -126,13 +132,14 @@ def cached_distil(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     settings: DistillSettings,
     cache: Path,
+    progress: bool = False,
 ) -> tuple[list[float], bool]:
     """``distil``, or its result loaded from ``cache`` when the same distillation ran before: (the losses of
     its steps, whether it came from the cache). Written whole or not at all (a temporary file, renamed)."""
     batches = list(batches)
     key = content_key(full_state, sandwich, settings, batches)
     path = cache / f"{key}.safetensors"
-    names = _middle_names(emulator, sandwich)
+    names = middle_names(emulator, sandwich)
     if path.is_file():
         stored = load_file(str(path))
         meta = json.loads((cache / f"{key}.json").read_text())
@@ -141,7 +148,7 @@ def cached_distil(
             for name in names:
                 own[name].copy_(stored[name])
         return list(meta["losses"]), True
-    losses = distil(emulator, full, sandwich, batches, settings)
+    losses = distil(emulator, full, sandwich, batches, settings, progress)
     cache.mkdir(parents=True, exist_ok=True)
     own = dict(emulator.named_parameters())
     tmp = cache / f".{key}.{os.getpid()}.tmp"
@@ -151,6 +158,9 @@ def cached_distil(
     return losses, False
 
 
-def _middle_names(emulator: nn.Module, sandwich: Sandwich) -> list[str]:
+def middle_names(emulator: nn.Module, sandwich: Sandwich, own: Mapping[str, nn.Parameter] | None = None) -> list[str]:
+    """The names of the middle blocks' parameters: in ``emulator`` (default), or among ``own`` (name ->
+    parameter, e.g. the plain model's names of a model a tuner has since wrapped)."""
     ids = {id(p) for p in middle_parameters(emulator, sandwich)}
-    return [n for n, p in emulator.named_parameters() if id(p) in ids]
+    named = own.items() if own is not None else emulator.named_parameters()
+    return [n for n, p in named if id(p) in ids]

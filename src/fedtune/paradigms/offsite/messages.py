@@ -2,8 +2,9 @@
 
 A round starts by asking each sampled client whether its process holds the emulator of this digest
 (``EmulatorRequest`` without tensors); those that do not are sent it whole (the emulator's tensors by
-the emulator model's own names, and the initial adapter on it). Training then goes on as parameter
-sharing's round, on the adapter's tensors as the emulator names them.
+the emulator model's own names, and the initial adapter on it), or, when they hold an earlier emulator
+of the run (FedBiOT's re-alignment changes only the middle), the middle blocks alone. Training then
+goes on as parameter sharing's round, on the adapter's tensors as the emulator names them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class EmulatorRequest:
     digest: str  # sha256 of the emulator's tensors (``emulator.digest``)
     weights: Params = field(default_factory=dict)  # the emulator's parameters by its own names; {}: a question
     initial: Params = field(default_factory=dict)  # the initial adapter on the emulator (what clients start from)
+    base: str = ""  # weights are only what differs from emulator ``base``, which the client said it holds
 
 
 @dataclass(frozen=True)
@@ -35,3 +37,4 @@ class EmulatorReply:
     round: int
     digest: str
     status: Literal["held", "missing"] = "held"
+    holds: str = ""  # missing: the emulator it holds instead ("" none), for a partial update

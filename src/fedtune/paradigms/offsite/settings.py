@@ -25,6 +25,18 @@ class DistillConfig(Strict):
     batch_size: int = Field(4, ge=1, description="public examples per distillation step")
 
 
+class RealignConfig(Strict):
+    """FedBiOT's server step: after each round, the emulator's middle re-aligned to the full model given the
+    round's adapter (both carry it), on the public set; the changed middle goes to clients as they are asked."""
+
+    steps: int = Field(0, ge=0, description="optimizer steps of re-alignment after each round (0: off)")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the re-alignment")
+    alpha: float = Field(
+        1.0, ge=0, le=1, description="weight of KL(full+adapter || emulator+adapter); 1 - alpha on the LM loss"
+    )
+    batch_size: int = Field(4, ge=1, description="public examples per re-alignment step")
+
+
 class OffsiteConfig(ParadigmConfig):
     """Offsite-tuning (paradigm offsite): clients tune the outer blocks around an emulator of the middle."""
 
@@ -39,6 +51,12 @@ class OffsiteConfig(ParadigmConfig):
         "on the public set (paradigm.distil), cached by content",
     )
     distil: DistillConfig = Field(default_factory=DistillConfig, description="emulator=distil: how")
+    realign: RealignConfig = Field(
+        default_factory=RealignConfig, description="FedBiOT's per-round re-alignment of the emulator (steps > 0)"
+    )
+
+    def uses_public(self) -> bool:
+        return self.emulator == "distil" or self.realign.steps > 0
 
     def adapter_layers(self) -> list[int]:
         """The blocks clients tune, as ``adapter.layers`` names them: the first ``bottom``, the last ``top``."""
@@ -54,8 +72,15 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def check(cfg: ExperimentConfig) -> None:
-    """The adapter must live on the adapter blocks (the emulator's middle is frozen and not the full model's)."""
+    """The adapter must live on the adapter blocks (the emulator's middle is frozen and not the full model's);
+    the public set is read only where something distils on it."""
     s: OffsiteConfig = cfg.paradigm  # type: ignore[assignment]
+    public = [k for k in cfg.paradigm_keys_set() if k.startswith("data.")]
+    if public and not s.uses_public():
+        raise ValueError(
+            f"{public[0]} is read only to distil or re-align the emulator: set paradigm.emulator=distil or "
+            f"paradigm.realign.steps, or remove {public[0]}"
+        )
     a = cfg.adapter
     if not a.is_lora():
         raise ValueError(

@@ -13,24 +13,24 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.aggregation.weighting import WeightCap
 from fedtune.client.data import ClientData
 from fedtune.core.errors import ConfigError
 from fedtune.core.types import Params
+from fedtune.data.prepare import public_examples
+from fedtune.data.tokenize import collate
 from fedtune.evaluation.harness import EvalSet
 from fedtune.models.blocks import causal_lm
+from fedtune.models.loading import cache_dir
 from fedtune.paradigms.offsite.client import OffsiteClient
-from fedtune.paradigms.offsite.emulator import (
-    build_emulator,
-    digest,
-    from_full,
-    layer_drop,
-    num_blocks,
-    to_full,
-    weights,
-)
-from fedtune.paradigms.offsite.server import Emulator, Offsite
+from fedtune.paradigms.offsite.distill import DistillSettings, cached_distil
+from fedtune.paradigms.offsite.emulator import build_emulator, from_full, layer_drop, num_blocks, to_full
+from fedtune.paradigms.offsite.host import Host, Realignment
+from fedtune.paradigms.offsite.server import Offsite
+from fedtune.paradigms.offsite.settings import OffsiteConfig
 from fedtune.paradigms.parameter_sharing import setup as sharing
 from fedtune.paradigms.plan import ParadigmPlan, Workbench
 
@@ -41,13 +41,30 @@ log = logging.getLogger("fedtune")
 
 
 def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapter, weight_cap: WeightCap) -> Offsite:
-    s = plan.settings
+    s: OffsiteConfig = plan.settings  # type: ignore[assignment]
     full = bench.adapter
     assert full is not None  # the server holds the full model
     lm = causal_lm(full.model)
-    sandwich = layer_drop(num_blocks(lm), s.bottom, s.top, s.drop_ratio)  # type: ignore[attr-defined]
-    emulator = build_emulator(lm, sandwich, share=True, state=full.base_params)
-    sent = weights(emulator)
+    sandwich = layer_drop(num_blocks(lm), s.bottom, s.top, s.drop_ratio)
+    # the emulator shares the full model's tensors unless something trains its middle
+    emulator = build_emulator(lm, sandwich, share=not s.uses_public(), state=full.base_params)
+    info: dict[str, Any] = {"emulator": sandwich.describe(), "emulator_blocks": list(sandwich.blocks)}
+    batches = _public_batches(plan, bench, s) if s.uses_public() else []
+    if s.emulator == "distil":
+        d = s.distil
+        settings = DistillSettings(d.steps, d.lr, d.alpha, plan.seed)
+        losses, cached = cached_distil(
+            emulator, lm, full.base_params, sandwich, batches, settings, cache_dir() / "offsite", plan.progress
+        )
+        log.info(
+            "offsite: emulator distilled %d steps on the public set (loss %.4f -> %.4f)%s",
+            d.steps,
+            losses[0],
+            losses[-1],
+            ", from the cache" if cached else "",
+        )
+        info |= {"distil_loss_first": losses[0], "distil_loss_last": losses[-1], "distil_cached": cached}
+    own = dict(emulator.named_parameters())  # by the plain model's names, before the tuner wraps it
     a = plan.adapter
     emu = AdapterModel(emulator, a, a.init_seed if a.init_seed is not None else plan.seed)
     initial = from_full(bench.initial, lm, sandwich)
@@ -58,7 +75,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
             f"the adapter on the full model's adapter blocks does not fit the emulator's: {exc}"
         ) from None
     n_full = sum(p.numel() for p in lm.parameters())
-    n_emu = sum(t.numel() for t in sent.values())
+    n_emu = sum(t.numel() for t in own.values())
     log.info(
         "offsite: emulator of %d of %d blocks (%s), %s of %s parameters (%.1f%%), sent once to each client process",
         len(sandwich.blocks),
@@ -80,15 +97,23 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
             out["emulator_gap"] = mine["eval_loss"] - out["eval_loss"]
         return out
 
+    r = s.realign
+    realignment = Realignment(DistillSettings(r.steps, r.lr, r.alpha, plan.seed), batches, full, plug_in)
+    host = Host(emu, own, sandwich, initial, realignment if r.steps else None, plan.progress)
     inner = sharing.server(plan, replace(bench, adapter=emu, initial=initial), evaluate, weight_cap)
-    info = {
-        "emulator": sandwich.describe(),
-        "emulator_blocks": list(sandwich.blocks),
-        "emulator_params": n_emu,
-        "full_params": n_full,
-        "emulator_kind": s.emulator,  # type: ignore[attr-defined]
-    }
-    return Offsite(inner, Emulator(sent, digest(sent), initial), plug_in, info)
+    info |= {"emulator_params": n_emu, "full_params": n_full, "emulator_kind": s.emulator, "realign_steps": r.steps}
+    return Offsite(inner, host, plug_in, info)
+
+
+def _public_batches(plan: ParadigmPlan, bench: Workbench, s: OffsiteConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The public set as (input_ids, attention_mask) batches, each (B, T): whole conversations, in order."""
+    examples, source = public_examples(plan.data, "paradigm offsite (emulator distil, or realign)")
+    encoded, _ = bench.encoder.encode_all(examples)
+    size = s.distil.batch_size if s.emulator == "distil" else s.realign.batch_size
+    pad = bench.tokenizer.pad_token_id
+    batches = [collate(encoded[i : i + size], pad) for i in range(0, len(encoded), size)]
+    log.info("offsite: public set of %d examples from %s", len(encoded), source)
+    return [(b["input_ids"], b["attention_mask"]) for b in batches]
 
 
 def client(plan: ParadigmPlan, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None):
