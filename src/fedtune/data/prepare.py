@@ -101,4 +101,3 @@ def public_examples(d: DataConfig, who: str) -> tuple[list[Example], str]:
     b = d.builtin
     examples = generate_public(b.tasks, b.train_per_task, b.eval_per_task, b.public_per_task)
     return examples, f"built-in tasks ({b.public_per_task} per task, disjoint from training and evaluation)"
-

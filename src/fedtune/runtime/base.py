@@ -104,4 +104,3 @@ class Affinity:
 
     def served(self, client_id: int, worker: Any) -> None:
         self.last[client_id] = worker
-
