@@ -18,6 +18,7 @@ from fedtune.reporting.metrics import benchmark_metrics
 
 MEASURES: dict[str, str] = {  # name -> what it is (comparison.json and the table use these names)
     "final_eval_loss": "eval loss after the last round",
+    "start_eval_loss": "eval loss before round 1 (the base model as it starts: zero-shot)",
     "final_accuracy": "exact-match (or the task's metric) after the last round",
     "rounds_to_target": "first round whose eval loss is at most compare.target_loss",
     "bytes_up_per_client": "bytes a client sent over the run, on average",
@@ -27,6 +28,7 @@ MEASURES: dict[str, str] = {  # name -> what it is (comparison.json and the tabl
     "client_flops_per_round": "a sampled client's analytic FLOPs in a round",
     "server_s_per_round": "a round's seconds outside the clients' compute",
     "epsilon": "client-level DP: the accountant's epsilon at privacy.delta after the last round",
+    "final_emulator_gap": "offsite: the emulator + adapter's eval loss minus the plug-in's, after the last round",
 }
 
 
@@ -58,6 +60,7 @@ def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: f
     reached = [r["round"] for r in evals if target_loss is not None and r["eval_loss"] <= target_loss]
     measures = {
         "final_eval_loss": last["eval_loss"],
+        "start_eval_loss": evals[0]["eval_loss"] if evals[0]["round"] == 0 else None,
         "final_accuracy": last.get("eval_accuracy"),
         "rounds_to_target": reached[0] if reached else None,
         "bytes_up_per_client": sum(r["bytes_up"] for r in trained) / num_clients,
@@ -69,6 +72,7 @@ def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: f
         "client_flops_per_round": per_client_round("client_flops"),
         "server_s_per_round": statistics.fmean(max(0.0, r["train_s"] - _clients_s(r)) for r in trained),
         "epsilon": next((r["dp_epsilon"] for r in reversed(history) if "dp_epsilon" in r), None),
+        "final_emulator_gap": last.get("emulator_gap"),
     }
     scored = [r for r in evals if benchmark_metrics(r)]  # evaluation.tasks: final_{task}_{metric}
     measures |= {f"final_{k}": v for k, v in benchmark_metrics(scored[-1]).items()} if scored else {}

@@ -17,6 +17,7 @@ from fedtune.reporting.stats import Interval, interval, tiers
 # measure -> (column title, format, scale)
 COLUMNS: dict[str, tuple[str, str, float]] = {
     "final_eval_loss": ("final eval loss", ".3f", 1.0),
+    "start_eval_loss": ("start eval loss", ".3f", 1.0),
     "final_accuracy": ("exact-match %", ".1f", 100.0),
     "rounds_to_target": ("rounds to target", ".1f", 1.0),
     "bytes_up_per_client": ("MB up / client", ".2f", 1e-6),
@@ -26,6 +27,7 @@ COLUMNS: dict[str, tuple[str, str, float]] = {
     "client_flops_per_round": ("client GFLOP / round", ".1f", 1e-9),
     "server_s_per_round": ("server s / round", ".2f", 1.0),
     "epsilon": ("epsilon", ".2f", 1.0),
+    "final_emulator_gap": ("emulator gap", ".3f", 1.0),
 }
 RANKED = {"final_eval_loss": True, "final_accuracy": False}  # measure -> lower is better
 
