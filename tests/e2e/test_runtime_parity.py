@@ -210,7 +210,8 @@ def _simulated(fed: Federation, *names: str) -> dict[str, Path]:
     return {n: run_experiment(load_config(fed.config, [*RUNTIMES[n], f"output.name={n}"])).run_dir for n in names}
 
 
-SIMULATED_SLOW = {"split_per_client"}  # the README's test command has its minutes counted; split has one fast case
+# the README's test command has its minutes counted: split has one fast case, offsite its deployed one (slow)
+SIMULATED_SLOW = {"split_per_client", "offsite"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SIMULATED_SLOW else c for c in CASES])

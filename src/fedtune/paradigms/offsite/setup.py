@@ -52,7 +52,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
     batches = _public_batches(plan, bench, s) if s.uses_public() else []
     if s.emulator == "distil":
         d = s.distil
-        settings = DistillSettings(d.steps, d.lr, d.alpha, plan.seed)
+        settings = DistillSettings(d.steps, d.lr, d.alpha, 0)  # the owner's one emulator, whatever the run's seed
         losses, cached = cached_distil(
             emulator, lm, full.base_params, sandwich, batches, settings, cache_dir() / "offsite", plan.progress
         )
