@@ -149,6 +149,14 @@ def test_the_train_request_reaches_parameter_sharing_clients_over_the_emulator()
     tampered = {**e.weights, next(iter(e.weights)): torch.zeros_like(next(iter(e.weights.values())))}
     with pytest.raises(ValueError, match="digest"):
         b.handler().handle(0, encode_message(EmulatorRequest(1, e.digest, tampered, e.initial)))
+    # a middle-only update onto the emulator held whose result is not the emulator it names: refused, and
+    # the process then holds nothing (asked again, it says so)
+    middle = {n: torch.zeros_like(e.weights[n]) for n in server.host.middle_names()}
+    with pytest.raises(ValueError, match="digest"):
+        handler.handle(0, encode_message(EmulatorRequest(2, "ab" * 32, middle, base=e.digest)))
+    asked = decode_message(handler.handle(0, encode_message(EmulatorRequest(2, e.digest)))[0], EmulatorReply)
+    assert asked.status == "missing" and asked.holds == ""
+    assert isinstance(decode_message(handler.handle(0, req)[0], EmulatorReply, TrainReply), EmulatorReply)
 
 
 CLIENT_PROCESS = textwrap.dedent(
