@@ -87,3 +87,13 @@ def test_a_killed_fedbiot_run_resumes_bit_identically(tmp_path):
         {k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()
     ]
     assert strip(tmp_path / "killed" / "metrics.jsonl") == strip(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_a_pruned_emulator_is_smaller_and_its_clients_build_it_from_what_they_are_sent(tmp_path):
+    _, rows = _cli(tmp_path, "pruned", "paradigm.drop_ratio=0", "paradigm.prune.mlp_keep=0.5",
+                   "paradigm.prune.heads_keep=0.5", "data.builtin.public_per_task=4")  # fmt: skip
+    summary = json.loads((tmp_path / "pruned" / "summary.json").read_text())
+    assert summary["pruned_mlp_channels"] == 2 * 64 and summary["pruned_kv_heads"] == 2  # 2 middle blocks
+    whole = 2 * (64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 128)  # the 2 middle blocks' matrices unpruned
+    assert summary["full_params"] - summary["emulator_params"] == whole // 2
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] and all("emulator_gap" in r for r in rows)

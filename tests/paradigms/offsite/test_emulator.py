@@ -165,3 +165,66 @@ def test_a_distillation_done_before_is_loaded_not_repeated(tmp_path, monkeypatch
     k = next(iter(nudged))
     nudged[k] = nudged[k] + 1e-6
     assert d.content_key(nudged, s, settings, batches) != d.content_key(full.state_dict(), s, settings, batches)
+
+
+def _pruned_pair(mlp_keep, heads_keep):
+    """A server-side pruned emulator of the 8-block tiny Llama (layer drop to 3 middle blocks), and what a client
+    builds from its tensors alone."""
+    from fedtune.paradigms.offsite.emulator import emulator_from, weights
+    from fedtune.paradigms.offsite.prune import prune, taylor_importance
+
+    full = _llama(8)
+    s = layer_drop(8, 1, 1, 0.5)
+    emulator = build_emulator(full, s)
+    middle = range(s.bottom, s.bottom + len(s.kept))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 200, (2, 12), generator=g), torch.ones(2, 12, dtype=torch.long)) for _ in range(2)]
+    scores = taylor_importance(emulator, middle, batches)
+    prune(emulator, middle, scores, mlp_keep, heads_keep)
+    client = emulator_from(full.config, s, {k: v.clone() for k, v in weights(emulator).items()})
+    return full, emulator, client, scores
+
+
+def test_pruning_nothing_leaves_the_emulator_as_it_was():
+    full, emulator, _, _ = _pruned_pair(1.0, 1.0)
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    plain = build_emulator(full, layer_drop(8, 1, 1, 0.5))
+    with torch.no_grad():
+        assert torch.equal(emulator(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_pruned_emulator_keeps_its_most_important_groups_and_a_client_rebuilds_it_from_its_tensors_alone():
+    full, emulator, client, scores = _pruned_pair(0.5, 0.5)
+    blocks = emulator.model.layers
+    for i, (channels, _heads) in scores.items():
+        mlp = blocks[i].mlp
+        assert mlp.gate_proj.weight.shape[0] == mlp.down_proj.weight.shape[1] == 64  # of 128
+        assert blocks[i].self_attn.k_proj.weight.shape[0] == 16  # one of 2 KV heads of 16 dims
+        assert blocks[i].self_attn.q_proj.weight.shape[0] == 32  # its 2 query heads
+        kept = set(torch.topk(channels, 64).indices.tolist())
+        original = full.model.layers[layer_drop(8, 1, 1, 0.5).blocks[i]].mlp.gate_proj.weight
+        rows = {j for j in range(128) if any(torch.equal(original[j], r) for r in mlp.gate_proj.weight)}
+        assert rows == kept  # the top half by importance, rows unchanged
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(client(input_ids=ids).logits, emulator(input_ids=ids).logits)
+
+
+def test_a_client_refuses_shapes_that_are_no_pruning_of_its_blocks():
+    from fedtune.paradigms.offsite.emulator import emulator_from, weights
+
+    full, emulator, _, _ = _pruned_pair(0.5, 1.0)
+    sent = {k: v.clone() for k, v in weights(emulator).items()}
+    s = layer_drop(8, 1, 1, 0.5)
+    bad = dict(sent)
+    bad["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 63)  # down columns != gate rows
+    with pytest.raises(ValueError, match="not a pruning"):
+        emulator_from(full.config, s, bad)
+    bad = dict(sent)
+    bad["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(16, 64)  # one query head for 1 KV head of 2
+    with pytest.raises(ValueError, match="not a pruning"):
+        emulator_from(full.config, s, bad)
+    bad = dict(sent)
+    bad["model.layers.0.mlp.gate_proj.weight"] = torch.zeros(64, 64)  # an adapter block is never pruned
+    with pytest.raises(ValueError, match="expected"):
+        emulator_from(full.config, s, bad)

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from fedtune.core.errors import ConfigError
 from fedtune.core.types import Params
 from fedtune.models.blocks import causal_lm, layout_of
+from fedtune.paradigms.offsite.prune import fit_shapes
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ def emulator_from(config, sandwich: Sandwich, tensors: Params, dtype: torch.dtyp
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(emulator_config(config, sandwich), dtype=dtype)
     model.tie_weights()  # a tied head is the embedding: one tensor, sent once
+    fit_shapes(model, range(sandwich.bottom, sandwich.bottom + len(sandwich.kept)), tensors)  # a pruned middle
     own = dict(model.named_parameters())
     if own.keys() != tensors.keys():
         missing, extra = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())

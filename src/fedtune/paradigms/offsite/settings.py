@@ -37,6 +37,22 @@ class RealignConfig(Strict):
     batch_size: int = Field(4, ge=1, description="public examples per re-alignment step")
 
 
+class PruneConfig(Strict):
+    """Structured pruning of the kept middle blocks (LLM-Pruner's Taylor importance), after layer drop and before
+    distillation: Llama-family models."""
+
+    mlp_keep: float = Field(
+        1.0, gt=0, le=1, description="share of each middle block's MLP channels kept (1: none pruned)"
+    )
+    heads_keep: float = Field(
+        1.0, gt=0, le=1, description="share of each middle block's key/value heads kept, with their query heads"
+    )
+    batches: int = Field(8, ge=1, description="public batches (of paradigm.distil.batch_size) scoring importance")
+
+    def on(self) -> bool:
+        return self.mlp_keep < 1 or self.heads_keep < 1
+
+
 class OffsiteConfig(ParadigmConfig):
     """Offsite-tuning (paradigm offsite): clients tune the outer blocks around an emulator of the middle."""
 
@@ -54,9 +70,13 @@ class OffsiteConfig(ParadigmConfig):
     realign: RealignConfig = Field(
         default_factory=RealignConfig, description="FedBiOT's per-round re-alignment of the emulator (steps > 0)"
     )
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="structured pruning of the kept middle")
+
+    def trains_middle(self) -> bool:
+        return self.emulator == "distil" or self.realign.steps > 0
 
     def uses_public(self) -> bool:
-        return self.emulator == "distil" or self.realign.steps > 0
+        return self.trains_middle() or self.prune.on()
 
     def adapter_layers(self) -> list[int]:
         """The blocks clients tune, as ``adapter.layers`` names them: the first ``bottom``, the last ``top``."""
@@ -78,8 +98,8 @@ def check(cfg: ExperimentConfig) -> None:
     public = [k for k in cfg.paradigm_keys_set() if k.startswith("data.")]
     if public and not s.uses_public():
         raise ValueError(
-            f"{public[0]} is read only to distil or re-align the emulator: set paradigm.emulator=distil or "
-            f"paradigm.realign.steps, or remove {public[0]}"
+            f"{public[0]} is read only to distil, re-align or prune the emulator: set paradigm.emulator=distil, "
+            f"paradigm.realign.steps or paradigm.prune, or remove {public[0]}"
         )
     a = cfg.adapter
     if not a.is_lora():

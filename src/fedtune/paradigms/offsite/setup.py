@@ -29,6 +29,7 @@ from fedtune.paradigms.offsite.client import OffsiteClient
 from fedtune.paradigms.offsite.distill import DistillSettings, cached_distil
 from fedtune.paradigms.offsite.emulator import build_emulator, from_full, layer_drop, num_blocks, to_full
 from fedtune.paradigms.offsite.host import Host, Realignment
+from fedtune.paradigms.offsite.prune import prune, taylor_importance
 from fedtune.paradigms.offsite.server import Offsite
 from fedtune.paradigms.offsite.settings import OffsiteConfig
 from fedtune.paradigms.parameter_sharing import setup as sharing
@@ -47,9 +48,15 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
     lm = causal_lm(full.model)
     sandwich = layer_drop(num_blocks(lm), s.bottom, s.top, s.drop_ratio)
     # the emulator shares the full model's tensors unless something trains its middle
-    emulator = build_emulator(lm, sandwich, share=not s.uses_public(), state=full.base_params)
+    emulator = build_emulator(lm, sandwich, share=not s.trains_middle(), state=full.base_params)
     info: dict[str, Any] = {"emulator": sandwich.describe(), "emulator_blocks": list(sandwich.blocks)}
     batches = _public_batches(plan, bench, s) if s.uses_public() else []
+    if s.prune.on():
+        middle = range(sandwich.bottom, sandwich.bottom + len(sandwich.kept))
+        scores = taylor_importance(emulator, middle, batches[: s.prune.batches])
+        kept = prune(emulator, middle, scores, s.prune.mlp_keep, s.prune.heads_keep)
+        log.info("offsite: the middle pruned to %s", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in kept.items()))
+        info |= {f"pruned_{k}": v for k, v in kept.items()}
     if s.emulator == "distil":
         d = s.distil
         settings = DistillSettings(d.steps, d.lr, d.alpha, 0)  # the owner's one emulator, whatever the run's seed
@@ -74,7 +81,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
         raise ConfigError(
             f"the adapter on the full model's adapter blocks does not fit the emulator's: {exc}"
         ) from None
-    n_full = sum(p.numel() for p in lm.parameters())
+    n_full = sum(p.numel() for p in {id(p): p for p in full.base_params.values()}.values())  # the base, tied once
     n_emu = sum(t.numel() for t in own.values())
     log.info(
         "offsite: emulator of %d of %d blocks (%s), %s of %s parameters (%.1f%%), sent once to each client process",
