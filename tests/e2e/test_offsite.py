@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from fedtune.cli import app
 from fedtune.reporting.metrics import TIMED
 from tests.helpers.configs import TINY_OVERRIDES
-from tests.helpers.kill import kill_after_round
+from tests.helpers.kill import assert_resume_matches
 
 OFFSITE = [
     *TINY_OVERRIDES,
@@ -75,18 +75,7 @@ def test_a_killed_fedbiot_run_resumes_bit_identically(tmp_path):
     """The re-aligned middle is server state: a resumed run sends clients that emulator and ends where an
     uninterrupted one does (bytes down differ: a restarted process is sent the emulator again)."""
     args = ["examples/tiny.yaml", *OFFSITE, *FEDBIOT, "federation.rounds=5", "training.local_steps=6"]
-    args.append(f"output.dir={tmp_path}")
-    assert CliRunner().invoke(app, ["run", *args, "output.name=straight"]).exit_code == 0
-    kill_after_round([*args, "output.name=killed"], tmp_path / "killed")
-    result = CliRunner().invoke(app, ["resume", str(tmp_path / "killed")])
-    assert result.exit_code == 0, result.output
-    adapter = "final_adapter/adapter_model.safetensors"
-    assert (tmp_path / "killed" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
-    drop = {*TIMED, "bytes_up", "bytes_down"}
-    strip = lambda path: [  # noqa: E731
-        {k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()
-    ]
-    assert strip(tmp_path / "killed" / "metrics.jsonl") == strip(tmp_path / "straight" / "metrics.jsonl")
+    assert_resume_matches(args, tmp_path, {*TIMED, "bytes_up", "bytes_down"})
 
 
 def test_a_pruned_emulator_is_smaller_and_its_clients_build_it_from_what_they_are_sent(tmp_path):

@@ -13,7 +13,7 @@ from fedtune.config import load_config
 from fedtune.core.errors import ConfigError
 from fedtune.reporting.metrics import TIMED
 from tests.helpers.configs import TINY_OVERRIDES
-from tests.helpers.kill import kill_after_round
+from tests.helpers.kill import assert_resume_matches
 
 SPLIT = [*TINY_OVERRIDES, "model.name=tiny-llama-deep", "paradigm=split", "evaluation.exact_match=false"]
 
@@ -78,18 +78,8 @@ def test_cut_points_outside_the_model_are_refused_before_any_round(tmp_path):
 @pytest.mark.slow  # about 50 s: a killed split run and its resume, in subprocesses
 def test_resume_after_a_kill_is_bit_identical(tmp_path):
     """SIGKILL a real CLI process mid-run and resume: the same adapter and metrics as an uninterrupted run."""
-    args = ["examples/tiny.yaml", *SPLIT, "federation.rounds=5", "training.local_steps=6", f"output.dir={tmp_path}"]
-    assert CliRunner().invoke(app, ["run", *args, "output.name=straight"]).exit_code == 0
-    kill_after_round([*args, "output.name=killed"], tmp_path / "killed")
-    result = CliRunner().invoke(app, ["resume", str(tmp_path / "killed")])
-    assert result.exit_code == 0, result.output
-    adapter = "final_adapter/adapter_model.safetensors"
-    assert (tmp_path / "killed" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
-    drop = {*TIMED, "bytes_up"}
-    strip = lambda path: [  # noqa: E731
-        {k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()
-    ]
-    assert strip(tmp_path / "killed" / "metrics.jsonl") == strip(tmp_path / "straight" / "metrics.jsonl")
+    args = ["examples/tiny.yaml", *SPLIT, "federation.rounds=5", "training.local_steps=6"]
+    assert_resume_matches(args, tmp_path, {*TIMED, "bytes_up"})
 
 
 def test_every_paradigm_reports_the_clients_cost_and_split_clients_pay_less(tmp_path):

@@ -24,3 +24,26 @@ def kill_after_round(args: list[str], run_dir: Path, after: int = 2, timeout_s: 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "summary.json").exists(), "run finished before the kill; make it longer"
+
+
+def assert_resume_matches(args: list[str], root: Path, drop: set[str]) -> None:
+    """``fedtune run ARGS`` straight, and killed after round 2 then resumed (both under ``root``): the same final
+    adapter to the byte, and the same metrics but the keys in ``drop``."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+
+    args = [*args, f"output.dir={root}"]
+    assert CliRunner().invoke(app, ["run", *args, "output.name=straight"]).exit_code == 0
+    kill_after_round([*args, "output.name=killed"], root / "killed")
+    result = CliRunner().invoke(app, ["resume", str(root / "killed")])
+    assert result.exit_code == 0, result.output
+    adapter = "final_adapter/adapter_model.safetensors"
+    assert (root / "killed" / adapter).read_bytes() == (root / "straight" / adapter).read_bytes()
+
+    def strip(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
+
+    assert strip(root / "killed" / "metrics.jsonl") == strip(root / "straight" / "metrics.jsonl")

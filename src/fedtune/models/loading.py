@@ -136,18 +136,23 @@ def _weightless_source(name: str, gguf_file: str | None) -> tuple[str, dict]:
     return where, ({"gguf_file": gguf} if gguf else {})
 
 
+def _weightless(what: str, auto, name: str, revision: str | None, trust_remote_code: bool, gguf_file: str | None):
+    """``auto.from_pretrained`` of the model's ``what`` (tokenizer, config) from ``_weightless_source``."""
+    where, kwargs = _weightless_source(name, gguf_file)
+    try:
+        return auto.from_pretrained(
+            where, local_files_only=True, revision=revision, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the {what} of {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
 def load_tokenizer(
     name: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None
 ) -> PreTrainedTokenizerBase:
     """A model's tokenizer alone, from the same places ``load_model`` looks, no weights read (a cheap check
     before a model, or all a client that is sent its model needs); the pad token as ``load_model`` sets it."""
-    where, kwargs = _weightless_source(name, gguf_file)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            where, local_files_only=True, revision=revision, trust_remote_code=trust_remote_code, **kwargs
-        )
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the tokenizer of {name!r}: {type(exc).__name__}: {exc}") from exc
+    tokenizer = _weightless("tokenizer", AutoTokenizer, name, revision, trust_remote_code, gguf_file)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -157,13 +162,7 @@ def load_config(
     name: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None
 ) -> PretrainedConfig:
     """A model's config alone, no weights read (what a model sent in pieces is built from)."""
-    where, kwargs = _weightless_source(name, gguf_file)
-    try:
-        config = AutoConfig.from_pretrained(
-            where, local_files_only=True, revision=revision, trust_remote_code=trust_remote_code, **kwargs
-        )
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the config of {name!r}: {type(exc).__name__}: {exc}") from exc
+    config = _weightless("config", AutoConfig, name, revision, trust_remote_code, gguf_file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # as the converted bundled model: weights travel dequantised
     return config
