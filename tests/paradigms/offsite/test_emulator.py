@@ -228,3 +228,23 @@ def test_a_client_refuses_shapes_that_are_no_pruning_of_its_blocks():
     bad["model.layers.0.mlp.gate_proj.weight"] = torch.zeros(64, 64)  # an adapter block is never pruned
     with pytest.raises(ValueError, match="expected"):
         emulator_from(full.config, s, bad)
+
+
+def test_a_pruned_middle_is_distilled_anew_not_given_the_unpruned_ones_cache(tmp_path):
+    """The cache key covers the middle a distillation starts from: after pruning it is another distillation."""
+    from fedtune.paradigms.offsite import distill as d
+    from fedtune.paradigms.offsite.prune import prune, taylor_importance
+
+    full = _llama(8)
+    s = layer_drop(8, 1, 1, 0.5)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(4, 200, (2, 16), generator=gen), torch.ones(2, 16, dtype=torch.long)) for _ in range(2)]
+    settings = d.DistillSettings(steps=3, lr=1e-3)
+    _, hit = d.cached_distil(build_emulator(full, s), full, full.state_dict(), s, batches, settings, tmp_path)
+    assert not hit
+    pruned = build_emulator(full, s)
+    middle = range(s.bottom, s.bottom + len(s.kept))
+    prune(pruned, middle, taylor_importance(pruned, middle, batches), 0.5, 1.0)
+    losses, hit = d.cached_distil(pruned, full, full.state_dict(), s, batches, settings, tmp_path)
+    assert not hit and len(losses) == 3
+    assert d.cached_distil(pruned, full, full.state_dict(), s, batches, settings, tmp_path)[1] is False  # trained on

@@ -109,15 +109,19 @@ def content_key(
     sandwich: Sandwich,
     settings: DistillSettings,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    start: Mapping[str, torch.Tensor] | None = None,
 ) -> str:
-    """SHA-256 over the full model's tensors (names, dtypes, shapes, bytes), the sandwich, the settings and
-    the public batches: equal exactly when a distillation would repeat itself."""
+    """SHA-256 over the full model's tensors (names, dtypes, shapes, bytes), the sandwich, the settings, the
+    public batches and ``start``, the middle the distillation starts from (a pruned one differs from the kept
+    blocks as they are): equal exactly when a distillation would repeat itself."""
     h = hashlib.sha256()
     h.update(json.dumps({"sandwich": asdict(sandwich), "settings": asdict(settings)}, sort_keys=True).encode())
-    for name in sorted(full_state):
-        t = full_state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for state in (full_state, start or {}):
+        h.update(b"|state|")
+        for name in sorted(state):
+            t = state[name].detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for ids, mask in batches:
         for t in (ids, mask):
             h.update(t.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
@@ -137,9 +141,10 @@ def cached_distil(
     """``distil``, or its result loaded from ``cache`` when the same distillation ran before: (the losses of
     its steps, whether it came from the cache). Written whole or not at all (a temporary file, renamed)."""
     batches = list(batches)
-    key = content_key(full_state, sandwich, settings, batches)
-    path = cache / f"{key}.safetensors"
     names = middle_names(emulator, sandwich)
+    own = dict(emulator.named_parameters())
+    key = content_key(full_state, sandwich, settings, batches, {n: own[n] for n in names})
+    path = cache / f"{key}.safetensors"
     if path.is_file():
         stored = load_file(str(path))
         meta = json.loads((cache / f"{key}.json").read_text())
