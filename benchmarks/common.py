@@ -151,3 +151,13 @@ def _rss(p) -> int:
         return p.memory_info().rss
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
+
+
+def compared(example: str, comparison: Path | None) -> Path:
+    """A finished comparison's directory: ``comparison`` as given, or ``fedtune compare EXAMPLE`` run now."""
+    if comparison is not None:
+        return comparison
+    import sys
+
+    subprocess.run([sys.executable, "-m", "fedtune.cli", "compare", example, "output.progress=false"], check=True)
+    return Path("runs") / Path(example).stem

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from common import interval, write_result
+from common import compared, interval, write_result
 
 EXAMPLE = "examples/compare_offsite.yaml"
 REFERENCE = "lora parameter sharing"
@@ -68,10 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comparison", type=Path, default=None)
     args = ap.parse_args()
-    comparison = args.comparison
-    if comparison is None:
-        subprocess.run([sys.executable, "-m", "fedtune.cli", "compare", EXAMPLE, "output.progress=false"], check=True)
-        comparison = Path("runs") / "compare_offsite"
+    comparison = compared(EXAMPLE, args.comparison)
     write_result("offsite", {"example": EXAMPLE, **summarise(comparison)})
 
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from common import RESULTS, interval, write_result
+from common import RESULTS, compared, interval, write_result
 
 EXAMPLE = "examples/compare_pipeline.yaml"
 DATA = RESULTS / "pipeline_data"
@@ -57,11 +55,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comparison", type=Path, default=None)
     args = ap.parse_args()
-    comparison = args.comparison
-    if comparison is None:
+    if args.comparison is None:
         write_sets()
-        subprocess.run([sys.executable, "-m", "fedtune.cli", "compare", EXAMPLE, "output.progress=false"], check=True)
-        comparison = Path("runs") / "compare_pipeline"
+    comparison = compared(EXAMPLE, args.comparison)
     write_result("pipeline", {"example": EXAMPLE, **summarise(comparison)})
 
 

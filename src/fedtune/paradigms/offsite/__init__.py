@@ -6,6 +6,7 @@ blocks around it, and the federation is parameter sharing's round on those adapt
 extends it). The server plugs the aggregated adapter into the full model, and evaluates both.
 """
 
+from fedtune.config.experiment import PARADIGM_KEYS
 from fedtune.config.paradigm import Capabilities, Paradigm
 from fedtune.paradigms.offsite.settings import OffsiteConfig, check, resolve
 
@@ -14,18 +15,9 @@ PARADIGM = Paradigm(
     summary="clients tune the first and last blocks around a compressed emulator of the middle; the server "
     "plugs the adapter into the full model (Offsite-Tuning)",
     settings=OffsiteConfig,
-    # parameter sharing's round on the adapter blocks: every update-shaped setting applies; LoRA on blocks
-    # only (one rank: heterogeneous ranks would need an emulator per rank)
-    reads=(
-        "adapter",
-        "-adapter.client_ranks",
-        "training",
-        "aggregation",
-        "compression",
-        "privacy",
-        "data.public_dataset",
-        "data.builtin.public_per_task",
-    ),
+    # every paradigm-dependent key: parameter sharing's round on the adapter blocks, the public set to distil,
+    # re-align or prune on; LoRA on blocks at one rank (heterogeneous ranks are not supported)
+    reads=(*PARADIGM_KEYS, "-adapter.client_ranks"),
     capabilities=Capabilities(
         client_dp=True,
         secure_agg=True,
