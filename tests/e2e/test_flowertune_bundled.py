@@ -10,22 +10,7 @@ import pytest
 from fedtune.data.builtin.shaped import records
 from tests.flowertune.fixtures import challenge_data, challenge_project
 from tests.helpers.cli import cli, read_metrics
-
-MC = """task: shaped_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-metadata:
-  version: 1.0
-"""
+from tests.helpers.lm_eval_tasks import write_mc_task
 
 
 @pytest.mark.slow
@@ -57,7 +42,7 @@ def test_the_medical_challenge_on_the_bundled_model_scores_its_columns_and_hands
     data.write_text("".join(json.dumps(r) + "\n" for r in records("mmlu", 6)))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "shaped_mc.yaml").write_text(MC.format(data=data))
+    write_mc_task(tasks, "shaped_mc", data, "answer")
     code, out = cli("lm-eval", str(run_dir), "--tasks", "shaped_mc", "--include-path", str(tasks), "--batch-size", "6")
     assert code == 0, out
     acc = json.loads((run_dir / "lm_eval.json").read_text())["scores"]["final"]["shaped_mc"]["acc,none"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers.cli import cli, run_tiny
+from tests.helpers.lm_eval_tasks import write_mc_task
 
 pytest.importorskip("lm_eval")
 
@@ -16,21 +17,6 @@ DOCS = [
      "label": i % 3, "answer": str(a + b)}
     for i, (a, b) in enumerate((a, b) for a in range(2, 9) for b in (3, 11, 47))
 ]  # fmt: skip
-MC = """task: fed_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-metadata:
-  version: 1.0
-"""
 GEN = """task: fed_gen
 dataset_path: json
 dataset_kwargs:
@@ -87,7 +73,7 @@ def test_lm_eval_scores_the_final_model_and_the_base_on_local_tasks(tmp_path, mo
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "fed_mc.yaml").write_text(MC.format(data=data))
+    write_mc_task(tasks, "fed_mc", data, "label")
     (tasks / "fed_gen.yaml").write_text(GEN.format(data=data))
     code, out = cli("lm-eval", str(run_dir), "--tasks", "fed_mc,fed_gen", "--include-path", str(tasks), "--base")
     assert code == 0, out
