@@ -139,6 +139,8 @@ def _run(
         model.set_state(params)
         s = eval_settings
         out = evaluate(model.model, tokenizer, eval_set, s.batch_size, s.exact_at(r), s.max_new_tokens, s.group_by)
+        if on is not None:  # another model (offsite's emulator): the held-out set alone, not the benchmark tasks
+            return out
         return out | run_tasks(tasks, model.model, s.batch_size, r, plan.rounds_to_run)
 
     paradigm = cfg.plugin().halves().server(plan, bench, evaluate_adapter, weight_cap(cfg, data))

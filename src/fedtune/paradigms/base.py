@@ -43,7 +43,7 @@ T = TypeVar("T")
 class EvaluateAdapter(Protocol):
     """Held-out metrics of a global adapter after round ``r`` on the server's eval set (and its tasks);
     ``on``: the adapter model to evaluate it on (an ``AdapterModel`` other than the server's: offsite-tuning's
-    emulator), default the server's base model with its adapter."""
+    emulator), on the eval set alone; default the server's base model with its adapter."""
 
     def __call__(self, params: Params, r: int, on: Any = None) -> dict[str, Any]: ...
 

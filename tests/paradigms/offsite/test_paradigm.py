@@ -131,6 +131,17 @@ def test_a_hostile_reply_in_any_exchange_drops_only_its_client(at, hostile, reas
     assert _same(params, honest)  # what clients 0 and 2 alone give
 
 
+def test_what_a_missing_client_says_it_holds_is_only_a_key_it_cannot_widen():
+    """``holds`` of a type other than text drops its client; any text (here 4,000 characters, or a digest this
+    server never sent) only selects what is sent: the whole emulator, which the honest client then takes."""
+    dropped, _, _ = _round(0, lambda p: _header(_reply(p), holds=7))
+    assert list(dropped) == [1] and "unreadable" in dropped[1]
+    _, reference, down = _round()
+    for holds in ("x" * 4000, "0" * 64):  # client 1's question answered thus; the real client 1 is sent the rest
+        dropped, params, sent = _round(0, lambda p, h=holds: _reply(p, holds=h))
+        assert not dropped and _same(params, reference) and sent == down
+
+
 def test_the_train_request_reaches_parameter_sharing_clients_over_the_emulator():
     """A client process that has the emulator serves parameter sharing's request on it; one without it says so."""
     b = _built()

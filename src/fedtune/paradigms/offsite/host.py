@@ -21,7 +21,7 @@ from fedtune.paradigms.offsite.emulator import Sandwich, digest
 
 @dataclass
 class Realignment:
-    settings: DistillSettings  # steps (0: off), lr, alpha, seed (each round's is seed + round)
+    settings: DistillSettings  # steps (> 0), lr, alpha, seed (each round's is seed + round)
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # the public set, (input_ids, attention_mask) each (B, T)
     full: AdapterModel  # the server's full model with its adapter (the teacher)
     plug_in: Any  # Callable[[Params], Params]: an emulator adapter renamed onto the full model
@@ -35,14 +35,14 @@ class Host:
     own: dict[str, torch.nn.Parameter]  # the emulator model's parameters by its own names (``emulator.weights``)
     sandwich: Sandwich
     initial: Params
-    realignment: Realignment | None = None
+    realignment: Realignment | None = None  # None: no re-alignment (FedBiOT off)
     progress: bool = False
     _digest: str | None = field(default=None, repr=False)
     _loaded: Any = field(default=None, repr=False)
 
     @property
     def realigns(self) -> bool:
-        return self.realignment is not None and self.realignment.settings.steps > 0
+        return self.realignment is not None
 
     def weights(self) -> Params:
         return {n: p.detach() for n, p in self.own.items()}
@@ -56,7 +56,9 @@ class Host:
         return middle_names(self.emu.model, self.sandwich, own=self.own)
 
     def middle(self) -> Params:
-        return {n: self.own[n].detach().clone() for n in self.middle_names()}
+        """A copy of the middle as it is now; loading it back is then a no-op (``load_middle``)."""
+        self._loaded = {n: self.own[n].detach().clone() for n in self.middle_names()}
+        return self._loaded
 
     def load_middle(self, middle: Params) -> None:
         if middle is self._loaded:  # the state's own tensors, already in place
@@ -79,5 +81,5 @@ class Host:
         s = a.settings
         settings = DistillSettings(s.steps, s.lr, s.alpha, s.seed + r)
         losses = distil(self.emu.model, a.full.model, self.sandwich, batches, settings, self.progress)
-        self._digest, self._loaded = None, None
+        self._digest, self._loaded = None, None  # the middle changed: another emulator
         return {"realign_loss": sum(losses) / len(losses)}

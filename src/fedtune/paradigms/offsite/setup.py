@@ -106,7 +106,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
 
     r = s.realign
     realignment = Realignment(DistillSettings(r.steps, r.lr, r.alpha, plan.seed), batches, full, plug_in)
-    host = Host(emu, own, sandwich, initial, realignment if r.steps else None, plan.progress)
+    host = Host(emu, own, sandwich, initial, realignment if r.steps > 0 else None, plan.progress)
     inner = sharing.server(plan, replace(bench, adapter=emu, initial=initial), evaluate, weight_cap)
     info |= {"emulator_params": n_emu, "full_params": n_full, "emulator_kind": s.emulator, "realign_steps": r.steps}
     return Offsite(inner, host, plug_in, info)
