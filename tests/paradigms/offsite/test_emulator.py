@@ -138,6 +138,52 @@ def test_distillation_moves_only_the_middle_and_brings_the_emulator_closer():
     assert torch.allclose(kd_lm_loss(logits, logits, ids, mask, 0.9), 0.1 * want)  # no KL against itself
 
 
+def test_hidden_state_distillation_matches_the_middles_output_on_a_schedule(monkeypatch):
+    """loss=hidden (Offsite-Tuning's): the relative squared error of the hidden state entering the top adapter
+    blocks falls; the learning rate follows the schedule step by step."""
+    from fedtune.paradigms.offsite import distill as d
+
+    full = _llama(6)
+    s = layer_drop(6, 1, 1, 0.5)
+    emulator = build_emulator(full, s)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(4, 200, (8, 32), generator=gen), torch.ones(8, 32, dtype=torch.long)) for _ in range(8)]
+    ids, mask = torch.randint(4, 200, (8, 32), generator=gen), torch.ones(8, 32, dtype=torch.long)
+
+    def error(model):
+        with torch.no_grad():
+            target = full(input_ids=ids, output_hidden_states=True).hidden_states[6 - s.top]  # block 5's input
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[len(s.blocks) - s.top]
+            return float((target - h).pow(2).sum() / target.pow(2).sum())
+
+    start = error(emulator)
+    lrs = []
+    step = torch.optim.AdamW.step
+
+    def spy(opt, *a, **k):
+        lrs.append(opt.param_groups[0]["lr"])
+        return step(opt, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    settings = d.DistillSettings(steps=40, lr=1e-3, alpha=1.0, loss="hidden", schedule="cosine", warmup_ratio=0.25)
+    losses = d.distil(emulator, full, s, batches, settings)
+    assert error(emulator) < 0.5 * start and abs(losses[0] - start) < 0.5 * start
+    assert lrs[:3] == pytest.approx([1e-4, 2e-4, 3e-4]) and lrs[9] == pytest.approx(1e-3)  # warmup: 10 steps
+    assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # cosine to ~0
+
+    h_t, h_s = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    logits, tok = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    m = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    real = m.bool()
+    rse = (h_t[real] - h_s[real]).pow(2).sum() / h_t[real].pow(2).sum()  # padding positions do not count
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, tok[:, 1:, None])[..., 0]
+    want = 0.7 * rse + 0.3 * nll[(m[:, :-1] * m[:, 1:]).bool()].mean()
+    assert torch.allclose(d.hidden_lm_loss(logits, h_s, h_t, tok, m, 0.7), want)
+    assert float(d.hidden_lm_loss(logits, h_t, h_t, tok, m, 1.0)) == 0.0
+    other = d.DistillSettings(steps=40, lr=1e-3, alpha=1.0)  # the loss is part of what a cached distillation is
+    assert d.content_key(full.state_dict(), s, other, batches) != d.content_key(full.state_dict(), s, settings, batches)
+
+
 def test_a_distillation_done_before_is_loaded_not_repeated(tmp_path, monkeypatch):
     from fedtune.paradigms.offsite import distill as d
 

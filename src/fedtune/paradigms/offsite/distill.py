@@ -3,9 +3,13 @@
 Only the emulator's middle blocks train; its adapter blocks, embeddings, final norm and head stay the
 full model's. Each step on a batch of public token ids minimises, over the non-padding positions,
 
-    L = α · KL(p_full(· | x_<t) ‖ p_emu(· | x_<t)) + (1 - α) · (−log p_emu(x_t | x_<t)),
+    L = α · D + (1 - α) · (−log p_emu(x_t | x_<t)),  with D either
+    logits:  KL(p_full(· | x_<t) ‖ p_emu(· | x_<t))                       (FS-LLM; α = 0.9 there)
+    hidden:  Σ_t ‖h_full,t − h_emu,t‖² / Σ_t ‖h_full,t‖²                   (Offsite-Tuning's distillation)
 
-α = 0.9 by default (FS-LLM's 0.9 KD + 0.1 LM), with AdamW at ``lr``. The full model is only read.
+where h is the middle's output: the hidden state entering the first top adapter block, the same blocks
+below it on both models. AdamW at ``lr``, with the schedule ``client.schedule.lr_at`` gives a round
+(constant, linear or cosine decay after a linear warmup). The full model is only read.
 ``cached_distil`` keys the result by the content of everything it depends on (the full model's tensors,
 the sandwich, the settings, the public batches), so a rerun loads the distilled blocks instead of
 training them again.
@@ -19,6 +23,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from fedtune.client.schedule import lr_at
 from fedtune.models.blocks import causal_lm, layout_of
 from fedtune.paradigms.offsite.emulator import Sandwich
 from fedtune.reporting.console import bar_disabled
@@ -35,8 +41,19 @@ from fedtune.reporting.console import bar_disabled
 class DistillSettings:
     steps: int = 100
     lr: float = 1e-4
-    alpha: float = 0.9  # weight of the KL term; 1 - alpha on the LM loss
+    alpha: float = 0.9  # weight of the distillation term; 1 - alpha on the LM loss
     seed: int = 0
+    loss: str = "logits"  # logits | hidden
+    schedule: str = "constant"  # constant | linear | cosine, after warmup
+    warmup_ratio: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: Any, seed: int) -> DistillSettings:
+        """From ``paradigm.distil`` or ``paradigm.realign`` (settings.Teaching)."""
+        return cls(cfg.steps, cfg.lr, cfg.alpha, seed, cfg.loss, cfg.schedule, cfg.warmup_ratio)
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(self.lr, self.schedule, self.warmup_ratio, step, self.steps, 1, 1, scope="round")
 
 
 def middle_parameters(emulator: nn.Module, sandwich: Sandwich) -> list[nn.Parameter]:
@@ -60,6 +77,34 @@ def kd_lm_loss(
     nll = -s.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
     per_position = alpha * kl + (1 - alpha) * nll
     return per_position[keep].mean()
+
+
+def hidden_lm_loss(
+    student_logits: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """α·Σ‖h_t − h_s‖² / Σ‖h_t‖² over real positions + (1-α)·next-token NLL (as ``kd_lm_loss``).
+    logits (B, T, V); hidden (B, T, H); ids, mask (B, T)."""
+    real = mask.bool()  # (B, T)
+    t, s = teacher_hidden[real].float(), student_hidden[real].float()  # (N, H)
+    rse = (t - s).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+    if alpha == 1:
+        return rse
+    logp = F.log_softmax(student_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()  # (B, T-1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    return alpha * rse + (1 - alpha) * nll[keep].mean()
+
+
+def middle_output(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, top: int) -> tuple[torch.Tensor, Any]:
+    """(the hidden state entering the first of the ``top`` last blocks (B, T, H), the model's output)."""
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    # hidden_states[i] is block i's input (i < n): the first top block is block n - top
+    return out.hidden_states[len(out.hidden_states) - 1 - top], out
 
 
 def distil(
@@ -88,10 +133,18 @@ def distil(
         bar = tqdm(range(settings.steps), desc="distilling the emulator", unit="step", disable=bar_disabled(progress))
         for step in bar:
             ids, mask = batches[step % len(batches)]
-            with torch.no_grad():
-                teacher = full(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            student = emulator(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            loss = kd_lm_loss(student, teacher, ids, mask, settings.alpha)
+            for group in opt.param_groups:
+                group["lr"] = settings.lr_at(step)
+            if settings.loss == "hidden":
+                with torch.no_grad():
+                    target, _ = middle_output(full, ids, mask, sandwich.top)  # (B, T, H)
+                h, out = middle_output(emulator, ids, mask, sandwich.top)
+                loss = hidden_lm_loss(out.logits, h, target, ids, mask, settings.alpha)
+            else:
+                with torch.no_grad():
+                    teacher = full(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+                student = emulator(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+                loss = kd_lm_loss(student, teacher, ids, mask, settings.alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

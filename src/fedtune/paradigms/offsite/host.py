@@ -2,13 +2,14 @@
 
 Re-alignment (Wu et al. 2024, FedBiOT) runs after each round's aggregation: with the round's global
 adapter on both models, the emulator's kept middle blocks take ``steps`` AdamW steps on the public set
-toward the full model (``distill.kd_lm_loss``: α·KL(full+adapter ‖ emulator+adapter) + (1-α)·LM),
+toward the full model (``distill``'s loss: α·KL(full+adapter ‖ emulator+adapter) + (1-α)·LM, or the
+middle's hidden states matched),
 the adapter blocks, embeddings and head fixed. The middle it leaves is part of the server state.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from fedtune.paradigms.offsite.emulator import Sandwich, digest
 
 @dataclass
 class Realignment:
-    settings: DistillSettings  # steps (> 0), lr, alpha, seed (each round's is seed + round)
+    settings: DistillSettings  # steps (> 0), lr, alpha, loss, schedule, seed (each round's is seed + round)
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # the public set, (input_ids, attention_mask) each (B, T)
     full: AdapterModel  # the server's full model with its adapter (the teacher)
     plug_in: Any  # Callable[[Params], Params]: an emulator adapter renamed onto the full model
@@ -78,8 +79,7 @@ class Host:
         n = len(a.batches)
         start = (r - 1) * a.settings.steps % n  # each round goes on through the public set
         batches = a.batches[start:] + a.batches[:start]
-        s = a.settings
-        settings = DistillSettings(s.steps, s.lr, s.alpha, s.seed + r)
+        settings = replace(a.settings, seed=a.settings.seed + r)
         losses = distil(self.emu.model, a.full.model, self.sandwich, batches, settings, self.progress)
         self._digest, self._loaded = None, None  # the middle changed: another emulator
         return {"realign_loss": sum(losses) / len(losses)}

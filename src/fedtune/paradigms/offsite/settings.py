@@ -16,25 +16,36 @@ if TYPE_CHECKING:
     from fedtune.config.experiment import ExperimentConfig
 
 
-class DistillConfig(Strict):
+class Teaching(Strict):
+    """How the emulator's middle is trained toward the full model on the public set (distillation and
+    re-alignment share it)."""
+
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    loss: Literal["logits", "hidden"] = Field(
+        "logits",
+        description="logits: alpha·KL(full || emulator) on next-token distributions (FS-LLM); hidden: alpha·the "
+        "relative squared error of the middle's output hidden states (Offsite-Tuning); 1 - alpha on the LM loss",
+    )
+    batch_size: int = Field(4, ge=1, description="public examples per step")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning-rate decay over the steps, after warmup"
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps warming up linearly")
+
+
+class DistillConfig(Teaching):
     """Distilling the emulator's middle toward the full model on the public set, before round 1 (cached)."""
 
-    steps: int = Field(100, ge=1, description="optimizer steps (AdamW) distilling the kept middle blocks")
-    lr: float = Field(1e-4, gt=0, description="learning rate of the distillation")
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of KL(full || emulator); 1 - alpha on the LM loss")
-    batch_size: int = Field(4, ge=1, description="public examples per distillation step")
+    steps: int = Field(100, ge=1, description="optimizer steps distilling the kept middle blocks")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha on the LM loss")
 
 
-class RealignConfig(Strict):
+class RealignConfig(Teaching):
     """FedBiOT's server step: after each round, the emulator's middle re-aligned to the full model given the
     round's adapter (both carry it), on the public set; the changed middle goes to clients as they are asked."""
 
     steps: int = Field(0, ge=0, description="optimizer steps of re-alignment after each round (0: off)")
-    lr: float = Field(1e-4, gt=0, description="learning rate of the re-alignment")
-    alpha: float = Field(
-        1.0, ge=0, le=1, description="weight of KL(full+adapter || emulator+adapter); 1 - alpha on the LM loss"
-    )
-    batch_size: int = Field(4, ge=1, description="public examples per re-alignment step")
+    alpha: float = Field(1.0, ge=0, le=1, description="weight of the distillation term; 1 - alpha on the LM loss")
 
 
 class PruneConfig(Strict):

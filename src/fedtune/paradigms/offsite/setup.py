@@ -59,7 +59,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
         info |= {f"pruned_{k}": v for k, v in kept.items()}
     if s.emulator == "distil":
         d = s.distil
-        settings = DistillSettings(d.steps, d.lr, d.alpha, 0)  # the owner's one emulator, whatever the run's seed
+        settings = DistillSettings.of(d, 0)  # the owner's one emulator, whatever the run's seed
         losses, cached = cached_distil(
             emulator, lm, full.base_params, sandwich, batches, settings, cache_dir() / "offsite", plan.progress
         )
@@ -105,7 +105,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
         return out
 
     r = s.realign
-    realignment = Realignment(DistillSettings(r.steps, r.lr, r.alpha, plan.seed), batches, full, plug_in)
+    realignment = Realignment(DistillSettings.of(r, plan.seed), batches, full, plug_in)
     host = Host(emu, own, sandwich, initial, realignment if r.steps > 0 else None, plan.progress)
     inner = sharing.server(plan, replace(bench, adapter=emu, initial=initial), evaluate, weight_cap)
     info |= {"emulator_params": n_emu, "full_params": n_full, "emulator_kind": s.emulator, "realign_steps": r.steps}
