@@ -114,5 +114,30 @@ def test_blocks_outside_the_model_or_other_methods_are_refused():
         AdapterModel(model, AdapterConfig(r=2, layers=[0, 4]), seed=0)
     with pytest.raises(ConfigError, match="each named once"):
         AdapterModel(model, AdapterConfig(r=2, layers=[3, -1]), seed=0)
-    with pytest.raises(ValueError, match="applies to methods lora"):
-        AdapterConfig(method="ia3", layers=[1])
+    with pytest.raises(ValueError, match="applies to methods lora, ia3, bottleneck, bitfit, blocks"):
+        AdapterConfig(method="prompt_tuning", layers=[1])
+
+
+@pytest.mark.parametrize("method", ["ia3", "bottleneck", "bitfit", "blocks"])
+def test_other_methods_confined_to_some_blocks_train_only_there_and_export_so(tmp_path, method):
+    """adapter.layers confines every layered method: its tensors lie in those blocks alone, only they train,
+    and the exported adapter loads onto a fresh base to the same outputs."""
+    from fedtune.adapters.adapter_model import load_adapter
+    from fedtune.models.tiny import build_tiny_llama
+
+    model, _ = build_tiny_llama(layers=4, bias=True)
+    adapter = AdapterModel(model, AdapterConfig(method=method, layers=[1, -1]), seed=0)
+    blocks = {int(k.split(".layers.")[1].split(".")[0]) for k in adapter.params}
+    assert blocks == {1, 3} and all(".layers." in k for k in adapter.params)
+    assert sum(p.requires_grad for p in adapter.model.parameters()) == len(adapter.params)
+    everywhere = AdapterModel(build_tiny_llama(layers=4, bias=True)[0], AdapterConfig(method=method), seed=0)
+    assert len(everywhere.params) > len(adapter.params)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in adapter.get_state().items()}
+    adapter.save(tmp_path / "a", state)
+    ids = torch.randint(4, 200, (2, 9))
+    with torch.no_grad():
+        want = adapter.model.eval()(input_ids=ids).logits
+        got = load_adapter(build_tiny_llama(layers=4, bias=True)[0], tmp_path / "a")(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-6)
+    if method in ("bitfit", "blocks"):  # the adapter is the base's own tensors: counted once
+        assert adapter.num_total == sum(p.numel() for p in build_tiny_llama(layers=4, bias=True)[0].parameters())

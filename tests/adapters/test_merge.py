@@ -27,7 +27,9 @@ def _trained_adapter(tmp_path, variant, **cfg):
         ("tiny-llama", {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
         ("tiny-llama", {"method": "lora", "r": 4, "dora": True}),
         ("tiny-llama", {"method": "ia3"}),
+        ("tiny-llama", {"method": "ia3", "layers": [-1]}),
         ("tiny-llama-bias", {"method": "bitfit"}),
+        ("tiny-llama", {"method": "blocks", "layers": [0]}),
     ],
 )
 def test_the_merged_model_gives_the_adapters_logits_in_plain_transformers(tmp_path, variant, cfg):

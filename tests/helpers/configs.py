@@ -39,6 +39,7 @@ PEFT_METHODS = {
     ),
     "bottleneck": (["adapter.method=bottleneck", "adapter.bottleneck_dim=8"], ".adapter_"),
     "bitfit": (["adapter.method=bitfit", "model.name=tiny-llama-bias"], ".bias"),
+    "blocks": (["adapter.method=blocks", "adapter.layers=[-1]"], ".layers.1."),  # the top block of two
 }
 
 

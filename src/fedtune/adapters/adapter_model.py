@@ -72,13 +72,13 @@ class AdapterModel:
 
     def _wrap(self, base: PreTrainedModel, cfg: AdapterConfig) -> torch.nn.Module:
         tuner = _own_tuner(cfg.method)
+        blocks = self._blocks = _blocks(base, cfg)
         try:
             if tuner is not None:
-                tuner.attach(base, cfg)
+                self._own = tuner.attach(base, cfg, blocks)
                 return base
             with warnings.catch_warnings():  # transformers deprecation noise raised inside peft
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                blocks = _blocks(base, cfg)
                 model = get_peft_model(base, peft_config(cfg, None, blocks))
                 for r, name in self.adapter_names.items():
                     if name != ADAPTER:
@@ -89,9 +89,8 @@ class AdapterModel:
 
     def _collect(self, cfg: AdapterConfig) -> dict[str, dict[str, torch.nn.Parameter]]:
         """adapter name -> {state name: parameter} of the tensors that train (and travel)."""
-        tuner = _own_tuner(cfg.method)
-        if tuner is not None:
-            return {ADAPTER: tuner.parameters(self.model)}
+        if _own_tuner(cfg.method) is not None:
+            return {ADAPTER: self._own}
         by_adapter = {}
         for name in self.adapter_names.values():
             by_adapter[name] = {
@@ -128,10 +127,8 @@ class AdapterModel:
     @property
     def num_total(self) -> int:
         """Parameters of the base model plus the active adapter's (other ranks' adapters not counted)."""
-        adapter_ids = {id(p) for ps in self._by_adapter.values() for p in ps.values()}
-        base = sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
-        own = 0 if self.method == "bitfit" else self.num_trainable  # BitFit's biases are base parameters
-        return base + own
+        others = {id(p) for ps in self._by_adapter.values() if ps is not self.params for p in ps.values()}
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in others)
 
     def get_state(self) -> Params:
         """A detached copy of the adapter tensors, on the CPU wherever the model is."""
@@ -169,7 +166,7 @@ class AdapterModel:
         meta = {
             "method": self.method,
             "base_model_name_or_path": getattr(self.model.config, "name_or_path", None),
-            **_own_tuner(self.method).export_meta(self.cfg),
+            **_own_tuner(self.method).export_meta(self.cfg, self._blocks),
         }
         (path / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedtune.adapters.block_tuning import Blocks
+from fedtune.models.blocks import blocks_of
+
 
 class Bottleneck(nn.Module):
     """A Linear followed by a residual bottleneck adapter; ``base`` stays frozen."""
@@ -35,12 +38,18 @@ class Bottleneck(nn.Module):
         return h + self.adapter_up(self.drop(self.act(self.adapter_down(h))))
 
 
-def inject_bottlenecks(model: nn.Module, targets: list[str], dim: int, dropout: float = 0.0) -> list[str]:
-    """Wrap every Linear whose leaf name is in ``targets``; return the wrapped module paths (sorted)."""
+def inject_bottlenecks(
+    model: nn.Module, targets: list[str], dim: int, dropout: float = 0.0, blocks: list[int] | None = None
+) -> list[str]:
+    """Wrap every Linear whose leaf name is in ``targets`` (inside the blocks ``blocks`` only, when given);
+    return the wrapped module paths (sorted)."""
+    inside = None if blocks is None else {id(m) for i in blocks for m in blocks_of(model)[0][i].modules()}
     found = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        if isinstance(module, nn.Linear)
+        and name.rsplit(".", 1)[-1] in targets
+        and (inside is None or id(module) in inside)
     ]
     for name, module in found:
         parent_name, _, leaf = name.rpartition(".")
@@ -57,18 +66,20 @@ def bottleneck_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 class BottleneckTuner:
     """``adapter.method=bottleneck`` for AdapterModel: attach, trainable tensors, export and restore."""
 
-    def attach(self, base: nn.Module, cfg) -> None:
-        if not inject_bottlenecks(base, cfg.targets(), cfg.bottleneck_dim, cfg.dropout):
+    def attach(self, base: nn.Module, cfg, blocks: Blocks | None) -> dict[str, nn.Parameter]:
+        if not inject_bottlenecks(base, cfg.targets(), cfg.bottleneck_dim, cfg.dropout, blocks and blocks[0]):
             raise ValueError("none of them is a Linear layer of this model")
+        return bottleneck_parameters(base)
 
-    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return bottleneck_parameters(model)
-
-    def export_meta(self, cfg) -> dict:
-        return {"target_modules": cfg.targets(), "bottleneck_dim": cfg.bottleneck_dim, "dropout": cfg.dropout}
+    def export_meta(self, cfg, blocks: Blocks | None) -> dict:
+        layers = None if blocks is None else blocks[0]
+        return {"target_modules": cfg.targets(), "bottleneck_dim": cfg.bottleneck_dim, "dropout": cfg.dropout} | (
+            {} if layers is None else {"layers": layers}
+        )
 
     def restore(self, base: nn.Module, meta: dict) -> dict[str, nn.Parameter]:
-        inject_bottlenecks(base, meta["target_modules"], meta["bottleneck_dim"], meta.get("dropout", 0.0))
+        dropout, layers = meta.get("dropout", 0.0), meta.get("layers")
+        inject_bottlenecks(base, meta["target_modules"], meta["bottleneck_dim"], dropout, layers)
         return bottleneck_parameters(base)
 
 

@@ -1,7 +1,7 @@
 """A run's final adapter folded into its base model: one plain transformers checkpoint to hand on.
 
 LoRA (DoRA) and IA3 merge through peft's ``merge_and_unload``: W' = W + (α/r)·B·A, or W scaled by
-the learned vector; BitFit's biases are the base model's own parameters. The result is saved as
+the learned vector; BitFit's biases and tuned blocks are the base model's own parameters. The result is saved as
 safetensors with its tokenizer, loadable by ``AutoModelForCausalLM.from_pretrained`` with no fedtune
 and no peft, and gives the adapter's logits up to float rounding (tested). Adapters that add what the
 architecture has no place for (Houlsby bottlenecks, soft prompts, prefixes) cannot be merged: the
@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedtune.adapters.adapter_model import NATIVE_CONFIG, load_adapter
 from fedtune.core.errors import ConfigError
 from fedtune.core.files import replace_dir
+from fedtune.core.registry import PEFT_METHODS, trains_base
 
 MERGEABLE = ("LORA", "IA3")  # peft types merge_and_unload folds into the base weights
 
@@ -49,12 +50,12 @@ def merged_model(base: PreTrainedModel, folder: Path) -> PreTrainedModel:
     native = folder / NATIVE_CONFIG
     if native.is_file():
         method = json.loads(native.read_text()).get("method")
-        if method != "bitfit":
+        if not (method in PEFT_METHODS and trains_base(method)):
             raise ConfigError(
                 f"{folder}: a {method} adapter adds layers a plain {type(base).__name__} has no place for, so it "
                 "cannot be merged; load it with fedtune.adapters.adapter_model.load_adapter(base, folder)"
             )
-        return load_adapter(base, folder)  # BitFit: the trained biases are the base model's own
+        return load_adapter(base, folder)  # BitFit, blocks: the trained tensors are the base model's own
     model = load_adapter(base, folder)
     kind = model.active_peft_config.peft_type.value if isinstance(model, PeftModel) else None
     if kind not in MERGEABLE:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from peft import (
     IA3Config,
     LoraConfig,
@@ -46,6 +48,10 @@ def ia3(cfg: AdapterConfig, rank: int | None = None, blocks: Blocks | None = Non
     ff = [t for t in targets if t in FEEDFORWARD_NAMES] if ff is None else ff
     if not set(ff) <= set(targets):
         raise ConfigError(f"adapter.feedforward_modules={ff} must be a subset of adapter.target_modules={targets}")
+    if blocks is not None:  # IA3Config has no layers_to_transform: a regex over the module names instead
+        index, attr = blocks
+        where = rf".*\.{re.escape(attr)}\.({'|'.join(map(str, index))})\..*\.({'|'.join(map(re.escape, targets))})"
+        return IA3Config(target_modules=where, feedforward_modules=ff, task_type=TASK)
     return IA3Config(target_modules=targets, feedforward_modules=ff, task_type=TASK)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from fedtune.config.base import Strict
-from fedtune.core.registry import PEFT_METHODS
+from fedtune.core.registry import LAYERED_METHODS, PEFT_METHODS
 
 DEFAULT_TARGETS = {e.name: list(e.info["targets"]) for e in PEFT_METHODS if "targets" in e.info}
-LAYERED = ("lora",)  # methods peft can confine to some blocks (layers_to_transform; DoRA too)
 
 
 class AdapterConfig(Strict):
@@ -26,8 +25,8 @@ class AdapterConfig(Strict):
     )
     layers: list[int] | None = Field(
         None,
-        description="lora: only these decoder blocks get the adapter (0 the first; negative counts from the top, "
-        "-1 the last); default: every block",
+        description="only these decoder blocks get the adapter (0 the first; negative counts from the top, -1 the "
+        f"last): methods {', '.join(LAYERED_METHODS)}; default: every block",
     )
     feedforward_modules: list[str] | None = Field(
         None, description="ia3: which target_modules scale their input (MLP); default: down_proj among the targets"
@@ -56,8 +55,8 @@ class AdapterConfig(Strict):
                 f"(it applies to {', '.join(DEFAULT_TARGETS)}); remove it"
             )
         if self.layers is not None:
-            if self.method not in LAYERED:
-                raise ValueError(f"adapter.layers applies to methods {', '.join(LAYERED)}, not {self.method!r}")
+            if self.method not in LAYERED_METHODS:
+                raise ValueError(f"adapter.layers applies to methods {', '.join(LAYERED_METHODS)}, not {self.method!r}")
             if not self.layers or len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"adapter.layers={self.layers}: give a non-empty list of distinct block indices")
         if self.feedforward_modules is not None and self.method != "ia3":

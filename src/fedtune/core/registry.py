@@ -192,6 +192,7 @@ CODECS = Registry(
 )
 VALUE_CODECS = tuple(e.name for e in CODECS if e.info.get("value"))  # keep every value (no sparsifying)
 
+_IN_BLOCKS = {"in_blocks": True, "layered": True}  # every tensor inside a block; adapter.layers confines them
 PEFT_METHODS = Registry(
     "PEFT method",
     "adapter.method",
@@ -200,13 +201,13 @@ PEFT_METHODS = Registry(
             "lora",
             "low-rank updates B·A (dora: true for DoRA)",
             _PC + "lora",
-            info={"peft": True, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "in_blocks": True},
+            info={"peft": True, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], **_IN_BLOCKS},
         ),
         Entry(
             "ia3",
             "learned activation scales",
             _PC + "ia3",
-            info={"peft": True, "targets": ["k_proj", "v_proj", "down_proj"], "in_blocks": True},
+            info={"peft": True, "targets": ["k_proj", "v_proj", "down_proj"], **_IN_BLOCKS},
         ),
         Entry("prompt_tuning", "soft prompt", _PC + "prompt_tuning", info=_PEFT),
         Entry("prefix_tuning", "per-layer prefixes", _PC + "prefix_tuning", info=_PEFT),
@@ -215,12 +216,31 @@ PEFT_METHODS = Registry(
             "bottleneck",
             "Houlsby adapters",
             "fedtune.adapters.bottleneck:TUNER",
-            info={"peft": False, "targets": ["o_proj", "down_proj"], "in_blocks": True},
+            info={"peft": False, "targets": ["o_proj", "down_proj"], **_IN_BLOCKS},
         ),
-        Entry("bitfit", "biases only", "fedtune.adapters.bitfit:TUNER", info={"peft": False}),
+        Entry(
+            "bitfit",
+            "biases only",
+            "fedtune.adapters.bitfit:TUNER",
+            info={"peft": False, "layered": True, "in_base": True},
+        ),
+        Entry(
+            "blocks",
+            "every weight of the chosen blocks (adapter.layers): full tuning of them",
+            "fedtune.adapters.block_tuning:TUNER",
+            info={"peft": False, **_IN_BLOCKS, "in_base": True},
+        ),
     ],
 )
 SPLIT_METHODS = tuple(e.name for e in PEFT_METHODS if e.info.get("in_blocks"))  # every tensor inside a block
+LAYERED_METHODS = tuple(e.name for e in PEFT_METHODS if e.info.get("layered"))  # adapter.layers confines them
+
+
+def trains_base(method: str) -> bool:
+    """Whether ``adapter.method`` trains the base model's own tensors (BitFit's biases, whole blocks) rather than
+    tensors it adds."""
+    return bool(PEFT_METHODS.entry(method).info.get("in_base"))
+
 
 ALL: tuple[Registry, ...] = (PARADIGMS, AGGREGATORS, COMBINERS, CODECS, PEFT_METHODS)
 

@@ -94,6 +94,36 @@ def test_a_round_sends_the_emulator_to_each_client_that_lacks_it_and_trains_on_i
     assert _same(full, b.bench.initial)  # the round-0 adapter plugged in is the full model's own initial one
 
 
+@pytest.mark.parametrize(("method", "marker"), [("blocks", ".weight"), ("ia3", ".ia3_l"), ("bottleneck", ".adapter_")])
+def test_any_method_confined_to_the_adapter_blocks_federates_over_the_emulator(method, marker):
+    """Full tuning of the adapter blocks (their own weights travel as the adapter, not in the emulator, so its
+    digest holds between rounds and it is sent once), IA3 and bottleneck adapters on them: two rounds with
+    real clients; the server's full model and frozen emulator are untouched by the clients' training."""
+    b = build(tiny_config(*OFFSITE, f"adapter.method={method}", "partition.num_clients=2"))
+    server = b.server(lambda params, r, on=None: {})
+    frozen = {n: t.clone() for n, t in server.host.weights().items()}
+    full = {n: t.detach().clone() for n, t in b.bench.adapter.base_params.items()}
+    digest = server.host.digest()
+    assert not set(frozen) & set(server.host.initial)  # an adapter tensor is never also in the emulator sent
+    runtime = Served(b.handler())
+    state, downs = server.initial_state(), []
+    for r in (1, 2):
+        net = Network(runtime, r, [0, 1], 1, RUN_DIR)
+        state, _ = converse(server.round(r, state, [0, 1]), net.exchange)
+        assert not net.dropped, net.dropped
+        downs.append(net.bytes["train"][0])
+    sent = sum(t.numel() * t.element_size() for t in frozen.values())
+    assert server.host.digest() == digest and downs[0] - downs[1] >= 2 * sent  # the emulator went down once
+    assert all(marker in k for k in state.params) and not _same(state.params, server.inner.initial)
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in state.params} == {0, 2}
+    assert _same(frozen, {n: t for n, t in server.host.weights().items()})  # the clients trained copies
+    plugged = server.final_adapters(state)[""]
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in plugged} == {0, 3}
+    if method == "blocks":  # the adapter is the full model's own block weights: its middle stays put
+        after = b.bench.adapter.base_params
+        assert all(torch.equal(after[n], full[n]) for n in full if ".layers.1." in n or ".layers.2." in n)
+
+
 def _honest_without_1():
     return _round(0, lambda payload: None)
 
@@ -238,7 +268,7 @@ def test_a_client_process_never_holds_a_dropped_block(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["adapter.method=ia3"], "use adapter.method=lora"),
+        (["adapter.method=prompt_tuning"], "use one of lora, ia3, bottleneck, bitfit, blocks"),
         (["adapter.layers=[0,1]"], "differs from the sandwich"),
         (["adapter.client_ranks=[4,8]"], "does not read adapter.client_ranks"),
         (["evaluation.per_client=true"], "per_client"),

@@ -71,3 +71,21 @@ def test_one_client_split_training_gives_the_unsplit_adapter(tmp_path, cut, opti
     assert moved > 1e-3  # it trained
     worst = max(float((split[k] - whole[k]).abs().max()) for k in whole)
     assert worst <= tolerance * moved, f"split and unsplit adapters differ by {worst:.3g}"
+
+
+@pytest.mark.parametrize("cut", [["paradigm.shape=u", "paradigm.client_front=1", "paradigm.client_back=1"]])
+def test_full_tuning_of_blocks_split_gives_the_unsplit_blocks(tmp_path, cut):
+    """adapter.method=blocks: each side tunes the whole weights of its blocks; one client's split training is
+    the unsplit training of every block."""
+    settings, tolerance = OPTIMIZERS["sgd"]
+    one_client = [*(o for o in ONE_CLIENT if not o.startswith("aggregation.lora")), *settings, "adapter.method=blocks"]
+    one_client.append("training.lr=0.1")
+    cfg = load_config("examples/quickstart.yaml", [*one_client, "paradigm=split", *cut, f"output.dir={tmp_path / 's'}"])
+    split = run_experiment(cfg).state.params
+    whole = _unsplit(tmp_path / "w", one_client)
+    assert split.keys() == whole.keys() and {k.split(".layers.")[1].split(".")[0] for k in whole} == set("0123")
+    start = build(cfg).bench.initial
+    moved = max(float((whole[k] - start[k]).abs().max()) for k in whole)
+    assert moved > 1e-4  # it trained
+    worst = max(float((split[k] - whole[k]).abs().max()) for k in whole)
+    assert worst <= tolerance * moved, f"split and unsplit blocks differ by {worst:.3g}"

@@ -1,8 +1,9 @@
 """Offsite-tuning: clients tune the outer blocks of a model whose middle they only see as an emulator.
 
 The server compresses the middle of the full model (``emulator.py``: uniform layer drop, optionally
-distilled, ``distill.py``) and sends clients that emulator once; they tune LoRA on the first and last
-blocks around it, and the federation is parameter sharing's round on those adapters (this paradigm
+distilled, ``distill.py``) and sends clients that emulator once; they tune the first and last blocks
+around it (LoRA, another method confined to them, or every weight of them: ``adapter.method=blocks``),
+and the federation is parameter sharing's round on those adapters (this paradigm
 extends it). The server plugs the aggregated adapter into the full model, and evaluates both.
 """
 
@@ -16,7 +17,7 @@ PARADIGM = Paradigm(
     "plugs the adapter into the full model (Offsite-Tuning)",
     settings=OffsiteConfig,
     # every paradigm-dependent key: parameter sharing's round on the adapter blocks, the public set to distil,
-    # re-align or prune on; LoRA on blocks at one rank (heterogeneous ranks are not supported)
+    # re-align or prune on; one adapter rank (heterogeneous ranks are not supported)
     reads=(*PARADIGM_KEYS, "-adapter.client_ranks"),
     capabilities=Capabilities(
         client_dp=True,

@@ -3,9 +3,11 @@
 A client process starts with no model at all (``Capabilities.client_base`` is false: its workbench holds
 the tokenizer only). The first emulator it is sent is checked (its digest, then every tensor's name,
 shape and dtype against the emulator model its own config and the sandwich describe), built without any
-other weights, and given the LoRA adapter on its adapter blocks; from then on this process serves
-parameter sharing's requests over it. The emulator belongs to the process, not to a client's state: a
-simulation worker serving many clients holds it once, and a restarted process says it lacks it.
+other weights, and given the adapter on its adapter blocks (any method ``adapter.layers`` confines; the
+tensors of methods that tune the emulator's own, blocks and bitfit, arrive as the adapter, not in the
+emulator); from then on this process serves parameter sharing's requests over it. The emulator belongs
+to the process, not to a client's state: a simulation worker serving many clients holds it once, and a
+restarted process says it lacks it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from fedtune.adapters.adapter_model import AdapterModel
+from fedtune.core.registry import trains_base
 from fedtune.core.types import ClientState, Params
 from fedtune.models.loading import load_config
 from fedtune.paradigms.evaluation import EvalRequest
@@ -38,7 +41,7 @@ class OffsiteClient:
         self.plan, self.bench, self.build_inner = plan, bench, build_inner
         self.inner: Any = None
         self.digest: str | None = None
-        self.own: dict[str, torch.nn.Parameter] = {}  # the emulator's parameters by the plain model's names
+        self.own: dict[str, torch.nn.Parameter] = {}  # the frozen emulator's parameters by the plain model's names
 
     def serve(self, client_id: int, request: Any, state: ClientState) -> tuple[Any, ClientState]:
         if isinstance(request, EmulatorRequest):
@@ -81,9 +84,11 @@ class OffsiteClient:
         m, s = self.plan.model, self.plan.settings
         config = load_config(m.name, m.revision, m.trust_remote_code, m.gguf_file)
         sandwich = layer_drop(config_blocks(config), s.bottom, s.top, s.drop_ratio)  # type: ignore[attr-defined]
-        model = emulator_from(config, sandwich, weights, getattr(torch, m.dtype))
-        self.own = dict(model.named_parameters())  # by the plain model's names, before the tuner wraps it
         a = self.plan.adapter
+        # an adapter of the emulator's own tensors (method blocks, bitfit) completes it, as a copy: it trains
+        in_base = {k: v.clone() for k, v in initial.items() if k not in weights} if trains_base(a.method) else {}
+        model = emulator_from(config, sandwich, {**weights, **in_base}, getattr(torch, m.dtype))
+        self.own = {n: p for n, p in model.named_parameters() if n in weights}  # before the tuner wraps it
         adapter = AdapterModel(model, a, a.init_seed if a.init_seed is not None else self.plan.seed)
         adapter.set_state(initial)  # ValueError unless it fits the emulator's adapter blocks exactly
         log.info(

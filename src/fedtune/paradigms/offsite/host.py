@@ -46,7 +46,9 @@ class Host:
         return self.realignment is not None
 
     def weights(self) -> Params:
-        return {n: p.detach() for n, p in self.own.items()}
+        """The frozen emulator: its tensors but those the adapter trains (``adapter.method`` blocks or bitfit
+        tune the emulator's own tensors; they travel as the adapter, so the emulator's digest stays put)."""
+        return {n: p.detach() for n, p in self.own.items() if n not in self.emu.params}
 
     def digest(self) -> str:
         if self._digest is None:

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from fedtune.config.base import Strict
 from fedtune.config.paradigm import ParadigmConfig
+from fedtune.core.registry import LAYERED_METHODS
 
 if TYPE_CHECKING:
     from fedtune.config.experiment import ExperimentConfig
@@ -113,10 +114,10 @@ def check(cfg: ExperimentConfig) -> None:
             f"paradigm.realign.steps or paradigm.prune, or remove {public[0]}"
         )
     a = cfg.adapter
-    if not a.is_lora():
+    if a.method not in LAYERED_METHODS:
         raise ValueError(
-            f"paradigm offsite tunes LoRA on its adapter blocks; adapter.method={a.method!r} cannot be confined to "
-            "blocks: use adapter.method=lora"
+            f"paradigm offsite tunes its adapter blocks; adapter.method={a.method!r} cannot be confined to blocks: "
+            f"use one of {', '.join(LAYERED_METHODS)} (blocks: full tuning of them)"
         )
     if a.layers is not None and sorted(a.layers) != sorted(s.adapter_layers()):
         raise ValueError(
