@@ -97,3 +97,23 @@ def test_a_rounds_input_tokens_are_the_non_padding_positions_of_every_micro_batc
     params = list(tiny_adapter.params.values())
     result = train_locally(tiny_adapter.model, params, batches, 1, lambda _s: 1e-3, 0.0)
     assert result.input_tokens == 5 + 3 + 7 + 7 + 2
+
+
+def test_a_client_holds_each_trainable_tensors_gradient_and_optimizer_state():
+    """Full tuning of a block costs its gradient and AdamW's two moments on top of the weights (plain SGD: the
+    gradient alone); LoRA's few tensors add next to nothing."""
+    from fedtune.adapters.adapter_model import AdapterModel
+    from fedtune.client.trainer import LocalTrainer
+    from fedtune.config import AdapterConfig, TrainingConfig
+    from fedtune.models.tiny import build_tiny_llama
+
+    held = {}
+    for method in ("lora", "blocks"):
+        adapter = AdapterModel(build_tiny_llama(layers=2)[0], AdapterConfig(method=method, layers=[0]), seed=0)
+        weights = parameter_bytes(adapter.model.parameters())
+        trained = sum(p.numel() * 4 for p in adapter.params.values())
+        for optimizer, slots in (("adamw", 3), ("sgd", 1)):
+            trainer = LocalTrainer(TrainingConfig(optimizer=optimizer), 1, 0, 0)
+            held[method, optimizer] = trainer.held_bytes(adapter)
+            assert held[method, optimizer] == weights + slots * trained
+    assert held["blocks", "adamw"] > 1.4 * held["lora", "adamw"]  # one of two blocks, three times over

@@ -4,7 +4,9 @@ Every paradigm reports the same three numbers per round (``metrics.jsonl``: ``cl
 ``client_peak_bytes``, ``client_flops``), so paradigms can be compared on the client's side:
 
 - **peak bytes** = the bytes of the parameters the client holds (the whole model in parameter
-  sharing and KD; the embeddings, its blocks and, U-shaped, the head in split learning), plus the
+  sharing and KD; the embeddings, its blocks and, U-shaped, the head in split learning; the
+  emulator in offsite-tuning), plus what training keeps per trainable tensor (its gradient and the
+  optimizer's state: AdamW's two moments, nothing for plain SGD; ``training_state_bytes``), plus the
   most activation bytes autograd kept for the backward pass at once during a micro-batch. The
   activations are measured, not estimated: every tensor autograd saves is counted once by its
   storage (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded. Memory an operator
@@ -35,6 +37,14 @@ def parameter_bytes(params: Iterable[torch.Tensor]) -> int:
         storage = p.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+OPTIMIZER_SLOTS = {"adamw": 2, "sgd": 0}  # state tensors per trainable tensor (``local_training.make_optimizer``)
+
+
+def training_state_bytes(params: Iterable[torch.Tensor], optimizer: str) -> int:
+    """Bytes training keeps for ``params``: each one's gradient and the optimizer's state slots, each of its size."""
+    return (1 + OPTIMIZER_SLOTS[optimizer]) * sum(p.numel() * p.element_size() for p in params)
 
 
 class ActivationMeter:

@@ -19,7 +19,7 @@ from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.adapters.routed_lora import RoutedLoRA
 from fedtune.client.batching import micro_batches, poisson_batches
 from fedtune.client.corrections import Correction
-from fedtune.client.cost import FlopModel
+from fedtune.client.cost import FlopModel, parameter_bytes, training_state_bytes
 from fedtune.client.data import ClientData
 from fedtune.client.joint_training import JointClient, train_jointly
 from fedtune.client.local_training import DpSgdStep, LocalResult, train_locally
@@ -69,6 +69,13 @@ class LocalTrainer:
         self.cfg, self.total_rounds, self.seed, self.pad_id = training, total_rounds, seed, pad_id
         self.progress, self.dp_sgd = progress, dp_sgd
         self._cost_of: tuple = (None, None)
+
+    def held_bytes(self, adapter: AdapterModel) -> int:
+        """What a client holds through its round besides activations: the model's parameters, and the
+        gradient and optimizer state of each trainable one (``client.cost``)."""
+        return parameter_bytes(adapter.model.parameters()) + training_state_bytes(
+            adapter.params.values(), self.cfg.optimizer
+        )
 
     def _cost(self, adapter: AdapterModel, fused: bool) -> FlopModel | None:
         if self._cost_of[0] is not adapter.model:  # the FLOP model of the model last trained

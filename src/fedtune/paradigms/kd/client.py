@@ -17,7 +17,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import AdapterModel
-from fedtune.client.cost import parameter_bytes
 from fedtune.client.data import ClientData, EvalSettings
 from fedtune.client.trainer import LocalTrainer
 from fedtune.core import rng
@@ -129,7 +128,7 @@ class KDClient:
             train_loss=out.result.mean_loss,
             distill_loss=distill_loss,
             local_train_s=time.perf_counter() - start,
-            peak_bytes=parameter_bytes(adapter.model.parameters()) + max(activations, out.result.peak_activation_bytes),
+            peak_bytes=self.trainer.held_bytes(adapter) + max(activations, out.result.peak_activation_bytes),
             flops=flops + out.result.flops + scoring,
             trained_tokens=fed + out.result.input_tokens,
             **common,

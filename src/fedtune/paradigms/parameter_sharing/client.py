@@ -20,7 +20,6 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.adapters.routed_lora import RoutedLoRA
 from fedtune.client.corrections import FedProx, Scaffold, updated_client_control
-from fedtune.client.cost import parameter_bytes
 from fedtune.client.data import ClientData, EvalSettings
 from fedtune.client.trainer import LocalTrainer, TrainOutcome
 from fedtune.core import rng
@@ -152,7 +151,7 @@ class ParameterSharingClient:
             steps=result.steps,
             train_loss=result.mean_loss,
             local_train_s=out.elapsed_s,
-            peak_bytes=parameter_bytes(self.adapter.model.parameters()) + result.peak_activation_bytes,
+            peak_bytes=self.trainer.held_bytes(self.adapter) + result.peak_activation_bytes,
             flops=result.flops,
             trained_tokens=result.input_tokens,
         )

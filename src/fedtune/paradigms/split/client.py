@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 import torch
 
 from fedtune.adapters.split import SplitModel
-from fedtune.client.cost import TRAINING, ActivationMeter, FlopModel, parameter_bytes, scored_positions
+from fedtune.client.cost import (
+    TRAINING,
+    ActivationMeter,
+    FlopModel,
+    parameter_bytes,
+    scored_positions,
+    training_state_bytes,
+)
 from fedtune.client.data import ClientData
 from fedtune.client.local_training import make_optimizer, optimizer_step
 from fedtune.client.trainer import round_plan
@@ -92,7 +99,10 @@ class SplitClient:
         self.uplink, self.downlink, self.activations = uplink, downlink, activations
         self.meter = ActivationMeter(split.model.parameters())
         self.live: OrderedDict[int, _Live] = OrderedDict()  # client id -> its round in memory, least recent first
-        self.part_bytes = parameter_bytes(split.client_parameters())
+        # its part of the model, and the gradient and optimizer state of the part's adapter tensors
+        self.part_bytes = parameter_bytes(split.client_parameters()) + training_state_bytes(
+            like.values(), settings.training.optimizer
+        )
         lm = split.lm
         self.cost = FlopModel.of(
             split.blocks, int(lm.config.hidden_size), int(lm.get_output_embeddings().weight.shape[0])
