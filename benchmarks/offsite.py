@@ -3,9 +3,10 @@
 Runs ``fedtune compare examples/compare_offsite.yaml`` (or reads a finished comparison) and writes
 results/offsite.json: per variant and seed the zero-shot loss (round 0, the base model), the plug-in's
 final loss (the adapter in the full model), the emulator + adapter's final loss and the gap between
-them, the client's peak memory; then, over the 3 seeds, 95% intervals of: plug-in minus zero-shot
-(below 0 is learning), plug-in minus LoRA parameter sharing (paired by seed), the emulator gap, and
-the client's peak memory as a share of the LoRA client's.
+them, the emulator's own loss before tuning (round 0), the client's peak memory; then, over the 3
+seeds, 95% intervals of: plug-in minus zero-shot (below 0 is learning), plug-in minus LoRA parameter
+sharing (paired by seed), the emulator gap, and the client's peak memory as a share of the LoRA
+client's.
 
     python benchmarks/offsite.py [--comparison DIR]   # DIR: read a finished comparison instead
 """
@@ -37,6 +38,7 @@ def summarise(comparison: Path) -> dict:
                 "plug_in_loss": h[-1]["eval_loss"],
                 "emulator_loss": h[-1].get("emulator_eval_loss"),
                 "emulator_gap": h[-1].get("emulator_gap"),
+                "emulator_zero_shot_loss": h[0].get("emulator_eval_loss"),  # the emulator as sent, untuned
                 "client_peak_bytes": run["measures"]["client_peak_bytes"],
                 "bytes_down_per_client": run["measures"]["bytes_down_per_client"],
                 "plug_in_loss_by_round": [r["eval_loss"] for r in h],
@@ -57,6 +59,8 @@ def summarise(comparison: Path) -> dict:
         gaps = [s["emulator_gap"] for s in seeds.values() if s["emulator_gap"] is not None]
         row["emulator_gap"] = interval(gaps) if gaps else None
         row["emulator_worse_every_seed"] = all(g > 0 for g in gaps) if gaps else None
+        untuned = [s["emulator_zero_shot_loss"] for s in seeds.values() if s["emulator_zero_shot_loss"] is not None]
+        row["emulator_zero_shot_loss"] = interval(untuned) if untuned else None
         row["bytes_down_per_client"] = interval([s["bytes_down_per_client"] for s in seeds.values()])
         rows.append(row)
     return {"comparison": str(comparison), "reference": REFERENCE, "rows": rows}
