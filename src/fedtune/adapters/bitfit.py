@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedtune.adapters.block_tuning import Blocks, block_parameters
+from fedtune.adapters.block_tuning import block_parameters
 from fedtune.core.errors import ConfigError
+from fedtune.models.blocks import Blocks
 
 
 def bias_parameters(model: nn.Module, blocks: list[int] | None = None) -> dict[str, nn.Parameter]:

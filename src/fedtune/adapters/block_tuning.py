@@ -12,9 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedtune.core.errors import ConfigError
-from fedtune.models.blocks import blocks_of
-
-Blocks = tuple[list[int], str]  # (block indices, the attribute holding the blocks), as peft_configs names them
+from fedtune.models.blocks import Blocks, blocks_of
 
 
 def block_parameters(model: nn.Module, indices: list[int] | None) -> dict[str, nn.Parameter]:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedtune.adapters.block_tuning import Blocks
-from fedtune.models.blocks import blocks_of
+from fedtune.models.blocks import Blocks, blocks_of
 
 
 class Bottleneck(nn.Module):
@@ -72,10 +71,12 @@ class BottleneckTuner:
         return bottleneck_parameters(base)
 
     def export_meta(self, cfg, blocks: Blocks | None) -> dict:
-        layers = None if blocks is None else blocks[0]
-        return {"target_modules": cfg.targets(), "bottleneck_dim": cfg.bottleneck_dim, "dropout": cfg.dropout} | (
-            {} if layers is None else {"layers": layers}
-        )
+        return {
+            "target_modules": cfg.targets(),
+            "bottleneck_dim": cfg.bottleneck_dim,
+            "dropout": cfg.dropout,
+            "layers": None if blocks is None else blocks[0],
+        }
 
     def restore(self, base: nn.Module, meta: dict) -> dict[str, nn.Parameter]:
         dropout, layers = meta.get("dropout", 0.0), meta.get("layers")

@@ -17,12 +17,10 @@ from peft import (
 from fedtune.config import AdapterConfig
 from fedtune.core.errors import ConfigError
 from fedtune.core.registry import PEFT_METHODS
+from fedtune.models.blocks import Blocks
 
 FEEDFORWARD_NAMES = ("down_proj", "fc2", "w2", "dense_4h_to_h")  # MLP output layers (IA3 scales their input)
 TASK = "CAUSAL_LM"
-
-
-Blocks = tuple[list[int], str]  # (block indices, the attribute holding the blocks): peft's layers_to_transform
 
 
 def _confined(blocks: Blocks | None) -> dict:

@@ -16,6 +16,8 @@ from torch import nn
 
 from fedtune.core.errors import ConfigError
 
+Blocks = tuple[list[int], str]  # adapter.layers resolved for a model: (block indices, the attribute holding them)
+
 
 @dataclass(frozen=True)
 class BlockLayout:
