@@ -65,16 +65,24 @@ def middle_parameters(emulator: nn.Module, sandwich: Sandwich) -> list[nn.Parame
     return [p for i in middle for p in blocks[i].parameters()]
 
 
+def _next_token(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probabilities (B, T-1, V), next-token NLL (B, T-1), the positions whose token and next token are
+    both real (B, T-1)) of logits (B, T, V) for ids, mask (B, T)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    return logp, -logp.gather(-1, ids[:, 1:, None])[..., 0], keep
+
+
 def kd_lm_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, alpha: float
 ) -> torch.Tensor:
     """α·KL(teacher ‖ student) + (1-α)·next-token NLL, averaged over positions whose next token is real.
     logits (B, T, V); ids, mask (B, T)."""
-    s = F.log_softmax(student_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    s, nll, keep = _next_token(student_logits, ids, mask)  # (B, T-1, V), (B, T-1), (B, T-1)
     t = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    keep = (mask[:, :-1] * mask[:, 1:]).bool()  # (B, T-1): position and its next token both real
     kl = (t.exp() * (t - s)).sum(-1)  # (B, T-1)
-    nll = -s.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
     per_position = alpha * kl + (1 - alpha) * nll
     return per_position[keep].mean()
 
@@ -94,9 +102,7 @@ def hidden_lm_loss(
     rse = (t - s).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
     if alpha == 1:
         return rse
-    logp = F.log_softmax(student_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    keep = (mask[:, :-1] * mask[:, 1:]).bool()  # (B, T-1)
-    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    _, nll, keep = _next_token(student_logits, ids, mask)  # (B, T-1) each
     return alpha * rse + (1 - alpha) * nll[keep].mean()
 
 
