@@ -116,3 +116,28 @@ def test_families_of_prompts_score_and_generate_as_each_row_alone(tiny, batch_si
         assert got.log_likelihood[i] == pytest.approx(ll, abs=1e-4)
         assert got.choices[i] == pytest.approx(choice, abs=1e-4)
         assert got.generations[i] == tok.decode(gen, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("taken", [0, 2, 5, 9])
+def test_a_continuation_on_the_greedy_path_is_read_off_the_forward(tiny_adapter, tiny, taken):
+    """Greedy text equals generate's whether the continuation follows the greedy path for none, some or all of
+    its tokens; where it covers every new token (or ends at EOS) no decoding step runs."""
+    model = tiny_adapter.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    tok = tiny.tokenizer
+    _, prompts, _ = _rows(tok)
+    greedy = [_reference(model, pr, [], [0], 6)[2] for pr in prompts]
+    conts = [g[:taken] + [7] * (i % 2) for i, g in enumerate(greedy)]  # odd rows then leave the greedy path
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        got = score(model, tok, prompts, conts, batch_size=4, max_new_tokens=6)
+    finally:
+        hook.remove()
+    assert got.generations == [tok.decode(g, skip_special_tokens=True) for g in greedy]
+    covered = all(len(g) <= taken + 1 for g in greedy)  # each row's last new token is read after its draft
+    assert (len(calls) == 2) == covered  # 2: the shared prefix and the rows, nothing decoded
+    assert taken not in (0, 9) or covered == (taken == 9)  # both paths run: nothing covered at 0, all at 9

@@ -10,11 +10,19 @@ sorted so that prompts sharing a prefix sit together; each batch is split into r
 (``prefix_groups``: the split costing the fewest token positions), every run's shared prefix runs once
 in one padded forward, and each row takes its run's attention cache. A row is then laid out as
 ``[run prefix][left padding][rest of prompt][continuation][right padding]``, so every prompt ends in the
-same column: the forward's kept positions give the continuation's log-probabilities and the prompt-end
-distribution, and the cache cropped at that column is what ``generate`` continues from. Position ids
-skip the padding, so a row sees the positions it would see alone (the numbers of scoring each row alone
-up to float summation order; tested). Models whose adapter prepends virtual tokens or owns the
-attention cache (peft prompt learning) take the plain path: right-padded rows for the likelihoods,
+same column: the forward's kept positions give the continuation's log-probabilities, the prompt-end
+distribution and the greedy token after the prompt and after each continuation token. Position ids skip
+the padding, so a row sees the positions it would see alone (the numbers of scoring each row alone up to
+float summation order; tested).
+
+Greedy text starts with the continuation as a draft that the forward has already checked (speculative
+decoding's verification, with the reference answer as the draft): the greedy tokens are read off the
+forward while they equal the continuation's, so a row whose answer the model reproduces, or that leaves it
+hopelessly (``give_up``), needs no decoding step at all. Rows still going after that decode one token per
+forward from the same attention cache, their unread continuation masked out, finished rows dropped.
+
+Models whose adapter prepends virtual tokens or owns the attention cache (peft prompt learning) take
+the plain path: right-padded rows for the likelihoods,
 ``generate`` from the left-padded prompts for the text.
 """
 
@@ -170,10 +178,11 @@ class _Batch:
         return heads[torch.tensor(self.group_of)]
 
     def likelihoods(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ log p of each row's continuation (B,), log-probs at each prompt's end (B, V))."""
+        """(Σ log p of each row's continuation (B,), log-probs at each prompt's end (B, V)); keeps, per row,
+        the greedy token at the prompt's end and after each continuation token (``self.greedy``)."""
         lo = int(self.ends.min())
-        stop = min(int(self.ends.max()) + self.c, self.ids.shape[1])  # each row's continuation ends inside
-        keep = torch.arange(lo, stop)  # (K,) positions that predict what we score
+        stop = min(int(self.ends.max()) + self.c + 1, self.ids.shape[1])  # through each row's last token
+        keep = torch.arange(lo, stop)  # (K,) positions that predict what we score or read greedily
         kwargs = {"attention_mask": self.mask.to(self.device)}
         if self.cached:
             positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, self.p :]  # (B, W + C): padding skipped
@@ -197,34 +206,36 @@ class _Batch:
         with head_bypassed(head) if head is not None else contextlib.nullcontext():
             out = self.model(input_ids=ids, logits_to_keep=(keep + offset).to(self.device), **kwargs).logits
         # out: (B, K, H) hidden states (plain head) or (B, K, V) logits
-        labels = torch.full(out.shape[:2], IGNORE, dtype=torch.long)  # (B, K): token predicted at each kept position
         first = (self.ends - lo).tolist()  # row i's prompt end is kept position first[i]
+        labels = torch.full(out.shape[:2], IGNORE, dtype=torch.long)  # (B, K): token predicted at each kept position
+        read = torch.zeros(out.shape[:2], dtype=torch.bool)  # (B, K): the prompt's end and each continuation token
         for i, co in enumerate(self.conts):
             labels[i, first[i] : first[i] + len(co)] = torch.tensor(co, dtype=torch.long)
-        labels = labels.to(out.device)
+            read[i, first[i] : first[i] + len(co) + 1] = True
+        labels, read = labels.to(out.device), read.to(out.device)
+        if head is not None:
+            tok_lp, top = head_log_probs(out[read], head, labels[read])  # (R,) each
+        else:
+            log_probs = torch.log_softmax(out[read].float(), dim=-1)  # (R, V)
+            tok_lp = log_probs.gather(1, labels[read].clamp(min=0)[:, None])[:, 0].masked_fill(labels[read] < 0, 0.0)
+            top = log_probs.argmax(1)
+        per_row = torch.zeros(out.shape[:2], dtype=tok_lp.dtype, device=out.device)  # (B, K)
+        per_row[read] = tok_lp
+        greedy = torch.full(out.shape[:2], -1, dtype=torch.long, device=out.device)  # (B, K)
+        greedy[read] = top
+        self.greedy = [greedy[i, first[i] : first[i] + len(co) + 1].tolist() for i, co in enumerate(self.conts)]
         rows = torch.arange(len(first), device=out.device)
         at_end = out[rows, torch.tensor(first, device=out.device)]  # (B, H) or (B, V)
-        scored = labels != IGNORE  # (B, K)
-        if head is not None:
-            tok_lp = head_log_probs(out[scored], head, labels[scored])  # (P,)
-            end_lp = torch.log_softmax(head(at_end).float(), dim=-1)  # (B, V)
-        else:
-            tok_lp = torch.log_softmax(out[scored].float(), dim=-1).gather(1, labels[scored][:, None])[:, 0]
-            end_lp = torch.log_softmax(at_end.float(), dim=-1)
-        per_row = torch.zeros(out.shape[:2], dtype=tok_lp.dtype, device=out.device)  # (B, K)
-        per_row[scored] = tok_lp
+        end_lp = torch.log_softmax((head(at_end) if head is not None else at_end).float(), dim=-1)  # (B, V)
         return per_row.sum(1).cpu(), end_lp.cpu()
 
     def generate(self, max_new_tokens: int, give_up: Callable[[int, str], bool] | None = None) -> list[str]:
-        """Greedy text after each prompt; the cached path continues from the forward's attention cache."""
+        """Greedy text after each prompt. The cached path reads it off the forward while it follows the row's
+        continuation (a draft that forward verified) and decodes from its attention cache only after that."""
+        if self.cached:
+            return self._decode(max_new_tokens, give_up)
         tok = self.tokenizer
-        if self.cached and self.cache is not None:
-            w, p = self.width, self.p
-            self.cache.crop(-(self.cache.get_seq_length() - (p + w - 1)))  # to before the prompts' last column
-            ids = torch.cat([self._prefix_ids(), self.ids[:, :w]], dim=1)  # (B, P + W)
-            mask, extra = self.mask[:, : p + w], {"cache": self.cache}
-        else:
-            (ids, mask), extra = left_pad(self.prompts, self.pad), {}  # (B, T) each
+        (ids, mask), extra = left_pad(self.prompts, self.pad), {}  # (B, T) each
         if give_up is not None:
             extra["stopping_criteria"] = StoppingCriteriaList([_GiveUp(tok, ids.shape[1], give_up)])
         gen = self.model.generate(
@@ -237,8 +248,59 @@ class _Batch:
             use_cache=True,
             **extra,
         )
-        self.cache = None
         return tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+
+    def _decode(self, max_new_tokens: int, give_up: Callable[[int, str], bool] | None) -> list[str]:
+        """Greedy tokens per row: those the forward gave while they matched the continuation, then one
+        forward per step over the rows still going, each row's unmatched continuation masked out."""
+        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        made: list[list[int]] = [[] for _ in self.conts]
+
+        def ends(i: int) -> bool:  # after row i's newest token: is its text finished?
+            t = made[i]
+            return (
+                t[-1] == eos
+                or len(t) >= max_new_tokens
+                or (give_up is not None and give_up(i, tok.decode(t, skip_special_tokens=True)))
+            )
+
+        going, mask = [], self.mask.clone()  # (B, P + W + C)
+        for i, co in enumerate(self.conts):
+            for j, g in enumerate(self.greedy[i]):  # g: the greedy token after the prompt and co[:j]
+                made[i].append(g)
+                if ends(i):
+                    break
+                if j == len(co) or g != co[j]:  # the continuation leaves the greedy path: decode from here
+                    mask[i, self.p + self.width + j :] = 0  # co[j:] and padding unseen
+                    going.append(i)
+                    break
+        if going:
+            rows = torch.tensor(going)
+            self.cache.batch_select_indices(rows.to(self.device))
+            mask = mask[rows].to(self.device)  # (A, P + W + C)
+            pos = mask.sum(1)  # (A,) each row's next position
+            while going:
+                mask = torch.cat([mask, mask.new_ones(len(going), 1)], dim=1)
+                nxt = torch.tensor([made[i][-1] for i in going], device=self.device)[:, None]  # (A, 1)
+                logits = self.model(
+                    input_ids=nxt,
+                    attention_mask=mask,
+                    position_ids=pos[:, None],
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]  # (A, V)
+                for i, g in zip(going, logits.argmax(-1).tolist(), strict=True):
+                    made[i].append(g)
+                still = [k for k, i in enumerate(going) if not ends(i)]
+                if len(still) < len(going):
+                    keep = torch.tensor(still, dtype=torch.long, device=self.device)
+                    self.cache.batch_select_indices(keep)
+                    mask, pos = mask[keep], pos[keep]
+                    going = [going[k] for k in still]
+                pos = pos + 1
+        self.cache = None
+        return [tok.decode(t, skip_special_tokens=True) for t in made]
 
 
 class _GiveUp(StoppingCriteria):

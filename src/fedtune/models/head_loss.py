@@ -130,10 +130,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
 
 @torch.no_grad()
-def head_log_probs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(hidden_i))[targets_i] for hidden (P, H) and targets (P,), chunk by chunk: (P,)."""
-    parts = [
-        _chunk_log_probs(h, head.weight, head.bias).gather(1, t[:, None])[:, 0]
-        for h, t in _chunks(hidden, targets, head.weight)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=_wide(head.weight), device=hidden.device)
+def head_log_probs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(head(hidden_i))[targets_i], argmax_v head(hidden_i)_v) for hidden (P, H) and targets (P,),
+    chunk by chunk: (P,) each; a negative target reads 0."""
+    lp, top = [], []
+    for h, t in _chunks(hidden, targets, head.weight):
+        log_probs = _chunk_log_probs(h, head.weight, head.bias)  # (c, V)
+        lp.append(log_probs.gather(1, t.clamp(min=0)[:, None])[:, 0].masked_fill(t < 0, 0.0))
+        top.append(log_probs.argmax(1))
+    if not lp:
+        return torch.zeros(0, dtype=_wide(head.weight), device=hidden.device), targets.new_zeros(0)
+    return torch.cat(lp), torch.cat(top)
