@@ -7,14 +7,15 @@ exact-match ``--repeats`` times, alternating, in one process:
 - ``plain``: a forward over the right-padded prompt+target sequences for the loss, then ``generate``
   from the left-padded prompts (the prompts run twice, the shared system turn in every row);
 - ``cached``: what ``evaluation.harness.evaluate`` does: one forward per batch with each run of prompts'
-  shared prefix computed once, ``generate`` continuing from its attention cache, and each row's generation stopped once
-  its text can no longer be an exact match (``metrics.could_still_match``).
+  shared prefix computed once, the greedy text read off that forward while it follows the target, decoding
+  from its attention cache only after that, and each row's generation stopped once its text can no longer be
+  an exact match (``metrics.could_still_match``).
 
 With ``--trained-rounds R`` (default 2) the quickstart is first trained for R rounds (``fedtune run``,
 no evaluation) and the same comparison runs again on its adapter: a trained model's rows match their
 targets longer, so they generate more before they stop.
 
-    python benchmarks/eval_speed.py [--repeats 3] [--batch-sizes 20 40] [--trained-rounds 2]
+    python benchmarks/eval_speed.py [--repeats 5] [--batch-sizes 20 40] [--trained-rounds 2]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from common import quickstart_setup, write_result
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[20, 40])
     ap.add_argument("--trained-rounds", type=int, default=2, help="0: the untrained adapter only")
     args = ap.parse_args()
