@@ -32,7 +32,8 @@ class Stream:
 
     name: str
     what: str  # what it draws, for the docs
-    root: Literal["seed", "secret", "split_seed"]  # the run's seed, a noise seed, or the data split's seed
+    root: Literal["seed", "secret", "split_seed", "direction"]  # the run's seed, a noise seed, the data split's seed
+    # or a zeroth-order direction's own seed
     layout: tuple[int | str, ...]  # after the root: "round", "client", "index" or a constant
 
     def key(
@@ -73,6 +74,7 @@ SPLIT_BACK_GRAD = Stream("split_back_grad", "a split client's gradient at the se
 DP_NOISE = Stream("dp_noise", "client-level DP's noise on the sum, adaptive clipping's count", "secret", (R, _tag(11)))
 SECAGG_NOISE = Stream("secagg_noise", "a client's share of distributed DP's noise", "secret", (R, C, _tag(12)))
 DP_SGD_NOISE = Stream("dp_sgd_noise", "a client's DP-SGD noise", "secret", (R, C, _tag(13)))
+ZO_DIRECTION = Stream("zo_direction", "a zeroth-order direction z, tensor by tensor", "direction", (N, _tag(14)))
 # drawn once, before round 1, from the data split's seed (data.split_seed, default the run's seed)
 HELD_OUT = Stream("held_out", "the examples held out for evaluation from one dataset", "split_seed", (0xE7A1,))
 CLIENT_HOLDOUT = Stream("client_holdout", "a client's held-out share", "split_seed", (C, 0x401D))
@@ -94,6 +96,7 @@ STREAMS: tuple[Stream, ...] = (
     DP_NOISE,
     SECAGG_NOISE,
     DP_SGD_NOISE,
+    ZO_DIRECTION,
 )
 SETUP_STREAMS: tuple[Stream, ...] = (HELD_OUT, CLIENT_HOLDOUT)
 
