@@ -125,3 +125,47 @@ def test_sgd_without_clipping_or_with_dp_sgd_has_no_auto_bound():
     assert bound is None and "max_grad_norm" in why
     bound, why = UpdateBound.of(TrainingConfig(optimizer="sgd"), 3, 100, dp_sgd=True)
     assert bound is None and "DP-SGD" in why
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    steps=st.integers(1, 12),
+    schedule=st.sampled_from(["constant", "cosine"]),
+    losses=st.lists(st.tuples(MAGNITUDES, MAGNITUDES), min_size=12, max_size=12),
+    n=st.sampled_from([1, 7, 50, 4000]),
+    seed=st.integers(0, 2**16),
+)
+def test_zeroth_order_training_never_moves_an_adapter_beyond_the_auto_bound(steps, schedule, losses, n, seed):
+    """Whatever the two losses of each step, ZO-SGD with zo_clip stays within the auto bound."""
+    from fedtune.client import zeroth_order as zo
+
+    t = TrainingConfig(gradient="zeroth_order", local_steps=steps, lr=1e-2, lr_schedule=schedule, zo_clip=5.0)
+    bound, why = UpdateBound.of(t, 3, 100)
+    assert bound is not None, why
+    start = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    p = start.clone()
+    values = iter(v for pair in losses for v in pair)
+    out = zo.train_zeroth_order(
+        torch.nn.Identity(),
+        [p],
+        [
+            {
+                "labels": torch.ones(1, 3, dtype=torch.long),
+                "input_ids": torch.ones(1, 3, dtype=torch.long),
+                "attention_mask": torch.ones(1, 3, dtype=torch.long),
+            }
+        ]
+        * steps,
+        lambda s: bound.schedule.lr_at(2, s, steps),
+        t.zo_eps,
+        t.zo_clip,
+        seed_of=lambda s: seed * 100 + s,
+        loss=lambda model, batch: (torch.tensor(next(values)), 2),
+    )
+    moved = float(torch.linalg.vector_norm(p - start))
+    assert out.result.steps == steps and moved <= bound.on(2, {"p": start})
+
+
+def test_zeroth_order_without_a_clip_has_no_auto_bound():
+    bound, why = UpdateBound.of(TrainingConfig(gradient="zeroth_order", zo_clip=None), 3, 100)
+    assert bound is None and "zo_clip" in why

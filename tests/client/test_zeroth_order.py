@@ -90,7 +90,14 @@ def test_a_non_finite_loss_stops_the_round_with_the_weights_put_back(tiny_adapte
     model, params = tiny_adapter.model, list(tiny_adapter.params.values())
     batches = _batches(tiny.tokenizer, 8, 4)
     start = [p.detach().clone() for p in params]
-    monkeypatch.setattr(zo, "mean_loss", lambda model, batch: (math.inf, 1))
+    monkeypatch.setattr(zo, "mean_loss", lambda *args: (math.inf, 1))
     out = zo.train_zeroth_order(model, params, batches, lambda s: 1e-2, 1e-3, None, lambda s: s)
     assert out.result.diverged and math.isnan(out.result.mean_loss) and "non-finite" in out.result.error
     assert all(torch.allclose(p, s, atol=1e-6, rtol=0) for p, s in zip(params, start, strict=True))
+
+
+def test_what_a_direction_holds_at_once_is_one_chunk(monkeypatch):
+    monkeypatch.setattr(zo, "CHUNK", 100)
+    assert zo.direction_bytes([torch.zeros(30), torch.zeros(7, 9)]) == 4 * 63
+    assert zo.direction_bytes([torch.zeros(1000)]) == 4 * 100  # a big tensor: one chunk
+    assert zo.direction_bytes([torch.zeros(50, dtype=torch.bfloat16)]) == 4 * 50 + 2 * 50  # and its cast

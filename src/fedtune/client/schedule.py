@@ -142,14 +142,17 @@ class UpdateBound:
 
     With AdamW every step moves each value by at most lr_t · ``adam_step_ratio(t)``; with SGD the step is
     lr_t times the clipped gradient (``training.max_grad_norm``); decoupled or coupled weight decay adds
-    lr_t · wd · ‖θ_t‖. Summed over the most steps a client can take in the round (the config's, or those of
-    ``federation.max_client_examples`` examples), with 5% slack for float rounding. SGD without gradient
-    clipping, or with DP-SGD's noise, moves without bound: then there is no auto bound (``of`` says why).
+    lr_t · wd · ‖θ_t‖. A zeroth-order step is -lr_t g z with |g| at most ``training.zo_clip`` and z
+    standard normal over the n values, so ‖z‖ <= √n + 10 but with probability below e^-50 (Gaussian
+    concentration of the norm, a 1-Lipschitz function). Summed over the most steps a client can take in the
+    round (the config's, or those of ``federation.max_client_examples`` examples), with 5% slack for float
+    rounding. SGD without gradient clipping (or zeroth-order steps without ``zo_clip``), or with DP-SGD's
+    noise, moves without bound: then there is no auto bound (``of`` says why).
     """
 
     schedule: RoundSchedule
     optimizer: str
-    max_grad_norm: float | None
+    max_grad_norm: float | None  # SGD's gradient clip; zo_sgd: training.zo_clip, the most |g| can be
     weight_decay: float
     steps: int
 
@@ -159,6 +162,10 @@ class UpdateBound:
     ) -> tuple[UpdateBound | None, str]:
         """(the bound, or None and why there is none); ``dp_sgd``: clients train with DP-SGD."""
         schedule = RoundSchedule.of(t, total_rounds)
+        if t.gradient == "zeroth_order":
+            if t.zo_clip is None:
+                return None, "zeroth-order steps can move the adapter without bound (training.zo_clip is off)"
+            return cls(schedule, "zo_sgd", t.zo_clip, 0.0, schedule.steps(max_examples)), ""
         if t.optimizer == "sgd" and (t.max_grad_norm is None or dp_sgd):
             why = "training.max_grad_norm is off" if t.max_grad_norm is None else "DP-SGD adds unbounded noise"
             return None, f"plain SGD can move the adapter without bound ({why})"
@@ -176,6 +183,9 @@ class UpdateBound:
             lr = self.schedule.lr_at(round_index, step, self.steps)
             if self.optimizer == "adamw":
                 push = adam_step_ratio(step + 1) * math.sqrt(n_values)
+            elif self.optimizer == "zo_sgd":  # |g| <= zo_clip along z, ‖z‖ <= √n + 10 (see the class)
+                assert self.max_grad_norm is not None
+                push = self.max_grad_norm * (math.sqrt(n_values) + 10)
             else:
                 assert self.max_grad_norm is not None
                 push = self.max_grad_norm

@@ -24,6 +24,7 @@ from fedtune.client.data import ClientData
 from fedtune.client.joint_training import JointClient, train_jointly
 from fedtune.client.local_training import DpSgdStep, LocalResult, train_locally
 from fedtune.client.schedule import RoundSchedule
+from fedtune.client.zeroth_order import direction_bytes, train_zeroth_order
 from fedtune.config import TrainingConfig
 from fedtune.config.privacy import DpSgdConfig
 from fedtune.core import rng
@@ -73,6 +74,8 @@ class LocalTrainer:
     def held_bytes(self, adapter: AdapterModel) -> int:
         """What a client holds through its round besides activations: the model's parameters, and the
         gradient and optimizer state of each trainable one (``client.cost``)."""
+        if self.cfg.gradient == "zeroth_order":  # no gradient or optimizer state: one chunk of the direction
+            return parameter_bytes(adapter.model.parameters()) + direction_bytes(list(adapter.params.values()))
         return parameter_bytes(adapter.model.parameters()) + training_state_bytes(
             adapter.params.values(), self.cfg.optimizer
         )
@@ -123,6 +126,22 @@ class LocalTrainer:
         bar = tqdm(
             total=steps, desc=f"  client {client_id}", leave=False, disable=bar_disabled(self.progress), unit="step"
         )
+        if cfg.gradient == "zeroth_order":
+            if corrections or step is not None:
+                raise ValueError("zeroth-order training takes no corrections (FedProx, SCAFFOLD) and no DP-SGD")
+            result = train_zeroth_order(
+                adapter.model,
+                list(adapter.params.values()),
+                batches,
+                lr,
+                cfg.zo_eps,
+                cfg.zo_clip,
+                seed_of=lambda s: (torch_seed + s) % 2**63,  # a fresh direction each step, a function of the round
+                on_step=lambda _s, value: (bar.update(1), bar.set_postfix(loss=f"{value:.3f}")),
+                loss=loss,
+            ).result
+            bar.close()
+            return TrainOutcome(result, time.perf_counter() - start)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)  # dropout and any other torch randomness of this round
             result = train_locally(

@@ -25,6 +25,7 @@ from fedtune.client.cost import input_tokens
 from fedtune.client.local_training import LocalResult
 from fedtune.core import rng
 from fedtune.data.tokenize import IGNORE
+from fedtune.losses import LossFn, token_loss_sum
 
 CHUNK = 1 << 20  # elements of z drawn at once: 4 MiB in float32, whatever the tensor's size
 
@@ -37,6 +38,15 @@ def _chunks(p: torch.Tensor, seed: int, index: int) -> Iterator[tuple[torch.Tens
         part = flat[s : s + CHUNK]
         z = torch.randn(part.numel(), generator=g, dtype=torch.float32)  # (c,)
         yield part, z.to(device=p.device, dtype=p.dtype)
+
+
+def direction_bytes(params: Sequence[torch.Tensor]) -> int:
+    """The most bytes of z held at once while moving ``params``: one chunk in float32 (and its cast)."""
+    most = 0
+    for p in params:
+        n = min(p.numel(), CHUNK)
+        most = max(most, 4 * n + (0 if p.dtype == torch.float32 else n * p.element_size()))
+    return most
 
 
 def direction(params: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
@@ -86,12 +96,11 @@ def projected_gradient(
     return (plus - minus) / (2 * eps), plus, minus
 
 
-def mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """(token-mean next-token loss of ``batch``, its target count), no graph kept."""
-    from fedtune.losses import token_loss_sum
-
+def mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss: LossFn | None = None) -> tuple[float, int]:
+    """(mean of ``loss`` over ``batch``'s positions, their count), no graph kept; next-token cross-entropy
+    by default."""
     with torch.no_grad():
-        total, n = token_loss_sum(model, batch)
+        total, n = (loss or token_loss_sum)(model, batch)
     return float(total) / max(1, int(n)), int(n)
 
 
@@ -104,10 +113,12 @@ def train_zeroth_order(
     clip: float | None,
     seed_of: Callable[[int], int],
     on_step: Callable[[int, float], None] | None = None,
+    loss: LossFn | None = None,
 ) -> ZoResult:
     """One ZO-SGD step per batch: the direction of ``seed_of(step)``, g from two losses on the batch,
     w <- w - η g z, a step whose |g| exceeds ``clip`` skipped (the weights put back). The round's loss is
-    the token-weighted mean of (L(w + εz) + L(w - εz)) / 2 over its steps."""
+    the token-weighted mean of (L(w + εz) + L(w - εz)) / 2 over its steps. ``loss(model, batch) -> (sum,
+    count)``: next-token cross-entropy by default."""
     start = time.perf_counter()
     model.eval()  # no dropout: the two losses must differ by the direction alone
     log: list[ZoStep] = []
@@ -115,7 +126,7 @@ def train_zeroth_order(
     for step, batch in enumerate(batches):
         lr, seed = lr_at(step), seed_of(step)
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        g, plus, minus = projected_gradient(lambda b=batch: mean_loss(model, b)[0], params, seed, eps)
+        g, plus, minus = projected_gradient(lambda b=batch: mean_loss(model, b, loss)[0], params, seed, eps)
         if not (math.isfinite(plus) and math.isfinite(minus)):
             move_(params, seed, eps)
             error = f"non-finite loss ({plus}, {minus}) at local step {step}"

@@ -144,6 +144,12 @@ class ExperimentConfig(Strict):
                 "training.gradient_checkpointing does not combine with privacy.dp_sgd (Opacus's per-example hooks "
                 "would see the recomputed forward twice); remove it"
             )
+        if self.training.gradient == "zeroth_order" and (self.aggregation.scaffold or self.privacy.dp_sgd is not None):
+            what = "aggregation.scaffold" if self.aggregation.scaffold else "privacy.dp_sgd"
+            raise ValueError(
+                f"training.gradient=zeroth_order cannot be combined with {what} (both act on a gradient that "
+                "zeroth-order steps never form)"
+            )
         if self.evaluation.per_client and self.partition.holdout_fraction == 0:
             raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")
         self._paradigm_fits()
@@ -216,6 +222,10 @@ def refusals(caps: Capabilities, cfg: ExperimentConfig) -> list[str]:
         (
             not caps.gradient_checkpointing and cfg.training.gradient_checkpointing,
             "gradient checkpointing (training.gradient_checkpointing)",
+        ),
+        (
+            not caps.zeroth_order and cfg.training.gradient == "zeroth_order",
+            "zeroth-order training (training.gradient=zeroth_order)",
         ),
         (r.name not in caps.runtimes, f"runtime.name={r.name} (it runs under {', '.join(caps.runtimes)})"),
     ]
@@ -303,6 +313,8 @@ def joint_misfit(cfg: ExperimentConfig) -> str | None:
         return f"paradigm {cfg.paradigm.name} (it trains each client on its own)"
     if cfg.privacy.dp_sgd is not None:
         return "privacy.dp_sgd (each example is clipped on its own)"
+    if cfg.training.gradient == "zeroth_order":
+        return "training.gradient=zeroth_order (each client's steps perturb its own adapter)"
     return cfg.adapter.joint_misfit()
 
 

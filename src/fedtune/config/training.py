@@ -25,7 +25,22 @@ class TrainingConfig(Strict):
         description="federation: schedule follows the run's global step; round: restarts each round; by_round: one "
         "rate per round, decayed over rounds at progress round / rounds (FlowerTune's per-round cosine)",
     )
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer (fresh state every round)")
+    gradient: Literal["backprop", "zeroth_order"] = Field(
+        "backprop",
+        description="how a step's gradient is had: back-propagation, or zeroth_order: MeZO's estimate from two "
+        "forward passes along a seeded random direction, stepped by SGD with no gradient, optimizer state or "
+        "activations held (docs/algorithms/zeroth_order.md)",
+    )
+    zo_eps: float = Field(1e-3, gt=0, description="zeroth_order: the perturbation's scale ε")
+    zo_clip: float | None = Field(
+        100.0,
+        gt=0,
+        description="zeroth_order: a step whose |projected gradient| is above this is skipped (null: off; the "
+        "auto update bound needs it)",
+    )
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="local optimizer (fresh state every round; sgd with gradient zeroth_order)"
+    )
     weight_decay: float = Field(0.0, ge=0, description="weight decay of the local optimizer")
     proximal_mu: float = Field(
         0.0, ge=0, description="FedProx: add mu/2 * ||w - w_global||^2 to the local loss (0: off)"
@@ -49,6 +64,34 @@ class TrainingConfig(Strict):
         if isinstance(data, dict) and data.get("local_epochs") is not None and "local_steps" not in data:
             data = {**data, "local_steps": None}  # giving epochs sets the default steps aside
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zeroth_order_steps_by_sgd(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("gradient") == "zeroth_order" and "optimizer" not in data:
+            data = {**data, "optimizer": "sgd"}  # ZO-SGD: its update is -lr g z, nothing else held
+        return data
+
+    @model_validator(mode="after")
+    def _zeroth_order_fits(self) -> TrainingConfig:
+        if self.gradient != "zeroth_order":
+            return self
+        problems = []
+        if self.optimizer != "sgd":
+            problems.append(f"training.optimizer={self.optimizer} (its steps are ZO-SGD's: use sgd, the default here)")
+        if self.grad_accum != 1:
+            problems.append("training.grad_accum (each step estimates its gradient on one batch)")
+        if "max_grad_norm" in self.model_fields_set and self.max_grad_norm is not None:
+            problems.append("training.max_grad_norm (no gradient is formed: training.zo_clip bounds a step)")
+        if self.weight_decay:
+            problems.append("training.weight_decay (a step is -lr g z alone, so that its seed and g replay it)")
+        if self.proximal_mu:
+            problems.append("training.proximal_mu (FedProx's term needs the gradient)")
+        if self.gradient_checkpointing:
+            problems.append("training.gradient_checkpointing (nothing is kept for a backward pass)")
+        if problems:
+            raise ValueError("training.gradient=zeroth_order cannot be combined with " + "; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> TrainingConfig:

@@ -1,0 +1,27 @@
+"""Zeroth-order local training (training.gradient=zeroth_order) in a parameter-sharing run from the CLI."""
+
+from __future__ import annotations
+
+from tests.helpers.cli import cli, read_metrics, run_tiny
+
+
+def test_zeroth_order_clients_train_federated_and_hold_no_training_state(tmp_path):
+    zo = ("training.gradient=zeroth_order", "training.lr=1e-2", "federation.rounds=2", "evaluation.every=1")
+    code, out = run_tiny(tmp_path, *zo, name="zo")
+    assert code == 0, out
+    code, out = run_tiny(tmp_path, "federation.rounds=2", "evaluation.every=1", name="bp")
+    assert code == 0, out
+    zo_rounds, bp_rounds = read_metrics(tmp_path / "zo")[1:], read_metrics(tmp_path / "bp")[1:]
+    assert all(r["dropped"] == {} and r["train_loss"] > 0 for r in zo_rounds)  # within the auto update bound
+    assert zo_rounds[-1]["eval_loss"] != read_metrics(tmp_path / "zo")[0]["eval_loss"]  # the adapter moved
+    # no gradient, optimizer state or kept activations: less than a backprop client holds
+    assert zo_rounds[0]["client_peak_bytes"] < bp_rounds[0]["client_peak_bytes"]
+
+
+def test_zeroth_order_is_refused_where_it_cannot_apply(tmp_path):
+    code, out = run_tiny(tmp_path, "training.gradient=zeroth_order", "training.optimizer=adamw")
+    assert code != 0 and "training.optimizer=adamw" in out and "sgd" in out
+    code, out = run_tiny(tmp_path, "training.gradient=zeroth_order", "paradigm.name=kd")
+    assert code != 0 and "zeroth-order training" in out
+    code, out = cli("run", "examples/tiny.yaml", "training.gradient=zeroth_order", "aggregation.scaffold=true")
+    assert code != 0 and "aggregation.scaffold" in out
