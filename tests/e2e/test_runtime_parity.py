@@ -83,6 +83,13 @@ def _offsite(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
         assert down[0] > 2 * down[1], down
 
 
+def _fedkseed(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
+    """A few hundred bytes a client each way, nobody dropped or out of step."""
+    for name, run in runs.items():
+        for r in _history(run)[1:]:
+            assert r["dropped"] == {} and r["bytes_up"] + r["bytes_down"] < 1_000 * len(r["clients"]), (name, r)
+
+
 # name -> (settings over tests.helpers.deployment.BASE, the case's own checks)
 CASES: dict[str, tuple[dict, Callable | None]] = {
     # int8 + error feedback up (client state), bf16 down (a dtype numpy would lose)
@@ -162,6 +169,16 @@ CASES: dict[str, tuple[dict, Callable | None]] = {
             "evaluation": {"exact_match": False},
         },
         _offsite,
+    ),
+    # FedKSeed: no weights cross the wire, each client process rebuilds the global adapter from the steps it is
+    # sent and checks it against the server's digest (a deployed process holds its own copy between rounds)
+    "fedkseed": (
+        {
+            "paradigm": {"name": "fedkseed", "candidates": 64},
+            "training": {"gradient": "zeroth_order", "lr": 1e-2, "local_steps": 4},
+            "evaluation": {"exact_match": False},
+        },
+        _fedkseed,
     ),
     # a paradigm defined only in tests (tests/paradigms/toy): each process imports it by its import path
     "toy": (

@@ -24,7 +24,7 @@ from fedtune.client.data import ClientData
 from fedtune.client.joint_training import JointClient, train_jointly
 from fedtune.client.local_training import DpSgdStep, LocalResult, train_locally
 from fedtune.client.schedule import RoundSchedule
-from fedtune.client.zeroth_order import direction_bytes, train_zeroth_order
+from fedtune.client.zeroth_order import ZoStep, direction_bytes, train_zeroth_order
 from fedtune.config import TrainingConfig
 from fedtune.config.privacy import DpSgdConfig
 from fedtune.core import rng
@@ -52,6 +52,8 @@ def round_plan(
 class TrainOutcome:
     result: LocalResult
     elapsed_s: float  # wall time of the round's training, batching included
+    zo_steps: tuple[ZoStep, ...] = ()  # zeroth-order training: each step's (seed, g, lr), in order
+    zo_choices: tuple[int, ...] = ()  # with candidate seeds: the index each step chose
 
 
 class LocalTrainer:
@@ -106,9 +108,11 @@ class LocalTrainer:
         corrections: Sequence[Correction] = (),
         loss: LossFn | None = None,
         noise_seed: int | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> TrainOutcome:
         """``loss``: next-token cross-entropy by default (fused as ``training.fused_loss`` says).
-        ``noise_seed``: with DP-SGD, the client's secret seed of its noise (keyed further by round)."""
+        ``noise_seed``: with DP-SGD, the client's secret seed of its noise (keyed further by round).
+        ``candidates``: zeroth-order steps draw each direction's seed uniformly from these (FedKSeed)."""
         cfg = self.cfg
         fused = loss is None and cfg.fused_loss and self.dp_sgd is None and plain_head(adapter.model) is not None
         if loss is None:
@@ -129,19 +133,26 @@ class LocalTrainer:
         if cfg.gradient == "zeroth_order":
             if corrections or step is not None:
                 raise ValueError("zeroth-order training takes no corrections (FedProx, SCAFFOLD) and no DP-SGD")
-            result = train_zeroth_order(
+            if candidates is None:  # a fresh direction each step, a function of the round
+                choices: list[int] = []
+                seed_of = lambda s: (torch_seed + s) % 2**63  # noqa: E731
+            else:
+                choices = np.random.default_rng([torch_seed, 0x2D]).integers(0, len(candidates), len(batches)).tolist()
+                seed_of = lambda s: candidates[choices[s]]  # noqa: E731
+            trained = train_zeroth_order(
                 adapter.model,
-                list(adapter.params.values()),
+                [adapter.params[k] for k in sorted(adapter.params)],  # the order directions are drawn in
                 batches,
                 lr,
                 cfg.zo_eps,
                 cfg.zo_clip,
-                seed_of=lambda s: (torch_seed + s) % 2**63,  # a fresh direction each step, a function of the round
+                seed_of,
                 on_step=lambda _s, value: (bar.update(1), bar.set_postfix(loss=f"{value:.3f}")),
                 loss=loss,
-            ).result
+            )
             bar.close()
-            return TrainOutcome(result, time.perf_counter() - start)
+            n = len(trained.steps)
+            return TrainOutcome(trained.result, time.perf_counter() - start, tuple(trained.steps), tuple(choices[:n]))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)  # dropout and any other torch randomness of this round
             result = train_locally(

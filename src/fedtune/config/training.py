@@ -45,7 +45,9 @@ class TrainingConfig(Strict):
     proximal_mu: float = Field(
         0.0, ge=0, description="FedProx: add mu/2 * ||w - w_global||^2 to the local loss (0: off)"
     )
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the adapter gradient norm (null: off)")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="clip the adapter gradient norm (null: off; off by default with gradient zeroth_order)"
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="keep only each block's input for backward and recompute the rest: far less activation "
@@ -68,8 +70,9 @@ class TrainingConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _zeroth_order_steps_by_sgd(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("gradient") == "zeroth_order" and "optimizer" not in data:
-            data = {**data, "optimizer": "sgd"}  # ZO-SGD: its update is -lr g z, nothing else held
+        if isinstance(data, dict) and data.get("gradient") == "zeroth_order":
+            # ZO-SGD: its update is -lr g z, nothing else held; no gradient is formed to clip
+            data = {"optimizer": "sgd", "max_grad_norm": None, **data}
         return data
 
     @model_validator(mode="after")
@@ -81,7 +84,7 @@ class TrainingConfig(Strict):
             problems.append(f"training.optimizer={self.optimizer} (its steps are ZO-SGD's: use sgd, the default here)")
         if self.grad_accum != 1:
             problems.append("training.grad_accum (each step estimates its gradient on one batch)")
-        if "max_grad_norm" in self.model_fields_set and self.max_grad_norm is not None:
+        if self.max_grad_norm is not None:
             problems.append("training.max_grad_norm (no gradient is formed: training.zo_clip bounds a step)")
         if self.weight_decay:
             problems.append("training.weight_decay (a step is -lr g z alone, so that its seed and g replay it)")

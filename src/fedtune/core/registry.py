@@ -109,6 +109,7 @@ PARADIGMS = Registry(
         Entry("kd", "", "fedtune.paradigms.kd:PARADIGM"),
         Entry("split", "", "fedtune.paradigms.split:PARADIGM"),
         Entry("offsite", "", "fedtune.paradigms.offsite:PARADIGM"),
+        Entry("fedkseed", "", "fedtune.paradigms.fedkseed:PARADIGM"),
     ],
     external=True,
 )
