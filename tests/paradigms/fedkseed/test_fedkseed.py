@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -166,3 +168,45 @@ def test_a_reply_that_is_not_what_an_honest_client_sends_drops_it_with_the_reaso
 def test_fedkseed_needs_zeroth_order_training(tmp_path):
     code, out = run_tiny(tmp_path, "paradigm.name=fedkseed")
     assert code != 0 and "training.gradient=zeroth_order" in out
+
+
+# ---- the real path: a hostile reply in a round with real clients drops only its client
+
+
+def _real_round(hostile=None):
+    """Round 1 with clients 0..2 on fresh client processes, client 1's reply ``hostile(request)``: (dropped, params)."""
+    from fedtune.paradigms.base import converse
+    from fedtune.server.round_loop import Network
+    from tests.helpers.building import build
+    from tests.helpers.configs import tiny_config
+    from tests.helpers.served import Served
+
+    b = build(tiny_config(*KSEED, "partition.num_clients=3", "evaluation.exact_match=false"))
+    server = b.server(lambda params, r, on=None: {})
+    net = Network(Served(b.handler(), 0, hostile), 1, [0, 1, 2], 1, Path("/nonexistent/fedkseed"))
+    state, _ = converse(server.round(1, server.initial_state(), [0, 1, 2]), net.exchange)
+    return net.dropped, state.params
+
+
+def _mutated(payload: bytes, **fields) -> bytes:
+    from fedtune.wire.messages import decode_message, encode_message
+
+    req = decode_message(payload, KSeedRequest)
+    good = {"round": req.round, **GOOD, "num_examples": 10, "num_tokens": 50, "steps": 6, "train_loss": 1.0}
+    return encode_message(KSeedReply(**{**good, **fields}))
+
+
+@pytest.mark.parametrize(
+    ("hostile", "reason"),
+    [
+        (lambda p: _mutated(p, index=torch.tensor([3, 2], dtype=torch.int32), amount=torch.zeros(2)), "increase"),
+        (lambda p: _mutated(p, amount=torch.tensor([1e30, 0.0, 0.0])), "exceeds"),
+        (lambda p: _mutated(p, status="behind", holds=1), "holds round"),
+        (lambda p: b"\x00" * 40, "unreadable"),
+        (lambda p: _mutated(p, round=0), "stale"),
+    ],
+)
+def test_a_hostile_reply_through_the_wire_drops_only_its_client(hostile, reason):
+    dropped, params = _real_round(hostile)
+    assert list(dropped) == [1] and reason in dropped[1], dropped
+    assert all(torch.isfinite(v).all() for v in params.values())

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 import torch
 
 from fedtune.core.errors import ConfigError
-from fedtune.core.types import Envelope
 from fedtune.paradigms.base import converse
 from fedtune.paradigms.offsite.messages import EmulatorReply, EmulatorRequest
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
@@ -23,33 +21,10 @@ from fedtune.server.round_loop import Network
 from fedtune.wire.messages import decode_message, encode_message
 from tests.helpers.building import build
 from tests.helpers.configs import tiny_config
+from tests.helpers.served import Served
 
 OFFSITE = ["model.name=tiny-llama-deep", "paradigm.name=offsite", "paradigm.bottom=1", "paradigm.top=1"]
 RUN_DIR = Path("/nonexistent/offsite")  # only named in a quorum error
-
-
-class Served:
-    """A runtime serving every client with the real handler, but client 1's reply in exchange ``at`` is
-    ``hostile(request payload)`` (None: no reply)."""
-
-    def __init__(self, handler, at: int = -1, hostile: Callable[[bytes], bytes | None] | None = None):
-        self.handler, self.at, self.hostile, self.count = handler, at, hostile, 0
-        self.states: dict[int, dict] = {}
-
-    def send_and_receive(self, envelopes, delivery=None):
-        out = []
-        for e in envelopes:
-            if e.client_id == 1 and self.count == self.at and self.hostile is not None:
-                reply = self.hostile(e.payload)
-                if reply is not None:
-                    out.append(Envelope(1, reply))
-                continue
-            payload, self.states[e.client_id] = self.handler.handle(
-                e.client_id, e.payload, self.states.get(e.client_id)
-            )
-            out.append(Envelope(e.client_id, payload))
-        self.count += 1
-        return out
 
 
 @cache
