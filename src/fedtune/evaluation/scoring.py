@@ -170,13 +170,6 @@ class _Batch:
                 mask[i, : len(pr) + len(co)] = 1
         self.ids, self.mask, self.ends, self.conts, self.c = ids, mask, ends, conts, c
 
-    def _prefix_ids(self) -> torch.Tensor:
-        """(B, P): each row's group prefix, left-padded to the longest."""
-        if not self.p:
-            return torch.zeros((len(self.prompts), 0), dtype=torch.long)
-        heads, _ = left_pad(self.heads, self.pad)  # (G, P)
-        return heads[torch.tensor(self.group_of)]
-
     def likelihoods(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ log p of each row's continuation (B,), log-probs at each prompt's end (B, V)); keeps, per row,
         the greedy token at the prompt's end and after each continuation token (``self.greedy``)."""
