@@ -12,8 +12,8 @@ from fedtune.client.zeroth_order import replay_
 from fedtune.config import load_config
 from fedtune.paradigms.base import BadReply
 from fedtune.paradigms.fedkseed.messages import KSeedReply, KSeedRequest
-from fedtune.paradigms.fedkseed.server import digest, ordered, pairs
 from fedtune.paradigms.fedkseed.settings import candidate_seeds
+from fedtune.paradigms.fedkseed.steps import digest, ordered, pairs
 from fedtune.reporting.metrics import TIMED
 from tests.helpers.cli import read_metrics, run_tiny
 from tests.helpers.configs import TINY_OVERRIDES

@@ -23,7 +23,7 @@ from fedtune.client.trainer import LocalTrainer
 from fedtune.client.zeroth_order import replay_
 from fedtune.core.types import ClientState, Params
 from fedtune.paradigms.fedkseed.messages import KSeedReply, KSeedRequest
-from fedtune.paradigms.fedkseed.server import digest, ordered, pairs
+from fedtune.paradigms.fedkseed.steps import digest, ordered, pairs
 
 
 class FedKSeedClient:
@@ -51,7 +51,13 @@ class FedKSeedClient:
         counts = [int(c) for c in req.counts.tolist()]
         if len(counts) != req.round - 1 - req.since or req.index.numel() != sum(counts) or min(counts, default=0) < 0:
             return "the steps sent do not cover rounds since+1 .. round-1"
-        if req.index.numel() != req.amount.numel() or not bool(torch.isfinite(req.amount).all()):
+        if req.index.dtype != torch.int32 or req.amount.dtype != torch.float32 or req.counts.dtype != torch.int32:
+            return "the steps sent are not int32 counts and indices and float32 amounts"
+        if (
+            req.index.dim() != 1
+            or req.index.numel() != req.amount.numel()
+            or not bool(torch.isfinite(req.amount).all())
+        ):
             return "the steps sent are malformed"
         if req.index.numel() and (int(req.index.min()) < 0 or int(req.index.max()) >= len(self.candidates)):
             return "a step's candidate index is out of range"

@@ -12,7 +12,6 @@ can add up to (Σ_t η_t · zo_clip), its numbers plausible.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -33,6 +32,7 @@ from fedtune.paradigms.base import (
     weight_or_drop,
 )
 from fedtune.paradigms.fedkseed.messages import KSeedReply, KSeedRequest
+from fedtune.paradigms.fedkseed.steps import digest, ordered, pairs
 from fedtune.wire.link import max_wire_bytes
 
 
@@ -53,24 +53,6 @@ class KSeedSettings:
     weight_cap: WeightCap | None
     schedule: RoundSchedule  # the clients' steps and learning rates: the most a reply may claim
     clip: float | None  # training.zo_clip: the most |g| of a step that counts
-
-
-def ordered(params: Params) -> list[torch.Tensor]:
-    """The tensors a step moves, in the order its direction is drawn (by name)."""
-    return [params[k] for k in sorted(params)]
-
-
-def digest(params: Params) -> str:
-    """sha256 of the weights by name: what a client's rebuilt weights must match."""
-    h = hashlib.sha256()
-    for k in sorted(params):
-        h.update(k.encode() + b"\0" + params[k].detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def pairs(index: torch.Tensor, amount: torch.Tensor, candidates: list[int]) -> list[tuple[int, float]]:
-    """(direction seed, amount) of each step, in order."""
-    return [(candidates[j], a) for j, a in zip(index.tolist(), amount.tolist(), strict=True)]
 
 
 class FedKSeed:
