@@ -210,3 +210,17 @@ def test_a_hostile_reply_through_the_wire_drops_only_its_client(hostile, reason)
     dropped, params = _real_round(hostile)
     assert list(dropped) == [1] and reason in dropped[1], dropped
     assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_a_client_behind_again_after_it_was_sent_every_step_is_dropped(tmp_path):
+    from fedtune.paradigms.base import Replies
+
+    plan, bench, _shares, server, _ = _pieces(tmp_path)
+    srv = server(plan, bench, None, None)
+    conv = srv.round(1, srv.initial_state(), [0])
+    ex = next(conv)
+    behind = KSeedReply(1, status="behind", holds=0)
+    ex = conv.send(Replies({0: ex.read(0, behind)}, {}))  # behind: the server sends from round 0
+    assert ex.messages[0].since == 0
+    with pytest.raises(BadReply, match="still cannot train"):
+        ex.read(0, behind)
