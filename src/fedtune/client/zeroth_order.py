@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fedtune.client.cost import input_tokens
-from fedtune.client.local_training import LocalResult
+from fedtune.client.local_training import LocalResult, target_count
 from fedtune.core import rng
-from fedtune.data.tokenize import IGNORE
 from fedtune.losses import LossFn, token_loss_sum
 
 CHUNK = 1 << 20  # elements of z drawn at once: 4 MiB in float32, whatever the tensor's size
@@ -125,7 +124,7 @@ def train_zeroth_order(
     loss_total, tokens_total, lr_sum, fed = 0.0, 0, 0.0, 0
     for step, batch in enumerate(batches):
         lr, seed = lr_at(step), seed_of(step)
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        n = target_count([batch])
         g, plus, minus = projected_gradient(lambda b=batch: mean_loss(model, b, loss)[0], params, seed, eps)
         if not (math.isfinite(plus) and math.isfinite(minus)):
             move_(params, seed, eps)

@@ -87,6 +87,8 @@ class FedKSeed:
         target = digest(state.params)
         k = len(self.candidates)
         most_steps, most_amount = self._most_steps(r)
+        s = self.settings
+        weight: dict[int, float] = {}  # each accepted train reply's FedAvg weight, as read
 
         def read(client_id: int, reply: KSeedReply) -> KSeedReply:
             if reply.round != r:
@@ -110,8 +112,8 @@ class FedKSeed:
             if reply.steps > most_steps:
                 raise BadReply(f"steps={reply.steps} exceeds the {most_steps} a round has")
             check_cost(reply.peak_bytes, 0.0, reply.trained_tokens)
-            s = self.settings
-            weight_or_drop(reply.num_examples, reply.num_tokens, s.weighting, s.weight_cap, f"client {client_id}")
+            who = f"client {client_id}"
+            weight[client_id] = weight_or_drop(reply.num_examples, reply.num_tokens, s.weighting, s.weight_cap, who)
             return reply
 
         cap = max_wire_bytes(2 * most_steps, 2)
@@ -130,11 +132,7 @@ class FedKSeed:
             again = shared(behind, lambda since: self._request(r, st, since, target))
             second = yield Exchange("train", again, KSeedReply, caught_up, cap)
             ok.update(second.accepted)
-        s = self.settings
-        weights = {
-            c: weight_or_drop(rep.num_examples, rep.num_tokens, s.weighting, s.weight_cap, f"client {c}")
-            for c, rep in ok.items()
-        }
+        weights = {c: weight[c] for c in ok}
         total = sum(weights.values())
         combined = torch.zeros(k, dtype=torch.float64)  # (K,) Σ_i w_i a_ij
         for c in sorted(ok):
