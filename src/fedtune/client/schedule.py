@@ -162,7 +162,7 @@ class UpdateBound:
     ) -> tuple[UpdateBound | None, str]:
         """(the bound, or None and why there is none); ``dp_sgd``: clients train with DP-SGD."""
         schedule = RoundSchedule.of(t, total_rounds)
-        if t.gradient == "zeroth_order":
+        if t.backprop_free:  # forward: a step's estimate is capped at the same bound (client.forward_gradient)
             if t.zo_clip is None:
                 return None, "zeroth-order steps can move the adapter without bound (training.zo_clip is off)"
             return cls(schedule, "zo_sgd", t.zo_clip, 0.0, schedule.steps(max_examples)), ""

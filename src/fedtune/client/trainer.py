@@ -7,7 +7,7 @@ adapter they start from, the corrections (FedProx, SCAFFOLD) and the loss.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -21,6 +21,8 @@ from fedtune.client.batching import micro_batches, poisson_batches
 from fedtune.client.corrections import Correction
 from fedtune.client.cost import FlopModel, parameter_bytes, training_state_bytes
 from fedtune.client.data import ClientData
+from fedtune.client.forward_gradient import FwdStep, train_forward_gradient
+from fedtune.client.forward_gradient import held_bytes as forward_held_bytes
 from fedtune.client.joint_training import JointClient, train_jointly
 from fedtune.client.local_training import DpSgdStep, LocalResult, train_locally
 from fedtune.client.schedule import RoundSchedule
@@ -54,6 +56,7 @@ class TrainOutcome:
     elapsed_s: float  # wall time of the round's training, batching included
     zo_steps: tuple[ZoStep, ...] = ()  # zeroth-order training: each step's (seed, g, lr), in order
     zo_choices: tuple[int, ...] = ()  # with candidate seeds: the index each step chose
+    fwd_steps: tuple[FwdStep, ...] = ()  # forward-gradient training: each step's perturbation count
 
 
 class LocalTrainer:
@@ -78,6 +81,8 @@ class LocalTrainer:
         gradient and optimizer state of each trainable one (``client.cost``)."""
         if self.cfg.gradient == "zeroth_order":  # no gradient or optimizer state: one chunk of the direction
             return parameter_bytes(adapter.model.parameters()) + direction_bytes(list(adapter.params.values()))
+        if self.cfg.gradient == "forward":  # the estimate's two half sums, the reference, one chunk of z
+            return parameter_bytes(adapter.model.parameters()) + forward_held_bytes(list(adapter.params.values()))
         return parameter_bytes(adapter.model.parameters()) + training_state_bytes(
             adapter.params.values(), self.cfg.optimizer
         )
@@ -109,10 +114,12 @@ class LocalTrainer:
         loss: LossFn | None = None,
         noise_seed: int | None = None,
         candidates: Sequence[int] | None = None,
+        reference: Mapping[str, torch.Tensor] | None = None,
     ) -> TrainOutcome:
         """``loss``: next-token cross-entropy by default (fused as ``training.fused_loss`` says).
         ``noise_seed``: with DP-SGD, the client's secret seed of its noise (keyed further by round).
-        ``candidates``: zeroth-order steps draw each direction's seed uniformly from these (FedKSeed)."""
+        ``candidates``: zeroth-order steps draw each direction's seed uniformly from these (FedKSeed).
+        ``reference``: forward-gradient directions align with it, per adapter tensor (None: plain)."""
         cfg = self.cfg
         fused = loss is None and cfg.fused_loss and self.dp_sgd is None and plain_head(adapter.model) is not None
         if loss is None:
@@ -130,9 +137,28 @@ class LocalTrainer:
         bar = tqdm(
             total=steps, desc=f"  client {client_id}", leave=False, disable=bar_disabled(self.progress), unit="step"
         )
+        if cfg.backprop_free and (corrections or step is not None):
+            raise ValueError("training without backprop takes no corrections (FedProx, SCAFFOLD) and no DP-SGD")
+        on_step = lambda _s, value: (bar.update(1), bar.set_postfix(loss=f"{value:.3f}"))  # noqa: E731
+        if cfg.gradient == "forward":
+            result, fwd = train_forward_gradient(
+                adapter.model,
+                [adapter.params[k] for k in sorted(adapter.params)],
+                batches,
+                lr,
+                cfg.zo_eps,
+                cfg.zo_clip,
+                lambda s: (torch_seed + s) % 2**63,
+                cfg.fwd_perturbations,
+                cfg.fwd_variance,
+                cfg.fwd_candidates,
+                reference=None if reference is None else [reference[k] for k in sorted(adapter.params)],
+                on_step=on_step,
+                loss=loss,
+            )
+            bar.close()
+            return TrainOutcome(result, time.perf_counter() - start, fwd_steps=tuple(fwd))
         if cfg.gradient == "zeroth_order":
-            if corrections or step is not None:
-                raise ValueError("zeroth-order training takes no corrections (FedProx, SCAFFOLD) and no DP-SGD")
             if candidates is None:  # a fresh direction each step, a function of the round
                 choices: list[int] = []
                 seed_of = lambda s: (torch_seed + s) % 2**63  # noqa: E731
@@ -147,7 +173,7 @@ class LocalTrainer:
                 cfg.zo_eps,
                 cfg.zo_clip,
                 seed_of,
-                on_step=lambda _s, value: (bar.update(1), bar.set_postfix(loss=f"{value:.3f}")),
+                on_step=on_step,
                 loss=loss,
             )
             bar.close()
@@ -163,7 +189,7 @@ class LocalTrainer:
                 lr,
                 cfg.weight_decay,
                 cfg.max_grad_norm,
-                on_step=lambda _s, value: (bar.update(1), bar.set_postfix(loss=f"{value:.3f}")),
+                on_step=on_step,
                 optimizer=cfg.optimizer,
                 corrections=corrections,
                 loss=loss,

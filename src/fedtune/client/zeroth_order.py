@@ -29,7 +29,7 @@ from fedtune.losses import LossFn, token_loss_sum
 CHUNK = 1 << 20  # elements of z drawn at once: 4 MiB in float32, whatever the tensor's size
 
 
-def _chunks(p: torch.Tensor, seed: int, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def direction_chunks(p: torch.Tensor, seed: int, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(slice of p flattened, its z) for each chunk of tensor ``index`` under ``seed``."""
     g = rng.torch_generator(rng.ZO_DIRECTION, seed, index=index)
     flat = p.view(-1)
@@ -56,12 +56,14 @@ def direction(params: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def move_(params: Sequence[torch.Tensor], seed: int, scale: float) -> None:
-    """w <- w + scale · z(seed), in place, one chunk of z at a time."""
+def move_(params: Sequence[torch.Tensor], seed: int | Sequence[int], scale: float) -> None:
+    """w <- w + scale · z(seed), in place, one chunk of z at a time; ``seed``: one for every tensor, or
+    tensor t's own (a direction put together tensor by tensor)."""
     if scale == 0.0:
         return
+    seeds = [seed] * len(params) if isinstance(seed, int) else seed
     for t, p in enumerate(params):
-        for part, z in _chunks(p.data, seed, t):
+        for part, z in direction_chunks(p.data, seeds[t], t):
             part.add_(z, alpha=scale)
 
 
@@ -84,7 +86,7 @@ class ZoResult:
 
 @torch.no_grad()
 def projected_gradient(
-    loss_at: Callable[[], float], params: Sequence[torch.Tensor], seed: int, eps: float
+    loss_at: Callable[[], float], params: Sequence[torch.Tensor], seed: int | Sequence[int], eps: float
 ) -> tuple[float, float, float]:
     """(g, L(w + εz), L(w - εz)) with g = (L(w + εz) - L(w - εz)) / 2ε; the weights are left at w - εz
     (``step_from_minus`` finishes the step)."""

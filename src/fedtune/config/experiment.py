@@ -144,11 +144,11 @@ class ExperimentConfig(Strict):
                 "training.gradient_checkpointing does not combine with privacy.dp_sgd (Opacus's per-example hooks "
                 "would see the recomputed forward twice); remove it"
             )
-        if self.training.gradient == "zeroth_order" and (self.aggregation.scaffold or self.privacy.dp_sgd is not None):
+        if self.training.backprop_free and (self.aggregation.scaffold or self.privacy.dp_sgd is not None):
             what = "aggregation.scaffold" if self.aggregation.scaffold else "privacy.dp_sgd"
             raise ValueError(
-                f"training.gradient=zeroth_order cannot be combined with {what} (both act on a gradient that "
-                "zeroth-order steps never form)"
+                f"training.gradient={self.training.gradient} cannot be combined with {what} (both act on a "
+                "gradient that steps from forward passes never form)"
             )
         if self.evaluation.per_client and self.partition.holdout_fraction == 0:
             raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")
@@ -224,8 +224,8 @@ def refusals(caps: Capabilities, cfg: ExperimentConfig) -> list[str]:
             "gradient checkpointing (training.gradient_checkpointing)",
         ),
         (
-            not caps.zeroth_order and cfg.training.gradient == "zeroth_order",
-            "zeroth-order training (training.gradient=zeroth_order)",
+            not caps.zeroth_order and cfg.training.backprop_free,
+            f"training without backpropagation (training.gradient={cfg.training.gradient})",
         ),
         (r.name not in caps.runtimes, f"runtime.name={r.name} (it runs under {', '.join(caps.runtimes)})"),
     ]
@@ -313,8 +313,8 @@ def joint_misfit(cfg: ExperimentConfig) -> str | None:
         return f"paradigm {cfg.paradigm.name} (it trains each client on its own)"
     if cfg.privacy.dp_sgd is not None:
         return "privacy.dp_sgd (each example is clipped on its own)"
-    if cfg.training.gradient == "zeroth_order":
-        return "training.gradient=zeroth_order (each client's steps perturb its own adapter)"
+    if cfg.training.backprop_free:
+        return f"training.gradient={cfg.training.gradient} (each client's steps perturb its own adapter)"
     return cfg.adapter.joint_misfit()
 
 

@@ -25,18 +25,37 @@ class TrainingConfig(Strict):
         description="federation: schedule follows the run's global step; round: restarts each round; by_round: one "
         "rate per round, decayed over rounds at progress round / rounds (FlowerTune's per-round cosine)",
     )
-    gradient: Literal["backprop", "zeroth_order"] = Field(
+    gradient: Literal["backprop", "zeroth_order", "forward"] = Field(
         "backprop",
-        description="how a step's gradient is had: back-propagation, or zeroth_order: MeZO's estimate from two "
+        description="how a step's gradient is had: back-propagation; zeroth_order: MeZO's estimate from two "
         "forward passes along a seeded random direction, stepped by SGD with no gradient, optimizer state or "
-        "activations held (docs/algorithms/zeroth_order.md)",
+        "activations held; forward: FwdLLM's forward gradient, the mean of several such estimates a step, their "
+        "count paced by variance and their directions aligned with the round's earlier steps "
+        "(docs/algorithms/zeroth_order.md)",
     )
-    zo_eps: float = Field(1e-3, gt=0, description="zeroth_order: the perturbation's scale ε")
+    zo_eps: float = Field(1e-3, gt=0, description="zeroth_order, forward: the perturbation's scale ε")
     zo_clip: float | None = Field(
         100.0,
         gt=0,
-        description="zeroth_order: a step whose |projected gradient| is above this is skipped (null: off; the "
-        "auto update bound needs it)",
+        description="zeroth_order, forward: a perturbation whose |projected gradient| is above this is left out "
+        "(null: off; the auto update bound needs it)",
+    )
+    fwd_perturbations: int = Field(
+        8, ge=2, le=1024, description="forward: the most perturbations a step averages (two forward passes each)"
+    )
+    fwd_variance: float | None = Field(
+        None,
+        gt=0,
+        description="forward: stop adding perturbations (two at a time) once the estimate's split-half variance, "
+        "mean over values of Var(mean of even, mean of odd perturbations), is at most this (FwdLLM's pacing; "
+        "null: always fwd_perturbations)",
+    )
+    fwd_candidates: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="forward: seeded candidate directions per tensor, the one best aligned (cosine) with the "
+        "round's earlier estimates taken (1: plain Gaussian directions)",
     )
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw", description="local optimizer (fresh state every round; sgd with gradient zeroth_order)"
@@ -70,14 +89,14 @@ class TrainingConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _zeroth_order_steps_by_sgd(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("gradient") == "zeroth_order":
+        if isinstance(data, dict) and data.get("gradient") in ("zeroth_order", "forward"):
             # ZO-SGD: its update is -lr g z, nothing else held; no gradient is formed to clip
             data = {"optimizer": "sgd", "max_grad_norm": None, **data}
         return data
 
     @model_validator(mode="after")
     def _zeroth_order_fits(self) -> TrainingConfig:
-        if self.gradient != "zeroth_order":
+        if not self.backprop_free:
             return self
         problems = []
         if self.optimizer != "sgd":
@@ -93,8 +112,13 @@ class TrainingConfig(Strict):
         if self.gradient_checkpointing:
             problems.append("training.gradient_checkpointing (nothing is kept for a backward pass)")
         if problems:
-            raise ValueError("training.gradient=zeroth_order cannot be combined with " + "; ".join(problems))
+            raise ValueError(f"training.gradient={self.gradient} cannot be combined with " + "; ".join(problems))
         return self
+
+    @property
+    def backprop_free(self) -> bool:
+        """Steps from forward passes alone (zeroth_order, forward): no gradient, optimizer state or activations."""
+        return self.gradient != "backprop"
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> TrainingConfig:

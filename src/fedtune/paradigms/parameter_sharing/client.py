@@ -2,8 +2,9 @@
 
 The client's persistent state has one namespace per owner: ``held`` (the adapter it holds, with
 downlink updates), ``residual`` (the uplink's error-feedback residuals), ``scaffold`` (its
-control variate c_i), ``secagg`` (a secure round's secrets, ``secure_client``) and ``dp_sgd`` (the
-secret seed of its DP-SGD noise). Every random
+control variate c_i), ``secagg`` (a secure round's secrets, ``secure_client``), ``dp_sgd`` (the
+secret seed of its DP-SGD noise) and ``forward`` (with forward-gradient training, the adapter its last
+round started from: the global adapter's movement since then aligns its directions). Every random
 choice derives from (seed, round, client id), so a resumed run replays exactly what an
 uninterrupted one would have done.
 """
@@ -11,7 +12,7 @@ uninterrupted one would have done.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -95,8 +96,15 @@ class ParameterSharingClient:
 
     def train(self, client_id: int, req: TrainRequest, state: ClientState) -> tuple[TrainReply, ClientState]:
         start = self._start(client_id, req, state)
-        corrections, seed = start.corrections, start.noise_seed
-        out = self.trainer.train(self.adapter, client_id, req.round, self.data[client_id], corrections, noise_seed=seed)
+        corrections, seed, state = start.corrections, start.noise_seed, start.state
+        reference = None
+        if self.trainer.cfg.gradient == "forward":
+            last = state.get("forward")  # the movement since is a descent step: its negative a gradient's direction
+            reference = None if last is None else {k: last[k] - start.params[k] for k in start.params}
+            start = replace(start, state={**state, "forward": start.params})
+        out = self.trainer.train(
+            self.adapter, client_id, req.round, self.data[client_id], corrections, noise_seed=seed, reference=reference
+        )
         local = None if out.result.diverged else self.adapter.get_state()
         return self._finish(client_id, req, start, out, local)
 
