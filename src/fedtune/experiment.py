@@ -128,7 +128,10 @@ def _run(
         cfg.clients_per_round(),
         lambda: make_handler(plan, bench, clients, eval_set),
         partial(simulation_handler, cfg.model_dump(mode="json"), plan.privacy_plan),
-        (lambda: (cfg.model.name, *adapter.lendable())) if cfg.plugin().capabilities.client_base else None,
+        # a quantised base is not lent: each worker quantises its own (bitsandbytes' weights are not plain arrays)
+        (lambda: (cfg.model.name, *adapter.lendable()))
+        if cfg.plugin().capabilities.client_base and cfg.model.quantization == "none"
+        else None,
     )
 
     tasks = build_tasks(cfg.evaluation.tasks, bench.encoder)

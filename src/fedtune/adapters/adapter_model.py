@@ -27,6 +27,7 @@ from fedtune.core.errors import ConfigError
 from fedtune.core.registry import PEFT_METHODS
 from fedtune.core.types import Params
 from fedtune.models.blocks import blocks_of, layout_of
+from fedtune.models.quantised import logical_numel
 
 ADAPTER = "default"
 NATIVE_CONFIG = "fedtune_adapter.json"  # marks an exported adapter of one of our own tuners
@@ -126,9 +127,10 @@ class AdapterModel:
 
     @property
     def num_total(self) -> int:
-        """Parameters of the base model plus the active adapter's (other ranks' adapters not counted)."""
+        """Parameters of the base model plus the active adapter's (other ranks' adapters not counted; a
+        quantised weight counts the values it stands for)."""
         others = {id(p) for ps in self._by_adapter.values() if ps is not self.params for p in ps.values()}
-        return sum(p.numel() for p in self.model.parameters() if id(p) not in others)
+        return sum(logical_numel(p) for p in self.model.parameters() if id(p) not in others)
 
     def get_state(self) -> Params:
         """A detached copy of the adapter tensors, on the CPU wherever the model is."""

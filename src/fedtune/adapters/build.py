@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+from peft import prepare_model_for_kbit_training
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters.adapter_model import AdapterModel
 from fedtune.config.adapter import AdapterConfig
 from fedtune.config.model import ModelConfig
+from fedtune.core.errors import ModelLoadError
 from fedtune.models.activation_checkpointing import checkpoint_activations
 from fedtune.models.loading import load_model
 
@@ -36,7 +38,9 @@ def seeded_adapter(
     m = recipe.model
     name = model_name or m.name
     gguf = m.gguf_file if name == m.name else None
-    loaded = load_model(name, m.dtype, m.revision, gguf, m.trust_remote_code)
+    loaded = load_model(name, m.dtype, m.revision, gguf, m.trust_remote_code, m.quantization)
+    if m.quantization != "none":  # QLoRA: layer norms and the like in float32, inputs that carry gradients
+        loaded = replace(loaded, model=prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False))
     adapter = AdapterModel(
         loaded.model,
         recipe.adapter,
@@ -48,5 +52,10 @@ def seeded_adapter(
     if recipe.checkpointing:
         checkpoint_activations(loaded.model)
     if recipe.device.type != "cpu":  # the initial adapter was drawn on the CPU: the same on every device
+        if m.quantization == "int8":
+            raise ModelLoadError(
+                f"model.quantization=int8 with model.device={recipe.device}: an 8-bit base quantised on the CPU "
+                "cannot move to another device (bitsandbytes' int8 weights do not); use model.quantization=nf4"
+            )
         adapter.model.to(recipe.device)
     return adapter, loaded.tokenizer

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fedtune.data.tokenize import IGNORE
+from fedtune.models.quantised import logical_numel
 
 
 def parameter_bytes(params: Iterable[torch.Tensor]) -> int:
@@ -86,7 +87,7 @@ class FlopModel:
     @classmethod
     def of(cls, blocks: nn.ModuleList, hidden: int, vocab: int) -> FlopModel:
         macs = tuple(
-            sum(p.numel() for n, p in b.named_parameters() if p.ndim == 2 and "lora_" not in n) for b in blocks
+            sum(logical_numel(p) for n, p in b.named_parameters() if p.ndim == 2 and "lora_" not in n) for b in blocks
         )
         return cls(macs, hidden, hidden * vocab)
 

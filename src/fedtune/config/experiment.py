@@ -150,12 +150,31 @@ class ExperimentConfig(Strict):
                 f"training.gradient={self.training.gradient} cannot be combined with {what} (both act on a "
                 "gradient that steps from forward passes never form)"
             )
+        if self.model.quantization != "none":
+            self._quantised_base_fits()
         if self.evaluation.per_client and self.partition.holdout_fraction == 0:
             raise ValueError("evaluation.per_client needs partition.holdout_fraction > 0 (e.g. 0.1)")
         self._paradigm_fits()
         check_privacy_fits(self)
         check_placement_fits(self)
         return self
+
+    def _quantised_base_fits(self) -> None:
+        """ValueError naming what a quantised base (model.quantization) cannot be combined with."""
+        from fedtune.core.registry import trains_base
+
+        q, problems = self.model.quantization, []
+        if trains_base(self.adapter.method):
+            problems.append(
+                f"adapter.method={self.adapter.method} (it trains the base's own tensors, which a quantised base "
+                "stores frozen: use lora, ia3 or bottleneck)"
+            )
+        if self.privacy.dp_sgd is not None:
+            problems.append("privacy.dp_sgd (Opacus's per-example hooks do not cover bitsandbytes layers)")
+        if self.model.dtype == "float16" and q == "nf4":
+            problems.append("model.dtype=float16 (use bfloat16 or float32 as the 4-bit layers' compute dtype)")
+        if problems:
+            raise ValueError(f"model.quantization={q} cannot be combined with " + "; ".join(problems))
 
     def _paradigm_fits(self) -> None:
         """What the paradigm does not support, or keys it does not read, are errors rather than ignored."""
@@ -226,6 +245,10 @@ def refusals(caps: Capabilities, cfg: ExperimentConfig) -> list[str]:
         (
             not caps.zeroth_order and cfg.training.backprop_free,
             f"training without backpropagation (training.gradient={cfg.training.gradient})",
+        ),
+        (
+            not caps.quantised_base and cfg.model.quantization != "none",
+            f"a quantised base (model.quantization={cfg.model.quantization})",
         ),
         (r.name not in caps.runtimes, f"runtime.name={r.name} (it runs under {', '.join(caps.runtimes)})"),
     ]

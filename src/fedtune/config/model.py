@@ -17,6 +17,13 @@ class ModelConfig(Strict):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) for hub ids")
     gguf_file: str | None = Field(None, description="GGUF file name inside model.name's directory/repo")
     trust_remote_code: bool = Field(False, description="allow model code from the hub repo (only for repos you trust)")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none",
+        description="the frozen base's weights stored quantised by bitsandbytes (QLoRA): nf4 (4-bit NormalFloat, "
+        "double-quantised) or int8 (LLM.int8()); the adapter stays in model.dtype and is exported in full "
+        "precision. Needs `pip install 'fedtune[quantised]'` and a bitsandbytes backend for the device "
+        "(docs/peft.md, Quantised bases)",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",

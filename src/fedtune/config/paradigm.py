@@ -48,7 +48,8 @@ class Capabilities:
     dp_sgd: bool = False  # record-level DP-SGD in the clients (privacy.dp_sgd)
     per_client_eval: bool = False  # clients evaluate on their own held-out share (evaluation.per_client)
     gradient_checkpointing: bool = False  # training.gradient_checkpointing
-    zeroth_order: bool = False  # its clients may train by zeroth-order steps (training.gradient=zeroth_order)
+    zeroth_order: bool = False  # its clients may train without backprop (training.gradient=zeroth_order|forward)
+    quantised_base: bool = False  # its model may load with a quantised base (model.quantization)
     continues_mid_round: bool = False  # its requests may continue a round (``continues``, wire/protocol.py)
     client_base: bool = True  # a client process loads the base model (False: it gets its model in messages)
 

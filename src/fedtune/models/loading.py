@@ -11,6 +11,7 @@ Anything else is a local directory, a local ``.gguf`` file, or a hub id passed t
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -33,6 +34,7 @@ from transformers import (
 )
 
 from fedtune.core.errors import ModelLoadError
+from fedtune.models import quantised
 from fedtune.models.shared import lent
 from fedtune.models.tiny import build_tiny_llama
 
@@ -87,15 +89,27 @@ def load_model(
     revision: str | None = None,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    quantization: str = "none",
 ) -> LoadedModel:
-    """Load model and tokenizer; every failure becomes a ModelLoadError that says what to do."""
+    """Load model and tokenizer; every failure becomes a ModelLoadError that says what to do.
+    ``quantization``: nf4 or int8 stores the base's linear layers quantised by bitsandbytes (``models.quantised``),
+    on the CPU (``seeded_adapter`` moves the model where it runs)."""
     where, gguf = resolve_model_dir(name, gguf_file)
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
+    if quantization != "none":
+        if gguf:
+            where = str(_gguf_as_safetensors(where, gguf))  # bitsandbytes quantises weights it reads unpacked
+            del kwargs["gguf_file"]
+        quantised.check_support(quantization, torch.device("cpu"), _DTYPES[dtype])
+        if quantization == "int8":
+            quantised.quiet_int8()
+        kwargs["quantization_config"] = quantised.bnb_config(quantization, _DTYPES[dtype])
+        kwargs["device_map"] = {"": "cpu"}
     local = Path(where).is_dir()
     try:
-        if (tensors := lent(name)) is not None:  # a worker whose base weights another process lends it
+        if quantization == "none" and (tensors := lent(name)) is not None:  # weights another process lends it
             tokenizer, model = _over_lent(where, dtype, tensors, **kwargs)
             model.config.use_cache = False
             return LoadedModel(model=model, tokenizer=tokenizer, path=where, source=name)
@@ -227,17 +241,27 @@ def bundled_gguf() -> Path:
 
 def ensure_smollm2() -> Path:
     """Convert the bundled GGUF to a safetensors model directory once; return that directory."""
+    gguf = bundled_gguf()
     target = cache_dir() / "models" / "smollm2-135m-instruct"
+    return _gguf_as_safetensors(str(gguf.parent), gguf.name, target, hub_id=SMOLLM2_HF_ID)
+
+
+def _gguf_as_safetensors(where: str, gguf_file: str, target: Path | None = None, hub_id: str | None = None) -> Path:
+    """A GGUF model dequantised once into a float32 safetensors directory under the cache (``target``, by
+    default named after the file's path; ``hub_id``: the model it came from); return that directory."""
+    if target is None:
+        key = hashlib.sha256(str(Path(where, gguf_file).resolve()).encode()).hexdigest()[:16]
+        target = cache_dir() / "models" / f"gguf-{Path(gguf_file).stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    gguf = bundled_gguf()
-    log.info("converting bundled %s to safetensors under %s (once)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    log.info("converting %s to safetensors under %s (once)", gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are dequantised; the copy is a plain fp32 model
-    config.name_or_path = SMOLLM2_HF_ID
+    if hub_id is not None:
+        config.name_or_path = hub_id
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), assign=True)

@@ -21,6 +21,7 @@ PARADIGM = Paradigm(
         per_client_eval=True,
         gradient_checkpointing=True,
         zeroth_order=True,
+        quantised_base=True,
         continues_mid_round=True,  # secure aggregation's exchanges go on from what the round's training left
     ),
     setup="fedtune.paradigms.parameter_sharing.setup",
