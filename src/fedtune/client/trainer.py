@@ -115,10 +115,12 @@ class LocalTrainer:
         noise_seed: int | None = None,
         candidates: Sequence[int] | None = None,
         reference: Mapping[str, torch.Tensor] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> TrainOutcome:
         """``loss``: next-token cross-entropy by default (fused as ``training.fused_loss`` says).
         ``noise_seed``: with DP-SGD, the client's secret seed of its noise (keyed further by round).
-        ``candidates``: zeroth-order steps draw each direction's seed uniformly from these (FedKSeed).
+        ``candidates``: zeroth-order steps draw each direction's seed from these (FedKSeed), uniformly or with
+        probabilities ``weights`` (FedKSeed-Pro).
         ``reference``: forward-gradient directions align with it, per adapter tensor (None: plain)."""
         cfg = self.cfg
         fused = loss is None and cfg.fused_loss and self.dp_sgd is None and plain_head(adapter.model) is not None
@@ -163,7 +165,11 @@ class LocalTrainer:
                 choices: list[int] = []
                 seed_of = lambda s: (torch_seed + s) % 2**63  # noqa: E731
             else:
-                choices = np.random.default_rng([torch_seed, 0x2D]).integers(0, len(candidates), len(batches)).tolist()
+                draws = np.random.default_rng([torch_seed, 0x2D])
+                if weights is None:
+                    choices = draws.integers(0, len(candidates), len(batches)).tolist()
+                else:
+                    choices = draws.choice(len(candidates), size=len(batches), p=np.asarray(weights)).tolist()
                 seed_of = lambda s: candidates[choices[s]]  # noqa: E731
             trained = train_zeroth_order(
                 adapter.model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from pathlib import Path
 
@@ -222,3 +223,35 @@ def test_a_client_behind_again_after_it_was_sent_every_step_is_dropped(tmp_path)
     assert ex.messages[0].since == 0
     with pytest.raises(BadReply, match="still cannot train"):
         ex.read(0, behind)
+
+
+# ---- FedKSeed-Pro: candidates sampled by the size of their past amounts
+
+
+def test_importance_is_the_softmax_of_min_max_scaled_mean_amplitudes():
+    from fedtune.paradigms.fedkseed.steps import Amplitudes
+
+    amps = Amplitudes(4)
+    amps.add(torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0.5, -2.0]))  # round 1
+    amps.add(torch.tensor([2, 3], dtype=torch.int32), torch.tensor([1.0, 0.3]))  # round 2
+    psi = torch.tensor([0.5 / 2, 0.0, 3.0 / 3, 0.3 / 2], dtype=torch.float64)  # a 0 counted first for each
+    expected = torch.softmax((psi - psi.min()) / (psi.max() - psi.min()), 0)
+    assert torch.allclose(torch.from_numpy(amps.probabilities()), expected, atol=1e-9)
+    assert amps.probabilities()[2] / amps.probabilities()[1] == pytest.approx(math.e, rel=1e-6)  # at most e apart
+    assert torch.allclose(torch.from_numpy(Amplitudes(3).probabilities()), torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_fedkseed_pro_draws_candidates_by_importance_from_the_steps_it_replayed(tmp_path):
+    rows = _run(tmp_path, "pro", "paradigm.sampling=importance", "paradigm.candidates=8", "federation.rounds=3")
+    assert all(r["dropped"] == {} for r in rows[1:]) and rows[-1]["eval_loss"] != rows[0]["eval_loss"]
+    # the client's choices follow the weights it is given: all mass on one candidate, every step takes it
+    from fedtune.assembly import build_client_data, build_workbench, plan_of
+    from fedtune.client.trainer import LocalTrainer
+    from fedtune.data.prepare import prepare_federated_data
+
+    cfg = load_config("examples/tiny.yaml", [*TINY_OVERRIDES, *KSEED, f"output.dir={tmp_path}"])
+    bench = build_workbench(cfg, plan_of(cfg), announce=False)
+    data = build_client_data(prepare_federated_data(cfg.data, cfg.partition, cfg.split_seed()), bench.encoder, cfg)
+    trainer = LocalTrainer(cfg.training, 3, cfg.seed, bench.tokenizer.pad_token_id)
+    out = trainer.train(bench.adapter, 0, 1, data[0], candidates=[11, 12, 13], weights=[0.0, 1.0, 0.0])
+    assert out.zo_choices == (1,) * 6 and {s.seed for s in out.zo_steps} == {12}

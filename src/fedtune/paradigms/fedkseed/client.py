@@ -23,7 +23,7 @@ from fedtune.client.trainer import LocalTrainer
 from fedtune.client.zeroth_order import replay_
 from fedtune.core.types import ClientState, Params
 from fedtune.paradigms.fedkseed.messages import KSeedReply, KSeedRequest
-from fedtune.paradigms.fedkseed.steps import digest, ordered, pairs
+from fedtune.paradigms.fedkseed.steps import Amplitudes, digest, ordered, pairs
 
 
 class FedKSeedClient:
@@ -36,10 +36,18 @@ class FedKSeedClient:
         trainer: LocalTrainer,
         initial: Params,
         candidates: list[int],
+        importance: bool = False,
     ):
+        """``importance``: FedKSeed-Pro's sampling of candidates (``steps.Amplitudes``) instead of uniform."""
         self.adapter, self.data, self.trainer, self.candidates = adapter, data, trainer, candidates
+        self.importance = importance
         self.initial = {k: v.detach().clone() for k, v in initial.items()}
+        self._restart()
+
+    def _restart(self) -> None:
+        """Hold the initial weights again (round 0), with no steps counted."""
         self.held_round, self.held = 0, {k: v.clone() for k, v in self.initial.items()}  # this process's
+        self.amplitudes = Amplitudes(len(self.candidates))  # of the steps replayed into ``held``
 
     def serve(self, client_id: int, request: Any, state: ClientState) -> tuple[KSeedReply, ClientState]:
         if not isinstance(request, KSeedRequest):
@@ -63,16 +71,17 @@ class FedKSeedClient:
             return "a step's candidate index is out of range"
         skip = sum(counts[: self.held_round - req.since])  # steps of rounds this process applied already
         replay_(ordered(self.held), pairs(req.index[skip:], req.amount[skip:], self.candidates))
+        self.amplitudes.add(req.index[skip:], req.amount[skip:])
         self.held_round = req.round - 1
         if digest(self.held) != req.digest:
-            self.held_round, self.held = 0, {k: v.clone() for k, v in self.initial.items()}
+            self._restart()
             return "the weights rebuilt from the steps differ from the server's (digest mismatch)"
         return None
 
     def train(self, client_id: int, req: KSeedRequest) -> KSeedReply:
         if not req.since <= self.held_round <= req.round - 1:
             if self.held_round > req.round - 1:  # a later round than asked for: start again from the beginning
-                self.held_round, self.held = 0, {k: v.clone() for k, v in self.initial.items()}
+                self._restart()
             if self.held_round < req.since:
                 return KSeedReply(req.round, status="behind", holds=self.held_round)
         error = self._catch_up(req)
@@ -80,7 +89,8 @@ class FedKSeedClient:
             return KSeedReply(req.round, status="diverged", error=error)
         self.adapter.set_state(self.held)
         data = self.data[client_id]
-        out = self.trainer.train(self.adapter, client_id, req.round, data, candidates=self.candidates)
+        weights = self.amplitudes.probabilities() if self.importance else None
+        out = self.trainer.train(self.adapter, client_id, req.round, data, candidates=self.candidates, weights=weights)
         if out.result.diverged:
             return KSeedReply(req.round, status="diverged", error=out.result.error)
         amounts: dict[int, float] = defaultdict(float)

@@ -5,7 +5,7 @@ docs/algorithms/zeroth_order.md has the formulas.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
@@ -23,6 +23,12 @@ class FedKSeedConfig(ParadigmConfig):
 
     candidates: int = Field(
         4096, ge=1, le=2**20, description="K: the seeds a step's direction is chosen from (FedKSeed's 4096)"
+    )
+    sampling: Literal["uniform", "importance"] = Field(
+        "uniform",
+        description="how a step picks its candidate: uniform (FedKSeed), or importance (FedKSeed-Pro: in proportion "
+        "to softmax of each candidate's min-max-scaled mean |amount| over the global steps so far, which every "
+        "client works out from the steps it replays: no extra bytes)",
     )
 
 

@@ -30,4 +30,5 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
 def client(plan: ParadigmPlan, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None):
     s: FedKSeedConfig = plan.settings  # type: ignore[assignment]
     trainer = LocalTrainer(plan.training, plan.rounds, plan.seed, bench.tokenizer.pad_token_id, plan.progress)
-    return FedKSeedClient(bench.adapter, data, trainer, bench.initial, candidate_seeds(plan.seed, s.candidates))
+    seeds = candidate_seeds(plan.seed, s.candidates)
+    return FedKSeedClient(bench.adapter, data, trainer, bench.initial, seeds, importance=s.sampling == "importance")
