@@ -84,3 +84,22 @@ def test_a_quantised_base_is_refused_where_it_cannot_apply(tmp_path):
     assert code != 0 and "a quantised base (model.quantization=nf4)" in out
     code, out = run_tiny(tmp_path, "model.quantization=int8", "privacy.dp_sgd.noise_multiplier=1.0")
     assert code != 0 and "privacy.dp_sgd" in out
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_bnb
+@needs_gpu
+def test_on_a_gpu_an_nf4_base_trains_from_the_same_initial_adapter_and_int8_is_refused(tmp_path):
+    code, out = run_tiny(tmp_path, "model.quantization=nf4", "model.device=cuda", "training.lr=5e-3", name="gpu")
+    assert code == 0, out
+    metrics = read_metrics(tmp_path / "gpu")
+    assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"] and all(m["dropped"] == {} for m in metrics[1:])
+    first = load_file(sorted((tmp_path / "gpu" / "checkpoints").glob("round_*"))[0] / "params.safetensors")
+    code, out = run_tiny(tmp_path, "model.quantization=nf4", "model.device=cpu", "federation.rounds=1", name="cpu")
+    assert code == 0, out
+    on_cpu = load_file(sorted((tmp_path / "cpu" / "checkpoints").glob("round_*"))[0] / "params.safetensors")
+    assert all(torch.equal(first[k], on_cpu[k]) for k in on_cpu)  # round 0: the seeded initial adapter
+    code, out = run_tiny(tmp_path, "model.quantization=int8", "model.device=cuda", name="int8")
+    assert code != 0 and "use model.quantization=nf4" in out

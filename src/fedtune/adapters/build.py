@@ -55,7 +55,8 @@ def seeded_adapter(
         if m.quantization == "int8":
             raise ModelLoadError(
                 f"model.quantization=int8 with model.device={recipe.device}: an 8-bit base quantised on the CPU "
-                "cannot move to another device (bitsandbytes' int8 weights do not); use model.quantization=nf4"
+                "cannot move to another device (bitsandbytes' int8 weights do not); use model.quantization=nf4, or "
+                "model.device=cpu"
             )
         adapter.model.to(recipe.device)
     return adapter, loaded.tokenizer
