@@ -98,6 +98,7 @@ def load_model(
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
+    only_model: dict = {}  # what the model's from_pretrained takes and the tokenizer's must not
     if quantization != "none":
         if gguf:
             where = str(_gguf_as_safetensors(where, gguf))  # bitsandbytes quantises weights it reads unpacked
@@ -105,8 +106,8 @@ def load_model(
         quantised.check_support(quantization, torch.device("cpu"), _DTYPES[dtype])
         if quantization == "int8":
             quantised.quiet_int8()
-        kwargs["quantization_config"] = quantised.bnb_config(quantization, _DTYPES[dtype])
-        kwargs["device_map"] = {"": "cpu"}
+        config = quantised.bnb_config(quantization, _DTYPES[dtype])
+        only_model = {"quantization_config": config, "device_map": {"": "cpu"}}
     local = Path(where).is_dir()
     try:
         if quantization == "none" and (tensors := lent(name)) is not None:  # weights another process lends it
@@ -114,11 +115,11 @@ def load_model(
             model.config.use_cache = False
             return LoadedModel(model=model, tokenizer=tokenizer, path=where, source=name)
         try:  # a local dir, or a hub id already in the HF cache: no network needed
-            tokenizer, model = _from_pretrained(where, dtype, local_files_only=True, **kwargs)
+            tokenizer, model = _from_pretrained(where, dtype, only_model, local_files_only=True, **kwargs)
         except OSError:
             if local or not hub_reachable():
                 raise
-            tokenizer, model = _from_pretrained(where, dtype, **kwargs)
+            tokenizer, model = _from_pretrained(where, dtype, only_model, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
         hint = (
             f"the directory {where!r} exists but does not hold a loadable causal LM "
@@ -182,9 +183,11 @@ def load_config(
     return config
 
 
-def _from_pretrained(where: str, dtype: str, **kwargs) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def _from_pretrained(
+    where: str, dtype: str, only_model: dict, **kwargs
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype], **kwargs, **only_model)
     return tokenizer, model
 
 
