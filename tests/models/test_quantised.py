@@ -103,3 +103,30 @@ def test_on_a_gpu_an_nf4_base_trains_from_the_same_initial_adapter_and_int8_is_r
     assert all(torch.equal(first[k], on_cpu[k]) for k in on_cpu)  # round 0: the seeded initial adapter
     code, out = run_tiny(tmp_path, "model.quantization=int8", "model.device=cuda", name="int8")
     assert code != 0 and "use model.quantization=nf4" in out
+
+
+@needs_bnb
+def test_a_gguf_base_is_quantised_from_a_safetensors_copy_made_once(tmp_path, monkeypatch):
+    from fedtune.models import loading
+    from fedtune.models.gguf_export import write_gguf
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    plain = load_model("tiny-llama")
+    path = write_gguf(plain.model, plain.tokenizer, tmp_path / "gguf" / "tiny.gguf")
+
+    class ByteTokenizer:  # transformers reads no tokenizer from a byte-level GGUF: the tiny model's own stands in
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return plain.tokenizer
+
+    monkeypatch.setattr(loading, "AutoTokenizer", ByteTokenizer)
+    q = load_model(str(path), quantization="nf4")
+    assert type(q.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    copies = list((tmp_path / "cache" / "models").glob("gguf-tiny-*"))
+    assert len(copies) == 1 and (copies[0] / "config.json").is_file() and q.path == str(copies[0])
+    ids = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = plain.model(input_ids=ids).logits, q.model(input_ids=ids).logits
+    assert float((a - b).abs().max()) < 0.25 * float(a.abs().max())
+    load_model(str(path), quantization="nf4")  # the copy is reused, not made again
+    assert list((tmp_path / "cache" / "models").glob("gguf-tiny-*")) == copies
