@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers.cli import cli, read_metrics, run_tiny
 
 
@@ -25,6 +27,10 @@ def test_zeroth_order_clients_train_federated_and_hold_no_training_state(tmp_pat
     zo_fed = sum(r["train_tokens"] for r in read_metrics(tmp_path / "zo")[1:])
     fwd_fed = sum(r["train_tokens"] for r in read_metrics(tmp_path / "fwd")[1:])
     assert fwd_fed == 2 * zo_fed
+    # analytic FLOPs of the forward passes run: twice as many passes, twice the FLOPs
+    zo_flops = sum(r["client_flops"] for r in read_metrics(tmp_path / "zo")[1:])
+    fwd_flops = sum(r["client_flops"] for r in read_metrics(tmp_path / "fwd")[1:])
+    assert zo_flops > 0 and fwd_flops == pytest.approx(2 * zo_flops, rel=1e-9)
 
 
 def test_zeroth_order_is_refused_where_it_cannot_apply(tmp_path):

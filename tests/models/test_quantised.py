@@ -130,3 +130,14 @@ def test_a_gguf_base_is_quantised_from_a_safetensors_copy_made_once(tmp_path, mo
     assert float((a - b).abs().max()) < 0.25 * float(a.abs().max())
     load_model(str(path), quantization="nf4")  # the copy is reused, not made again
     assert list((tmp_path / "cache" / "models").glob("gguf-tiny-*")) == copies
+
+
+@needs_bnb
+def test_releasing_the_checkpoint_keeps_values_and_tied_weights():
+    q = load_model("tiny-llama", quantization="nf4").model  # load_model releases the file already
+    before = {n: p.detach().clone() for n, p in q.named_parameters() if not type(p).__module__.startswith("bitsan")}
+    tied = q.lm_head.weight is q.model.embed_tokens.weight
+    quantised.release_file(q)
+    after = dict(q.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in before.items())
+    assert (q.lm_head.weight is q.model.embed_tokens.weight) == tied

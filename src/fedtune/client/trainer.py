@@ -93,6 +93,15 @@ class LocalTrainer:
         cost = self._cost_of[1]
         return replace(cost, head_at_targets=True) if cost is not None and fused else cost
 
+    def _forward_flops(
+        self, adapter: AdapterModel, fused: bool, result: LocalResult, passes: Sequence[tuple[dict, int]]
+    ) -> LocalResult:
+        """``result`` with the analytic FLOPs of its forward passes: (batch, passes on it) per step run."""
+        cost = self._cost(adapter, fused)
+        if cost is None:
+            return result
+        return replace(result, flops=float(sum(n * cost.inference(b) for b, n in passes)))
+
     def _round(
         self, client_id: int, round_index: int, data: ClientData, poisson: bool = False
     ) -> tuple[int, list[dict[str, torch.Tensor]], int, Callable[[int], float]]:
@@ -159,6 +168,8 @@ class LocalTrainer:
                 loss=loss,
             )
             bar.close()
+            ran = [(b, 2 * (f.perturbations + f.clipped)) for b, f in zip(batches, fwd, strict=False)]  # steps run
+            result = self._forward_flops(adapter, fused, result, ran)
             return TrainOutcome(result, time.perf_counter() - start, fwd_steps=tuple(fwd))
         if cfg.gradient == "zeroth_order":
             if candidates is None:  # a fresh direction each step, a function of the round
@@ -184,7 +195,8 @@ class LocalTrainer:
             )
             bar.close()
             n = len(trained.steps)
-            return TrainOutcome(trained.result, time.perf_counter() - start, tuple(trained.steps), tuple(choices[:n]))
+            result = self._forward_flops(adapter, fused, trained.result, [(b, 2) for b in batches[:n]])
+            return TrainOutcome(result, time.perf_counter() - start, tuple(trained.steps), tuple(choices[:n]))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)  # dropout and any other torch randomness of this round
             result = train_locally(

@@ -135,6 +135,8 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
+    if quantization != "none":
+        quantised.release_file(model)
     return LoadedModel(model=model, tokenizer=tokenizer, path=where, source=name)
 
 

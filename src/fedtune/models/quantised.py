@@ -11,6 +11,9 @@ backward before the model loads (``check_support``): its CPU backend runs both k
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib.metadata
 import warnings
 
@@ -73,6 +76,21 @@ def check_support(kind: str, device: torch.device, compute_dtype: torch.dtype) -
             f"model.quantization={kind}: bitsandbytes {version} cannot run {kind} layers on {device} here "
             f"({type(exc).__name__}: {exc}). {_INSTEAD}."
         ) from exc
+
+
+def release_file(model: torch.nn.Module) -> None:
+    """Give ``model``'s unquantised parameters (embeddings, norms, head) memory of their own and hand freed heap
+    back: loaded as views of the memory-mapped checkpoint they keep the whole file mapped, and every weight
+    page quantisation read stays resident (on the bundled model 0.5 GB of a 1.3 GB process)."""
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen or type(p).__module__.startswith("bitsandbytes"):
+            continue
+        seen.add(id(p))  # a tied weight is one Parameter: cloned once, still tied
+        p.data = p.data.clone()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc: return the heap quantisation freed
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def is_quantised(model: torch.nn.Module) -> bool:

@@ -156,7 +156,7 @@ class FedKSeed:
             else float("nan"),
             "steps": sum(rep.steps for rep in ok.values()),
             "kseed_indices": int(index.numel()),
-            "local_train_s": max((rep.local_train_s for rep in ok.values()), default=0.0),
+            "local_train_s": sum(rep.local_train_s for rep in ok.values()),  # summed, as every paradigm reports
             **cost_metrics(
                 [rep.peak_bytes for rep in ok.values()], [0.0] * len(ok), [rep.trained_tokens for rep in ok.values()]
             ),
