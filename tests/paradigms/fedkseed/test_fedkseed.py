@@ -36,6 +36,7 @@ def test_a_round_costs_bytes_not_weights_and_the_global_weights_are_the_replayed
         assert rec["dropped"] == {} and "kseed_caught_up" not in rec
         per_client = (rec["bytes_up"] + rec["bytes_down"]) / len(rec["clients"])
         assert per_client < 2_000  # six steps: a few hundred bytes each way (FedKSeed's budget: 18 KB)
+        assert rec["client_flops"] > 0  # the forward passes' analytic FLOPs, reported and checked
     assert rows[-1]["eval_loss"] != rows[0]["eval_loss"]
     # the final adapter is the initial one moved by the checkpointed steps, replayed: nothing else moved it
     run = tmp_path / "ks" / "checkpoints"
@@ -150,6 +151,8 @@ GOOD = {
         ({"status": "behind", "holds": 9}, "holds round"),
         ({"status": "diverged", "error": "boom"}, "boom"),
         ({"peak_bytes": -1}, "peak_bytes"),
+        ({"flops": float("nan")}, "flops"),
+        ({"flops": 1e30}, "flops"),
     ],
 )
 def test_a_reply_that_is_not_what_an_honest_client_sends_drops_it_with_the_reason(tmp_path, change, reason):

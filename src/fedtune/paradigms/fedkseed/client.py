@@ -108,5 +108,6 @@ class FedKSeedClient:
             train_loss=out.result.mean_loss,
             local_train_s=out.result.train_s,
             peak_bytes=self.trainer.held_bytes(self.adapter) + out.result.peak_activation_bytes,
+            flops=out.result.flops,
             trained_tokens=out.result.input_tokens,
         )

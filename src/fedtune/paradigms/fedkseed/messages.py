@@ -46,6 +46,7 @@ class KSeedReply:
     train_loss: float = 0.0
     local_train_s: float = 0.0
     peak_bytes: int = 0
+    flops: float = 0.0  # analytic FLOPs of its round's forward passes (client.cost)
     trained_tokens: int = 0
     status: Literal["ok", "behind", "diverged"] = "ok"
     holds: int = 0  # behind: the round whose global weights it holds

@@ -111,7 +111,7 @@ class FedKSeed:
             check_numbers(train_loss=reply.train_loss, local_train_s=reply.local_train_s, steps=reply.steps)
             if reply.steps > most_steps:
                 raise BadReply(f"steps={reply.steps} exceeds the {most_steps} a round has")
-            check_cost(reply.peak_bytes, 0.0, reply.trained_tokens)
+            check_cost(reply.peak_bytes, reply.flops, reply.trained_tokens)
             who = f"client {client_id}"
             weight[client_id] = weight_or_drop(reply.num_examples, reply.num_tokens, s.weighting, s.weight_cap, who)
             return reply
@@ -158,7 +158,9 @@ class FedKSeed:
             "kseed_indices": int(index.numel()),
             "local_train_s": sum(rep.local_train_s for rep in ok.values()),  # summed, as every paradigm reports
             **cost_metrics(
-                [rep.peak_bytes for rep in ok.values()], [0.0] * len(ok), [rep.trained_tokens for rep in ok.values()]
+                [rep.peak_bytes for rep in ok.values()],
+                [rep.flops for rep in ok.values()],
+                [rep.trained_tokens for rep in ok.values()],
             ),
         }
         if behind:
