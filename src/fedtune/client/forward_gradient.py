@@ -130,13 +130,14 @@ def train_forward_gradient(
     model.eval()  # no dropout: the two losses must differ by the direction alone
     n_values = sum(p.numel() for p in params)
     cap = None if clip is None else clip * (math.sqrt(n_values) + 10)
-    reference = None if reference is None else [r.detach().float().cpu() for r in reference]
+    if reference is not None:  # float32, where each parameter is
+        reference = [r.detach().to(p.device, torch.float32) for r, p in zip(reference, params, strict=True)]
     log: list[FwdStep] = []
     loss_total, loss_tokens, tokens_total, lr_sum, fed = 0.0, 0, 0, 0.0, 0
     for step, batch in enumerate(batches):
         lr, seed = lr_at(step), seed_of(step)
         n = target_count([batch])
-        halves = [[torch.zeros(p.shape, dtype=torch.float32) for p in params] for _ in range(2)]
+        halves = [[torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] for _ in range(2)]
         counts, clipped, var = [0, 0], 0, math.nan
         for i in range(most):
             seeds = _aligned_seeds(params, reference, seed, i, candidates)
