@@ -84,7 +84,7 @@ def release_file(model: torch.nn.Module) -> None:
     page quantisation read stays resident (on the bundled model 0.5 GB of a 1.3 GB process)."""
     seen: set[int] = set()
     for p in model.parameters():
-        if id(p) in seen or type(p).__module__.startswith("bitsandbytes"):
+        if id(p) in seen or from_bitsandbytes(p):
             continue
         seen.add(id(p))  # a tied weight is one Parameter: cloned once, still tied
         p.data = p.data.clone()
@@ -93,9 +93,9 @@ def release_file(model: torch.nn.Module) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def is_quantised(model: torch.nn.Module) -> bool:
-    """Whether any of ``model``'s linear layers is a bitsandbytes one."""
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+def from_bitsandbytes(obj: object) -> bool:
+    """Whether ``obj`` (a parameter or a module) is one of bitsandbytes' own types (a quantised weight or layer)."""
+    return type(obj).__module__.startswith("bitsandbytes")
 
 
 def logical_numel(p: torch.Tensor) -> int:
