@@ -151,10 +151,11 @@ class LocalTrainer:
         if cfg.backprop_free and (corrections or step is not None):
             raise ValueError("training without backprop takes no corrections (FedProx, SCAFFOLD) and no DP-SGD")
         on_step = lambda _s, value: (bar.update(1), bar.set_postfix(loss=f"{value:.3f}"))  # noqa: E731
+        names = sorted(adapter.params)  # the order directions are drawn in, tensor by tensor
         if cfg.gradient == "forward":
             result, fwd = train_forward_gradient(
                 adapter.model,
-                [adapter.params[k] for k in sorted(adapter.params)],
+                [adapter.params[k] for k in names],
                 batches,
                 lr,
                 cfg.zo_eps,
@@ -163,7 +164,7 @@ class LocalTrainer:
                 cfg.fwd_perturbations,
                 cfg.fwd_variance,
                 cfg.fwd_candidates,
-                reference=None if reference is None else [reference[k] for k in sorted(adapter.params)],
+                reference=None if reference is None else [reference[k] for k in names],
                 on_step=on_step,
                 loss=loss,
             )
@@ -184,7 +185,7 @@ class LocalTrainer:
                 seed_of = lambda s: candidates[choices[s]]  # noqa: E731
             trained = train_zeroth_order(
                 adapter.model,
-                [adapter.params[k] for k in sorted(adapter.params)],  # the order directions are drawn in
+                [adapter.params[k] for k in names],
                 batches,
                 lr,
                 cfg.zo_eps,
