@@ -29,6 +29,12 @@ MEASURES: dict[str, str] = {  # name -> what it is (comparison.json and the tabl
     "server_s_per_round": "a round's seconds outside the clients' compute",
     "epsilon": "client-level DP: the accountant's epsilon at privacy.delta after the last round",
     "final_emulator_gap": "offsite: the emulator + adapter's eval loss minus the plug-in's, after the last round",
+    "final_client_eval_loss": "evaluation.per_client: the global model's loss on each client's own held-out share, "
+    "averaged over clients, after the last round",
+    "final_personal_eval_loss": "personalised: each client's personalised model's loss on its own held-out share, "
+    "averaged over clients, after the last round",
+    "final_personal_gain": "personalised: final_client_eval_loss minus final_personal_eval_loss in the same run "
+    "(positive: the personalised models do better on their clients' shares)",
 }
 
 
@@ -41,6 +47,13 @@ def _clients_s(record: dict[str, Any]) -> float:
     """The round's seconds in the clients' hands; runs recorded before clients_s existed served clients in
     turn, where their summed training time stood for it."""
     return record["clients_s"] if "clients_s" in record else record.get("local_train_s", 0.0)
+
+
+def _gain(record: dict[str, Any]) -> float | None:
+    """How much lower the personalised models' loss is than the global model's, on the clients' own shares."""
+    if record.get("client_eval_loss_mean") is None or record.get("personal_eval_loss_mean") is None:
+        return None
+    return record["client_eval_loss_mean"] - record["personal_eval_loss_mean"]
 
 
 def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: float | None) -> dict[str, Any]:
@@ -73,6 +86,9 @@ def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: f
         "server_s_per_round": statistics.fmean(max(0.0, r["train_s"] - _clients_s(r)) for r in trained),
         "epsilon": next((r["dp_epsilon"] for r in reversed(history) if "dp_epsilon" in r), None),
         "final_emulator_gap": last.get("emulator_gap"),
+        "final_client_eval_loss": last.get("client_eval_loss_mean"),
+        "final_personal_eval_loss": last.get("personal_eval_loss_mean"),
+        "final_personal_gain": _gain(last),
     }
     scored = [r for r in evals if benchmark_metrics(r)]  # evaluation.tasks: final_{task}_{metric}
     measures |= {f"final_{k}": v for k, v in benchmark_metrics(scored[-1]).items()} if scored else {}

@@ -28,6 +28,9 @@ COLUMNS: dict[str, tuple[str, str, float]] = {
     "server_s_per_round": ("server s / round", ".2f", 1.0),
     "epsilon": ("epsilon", ".2f", 1.0),
     "final_emulator_gap": ("emulator gap", ".3f", 1.0),
+    "final_client_eval_loss": ("clients' shares: global loss", ".3f", 1.0),
+    "final_personal_eval_loss": ("clients' shares: personal loss", ".3f", 1.0),
+    "final_personal_gain": ("personal gain", ".3f", 1.0),
 }
 RANKED = {"final_eval_loss": True, "final_accuracy": False}  # measure -> lower is better
 

@@ -110,6 +110,7 @@ PARADIGMS = Registry(
         Entry("split", "", "fedtune.paradigms.split:PARADIGM"),
         Entry("offsite", "", "fedtune.paradigms.offsite:PARADIGM"),
         Entry("fedkseed", "", "fedtune.paradigms.fedkseed:PARADIGM"),
+        Entry("personalised", "", "fedtune.paradigms.personalised:PARADIGM"),
     ],
     external=True,
 )

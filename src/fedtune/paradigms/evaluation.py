@@ -76,7 +76,8 @@ def read_eval_reply(round_index: int) -> Callable[[int, EvalReply], dict[str, fl
     return read
 
 
-def eval_exchange(messages: dict[int, EvalRequest], round_index: int) -> Exchange:
+def eval_exchange(messages: dict[int, Any], round_index: int) -> Exchange:
+    """One evaluation request to each client (``EvalRequest``, or a paradigm's own), each read as an ``EvalReply``."""
     return Exchange("eval", messages, EvalReply, read_eval_reply(round_index), max_wire_bytes(0, 0))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedtune.adapters.routed_lora import RoutedLoRA
 from fedtune.aggregation import build_aggregator
@@ -106,11 +106,19 @@ def _secure_aggregation(plan: ParadigmPlan, aggregator: Aggregator) -> SecureAgg
     return SecureAggregation(sec.threshold, fp, c, z * c if distributed else 0.0, noise_seed)
 
 
-def client(plan: ParadigmPlan, bench: Workbench, data: dict[int, ClientData], eval_set: EvalSet | None = None):
+def client(
+    plan: ParadigmPlan,
+    bench: Workbench,
+    data: dict[int, ClientData],
+    eval_set: EvalSet | None = None,
+    kind: type[ParameterSharingClient] = ParameterSharingClient,
+    **extra: Any,
+) -> ParameterSharingClient:
+    """The training client; ``kind`` and ``extra``: a paradigm that extends it builds its own subclass."""
     trainer = LocalTrainer(
         plan.training, plan.rounds, plan.seed, bench.tokenizer.pad_token_id, plan.progress, plan.privacy.dp_sgd
     )
-    return ParameterSharingClient(
+    return kind(
         bench.adapter,
         bench.tokenizer,
         data,
@@ -124,6 +132,7 @@ def client(plan: ParadigmPlan, bench: Workbench, data: dict[int, ClientData], ev
         eval_set,
         plan.privacy.noise_seed,
         _joint_routing(plan, bench),
+        **extra,
     )
 
 
