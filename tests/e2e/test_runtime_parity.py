@@ -90,6 +90,23 @@ def _fedkseed(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
             assert r["dropped"] == {} and r["bytes_up"] + r["bytes_down"] < 1_000 * len(r["clients"]), (name, r)
 
 
+def _personalised(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
+    """Every deployed client's personal block, on its own disk, is the one the simulation kept for it; both
+    models were evaluated on every client's held-out share, with the same figures."""
+    from fedtune.core.types import unflatten_state
+
+    last = sorted((runs["in_process"] / "checkpoints").glob("round_*"))[-1]
+    simulated: dict[int, dict] = {}
+    for name, t in load_file(last / "clients.safetensors").items():
+        cid, _, key = name.partition("|")
+        simulated.setdefault(int(cid), {})[key] = t
+    for c in range(3):
+        own, ref = _deployed_state(tmp_path, c)["personal"], unflatten_state(simulated[c])["personal"]
+        assert own.keys() == ref.keys() and all(torch.equal(own[k], ref[k]) for k in own), c
+    figures = [[(r.get("client_eval"), r.get("personal_eval")) for r in _history(run)[1:]] for run in runs.values()]
+    assert all(f == figures[0] for f in figures) and all(len(p or {}) == 3 for _, p in figures[0])
+
+
 # name -> (settings over tests.helpers.deployment.BASE, the case's own checks)
 CASES: dict[str, tuple[dict, Callable | None]] = {
     # int8 + error feedback up (client state), bf16 down (a dtype numpy would lose)
@@ -180,6 +197,16 @@ CASES: dict[str, tuple[dict, Callable | None]] = {
         },
         _fedkseed,
     ),
+    # personalised FL (FedRep): the last block's adapter stays with each client (client state: on a deployed
+    # client's own disk), the first local step trains it alone; both models evaluated on each held-out share
+    "personalised": (
+        {
+            "paradigm": {"name": "personalised", "method": "fedrep", "personal_steps": 1},
+            "partition": {"holdout_fraction": 0.25},
+            "evaluation": {"per_client": True, "exact_match": False},
+        },
+        _personalised,
+    ),
     # a paradigm defined only in tests (tests/paradigms/toy): each process imports it by its import path
     "toy": (
         {"paradigm": {"name": "tests.paradigms.toy:PARADIGM", "scale": 2.0}, "training": None},
@@ -227,8 +254,9 @@ def _simulated(fed: Federation, *names: str) -> dict[str, Path]:
     return {n: run_experiment(load_config(fed.config, [*RUNTIMES[n], f"output.name={n}"])).run_dir for n in names}
 
 
-# the README's test command has its minutes counted: split has one fast case, offsite its deployed one (slow)
-SIMULATED_SLOW = {"split_per_client", "offsite"}
+# the README's test command has its minutes counted: split has one fast case; offsite and personalised (parameter
+# sharing's round, which the first case runs) their deployed ones
+SIMULATED_SLOW = {"split_per_client", "offsite", "personalised"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SIMULATED_SLOW else c for c in CASES])

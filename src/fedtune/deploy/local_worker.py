@@ -224,7 +224,6 @@ class LocalWorker:
 
     def serve_one(self, client_id: int, run: str, payload: bytes) -> bytes:
         from fedtune.assembly import local_client_data
-        from fedtune.paradigms.evaluation import EvalRequest
         from fedtune.wire.protocol import ReplyFacts, RequestFacts
         from fedtune.wire.serialize import read_header
 
@@ -234,7 +233,7 @@ class LocalWorker:
             asked = RequestFacts.of(read_header(payload))
             store = self.store(run, client_id)
             log.info("round %d: %s request for client %d", asked.round, asked.kind, client_id)
-            evaluating = asked.kind == EvalRequest.KIND  # reads the state after this round's training
+            evaluating = self.handler.reads_only(asked.kind)  # reads the state after this round's training
             # a request that continues its round (split learning, secure aggregation) goes on from what that round
             # saved; any other starts from the state before its round, so that a round the coordinator repeats
             # replays exactly

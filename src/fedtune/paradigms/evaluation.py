@@ -29,6 +29,7 @@ class EvalRequest:
 
     KIND: ClassVar[str] = "evaluate"
     TENSORS: ClassVar[tuple[str, ...]] = ("params",)
+    READS_ONLY: ClassVar[bool] = True  # serving it changes no client state (wire/protocol.py)
     round: int
     params: Params = field(default_factory=dict)  # wire form of the global adapter; {}: the client's own
     split: Literal["holdout", "eval"] = "holdout"

@@ -21,6 +21,11 @@ class ClientHandler:
         """``data``: client id -> local data of every client this handler may serve (shared with ``paradigm``)."""
         self.paradigm, self.data = paradigm, data
 
+    def reads_only(self, kind: str) -> bool:
+        """Whether serving a request of ``kind`` leaves client state as it is (its class declares ``READS_ONLY``,
+        wire/protocol.py: an evaluation): it is served from the state after its round's training."""
+        return any(kind == cls.KIND and getattr(cls, "READS_ONLY", False) for cls in self.paradigm.serves)
+
     def handle(self, client_id: int, payload: bytes, state: ClientState | None = None) -> tuple[bytes, ClientState]:
         """Serve one request; ``state`` is this client's persistent state, returned updated."""
         if client_id not in self.data:

@@ -12,7 +12,11 @@ A request may declare
                  False, it starts from the client's state before its round, so a round the coordinator
                  repeats after a crash replays exactly what it did the first time
 
-and a reply to training may declare, for a deployed client's log, ``steps`` (int), ``train_loss``
+A request class may declare ``READS_ONLY: ClassVar[bool] = True`` (not a header field): serving it changes no
+client state (an evaluation), so a deployed client serves it from the state its round's training left and
+saves nothing.
+
+A reply to training may declare, for a deployed client's log, ``steps`` (int), ``train_loss``
 (float) and ``local_train_s`` (float). ``check_message_class`` holds every message class to this when
 it is first encoded; ``RequestFacts`` and ``ReplyFacts`` read them back from a header.
 """

@@ -16,5 +16,6 @@ class PersonalEvalRequest:
 
     KIND: ClassVar[str] = "personal_evaluate"
     TENSORS: ClassVar[tuple[str, ...]] = ("params",)
+    READS_ONLY: ClassVar[bool] = True  # serving it changes no client state (wire/protocol.py)
     round: int
     params: Params = field(default_factory=dict)  # wire form of what the server shares (the shared part or all)

@@ -91,15 +91,16 @@ def check(cfg: ExperimentConfig) -> None:
             "paradigm personalised is measured on each client's own held-out share: set evaluation.per_client: true "
             "(and partition.holdout_fraction, e.g. 0.1)"
         )
+    changed = {k for k, f in type(s).model_fields.items() if getattr(s, k) != f.default}  # a saved config sets all
     if not s.splits():
         for name in ("personal_blocks", "personal_keys"):
-            if name in s.model_fields_set:
+            if name in changed:
                 raise ValueError(f"paradigm.{name} applies to methods fedper and fedrep, not {s.method}")
     if s.method == "fedper" and s.personal_steps is not None:
         raise ValueError(f"{key} does not apply to fedper (both parts train together); remove it")
-    if s.method != "pfedme" and "eta" in s.model_fields_set:
+    if s.method != "pfedme" and "eta" in changed:
         raise ValueError(f"paradigm.eta applies to pfedme, not {s.method}")
-    if s.method in SPLITTING and "lam" in s.model_fields_set:
+    if s.method in SPLITTING and "lam" in changed:
         raise ValueError(f"paradigm.lam applies to ditto and pfedme, not {s.method}")
     if s.method == "fedrep":
         if t.local_steps is None:
