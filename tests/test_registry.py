@@ -59,7 +59,8 @@ def test_default_targets_come_from_the_registry():
 
 def test_a_paradigm_declares_continuing_a_round_exactly_when_its_messages_can():
     """``continues_mid_round`` is true of the paradigms whose messages carry ``continues`` (wire/protocol.py),
-    which a deployed client reads to go on from the state its round left, and of no other."""
+    which a deployed client reads to go on from the state its round left, and of no other; a paradigm that
+    extends another serves that one's messages too."""
     import dataclasses
     import importlib
     import pkgutil
@@ -67,15 +68,19 @@ def test_a_paradigm_declares_continuing_a_round_exactly_when_its_messages_can():
     from fedtune.config.paradigm import paradigm_of
     from fedtune.core.registry import PARADIGMS
 
-    for entry in PARADIGMS:
-        plugin = paradigm_of(entry.name)
+    def messages_of(plugin) -> list[type]:
         package = importlib.import_module(plugin.setup.rpartition(".")[0])
-        messages = [
+        own = [
             obj
             for info in pkgutil.iter_modules(package.__path__, package.__name__ + ".")
             for obj in vars(importlib.import_module(info.name)).values()
             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and isinstance(getattr(obj, "KIND", None), str)
         ]
+        return own + (messages_of(paradigm_of(plugin.extends)) if plugin.extends else [])
+
+    for entry in PARADIGMS:
+        plugin = paradigm_of(entry.name)
+        messages = messages_of(plugin)
         assert messages, entry.name
         continuing = any("continues" in {f.name for f in dataclasses.fields(m)} for m in messages)
         assert continuing == plugin.capabilities.continues_mid_round, entry.name
