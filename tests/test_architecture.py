@@ -37,6 +37,7 @@ LAYERS = [
     "server",
     "experiment",
     "compare",
+    "tune",
     "flowertune",
     "deploy",
     "cli",

@@ -96,6 +96,25 @@ def compare(
 
 
 @app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="experiment YAML with a tune section")],
+    overrides: Overrides = None,
+) -> None:
+    """Search CONFIG's tune.space (random search or TPE; successive halving or Hyperband with rounds as the
+    budget): every trial a run directory, tune.json and tune.md, and with tune.seeds the base config beside
+    the best setting over seeds. Re-running continues a killed search."""
+    import shlex
+
+    with _reported():
+        cfg = load_config(config, overrides)
+        from fedtune.experiment import resolve_run_dir
+        from fedtune.tune.runner import run_search
+
+        command = shlex.join(["fedtune", "tune", str(config), *(overrides or [])])
+        run_search(cfg, resolve_run_dir(cfg, config), command)
+
+
+@app.command()
 def flowertune(
     pyproject: Annotated[Path, typer.Argument(help="a FlowerTune challenge's pyproject.toml")],
     overrides: Overrides = None,

@@ -74,6 +74,11 @@ def run_experiment(
             f"this config compares {len(cfg.compare.variants)} variants: run it with `fedtune compare CONFIG`, or "
             "run its base alone with compare.variants={}"
         )
+    if cfg.tune.on():
+        raise ConfigError(
+            f"this config searches {len(cfg.tune.space)} keys (tune.space): run it with `fedtune tune CONFIG`, or "
+            "run its base alone with tune.space={}"
+        )
     cfg = resolve(cfg)
     run_dir = resolve_run_dir(cfg, config_path)
     check_run_dir(run_dir, cfg, resume)

@@ -26,6 +26,7 @@ from fedtune.config.paradigm import Capabilities, Paradigm, ParadigmConfig, para
 from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.runtime import RuntimeConfig
 from fedtune.config.training import TrainingConfig
+from fedtune.config.tune import TuneConfig
 from fedtune.core.registry import PARADIGMS
 
 DEFAULT_PARADIGM = "parameter_sharing"
@@ -81,6 +82,7 @@ class ExperimentConfig(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -78,6 +78,8 @@ ZO_DIRECTION = Stream("zo_direction", "a zeroth-order direction z, tensor by ten
 # drawn once, before round 1, from the data split's seed (data.split_seed, default the run's seed)
 HELD_OUT = Stream("held_out", "the examples held out for evaluation from one dataset", "split_seed", (0xE7A1,))
 CLIENT_HOLDOUT = Stream("client_holdout", "a client's held-out share", "split_seed", (C, 0x401D))
+# drawn by fedtune tune, outside any run (its tag where a round stream has its round: no round stream's key)
+TUNE_TRIAL = Stream("tune_trial", "the seed of a search's sampler for trial N (fedtune tune)", "seed", (_tag(15), N))
 
 STREAMS: tuple[Stream, ...] = (
     CLIENT_ROUND,
@@ -98,7 +100,7 @@ STREAMS: tuple[Stream, ...] = (
     DP_SGD_NOISE,
     ZO_DIRECTION,
 )
-SETUP_STREAMS: tuple[Stream, ...] = (HELD_OUT, CLIENT_HOLDOUT)
+SETUP_STREAMS: tuple[Stream, ...] = (HELD_OUT, CLIENT_HOLDOUT, TUNE_TRIAL)
 
 
 def numpy_rng(

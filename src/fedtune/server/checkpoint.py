@@ -158,6 +158,17 @@ def _dedupe(replicas: dict[int, Params]) -> tuple[list[Params], dict[str, int]]:
     return unique, replica_of
 
 
+def recorded_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The metrics records of the newest checkpoint whose record reads ([] if none): what a resumed run
+    goes on from (``load_latest`` also verifies the tensors; this reads the record alone)."""
+    for path in _round_dirs(run_dir / "checkpoints"):
+        try:
+            return list(json.loads((path / _STATE).read_text())["history"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return []
+
+
 def _round_dirs(root: Path) -> list[Path]:
     """round_N directories, newest first by round number (round_10000 is newer than round_9999)."""
     rounds = {p: _ROUND_DIR.fullmatch(p.name) for p in root.glob("round_*") if p.is_dir()}
