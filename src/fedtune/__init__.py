@@ -17,11 +17,12 @@ checks it, docs/architecture.md explains it):
   privacy      DP accounting, DP-FedAvg's noised mean, the privacy plan, secure aggregation's crypto
   client       a client's local training round, its corrections and cost
   runtime      transports: in process (lanes), Ray, Flower's grid
-  paradigms    the paradigm seam and its plug-ins (parameter sharing, KD, split learning)
+  paradigms    the paradigm seam and its plug-ins (parameter sharing, KD, split, offsite, FedKSeed, personalised)
   assembly     a config made into what the layers below receive, in any process
   server       the one round loop, checkpoints, sampling
   experiment   the recipe `fedtune run` runs
   compare      `fedtune compare`
+  tune         `fedtune tune`: a hyper-parameter search with rounds as the budget
   flowertune   `fedtune flowertune`: a FlowerTune LLM challenge's pyproject.toml run and reported
   deploy       `fedtune server` / `fedtune client`
   cli          the command line
