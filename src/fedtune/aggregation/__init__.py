@@ -10,6 +10,7 @@ from functools import partial
 
 from fedtune.aggregation.base import Aggregator, Contribution
 from fedtune.aggregation.combine import Combiner
+from fedtune.aggregation.hierarchy import Hierarchy, HierarchyState
 from fedtune.aggregation.lora import LoraExact, LoraNaive, LoraZeroPad
 from fedtune.aggregation.pipeline import CombineStage, Pipeline, PipelineState
 from fedtune.aggregation.scaffold import Scaffold, ScaffoldState
@@ -17,6 +18,7 @@ from fedtune.aggregation.server_opt import ServerOptimizer
 from fedtune.config import AggregationConfig
 from fedtune.core.registry import AGGREGATORS as _AGGREGATORS
 from fedtune.core.registry import COMBINERS as _COMBINERS
+from fedtune.wire.link import Link
 
 AGGREGATORS = _AGGREGATORS.names()
 COMBINERS = _COMBINERS.names()
@@ -41,6 +43,7 @@ def build_aggregator(
     client_ranks: dict[int, int] | None = None,
     align_lora: bool = False,
     mean: CombineStage | None = None,
+    seed: int = 0,
     **fields,
 ) -> Aggregator:
     """An aggregator from config (or keyword fields: ``build_aggregator(name="fedyogi", combine="median")``).
@@ -52,9 +55,12 @@ def build_aggregator(
     (exact) or HetLoRA zero-padding (naive). ``align_lora`` keeps exact-mode factors close to the
     previous round's (same products; see ``refactor``). ``mean``: a combine stage in place of
     ``aggregation.combine`` (client-level DP's noised mean, ``PrivacyPlan.mean``: DP-FedAvg, or DP-FedOpt
-    with another server optimizer), over A and B apart in LoRA naive mode.
+    with another server optimizer), over A and B apart in LoRA naive mode. ``aggregation.edges``: the server's
+    aggregator over edge aggregators (``hierarchy.py``; ``seed`` keys the edges' uplink codec draws).
     """
     cfg = AggregationConfig(**fields) if cfg is None else cfg
+    if cfg.edges:
+        return _hierarchy(cfg, num_clients, lora_alpha, client_ranks, align_lora, mean, seed)
     mode = cfg.lora_mode() if lora_alpha is not None else "plain"
     if mean is not None:
         if mode == "exact" or client_ranks or cfg.scaffold or cfg.clip_norm is not None:
@@ -79,6 +85,22 @@ def build_aggregator(
     return agg
 
 
+def _hierarchy(cfg, num_clients, lora_alpha, client_ranks, align_lora, mean, seed) -> Aggregator:
+    if mean is not None or client_ranks:
+        raise ValueError("aggregation.edges: client-level DP's noised mean and client ranks act per client, not edge")
+    if num_clients is None or cfg.edges > num_clients:
+        raise ValueError(f"aggregation.edges={cfg.edges} needs at least as many clients ({num_clients})")
+    flat = cfg.model_copy(update={"edges": 0, "edge": {}, "edge_uplink": []})
+    server = build_aggregator(flat, num_clients, lora_alpha, None, align_lora)
+    edge_cfg = cfg.edge_config()
+
+    def make_edge() -> Aggregator:
+        return build_aggregator(edge_cfg, num_clients, lora_alpha, None, align_lora)
+
+    uplink = Link.from_specs([c.spec() for c in cfg.edge_uplink])
+    return Hierarchy(server, make_edge, cfg.edges, num_clients, uplink, seed)
+
+
 def fedavg() -> Pipeline:
     """Plain FedAvg (McMahan et al. 2017): weighted mean of deltas, applied with server lr 1."""
     return build_aggregator(AggregationConfig())
@@ -89,6 +111,8 @@ __all__ = [
     "COMBINERS",
     "Aggregator",
     "Contribution",
+    "Hierarchy",
+    "HierarchyState",
     "Pipeline",
     "PipelineState",
     "Scaffold",

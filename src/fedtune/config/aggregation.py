@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from fedtune.config.base import Strict
+from fedtune.config.compression import CodecConfig
 from fedtune.core.registry import AGGREGATORS, COMBINERS
 
 
@@ -47,6 +48,48 @@ class AggregationConfig(Strict):
         "in a round (AdamW: lr x a step ratio x sqrt(values) per step; SGD: lr x training.max_grad_norm), "
         "stated in the log; null: no bound (not for deployments)",
     )
+
+    edges: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="hierarchical aggregation: clients -> this many edge aggregators -> the server (client c at "
+        "edge c·edges // partition.num_clients: contiguous blocks); each edge aggregates its clients' updates, "
+        "the server the edges' (weighted by their clients' total weight); 0: flat",
+    )
+    edge: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the edges' aggregator: overrides of this section's keys, e.g. {combine: median} (default: "
+        "the same aggregator as the server's)",
+    )
+    edge_uplink: list[CodecConfig] = Field(
+        default_factory=list, description="codec chain of each edge's aggregate on its way to the server"
+    )
+
+    @field_validator("edge")
+    @classmethod
+    def _edge_keys(cls, edge: dict[str, Any]) -> dict[str, Any]:
+        own = [k for k in edge if k in ("edges", "edge", "edge_uplink", "max_update_norm")]
+        if own:
+            raise ValueError(f"aggregation.edge sets {own}: an edge's aggregator takes the aggregation keys but these")
+        return edge
+
+    def edge_config(self) -> AggregationConfig:
+        """The edges' aggregation settings: this section with ``edge``'s overrides, flat."""
+        base = self.model_dump(exclude={"edges", "edge", "edge_uplink"})
+        return AggregationConfig(**{**base, **self.edge})
+
+    @model_validator(mode="after")
+    def _edge_valid(self) -> AggregationConfig:
+        if self.edge and not self.edges:
+            raise ValueError("aggregation.edge applies with aggregation.edges > 0")
+        if self.edge_uplink and not self.edges:
+            raise ValueError("aggregation.edge_uplink applies with aggregation.edges > 0")
+        if self.edges and self.scaffold:
+            raise ValueError("SCAFFOLD's control variates are per client: not with aggregation.edges")
+        if self.edge:
+            self.edge_config()  # a bad override is an error here, naming its key
+        return self
 
     @field_validator("max_update_norm")
     @classmethod

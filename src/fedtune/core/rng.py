@@ -74,6 +74,7 @@ SPLIT_BACK_GRAD = Stream("split_back_grad", "a split client's gradient at the se
 DP_NOISE = Stream("dp_noise", "client-level DP's noise on the sum, adaptive clipping's count", "secret", (R, _tag(11)))
 SECAGG_NOISE = Stream("secagg_noise", "a client's share of distributed DP's noise", "secret", (R, C, _tag(12)))
 DP_SGD_NOISE = Stream("dp_sgd_noise", "a client's DP-SGD noise", "secret", (R, C, _tag(13)))
+EDGE_UPLINK = Stream("edge_uplink", "an edge aggregator's uplink codec draws", "seed", (R, _tag(16), N))
 ZO_DIRECTION = Stream("zo_direction", "a zeroth-order direction z, tensor by tensor", "direction", (N, _tag(14)))
 # drawn once, before round 1, from the data split's seed (data.split_seed, default the run's seed)
 HELD_OUT = Stream("held_out", "the examples held out for evaluation from one dataset", "split_seed", (0xE7A1,))
@@ -98,6 +99,7 @@ STREAMS: tuple[Stream, ...] = (
     DP_NOISE,
     SECAGG_NOISE,
     DP_SGD_NOISE,
+    EDGE_UPLINK,
     ZO_DIRECTION,
 )
 SETUP_STREAMS: tuple[Stream, ...] = (HELD_OUT, CLIENT_HOLDOUT, TUNE_TRIAL)

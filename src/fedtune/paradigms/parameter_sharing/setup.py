@@ -38,7 +38,7 @@ def server(plan: ParadigmPlan, bench: Workbench, evaluate_adapter: EvaluateAdapt
     align = plan.compression.downlink_updates
     dp = plan.privacy_plan
     mean = dp.mean(plan.privacy.noise_seed) if dp is not None else None
-    aggregator = build_aggregator(agg, n, lora_alpha, lower or None, align, mean=mean)
+    aggregator = build_aggregator(agg, n, lora_alpha, lower or None, align, mean=mean, seed=plan.seed)
     secure = _secure_aggregation(plan, aggregator)
     log.info(
         "aggregation: %s%s%s",
