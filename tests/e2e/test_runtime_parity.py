@@ -50,8 +50,8 @@ def _parameter_sharing(tmp_path: Path, runs: dict[str, Path], fed: Federation) -
     assert all(_deployed_state(tmp_path, c).get("residual") for c in range(3))
 
 
-def _kd(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
-    """Every deployed client's own adapter, on its own disk, is the one the simulation kept for it."""
+def _same_client_state(tmp_path: Path, runs: dict[str, Path], owner: str) -> None:
+    """Every deployed client's ``owner`` state, on its own disk, is the one the simulation kept for it."""
     from fedtune.core.types import unflatten_state
 
     last = sorted((runs["in_process"] / "checkpoints").glob("round_*"))[-1]
@@ -60,8 +60,13 @@ def _kd(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
         cid, _, key = name.partition("|")
         simulated.setdefault(int(cid), {})[key] = t
     for c in range(3):
-        own, ref = _deployed_state(tmp_path, c)["kd"], unflatten_state(simulated[c])["kd"]
+        own, ref = _deployed_state(tmp_path, c)[owner], unflatten_state(simulated[c])[owner]
         assert own.keys() == ref.keys() and all(torch.equal(own[k], ref[k]) for k in own), c
+
+
+def _kd(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
+    """Every deployed client's own adapter, on its own disk, is the one the simulation kept for it."""
+    _same_client_state(tmp_path, runs, "kd")
 
 
 def _secure(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
@@ -93,16 +98,7 @@ def _fedkseed(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
 def _personalised(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
     """Every deployed client's personal block, on its own disk, is the one the simulation kept for it; both
     models were evaluated on every client's held-out share, with the same figures."""
-    from fedtune.core.types import unflatten_state
-
-    last = sorted((runs["in_process"] / "checkpoints").glob("round_*"))[-1]
-    simulated: dict[int, dict] = {}
-    for name, t in load_file(last / "clients.safetensors").items():
-        cid, _, key = name.partition("|")
-        simulated.setdefault(int(cid), {})[key] = t
-    for c in range(3):
-        own, ref = _deployed_state(tmp_path, c)["personal"], unflatten_state(simulated[c])["personal"]
-        assert own.keys() == ref.keys() and all(torch.equal(own[k], ref[k]) for k in own), c
+    _same_client_state(tmp_path, runs, "personal")
     figures = [[(r.get("client_eval"), r.get("personal_eval")) for r in _history(run)[1:]] for run in runs.values()]
     assert all(f == figures[0] for f in figures) and all(len(p or {}) == 3 for _, p in figures[0])
 
