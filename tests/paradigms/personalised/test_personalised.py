@@ -207,3 +207,29 @@ def test_a_killed_personalised_run_resumes_bit_identically_with_its_personal_ada
     # fedrep: each client's personal block shapes its training and its personal evaluation (replies carry their
     # training time as text: bytes up differ by a few)
     assert_resume_matches([*args, "paradigm.method=fedrep"], tmp_path, {*TIMED, "bytes_up"})
+
+
+@pytest.mark.parametrize(
+    ("extra", "check"),
+    [
+        # FedPer under secure aggregation: the shared part alone is masked and summed (FFA-LoRA: B trains)
+        (
+            ["paradigm.method=fedper", "privacy.secure_aggregation={}", "aggregation.lora=ffa"],
+            lambda r: r["secagg_summed"] == 4,
+        ),
+        # Ditto under client-level DP: the global adapter's updates are clipped and noised, v never leaves
+        (
+            [
+                "paradigm.method=ditto",
+                "privacy.client_dp=central",
+                "privacy.noise_multiplier=0.5",
+                "privacy.clip_norm=1",
+            ],
+            lambda r: r["dp_epsilon"] > 0,
+        ),
+    ],
+)
+def test_personalisation_runs_under_secure_aggregation_and_client_dp(tmp_path, extra, check):
+    rows = read_metrics(_run(tmp_path, "private", *extra))
+    assert all(check(r) and r["dropped"] == {} for r in rows[1:])
+    assert all(len(r["personal_eval"]) == 4 for r in rows[1:])

@@ -40,8 +40,9 @@ def personal_names(names: Sequence[str], model: nn.Module, blocks: int, pattern:
             f"(the adapter has {len(names)} tensors, e.g. {sorted(names)[:2]})"
         )
     try:
-        lora_pairs(sorted(personal))
-        lora_pairs(shared)
+        if any("lora_A" in n for n in names):  # LoRA's A trains (not FFA-LoRA): aggregation pairs it with its B
+            lora_pairs(sorted(personal))
+            lora_pairs(shared)
     except ValueError as exc:
         raise ConfigError(f"{how} splits a LoRA module's A from its B ({exc}); keep each module on one side") from None
     return personal
