@@ -159,17 +159,32 @@ def test_fedrep_and_pfedme_updates_stay_within_the_auto_bound(tmp_path, method):
     assert rows[-1]["personal_eval_loss_mean"] < rows[0]["eval_loss"]
 
 
-def _hostile_eval(hostile):
-    """Round 1 of a tiny FedPer run with 3 clients, then its evaluation; client 1's reply to the personal
-    evaluation is ``hostile(request)``: the evaluation's record."""
+@cache
+def _trained_round():
+    """Round 1 of a tiny FedPer run with 3 clients: (server half, its state, the clients' handler and states)."""
     from fedtune.paradigms.base import converse
     from fedtune.server.round_loop import Network
     from tests.helpers.served import Served
 
     b = _built("paradigm.method=fedper")
-    server = b.server(lambda params, r, on=None: {})
-    net = Network(Served(b.handler(), 2, hostile), 1, [0, 1, 2], 1, Path("/nonexistent/personal"))
+    server, handler = b.server(lambda params, r, on=None: {}), b.handler()
+    served = Served(handler)
+    net = Network(served, 1, [0, 1, 2], 1, Path("/nonexistent/personal"))
     state, _ = converse(server.round(1, server.initial_state(), [0, 1, 2]), net.exchange)
+    return server, state, handler, served.states
+
+
+def _hostile_eval(hostile):
+    """The evaluation after round 1 of a tiny FedPer run, client 1's reply to the personal evaluation (the
+    second exchange) ``hostile(request)``: the evaluation's record."""
+    from fedtune.paradigms.base import converse
+    from fedtune.server.round_loop import Network
+    from tests.helpers.served import Served
+
+    server, state, handler, states = _trained_round()
+    served = Served(handler, 1, hostile)
+    served.states = dict(states)  # each case from the same trained clients
+    net = Network(served, 1, [0, 1, 2], 1, Path("/nonexistent/personal"))
     return converse(server.evaluate(1, state, True), net.exchange)
 
 
