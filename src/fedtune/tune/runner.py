@@ -151,6 +151,7 @@ def _run_trial(trial: Any, base: ExperimentConfig, directory: Path, metric: str,
         return
     reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)
     last: dict[str, float] = {}
+    rounds = cfg.federation.rounds
 
     def on_record(record: dict[str, Any]) -> None:
         value = record.get(metric)
@@ -162,7 +163,7 @@ def _run_trial(trial: Any, base: ExperimentConfig, directory: Path, metric: str,
         if record["round"] not in reported:
             trial.report(float(value), record["round"])
             reported.add(record["round"])
-        if trial.should_prune():
+        if record["round"] < rounds and trial.should_prune():  # a rung at the last round would stop nothing
             raise _Stop
 
     resume = resumed and any((run_dir / "checkpoints").glob("round_*"))
