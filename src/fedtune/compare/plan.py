@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedtune.config import ExperimentConfig, set_dotted, validate_config
 from fedtune.config.compare import slug
@@ -47,6 +48,18 @@ class Plan:
         return [r for r in self.runs if r.variant == variant]
 
 
+def base_raw(base: ExperimentConfig, *drop: str) -> dict[str, Any]:
+    """``base`` as the runs made from it start: only what the user set (and what validation resolved), so an
+    override meets the defaults it would meet in a config of its own (e.g. privacy on resolves the weighting a
+    full dump would pin), without the sections ``drop`` names, the data split pinned to the base's (every run
+    sees the same clients' data and evaluation set)."""
+    raw = base.model_dump(mode="json", exclude_unset=True)
+    for section in drop:
+        raw.pop(section, None)
+    raw.setdefault("data", {})["split_seed"] = base.split_seed()
+    return raw
+
+
 def plan(base: ExperimentConfig, directory: Path) -> Plan:
     """Every (variant, seed) run of ``base``'s compare section, validated: a bad variant is a ConfigError
     naming it and the key."""
@@ -55,11 +68,7 @@ def plan(base: ExperimentConfig, directory: Path) -> Plan:
             "nothing to compare: add a compare section with variants, e.g.\n"
             "compare:\n  seeds: 3\n  variants:\n    lora: {}\n    int4: {compression.uplink: [int4]}"
         )
-    # only what the user set (and what validation resolved): a variant's override then meets the defaults it
-    # would meet in a config of its own (e.g. privacy on resolves the weighting a full dump would pin)
-    raw = base.model_dump(mode="json", exclude_unset=True)
-    raw.pop("compare", None)
-    raw.setdefault("data", {})["split_seed"] = base.split_seed()
+    raw = base_raw(base, "compare")
     runs = []
     for i in range(base.compare.seeds):  # seed after seed: a partial comparison already has every variant
         seed = base.seed + i

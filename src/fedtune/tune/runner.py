@@ -15,7 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ExperimentConfig
+from fedtune.compare.plan import PlannedRun, base_raw, plan
+from fedtune.compare.runner import run_comparison, status
+from fedtune.config import ExperimentConfig, validate_config
 from fedtune.config.tune import TuneConfig
 from fedtune.core import rng
 from fedtune.core.errors import ConfigError, FedtuneError
@@ -102,12 +104,12 @@ def run_search(base: ExperimentConfig, directory: Path, command: str) -> Path:
         f"over {rounds} rounds" + (f"; {done} finished before" if done else "")
     )
     for frozen in running:  # the trial a killed search was running: the same trial goes on
-        _run_trial(optuna.trial.Trial(study, frozen._trial_id), base, directory, t.metric, resumed=True)
+        _run_trial(optuna.trial.Trial(study, frozen._trial_id), base, directory, t.metric)
         write_report(study, base, directory, command)
     while len(study.trials) < t.trials:
         study.sampler = _sampler(t, base.seed, len(study.trials))
         trial = study.ask(dists)
-        _run_trial(trial, base, directory, t.metric, resumed=False)
+        _run_trial(trial, base, directory, t.metric)
         write_report(study, base, directory, command)
     path = write_report(study, base, directory, command)
     if t.seeds:
@@ -134,8 +136,8 @@ def _check_same_search(study: Any, base: ExperimentConfig, directory: Path) -> N
         mark.write_text(json.dumps(now, indent=1))
 
 
-def _run_trial(trial: Any, base: ExperimentConfig, directory: Path, metric: str, resumed: bool) -> None:
-    """Run (or continue) one trial's run and tell the study how it ended."""
+def _run_trial(trial: Any, base: ExperimentConfig, directory: Path, metric: str) -> None:
+    """Run (or continue, from its run's last checkpoint) one trial's run and tell the study how it ended."""
     from optuna.trial import TrialState
 
     study = trial.study
@@ -166,13 +168,14 @@ def _run_trial(trial: Any, base: ExperimentConfig, directory: Path, metric: str,
         if record["round"] < rounds and trial.should_prune():  # a rung at the last round would stop nothing
             raise _Stop
 
-    resume = resumed and any((run_dir / "checkpoints").glob("round_*"))
+    state = status(PlannedRun(run_dir.name, base.seed, cfg))  # done, resume or new; another config is an error
+    resume = state == "resume"
     console.print(f"{what}: {'continuing' if resume else 'running'} -> {run_dir}", markup=False)
     try:
-        if resume:  # the rounds its run went through before the kill, reported where they were not yet
+        if state != "new":  # the rounds its run went through before the kill, reported where they were not yet
             for record in recorded_history(run_dir):
                 on_record(record)
-        if not (resume and _finished(run_dir, cfg.federation.rounds)):
+        if state != "done":
             run_experiment(cfg, resume=resume, on_record=on_record)
     except _Stop:
         console.print(f"{what}: stopped after round {last['round']} ({metric} {last['value']:.4f})", markup=False)
@@ -191,26 +194,16 @@ def _run_trial(trial: Any, base: ExperimentConfig, directory: Path, metric: str,
     study.tell(trial, last["value"])
 
 
-def _finished(run_dir: Path, rounds: int) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("rounds_completed", 0) >= rounds
-
-
 def _describe(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def _final_comparison(study: Any, base: ExperimentConfig, directory: Path, command: str) -> Path:
     """The base config and the best setting side by side over ``tune.seeds`` seeds: a comparison in final/."""
-    from fedtune.compare.plan import plan
-    from fedtune.compare.runner import run_comparison
-    from fedtune.config import validate_config
-    from fedtune.tune.space import base_raw
-
     best = _best(study)
     if best is None:
         raise FedtuneError("no trial finished, so there is no best setting to compare with the base config")
-    raw = base_raw(base)
+    raw = base_raw(base, "tune", "compare")
     raw["compare"] = {"seeds": base.tune.seeds, "variants": {"base": {}, "best": dict(best.params)}}
     raw.setdefault("output", {})["dir"] = str(directory)
     raw["output"]["name"] = "final"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
+from fedtune.compare.plan import base_raw
 from fedtune.config import ExperimentConfig, set_dotted, validate_config
 from fedtune.config.tune import Dimension
 
@@ -25,19 +25,9 @@ def distributions(space: dict[str, Dimension]) -> dict[str, Any]:
     return out
 
 
-def base_raw(base: ExperimentConfig) -> dict[str, Any]:
-    """What the user set in ``base`` (and validation resolved), without the search and comparison sections;
-    the data split pinned to the base's, so every trial sees the same clients' data and evaluation set."""
-    raw = base.model_dump(mode="json", exclude_unset=True)
-    raw.pop("tune", None)
-    raw.pop("compare", None)
-    raw.setdefault("data", {})["split_seed"] = base.split_seed()
-    return raw
-
-
 def trial_config(base: ExperimentConfig, params: dict[str, Any], run_dir: Path) -> ExperimentConfig:
     """``base`` with ``params`` (dotted key -> value) set, run in ``run_dir``; ConfigError naming a bad value."""
-    raw = copy.deepcopy(base_raw(base))
+    raw = base_raw(base, "tune", "compare")
     for key, value in params.items():
         set_dotted(raw, key, value, f"tune.space {key}")
     raw.setdefault("output", {})["dir"] = str(run_dir.parent)
