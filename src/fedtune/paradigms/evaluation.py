@@ -82,6 +82,13 @@ def eval_exchange(messages: dict[int, Any], round_index: int) -> Exchange:
     return Exchange("eval", messages, EvalReply, read_eval_reply(round_index), max_wire_bytes(0, 0))
 
 
+def client_record(accepted: dict[int, dict[str, float]], prefix: str) -> dict[str, Any]:
+    """An evaluation exchange's accepted replies as a round's record: ``{prefix}`` (each client's metrics, by
+    client id; clients without the data left out) and ``summarise``'s mean and worst."""
+    per = {c: m for c, m in sorted(accepted.items()) if m}
+    return {prefix: {str(c): m for c, m in per.items()}, **summarise(per, f"{prefix}_")}
+
+
 def summarise(per_client: dict[int, dict[str, float]], prefix: str) -> dict[str, Any]:
     """Mean and worst over clients: ``{prefix}loss_mean``, ``{prefix}loss_worst``, the same for accuracy."""
     out: dict[str, Any] = {}

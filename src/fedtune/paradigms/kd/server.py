@@ -33,7 +33,7 @@ from fedtune.paradigms.base import (
     shared,
     weight_or_drop,
 )
-from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
+from fedtune.paradigms.evaluation import EvalRequest, client_record, eval_exchange, summarise
 from fedtune.paradigms.kd.distributions import TopK, consensus, id_dtype
 from fedtune.paradigms.kd.messages import LOGP, KDReply, KDRequest
 from fedtune.paradigms.kd.public import PublicSet, round_slice
@@ -233,9 +233,7 @@ class KnowledgeDistillation:
             wire = {}
         if per_client:
             replies = yield eval_exchange(shared(dict.fromkeys(clients, wire), lambda w: EvalRequest(r, params=w)), r)
-            per = {c: m for c, m in sorted(replies.accepted.items()) if m}
-            out["client_eval"] = {str(c): m for c, m in per.items()}
-            out.update(summarise(per, "client_eval_"))
+            out.update(client_record(replies.accepted, "client_eval"))
         return out
 
 

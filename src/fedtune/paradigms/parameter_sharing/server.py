@@ -37,7 +37,7 @@ from fedtune.paradigms.base import (
     update_limit,
     weight_or_drop,
 )
-from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
+from fedtune.paradigms.evaluation import EvalRequest, client_record, eval_exchange
 from fedtune.paradigms.parameter_sharing.downlink import ReplicaDownlink
 from fedtune.paradigms.parameter_sharing.messages import TrainReply, TrainRequest
 from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation, read_keys, secure_sum
@@ -282,9 +282,7 @@ class ParameterSharing:
             gen = rng.torch_generator(rng.EVAL_DOWNLINK, self.settings.seed, r)
             wires = shared(views, lambda v: link.encode(v, {}, gen)[0])
             replies = yield eval_exchange(shared(wires, lambda w: EvalRequest(r, params=w)), r)
-            per = {c: m for c, m in sorted(replies.accepted.items()) if m}
-            out["client_eval"] = {str(c): m for c, m in per.items()}
-            out.update(summarise(per, "client_eval_"))
+            out.update(client_record(replies.accepted, "client_eval"))
         return out
 
 

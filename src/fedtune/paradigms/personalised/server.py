@@ -15,7 +15,7 @@ from typing import Any
 from fedtune.core import rng
 from fedtune.core.types import Params, ServerState
 from fedtune.paradigms.base import Conversation
-from fedtune.paradigms.evaluation import EvalRequest, eval_exchange, summarise
+from fedtune.paradigms.evaluation import EvalRequest, client_record, eval_exchange
 from fedtune.paradigms.parameter_sharing.server import ParameterSharing
 from fedtune.paradigms.personalised.messages import PersonalEvalRequest
 from fedtune.wire.link import Link
@@ -47,9 +47,7 @@ class Personalised:
         asks = {"client_eval": EvalRequest(r, params=wire), "personal_eval": PersonalEvalRequest(r, params=wire)}
         for prefix, request in asks.items():
             replies = yield eval_exchange(dict.fromkeys(range(s.num_clients), request), r)
-            per = {c: m for c, m in sorted(replies.accepted.items()) if m}
-            out[prefix] = {str(c): m for c, m in per.items()}
-            out.update(summarise(per, f"{prefix}_"))
+            out.update(client_record(replies.accepted, prefix))
         return out
 
     def final_adapters(self, state: ServerState) -> dict[str, Params]:
