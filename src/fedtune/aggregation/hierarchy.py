@@ -86,14 +86,14 @@ class Hierarchy:
         for c in sorted(contributions, key=lambda c: c.client_id):
             groups.setdefault(edge_of(c.client_id, self.edges, self.num_clients), []).append(c)
         edge_states = list(state.edges)
-        up, names = 0, dict(params)
+        up = 0
         forwarded: list[Contribution] = []
         for e, group in sorted(groups.items()):
             edge_params, edge_states[e] = self.edge_aggs[e].aggregate(params, group, edge_states[e])
             delta = {k: edge_params[k] - params[k] for k in params}
             wire, _ = self.uplink.encode(delta, {}, rng.torch_generator(rng.EDGE_UPLINK, self.seed, r, index=e))
             up += len(encode(wire))
-            forwarded.append(Contribution(e, self.uplink.decode(wire, names), float(sum(c.weight for c in group))))
+            forwarded.append(Contribution(e, self.uplink.decode(wire, params), float(sum(c.weight for c in group))))
         new, server_state = (
             self.server.aggregate(params, forwarded, state.server) if forwarded else (params, state.server)
         )
