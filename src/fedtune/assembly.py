@@ -22,7 +22,7 @@ from fedtune.config.experiment import gpu_misfit, joint_misfit
 from fedtune.core.errors import DataError
 from fedtune.data.formats import Example
 from fedtune.data.prepare import (
-    BUILTIN,
+    GENERATED,
     FederatedData,
     holdout_split,
     load_data_file,
@@ -112,7 +112,7 @@ def _workbench(cfg: ExperimentConfig, plan: ParadigmPlan, adapter, tokenizer) ->
     template = resolve_template(d.template, tokenizer)
     encoder = Encoder(tokenizer, template, d.system_prompt, d.max_seq_len, d.train_on_prompt)
     e = cfg.evaluation
-    exact = d.dataset == BUILTIN if e.exact_match == "auto" else bool(e.exact_match)
+    exact = d.dataset in GENERATED if e.exact_match == "auto" else bool(e.exact_match)
     final = plan.rounds_to_run if e.exact_match == "final" else None
     comp = cfg.compression
     return Workbench(

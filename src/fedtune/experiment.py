@@ -23,7 +23,7 @@ from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.core.files import replace_dir
 from fedtune.core.types import Params, ServerState
 from fedtune.data.prepare import FederatedData, prepare_federated_data
-from fedtune.evaluation.harness import EvalSet, evaluate
+from fedtune.evaluation.harness import EvalSet, evaluate, pair_margins
 from fedtune.evaluation.tasks import build_tasks, run_tasks
 from fedtune.privacy.plan import PrivacyPlan
 from fedtune.reporting.console import TqdmHandler, console, round_line, rounds_table, summary_table
@@ -141,12 +141,27 @@ def _run(
 
     tasks = build_tasks(cfg.evaluation.tasks, bench.encoder)
 
+    initial_margins: list[list[float]] = []  # on preference pairs: the initial adapter's, the reward's reference
+
     def evaluate_adapter(params: Params, r: int, on: AdapterModel | None = None) -> dict[str, Any]:
         model = on or adapter
         model.activate(model.global_rank)
-        model.set_state(params)
         s = eval_settings
-        out = evaluate(model.model, tokenizer, eval_set, s.batch_size, s.exact_at(r), s.max_new_tokens, s.group_by)
+        if on is None and eval_set.pairs and not initial_margins:
+            model.set_state(bench.initial)
+            initial_margins.append(pair_margins(model.model, tokenizer, eval_set, s.batch_size))
+        model.set_state(params)
+        reference = initial_margins[0] if on is None and initial_margins else None
+        out = evaluate(
+            model.model,
+            tokenizer,
+            eval_set,
+            s.batch_size,
+            s.exact_at(r),
+            s.max_new_tokens,
+            s.group_by,
+            reference=reference,
+        )
         if on is not None:  # another model (offsite's emulator): the held-out set alone, not the benchmark tasks
             return out
         return out | run_tasks(tasks, model.model, s.batch_size, r, plan.rounds_to_run)

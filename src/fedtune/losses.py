@@ -85,3 +85,13 @@ def example_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     counts = (targets != IGNORE).sum(dim=1)  # (B,)
     per_example = per_position.sum(dim=1) / counts.clamp(min=1)  # (B,)
     return per_example.sum(), int((counts > 0).sum())
+
+
+def sequence_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) float32: each row's Σ over its target positions of log p(target token): a reply's log-likelihood
+    given its prompt (a preference loss compares them)."""
+    logits, targets = _target_logits(model, batch)  # (B, K, V), (B, K)
+    mask = targets != IGNORE  # (B, K)
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, K)
+    per_position = picked - torch.logsumexp(logits, dim=-1)  # (B, K): log-softmax at the target
+    return (per_position * mask).sum(dim=1)  # (B,)

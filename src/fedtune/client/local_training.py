@@ -120,8 +120,9 @@ def train_locally(
 
 
 def target_count(group: Sequence[dict[str, torch.Tensor]]) -> int:
-    """Target positions of a step's micro-batches: the denominator of its position-mean loss."""
-    return sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+    """Target positions of a step's micro-batches: the denominator of its position-mean loss (preference pairs,
+    ``data.tokenize.collate_pairs``: the pairs, for a loss that is a mean over pairs)."""
+    return sum(int(b["chosen"].sum()) if "chosen" in b else int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
 
 
 def optimizer_step(

@@ -30,7 +30,7 @@ from fedtune.client.zeroth_order import ZoStep, direction_bytes, train_zeroth_or
 from fedtune.config import TrainingConfig
 from fedtune.config.privacy import DpSgdConfig
 from fedtune.core import rng
-from fedtune.data.tokenize import collate
+from fedtune.data.tokenize import Collate, collate
 from fedtune.losses import LossFn, example_loss_sum, token_loss_sum
 from fedtune.models.head_loss import plain_head
 from fedtune.reporting.console import bar_disabled
@@ -70,10 +70,12 @@ class LocalTrainer:
         pad_id: int,
         progress: bool = False,
         dp_sgd: DpSgdConfig | None = None,
+        collate: Collate = collate,
     ):
-        """``dp_sgd``: train with DP-SGD (Poisson batches, per-example clipping, noise; ``train``'s noise_seed)."""
+        """``dp_sgd``: train with DP-SGD (Poisson batches, per-example clipping, noise; ``train``'s noise_seed).
+        ``collate``: how a micro-batch's sequences become tensors (``data.tokenize.collate_pairs``: pairs)."""
         self.cfg, self.total_rounds, self.seed, self.pad_id = training, total_rounds, seed, pad_id
-        self.progress, self.dp_sgd = progress, dp_sgd
+        self.progress, self.dp_sgd, self.collate = progress, dp_sgd, collate
         self._cost_of: tuple = (None, None)
 
     def held_bytes(self, adapter: AdapterModel) -> int:
@@ -108,7 +110,7 @@ class LocalTrainer:
         """(torch seed, micro-batches, optimizer steps, learning rate of each step) of one client's round."""
         cfg = self.cfg
         torch_seed, plan = round_plan(self.seed, round_index, client_id, len(data.train), cfg, poisson)
-        batches = [collate([data.train[i] for i in idx], self.pad_id) if len(idx) else _empty() for idx in plan]
+        batches = [self.collate([data.train[i] for i in idx], self.pad_id) if len(idx) else _empty() for idx in plan]
         steps = -(-len(batches) // cfg.grad_accum)
         schedule = RoundSchedule.of(cfg, self.total_rounds)
         return torch_seed, batches, steps, partial(schedule.lr_at, round_index, steps=steps)
@@ -125,12 +127,15 @@ class LocalTrainer:
         candidates: Sequence[int] | None = None,
         reference: Mapping[str, torch.Tensor] | None = None,
         weights: Sequence[float] | None = None,
+        prepare: Callable[[list[dict[str, torch.Tensor]]], list[dict[str, torch.Tensor]]] | None = None,
     ) -> TrainOutcome:
         """``loss``: next-token cross-entropy by default (fused as ``training.fused_loss`` says).
         ``noise_seed``: with DP-SGD, the client's secret seed of its noise (keyed further by round).
         ``candidates``: zeroth-order steps draw each direction's seed from these (FedKSeed), uniformly or with
         probabilities ``weights`` (FedKSeed-Pro).
-        ``reference``: forward-gradient directions align with it, per adapter tensor (None: plain)."""
+        ``reference``: forward-gradient directions align with it, per adapter tensor (None: plain).
+        ``prepare``: the round's micro-batches as ``loss`` needs them, made before the first step (DPO adds the
+        reference model's log-probabilities); its forward passes count in the round's FLOPs."""
         cfg = self.cfg
         fused = loss is None and cfg.fused_loss and self.dp_sgd is None and plain_head(adapter.model) is not None
         if loss is None:
@@ -198,6 +203,14 @@ class LocalTrainer:
             n = len(trained.steps)
             result = self._forward_flops(adapter, fused, trained.result, [(b, 2) for b in batches[:n]])
             return TrainOutcome(result, time.perf_counter() - start, tuple(trained.steps), tuple(choices[:n]))
+        prepared_flops = 0.0
+        if prepare is not None:
+            if cfg.backprop_free or step is not None:
+                raise ValueError("prepared micro-batches train by backprop, without DP-SGD")
+            batches = prepare(batches)
+            prepared_flops = self._forward_flops(
+                adapter, fused, LocalResult(0, 0.0, 0, 0.0), [(b, 1) for b in batches]
+            ).flops
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)  # dropout and any other torch randomness of this round
             result = train_locally(
@@ -216,6 +229,8 @@ class LocalTrainer:
                 dp=step,
             )
         bar.close()
+        if prepared_flops:
+            result = replace(result, flops=result.flops + prepared_flops)
         return TrainOutcome(result, time.perf_counter() - start)
 
     def train_jointly(

@@ -13,7 +13,7 @@ TRAINING_RECIPES = tuple(e.name for e in DATASET_RECIPES if "training" in e.info
 
 
 class BuiltinTasksConfig(Strict):
-    """Size and mix of the generated built-in dataset (``data.dataset: builtin:tasks``)."""
+    """Size and mix of the generated built-in dataset (``data.dataset: builtin:tasks`` or ``builtin:preferences``)."""
 
     tasks: list[Literal["arithmetic", "unit_conversion", "string_transform", "max_of_list"]] = Field(
         default_factory=lambda: ["arithmetic", "unit_conversion", "string_transform", "max_of_list"],
@@ -30,7 +30,9 @@ class DataConfig(Strict):
     """Where examples come from and how they become token sequences."""
 
     dataset: str = Field(
-        "builtin:tasks", description="builtin:tasks, or a .jsonl/.json/.parquet file or saved HF dataset"
+        "builtin:tasks",
+        description="builtin:tasks, builtin:preferences (the same problems as preference pairs: the right answer "
+        "chosen, a near miss rejected), or a .jsonl/.json/.parquet file or saved HF dataset",
     )
     eval_dataset: str | None = Field(None, description="held-out file; default: split eval_fraction off dataset")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share of dataset when no eval_dataset")

@@ -111,6 +111,7 @@ PARADIGMS = Registry(
         Entry("offsite", "", "fedtune.paradigms.offsite:PARADIGM"),
         Entry("fedkseed", "", "fedtune.paradigms.fedkseed:PARADIGM"),
         Entry("personalised", "", "fedtune.paradigms.personalised:PARADIGM"),
+        Entry("dpo", "", "fedtune.paradigms.dpo:PARADIGM"),
     ],
     external=True,
 )
@@ -277,6 +278,18 @@ DATASET_RECIPES = Registry(
             info=_TRAIN,
         ),
         Entry("aya", "Aya dataset: inputs, targets; split by language", _R + "AYA", info=_TRAIN),
+        Entry(
+            "ultrafeedback",
+            "UltraFeedback binarized: prompt, chosen and rejected conversations (preference pairs)",
+            _R + "ULTRAFEEDBACK",
+            info=_TRAIN,
+        ),
+        Entry(
+            "fed_chatbotpa",
+            "Fed-ChatbotPA (FedLLM-Bench): {client: [{prompt, chosen, rejected}]}; split by client",
+            _R + "FED_CHATBOTPA",
+            info=_TRAIN,
+        ),
         Entry(
             "fedllm_bench",
             "FedLLM-Bench: {client: [{conversations}]}; split by client",

@@ -1,9 +1,12 @@
 """Read instruction data from JSONL / JSON / Parquet / a saved HF dataset into Examples.
 
-Two record shapes are accepted:
+Three record shapes are accepted:
   instruction: {"instruction": str, "input": str (optional), "output": str, ...extra fields}
   chat:        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], ...}
-The last chat message must come from the assistant: it is the training target. Extra scalar
+  preference:  {"prompt": str or messages, "chosen": str or messages, "rejected": str or messages, ...}
+The last chat message must come from the assistant: it is the training target. A preference pair is
+the prompt with its chosen reply as the target and the rejected reply beside it (``Example.rejected``);
+its replies may be whole conversations (UltraFeedback's), whose turns before the reply are the prompt. Extra scalar
 fields (e.g. ``task``, ``category``) are kept as metadata for partitioning and reporting. A public
 set in its own columns is read through its recipe (``data.recipes``). Every malformed record is found
 in one pass: one DataError names the file, the line (or record index) and what was expected for each
@@ -38,6 +41,7 @@ class Example:
 
     messages: tuple[dict[str, str], ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    rejected: str | None = None  # a preference pair's dispreferred reply to the same prompt (target: the chosen)
 
     @property
     def target(self) -> str:
@@ -57,6 +61,8 @@ def record_to_example(record: Any, where: str) -> Example:
     """Validate one record; ``where`` is 'file:line' or 'file: record N' for the error message."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: record is a {type(record).__name__}, {_SHAPES}")
+    if "chosen" in record or "rejected" in record:
+        return preference_example(record, where)
     meta = {k: v for k, v in record.items() if k not in ("messages", "instruction", "input", "output")}
     meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if "messages" in record:
@@ -75,23 +81,86 @@ def record_to_example(record: Any, where: str) -> Example:
     raise DataError(f"{where}: {_SHAPES}; this record has keys {sorted(record)} (missing {missing})")
 
 
-def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:
+_PAIR = "expected a preference pair {prompt, chosen, rejected}: strings, or lists of {role, content} messages"
+
+
+def preference_example(record: dict[str, Any], where: str) -> Example:
+    """A preference pair {prompt, chosen, rejected} as an Example: the prompt's turns, the chosen reply as the
+    target and the rejected one beside it. A reply may be a string, a list ending in the assistant's message
+    (trl's conversational shape), or the whole conversation (UltraFeedback's), whose earlier turns are then
+    the prompt and must match the other reply's and a string ``prompt``."""
+    missing = [k for k in ("chosen", "rejected") if k not in record]
+    if missing:
+        raise DataError(f"{where}: {_PAIR}; this record has keys {sorted(record)} (missing {missing})")
+    chosen_turns, chosen = _reply(record["chosen"], "chosen", where)
+    rejected_turns, rejected = _reply(record["rejected"], "rejected", where)
+    if chosen_turns != rejected_turns:
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' continue different conversations; their turns before "
+            "the reply must be the same"
+        )
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(f"{where}: 'prompt' is empty")
+        turns = chosen_turns or ({"role": "user", "content": prompt},)
+        if chosen_turns and not any(m["role"] == "user" and m["content"] == prompt for m in chosen_turns):
+            raise DataError(f"{where}: 'prompt' is not among the user turns that 'chosen' replies to")
+    elif isinstance(prompt, list):
+        turns = _check_messages([*prompt, {"role": "assistant", "content": ""}], where)[:-1]
+        if chosen_turns and chosen_turns != turns:
+            raise DataError(f"{where}: 'chosen' replies to other turns than 'prompt' holds")
+    elif prompt is None and chosen_turns:
+        turns = chosen_turns
+    else:
+        raise DataError(
+            f"{where}: 'prompt' must be a string or a list of {{role, content}} messages, got {type(prompt).__name__}"
+        )
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same reply; a pair must prefer one of two")
+    meta = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "messages")}
+    meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return Example((*turns, {"role": "assistant", "content": chosen}), meta, rejected)
+
+
+def _reply(value: Any, key: str, where: str) -> tuple[tuple[dict[str, str], ...], str]:
+    """(the turns a reply follows, the reply's text) of a preference pair's ``key``."""
+    if isinstance(value, str):
+        turns: tuple[dict[str, str], ...] = ()
+        text = value
+    elif isinstance(value, list) and value:
+        messages = _check_messages(value, where, key, need_prompt=False)
+        turns, text = messages[:-1], messages[-1]["content"]
+    else:
+        raise DataError(
+            f"{where}: {key!r} must be a string or a non-empty list of {{role, content}} messages, "
+            f"got {type(value).__name__}: {value!r:.60}"
+        )
+    if not text.strip():
+        raise DataError(f"{where}: {key!r} is empty; a pair needs two non-empty replies")
+    return turns, text
+
+
+def _check_messages(
+    messages: Any, where: str, key: str = "messages", need_prompt: bool = True
+) -> tuple[dict[str, str], ...]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: {key!r} must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not {"role", "content"} <= set(m):
-            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {m!r:.80}")
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {m!r:.80}")
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: messages[{i}].role is {m['role']!r}; allowed: {', '.join(ROLES)}")
+            raise DataError(f"{where}: {key}[{i}].role is {m['role']!r}; allowed: {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise DataError(f"{where}: messages[{i}].content must be a string")
+            raise DataError(f"{where}: {key}[{i}].content must be a string")
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] != "assistant":
         raise DataError(
-            f"{where}: the last message must be the assistant's (the training target), got {out[-1]['role']!r}"
+            f"{where}: the last message{'' if key == 'messages' else f' of {key!r}'} must be the assistant's (the "
+            f"training target), got {out[-1]['role']!r}"
         )
-    if len(out) < 2:
+    if need_prompt and len(out) < 2:
         raise DataError(f"{where}: 'messages' needs at least one prompt turn before the assistant's reply")
     return tuple(out)
 
@@ -259,6 +328,14 @@ def _hf_rows(p: Path) -> Iterator[tuple[str, Any]]:
         yield f"{p}: row {i}", rec
 
 
+def _record(ex: Example) -> dict[str, Any]:
+    """An example as the record ``record_to_example`` reads back equal: chat, or a conversational pair."""
+    if ex.rejected is None:
+        return {"messages": [dict(m) for m in ex.messages], **ex.meta}
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    return {"prompt": ex.prompt_messages, "chosen": reply(ex.target), "rejected": reply(ex.rejected), **ex.meta}
+
+
 def write_jsonl(examples: Iterable[Example], path: str | Path) -> int:
     """Write examples as chat records (metadata kept) that ``load_examples`` reads back equal; returns the count."""
     p = Path(path)
@@ -266,6 +343,6 @@ def write_jsonl(examples: Iterable[Example], path: str | Path) -> int:
     n = 0
     with p.open("w", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps({"messages": [dict(m) for m in ex.messages], **ex.meta}, ensure_ascii=False) + "\n")
+            f.write(json.dumps(_record(ex), ensure_ascii=False) + "\n")
             n += 1
     return n

@@ -11,10 +11,13 @@ from fedtune.core import rng
 from fedtune.core.errors import ConfigError, DataError
 from fedtune.core.registry import DATASET_RECIPES
 from fedtune.data import partitioners
+from fedtune.data.builtin.preferences import generate_preferences
 from fedtune.data.builtin.tasks import generate_public, generate_tasks
 from fedtune.data.formats import Example, load_examples
 
 BUILTIN = "builtin:tasks"
+BUILTIN_PAIRS = "builtin:preferences"  # the same problems as preference pairs (data.builtin.preferences module)
+GENERATED = {BUILTIN: generate_tasks, BUILTIN_PAIRS: generate_preferences}
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,10 @@ class FederatedData:
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example], bool]:
     """(train, eval, is_builtin). Without eval_dataset, a seeded eval_fraction of the data is held out."""
     if cfg.dataset.startswith("builtin:"):
-        if cfg.dataset != BUILTIN:
-            raise DataError(f"data.dataset={cfg.dataset!r}: the built-in dataset is {BUILTIN!r}")
+        if cfg.dataset not in GENERATED:
+            raise DataError(f"data.dataset={cfg.dataset!r}: the built-in datasets are {', '.join(GENERATED)}")
         b = cfg.builtin
-        train, evaluation = generate_tasks(b.tasks, b.train_per_task, b.eval_per_task)
+        train, evaluation = GENERATED[cfg.dataset](b.tasks, b.train_per_task, b.eval_per_task)
         return train, evaluation, True
     examples = load_data_file(cfg, cfg.dataset)
     if cfg.eval_dataset:

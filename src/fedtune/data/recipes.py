@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtune.core.errors import DataError
-from fedtune.data.formats import Example, from_instruction, record_to_example
+from fedtune.data.formats import Example, from_instruction, preference_example, record_to_example
 from fedtune.data.items import AnswerItem, ChoiceItem, CodeItem, choice_item, group_of, text
 
 Record = dict[str, Any]
@@ -242,6 +242,8 @@ MEDICAL_MEADOW = Recipe("medical_meadow_flashcards", "medalpaca/medical_meadow_m
 DOLLY = Recipe("dolly", "databricks/databricks-dolly-15k", "category", _dolly, _dolly_item, "answer")
 GSM8K = Recipe("gsm8k", "openai/gsm8k", None, _gsm8k, _gsm8k_item, "answer")
 AYA = Recipe("aya", "CohereForAI/aya_dataset", "language", _aya)
+ULTRAFEEDBACK = Recipe("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", example=preference_example)
+FED_CHATBOTPA = Recipe("fed_chatbotpa", "rui-ye/FedLLM-Bench", "client", preference_example, grouped_file=True)
 FEDLLM_BENCH = Recipe("fedllm_bench", "rui-ye/FedLLM-Bench", "client", _sharegpt, grouped_file=True)
 MMLU = Recipe("mmlu", "cais/mmlu", "subject", item=_mmlu, shape="choice")
 MEDMCQA = Recipe("medmcqa", "openlifescienceai/medmcqa", "subject_name", item=_medmcqa, shape="choice")

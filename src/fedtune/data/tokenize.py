@@ -5,7 +5,7 @@ The same ``encode_prompt`` serves training and generation, so both see identical
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,7 @@ from fedtune.data.formats import Example
 from fedtune.data.templates import TARGET_PREFIX, render_prompt
 
 IGNORE = -100
+Collate = Callable[[Sequence["Encoded"], int], dict[str, torch.Tensor]]  # (sequences, pad id) -> a batch
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,12 @@ class Encoded:
     input_ids: tuple[int, ...]  # prompt + target + eos
     prompt_len: int
     train_on_prompt: bool = False
+    rejected_ids: tuple[int, ...] | None = None  # a preference pair's: the same prompt + rejected reply + eos
+
+    def rejected(self) -> Encoded:
+        """The pair's rejected sequence as a sequence of its own (same prompt, same loss positions)."""
+        assert self.rejected_ids is not None
+        return Encoded(self.rejected_ids, self.prompt_len, self.train_on_prompt)
 
     @property
     def num_target_tokens(self) -> int:
@@ -45,16 +52,25 @@ class Encoder:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def encode(self, example: Example) -> tuple[Encoded, bool]:
-        """Return (encoded, truncated). Over-long prompts lose their start; the target is kept."""
+        """Return (encoded, truncated). Over-long prompts lose their start; the target is kept (a pair's two
+        replies both, the prompt cut to fit the longer one)."""
         prompt = self.encode_prompt(example)
-        target_text = TARGET_PREFIX.get(self.template, "") + example.target
-        target = self.tokenizer(target_text, add_special_tokens=False)["input_ids"]
-        target = [*target, self.tokenizer.eos_token_id]
-        truncated = len(prompt) + len(target) > self.max_seq_len
+        replies = [self._reply(example.target)]
+        if example.rejected is not None:
+            replies.append(self._reply(example.rejected))
+        longest = max(len(r) for r in replies)
+        truncated = len(prompt) + longest > self.max_seq_len
         if truncated:
-            target = target[: self.max_seq_len - 1]
-            prompt = prompt[len(prompt) - (self.max_seq_len - len(target)) :]
-        return Encoded(tuple(prompt + target), len(prompt), self.train_on_prompt), truncated
+            replies = [r[: self.max_seq_len - 1] for r in replies]
+            longest = max(len(r) for r in replies)
+            prompt = prompt[len(prompt) - (self.max_seq_len - longest) :]
+        rejected = tuple(prompt + replies[1]) if len(replies) > 1 else None
+        return Encoded(tuple(prompt + replies[0]), len(prompt), self.train_on_prompt, rejected), truncated
+
+    def _reply(self, text: str) -> list[int]:
+        """A target's token ids as training sees them: the template's prefix, the text, EOS."""
+        ids = self.tokenizer(TARGET_PREFIX.get(self.template, "") + text, add_special_tokens=False)["input_ids"]
+        return [*ids, self.tokenizer.eos_token_id]
 
     def encode_all(self, examples: Sequence[Example]) -> tuple[list[Encoded], int]:
         out, n_trunc = [], 0
@@ -78,6 +94,16 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         start = 0 if e.train_on_prompt else e.prompt_len
         labels[i, start:n] = ids[i, start:n]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs as one batch: the B chosen sequences, then their B rejected ones (row B + i is row i's
+    pair), padded as ``collate`` pads; ``chosen`` (2B,) marks the first half. Every item must be a pair."""
+    if any(e.rejected_ids is None for e in batch):
+        raise ValueError("collate_pairs needs preference pairs; an item has no rejected reply")
+    out = collate([*batch, *(e.rejected() for e in batch)], pad_id)  # each (2B, T)
+    out["chosen"] = torch.arange(2 * len(batch)) < len(batch)  # (2B,)
+    return out
 
 
 def stack_collated(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

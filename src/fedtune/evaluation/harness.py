@@ -1,4 +1,6 @@
-"""Held-out evaluation: token-mean loss and perplexity; exact-match accuracy by greedy generation.
+"""Held-out evaluation: token-mean loss and perplexity; exact-match accuracy by greedy generation; on
+preference pairs, how often the chosen reply is preferred (by likelihood, and by implicit reward against a
+reference model's).
 
 Both come from ``scoring.score``: one forward per batch scores the targets and leaves the attention
 cache that generation continues from, with the prefixes that prompts share run once.
@@ -33,6 +35,11 @@ class EvalSet:
         prompts = [list(e.input_ids[: e.prompt_len]) for e in encoded]
         return cls(list(examples), encoded, prompts)
 
+    @property
+    def pairs(self) -> bool:
+        """Whether every example is a preference pair (a rejected reply beside the target)."""
+        return bool(self.encoded) and all(e.rejected_ids is not None for e in self.encoded)
+
     def scored_rows(self) -> tuple[list[list[int]], list[list[int]]]:
         """(prompts, continuations) whose continuation log-likelihoods make the loss: the
         target and EOS, or (trained on the prompt too) everything after the first token."""
@@ -51,8 +58,10 @@ def evaluate(
     max_new_tokens: int,
     group_by: str | None,
     prefix: str = "eval_",
+    reference: Sequence[float] | None = None,
 ) -> dict[str, float | dict[str, float]]:
-    """Metrics dict: {prefix}loss, {prefix}ppl and, when exact, {prefix}accuracy (+ per group)."""
+    """Metrics dict: {prefix}loss, {prefix}ppl and, when exact, {prefix}accuracy (+ per group); on preference
+    pairs also ``pair_metrics``' (``reference``: the reference model's margins, ``pair_margins``)."""
     prompts, conts = data.scored_rows()
     joint = exact and prompts is data.prompts  # the scored prompts are the generation prompts: one pass
     s = score(
@@ -66,6 +75,9 @@ def evaluate(
     )
     loss = -sum(s.log_likelihood) / max(1, sum(s.tokens))
     out: dict[str, float | dict[str, float]] = {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0))}
+    if data.pairs:
+        margins = pair_margins(model, tokenizer, data, batch_size)
+        out |= {f"{prefix}{k}": v for k, v in pair_metrics(margins, reference).items()}
     if exact:
         preds = s.generations if joint else generate(model, tokenizer, data, max_new_tokens, batch_size)
         hits = [exact_match(p, ex.target) for p, ex in zip(preds, data.examples, strict=True)]
@@ -75,6 +87,36 @@ def evaluate(
             by_group = grouped_accuracy(hits, groups)
             if by_group:
                 out[f"{prefix}accuracy_by_{group_by}"] = by_group
+    return out
+
+
+def pair_margins(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: EvalSet,
+    batch_size: int,
+) -> list[float]:
+    """Per preference pair, log p(chosen | prompt) − log p(rejected | prompt) under ``model`` (replies with
+    their EOS). Always the same computation, so that a model compared with itself gives margins equal to the
+    bit."""
+    chosen = [list(e.input_ids[e.prompt_len :]) for e in data.encoded]
+    rejected = [list(e.rejected_ids[e.prompt_len :]) for e in data.encoded if e.rejected_ids is not None]
+    better = score(model, tokenizer, data.prompts, chosen, batch_size=batch_size).log_likelihood
+    worse = score(model, tokenizer, data.prompts, rejected, batch_size=batch_size).log_likelihood
+    return [c - r for c, r in zip(better, worse, strict=True)]
+
+
+def pair_metrics(margins: Sequence[float], reference: Sequence[float] | None = None) -> dict[str, float]:
+    """preference_accuracy: the share of pairs whose chosen reply is the likelier one (a tie counts half).
+    With the reference model's margins: reward_accuracy, the share whose implicit reward β·log(π/π_ref) ranks
+    the chosen reply higher (a tie half: the reference itself scores exactly 0.5), and reward_margin, the mean
+    of (log π/π_ref)(chosen) − (log π/π_ref)(rejected) in nats (β times it is DPO's reward margin)."""
+    n = max(1, len(margins))
+    out = {"preference_accuracy": sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / n}
+    if reference is not None:
+        gaps = [m - m0 for m, m0 in zip(margins, reference, strict=True)]
+        out["reward_accuracy"] = sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / n
+        out["reward_margin"] = sum(gaps) / n
     return out
 
 

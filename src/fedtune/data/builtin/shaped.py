@@ -15,7 +15,9 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from fedtune.data.builtin.preferences import paired
 from fedtune.data.builtin.tasks import TASKS, _draw
+from fedtune.data.formats import from_instruction
 
 Record = dict[str, Any]
 SEED = 20261207
@@ -82,6 +84,35 @@ def _fedllm_bench(rng: random.Random, n: int) -> dict[str, list[Record]]:
         if i % 4 == 0:
             turns = [{"from": "gpt", "value": "Hello! How can I help?"}, *turns]  # a leading bot turn, dropped
         clients.setdefault(f"user_{i % 3}", []).append({"conversations": turns})
+    return clients
+
+
+def _pairs(rng: random.Random, n: int) -> list[tuple[str, str, str, str]]:
+    """(prompt, chosen, rejected, task): the built-in problems with a near miss rejected (builtin.preferences)."""
+    out = []
+    for q, x, a, task in _tasks(rng, n):
+        pair = paired(from_instruction(q, a, x, task=task))
+        out.append((pair.messages[0]["content"], pair.target, pair.rejected or "", task))
+    return out
+
+
+def _ultrafeedback(rng: random.Random, n: int) -> list[Record]:
+    """HuggingFaceH4/ultrafeedback_binarized: the prompt, and each reply as the whole conversation."""
+    rows = []
+    for i, (p, c, r, _) in enumerate(_pairs(rng, n)):
+        ask = {"role": "user", "content": p}
+        chosen, rejected = [ask, {"role": "assistant", "content": c}], [ask, {"role": "assistant", "content": r}]
+        score = {"score_chosen": 8.0, "score_rejected": 3.5}
+        rows.append(
+            {"prompt": p, "prompt_id": f"{i:064x}", "chosen": chosen, "rejected": rejected, "messages": chosen, **score}
+        )
+    return rows
+
+
+def _fed_chatbotpa(rng: random.Random, n: int) -> dict[str, list[Record]]:
+    clients: dict[str, list[Record]] = {}
+    for i, (p, c, r, _) in enumerate(_pairs(rng, n)):
+        clients.setdefault(f"user_{i % 3}", []).append({"prompt": p, "chosen": c, "rejected": r})
     return clients
 
 
@@ -305,6 +336,8 @@ _MAKERS: dict[str, Callable[[random.Random, int], Any]] = {
     "gsm8k": _gsm8k,
     "aya": _aya,
     "fedllm_bench": _fedllm_bench,
+    "ultrafeedback": _ultrafeedback,
+    "fed_chatbotpa": _fed_chatbotpa,
     "mmlu": _mmlu,
     "medmcqa": _medmcqa,
     "medqa": _medqa,

@@ -13,6 +13,7 @@ from fedtune.client.data import ClientData
 from fedtune.client.schedule import RoundSchedule
 from fedtune.client.trainer import LocalTrainer
 from fedtune.core.errors import ConfigError
+from fedtune.data.tokenize import Collate, collate
 from fedtune.evaluation.harness import EvalSet
 from fedtune.paradigms.parameter_sharing.client import ParameterSharingClient
 from fedtune.paradigms.parameter_sharing.secure_server import SecureAggregation
@@ -112,11 +113,13 @@ def client(
     data: dict[int, ClientData],
     eval_set: EvalSet | None = None,
     kind: type[ParameterSharingClient] = ParameterSharingClient,
+    collate: Collate = collate,
     **extra: Any,
 ) -> ParameterSharingClient:
-    """The training client; ``kind`` and ``extra``: a paradigm that extends it builds its own subclass."""
+    """The training client; ``kind`` and ``extra``: a paradigm that extends it builds its own subclass;
+    ``collate``: how its micro-batches are made (``data.tokenize.collate_pairs``: preference pairs)."""
     trainer = LocalTrainer(
-        plan.training, plan.rounds, plan.seed, bench.tokenizer.pad_token_id, plan.progress, plan.privacy.dp_sgd
+        plan.training, plan.rounds, plan.seed, bench.tokenizer.pad_token_id, plan.progress, plan.privacy.dp_sgd, collate
     )
     return kind(
         bench.adapter,
