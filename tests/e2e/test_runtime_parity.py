@@ -103,6 +103,12 @@ def _personalised(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> Non
     assert all(f == figures[0] for f in figures) and all(len(p or {}) == 3 for _, p in figures[0])
 
 
+def _dpo(tmp_path: Path, runs: dict[str, Path], fed: Federation) -> None:
+    """Every run scored the held-out pairs after every round, with the same figures."""
+    figures = [[r.get("eval_reward_accuracy") for r in _history(run)[1:]] for run in runs.values()]
+    assert all(f == figures[0] for f in figures) and None not in figures[0]
+
+
 # name -> (settings over tests.helpers.deployment.BASE, the case's own checks)
 CASES: dict[str, tuple[dict, Callable | None]] = {
     # int8 + error feedback up (client state), bf16 down (a dtype numpy would lose)
@@ -203,6 +209,12 @@ CASES: dict[str, tuple[dict, Callable | None]] = {
         },
         _personalised,
     ),
+    # federated DPO: pair batches, the reference taken from the round's global model in each process; a deployed
+    # client reads its pairs from its own file; the held-out pairs scored the same everywhere
+    "dpo": (
+        {"paradigm": {"name": "dpo", "beta": 0.5}, "data": {"dataset": "builtin:preferences"}},
+        _dpo,
+    ),
     # a paradigm defined only in tests (tests/paradigms/toy): each process imports it by its import path
     "toy": (
         {"paradigm": {"name": "tests.paradigms.toy:PARADIGM", "scale": 2.0}, "training": None},
@@ -250,9 +262,9 @@ def _simulated(fed: Federation, *names: str) -> dict[str, Path]:
     return {n: run_experiment(load_config(fed.config, [*RUNTIMES[n], f"output.name={n}"])).run_dir for n in names}
 
 
-# the README's test command has its minutes counted: split has one fast case; offsite and personalised (parameter
-# sharing's round, which the first case runs) their deployed ones
-SIMULATED_SLOW = {"split_per_client", "offsite", "personalised"}
+# the README's test command has its minutes counted: split has one fast case; offsite, personalised and dpo
+# (parameter sharing's round, which the first case runs) their deployed ones
+SIMULATED_SLOW = {"split_per_client", "offsite", "personalised", "dpo"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SIMULATED_SLOW else c for c in CASES])

@@ -33,6 +33,11 @@ MEASURES: dict[str, str] = {  # name -> what it is (comparison.json and the tabl
     "averaged over clients, after the last round",
     "final_personal_eval_loss": "personalised: each client's personalised model's loss on its own held-out share, "
     "averaged over clients, after the last round",
+    "final_reward_accuracy": "preference pairs: the share of held-out pairs whose implicit reward (the model's "
+    "log-ratio to the initial adapter) ranks the chosen reply first, after the last round (0.5 at the start)",
+    "final_preference_accuracy": "preference pairs: the share of held-out pairs whose chosen reply the model finds "
+    "likelier, after the last round",
+    "start_preference_accuracy": "preference pairs: final_preference_accuracy before round 1 (the initial adapter)",
     "final_personal_gain": "personalised: final_client_eval_loss minus final_personal_eval_loss in the same run "
     "(positive: the personalised models do better on their clients' shares)",
 }
@@ -75,6 +80,9 @@ def run_measures(history: list[dict[str, Any]], num_clients: int, target_loss: f
         "final_eval_loss": last["eval_loss"],
         "start_eval_loss": evals[0]["eval_loss"] if evals[0]["round"] == 0 else None,
         "final_accuracy": last.get("eval_accuracy"),
+        "final_reward_accuracy": last.get("eval_reward_accuracy"),
+        "final_preference_accuracy": last.get("eval_preference_accuracy"),
+        "start_preference_accuracy": evals[0].get("eval_preference_accuracy") if evals[0]["round"] == 0 else None,
         "rounds_to_target": reached[0] if reached else None,
         "bytes_up_per_client": sum(r["bytes_up"] for r in trained) / num_clients,
         "bytes_down_per_client": sum(r["bytes_down"] for r in trained) / num_clients,

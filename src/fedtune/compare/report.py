@@ -31,6 +31,9 @@ COLUMNS: dict[str, tuple[str, str, float]] = {
     "final_client_eval_loss": ("clients' shares: global loss", ".3f", 1.0),
     "final_personal_eval_loss": ("clients' shares: personal loss", ".3f", 1.0),
     "final_personal_gain": ("personal gain", ".3f", 1.0),
+    "start_preference_accuracy": ("start preference acc. %", ".1f", 100.0),
+    "final_preference_accuracy": ("preference acc. %", ".1f", 100.0),
+    "final_reward_accuracy": ("reward acc. %", ".1f", 100.0),
 }
 RANKED = {"final_eval_loss": True, "final_accuracy": False}  # measure -> lower is better
 

@@ -47,6 +47,9 @@ def _f(x: Any, fmt: str = ".4f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+PAIR_METRICS = {"eval_reward_accuracy": "reward accuracy", "eval_preference_accuracy": "preference accuracy"}
+
+
 def round_line(rec: dict[str, Any], rounds: int) -> str:
     parts = [f"round {rec['round']}/{rounds}"]
     if rec["round"] > 0:
@@ -55,6 +58,7 @@ def round_line(rec: dict[str, Any], rounds: int) -> str:
         parts.append(f"eval_loss {_f(rec['eval_loss'])}")
     if rec.get("eval_accuracy") is not None:
         parts.append(f"accuracy {rec['eval_accuracy']:.1%}")
+    parts += [f"{label} {rec[key]:.1%}" for key, label in PAIR_METRICS.items() if rec.get(key) is not None]
     if rec["round"] > 0:
         parts += [f"up {_mb(rec['bytes_up'])} MB", f"down {_mb(rec['bytes_down'])} MB"]
     if rec.get("dp_epsilon") is not None:
@@ -98,6 +102,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
             for group, acc in fin[key].items():
                 start = (ini.get(key) or {}).get(group)
                 table.add_row(f"  {group}", f"{_f(start, '.0%')} -> {acc:.0%}")
+    for key, label in PAIR_METRICS.items():  # preference pairs
+        if fin.get(key) is not None:
+            table.add_row(f"{label} (start -> end)", f"{_f(ini.get(key), '.1%')} -> {fin[key]:.1%}")
     for key in benchmark_metrics(fin):  # evaluation.tasks
         table.add_row(f"{key} (start -> end)", f"{_f(ini.get(key), '.1%')} -> {fin[key]:.1%}")
     table.add_row("rounds", str(summary["rounds_completed"]))

@@ -71,7 +71,8 @@ def summarize(history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
     evals = [r for r in history if r.get("eval_loss") is not None]
     trained = [r for r in history if r["round"] > 0]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    keys = [k for k in ("eval_loss", "eval_ppl", "eval_accuracy") if k in last]
+    pairs = ("eval_reward_accuracy", "eval_reward_margin", "eval_preference_accuracy")  # on preference pairs
+    keys = [k for k in ("eval_loss", "eval_ppl", "eval_accuracy", *pairs) if k in last]
     out: dict[str, Any] = {
         **extra,
         "rounds_completed": max((r["round"] for r in history), default=0),
