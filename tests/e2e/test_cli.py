@@ -147,6 +147,15 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
             "privacy.noise_seed=3",
             "federation.clients_per_round=3",
         ],
+        pytest.param(  # DPO: pair batches, the reference's log-probabilities taken in each round (here the initial's)
+            [
+                "paradigm.name=dpo",
+                "data.dataset=builtin:preferences",
+                "paradigm.reference=initial",
+                "federation.clients_per_round=3",
+            ],
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=[
         "fedavg",
@@ -156,6 +165,7 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
         "downlink_updates+partial",
         "dp_fedavg+adaptive_clip+poisson",
         "distributed_dp+secure_aggregation",
+        "dpo_initial_reference",
     ],
 )
 def test_resume_after_kill_is_bit_identical(tmp_path, algorithm):

@@ -139,4 +139,5 @@ def test_a_dpo_run_scores_its_held_out_pairs_every_round(tmp_path):
     for r in history[1:]:
         assert 0 <= r["eval_reward_accuracy"] <= 1 and 0 <= r["eval_preference_accuracy"] <= 1
         assert r["eval_reward_margin"] != 0.0 and math.isfinite(r["train_loss"])
+        assert r["dropped"] == {}  # honest DPO updates stay within max_update_norm=auto
     assert history[1]["train_loss"] == pytest.approx(math.log(2), abs=0.05)  # policy = reference at step 1
