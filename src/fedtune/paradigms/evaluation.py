@@ -20,7 +20,8 @@ from fedtune.evaluation.harness import EvalSet, evaluate
 from fedtune.paradigms.base import LARGEST_REPORTED, BadReply, Exchange
 from fedtune.wire.link import max_wire_bytes
 
-METRICS = ("loss", "ppl", "accuracy")  # what a client may report; anything else drops its reply
+# what a client may report (preference_accuracy: on preference pairs); anything else drops its reply
+METRICS = ("loss", "ppl", "accuracy", "preference_accuracy")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def read_eval_reply(round_index: int) -> Callable[[int, EvalReply], dict[str, fl
         bad = [
             k
             for k, v in reply.metrics.items()
-            if not math.isfinite(v) or not 0 <= v <= LARGEST_REPORTED or (k == "accuracy" and v > 1)
+            if not math.isfinite(v) or not 0 <= v <= LARGEST_REPORTED or (k.endswith("accuracy") and v > 1)
         ]
         if bad:
             raise BadReply(f"metrics out of range: {bad}")
@@ -90,9 +91,13 @@ def client_record(accepted: dict[int, dict[str, float]], prefix: str) -> dict[st
 
 
 def summarise(per_client: dict[int, dict[str, float]], prefix: str) -> dict[str, Any]:
-    """Mean and worst over clients: ``{prefix}loss_mean``, ``{prefix}loss_worst``, the same for accuracy."""
+    """Mean and worst over clients: ``{prefix}loss_mean``, ``{prefix}loss_worst``, the same for the accuracies."""
     out: dict[str, Any] = {}
-    for key, worst in (("loss", max), ("accuracy", min)):  # worst: highest loss, lowest accuracy
+    for key, worst in (
+        ("loss", max),
+        ("accuracy", min),
+        ("preference_accuracy", min),
+    ):  # worst: highest loss, lowest accuracy
         values = [m[key] for m in per_client.values() if key in m]
         if values:
             out[f"{prefix}{key}_mean"] = sum(values) / len(values)

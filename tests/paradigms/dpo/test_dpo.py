@@ -131,7 +131,10 @@ def test_a_dataset_without_rejected_replies_is_refused_naming_the_client(tmp_pat
 
 
 def test_a_dpo_run_scores_its_held_out_pairs_every_round(tmp_path):
-    code, out = run_tiny(tmp_path, *ON, "federation.rounds=2", "evaluation.at_start=true", "training.lr=2e-2")
+    per_client = ["evaluation.per_client=true", "partition.holdout_fraction=0.25"]
+    code, out = run_tiny(
+        tmp_path, *ON, *per_client, "federation.rounds=2", "evaluation.at_start=true", "training.lr=2e-2"
+    )
     assert code == 0, out
     history = read_metrics(tmp_path / "tiny")
     start = history[0]  # the initial adapter is its own reference: every implicit reward is 0
@@ -140,4 +143,5 @@ def test_a_dpo_run_scores_its_held_out_pairs_every_round(tmp_path):
         assert 0 <= r["eval_reward_accuracy"] <= 1 and 0 <= r["eval_preference_accuracy"] <= 1
         assert r["eval_reward_margin"] != 0.0 and math.isfinite(r["train_loss"])
         assert r["dropped"] == {}  # honest DPO updates stay within max_update_norm=auto
+        assert len(r["client_eval"]) == 4 and 0 <= r["client_eval_preference_accuracy_mean"] <= 1  # own shares
     assert history[1]["train_loss"] == pytest.approx(math.log(2), abs=0.05)  # policy = reference at step 1
