@@ -99,10 +99,13 @@ class LocalTrainer:
         self, adapter: AdapterModel, fused: bool, result: LocalResult, passes: Sequence[tuple[dict, int]]
     ) -> LocalResult:
         """``result`` with the analytic FLOPs of its forward passes: (batch, passes on it) per step run."""
+        flops = self._inference_flops(adapter, fused, passes)
+        return result if flops is None else replace(result, flops=flops)
+
+    def _inference_flops(self, adapter: AdapterModel, fused: bool, passes: Sequence[tuple[dict, int]]) -> float | None:
+        """The analytic FLOPs of forward passes without gradient, (batch, passes on it) each; None: unknown."""
         cost = self._cost(adapter, fused)
-        if cost is None:
-            return result
-        return replace(result, flops=float(sum(n * cost.inference(b) for b, n in passes)))
+        return None if cost is None else float(sum(n * cost.inference(b) for b, n in passes))
 
     def _round(
         self, client_id: int, round_index: int, data: ClientData, poisson: bool = False
@@ -208,9 +211,7 @@ class LocalTrainer:
             if cfg.backprop_free or step is not None:
                 raise ValueError("prepared micro-batches train by backprop, without DP-SGD")
             batches = prepare(batches)
-            prepared_flops = self._forward_flops(
-                adapter, fused, LocalResult(0, 0.0, 0, 0.0), [(b, 1) for b in batches]
-            ).flops
+            prepared_flops = self._inference_flops(adapter, fused, [(b, 1) for b in batches]) or 0.0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)  # dropout and any other torch randomness of this round
             result = train_locally(

@@ -4,7 +4,7 @@ the paradigm's refusals, and a run that scores its held-out pairs every round.""
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, partial
 
 import pytest
 import torch
@@ -145,3 +145,25 @@ def test_a_dpo_run_scores_its_held_out_pairs_every_round(tmp_path):
         assert r["dropped"] == {}  # honest DPO updates stay within max_update_norm=auto
         assert len(r["client_eval"]) == 4 and 0 <= r["client_eval_preference_accuracy_mean"] <= 1  # own shares
     assert history[1]["train_loss"] == pytest.approx(math.log(2), abs=0.05)  # policy = reference at step 1
+
+
+def test_the_reference_pass_counts_in_the_rounds_flops():
+    from fedtune.client.cost import FlopModel
+
+    b = _built()
+    client = b.handler().paradigm
+    model, seen = client.adapter.model, []
+
+    def prepare(batches):
+        seen.extend(batches)
+        return with_reference(model, batches)
+
+    client.adapter.load(b.bench.initial)
+    try:
+        out = client.trainer.train(
+            client.adapter, 0, 1, b.clients[0], loss=partial(preference_loss_sum, beta=0.1), prepare=prepare
+        )
+    finally:
+        client.adapter.load(b.bench.initial)
+    cost = FlopModel.of_model(model)
+    assert seen and out.result.flops == pytest.approx(sum(cost.training(x) + cost.inference(x) for x in seen))
