@@ -151,3 +151,30 @@ def test_a_killed_search_resumes_to_the_same_trials(tmp_path):
         return [(t["params"], t["state"], t["rounds"], t["curve"]) for t in s["trials"]]
 
     assert same(resumed) == same(straight) and resumed["best"]["number"] == straight["best"]["number"]
+
+
+@pytest.mark.parametrize(("metric", "best"), [("eval_loss", 1), ("eval_reward_accuracy", 2)])
+def test_an_accuracy_is_maximised_and_a_loss_minimised(metric, best):
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from fedtune.tune.report import markdown, summary
+    from fedtune.tune.runner import _best
+
+    base = load_config("examples/tiny.yaml", [*TINY_OVERRIDES, *SPACE, f"tune.metric={metric}"])
+    study = optuna.create_study(direction=base.tune.direction())
+    for lr, value in ((1e-3, 0.6), (2e-3, 0.2), (3e-3, 0.9)):  # trials 0, 1, 2
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"training.lr": lr},
+                distributions={"training.lr": FloatDistribution(1e-4, 3e-2, log=True)},
+                value=value,
+                intermediate_values={1: value},
+            )
+        )
+    assert _best(study).number == best
+    s = summary(study, base)
+    assert s["best"]["number"] == best and s["direction"] == base.tune.direction()
+    rows = [line for line in markdown(s, "cmd").splitlines() if line.startswith("| ") and "(best)" in line]
+    table = [line for line in markdown(s, "cmd").splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows and table[0] == rows[0]  # the best trial heads the table

@@ -69,9 +69,10 @@ class TuneConfig(Strict):
     reduction_factor: int = Field(3, ge=2, description="successive halving's η: 1/η of a rung's trials go on")
     metric: str = Field(
         "eval_loss",
-        description="what the search minimises, a metrics.jsonl key of every evaluated round: eval_loss (the "
-        "federation's evaluation set), or client_eval_loss_mean (clients' validation loss on their held-out "
-        "shares, FS-LLM's; needs evaluation.per_client)",
+        description="what the search optimises, a metrics.jsonl key of every evaluated round: eval_loss (the "
+        "federation's evaluation set), client_eval_loss_mean (clients' validation loss on their held-out "
+        "shares, FS-LLM's; needs evaluation.per_client), or an accuracy (a key ending in accuracy, e.g. "
+        "eval_reward_accuracy on preference pairs), which is maximised; anything else is minimised",
     )
     seeds: int = Field(
         0,
@@ -94,3 +95,7 @@ class TuneConfig(Strict):
 
     def on(self) -> bool:
         return bool(self.space)
+
+    def direction(self) -> Literal["minimize", "maximize"]:
+        """Optuna's direction for ``metric``: an accuracy is maximised, a loss (anything else) minimised."""
+        return "maximize" if self.metric.endswith("accuracy") else "minimize"

@@ -28,10 +28,11 @@ def summary(study: Any, base: ExperimentConfig) -> dict[str, Any]:
             }
         )
     finished = [x for x in trials if x["state"] == "complete"]
-    best = min(finished, key=lambda x: (x["value"], x["number"])) if finished else None
+    sign = 1 if t.direction() == "minimize" else -1
+    best = min(finished, key=lambda x: (sign * x["value"], x["number"])) if finished else None
     return {
         "metric": t.metric,
-        "direction": "minimize",
+        "direction": t.direction(),
         "sampler": t.sampler,
         "scheduler": t.scheduler,
         "min_rounds": t.min_rounds,
@@ -49,7 +50,7 @@ def summary(study: Any, base: ExperimentConfig) -> dict[str, Any]:
 def markdown(s: dict[str, Any], command: str) -> str:
     keys = list(s["space"])
     lines = [
-        f"# Search: {s['metric']} ({s['sampler']} search, {s['scheduler']})",
+        f"# Search: {s['metric']}, {s['direction']}d ({s['sampler']} search, {s['scheduler']})",
         "",
         f"`{command}`",
         "",
@@ -59,7 +60,8 @@ def markdown(s: dict[str, Any], command: str) -> str:
         "| trial | " + " | ".join(keys) + f" | state | rounds | {s['metric']} |",
         "|---:|" + "---:|" * len(keys) + "---|---:|---:|",
     ]
-    order = sorted(s["trials"], key=lambda x: (x["value"] is None, x["value"] if x["value"] is not None else 0))
+    sign = 1 if s["direction"] == "minimize" else -1  # best first
+    order = sorted(s["trials"], key=lambda x: (x["value"] is None, sign * x["value"] if x["value"] is not None else 0))
     for x in order:
         cells = [_cell(x["params"].get(k)) for k in keys]
         value = f"{x['value']:.4f}" if x["value"] is not None else "-"

@@ -93,7 +93,7 @@ def run_search(base: ExperimentConfig, directory: Path, command: str) -> Path:
     (directory / "trials").mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(directory / "study.journal")))
     study = optuna.create_study(
-        study_name=STUDY, storage=storage, load_if_exists=True, direction="minimize", pruner=_pruner(t, rounds)
+        study_name=STUDY, storage=storage, load_if_exists=True, direction=t.direction(), pruner=_pruner(t, rounds)
     )
     _check_same_search(study, base, directory)
     dists = distributions(t.space)
@@ -213,7 +213,10 @@ def _final_comparison(study: Any, base: ExperimentConfig, directory: Path, comma
 
 
 def _best(study: Any) -> Any:
+    """The finished trial of the best value (the lowest, or the highest where the metric is maximised)."""
+    from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda tr: (tr.value, tr.number)) if complete else None
+    sign = 1 if study.direction == StudyDirection.MINIMIZE else -1
+    return min(complete, key=lambda tr: (sign * tr.value, tr.number)) if complete else None
