@@ -66,6 +66,7 @@ def test_every_preference_shape_reads_as_the_same_pair(record):
         ({"prompt": "q", "chosen": "a", "rejected": "a"}, "the same reply"),
         ({"prompt": "q", "chosen": "a", "rejected": " "}, "'rejected' is empty"),
         ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
+        ({"prompt": [], "chosen": "a", "rejected": "b"}, "'prompt' is an empty list"),
         ({"chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
         ({"chosen": [ASK, _reply("4")], "rejected": [_reply("5")]}, "continue different conversations"),
         ({"prompt": "other", "chosen": [ASK, _reply("4")], "rejected": [ASK, _reply("5")]}, "not among the user"),

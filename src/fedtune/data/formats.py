@@ -107,6 +107,8 @@ def preference_example(record: dict[str, Any], where: str) -> Example:
         if chosen_turns and not any(m["role"] == "user" and m["content"] == prompt for m in chosen_turns):
             raise DataError(f"{where}: 'prompt' is not among the user turns that 'chosen' replies to")
     elif isinstance(prompt, list):
+        if not prompt:
+            raise DataError(f"{where}: 'prompt' is an empty list; a pair needs the turns its replies answer")
         turns = _check_messages([*prompt, {"role": "assistant", "content": ""}], where)[:-1]
         if chosen_turns and chosen_turns != turns:
             raise DataError(f"{where}: 'chosen' replies to other turns than 'prompt' holds")
