@@ -78,11 +78,7 @@ def block_loss_sums(
 def example_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Σ over examples of each one's mean next-token loss, and the examples counted: the loss of DP-SGD,
     where each example's gradient is clipped on its own (an example without targets adds nothing)."""
-    logits, targets = _target_logits(model, batch)  # (B, K, V), (B, K)
-    per_position = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
-    ).view(targets.shape)  # (B, K)
-    counts = (targets != IGNORE).sum(dim=1)  # (B,)
+    per_position, counts = _position_losses(model, batch)  # (B, K), (B,)
     per_example = per_position.sum(dim=1) / counts.clamp(min=1)  # (B,)
     return per_example.sum(), int((counts > 0).sum())
 
@@ -90,8 +86,15 @@ def example_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 def sequence_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B,) float32: each row's Σ over its target positions of log p(target token): a reply's log-likelihood
     given its prompt (a preference loss compares them)."""
+    per_position, _ = _position_losses(model, batch)  # (B, K)
+    return -per_position.sum(dim=1)  # (B,)
+
+
+def _position_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's next-token loss at each of the K kept positions (B, K), 0 where the row has no target;
+    each row's target count (B,))."""
     logits, targets = _target_logits(model, batch)  # (B, K, V), (B, K)
-    mask = targets != IGNORE  # (B, K)
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, K)
-    per_position = picked - torch.logsumexp(logits, dim=-1)  # (B, K): log-softmax at the target
-    return (per_position * mask).sum(dim=1)  # (B,)
+    per_position = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(targets.shape)  # (B, K)
+    return per_position, (targets != IGNORE).sum(dim=1)

@@ -52,6 +52,13 @@ class Example:
         return [dict(m) for m in self.messages[:-1]]
 
 
+def scalar_fields(record: dict[str, Any], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A record's scalar fields (strings, numbers, booleans, nulls) but ``exclude``: an example's metadata."""
+    return {
+        k: v for k, v in record.items() if k not in exclude and (isinstance(v, (str, int, float, bool)) or v is None)
+    }
+
+
 def from_instruction(instruction: str, output: str, input: str = "", **meta: Any) -> Example:
     user = f"{instruction}\n\n{input}" if input else instruction
     return Example(({"role": "user", "content": user}, {"role": "assistant", "content": output}), meta)
@@ -63,8 +70,7 @@ def record_to_example(record: Any, where: str) -> Example:
         raise DataError(f"{where}: record is a {type(record).__name__}, {_SHAPES}")
     if "chosen" in record or "rejected" in record:
         return preference_example(record, where)
-    meta = {k: v for k, v in record.items() if k not in ("messages", "instruction", "input", "output")}
-    meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    meta = scalar_fields(record, ("messages", "instruction", "input", "output"))
     if "messages" in record:
         return Example(_check_messages(record["messages"], where), meta)
     if "instruction" in record and "output" in record:
@@ -120,8 +126,7 @@ def preference_example(record: dict[str, Any], where: str) -> Example:
         )
     if chosen == rejected:
         raise DataError(f"{where}: 'chosen' and 'rejected' are the same reply; a pair must prefer one of two")
-    meta = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "messages")}
-    meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    meta = scalar_fields(record, ("prompt", "chosen", "rejected", "messages"))
     return Example((*turns, {"role": "assistant", "content": chosen}), meta, rejected)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtune.core.errors import DataError
-from fedtune.data.formats import Example, from_instruction, preference_example, record_to_example
+from fedtune.data.formats import Example, from_instruction, preference_example, record_to_example, scalar_fields
 from fedtune.data.items import AnswerItem, ChoiceItem, CodeItem, choice_item, group_of, text
 
 Record = dict[str, Any]
@@ -230,8 +230,7 @@ def _label(r: Record, key: str, n: int, where: str) -> int:
 
 
 def _scalars(ex: Example, extra: Record) -> Example:
-    meta = {k: v for k, v in extra.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    return Example(ex.messages, {**ex.meta, **meta})
+    return Example(ex.messages, {**ex.meta, **scalar_fields(extra)})
 
 
 ALPACA = Recipe("alpaca", "tatsu-lab/alpaca", example=_alpaca)

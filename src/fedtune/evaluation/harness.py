@@ -111,13 +111,17 @@ def pair_metrics(margins: Sequence[float], reference: Sequence[float] | None = N
     With the reference model's margins: reward_accuracy, the share whose implicit reward β·log(π/π_ref) ranks
     the chosen reply higher (a tie half: the reference itself scores exactly 0.5), and reward_margin, the mean
     of (log π/π_ref)(chosen) − (log π/π_ref)(rejected) in nats (β times it is DPO's reward margin)."""
-    n = max(1, len(margins))
-    out = {"preference_accuracy": sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / n}
+    out = {"preference_accuracy": _share_positive(margins)}
     if reference is not None:
         gaps = [m - m0 for m, m0 in zip(margins, reference, strict=True)]
-        out["reward_accuracy"] = sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / n
-        out["reward_margin"] = sum(gaps) / n
+        out["reward_accuracy"] = _share_positive(gaps)
+        out["reward_margin"] = sum(gaps) / max(1, len(gaps))
     return out
+
+
+def _share_positive(values: Sequence[float]) -> float:
+    """The share of ``values`` above zero, a zero counting half."""
+    return sum(1.0 if v > 0 else 0.5 if v == 0 else 0.0 for v in values) / max(1, len(values))
 
 
 def generate(
